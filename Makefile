@@ -1,0 +1,35 @@
+# sftlab — `make test` and `make demo` do all set-up themselves on a fresh machine.
+# torch is pinned to the CPU wheel that lies on our machines' disk; pyproject.toml keeps a range for users.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+TORCH  := torch==2.13.0
+FIXTURES := .cache/fixtures/.stamp
+
+.PHONY: test demo bench fixtures clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@$(PY) -c "import torch, transformers, sftlab; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@touch $(STAMP)
+
+$(FIXTURES): scripts/fetch_fixtures.sh
+	@PYTHON=$(PY) bash scripts/fetch_fixtures.sh
+	@touch $(FIXTURES)
+
+fixtures: $(FIXTURES)
+
+test: $(STAMP) $(FIXTURES)
+	$(PY) -m pytest
+
+demo: $(STAMP) $(FIXTURES)
+	@bash examples/demo.sh
+
+bench: $(STAMP) $(FIXTURES)
+	$(PY) benchmarks/bench_encode.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis

@@ -1,0 +1,122 @@
+"""`sftlab inspect|check ...`: argv -> config -> one call. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import islice
+from pathlib import Path
+from typing import Sequence
+
+from sftlab import __version__
+from sftlab.config import Config, load_config
+from sftlab.errors import SftlabError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if "=" not in item or item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [item for item in extra if item not in unknown]
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except SftlabError as exc:
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning, exact from template to adapter.")
+    parser.add_argument("--version", action="version", version=f"sftlab {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="show examples' tokens with the trained ones marked")
+    _data_arguments(inspect)
+    inspect.add_argument("-n", type=int, default=3, help="number of examples to show (default 3)")
+    inspect.add_argument("--format", choices=("text", "json", "html"), default="text")
+    inspect.add_argument("--output", help="write to this file instead of the terminal")
+    inspect.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
+    inspect.set_defaults(run=_inspect)
+
+    check = commands.add_parser("check", help="data-quality report; non-zero exit when training would learn nothing")
+    _data_arguments(check)
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl)")
+    check.set_defaults(run=_check)
+    return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="a .jsonl, .json or .parquet file of conversations")
+    parser.add_argument("--model", help="a local Hugging Face model or tokenizer dir (or a hub id)")
+    parser.add_argument("--template", help="chatml | llama3 | auto | path to a .jinja file (default: data.template)")
+    parser.add_argument("--config", help="a YAML config whose model and data settings apply")
+    parser.epilog = "Config overrides may follow as key=value, e.g. data.train_on=last_assistant data.max_seq_len=1024."
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={args.model}")
+    if args.template:
+        overrides.append(f"data.template={args.template}")
+    cfg = load_config(args.config, overrides)
+    if not cfg.model:
+        raise SftlabError("no tokenizer given: pass --model PATH (a Hugging Face model or tokenizer dir) "
+                          "or set model in the config.")
+    return cfg
+
+
+def _encoder(cfg: Config):  # noqa: ANN202 - returns sftlab.data.encode.Encoder
+    from sftlab.data.encode import Encoder
+    from sftlab.data.templates import load_template
+    from sftlab.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    template = load_template(cfg.data.template, tokenizer)
+    return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
+                   truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from sftlab.data import inspect as views
+    from sftlab.data.formats import read_conversations
+    from sftlab.data.rejects import RejectLog
+
+    cfg = _config(args)
+    encoder = _encoder(cfg)
+    rejects = RejectLog()
+    conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
+                                       on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+    results = encoder.encode_batch(list(islice(conversations, max(args.n, 0))))
+    views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
+    if rejects.total:
+        counts = ", ".join(f"{n} {reason}" for reason, n in rejects.counts.items())
+        print(f"skipped {rejects.total} bad row(s) before these examples: {counts} "
+              "(`sftlab check` lists them)", file=sys.stderr)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sftlab.data import quality
+
+    cfg = _config(args)
+    encoder = _encoder(cfg)
+    rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
+    report = quality.analyze(args.data, cfg.data, encoder, rejects_path=rejects)
+    quality.write(report, fmt=args.format)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

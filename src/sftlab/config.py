@@ -1,0 +1,180 @@
+"""The typed config tree: YAML file + dotted `key=value` overrides, validated once, defaults in one place.
+
+>>> cfg = load_config(overrides=["data.max_seq_len=512", "data.template=chatml"])
+>>> cfg.data.max_seq_len, cfg.data.template
+(512, 'chatml')
+>>> load_config(overrides=["data.max_seq_lne=1"])
+Traceback (most recent call last):
+...
+sftlab.errors.ConfigError: unknown key 'data.max_seq_lne': did you mean 'data.max_seq_len'?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, get_args, get_origin
+
+import yaml
+
+from sftlab.errors import ConfigError
+
+FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str | None = None
+    """Training data: a .jsonl (streamed), .json array or .parquet file."""
+    eval: str | None = None
+    """Optional evaluation data, same formats as `train`."""
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
+    """Row format; `auto` detects it from the first row's keys."""
+    role_map: dict[str, str] = field(default_factory=dict)
+    """Extra role names mapped to system/user/assistant (e.g. {bot: assistant}); sharegpt's
+    human/gpt/system are always mapped."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """`error` stops at the first bad row; `skip` writes each rejected row and its reason to rejects.jsonl."""
+    template: str = "auto"
+    """`chatml`, `llama3`, `auto` (the tokenizer's own chat template) or a path to a .jinja file."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens are trained; a message's own `"train": true|false` overrides this."""
+    max_seq_len: int | None = 2048
+    """Longest example in tokens; None means no limit."""
+    truncation: Literal["drop", "truncate"] = "drop"
+    """What to do with a longer example: drop it (counted and reported) or cut it to max_seq_len."""
+    add_special_tokens: bool = False
+    """Add a template's special tokens that the tokenizer lacks (e.g. ChatML on a base model)."""
+    cache_dir: str | None = None
+    """Where encoded datasets are cached; None means $SFTLAB_CACHE or ~/.cache/sftlab."""
+    cache: bool = True
+    """Reuse an encoded dataset when data, tokenizer, template and settings are unchanged."""
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ConfigError(f"data.max_seq_len must be at least 2 or null (no limit), got {self.max_seq_len}")
+        for source, target in self.role_map.items():
+            if target not in ROLES:
+                raise ConfigError(f"data.role_map maps {source!r} to {target!r}; expected one of "
+                                  f"{', '.join(ROLES)}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str | None = None
+    """A local Hugging Face model or tokenizer dir, or a hub id."""
+    output_dir: str = "runs/run"
+    """Where the run writes its files (config.yaml, rejects.jsonl, checkpoints, exports)."""
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (optional), apply `a.b=value` overrides (values parsed as YAML), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level, found {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. data.max_seq_len=1024")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return build(Config, raw, prefix="")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (what a run saves as config.yaml)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if node.get(part) is None:  # an absent section, or one left empty in YAML (`data:`)
+            node[part] = {}
+        child = node[part]
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def build(cls: type, raw: Mapping[str, Any], *, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys fail with a suggestion, types are checked."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, found {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            known = [prefix + name for name in fields]
+            guess = difflib.get_close_matches(prefix + str(key), known, n=1)
+            hint = f": did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{hint}")
+    values = {name: _coerce(hints[name], raw[name], prefix + name) for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value if value is not None else {}, prefix=key + ".")
+    if origin in (types.UnionType, typing.Union):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {hint}")
+    if origin is Literal:
+        if value not in get_args(hint):
+            choices = ", ".join(map(str, get_args(hint)))
+            raise ConfigError(f"{key} must be one of {choices}; found {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, found {value!r}")
+        return {str(k): _coerce(get_args(hint)[1], v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, found {value!r}")
+        return tuple(_coerce(get_args(hint)[0], v, key) for v in value)
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: Any, value: Any, key: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, found {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, found {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, found {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, found {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {hint}")  # pragma: no cover - a bug in sftlab

@@ -1,0 +1,1 @@
+"""Data: read rows, validate conversations, render chat templates, encode exactly masked examples."""

@@ -1,0 +1,168 @@
+"""The encoded dataset: built by streaming rows through the Encoder into flat on-disk arrays.
+
+Memory stays flat in the size of the file: rows are read, encoded and appended in batches, and the
+arrays are memory-mapped when read back. Layout of a built dataset directory:
+
+    meta.json      counts and settings
+    input_ids.bin  int32, all examples' tokens concatenated
+    trained.bin    uint8, 1 where the token is trained (labels = input_ids there, IGNORE_INDEX elsewhere)
+    offsets.bin    int64, example i spans [offsets[i], offsets[i+1])
+    where.txt      `file:line` of each example's source row
+    rejects.jsonl  every row that did not become an example, with its reason
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from sftlab.config import DataConfig
+from sftlab.data import cache
+from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder, Example
+from sftlab.data.formats import read_conversations
+from sftlab.data.rejects import RejectLog
+from sftlab.data.schema import Conversation
+from sftlab.errors import DataError
+
+BATCH_ROWS = 512
+
+
+@dataclass
+class DatasetStats:
+    rows: int = 0
+    """Rows read (valid or not)."""
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rows that did not become examples, by reason."""
+
+
+class EncodedDataset:
+    """Read-only view of a built dataset directory; `ds[i]` is an Example."""
+
+    def __init__(self, directory: str | Path, *, keep_alive: Any = None) -> None:
+        self.directory = Path(directory)
+        meta = json.loads((self.directory / "meta.json").read_text(encoding="utf-8"))
+        self.stats = DatasetStats(**meta["stats"])
+        self.added_tokens: list[str] = meta.get("added_tokens", [])
+        self.offsets = np.fromfile(self.directory / "offsets.bin", dtype=np.int64)
+        total = int(self.offsets[-1])
+        self._ids = _memmap(self.directory / "input_ids.bin", np.int32, total)
+        self._trained = _memmap(self.directory / "trained.bin", np.uint8, total)
+        self._keep_alive = keep_alive  # e.g. the TemporaryDirectory of an uncached build
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, index: int) -> Example:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        ids = self._ids[start:end].astype(np.int64)
+        labels = np.where(self._trained[start:end] == 1, ids, IGNORE_INDEX)
+        return Example(ids.tolist(), labels.tolist(), self.where(index))
+
+    def where(self, index: int) -> str:
+        if not hasattr(self, "_where"):
+            self._where = (self.directory / "where.txt").read_text(encoding="utf-8").splitlines()
+        return self._where[index]
+
+    def __iter__(self) -> Iterator[Example]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.directory / "rejects.jsonl"
+
+
+def _memmap(path: Path, dtype: type, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+                  rejects_path: str | Path | None = None) -> EncodedDataset:
+    """Encode `data_path` (or reuse the cached encoding); copy its rejected rows to `rejects_path`."""
+    settings = {k: v for k, v in asdict(data).items() if k not in ("train", "eval", "cache_dir", "cache")}
+    settings["added_tokens"] = encoder.added_tokens
+    if data.cache:
+        root = cache.cache_root(data.cache_dir)
+        key = cache.dataset_key(data_path, tokenizer=encoder.tokenizer, template_source=encoder.template.source,
+                                settings=settings)
+        found = cache.lookup(root, key)
+        if found is None:
+            building = cache.new_entry(root)
+            try:
+                _write(data_path, data, encoder, building, settings)
+            except BaseException:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
+            found = cache.commit(building, root, key)
+        dataset = EncodedDataset(found)
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="sftlab-data-")
+        _write(data_path, data, encoder, Path(scratch.name), settings)
+        dataset = EncodedDataset(scratch.name, keep_alive=scratch)
+    if rejects_path is not None and dataset.rejects_path.is_file():
+        Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(dataset.rejects_path, rejects_path)
+    return dataset
+
+
+def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory: Path,
+           settings: dict[str, Any]) -> None:
+    stats = DatasetStats()
+    offsets = [0]
+    encode_rejects = 0
+    with RejectLog(directory / "rejects.jsonl") as log, \
+            (directory / "input_ids.bin").open("wb") as ids_file, \
+            (directory / "trained.bin").open("wb") as trained_file, \
+            (directory / "where.txt").open("w", encoding="utf-8") as where_file:
+        conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
+                                           on_bad_row=data.on_bad_row, rejects=log)
+        encoded_rows = 0
+        while batch := list(islice(conversations, BATCH_ROWS)):
+            encoded_rows += len(batch)
+            for conversation, result in zip(batch, encoder.encode_batch(batch)):
+                if isinstance(result, DataError):
+                    if data.on_bad_row == "error" and not isinstance(result, Dropped):
+                        raise result
+                    log.add(where=result.where, reason=result.reason, message=result.detail,
+                            row=_as_row(conversation))
+                    encode_rejects += 1
+                    continue
+                example = result.example
+                ids = np.asarray(example.input_ids, dtype=np.int32)
+                trained = np.asarray(example.labels, dtype=np.int64) != IGNORE_INDEX
+                ids.tofile(ids_file)
+                trained.astype(np.uint8).tofile(trained_file)
+                where_file.write(example.where + "\n")
+                offsets.append(offsets[-1] + len(ids))
+                stats.examples += 1
+                stats.trained_tokens += int(trained.sum())
+                stats.truncated += int(result.truncated)
+        stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
+        stats.rejected = dict(log.counts)
+    np.asarray(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
+    stats.tokens = offsets[-1]
+    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+def _as_row(conversation: Conversation) -> str:
+    """A rejected conversation as a messages-format row, so it can be fixed and fed back."""
+    messages = [{"role": m.role, "content": m.content} | ({"train": m.train} if m.train is not None else {})
+                for m in conversation.messages]
+    return json.dumps({"messages": messages}, ensure_ascii=False)

@@ -1,0 +1,191 @@
+"""Segments -> Example(input_ids, labels): tokens and labels built in lockstep, boundaries verified.
+
+The rendered conversation is tokenised once, as a whole — exactly the ids the model sees when the same
+template renders the same conversation at inference. Each token's label comes from the segment its
+characters lie in, read from the tokenizer's character offsets. A token whose characters straddle a
+trained/untrained boundary (the tokenizer merged across it) is an error naming the row, never a silent
+shift. Tokenizers without offsets (slow, pure Python) are encoded segment by segment and the result must
+equal the whole-string encoding, or the row is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from sftlab.data.schema import Conversation
+from sftlab.data.templates import ChatTemplate, Segment
+from sftlab.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+"""Label of a position the loss ignores (PyTorch cross-entropy's ignore_index). Defined here only."""
+
+ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3}
+"""Per-token role codes reported by `encode_detailed`: 0 is template text."""
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An example plus what reports need: per-token role codes and whether it was truncated."""
+    example: Example
+    roles: list[int]
+    truncated: bool
+    segments: list[Segment]
+
+
+class Dropped(DataError):
+    """A valid row that policy keeps out of training (too long, nothing to train); always counted."""
+
+
+class Encoder:
+    """Turns conversations into examples with one tokenizer and one template."""
+
+    def __init__(self, tokenizer: Any, template: ChatTemplate, *, train_on: str = "assistant",
+                 max_seq_len: int | None = None, truncation: str = "drop", add_special_tokens: bool = False) -> None:
+        if truncation not in ("drop", "truncate"):
+            raise ConfigError(f"data.truncation must be drop or truncate; found {truncation!r}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.train_on = train_on
+        self.max_seq_len = max_seq_len
+        self.truncation = truncation
+        self.added_tokens = _ensure_special_tokens(tokenizer, template, add_special_tokens)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None:
+            # Our own copy without the post-processor: the rendered text already holds BOS/EOS where the
+            # template wants them, and offsets must not be trimmed around whitespace.
+            self._backend = copy.deepcopy(backend)
+            self._backend.post_processor = None
+            self._backend.no_truncation()
+            self._backend.no_padding()
+
+    def encode(self, conversation: Conversation) -> Example:
+        """Encode one conversation; raises DataError (bad row) or Dropped (policy)."""
+        return self.encode_detailed([conversation])[0].example
+
+    def encode_detailed(self, conversations: Sequence[Conversation]) -> list[Encoded]:
+        """Encode a batch (the tokenizer runs over the whole batch at once); raises on the first bad row."""
+        results = self.encode_batch(conversations)
+        for result in results:
+            if isinstance(result, DataError):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def encode_batch(self, conversations: Sequence[Conversation]) -> list[Encoded | DataError]:
+        """Encode a batch; each entry is the Encoded result or the DataError / Dropped for that row."""
+        rendered: list[list[Segment] | DataError] = []
+        for conversation in conversations:
+            try:
+                rendered.append(self.template.render(conversation, self.train_on))
+            except DataError as exc:
+                rendered.append(exc)
+        texts = ["".join(s.text for s in r) for r in rendered if not isinstance(r, DataError)]
+        tokenized = iter(self._tokenize(texts))
+        results: list[Encoded | DataError] = []
+        for conversation, segments in zip(conversations, rendered):
+            if isinstance(segments, DataError):
+                results.append(segments)
+                continue
+            ids, offsets = next(tokenized)
+            try:
+                results.append(self._label(conversation.where, segments, ids, offsets))
+            except DataError as exc:
+                results.append(exc)
+        return results
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], np.ndarray | None]]:
+        if self._backend is not None:
+            encodings = self._backend.encode_batch(texts, add_special_tokens=False)
+            return [(e.ids, np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encodings]
+        return [(self.tokenizer.encode(text, add_special_tokens=False), None) for text in texts]
+
+    def _label(self, where: str, segments: list[Segment], ids: list[int], offsets: np.ndarray | None) -> Encoded:
+        if offsets is None:
+            labels, roles = self._label_by_segments(where, segments, ids)
+        else:
+            labels, roles = _label_by_offsets(where, segments, ids, offsets)
+        truncated = False
+        if self.max_seq_len is not None and len(ids) > self.max_seq_len:
+            if self.truncation == "drop":
+                raise Dropped(f"{len(ids)} tokens is more than data.max_seq_len={self.max_seq_len}; dropped "
+                              "(data.truncation=drop). Raise max_seq_len or set data.truncation=truncate.",
+                              where=where, reason="too long")
+            ids, labels, roles, truncated = ids[: self.max_seq_len], labels[: self.max_seq_len], roles[: self.max_seq_len], True
+        if all(label == IGNORE_INDEX for label in labels):
+            why = " after truncation to data.max_seq_len" if truncated else ""
+            raise Dropped(f"no token is trained{why} (data.train_on={self.train_on}), so the row teaches "
+                          "nothing; dropped.", where=where, reason="no trained tokens")
+        return Encoded(Example(list(ids), labels, where), roles, truncated, segments)
+
+    def _label_by_segments(self, where: str, segments: list[Segment], whole: list[int]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        roles: list[int] = []
+        for segment in segments:
+            piece = self.tokenizer.encode(segment.text, add_special_tokens=False)
+            ids += piece
+            labels += piece if segment.trainable else [IGNORE_INDEX] * len(piece)
+            roles += [ROLE_CODES[segment.role]] * len(piece)
+        if ids != list(whole):
+            raise DataError("the tokenizer encodes the conversation differently as a whole than segment by "
+                            "segment (it merges characters across a trained/untrained boundary) and gives no "
+                            "offsets to map them; use a fast tokenizer (tokenizer.json).",
+                            where=where, reason="tokens straddle a mask boundary")
+        return labels, roles
+
+
+def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
+                      offsets: np.ndarray) -> tuple[list[int], list[int]]:
+    starts = np.cumsum([0] + [len(s.text) for s in segments[:-1]])
+    trainable = np.array([s.trainable for s in segments], dtype=bool)
+    role_codes = np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64)
+    # A trainable "run" changes only where the flag flips; a token must lie inside one run.
+    flips = np.concatenate(([True], trainable[1:] != trainable[:-1]))
+    run_of_segment = np.cumsum(flips) - 1
+    begin, end = offsets[:, 0], np.maximum(offsets[:, 1] - 1, offsets[:, 0])
+    first = np.searchsorted(starts, begin, side="right") - 1
+    last = np.searchsorted(starts, end, side="right") - 1
+    straddle = run_of_segment[first] != run_of_segment[last]
+    if straddle.any():
+        k = int(np.argmax(straddle))
+        text = "".join(s.text for s in segments)
+        token = text[offsets[k, 0]:offsets[k, 1]]
+        raise DataError(f"token {k} ({token!r}) spans the boundary between trained and untrained text: the "
+                        "tokenizer merges the end of one part with the start of the next, so no exact mask "
+                        "exists. Usually a message starts or ends with whitespace the template's own "
+                        "whitespace joins; strip it from the content.", where=where,
+                        reason="tokens straddle a mask boundary")
+    ids_array = np.asarray(ids, dtype=np.int64)
+    labels = np.where(trainable[first], ids_array, IGNORE_INDEX)
+    return labels.tolist(), role_codes[first].tolist()
+
+
+def _ensure_special_tokens(tokenizer: Any, template: ChatTemplate, add: bool) -> list[str]:
+    """The template's markup tokens must be single tokens of the tokenizer; add them only if allowed."""
+    if not template.special_tokens:
+        return []
+    added_vocab = set(tokenizer.get_added_vocab())
+    missing = [t for t in template.special_tokens if t not in added_vocab]
+    if not missing:
+        return []
+    if not add:
+        raise ConfigError(
+            f"template {template.name!r} needs special tokens {', '.join(missing)}, which the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '')!r} does not have (a base model?). Set "
+            "data.add_special_tokens=true to add them (the model's embeddings are resized and the new rows "
+            "trained), or use data.template=auto with the model's own chat template.")
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return missing

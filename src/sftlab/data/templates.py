@@ -1,0 +1,300 @@
+"""Chat templates: a Conversation -> [Segment(text, trainable)], exact for built-in and real Jinja templates.
+
+The only home of template strings. Every template, built-in or the tokenizer's own, goes through one
+mechanism, so the masking rule is implemented once:
+
+1. render the conversation with the real contents -> the text the model sees;
+2. render it again with each message's content replaced by a unique sentinel -> where each message sits;
+3. put the contents back into the sentinel render (as given, or as the template trimmed them) and require
+   the result to equal the real render character for character. Any template that transforms contents
+   in another way, drops a trained message or repeats it is refused with a TemplateError/DataError —
+   never guessed around;
+4. trained = each trainable message's content span + the end-of-turn marker that closes it (after
+   optional whitespace the template puts between them). Everything else — system, user, role headers,
+   BOS, text the template inserts by itself (dates, default system prompts, empty think blocks) — is not.
+
+Because the whole conversation is rendered once, templates need not be prefix-stable and need no
+`{% generation %}` markers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from jinja2 import nodes
+from jinja2.exceptions import TemplateError as JinjaTemplateError
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from sftlab.data.schema import Conversation, Message
+from sftlab.errors import DataError, TemplateError
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class BuiltinTemplate:
+    source: str
+    end_of_turn: str
+    special_tokens: tuple[str, ...]
+    """Tokens the template's markup needs as single (special) tokens in the tokenizer."""
+
+
+BUILTIN: dict[str, BuiltinTemplate] = {
+    "chatml": BuiltinTemplate(CHATML, "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
+    "llama3": BuiltinTemplate(LLAMA3, "<|eot_id|>", ("<|begin_of_text|>", "<|start_header_id|>",
+                                                     "<|end_header_id|>", "<|eot_id|>")),
+}
+
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|return|>", "<|eom_id|>",
+                       "<turn|>", "<|END_OF_TURN_TOKEN|>", "</s>", "<|endoftext|>", "<｜end▁of▁sentence｜>",
+                       "<|end_of_text|>", "<eos>")
+"""Markers that close a turn in known templates; for `auto`, those the tokenizer has as special tokens
+(plus its eos token) are the candidates looked for right after a trained message."""
+
+TRAIN_ON = ("assistant", "last_assistant", "all")
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trainable: bool
+    role: str = ""
+    """'system' / 'user' / 'assistant' for a message's content (and its end-of-turn marker), '' for
+    template text."""
+
+
+class _GenerationTag(Extension):
+    """Accepts `{% generation %}...{% endgeneration %}` blocks (TRL/transformers markers) and renders their
+    body unchanged: sftlab finds assistant spans itself and needs no markers."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message: str) -> None:
+    raise JinjaTemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    """A compiled Jinja chat template plus what sftlab needs to mask it: end-of-turn markers and the
+    special-token variables (bos_token, eos_token, ...) the template may use."""
+
+    def __init__(self, source: str, *, name: str, end_of_turn: Sequence[str],
+                 variables: Mapping[str, Any] | None = None, special_tokens: Sequence[str] = ()) -> None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols, _GenerationTag])
+        env.filters["tojson"] = _tojson
+        now = datetime.now()  # one clock per template: renders of one dataset agree on "today"
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = now.strftime
+        try:
+            self._compiled = env.from_string(source)
+        except JinjaTemplateError as exc:
+            raise TemplateError(f"chat template {name!r} is not valid Jinja: {exc}") from None
+        self.source = source
+        self.name = name
+        self.end_of_turn = tuple(sorted(set(end_of_turn), key=len, reverse=True))
+        self.special_tokens = tuple(special_tokens)
+        self.variables = dict(variables or {})
+        self._sentinel = f"@@SFTLAB{secrets.token_hex(6)}M"
+        self._sentinel_re = re.compile(re.escape(self._sentinel) + r"(\d+)@@")
+
+    def render_text(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
+                    where: str = "") -> str:
+        """The template's plain render, as `tokenizer.apply_chat_template(..., tokenize=False)` gives it."""
+        try:
+            return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         tools=None, documents=None, **self.variables)
+        except JinjaTemplateError as exc:
+            raise DataError(f"chat template {self.name!r} refused the conversation: {exc}",
+                            where=where, reason="template refused") from None
+
+    def render(self, conversation: Conversation, train_on: str = "assistant") -> list[Segment]:
+        """Segments whose texts join to the rendered conversation, each marked trainable or not."""
+        if train_on not in TRAIN_ON:
+            raise TemplateError(f"data.train_on must be one of {', '.join(TRAIN_ON)}; found {train_on!r}")
+        messages = conversation.messages
+        where = conversation.where
+        text = self.render_text([_as_dict(m) for m in messages], where=where)
+        marked = self.render_text([{"role": m.role, "content": f"{self._sentinel}{i}@@"}
+                                   for i, m in enumerate(messages)], where=where)
+        spans = self._content_spans(text, marked, messages, where)
+        flags = trainable_flags(messages, train_on)
+        return _segments(text, spans, flags, messages, self._eot_after, train_on == "all", where)
+
+    def _content_spans(self, text: str, marked: str, messages: Sequence[Message],
+                       where: str) -> list[tuple[int, int, int]]:
+        """(start, end, message index) of each message content in `text`, in text order."""
+        pieces = self._sentinel_re.split(marked)  # literal, index, literal, index, ..., literal
+        literals, indices = pieces[0::2], [int(i) for i in pieces[1::2]]
+        if not text.startswith(literals[0]):
+            raise self._mismatch(where, 0)
+        pos, spans = len(literals[0]), []
+        for k, index in enumerate(indices):
+            after = literals[k + 1]
+            last = k == len(indices) - 1
+            for emitted in _emitted_forms(messages[index].content):
+                end = pos + len(emitted)
+                if text.startswith(emitted, pos) and (text[end:] == after if last else text.startswith(after, end)):
+                    break
+            else:
+                raise self._mismatch(where, index)
+            spans.append((pos, end, index))
+            pos = end + len(after)
+        if not indices and text != marked:
+            raise self._mismatch(where, 0)
+        return spans
+
+    def _mismatch(self, where: str, index: int) -> DataError:
+        return DataError(
+            f"chat template {self.name!r} transforms message {index + 1}'s content in a way sftlab cannot map "
+            "back to the text exactly (it is neither emitted as given nor trimmed), so the trained span "
+            "cannot be located. Use data.template=chatml or llama3, or a .jinja template that emits each "
+            "content as given.", where=where, reason="template changes content")
+
+    def _eot_after(self, text: str, end: int, limit: int) -> int | None:
+        """End of the end-of-turn marker that closes a message ending at `end`, searching only in
+        text[end:limit] and allowing whitespace before the marker; None if there is none."""
+        gap = end
+        while True:
+            for marker in self.end_of_turn:
+                if text.startswith(marker, gap) and gap + len(marker) <= limit:
+                    return gap + len(marker)
+            if gap >= limit or not text[gap].isspace():
+                return None
+            gap += 1
+
+
+def _emitted_forms(content: str) -> list[str]:
+    forms = [content, content.strip(), content.rstrip(), content.lstrip()]
+    return [f for i, f in enumerate(forms) if f not in forms[:i]]
+
+
+def _as_dict(message: Message) -> dict[str, Any]:
+    return {"role": message.role, "content": message.content}
+
+
+def trainable_flags(messages: Sequence[Message], train_on: str) -> list[bool]:
+    """Which messages are trained under a policy, after each message's own `train` override."""
+    last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    defaults = {
+        "assistant": [m.role == "assistant" for m in messages],
+        "last_assistant": [i == last_assistant for i in range(len(messages))],
+        "all": [True] * len(messages),
+    }[train_on]
+    return [m.train if m.train is not None else d for m, d in zip(messages, defaults)]
+
+
+def _segments(text: str, spans: list[tuple[int, int, int]], flags: list[bool], messages: Sequence[Message],
+              eot_after: Any, template_trained: bool, where: str) -> list[Segment]:
+    seen: dict[int, int] = {}
+    for _, _, index in spans:
+        seen[index] = seen.get(index, 0) + 1
+    for index, flag in enumerate(flags):
+        if flag and seen.get(index, 0) != 1:
+            how = "drops" if index not in seen else "repeats"
+            raise DataError(f"the chat template {how} message {index + 1} ({messages[index].role}), which is "
+                            "to be trained, so its tokens cannot be located exactly. Use a built-in "
+                            "template (data.template=chatml|llama3) or mark the message \"train\": false.",
+                            where=where, reason=f"template {how} a trained message")
+    segments: list[Segment] = []
+    pos = 0
+    for k, (start, end, index) in enumerate(spans):
+        if start > pos:
+            segments.append(Segment(text[pos:start], template_trained))
+        role, flag = messages[index].role, flags[index]
+        segments.append(Segment(text[start:end], flag, role))
+        pos = end
+        if flag:
+            limit = spans[k + 1][0] if k + 1 < len(spans) else len(text)
+            closing = eot_after(text, end, limit)
+            if closing is None:
+                raise DataError(f"message {index + 1} ({role}) is trained but the chat template puts no "
+                                "end-of-turn marker after it, so the model would never learn to stop. Use a "
+                                "template that closes every turn (e.g. data.template=chatml).",
+                                where=where, reason="no end-of-turn marker")
+            segments.append(Segment(text[end:closing], True, role))
+            pos = closing
+    if pos < len(text):
+        segments.append(Segment(text[pos:], template_trained))
+    return segments
+
+
+def load_template(spec: str, tokenizer: Any | None = None) -> ChatTemplate:
+    """`chatml`, `llama3`, `auto` (the tokenizer's own chat template) or a path to a .jinja file."""
+    variables = _special_token_variables(tokenizer)
+    if spec in BUILTIN:
+        builtin = BUILTIN[spec]
+        return ChatTemplate(builtin.source, name=spec, end_of_turn=(builtin.end_of_turn,),
+                            variables=variables, special_tokens=builtin.special_tokens)
+    if spec == "auto":
+        source = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if isinstance(source, dict):
+            source = source.get("default")
+        if not source:
+            where = getattr(tokenizer, "name_or_path", "the tokenizer")
+            raise TemplateError(f"data.template=auto but {where} has no chat template (no chat_template in "
+                                "tokenizer_config.json, no chat_template.jinja). Set data.template=chatml or "
+                                "llama3 (with data.add_special_tokens=true on a base model) or a .jinja file.")
+        name = f"auto ({getattr(tokenizer, 'name_or_path', '') or 'tokenizer'})"
+    else:
+        path = Path(spec)
+        if path.suffix != ".jinja" or not path.is_file():
+            raise TemplateError(f"data.template={spec!r}: expected chatml, llama3, auto or an existing .jinja file")
+        source, name = path.read_text(encoding="utf-8"), str(path)
+    return ChatTemplate(source, name=name, end_of_turn=_end_of_turn_candidates(tokenizer), variables=variables)
+
+
+def _special_token_variables(tokenizer: Any | None) -> dict[str, Any]:
+    if tokenizer is None:
+        return {"bos_token": "", "eos_token": ""}
+    variables = {key: str(value) if isinstance(value, str) else value
+                 for key, value in dict(getattr(tokenizer, "special_tokens_map", {}) or {}).items()}
+    variables.setdefault("bos_token", "")
+    variables.setdefault("eos_token", "")
+    return variables
+
+
+def _end_of_turn_candidates(tokenizer: Any | None) -> tuple[str, ...]:
+    if tokenizer is None:
+        return END_OF_TURN_MARKERS
+    vocab_specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    vocab_specials |= {str(token) for token in decoder.values()}
+    found = [m for m in END_OF_TURN_MARKERS if m in vocab_specials]
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos:
+        found.append(str(eos))
+    if not found:
+        raise TemplateError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no end-of-turn "
+                            f"token (no eos_token, none of {', '.join(END_OF_TURN_MARKERS)}); the model could "
+                            "not learn to stop. Use data.template=chatml with data.add_special_tokens=true.")
+    return tuple(found)

@@ -1,0 +1,1 @@
+"""Models: loading, target-module matching, quantisation."""

