@@ -85,6 +85,19 @@ class EncodedDataset:
     def rejects_path(self) -> Path:
         return self.directory / "rejects.jsonl"
 
+    def close(self) -> None:
+        """Release the arrays, and delete the directory of an uncached build."""
+        self._ids = self._trained = np.zeros(0)
+        if self._keep_alive is not None:
+            self._keep_alive.cleanup()
+            self._keep_alive = None
+
+    def __enter__(self) -> "EncodedDataset":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _memmap(path: Path, dtype: type, count: int) -> np.ndarray:
     if count == 0:

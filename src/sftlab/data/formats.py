@@ -50,6 +50,8 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
     with path.open("rb") as file:
         for number, line in enumerate(file, start=1):
             where = f"{path}:{number}"
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark some editors write
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -69,7 +71,7 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
 
 def _json_array_rows(path: Path) -> Iterator[Row]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"invalid UTF-8 at byte {exc.start}; expected a UTF-8 JSON file.",
                         where=str(path), reason="invalid UTF-8") from None
