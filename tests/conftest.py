@@ -55,7 +55,7 @@ def _build_tiny():
               "What is 2+2? It is 4.", "Explain quantum entanglement like I'm five.",
               "Imagine you have two magic dice..."] * 20
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
 
@@ -63,3 +63,44 @@ def _build_tiny():
 def tiny_tokenizer():
     """A small byte-level BPE tokenizer built here, with no chat template (like a base model's)."""
     return copy.deepcopy(_build_tiny())
+
+
+def tiny_chat_tokenizer():
+    """The tiny tokenizer plus ChatML special tokens and the ChatML template as its own chat template."""
+    from tokenizers import AddedToken
+
+    from sftlab.data.templates import CHATML
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
+                         special_tokens=True)
+    tokenizer.chat_template = CHATML
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
+def tiny_model_dir(path: Path, *, arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2,
+                   init_range: float = 0.02) -> Path:
+    """Save a tiny random causal LM (llama | qwen2 | gpt2) with the tiny chat tokenizer into `path`."""
+    import torch
+    import transformers
+
+    tokenizer = tiny_chat_tokenizer()
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, initializer_range=init_range, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                  pad_token_id=tokenizer.pad_token_id)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                  num_hidden_layers=layers, num_attention_heads=4,
+                                                  num_key_value_heads=2, **common),
+        "qwen2": lambda: transformers.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                  num_hidden_layers=layers, num_attention_heads=4,
+                                                  num_key_value_heads=2, **common),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common),
+    }
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(configs[arch]())
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -6,6 +6,8 @@ import dataclasses
 import doctest
 from pathlib import Path
 
+import re
+
 import pytest
 
 import sftlab.config
@@ -22,9 +24,9 @@ def test_module_doctests_pass() -> None:
 def test_defaults() -> None:
     cfg = load_config()
     assert cfg == Config()
-    assert (cfg.model, cfg.output_dir) == (None, "runs/run")
+    assert (cfg.model.path, cfg.output_dir) == (None, "runs/run")
     assert to_dict(cfg.data) == {
-        "train": None, "eval": None, "format": "auto", "role_map": {}, "on_bad_row": "error",
+        "train": None, "eval": None, "eval_fraction": 0.0, "format": "auto", "role_map": {}, "on_bad_row": "error",
         "template": "auto", "train_on": "assistant", "max_seq_len": 2048, "truncation": "drop",
         "add_special_tokens": False, "cache_dir": None, "cache": True}
 
@@ -60,7 +62,7 @@ data:
 """)
     cfg = load_config(path, ["data.max_seq_len=4096", "data.role_map.narrator=system", "output_dir=runs/x",
                              "data.add_special_tokens=true", "data.cache_dir=/tmp/c"])
-    assert cfg.model == "models/tiny"
+    assert cfg.model.path == "models/tiny"
     assert cfg.output_dir == "runs/x"
     assert cfg.data.train == "data/train.jsonl"
     assert cfg.data.format == "sharegpt"
@@ -216,3 +218,36 @@ def test_load_config_does_not_edit_the_callers_overrides() -> None:
     overrides = ["data.format=alpaca"]
     load_config(overrides=overrides)
     assert overrides == ["data.format=alpaca"]
+
+
+def test_model_shorthand_and_sections_combine(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: models/tiny\nmethod: full\n", encoding="utf-8")
+    cfg = load_config(path, ["model.dtype=float32"])
+    assert (cfg.model.path, cfg.model.dtype, cfg.method) == ("models/tiny", "float32", "full")
+    path.write_text("model:\n  path: a\n  dtype: bfloat16\n", encoding="utf-8")
+    cfg = load_config(path, ["model=b"])
+    assert (cfg.model.path, cfg.model.dtype) == ("b", "bfloat16")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
+    from sftlab.config import to_yaml
+
+    cfg = load_config(overrides=["model=m", "lora.targets=[q_proj, v_proj]", "train.betas=[0.9, 0.95]",
+                                 "data.role_map.bot=assistant"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.rank=0", "lora.rank must be a positive integer"),
+    ("lora.dropout=1.5", "lora.dropout must be in [0, 1)"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be at least 1"),
+    ("train.lr=0", "train.lr must be positive"),
+    ("method=qlora2", "method must be one of full, lora"),
+    ("train.schedule=cosin", "train.schedule must be one of cosine, linear, constant"),
+])
+def test_training_sections_validate(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=[override])

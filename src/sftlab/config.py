@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, get_args, get_origin
+from typing import Any, ClassVar, Literal, Mapping, get_args, get_origin
 
 import yaml
 
@@ -33,6 +33,8 @@ class DataConfig:
     """Training data: a .jsonl (streamed), .json array or .parquet file."""
     eval: str | None = None
     """Optional evaluation data, same formats as `train`."""
+    eval_fraction: float = 0.0
+    """Without data.eval: the share of training examples held out for evaluation (chosen by train.seed)."""
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
     """Row format; `auto` detects it from the first row's keys."""
     role_map: dict[str, str] = field(default_factory=dict)
@@ -65,12 +67,120 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    SHORTHAND: ClassVar[str] = "path"  # `model: some/dir` means `model.path: some/dir`
+
+    path: str | None = None
+    """A local Hugging Face model dir, a hub id, or a .gguf file."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bfloat16 on a CUDA GPU that supports it, float32 otherwise (always float32 on CPU)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint; off unless you trust its source."""
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+    """Attention kernel; `auto` lets transformers choose (sdpa where available)."""
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    """Rank R of the update B @ A."""
+    alpha: float = 32.0
+    """The update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    targets: str | tuple[str, ...] = "all-linear"
+    """`all-linear` (every linear layer of the decoder but the output head), a list of module-name
+    suffixes (e.g. [q_proj, v_proj]), or a regex matched against full module names (`re:...`)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(rank)."""
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"lora.rank must be a positive integer, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    freeze_embeddings: bool = False
+    """Keep the input embeddings (and a tied output head) frozen during full fine-tuning."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int | None = None
+    """Optimizer steps to run; None means `epochs` full passes over the data."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is None."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; the step's loss is the mean over all their supervised tokens."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; never applied to norms and biases."""
+    betas: tuple[float, ...] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup (cosine and linear go to 0 at the last step)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm; None disables clipping."""
+    seed: int = 42
+    """Seeds data order, adapter init and dropout."""
+    save_every_steps: int | None = None
+    """Checkpoint period; None saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: Literal["auto", "never"] = "auto"
+    """`auto` continues from the newest checkpoint in output_dir, if any."""
+    eval_every_steps: int | None = None
+    """Evaluate on data.eval / the held-out fraction every N steps (and at the end)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a better eval loss."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third slower."""
+    compile: bool = False
+    """torch.compile the model (the first steps are slow while it compiles)."""
+    log_every_steps: int = 1
+    """Period of metrics.jsonl lines and progress-bar updates."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("max_steps", "save_every_steps", "eval_every_steps", "early_stopping_patience"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{key} must be at least 1 or null, got {value}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {list(self.betas)}")
+
+
+METHODS = ("full", "lora")
+
+
+@dataclass(frozen=True)
 class Config:
-    model: str | None = None
-    """A local Hugging Face model or tokenizer dir, or a hub id."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model (`model: PATH` is short for `model.path: PATH`)."""
+    method: Literal["full", "lora"] = "lora"
+    """What trains: `full` (every weight) or `lora` (low-rank adapters, base frozen)."""
     output_dir: str = "runs/run"
-    """Where the run writes its files (config.yaml, rejects.jsonl, checkpoints, exports)."""
+    """Where the run writes its files (config.yaml, metrics.jsonl, checkpoints/, adapter/ or model/)."""
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    full: FullConfig = field(default_factory=FullConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -100,17 +210,38 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+SHORTHANDS = {"model": ModelConfig.SHORTHAND}
+"""Sections that may be given as one string, and the field that string sets."""
+
+
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     *parents, leaf = key.split(".")
-    for part in parents:
+    for depth, part in enumerate(parents):
         if node.get(part) is None:  # an absent section, or one left empty in YAML (`data:`)
             node[part] = {}
+        if depth == 0 and part in SHORTHANDS and isinstance(node[part], str):
+            node[part] = {SHORTHANDS[part]: node[part]}
         child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part} is a value, not a section")
         node = child
+    if node is raw and leaf in SHORTHANDS and isinstance(raw.get(leaf), dict) and not isinstance(value, dict):
+        raw[leaf] = {**raw[leaf], SHORTHANDS[leaf]: value}
+        return
     node[leaf] = value
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (saved as OUTPUT/config.yaml; loads back with load_config)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return yaml.safe_dump(plain(to_dict(cfg)), sort_keys=False, allow_unicode=True)
 
 
 def build(cls: type, raw: Mapping[str, Any], *, prefix: str) -> Any:
@@ -132,6 +263,9 @@ def build(cls: type, raw: Mapping[str, Any], *, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        shorthand = getattr(hint, "SHORTHAND", None)
+        if shorthand and isinstance(value, str):
+            value = {shorthand: value}
         return build(hint, value if value is not None else {}, prefix=key + ".")
     if origin in (types.UnionType, typing.Union):
         options = get_args(hint)
@@ -172,6 +306,11 @@ def _scalar(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} must be a number, found {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -27,8 +27,7 @@ from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder, Example
 from sftlab.data.formats import read_conversations
-from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation
+from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.errors import DataError
 
 BATCH_ROWS = 512
@@ -62,6 +61,10 @@ class EncodedDataset:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def max_token_id(self) -> int:
+        return int(self._ids.max()) if len(self._ids) else -1
 
     @property
     def lengths(self) -> np.ndarray:
@@ -153,7 +156,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                     if data.on_bad_row == "error" and not isinstance(result, Dropped):
                         raise result
                     log.add(where=result.where, reason=result.reason, message=result.detail,
-                            row=_as_row(conversation))
+                            row=conversation_row(conversation))
                     encode_rejects += 1
                     continue
                 example = result.example
@@ -172,10 +175,3 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
     stats.tokens = offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-
-
-def _as_row(conversation: Conversation) -> str:
-    """A rejected conversation as a messages-format row, so it can be fixed and fed back."""
-    messages = [{"role": m.role, "content": m.content} | ({"train": m.train} if m.train is not None else {})
-                for m in conversation.messages]
-    return json.dumps({"messages": messages}, ensure_ascii=False)

@@ -43,8 +43,12 @@ class Encoded:
     segments: list[Segment]
 
 
+TOO_LONG = "too long"
+NOTHING_TRAINED = "no trained tokens"
+
+
 class Dropped(DataError):
-    """A valid row that policy keeps out of training (too long, nothing to train); always counted."""
+    """A valid row that policy keeps out of training (reason TOO_LONG or NOTHING_TRAINED); always counted."""
 
 
 class Encoder:
@@ -115,17 +119,20 @@ class Encoder:
             labels, roles = self._label_by_segments(where, segments, ids)
         else:
             labels, roles = _label_by_offsets(where, segments, ids, offsets)
+        if all(label == IGNORE_INDEX for label in labels):
+            raise Dropped(f"no token is trained (data.train_on={self.train_on} and the messages' own \"train\" "
+                          "flags), so the row teaches nothing; dropped.", where=where, reason=NOTHING_TRAINED)
         truncated = False
         if self.max_seq_len is not None and len(ids) > self.max_seq_len:
             if self.truncation == "drop":
                 raise Dropped(f"{len(ids)} tokens is more than data.max_seq_len={self.max_seq_len}; dropped "
                               "(data.truncation=drop). Raise max_seq_len or set data.truncation=truncate.",
-                              where=where, reason="too long")
-            ids, labels, roles, truncated = ids[: self.max_seq_len], labels[: self.max_seq_len], roles[: self.max_seq_len], True
-        if all(label == IGNORE_INDEX for label in labels):
-            why = " after truncation to data.max_seq_len" if truncated else ""
-            raise Dropped(f"no token is trained{why} (data.train_on={self.train_on}), so the row teaches "
-                          "nothing; dropped.", where=where, reason="no trained tokens")
+                              where=where, reason=TOO_LONG)
+            limit = self.max_seq_len
+            ids, labels, roles, truncated = ids[:limit], labels[:limit], roles[:limit], True
+            if all(label == IGNORE_INDEX for label in labels):
+                raise Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. "
+                              "Raise max_seq_len or shorten the prompt.", where=where, reason=NOTHING_TRAINED)
         return Encoded(Example(list(ids), labels, where), roles, truncated, segments)
 
     def _label_by_segments(self, where: str, segments: list[Segment], whole: list[int]) -> tuple[list[int], list[int]]:

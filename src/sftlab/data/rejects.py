@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import IO
 
+from sftlab.data.schema import Conversation
+
 
 class RejectLog:
     """Counts rejected rows by reason and, given a path, writes each one (created on the first reject)."""
@@ -19,6 +21,8 @@ class RejectLog:
         self.path = Path(path) if path is not None else None
         self.counts: Counter[str] = Counter()
         self._file: IO[str] | None = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
 
     def add(self, *, where: str, reason: str, message: str, row: str | None) -> None:
         self.counts[reason] += 1
@@ -44,3 +48,10 @@ class RejectLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def conversation_row(conversation: Conversation) -> str:
+    """A conversation as a messages-format row, so a rejected one can be fixed and fed back."""
+    messages = [{"role": m.role, "content": m.content} | ({"train": m.train} if m.train is not None else {})
+                for m in conversation.messages]
+    return json.dumps({"messages": messages}, ensure_ascii=False)
