@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sftlab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    train = commands.add_parser("train", help="fine-tune a model as the config says")
+    train.add_argument("config", help="a YAML config (see examples/)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (the default, train.resume=auto)")
+    train.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    train.epilog = "Config overrides may follow as key=value, e.g. train.max_steps=100 lora.rank=8."
+    train.set_defaults(run=_train)
+
     inspect = commands.add_parser("inspect", help="show examples' tokens with the trained ones marked")
     _data_arguments(inspect)
     inspect.add_argument("-n", type=int, default=3, help="number of examples to show (default 3)")
@@ -71,7 +78,7 @@ def _config(args: argparse.Namespace) -> Config:
     if args.template:
         overrides.append(f"data.template={args.template}")
     cfg = load_config(args.config, overrides)
-    if not cfg.model:
+    if not cfg.model.path:
         raise SftlabError("no tokenizer given: pass --model PATH (a Hugging Face model or tokenizer dir) "
                           "or set model in the config.")
     return cfg
@@ -82,10 +89,23 @@ def _encoder(cfg: Config):  # noqa: ANN202 - returns sftlab.data.encode.Encoder
     from sftlab.data.templates import load_template
     from sftlab.models.load import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     template = load_template(cfg.data.template, tokenizer)
     return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
                    truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sftlab.train.loop import train
+    from sftlab.train.setup import prepare
+
+    overrides = list(args.overrides)
+    if args.no_resume:
+        overrides.append("train.resume=never")
+    cfg = load_config(args.config, overrides)
+    result = train(prepare(cfg))
+    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; wrote {result.export_dir}")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

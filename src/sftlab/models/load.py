@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sftlab.config import ModelConfig
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
@@ -27,3 +32,59 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     except OSError as exc:
         offline = " (the Hugging Face Hub is not reachable from here)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}{offline}: {exc}") from None
+
+
+def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
+    """`auto`: bfloat16 on a CUDA GPU that supports it, float32 otherwise."""
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def default_device() -> "torch.device":
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(model: "ModelConfig", *, device: "torch.device | None" = None) -> Any:
+    """A causal LM from a local HF dir, a hub id, or a .gguf file (dequantised by transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    if not model.path:
+        raise ConfigError("no model given: set model (a Hugging Face model dir, hub id or .gguf file).")
+    device = device or default_device()
+    dtype = resolve_dtype(model.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code}
+    if model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = model.attn_implementation
+    source = Path(model.path).expanduser()
+    if source.suffix == ".gguf":
+        if not source.is_file():
+            raise ConfigError(f"model {model.path!r}: no such .gguf file")
+        kwargs["gguf_file"] = source.name
+        source = source.parent
+    elif source.exists() and not (source / "config.json").is_file():
+        raise ConfigError(f"{source} has no config.json; expected a Hugging Face model directory "
+                          "(config.json + *.safetensors), a hub id, or a .gguf file.")
+    name = str(source) if source.exists() else model.path
+    try:
+        loaded = _from_pretrained(AutoModelForCausalLM, name, kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {model.path!r}: {exc}") from None
+    return loaded.to(device)
+
+
+def _from_pretrained(cls: Any, name: str, kwargs: dict[str, Any]) -> Any:
+    """transformers ≥ 4.56 names the dtype argument `dtype`; older releases only know `torch_dtype`."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("4.56"):
+        kwargs = dict(kwargs)
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
+    return cls.from_pretrained(name, **kwargs)

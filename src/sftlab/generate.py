@@ -1,0 +1,195 @@
+"""Sampling with the chat template, stopping at end-of-turn; the `chat` REPL.
+
+The prompt is the same template render the model was trained on, with the generation prompt appended,
+tokenised without the tokenizer's own special tokens (the template already puts BOS where it wants it).
+Decoding is a plain loop over `model(input_ids, past_key_values=..., use_cache=True)` (newer transformers
+name the cache argument `cache`): the prompt is run once, then one token per step against the KV cache.
+It does not use HF `generate()`, so methods that hook the forward or the cache (prefix tuning) decode
+through exactly the path they train through.
+
+    messages ──render_text(add_generation_prompt)──▶ text ──encode──▶ prompt ids
+      ──prefill──▶ logits ──pick (greedy | top-p)──▶ token ──step with cache──▶ ... until a stop token
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from sftlab.data.templates import ChatTemplate
+from sftlab.errors import ConfigError
+
+Messages = Sequence[Mapping[str, str]]
+"""Chat messages as the template renders them: `{"role": ..., "content": ...}`."""
+
+
+def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
+    """Ids of the template's end-of-turn markers that are single tokens of the tokenizer, then its eos.
+
+    A marker the tokenizer splits into several tokens cannot be matched by a per-token check and is left
+    out (its eos, if any, still stops generation)."""
+    ids: list[int] = []
+    for marker in template.end_of_turn:
+        encoded = tokenizer.encode(marker, add_special_tokens=False)
+        # Also require the id to *be* the marker: a byte-level BPE could merge a marker's characters into
+        # one ordinary token that merely decodes to the same text.
+        if len(encoded) == 1 and tokenizer.convert_ids_to_tokens(encoded[0]) == marker:
+            ids.append(int(encoded[0]))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.append(eos)
+    return list(dict.fromkeys(ids))
+
+
+def prompt_ids(tokenizer: Any, template: ChatTemplate, messages: Messages) -> list[int]:
+    """The token ids the model sees before its reply: the template render with the generation prompt."""
+    text = template.render_text(messages, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def generate(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *,
+             max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+             seed: int | None = None) -> str:
+    """The model's reply to `messages`: sampled until an end-of-turn/eos token (not included) or
+    `max_new_tokens`, decoded without special tokens. Greedy when temperature is 0; the same seed gives
+    the same reply on the same device."""
+    generator = _generator(model, seed)
+    return _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, generator=generator)
+
+
+def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max_new_tokens: int = 256,
+           temperature: float = 0.7, top_p: float = 0.9, generator: torch.Generator | None = None) -> list[int]:
+    """New token ids after `input_ids`, up to but not including the first stop id, at most
+    `max_new_tokens`. Runs in the model's own device and dtype; the model is put in eval mode for the
+    call and restored afterwards."""
+    _check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if not input_ids:
+        raise ConfigError("the prompt is empty; expected at least one token to continue from.")
+    stops = {int(i) for i in stop_ids}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _decode_loop(model, list(input_ids), stops, max_new_tokens, temperature, top_p, generator)
+    finally:
+        model.train(was_training)
+
+
+def _decode_loop(model: Any, input_ids: list[int], stops: set[int], max_new_tokens: int,
+                 temperature: float, top_p: float, generator: torch.Generator | None) -> list[int]:
+    device = _device(model)
+    step_input = torch.tensor([input_ids], dtype=torch.long, device=device)  # (1, T) prefill, then (1, 1)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # transformers renamed `past_key_values` to `cache` (the old name is deprecated, to be removed in 5.40);
+    # pass the cache under the name this model's forward declares.
+    cache_name = "cache" if _accepts(model, "cache") else "past_key_values"
+    cache: Any = None
+    new: list[int] = []
+    while True:
+        out = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **extra)
+        cache = _returned_cache(out)
+        token = pick_token(out.logits[0, -1], temperature=temperature, top_p=top_p, generator=generator)
+        if token in stops:
+            break
+        new.append(token)
+        if len(new) == max_new_tokens:
+            break
+        step_input = torch.tensor([[token]], dtype=torch.long, device=device)
+    return new
+
+
+def pick_token(logits: torch.Tensor, *, temperature: float, top_p: float,
+               generator: torch.Generator | None = None) -> int:
+    """One token from next-token logits `(V,)`: argmax when temperature is 0, else a draw from the
+    smallest set of most likely tokens whose probability reaches top_p (always at least the top one)."""
+    logits = logits.float()
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(0) - sorted_probs  # probability of the tokens ranked above each
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str | None = None,
+              input_fn: Callable[[str], str] = input, print_fn: Callable[..., None] = print,
+              max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+              seed: int | None = None) -> list[dict[str, str]]:
+    """Talk to the model: each user line and the model's reply are kept, so every prompt holds the whole
+    conversation. `/reset` starts over (keeping the system message), `/exit` or end of input quits.
+    One generator seeded once serves the whole session. Returns the conversation as it ended."""
+    _check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    generator = _generator(model, seed)
+    print_fn("Type a message; /reset starts a new conversation, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input_fn(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print_fn()
+            return messages
+        command = line.strip()
+        if command == "/exit":
+            return messages
+        if command == "/reset":
+            messages = list(start)
+            print_fn("(conversation cleared)")
+            continue
+        if not command:
+            continue
+        messages = [*messages, {"role": "user", "content": command}]
+        reply = _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, generator=generator)
+        print_fn(reply)
+        messages = [*messages, {"role": "assistant", "content": reply}]
+
+
+def _reply(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *, max_new_tokens: int,
+           temperature: float, top_p: float, generator: torch.Generator | None) -> str:
+    ids = sample(model, prompt_ids(tokenizer, template, messages), stop_ids=stop_token_ids(tokenizer, template),
+                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _check_sampling(*, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens (--max-new-tokens) must be at least 1; found {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"temperature (--temperature) must be 0 (greedy) or positive; found {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p (--top-p) must be in (0, 1]; found {top_p}. Use 1 to sample from all tokens.")
+
+
+def _generator(model: Any, seed: int | None) -> torch.Generator | None:
+    """A generator on the model's device (torch.multinomial draws there), or None for the global RNG."""
+    if seed is None:
+        return None
+    return torch.Generator(device=_device(model)).manual_seed(seed)
+
+
+def _device(model: Any) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)  # newer transformers name it `cache`; older ones `past_key_values`
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _accepts(model: Any, name: str) -> bool:
+    """Whether the model's forward names `name` (HF causal LMs take `logits_to_keep` to skip computing
+    the prompt's logits; wrappers that only pass **kwargs are not sent it)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

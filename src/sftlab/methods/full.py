@@ -1,0 +1,25 @@
+"""Full fine-tuning: every weight trains (optionally with the input embeddings frozen)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sftlab.methods.base import Method
+
+
+class Full(Method):
+    name = "full"
+    mergeable = True
+
+    def apply(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        if self.config.full.freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        # named_parameters() lists a tied weight once, under its first name.
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model  # the weights are already the model's own

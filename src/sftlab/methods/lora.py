@@ -1,0 +1,97 @@
+"""LoRA: h = W0·x + s·B·A·x with W0 frozen, A (rank × in) random, B (out × rank) zero, s = alpha / rank.
+
+`LoRALinear` wraps the frozen base layer (nn.Linear, or GPT-2's Conv1D whose weight is stored transposed)
+and adds the low-rank path; it works on every HF architecture without forking model classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sftlab.methods.base import Method
+from sftlab.models.targets import find_targets
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False) -> None:
+        super().__init__()
+        self.base = base
+        self.transposed = type(base).__name__ == "Conv1D"  # weight (in, out) instead of (out, in)
+        weight = base.weight
+        out_features, in_features = weight.shape[::-1] if self.transposed else weight.shape
+        # Adapters train in fp32 even over a bf16/fp16 base: optimizer updates to small matrices need it.
+        dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
+        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=weight.device))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.rank = rank
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        # x (..., in) -> (..., rank) -> (..., out): two thin matmuls, never the (out, in) product.
+        update = F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A), self.B)
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A in the base weight's layout."""
+        delta = (self.B @ self.A) * self.scaling  # (out, in)
+        return delta.t() if self.transposed else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            weight = self.base.weight
+            weight.copy_((weight.to(self.A.dtype) + self.delta_weight()).to(weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = self.base.weight
+            weight.copy_((weight.to(self.A.dtype) - self.delta_weight()).to(weight.dtype))
+            self.merged = False
+
+
+class LoRA(Method):
+    name = "lora"
+    mergeable = True
+
+    def apply(self, model: nn.Module) -> None:
+        lora = self.config.lora
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name in find_targets(model, lora.targets):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapped = LoRALinear(getattr(parent, child), rank=lora.rank, alpha=lora.alpha,
+                                 dropout=lora.dropout, rslora=lora.rslora)
+            setattr(parent, child, wrapped)
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {f"{name}.{p_name}": p
+                for name, module in model.named_modules() if isinstance(module, LoRALinear)
+                for p_name, p in (("A", module.A), ("B", module.B))}
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight and put the plain base layer back in its place."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoRALinear):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, module.base)
+        return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}

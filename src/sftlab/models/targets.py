@@ -1,0 +1,41 @@
+"""The one place that matches module names: which linear layers a method adapts.
+
+`all-linear`: every linear layer (nn.Linear, or GPT-2's transposed Conv1D) except the output head.
+A list: module-name suffixes (`q_proj` matches `model.layers.0.self_attn.q_proj`).
+Any other string: a regular expression that must match the full module name.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from torch import nn
+
+from sftlab.errors import ConfigError
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_targets(model: nn.Module, spec: str | Sequence[str], *, key: str = "lora.targets") -> list[str]:
+    """Names of the linear modules `spec` selects; an error lists the model's linear layers if none match."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = [name for name, module in model.named_modules() if is_linear(module) and module is not head]
+    if spec == "all-linear":
+        chosen = linear
+    elif isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as exc:
+            raise ConfigError(f"{key}={spec!r} is not a valid regular expression: {exc}") from None
+        chosen = [name for name in linear if pattern.fullmatch(name)]
+    else:
+        chosen = [name for name in linear if any(name == s or name.endswith("." + s) for s in spec)]
+    if not chosen:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ConfigError(f"{key}={spec!r} matched no module; the model's linear layers are named: "
+                          f"{', '.join(suffixes)} (e.g. {linear[0] if linear else 'none'}). Use all-linear, "
+                          "a list of these suffixes, or a regex over full names.")
+    return chosen

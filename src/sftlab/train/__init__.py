@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, the one loop, checkpoints, metrics."""

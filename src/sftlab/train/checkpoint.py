@@ -1,0 +1,129 @@
+"""Checkpoints: trainable weights (safetensors), optimizer + scheduler, step, data cursor, RNG states.
+
+Written into a temporary directory and renamed into place, so a kill at any moment leaves the previous
+checkpoint intact; the newest `keep` are kept. Nothing is unpickled on load: weights come from
+safetensors, optimizer state and RNG tensors through `torch.load(weights_only=True)`, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sftlab.errors import SftlabError
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    position: int = 0
+    """Data cursor: the next example is order(epoch)[position]."""
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = []
+    directory = checkpoint_dir(run_dir)
+    if directory.is_dir():
+        for child in directory.iterdir():
+            match = _STEP_DIR.fullmatch(child.name)
+            if match and (child / "state.json").is_file():
+                found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, scheduler: Any, keep: int) -> Path:
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{state.step}"
+    tmp = directory / f".tmp-step-{state.step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_tensors(), tmp / "rng.pt")
+        record = {"state": asdict(state), "scheduler": scheduler.state_dict(),
+                  "python_rng": _python_rng_to_json(random.getstate())}
+        (tmp / "state.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        for path in tmp.iterdir():
+            _fsync(path)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(directory, keep)
+    return final
+
+
+def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore optimizer, scheduler and RNG states in place; return the TrainState and trainable weights."""
+    try:
+        record = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(path / "trainable.safetensors")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise SftlabError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from the one "
+                          "before, or set train.resume=never to start over.") from None
+    scheduler.load_state_dict(record["scheduler"])
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    random.setstate(_python_rng_from_json(record["python_rng"]))
+    return TrainState(**record["state"]), weights
+
+
+def _rng_tensors() -> dict[str, Any]:
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return states
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(directory: Path, keep: int) -> None:
+    steps = sorted((int(m.group(1)), child) for child in directory.iterdir()
+                   if (m := _STEP_DIR.fullmatch(child.name)))
+    for _, child in steps[:-keep]:
+        shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""THE training loop, the same for every method: methods differ only in what trains and what is saved."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from sftlab.config import Config, to_yaml
+from sftlab.data.batching import Batch, collate, epoch_order
+from sftlab.data.dataset import EncodedDataset
+from sftlab.errors import SftlabError
+from sftlab.methods import Method
+from sftlab.train import checkpoint
+from sftlab.train.checkpoint import TrainState
+from sftlab.train.loss import loss_sum
+from sftlab.train.metrics import MetricsLog, plot_loss
+from sftlab.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingError(SftlabError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    export_dir: Path | None
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, prepared by `sftlab.train.setup.prepare` (or a test)."""
+    config: Config
+    model: torch.nn.Module
+    tokenizer: object
+    method: Method
+    train_data: EncodedDataset
+    train_indices: np.ndarray
+    eval_data: EncodedDataset | None
+    eval_indices: np.ndarray | None
+    device: torch.device
+
+
+def total_steps(cfg: Config, num_examples: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    # An epoch ends with a short micro-batch rather than borrowing from the next epoch.
+    per_epoch = math.ceil(num_examples / cfg.train.micro_batch_size)
+    return max(1, math.ceil(cfg.train.epochs * per_epoch / cfg.train.grad_accum_steps))
+
+
+def micro_batches(setup: Setup, state: TrainState, pad_id: int) -> Iterator[Batch]:
+    """An endless stream of micro-batches in the seeded epoch order; advances state.epoch/position."""
+    size = setup.config.train.micro_batch_size
+    indices = setup.train_indices
+    while True:
+        order = indices[epoch_order(len(indices), seed=setup.config.train.seed, epoch=state.epoch)]
+        while state.position < len(order):
+            chosen = order[state.position: state.position + size]
+            state.position += len(chosen)
+            yield collate([setup.train_data[int(i)] for i in chosen], pad_id=pad_id)
+        state.epoch, state.position = state.epoch + 1, 0
+
+
+def evaluate(setup: Setup, pad_id: int) -> float:
+    """Mean loss over every supervised token of the eval examples."""
+    model, size = setup.model, setup.config.train.micro_batch_size
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(setup.eval_indices), size):
+            chosen = setup.eval_indices[start:start + size]
+            batch = collate([setup.eval_data[int(i)] for i in chosen], pad_id=pad_id)
+            total += float(loss_sum(model, batch.to(setup.device)))
+            count += batch.num_supervised
+    model.train()
+    return total / max(count, 1)
+
+
+def train(setup: Setup, *, console: Console | None = None,
+          on_step: Callable[[int], None] | None = None) -> RunResult:
+    cfg, model, method = setup.config, setup.model, setup.method
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    console = console or Console(stderr=True)
+    pad_id = _pad_id(setup.tokenizer)
+    params = method.trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg.train)
+    steps = total_steps(cfg, len(setup.train_indices))
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    state = TrainState()
+    latest = checkpoint.latest_checkpoint(out) if cfg.train.resume == "auto" else None
+    if latest is not None:
+        state, weights = checkpoint.load_checkpoint(latest, optimizer=optimizer, scheduler=scheduler)
+        method.load_state_dict(model, weights)
+        console.print(f"resuming from {latest} (step {state.step} of {steps})")
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        model.base_model.compile()
+    model.train()
+    stream = micro_batches(setup, state, pad_id)
+    log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
+                     tensorboard=cfg.train.tensorboard)
+    last_loss = eval_loss = None
+    try:
+        while state.step < steps:
+            started = time.perf_counter()
+            batches = [next(stream) for _ in range(cfg.train.grad_accum_steps)]
+            supervised = sum(b.num_supervised for b in batches)
+            step_loss = torch.zeros((), device=setup.device)
+            for batch in batches:
+                # Each micro-batch's summed loss over the step's supervised-token count: the gradients
+                # add up to those of the mean over every supervised token of the step.
+                loss = loss_sum(model, batch.to(setup.device)) / max(supervised, 1)
+                loss.backward()
+                step_loss += loss.detach()
+            last_loss = float(step_loss)  # the one host sync of the step, for the log and the NaN check
+            if not math.isfinite(last_loss):
+                sources = ", ".join(w for b in batches for w in b.where[:4])
+                raise TrainingError(f"the loss became {last_loss} at step {state.step + 1} (rows {sources}); "
+                                    f"nothing was updated. The last good checkpoint is {checkpoint.latest_checkpoint(out)}."
+                                    " Lower train.lr or check those rows.")
+            grad_norm = _clip(params, cfg.train.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            if state.step % cfg.train.log_every_steps == 0 or state.step == steps:
+                log.log({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
+                         "grad_norm": grad_norm, "tokens": sum(b.num_tokens for b in batches),
+                         "supervised_tokens": supervised, "seconds": time.perf_counter() - started})
+            stop = False
+            if setup.eval_indices is not None and len(setup.eval_indices) and (
+                    state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)):
+                eval_loss = evaluate(setup, pad_id)
+                log.log({"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+                stop = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
+            if state.step == steps or stop or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
+                checkpoint.save_checkpoint(out, state, trainable=method.state_dict(model), optimizer=optimizer,
+                                           scheduler=scheduler, keep=cfg.train.keep_checkpoints)
+            if on_step is not None:
+                on_step(state.step)
+            if stop:
+                console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations")
+                break
+    finally:
+        log.close()
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    export_dir = _export(setup, out)
+    return RunResult(out, state.step, last_loss, eval_loss, export_dir)
+
+
+def _clip(params: dict[str, torch.nn.Parameter], max_norm: float | None) -> float:
+    grads = [p for p in params.values() if p.grad is not None]
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))) if grads else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+
+def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bool:
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+        state.best_eval_loss, state.evals_without_improvement = eval_loss, 0
+        return False
+    state.evals_without_improvement += 1
+    return patience is not None and state.evals_without_improvement >= patience
+
+
+def _pad_id(tokenizer: object) -> int:
+    for attribute in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attribute, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _export(setup: Setup, out: Path) -> Path:
+    from sftlab import export
+
+    if setup.method.name == "full":
+        return export.save_model(setup.model, setup.tokenizer, out / "model")
+    return export.save_adapter(setup.model, setup.method, setup.config, setup.tokenizer, out / "adapter")

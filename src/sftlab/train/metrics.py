@@ -1,0 +1,86 @@
+"""Progress bar, metrics.jsonl (one line per logged step, plus eval lines), loss.png, optional TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class MetricsLog:
+    """Writes metrics.jsonl (appending on resume) and drives the progress bar."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, console: Console,
+                 tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+        self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                  TimeRemainingColumn(), console=console, transient=False)
+        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, status="")
+        self._progress.start()
+        self._writer = _tensorboard_writer(run_dir) if tensorboard else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, record["step"])
+        if "loss" in record:
+            tokens_per_s = record["tokens"] / max(record["seconds"], 1e-9)
+            status = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
+            self._progress.update(self._task, completed=record["step"], status=status)
+        elif "eval_loss" in record:
+            self._progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, "
+                                         f"perplexity {record['eval_perplexity']:.2f}")
+
+    def close(self) -> None:
+        self._progress.stop()
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _tensorboard_writer(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: Path, out: Path) -> Path | None:
+    """loss.png: training loss per step and, where present, eval loss. None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over supervised tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,84 @@
+"""Prepare a run: tokenizer, template, encoded datasets, model, method — everything the loop consumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from sftlab.config import Config
+from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
+from sftlab.data.encode import Encoder
+from sftlab.data.templates import load_template
+from sftlab.errors import ConfigError
+from sftlab.methods import METHODS
+from sftlab.models.load import default_device, load_model, load_tokenizer
+from sftlab.train.loop import Setup
+
+
+def prepare(cfg: Config, *, console: Console | None = None, device: torch.device | None = None) -> Setup:
+    console = console or Console(stderr=True)
+    if not cfg.data.train:
+        raise ConfigError("no training data: set data.train (a .jsonl, .json or .parquet file).")
+    if not cfg.model.path:
+        raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
+                      max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
+                      add_special_tokens=cfg.data.add_special_tokens)
+    train_data = build_dataset(cfg.data.train, cfg.data, encoder, rejects_path=out / "rejects.jsonl")
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl")
+    indices = np.arange(len(train_data))
+    eval_data, eval_indices = None, None
+    if cfg.data.eval:
+        eval_data = build_dataset(cfg.data.eval, cfg.data, encoder, rejects_path=out / "eval_rejects.jsonl")
+        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl")
+        eval_indices = np.arange(len(eval_data))
+    elif cfg.data.eval_fraction > 0:
+        shuffled = np.random.default_rng([cfg.train.seed, 1 << 20]).permutation(len(train_data))
+        held = max(1, round(cfg.data.eval_fraction * len(train_data)))
+        eval_data, eval_indices, indices = train_data, np.sort(shuffled[:held]), np.sort(shuffled[held:])
+    if len(indices) == 0:
+        raise ConfigError(f"no training examples left from {cfg.data.train} (see {out / 'rejects.jsonl'}).")
+
+    device = device or default_device()
+    model = load_model(cfg.model, device=device)
+    if encoder.added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+        console.print(f"added special tokens {', '.join(encoder.added_tokens)}: embeddings resized to {len(tokenizer)}")
+    _check_vocab(model, train_data)
+    method = METHODS[cfg.method](cfg)
+    torch.manual_seed(cfg.train.seed)  # adapter initialisation
+    method.apply(model)
+    trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
+    total = sum(p.numel() for p in model.parameters())
+    console.print(f"method {cfg.method}: trainable {100 * trainable / total:.2f}% — "
+                  f"{_millions(trainable)} of {_millions(total)}")
+    return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device)
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
+
+
+def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path) -> None:
+    line = f"{split} data: {stats.rows} rows -> {stats.examples} examples, {stats.tokens:,} tokens " \
+           f"({stats.trained_tokens:,} trained)"
+    if stats.truncated:
+        line += f", {stats.truncated} truncated"
+    console.print(line)
+    if stats.rejected:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.rejected.items()))
+        console.print(f"[yellow]{split} rows not used: {reasons} — listed in {rejects}[/]")
+
+
+def _check_vocab(model: torch.nn.Module, data: EncodedDataset) -> None:
+    size = model.get_input_embeddings().weight.shape[0]
+    biggest = data.max_token_id
+    if biggest >= size:
+        raise ConfigError(f"the data holds token id {biggest}, but the model's vocabulary has {size} rows; "
+                          "the tokenizer does not belong to this model.")

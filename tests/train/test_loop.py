@@ -1,0 +1,158 @@
+"""The one training loop: it learns, accumulates gradients exactly, and resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_dir
+from rich.console import Console
+
+from sftlab.config import load_config
+from sftlab.data.templates import load_template
+from sftlab.generate import generate
+from sftlab.train.checkpoint import latest_checkpoint
+from sftlab.train.loop import TrainingError, train
+from sftlab.train.setup import prepare
+
+QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),
+      ("Who wrote Hamlet?", "Shakespeare wrote it."), ("Color of the sky?", "Blue, on a clear day."),
+      ("Name a prime number.", "Seven."), ("Say hi.", "Hi there!")]
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("model"), init_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": a}]} for q, a in QA]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def config(model_dir: Path, data: Path, out: Path, *overrides: str):
+    return load_config(overrides=[f"model={model_dir}", f"data.train={data}", f"output_dir={out}",
+                                  "data.cache=false", "train.log_every_steps=1", *overrides])
+
+
+def run(cfg, **kwargs):
+    return train(prepare(cfg, console=QUIET), console=QUIET, **kwargs)
+
+
+def trainable(setup_or_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(latest_checkpoint(setup_or_dir) / "trainable.safetensors")
+
+
+@pytest.mark.parametrize("method, lr, steps", [("full", "3e-3", 40), ("lora", "1e-2", 40)])
+def test_training_learns_and_answers_held_in_prompts(model_dir, data, tmp_path, method, lr, steps) -> None:
+    cfg = config(model_dir, data, tmp_path / method, f"method={method}", f"train.lr={lr}",
+                 f"train.max_steps={steps}", "train.micro_batch_size=6", "train.warmup_steps=3", "lora.rank=8")
+    setup = prepare(cfg, console=QUIET)
+    result = train(setup, console=QUIET)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.1 * losses[0]
+    template = load_template("auto", setup.tokenizer)
+    for question, answer in QA:
+        messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+        assert generate(setup.model, setup.tokenizer, template, messages, temperature=0) == answer
+    assert result.steps == steps and result.export_dir.is_dir()
+
+
+def test_grad_accumulation_equals_one_big_batch(model_dir, data, tmp_path) -> None:
+    # Micro-batches of 2 hold different numbers of supervised tokens; the step's loss is still the
+    # mean over all of them, so 2 x 2 must give the weights of 4 x 1.
+    common = ("method=full", "train.max_steps=1", "train.lr=1e-2", "train.max_grad_norm=null")
+    big = prepare(config(model_dir, data, tmp_path / "big", "train.micro_batch_size=4", *common), console=QUIET)
+    small = prepare(config(model_dir, data, tmp_path / "small", "train.micro_batch_size=2",
+                           "train.grad_accum_steps=2", *common), console=QUIET)
+    first = big.train_indices  # same seed, same order: the step sees the same four examples
+    train(big, console=QUIET)
+    train(small, console=QUIET)
+    a, b = big.method.state_dict(big.model), small.method.state_dict(small.model)
+    moved = 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=2e-6, msg=name)
+    reference = prepare(config(model_dir, data, tmp_path / "ref", "method=full"), console=QUIET)
+    for name, value in reference.method.state_dict(reference.model).items():
+        moved += int(not torch.equal(value, a[name]))
+    assert moved > 0 and len(first) == len(QA)
+    records = [json.loads(x) for x in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["supervised_tokens"] == json.loads((tmp_path / "big" / "metrics.jsonl").read_text())["supervised_tokens"]
+
+
+class Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_after_a_kill_gives_the_uninterrupted_weights(model_dir, data, tmp_path, method) -> None:
+    common = (f"method={method}", "train.max_steps=7", "train.save_every_steps=3", "train.micro_batch_size=4",
+              "train.lr=5e-3", "lora.dropout=0.1", "train.warmup_steps=2")
+    run(config(model_dir, data, tmp_path / "whole", *common))
+
+    def kill_at_5(step: int) -> None:
+        if step == 5:
+            raise Kill()
+
+    with pytest.raises(Kill):
+        run(config(model_dir, data, tmp_path / "killed", *common), on_step=kill_at_5)
+    assert latest_checkpoint(tmp_path / "killed").name == "step-3"
+    result = run(config(model_dir, data, tmp_path / "killed", *common))
+    assert result.steps == 7
+    whole, resumed = trainable(tmp_path / "whole"), trainable(tmp_path / "killed")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-3:] == [5, 6, 7]
+
+
+def test_epochs_cover_every_example_once_per_epoch(model_dir, data, tmp_path) -> None:
+    cfg = config(model_dir, data, tmp_path / "epochs", "method=lora", "train.epochs=2", "train.micro_batch_size=4")
+    setup = prepare(cfg, console=QUIET)
+    seen: list[str] = []
+    from sftlab.data import batching
+
+    original = batching.collate
+
+    def spy(examples, *, pad_id):
+        seen.extend(e.where for e in examples)
+        return original(examples, pad_id=pad_id)
+
+    import sftlab.train.loop as loop
+
+    loop.collate, saved = spy, loop.collate
+    try:
+        result = train(setup, console=QUIET)
+    finally:
+        loop.collate = saved
+    assert result.steps == 4  # 2 epochs x ceil(6 examples / 4 per micro-batch)
+    assert sorted(seen[:6]) == sorted(seen[6:12]) == sorted(f"{data}:{i}" for i in range(1, 7))
+
+
+def test_nan_loss_stops_with_the_rows_named(model_dir, data, tmp_path, monkeypatch) -> None:
+    import sftlab.train.loop as loop
+
+    real = loop.loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        value = real(model, batch)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(loop, "loss_sum", poisoned)
+    cfg = config(model_dir, data, tmp_path / "nan", "method=lora", "train.max_steps=5", "train.save_every_steps=1",
+                 "train.micro_batch_size=2")
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3 \(rows .*qa.jsonl:\d"):
+        run(cfg)
+    assert latest_checkpoint(tmp_path / "nan").name == "step-2"

@@ -1,0 +1,71 @@
+"""The loss equals transformers' own causal-LM loss, without ever building full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from sftlab.data.batching import collate
+from sftlab.data.encode import IGNORE_INDEX, Example
+from sftlab.train import loss as loss_module
+from sftlab.train.loss import loss_sum, supervised_positions
+
+I = IGNORE_INDEX
+EXAMPLES = [Example([1, 5, 6, 7, 8, 9, 10], [I, I, 6, 7, I, 9, 10]), Example([3, 4, 5], [I, 4, 5]),
+            Example([2, 2, 2, 2], [I, I, I, 2])]
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "gemma2": lambda: transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=5.0),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4),
+    }[arch]()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2"])
+def test_loss_equals_transformers_loss_and_gradients(arch: str) -> None:
+    model = tiny(arch)
+    batch = collate(EXAMPLES, pad_id=0)
+    ours = loss_sum(model, batch) / batch.num_supervised
+    ours.backward()
+    our_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, labels=batch.labels).loss
+    reference.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(our_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunking_does_not_change_the_loss(monkeypatch) -> None:
+    model = tiny("llama")
+    batch = collate(EXAMPLES, pad_id=0)
+    whole = loss_sum(model, batch)
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 2)
+    torch.testing.assert_close(loss_sum(model, batch), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_head_runs_only_on_supervised_positions() -> None:
+    model = tiny("llama")
+    batch = collate(EXAMPLES, pad_id=0)
+    rows = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    loss_sum(model, batch)
+    handle.remove()
+    # 4 + 2 + 1 targets (a label at position 0 is never a target), out of 3 x 7 padded positions.
+    assert sum(rows) == batch.num_supervised == 7
+
+
+def test_supervised_positions_shift_once() -> None:
+    labels = torch.tensor([[I, 5, I, 7], [I, I, 3, I]])
+    index, targets = supervised_positions(labels)
+    assert index.tolist() == [0, 2, 5] and targets.tolist() == [5, 7, 3]
