@@ -1,4 +1,4 @@
-"""`sftlab inspect|check ...`: argv -> config -> one call. No logic lives here."""
+"""`sftlab train|inspect|check|merge|generate|chat`: argv -> config -> one call. No logic lives here."""
 
 from __future__ import annotations
 
@@ -46,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     train.epilog = "Config overrides may follow as key=value, e.g. train.max_steps=100 lora.rank=8."
     train.set_defaults(run=_train)
+
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base weights: a plain HF model dir")
+    merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
+    merge.add_argument("--output", required=True, help="the merged model dir to write")
+    merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
+    merge.set_defaults(run=_merge)
+
+    for name, help_text in (("generate", "answer one prompt with a model, a run dir or a merged dir"),
+                            ("chat", "talk to a model, a run dir or a merged dir (/reset, /exit)")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("model", help="a base model dir / hub id, a run dir, an adapter dir, or a merged dir")
+        if name == "generate":
+            command.add_argument("--prompt", required=True, help="the user message")
+        command.add_argument("--system", help="a system message")
+        command.add_argument("--base", help="the base model for an adapter dir (default: the one it names)")
+        command.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
+        command.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+        command.add_argument("--max-new-tokens", type=int, default=256)
+        command.add_argument("--seed", type=int, help="makes sampling reproducible")
+        command.set_defaults(run=_generate if name == "generate" else _chat)
 
     inspect = commands.add_parser("inspect", help="show examples' tokens with the trained ones marked")
     _data_arguments(inspect)
@@ -104,7 +124,62 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("train.resume=never")
     cfg = load_config(args.config, overrides)
     result = train(prepare(cfg))
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; wrote {result.export_dir}")
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    print(f"done: {result.steps} steps{loss}; wrote {result.export_dir}")
+    print(f"try it: sftlab chat {result.output_dir}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from sftlab import export
+    from sftlab.generate import prompt_ids
+    from sftlab.models.load import load_for_inference
+
+    model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
+    if method is None:
+        raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
+    out = export.merge_to_dir(model, method, tokenizer, args.output)
+    # Fidelity: the written dir, loaded by plain transformers, against a fresh adapter model.
+    from sftlab.config import ModelConfig
+    from sftlab.models.load import load_model
+
+    adapter_model = load_for_inference(args.source, base=args.base)[0]
+    dtype = str(adapter_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    merged = load_model(ModelConfig(path=str(out), dtype=dtype), device=adapter_model.device)
+    samples = [[{"role": "user", "content": text}] for text in
+               ("Hello! What can you do?", "Explain your last answer in one sentence.", "List three colours.")]
+    inputs = [prompt_ids(tokenizer, template, messages) for messages in samples]
+    check = export.fidelity(adapter_model, merged, inputs)
+    print(f"merged into {out}\nfidelity (adapter model vs merged dir, {len(inputs)} prompts): "
+          f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
+    return 0
+
+
+def _load_chat(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, template)
+    from sftlab.models.load import load_for_inference
+
+    model, tokenizer, template, _ = load_for_inference(args.model, base=args.base)
+    return model, tokenizer, template
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sftlab.generate import generate
+
+    model, tokenizer, template = _load_chat(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    print(generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from sftlab.generate import chat_repl
+
+    model, tokenizer, template = _load_chat(args)
+    chat_repl(model, tokenizer, template, system=args.system, input_fn=lambda prompt: input(prompt),
+              max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return 0
 
 

@@ -90,7 +90,8 @@ class LoRAConfig:
     """Dropout on the adapter's input during training."""
     targets: str | tuple[str, ...] = "all-linear"
     """`all-linear` (every linear layer of the decoder but the output head), a list of module-name
-    suffixes (e.g. [q_proj, v_proj]), or a regex matched against full module names (`re:...`)."""
+    suffixes (e.g. [q_proj, v_proj]), or any other string: a regex that must match full module names
+    (e.g. `.*layers[.][0-3][.].*(q_proj|v_proj)`)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(rank)."""
 

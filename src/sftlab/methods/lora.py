@@ -12,11 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sftlab.errors import SftlabError
 from sftlab.methods.base import Method
 from sftlab.models.targets import find_targets
 
 
 class LoRALinear(nn.Module):
+    """merge()/unmerge() add and subtract s·B·A in the base weight's dtype: exact to fp32 rounding on an
+    fp32 base; on a bf16 base W0 comes back only to bf16 precision (about 1e-3 relative)."""
+
     def __init__(self, base: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False) -> None:
         super().__init__()
@@ -68,6 +72,8 @@ class LoRA(Method):
 
     def apply(self, model: nn.Module) -> None:
         lora = self.config.lora
+        if lora_modules(model):
+            raise SftlabError("LoRA is already applied to this model; load a fresh base model (or merge first).")
         for param in model.parameters():
             param.requires_grad_(False)
         for name in find_targets(model, lora.targets):

@@ -88,3 +88,42 @@ def _from_pretrained(cls: Any, name: str, kwargs: dict[str, Any]) -> Any:
         kwargs = dict(kwargs)
         kwargs["torch_dtype"] = kwargs.pop("dtype")
     return cls.from_pretrained(name, **kwargs)
+
+
+def load_for_inference(path: str, *, device: "torch.device | None" = None,
+                       base: str | None = None) -> tuple[Any, Any, Any, Any]:
+    """(model, tokenizer, chat template, method or None) from a run dir (its adapter/ or model/), a
+    PEFT-format adapter dir (on its base model, or `base`), or a plain HF model dir / hub id."""
+    from sftlab import export
+    from sftlab.config import load_config
+    from sftlab.data.templates import load_template
+    from sftlab.methods import METHODS
+
+    root = Path(path).expanduser()
+    cfg, adapter = None, None
+    if (root / "config.yaml").is_file() and ((root / "adapter").is_dir() or (root / "model").is_dir()):
+        cfg = load_config(root / "config.yaml", [f"model={base}"] if base else [])
+        if (root / "model").is_dir():  # full fine-tuning: a plain model dir
+            return load_for_inference(str(root / "model"), device=device)
+        adapter = root / "adapter"
+    elif (root / export.ADAPTER_CONFIG).is_file():
+        base_path, overrides = export.adapter_lora_settings(root)
+        if not (base or base_path):
+            raise ConfigError(f"{root} names no base model; pass --base PATH.")
+        cfg = load_config(overrides=[*overrides, f"model={base or base_path}"])
+        adapter = root
+    if cfg is None:
+        from sftlab.config import ModelConfig
+
+        model = load_model(ModelConfig(path=path), device=device)
+        tokenizer = load_tokenizer(path)
+        return model, tokenizer, load_template("auto", tokenizer), None
+    tokenizer = load_tokenizer(str(adapter))  # saved with the run: holds any added tokens and the template
+    model = load_model(cfg.model, device=device)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    method = METHODS[cfg.method](cfg)
+    method.apply(model)
+    export.load_adapter(model, method, adapter)
+    model.eval()
+    return model, tokenizer, load_template("auto", tokenizer), method

@@ -22,7 +22,10 @@ def is_linear(module: nn.Module) -> bool:
 def find_targets(model: nn.Module, spec: str | Sequence[str], *, key: str = "lora.targets") -> list[str]:
     """Names of the linear modules `spec` selects; an error lists the model's linear layers if none match."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = [name for name, module in model.named_modules() if is_linear(module) and module is not head]
+    # Layers already inside an adapter (a LoRALinear's `base`) are not targets of their own.
+    wrapped = [name + "." for name, module in model.named_modules() if hasattr(module, "base") and is_linear(module.base)]
+    linear = [name for name, module in model.named_modules()
+              if is_linear(module) and module is not head and not name.startswith(tuple(wrapped))]
     if spec == "all-linear":
         chosen = linear
     elif isinstance(spec, str):

@@ -190,5 +190,6 @@ def _export(setup: Setup, out: Path) -> Path:
     from sftlab import export
 
     if setup.method.name == "full":
-        return export.save_model(setup.model, setup.tokenizer, out / "model")
+        return export.save_model(setup.model, setup.tokenizer, out / "model",
+                                 chat_template=export.chat_template_for(setup.config, setup.tokenizer))
     return export.save_adapter(setup.model, setup.method, setup.config, setup.tokenizer, out / "adapter")

@@ -1,0 +1,343 @@
+"""Export: a PEFT-format LoRA adapter dir, a plain Hugging Face model dir (full FT or merged), and the
+fidelity check between an adapter model and its merged form.
+
+This is the only module that knows HF PEFT's external names (`lora_A`, `r`, `lora_alpha`,
+`target_modules`, ...). They were taken from PEFT's own source (peft ≥ 0.13):
+- file names `adapter_config.json`, `adapter_model.safetensors`: `peft/utils/constants.py`
+  (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME);
+- weight keys `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r): the
+  PeftModel -> LoraModel -> HF model nesting (`peft/tuners/tuners_utils.py`, "base_model.model."),
+  `LoraLayer.update_layer` (`lora_A = nn.Linear(in_features, r)`, `lora_B = nn.Linear(r, out_features)`)
+  and the adapter name removed on save (`_remove_adapter_name_from_state_dict_key`);
+- scaling lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (`LoraLayer.update_layer`);
+- `target_modules`: a string is `re.fullmatch`ed against full module names, a list matches a name equal
+  to an entry or ending in `.entry` (`check_target_module_exists`) — the rules of `models/targets.py`;
+- GPT-2's Conv1D needs `fan_in_fan_out: true` (`peft/tuners/lora/layer.py`, dispatch_default).
+Only fields that PEFT 0.13's LoraConfig already knows are written: older PEFT rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sftlab.config import Config
+from sftlab.errors import SftlabError
+from sftlab.methods.base import MergeError, Method
+from sftlab.methods.lora import LoRALinear, lora_modules
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+"""PeftModelForCausalLM.base_model (LoraModel).model (the HF model): the prefix of every saved key."""
+PEFT_PARAMS = {"A": "lora_A.weight", "B": "lora_B.weight"}
+"""LoRALinear parameter -> PEFT's key suffix; A is (rank, in) and B (out, rank) in both."""
+UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
+               "layers_to_transform": None, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
+               "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None}
+"""PEFT LoRA features sftlab does not implement, with the value a loadable adapter must have."""
+
+
+def save_adapter(model: nn.Module, method: Method, config: Config, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write a LoRA adapter as HF PEFT does (`PeftModel.from_pretrained(base, out_dir)` loads it), plus the
+    tokenizer (None: none is written) and the chat template the run trained with. Returns out_dir."""
+    modules = _lora_modules_of(model, method)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {_peft_key(key): tensor.detach().cpu().contiguous()
+             for key, tensor in method.state_dict(model).items()}
+    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    peft_config = _peft_config(model, modules, config)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    _save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
+    return out
+
+
+def load_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> None:
+    """Load a PEFT-format LoRA adapter (sftlab's or PEFT's own) into `model`, to which `method` (LoRA) has
+    been applied; its rank, scaling and target modules must be those the adapter was trained with."""
+    modules = _lora_modules_of(model, method)
+    adapter = Path(adapter_dir)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter / name).is_file():
+            raise SftlabError(f"{adapter} has no {name}; expected a PEFT-format LoRA adapter dir "
+                              f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}), e.g. a run's adapter/ dir.")
+    try:
+        peft_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} is not valid JSON: {exc}") from None
+    _check_peft_config(peft_config, adapter)
+    _check_scaling(peft_config, modules, adapter)
+    _check_targets(peft_config["target_modules"], model, modules, adapter)
+    state = _from_peft_state(load_file(str(adapter / ADAPTER_WEIGHTS)), modules, adapter)
+    method.load_state_dict(model, state)
+
+
+def adapter_lora_settings(adapter_dir: str | Path) -> tuple[str | None, list[str]]:
+    """(base model, config overrides) that rebuild the LoRA a PEFT-format adapter dir was trained with,
+    for loading an adapter dir that has no sftlab run around it."""
+    adapter = Path(adapter_dir)
+    try:
+        peft_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} cannot be read ({exc}); expected a PEFT-format "
+                          "LoRA adapter dir.") from None
+    _check_peft_config(peft_config, adapter)
+    targets = peft_config["target_modules"]
+    overrides = ["method=lora", f"lora.rank={peft_config['r']}", f"lora.alpha={peft_config['lora_alpha']}",
+                 f"lora.rslora={str(bool(peft_config.get('use_rslora'))).lower()}",
+                 f"lora.targets={json.dumps(targets)}"]
+    return peft_config.get("base_model_name_or_path"), overrides
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, chat_template: str | None = None) -> Path:
+    """A plain HF model dir (config.json, safetensors weights, tokenizer files, chat template) that
+    `AutoModelForCausalLM.from_pretrained` loads without sftlab. `chat_template` (Jinja source)
+    replaces the tokenizer's own in the written files; None keeps the tokenizer's. Returns out_dir."""
+    leftovers = [name for name, module in model.named_modules() if type(module).__module__.startswith("sftlab.")]
+    if leftovers:
+        raise MergeError(f"the model still holds sftlab modules ({', '.join(leftovers[:3])}); merge it first "
+                         "(merge_to_dir) or save it as an adapter (save_adapter).")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    _save_tokenizer(tokenizer, out, chat_template)
+    return out
+
+
+def merge_to_dir(model: nn.Module, method: Method, tokenizer: Any, out_dir: str | Path, *,
+                 chat_template: str | None = None) -> Path:
+    """Fold the method's trained parts into the base weights (in place: `model` becomes the plain merged
+    model) and write a plain HF model dir, as save_model. Returns out_dir."""
+    merged = method.merge(model)
+    return save_model(merged, tokenizer, out_dir, chat_template=chat_template)
+
+
+def chat_template_for(config: Config, tokenizer: Any) -> str | None:
+    """Jinja source of the chat template a run trained with (data.template's built-in or .jinja file);
+    None for `auto`, where the tokenizer already carries its own."""
+    if config.data.template == "auto":
+        return None
+    from sftlab.data.templates import load_template
+
+    return load_template(config.data.template, tokenizer).source
+
+
+@torch.no_grad()
+def fidelity(adapter_model: nn.Module, merged_model: nn.Module,
+             inputs: torch.Tensor | Iterable[Any]) -> dict[str, float]:
+    """How closely a merged model reproduces its adapter model: the largest |logit difference| and the mean
+    KL(adapter || merged) per token, in fp32, over `inputs` — a (B, T) or (T,) tensor of input_ids, or an
+    iterable of such tensors, token-id lists, {"input_ids", "attention_mask"} mappings or Batches."""
+    max_diff, kl_sum, tokens = 0.0, 0.0, 0
+    with _eval_mode(adapter_model), _eval_mode(merged_model):
+        for input_ids, attention_mask in _input_batches(inputs):
+            keep = attention_mask.bool()
+            reference = _logits(adapter_model, input_ids, attention_mask)[keep]  # (N, V) fp32
+            merged = _logits(merged_model, input_ids, attention_mask)[keep]
+            max_diff = max(max_diff, (reference - merged).abs().max().item())
+            # KL in float64: in fp32 its own rounding (~1e-8) would hide the difference being measured.
+            kl_sum += F.kl_div(merged.double().log_softmax(-1), reference.double().log_softmax(-1),
+                               log_target=True, reduction="sum").item()
+            tokens += reference.shape[0]
+    if tokens == 0:
+        raise SftlabError("fidelity check got no tokens to compare; give it at least one non-empty input.")
+    return {"max_abs_logit_diff": max_diff, "mean_kl": kl_sum / tokens}
+
+
+# --- adapter config and keys -------------------------------------------------------------------------
+
+def _lora_modules_of(model: nn.Module, method: Method) -> dict[str, LoRALinear]:
+    if method.name != "lora":
+        raise SftlabError(f"a PEFT-format adapter holds LoRA weights, but the method is {method.name!r}; "
+                          "save a full fine-tune with save_model.")
+    modules = lora_modules(model)
+    if not modules:
+        raise SftlabError("the model has no LoRA layers: apply the method (LoRA(config).apply(model)) first.")
+    if any(module.merged for module in modules.values()):
+        raise SftlabError("the model's LoRA layers are merged into the base weights; unmerge them before "
+                          "saving or loading an adapter.")
+    return modules
+
+
+def _peft_key(key: str) -> str:
+    """`model.layers.0.self_attn.q_proj.A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    module, _, param = key.rpartition(".")
+    return f"{PEFT_PREFIX}{module}.{PEFT_PARAMS[param]}"
+
+
+def _from_peft_state(state: Mapping[str, torch.Tensor], modules: Mapping[str, LoRALinear],
+                     adapter: Path) -> dict[str, torch.Tensor]:
+    ours = {_peft_key(f"{name}.{param}"): (f"{name}.{param}", getattr(module, param).shape)
+            for name, module in modules.items() for param in PEFT_PARAMS}
+    unknown = sorted(set(state) - set(ours))
+    missing = sorted(set(ours) - set(state))
+    if unknown or missing:
+        raise SftlabError(f"{adapter / ADAPTER_WEIGHTS} does not fit the model's LoRA layers: "
+                          f"unexpected {unknown[:3]}, missing {missing[:3]}; was it trained on another "
+                          "base model or with other lora.targets?")
+    translated = {}
+    for key, tensor in state.items():
+        name, shape = ours[key]
+        if tensor.shape != shape:
+            raise SftlabError(f"{adapter / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, the model "
+                              f"needs {tuple(shape)}; the adapter was trained on a base model of another size.")
+        translated[name] = tensor
+    return translated
+
+
+def _peft_config(model: nn.Module, modules: Mapping[str, LoRALinear], config: Config) -> dict[str, Any]:
+    lora = config.lora
+    base = config.model.path
+    if base and Path(base).expanduser().is_dir():
+        base = str(Path(base).expanduser().resolve())  # a local dir, usable from any working directory
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "revision": None,
+        "inference_mode": True,
+        "r": lora.rank,
+        "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": _peft_targets(model, modules, lora.targets),
+        "use_rslora": lora.rslora,
+        "fan_in_fan_out": any(module.transposed for module in modules.values()),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "layer_replication": None,
+    }
+
+
+def _peft_targets(model: nn.Module, modules: Mapping[str, LoRALinear],
+                  spec: str | Sequence[str]) -> str | list[str]:
+    """PEFT's target_modules selecting exactly the wrapped layers: the config's regex, the suffixes that
+    matched, or (when PEFT's rule would select more, e.g. a regex that also matches an embedding) an
+    anchored regex of the exact names."""
+    wrapped = set(modules)
+    if spec == "all-linear":
+        candidate: str | list[str] = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
+    elif isinstance(spec, str):
+        candidate = spec
+    else:
+        candidate = [s for s in spec if any(_suffix_match(name, s) for name in wrapped)]
+    if _peft_selection(candidate, _base_module_names(model, modules)) == wrapped:
+        return candidate
+    return "|".join(re.escape(name) for name in sorted(wrapped))
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _peft_selection(target_modules: str | Sequence[str], names: Iterable[str]) -> set[str]:
+    """The module names PEFT's target_modules rule selects."""
+    if isinstance(target_modules, str):
+        return {name for name in names if re.fullmatch(target_modules, name)}
+    return {name for name in names if any(_suffix_match(name, t) for t in target_modules)}
+
+
+def _base_module_names(model: nn.Module, modules: Mapping[str, LoRALinear]) -> list[str]:
+    """Module names as in the base model: a LoRALinear stands for its base layer, its insides do not exist."""
+    inside = {f"{name}.{child}" for name, module in modules.items() for child, _ in module.named_modules() if child}
+    return [name for name, _ in model.named_modules() if name not in inside]
+
+
+# --- load-time checks ---------------------------------------------------------------------------------
+
+def _check_peft_config(peft_config: Any, adapter: Path) -> None:
+    where = adapter / ADAPTER_CONFIG
+    if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
+        found = peft_config.get("peft_type") if isinstance(peft_config, dict) else type(peft_config).__name__
+        raise SftlabError(f"{where}: peft_type is {found!r}; sftlab loads LORA adapters here.")
+    for field, kind in (("r", int), ("lora_alpha", (int, float)), ("target_modules", (str, list))):
+        if not isinstance(peft_config.get(field), kind):
+            raise SftlabError(f"{where}: {field} is missing or has the wrong type ({peft_config.get(field)!r}).")
+    for field, plain in UNSUPPORTED.items():
+        if peft_config.get(field, plain) not in (plain, None, {}, [], False):
+            raise SftlabError(f"{where}: {field}={peft_config[field]!r} is a PEFT feature sftlab does not "
+                              f"support (expected {plain!r}); merge that adapter with PEFT instead.")
+
+
+def _check_scaling(peft_config: Mapping[str, Any], modules: Mapping[str, LoRALinear], adapter: Path) -> None:
+    rank, alpha, rslora = peft_config["r"], peft_config["lora_alpha"], bool(peft_config.get("use_rslora"))
+    scaling = alpha / (math.sqrt(rank) if rslora else rank)
+    name, module = next(iter(modules.items()))
+    if module.rank != rank or not math.isclose(module.scaling, scaling, rel_tol=1e-9):
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} has rank {rank}, alpha {alpha}, rslora {rslora} "
+                          f"(scaling {scaling:g}), but the model's LoRA layers (e.g. {name}) have rank "
+                          f"{module.rank}, scaling {module.scaling:g}. Set lora.rank={rank} lora.alpha={alpha} "
+                          f"lora.rslora={str(rslora).lower()} to load this adapter.")
+
+
+def _check_targets(target_modules: str | list[str], model: nn.Module, modules: Mapping[str, LoRALinear],
+                   adapter: Path) -> None:
+    selected = _peft_selection(target_modules, _base_module_names(model, modules))
+    wrapped = set(modules)
+    if selected != wrapped:
+        only_adapter, only_model = sorted(selected - wrapped), sorted(wrapped - selected)
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} targets {target_modules!r}, which selects other layers "
+                          f"than the model's LoRA layers (adapter only: {only_adapter[:3]}, model only: "
+                          f"{only_model[:3]}). Set lora.targets to the adapter's target_modules.")
+
+
+# --- model dirs and fidelity --------------------------------------------------------------------------
+
+def _save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> None:
+    if tokenizer is None:
+        return
+    if chat_template is not None and chat_template != getattr(tokenizer, "chat_template", None):
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()  # no dropout: both models must be deterministic functions of the input
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _input_batches(inputs: torch.Tensor | Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask), each (B, T), from the forms fidelity() accepts."""
+    items = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+    for item in items:
+        if isinstance(item, Mapping):
+            input_ids, attention_mask = item["input_ids"], item.get("attention_mask")
+        elif hasattr(item, "input_ids"):
+            input_ids, attention_mask = item.input_ids, getattr(item, "attention_mask", None)
+        else:
+            input_ids, attention_mask = item, None
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        yield input_ids, torch.as_tensor(attention_mask).reshape(input_ids.shape)
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    return out.logits.float().cpu()  # (B, T, V)

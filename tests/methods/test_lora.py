@@ -1,0 +1,83 @@
+"""LoRA on tiny random models: identity at init, only adapters get gradients, merge == adapter forward,
+unmerge restores W0 — for nn.Linear (Llama) and GPT-2's transposed Conv1D."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_dir
+
+from sftlab.config import load_config
+from sftlab.methods import LoRA
+from sftlab.methods.lora import LoRALinear, lora_modules
+from sftlab.models.load import load_model
+
+ARCHS = ("llama", "gpt2")
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {arch: tiny_model_dir(root / arch, arch=arch, hidden=32) for arch in ARCHS}
+
+
+def lora_setup(base_dir: Path, *overrides: str):
+    cfg = load_config(overrides=[f"model={base_dir}", "model.dtype=float32", "lora.rank=4", *overrides])
+    model = load_model(cfg.model, device=torch.device("cpu")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    return model, LoRA(cfg), ids
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_unchanged_at_init(arch: str, base_dirs: dict[str, Path]) -> None:
+    model, method, ids = lora_setup(base_dirs[arch], "lora.dropout=0.1")
+    before = logits(model, ids)
+    torch.manual_seed(0)
+    method.apply(model)
+    assert lora_modules(model)
+    torch.testing.assert_close(logits(model, ids), before, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_lora_parameters_get_gradients(arch: str, base_dirs: dict[str, Path]) -> None:
+    model, method, ids = lora_setup(base_dirs[arch])
+    method.apply(model)
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.B, std=0.05)  # with B = 0, A would get no gradient
+    model(input_ids=ids).logits.float().square().mean().backward()
+    trainable = method.trainable_parameters(model)
+    adapter_params = {id(p) for m in lora_modules(model).values() for p in (m.A, m.B)}
+    assert {id(p) for p in trainable.values()} == adapter_params
+    with_grad = {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == adapter_params
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_equals_adapter_forward_and_unmerge_restores_w0(arch: str, base_dirs: dict[str, Path]) -> None:
+    model, method, ids = lora_setup(base_dirs[arch], "lora.alpha=16")
+    method.apply(model)
+    modules = lora_modules(model)
+    for module in modules.values():
+        torch.nn.init.normal_(module.B, std=0.05)
+    w0 = {name: module.base.weight.detach().clone() for name, module in modules.items()}
+    adapter = logits(model, ids)
+
+    for module in modules.values():
+        module.merge()
+    torch.testing.assert_close(logits(model, ids), adapter, atol=1e-5, rtol=0)
+    for module in modules.values():
+        module.unmerge()
+    for name, module in modules.items():
+        torch.testing.assert_close(module.base.weight, w0[name], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, ids), adapter, atol=1e-5, rtol=0)
+
+    plain = method.merge(model)
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, ids), adapter, atol=1e-5, rtol=0)
