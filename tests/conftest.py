@@ -38,6 +38,11 @@ def _load_real(name: str):
     return AutoTokenizer.from_pretrained(str(fixture_path("tokenizers", name)))
 
 
+def shared_real_tokenizer(name: str):
+    """The loaded real tokenizer itself, for tests that never add tokens to it (loading Gemma's takes s)."""
+    return _load_real(name)
+
+
 def real_tokenizer(name: str):
     """A private copy of a real upstream tokenizer (qwen2_5, llama3_2 or gemma3): tests may add tokens."""
     return copy.deepcopy(_load_real(name))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import TRL_TEMPLATES, fixture_path, real_tokenizer
+from conftest import fixture_path, shared_real_tokenizer
 
 from sftlab.data.encode import IGNORE_INDEX, Encoder
 from sftlab.data.inspect import runs
@@ -56,7 +56,7 @@ def trained_runs(tokenizer, example) -> list[str]:
 @pytest.mark.parametrize("name", sorted(EOT))
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
 def test_auto_template_masks_exactly_the_assistant_replies(name: str, index: int) -> None:
-    tokenizer = real_tokenizer(name)
+    tokenizer = shared_real_tokenizer(name)
     turns = CONVERSATIONS[index]
     template = load_template("auto", tokenizer)
     example = Encoder(tokenizer, template).encode(conversation(turns))
@@ -82,7 +82,7 @@ def test_auto_template_masks_exactly_the_assistant_replies(name: str, index: int
 @pytest.mark.parametrize("name", sorted(EOT))
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
 def test_mask_agrees_with_trl_generation_markers(name: str, index: int) -> None:
-    tokenizer = real_tokenizer(name)
+    tokenizer = shared_real_tokenizer(name)
     path = fixture_path("trl_templates", TRL_TRAINING[name])
     turns = CONVERSATIONS[index]
     messages = [{"role": r, "content": c} for r, c in turns]
@@ -111,7 +111,7 @@ def test_mask_agrees_with_trl_generation_markers(name: str, index: int) -> None:
 def test_qwen3_template_is_not_prefix_stable_and_still_exact() -> None:
     # Qwen3's template puts an empty <think> block only into the last assistant turn: the text of an
     # earlier turn depends on what follows it. The block is text the template inserts, so it is not trained.
-    tokenizer = real_tokenizer("qwen2_5")  # same vocabulary family and <|im_end|>
+    tokenizer = shared_real_tokenizer("qwen2_5")  # same vocabulary family and <|im_end|>
     path = fixture_path("trl_templates", "qwen3.jinja")
     template = load_template(str(path), tokenizer)
     turns = CONVERSATIONS[0]
@@ -124,9 +124,32 @@ def test_qwen3_template_is_not_prefix_stable_and_still_exact() -> None:
 @pytest.mark.fixtures
 def test_llama3_2_date_and_gemma_system_folding_are_never_trained() -> None:
     for name, inserted in (("llama3_2", "Cutting Knowledge Date"), ("gemma3", "You are a helpful assistant.\n\nHi")):
-        tokenizer = real_tokenizer(name)
+        tokenizer = shared_real_tokenizer(name)
         template = load_template("auto", tokenizer)
         encoded = Encoder(tokenizer, template).encode_detailed([conversation(CONVERSATIONS[0])])[0]
         text = "".join(s.text for s in encoded.segments)
         assert inserted in text
         assert all(inserted not in s.text for s in encoded.segments if s.trainable)
+
+
+def test_a_tokenizer_that_trims_offsets_is_encoded_through_a_private_copy(tmp_path) -> None:
+    from conftest import tiny_chat_tokenizer
+    from tokenizers import processors
+
+    from sftlab.errors import DataError
+
+    tokenizer = tiny_chat_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    tokenizer.backend_tokenizer.enable_truncation(4)
+    # "assistant: Paris" tokenises to ... ":", " Paris": the space is the template's, "Paris" the reply's.
+    # Trimmed offsets would hide that the token straddles the boundary; ours must refuse the row.
+    path = tmp_path / "colon.jinja"
+    path.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}<|im_end|>\n{% endfor %}")
+    encoder = Encoder(tokenizer, load_template(str(path), tokenizer))
+    with pytest.raises(DataError, match="spans the boundary"):
+        encoder.encode(conversation([("user", "Hi"), ("assistant", "Paris")]))
+    example = Encoder(tokenizer, load_template("auto", tokenizer)).encode(
+        conversation([("user", "Hi"), ("assistant", "Hello there, how can I help you today?")]))
+    assert len(example.input_ids) > 4  # not truncated by the tokenizer's own setting
+    assert trained_runs(tokenizer, example) == ["Hello there, how can I help you today?<|im_end|>"]
+    assert tokenizer.backend_tokenizer.truncation is not None  # the caller's tokenizer is untouched

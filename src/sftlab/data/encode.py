@@ -65,10 +65,11 @@ class Encoder:
         self.truncation = truncation
         self.added_tokens = _ensure_special_tokens(tokenizer, template, add_special_tokens)
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = None
-        if backend is not None:
-            # Our own copy without the post-processor: the rendered text already holds BOS/EOS where the
-            # template wants them, and offsets must not be trimmed around whitespace.
+        self._backend = backend
+        if backend is not None and _alters_encoding(backend):
+            # A private copy without them: offsets must not be trimmed around whitespace, and nothing may
+            # be cut or padded (encoding with add_special_tokens=False already adds no BOS/EOS: the
+            # rendered text holds them where the template wants them).
             self._backend = copy.deepcopy(backend)
             self._backend.post_processor = None
             self._backend.no_truncation()
@@ -150,6 +151,13 @@ class Encoder:
                             "offsets to map them; use a fast tokenizer (tokenizer.json).",
                             where=where, reason="tokens straddle a mask boundary")
         return labels, roles
+
+
+def _alters_encoding(backend: Any) -> bool:
+    """Whether the fast tokenizer's settings would trim offsets, truncate or pad our encodings."""
+    processor = backend.post_processor
+    trims = processor is not None and b'"trim_offsets":true' in processor.__getstate__().replace(b" ", b"")
+    return trims or backend.truncation is not None or backend.padding is not None
 
 
 def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
