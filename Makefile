@@ -23,7 +23,7 @@ $(FIXTURES): scripts/fetch_fixtures.sh
 fixtures: $(FIXTURES)
 
 test: $(STAMP) $(FIXTURES)
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 demo: $(STAMP) $(FIXTURES)
 	@bash examples/demo.sh

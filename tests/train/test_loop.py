@@ -156,3 +156,45 @@ def test_nan_loss_stops_with_the_rows_named(model_dir, data, tmp_path, monkeypat
     with pytest.raises(TrainingError, match=r"loss became nan at step 3 \(rows .*qa.jsonl:\d"):
         run(cfg)
     assert latest_checkpoint(tmp_path / "nan").name == "step-2"
+
+
+def test_gradient_checkpointing_gives_the_same_step(model_dir, data, tmp_path) -> None:
+    common = ("method=lora", "train.max_steps=2", "train.micro_batch_size=3", "lora.rank=4")
+    plain = prepare(config(model_dir, data, tmp_path / "plain", *common), console=QUIET)
+    recomputed = prepare(config(model_dir, data, tmp_path / "gc", *common, "train.gradient_checkpointing=true"),
+                         console=QUIET)
+    train(plain, console=QUIET)
+    train(recomputed, console=QUIET)
+    a, b = plain.method.state_dict(plain.model), recomputed.method.state_dict(recomputed.model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    loss = [json.loads(x)["loss"] for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    loss_gc = [json.loads(x)["loss"] for x in (tmp_path / "gc" / "metrics.jsonl").read_text().splitlines()]
+    assert loss == pytest.approx(loss_gc, rel=1e-5)
+
+
+def test_held_out_fraction_is_evaluated_and_early_stopping_stops(model_dir, data, tmp_path) -> None:
+    cfg = config(model_dir, data, tmp_path / "eval", "method=lora", "data.eval_fraction=0.34", "train.max_steps=50",
+                 "train.eval_every_steps=1", "train.early_stopping_patience=2", "train.lr=0.5",
+                 "train.schedule=constant", "train.micro_batch_size=2")
+    setup = prepare(cfg, console=QUIET)
+    assert len(setup.eval_indices) == 2 and len(setup.train_indices) == 4
+    assert not set(setup.eval_indices) & set(setup.train_indices)
+    result = train(setup, console=QUIET)
+    records = [json.loads(x) for x in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert result.steps < 50 and len(evals) == result.steps  # a huge lr makes eval loss stop improving
+    best = min(range(len(evals)), key=evals.__getitem__)
+    assert len(evals) - 1 - best == 2  # stopped exactly `patience` evaluations after the best
+    assert all("eval_perplexity" in r for r in records if "eval_loss" in r)
+
+
+def test_setup_prints_the_trainable_share(model_dir, data, tmp_path) -> None:
+    console = Console(record=True, width=200)
+    prepare(config(model_dir, data, tmp_path / "share", "method=lora", "lora.rank=4"), console=console)
+    text = console.export_text()
+    import re
+
+    match = re.search(r"method lora: trainable (\d+\.\d\d)% — (\d+\.\d\d)M of (\d+\.\d\d)M", text)
+    assert match, text
+    assert 0 < float(match.group(1)) < 20

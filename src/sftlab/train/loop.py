@@ -106,7 +106,7 @@ def train(setup: Setup, *, console: Console | None = None,
         method.load_state_dict(model, weights)
         console.print(f"resuming from {latest} (step {state.step} of {steps})")
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_recompute(model)
     if cfg.train.compile:
         model.base_model.compile()
     model.train()
@@ -161,6 +161,15 @@ def train(setup: Setup, *, console: Console | None = None,
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     export_dir = _export(setup, out)
     return RunResult(out, state.step, last_loss, eval_loss, export_dir)
+
+
+def _enable_recompute(model: torch.nn.Module) -> None:
+    """transformers ≥ 5.2x calls it activation checkpointing; older releases gradient checkpointing."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _clip(params: dict[str, torch.nn.Parameter], max_norm: float | None) -> float:
