@@ -155,31 +155,30 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_chat(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, template)
+def _load_chat(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, template, method)
     from sftlab.models.load import load_for_inference
 
-    model, tokenizer, template, _ = load_for_inference(args.model, base=args.base)
-    return model, tokenizer, template
+    return load_for_inference(args.model, base=args.base)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from sftlab.generate import generate
 
-    model, tokenizer, template = _load_chat(args)
+    model, tokenizer, template, method = _load_chat(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     print(generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method))
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     from sftlab.generate import chat_repl
 
-    model, tokenizer, template = _load_chat(args)
+    model, tokenizer, template, method = _load_chat(args)
     chat_repl(model, tokenizer, template, system=args.system, input_fn=lambda prompt: input(prompt),
               max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+              temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method)
     return 0
 
 

@@ -94,6 +94,8 @@ class LoRAConfig:
     (e.g. `.*layers[.][0-3][.].*(q_proj|v_proj)`)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(rank)."""
+    dora: bool = False
+    """DoRA: a trained magnitude per output row times the normalised direction (W0 + s·B·A)."""
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -167,20 +169,91 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers, got {list(self.betas)}")
 
 
-METHODS = ("full", "lora")
+@dataclass(frozen=True)
+class QLoRAConfig:
+    block_size: int = 64
+    """NF4 quantisation block: one scale per `block_size` weights."""
+    double_quant: bool = True
+    """Quantise the per-block scales too (saves about 0.4 bits per weight)."""
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby: after the attention block and after the MLP block; pfeiffer: after the MLP only."""
+    bottleneck_dim: int = 64
+    """Width of the bottleneck (down-projection output)."""
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    """Non-linearity between the down and up projections (the reason adapters cannot merge)."""
+    dropout: float = 0.0
+    """Dropout inside the adapter during training."""
+
+    def __post_init__(self) -> None:
+        if self.bottleneck_dim <= 0:
+            raise ConfigError(f"adapter.bottleneck_dim must be a positive integer, got {self.bottleneck_dim}")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    num_virtual_tokens: int = 20
+    """Trained embeddings prepended to every input."""
+    init_text: str | None = None
+    """Initialise them from the embeddings of this text's tokens (repeated to length); None: random
+    rows of the vocabulary."""
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens <= 0:
+            raise ConfigError(f"prompt.num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+
+
+@dataclass(frozen=True)
+class PTuningConfig:
+    num_virtual_tokens: int = 20
+    """Virtual tokens produced by the prompt encoder."""
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    """The trainable prompt encoder; folded into plain virtual-token embeddings at export."""
+    encoder_hidden: int = 128
+    """Hidden size of the prompt encoder."""
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens <= 0 or self.encoder_hidden <= 0:
+            raise ConfigError("ptuning.num_virtual_tokens and ptuning.encoder_hidden must be positive")
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    num_virtual_tokens: int = 20
+    """Trained key/value prefix length, per layer."""
+    reparameterize: bool = True
+    """Train the prefixes through an MLP (more stable); it is folded away at export."""
+    encoder_hidden: int = 128
+    """Hidden size of that MLP."""
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens <= 0 or self.encoder_hidden <= 0:
+            raise ConfigError("prefix.num_virtual_tokens and prefix.encoder_hidden must be positive")
+
+
+METHODS = ("full", "lora", "qlora", "adapter", "prompt", "ptuning", "prefix")
 
 
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model (`model: PATH` is short for `model.path: PATH`)."""
-    method: Literal["full", "lora"] = "lora"
-    """What trains: `full` (every weight) or `lora` (low-rank adapters, base frozen)."""
+    method: Literal["full", "lora", "qlora", "adapter", "prompt", "ptuning", "prefix"] = "lora"
+    """What trains: `full` (every weight), `lora` (low-rank adapters, base frozen), `qlora` (LoRA over an
+    NF4 base), `adapter` (bottleneck adapters), `prompt` / `ptuning` / `prefix` (soft prompts)."""
     output_dir: str = "runs/run"
     """Where the run writes its files (config.yaml, metrics.jsonl, checkpoints/, adapter/ or model/)."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     full: FullConfig = field(default_factory=FullConfig)
+    qlora: QLoRAConfig = field(default_factory=QLoRAConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    ptuning: PTuningConfig = field(default_factory=PTuningConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

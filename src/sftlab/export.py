@@ -14,6 +14,18 @@ This is the only module that knows HF PEFT's external names (`lora_A`, `r`, `lor
   to an entry or ending in `.entry` (`check_target_module_exists`) — the rules of `models/targets.py`;
 - GPT-2's Conv1D needs `fan_in_fan_out: true` (`peft/tuners/lora/layer.py`, dispatch_default).
 Only fields that PEFT 0.13's LoraConfig already knows are written: older PEFT rejects unknown keys.
+
+Trained rows of tokens the data step added are PEFT's `trainable_token_indices` (PEFT ≥ 0.15,
+huggingface/peft#2376; checked against 0.21): `peft/utils/other.py` set_additional_trainable_modules and
+TrainableTokensWrapper, `peft/tuners/trainable_tokens/layer.py` TrainableTokensLayer:
+- key `base_model.model.<embedding>.token_adapter.trainable_tokens_delta`, (n, H), holding the rows
+  themselves (forward index_copies them into the weight), n = len(token ids), rows in sorted-id order;
+- `trainable_token_indices: [ids]` names the input embedding; a head tied to it (config
+  tie_word_embeddings) follows it and is not saved. An untied head that trains is listed too:
+  `{"<embedding>": [ids], "<head>": [ids]}` (a name matches modules whose name ends with it), its key
+  `base_model.model.<head>.token_adapter.trainable_tokens_delta`.
+PEFT does not resize: users load the base, `resize_token_embeddings(len(tokenizer))` with the adapter
+dir's tokenizer, then `PeftModel.from_pretrained` (the adapter dir's README.md says so).
 """
 
 from __future__ import annotations
@@ -36,22 +48,24 @@ from sftlab.config import Config
 from sftlab.errors import SftlabError
 from sftlab.methods.base import MergeError, Method
 from sftlab.methods.lora import LoRALinear, lora_modules
+from sftlab.methods.token_rows import EmbeddingRows, HeadRows, token_rows_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 """PeftModelForCausalLM.base_model (LoraModel).model (the HF model): the prefix of every saved key."""
-PEFT_PARAMS = {"A": "lora_A.weight", "B": "lora_B.weight"}
-"""LoRALinear parameter -> PEFT's key suffix; A is (rank, in) and B (out, rank) in both."""
+PEFT_PARAMS = {"A": "lora_A.weight", "B": "lora_B.weight", "rows": "token_adapter.trainable_tokens_delta"}
+"""sftlab parameter -> PEFT's key suffix; A is (rank, in), B (out, rank) and token rows (n, H) in both."""
 UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
                "layers_to_transform": None, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
-               "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None}
+               "exclude_modules": None, "target_parameters": None}
 """PEFT LoRA features sftlab does not implement, with the value a loadable adapter must have."""
 
 
 def save_adapter(model: nn.Module, method: Method, config: Config, tokenizer: Any, out_dir: str | Path) -> Path:
     """Write a LoRA adapter as HF PEFT does (`PeftModel.from_pretrained(base, out_dir)` loads it), plus the
-    tokenizer (None: none is written) and the chat template the run trained with. Returns out_dir."""
+    tokenizer (None: none is written) and the chat template the run trained with. Returns out_dir.
+    With trained token rows PEFT needs the base resized to the tokenizer first; README.md says so."""
     modules = _lora_modules_of(model, method)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +75,8 @@ def save_adapter(model: nn.Module, method: Method, config: Config, tokenizer: An
     peft_config = _peft_config(model, modules, config)
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     _save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
+    if "trainable_token_indices" in peft_config:
+        (out / "README.md").write_text(_resize_note(peft_config), encoding="utf-8")
     return out
 
 
@@ -80,8 +96,23 @@ def load_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> N
     _check_peft_config(peft_config, adapter)
     _check_scaling(peft_config, modules, adapter)
     _check_targets(peft_config["target_modules"], model, modules, adapter)
-    state = _from_peft_state(load_file(str(adapter / ADAPTER_WEIGHTS)), modules, adapter)
+    unlisted = _unlisted_token_rows(peft_config, model, method, adapter)
+    state = _from_peft_state(load_file(str(adapter / ADAPTER_WEIGHTS)), method.trainable_parameters(model),
+                             adapter, keep=unlisted)
     method.load_state_dict(model, state)
+
+
+def adapter_token_ids(adapter_dir: str | Path) -> list[int]:
+    """The token ids whose rows a PEFT-format adapter trained (`trainable_token_indices`), sorted; [] if none.
+    The method that loads the adapter must be built with them (trainable_token_ids)."""
+    adapter = Path(adapter_dir)
+    try:
+        peft_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} cannot be read ({exc}); expected a PEFT-format "
+                          "LoRA adapter dir.") from None
+    _check_peft_config(peft_config, adapter)
+    return _token_indices(peft_config, adapter)[1]
 
 
 def adapter_lora_settings(adapter_dir: str | Path) -> tuple[str | None, list[str]]:
@@ -177,12 +208,14 @@ def _peft_key(key: str) -> str:
     return f"{PEFT_PREFIX}{module}.{PEFT_PARAMS[param]}"
 
 
-def _from_peft_state(state: Mapping[str, torch.Tensor], modules: Mapping[str, LoRALinear],
-                     adapter: Path) -> dict[str, torch.Tensor]:
-    ours = {_peft_key(f"{name}.{param}"): (f"{name}.{param}", getattr(module, param).shape)
-            for name, module in modules.items() for param in PEFT_PARAMS}
+def _from_peft_state(state: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter], adapter: Path, *,
+                     keep: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """sftlab's state from PEFT's keys; the parameters named in `keep` (absent from the adapter) keep
+    their current values."""
+    ours = {_peft_key(name): (name, param.shape) for name, param in params.items()}
+    kept = {name: params[name].detach() for name in keep}
     unknown = sorted(set(state) - set(ours))
-    missing = sorted(set(ours) - set(state))
+    missing = sorted(set(ours) - set(state) - {_peft_key(name) for name in kept})
     if unknown or missing:
         raise SftlabError(f"{adapter / ADAPTER_WEIGHTS} does not fit the model's LoRA layers: "
                           f"unexpected {unknown[:3]}, missing {missing[:3]}; was it trained on another "
@@ -194,7 +227,7 @@ def _from_peft_state(state: Mapping[str, torch.Tensor], modules: Mapping[str, Lo
             raise SftlabError(f"{adapter / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, the model "
                               f"needs {tuple(shape)}; the adapter was trained on a base model of another size.")
         translated[name] = tensor
-    return translated
+    return {**kept, **translated}
 
 
 def _peft_config(model: nn.Module, modules: Mapping[str, LoRALinear], config: Config) -> dict[str, Any]:
@@ -223,7 +256,35 @@ def _peft_config(model: nn.Module, modules: Mapping[str, LoRALinear], config: Co
         "alpha_pattern": {},
         "use_dora": False,
         "layer_replication": None,
+        **_peft_token_indices(model),
     }
+
+
+def _peft_token_indices(model: nn.Module) -> dict[str, Any]:
+    """`trainable_token_indices` for trained token rows (none: the field is left out for PEFT < 0.15)."""
+    rows = {name: module for name, module in token_rows_modules(model).items()
+            if not (isinstance(module, HeadRows) and module.tied)}
+    if not rows:
+        return {}
+    ids = next(iter(rows.values())).token_ids.tolist()
+    if len(rows) == 1:  # the input embedding alone, or with a tied head that PEFT ties to it
+        return {"trainable_token_indices": ids}
+    return {"trainable_token_indices": {name: ids for name in rows}}
+
+
+def _resize_note(peft_config: Mapping[str, Any]) -> str:
+    return ("# LoRA adapter with trained rows for added tokens\n\n"
+            "The tokenizer in this dir has tokens the base model lacks; the adapter holds their trained embedding "
+            "rows (`trainable_token_indices` in adapter_config.json). With HF PEFT (>= 0.15), resize the base "
+            "model's embeddings to this tokenizer before loading the adapter:\n\n"
+            "```python\n"
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)\n"
+            f"base = AutoModelForCausalLM.from_pretrained({peft_config.get('base_model_name_or_path')!r})\n"
+            "base.resize_token_embeddings(len(tokenizer))\n"
+            "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n"
+            "```\n")
 
 
 def _peft_targets(model: nn.Module, modules: Mapping[str, LoRALinear],
@@ -255,8 +316,10 @@ def _peft_selection(target_modules: str | Sequence[str], names: Iterable[str]) -
 
 
 def _base_module_names(model: nn.Module, modules: Mapping[str, LoRALinear]) -> list[str]:
-    """Module names as in the base model: a LoRALinear stands for its base layer, its insides do not exist."""
-    inside = {f"{name}.{child}" for name, module in modules.items() for child, _ in module.named_modules() if child}
+    """Module names as in the base model: a LoRALinear or token-rows wrapper stands for its base layer,
+    its insides do not exist."""
+    wrappers = {**modules, **token_rows_modules(model)}
+    inside = {f"{name}.{child}" for name, module in wrappers.items() for child, _ in module.named_modules() if child}
     return [name for name, _ in model.named_modules() if name not in inside]
 
 
@@ -274,6 +337,47 @@ def _check_peft_config(peft_config: Any, adapter: Path) -> None:
         if peft_config.get(field, plain) not in (plain, None, {}, [], False):
             raise SftlabError(f"{where}: {field}={peft_config[field]!r} is a PEFT feature sftlab does not "
                               f"support (expected {plain!r}); merge that adapter with PEFT instead.")
+    _token_indices(peft_config, adapter)
+
+
+def _token_indices(peft_config: Mapping[str, Any], adapter: Path) -> tuple[dict[str, list[int]] | None, list[int]]:
+    """(PEFT's layer name -> ids, or None for the plain-list form naming the input embedding; the ids).
+    sftlab trains one set of token rows, so every listed layer must list the same ids."""
+    where = adapter / ADAPTER_CONFIG
+    indices = peft_config.get("trainable_token_indices")
+    if indices is None:
+        return None, []
+    layers = indices if isinstance(indices, dict) else None
+    lists = list(indices.values()) if isinstance(indices, dict) else [indices]
+    if not lists or not all(isinstance(ids, list) and ids and all(type(i) is int for i in ids) for ids in lists):
+        raise SftlabError(f"{where}: trainable_token_indices={indices!r} should be a list of token ids or a map "
+                          "from layer name to such a list.")
+    if any(sorted(set(ids)) != sorted(set(lists[0])) for ids in lists):
+        raise SftlabError(f"{where}: trainable_token_indices lists different token ids per layer ({indices!r}); "
+                          "sftlab trains the same token rows in the embedding and the output head. Merge that "
+                          "adapter with PEFT instead.")
+    return layers, sorted(set(lists[0]))
+
+
+def _unlisted_token_rows(peft_config: Mapping[str, Any], model: nn.Module, method: Method,
+                         adapter: Path) -> list[str]:
+    """Check the adapter's token rows against the model's; return the model's token-row parameters the
+    adapter has no rows for (an untied head PEFT was not told to train: it keeps its base rows)."""
+    layers, ids = _token_indices(peft_config, adapter)
+    if ids != list(method.trainable_token_ids):
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} trains the rows of token ids {ids[:8]}, the model's method "
+                          f"those of {list(method.trainable_token_ids)[:8]}; build the method with "
+                          "trainable_token_ids=export.adapter_token_ids(adapter_dir).")
+    modules = {name: m for name, m in token_rows_modules(model).items() if not (isinstance(m, HeadRows) and m.tied)}
+    if layers is None:  # the plain list names the input embedding
+        listed = {name for name, m in modules.items() if isinstance(m, EmbeddingRows)}
+    else:
+        listed = {name for name in modules if any(name.endswith(layer) for layer in layers)}
+        unknown = [layer for layer in layers if not any(name.endswith(layer) for name in modules)]
+        if unknown:
+            raise SftlabError(f"{adapter / ADAPTER_CONFIG}: trainable_token_indices names {unknown}, which is "
+                              f"neither the model's input embedding nor its output head ({sorted(modules)}).")
+    return [f"{name}.rows" for name in modules if name not in listed]
 
 
 def _check_scaling(peft_config: Mapping[str, Any], modules: Mapping[str, LoRALinear], adapter: Path) -> None:

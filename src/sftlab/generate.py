@@ -52,17 +52,18 @@ def prompt_ids(tokenizer: Any, template: ChatTemplate, messages: Messages) -> li
 
 def generate(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *,
              max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-             seed: int | None = None) -> str:
+             seed: int | None = None, method: Any = None) -> str:
     """The model's reply to `messages`: sampled until an end-of-turn/eos token (not included) or
     `max_new_tokens`, decoded without special tokens. Greedy when temperature is 0; the same seed gives
     the same reply on the same device."""
     generator = _generator(model, seed)
     return _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, generator=generator)
+                  temperature=temperature, top_p=top_p, generator=generator, method=method)
 
 
 def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max_new_tokens: int = 256,
-           temperature: float = 0.7, top_p: float = 0.9, generator: torch.Generator | None = None) -> list[int]:
+           temperature: float = 0.7, top_p: float = 0.9, generator: torch.Generator | None = None,
+           method: Any = None) -> list[int]:
     """New token ids after `input_ids`, up to but not including the first stop id, at most
     `max_new_tokens`. Runs in the model's own device and dtype; the model is put in eval mode for the
     call and restored afterwards."""
@@ -74,13 +75,15 @@ def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max
     model.eval()
     try:
         with torch.inference_mode():
-            return _decode_loop(model, list(input_ids), stops, max_new_tokens, temperature, top_p, generator)
+            return _decode_loop(model, list(input_ids), stops, max_new_tokens, temperature, top_p, generator,
+                                method)
     finally:
         model.train(was_training)
 
 
 def _decode_loop(model: Any, input_ids: list[int], stops: set[int], max_new_tokens: int,
-                 temperature: float, top_p: float, generator: torch.Generator | None) -> list[int]:
+                 temperature: float, top_p: float, generator: torch.Generator | None,
+                 method: Any = None) -> list[int]:
     device = _device(model)
     step_input = torch.tensor([input_ids], dtype=torch.long, device=device)  # (1, T) prefill, then (1, 1)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -90,7 +93,10 @@ def _decode_loop(model: Any, input_ids: list[int], stops: set[int], max_new_toke
     cache: Any = None
     new: list[int] = []
     while True:
-        out = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **extra)
+        if cache is None and method is not None:  # the method's prefill holds its virtual tokens / prefixes
+            out = method.prefill(model, step_input, **extra)
+        else:
+            out = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **extra)
         cache = _returned_cache(out)
         token = pick_token(out.logits[0, -1], temperature=temperature, top_p=top_p, generator=generator)
         if token in stops:
@@ -122,7 +128,7 @@ def pick_token(logits: torch.Tensor, *, temperature: float, top_p: float,
 def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str | None = None,
               input_fn: Callable[[str], str] = input, print_fn: Callable[..., None] = print,
               max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-              seed: int | None = None) -> list[dict[str, str]]:
+              seed: int | None = None, method: Any = None) -> list[dict[str, str]]:
     """Talk to the model: each user line and the model's reply are kept, so every prompt holds the whole
     conversation. `/reset` starts over (keeping the system message), `/exit` or end of input quits.
     One generator seeded once serves the whole session. Returns the conversation as it ended."""
@@ -148,15 +154,16 @@ def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str
             continue
         messages = [*messages, {"role": "user", "content": command}]
         reply = _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, generator=generator)
+                       temperature=temperature, top_p=top_p, generator=generator, method=method)
         print_fn(reply)
         messages = [*messages, {"role": "assistant", "content": reply}]
 
 
 def _reply(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *, max_new_tokens: int,
-           temperature: float, top_p: float, generator: torch.Generator | None) -> str:
+           temperature: float, top_p: float, generator: torch.Generator | None, method: Any = None) -> str:
     ids = sample(model, prompt_ids(tokenizer, template, messages), stop_ids=stop_token_ids(tokenizer, template),
-                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+                 method=method)
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 

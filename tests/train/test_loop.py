@@ -145,9 +145,9 @@ def test_nan_loss_stops_with_the_rows_named(model_dir, data, tmp_path, monkeypat
     real = loop.loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, method=None):
         calls["n"] += 1
-        value = real(model, batch)
+        value = real(model, batch, method)
         return value * float("nan") if calls["n"] == 3 else value
 
     monkeypatch.setattr(loop, "loss_sum", poisoned)

@@ -236,6 +236,8 @@ def _segments(text: str, spans: list[tuple[int, int, int]], flags: list[bool], m
         if flag:
             limit = spans[k + 1][0] if k + 1 < len(spans) else len(text)
             closing = eot_after(text, end, limit)
+            if closing is None and role != "assistant":
+                continue  # a trained system/user message (train_on=all, overrides) may run into the next turn
             if closing is None:
                 raise DataError(f"message {index + 1} ({role}) is trained but the chat template puts no "
                                 "end-of-turn marker after it, so the model would never learn to stop. Use a "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -19,9 +20,13 @@ class Method(ABC):
     name: ClassVar[str]
     mergeable: ClassVar[bool]
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, *, trainable_token_ids: Sequence[int] = ()) -> None:
         self.config = config
         """The whole sftlab Config (a method reads its own section)."""
+        self.trainable_token_ids = tuple(sorted(set(trainable_token_ids)))
+        """Token ids whose embedding rows (and output-head rows) must train besides the method's own
+        parameters: the tokens the data step added to the vocabulary, whose rows the base never learned.
+        A method that trains every weight already trains them."""
 
     @abstractmethod
     def apply(self, model: nn.Module) -> None:
@@ -49,3 +54,15 @@ class Method(ABC):
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the trained parts into plain base weights and return a plain model (no sftlab modules)."""
         raise MergeError(f"method {self.name} cannot be merged")
+
+    def hidden_states(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The decoder's last hidden states (B, T, H) at the batch's own token positions. Soft-prompt
+        methods override this to run with their virtual tokens / prefixes and drop those positions."""
+        from sftlab.train.loss import hidden_states
+
+        return hidden_states(model, batch)
+
+    def prefill(self, model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """Generation's first forward over the prompt (1, T), returning logits and the KV cache that later
+        single-token steps continue. Soft-prompt methods put their virtual tokens / prefixes in here."""
+        return model(input_ids=input_ids, use_cache=True, **kwargs)

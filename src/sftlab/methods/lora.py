@@ -2,6 +2,8 @@
 
 `LoRALinear` wraps the frozen base layer (nn.Linear, or GPT-2's Conv1D whose weight is stored transposed)
 and adds the low-rank path; it works on every HF architecture without forking model classes.
+With `trainable_token_ids` (tokens the data step added), those embedding and output-head rows train too
+(`token_rows.py`); all other rows stay the base's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from sftlab.errors import SftlabError
 from sftlab.methods.base import Method
+from sftlab.methods.token_rows import add_token_rows, merge_token_rows, token_rows_modules, token_rows_parameters
 from sftlab.models.targets import find_targets
 
 
@@ -72,7 +75,7 @@ class LoRA(Method):
 
     def apply(self, model: nn.Module) -> None:
         lora = self.config.lora
-        if lora_modules(model):
+        if lora_modules(model) or token_rows_modules(model):
             raise SftlabError("LoRA is already applied to this model; load a fresh base model (or merge first).")
         for param in model.parameters():
             param.requires_grad_(False)
@@ -82,20 +85,25 @@ class LoRA(Method):
             wrapped = LoRALinear(getattr(parent, child), rank=lora.rank, alpha=lora.alpha,
                                  dropout=lora.dropout, rslora=lora.rslora)
             setattr(parent, child, wrapped)
+        if self.trainable_token_ids:  # after the targets: the head is never a LoRA target
+            add_token_rows(model, self.trainable_token_ids)
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {f"{name}.{p_name}": p
+        lora = {f"{name}.{p_name}": p
                 for name, module in model.named_modules() if isinstance(module, LoRALinear)
                 for p_name, p in (("A", module.A), ("B", module.B))}
+        return {**lora, **token_rows_parameters(model)}
 
     def merge(self, model: nn.Module) -> nn.Module:
-        """Fold every adapter into its base weight and put the plain base layer back in its place."""
+        """Fold every adapter (and trained token rows) into its base weight and put the plain base layer
+        back in its place."""
         for name, module in list(model.named_modules()):
             if isinstance(module, LoRALinear):
                 module.merge()
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, child, module.base)
+        merge_token_rows(model)
         return model
 
 

@@ -122,7 +122,8 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None,
     model = load_model(cfg.model, device=device)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    method = METHODS[cfg.method](cfg)
+    # Rows of tokens added for training (from the adapter's trainable_token_indices) are loaded too.
+    method = METHODS[cfg.method](cfg, trainable_token_ids=export.adapter_token_ids(adapter))
     method.apply(model)
     export.load_adapter(model, method, adapter)
     model.eval()

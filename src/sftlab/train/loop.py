@@ -81,7 +81,7 @@ def evaluate(setup: Setup, pad_id: int) -> float:
         for start in range(0, len(setup.eval_indices), size):
             chosen = setup.eval_indices[start:start + size]
             batch = collate([setup.eval_data[int(i)] for i in chosen], pad_id=pad_id)
-            total += float(loss_sum(model, batch.to(setup.device)))
+            total += float(loss_sum(model, batch.to(setup.device), setup.method))
             count += batch.num_supervised
     model.train()
     return total / max(count, 1)
@@ -123,7 +123,7 @@ def train(setup: Setup, *, console: Console | None = None,
             for batch in batches:
                 # Each micro-batch's summed loss over the step's supervised-token count: the gradients
                 # add up to those of the mean over every supervised token of the step.
-                loss = loss_sum(model, batch.to(setup.device)) / max(supervised, 1)
+                loss = loss_sum(model, batch.to(setup.device), method) / max(supervised, 1)
                 loss.backward()
                 step_loss += loss.detach()
             last_loss = float(step_loss)  # the one host sync of the step, for the log and the NaN check

@@ -66,9 +66,11 @@ def head_loss_sum(model: nn.Module, hidden: torch.Tensor, index: torch.Tensor, t
     return total
 
 
-def loss_sum(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Summed token loss of a batch whose `loss_index`/`loss_targets` came from supervised_positions()."""
-    return head_loss_sum(model, hidden_states(model, batch), batch.loss_index, batch.loss_targets)
+def loss_sum(model: nn.Module, batch: Any, method: Any = None) -> torch.Tensor:
+    """Summed token loss of a batch whose `loss_index`/`loss_targets` came from supervised_positions();
+    `method` (a sftlab Method) supplies the hidden states when it changes the forward (soft prompts)."""
+    hidden = method.hidden_states(model, batch) if method is not None else hidden_states(model, batch)
+    return head_loss_sum(model, hidden, batch.loss_index, batch.loss_targets)
 
 
 def _softcap(model: nn.Module) -> float | None:

@@ -47,18 +47,38 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
 
     device = device or default_device()
     model = load_model(cfg.model, device=device)
-    if encoder.added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-        console.print(f"added special tokens {', '.join(encoder.added_tokens)}: embeddings resized to {len(tokenizer)}")
+    torch.manual_seed(cfg.train.seed)  # the new embedding rows and the adapter's initialisation
+    new_token_ids = _add_token_rows(cfg, model, tokenizer, encoder.added_tokens, console)
     _check_vocab(model, train_data)
-    method = METHODS[cfg.method](cfg)
-    torch.manual_seed(cfg.train.seed)  # adapter initialisation
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method {cfg.method!r} is not available in this version of sftlab; use one of "
+                          f"{', '.join(METHODS)}.")
+    method = METHODS[cfg.method](cfg, trainable_token_ids=new_token_ids)
     method.apply(model)
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
     console.print(f"method {cfg.method}: trainable {100 * trainable / total:.2f}% — "
                   f"{_millions(trainable)} of {_millions(total)}")
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device)
+
+
+def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, added: list[str],
+                    console: Console) -> list[int]:
+    """Ids of the special tokens the data step added, after making room for them in the embeddings
+    (a model whose vocabulary is padded beyond the tokenizer may already have the rows)."""
+    if not added:
+        return []
+    if cfg.method == "full" and cfg.full.freeze_embeddings:
+        raise ConfigError(f"the data step added special tokens {', '.join(added)}, whose embedding rows start "
+                          "random and must train, but full.freeze_embeddings=true freezes them. Set "
+                          "full.freeze_embeddings=false, or use a template the tokenizer already has tokens for.")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+        rows = len(tokenizer)
+    console.print(f"added special tokens {', '.join(added)}: their embedding rows train "
+                  f"(embeddings have {rows} rows)")
+    return tokenizer.convert_tokens_to_ids(added)
 
 
 def _millions(count: int) -> str:
