@@ -245,7 +245,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
     ("lora.dropout=1.5", "lora.dropout must be in [0, 1)"),
     ("train.micro_batch_size=0", "train.micro_batch_size must be at least 1"),
     ("train.lr=0", "train.lr must be positive"),
-    ("method=qlora2", "method must be one of full, lora"),
+    ("method=qlora2", "method must be one of full, lora, qlora, adapter, prompt, ptuning, prefix"),
     ("train.schedule=cosin", "train.schedule must be one of cosine, linear, constant"),
 ])
 def test_training_sections_validate(override: str, message: str) -> None:

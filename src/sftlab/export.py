@@ -19,7 +19,7 @@ Trained rows of tokens the data step added are PEFT's `trainable_token_indices` 
 huggingface/peft#2376; checked against 0.21): `peft/utils/other.py` set_additional_trainable_modules and
 TrainableTokensWrapper, `peft/tuners/trainable_tokens/layer.py` TrainableTokensLayer:
 - key `base_model.model.<embedding>.token_adapter.trainable_tokens_delta`, (n, H), holding the rows
-  themselves (forward index_copies them into the weight), n = len(token ids), rows in sorted-id order;
+  themselves (forward index_copies them into the weight), in the order the ids are listed (sftlab: sorted);
 - `trainable_token_indices: [ids]` names the input embedding; a head tied to it (config
   tie_word_embeddings) follows it and is not saved. An untied head that trains is listed too:
   `{"<embedding>": [ids], "<head>": [ids]}` (a name matches modules whose name ends with it), its key
@@ -96,9 +96,12 @@ def load_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> N
     _check_peft_config(peft_config, adapter)
     _check_scaling(peft_config, modules, adapter)
     _check_targets(peft_config["target_modules"], model, modules, adapter)
-    unlisted = _unlisted_token_rows(peft_config, model, method, adapter)
+    token_rows = _adapter_token_rows(peft_config, model, method, adapter)
     state = _from_peft_state(load_file(str(adapter / ADAPTER_WEIGHTS)), method.trainable_parameters(model),
-                             adapter, keep=unlisted)
+                             adapter, keep=[name for name, ids in token_rows.items() if ids is None])
+    for name, ids in token_rows.items():
+        if ids is not None:  # PEFT stores the rows in the order the ids were listed; ours are sorted
+            state[name] = state[name][torch.tensor(ids).argsort()]
     method.load_state_dict(model, state)
 
 
@@ -352,17 +355,18 @@ def _token_indices(peft_config: Mapping[str, Any], adapter: Path) -> tuple[dict[
     if not lists or not all(isinstance(ids, list) and ids and all(type(i) is int for i in ids) for ids in lists):
         raise SftlabError(f"{where}: trainable_token_indices={indices!r} should be a list of token ids or a map "
                           "from layer name to such a list.")
-    if any(sorted(set(ids)) != sorted(set(lists[0])) for ids in lists):
-        raise SftlabError(f"{where}: trainable_token_indices lists different token ids per layer ({indices!r}); "
-                          "sftlab trains the same token rows in the embedding and the output head. Merge that "
-                          "adapter with PEFT instead.")
-    return layers, sorted(set(lists[0]))
+    if any(len(set(ids)) != len(ids) or sorted(ids) != sorted(lists[0]) for ids in lists):
+        raise SftlabError(f"{where}: trainable_token_indices lists repeated ids or different ids per layer "
+                          f"({indices!r}); sftlab trains the same token rows in the embedding and the output "
+                          "head. Merge that adapter with PEFT instead.")
+    return layers, sorted(lists[0])
 
 
-def _unlisted_token_rows(peft_config: Mapping[str, Any], model: nn.Module, method: Method,
-                         adapter: Path) -> list[str]:
-    """Check the adapter's token rows against the model's; return the model's token-row parameters the
-    adapter has no rows for (an untied head PEFT was not told to train: it keeps its base rows)."""
+def _adapter_token_rows(peft_config: Mapping[str, Any], model: nn.Module, method: Method,
+                        adapter: Path) -> dict[str, list[int] | None]:
+    """Check the adapter's token rows against the model's: each token-row parameter of the model -> the ids
+    in the order the adapter stores their rows, or None where the adapter has no rows for that layer (an
+    untied head PEFT was not told to train: it keeps its base rows)."""
     layers, ids = _token_indices(peft_config, adapter)
     if ids != list(method.trainable_token_ids):
         raise SftlabError(f"{adapter / ADAPTER_CONFIG} trains the rows of token ids {ids[:8]}, the model's method "
@@ -370,14 +374,15 @@ def _unlisted_token_rows(peft_config: Mapping[str, Any], model: nn.Module, metho
                           "trainable_token_ids=export.adapter_token_ids(adapter_dir).")
     modules = {name: m for name, m in token_rows_modules(model).items() if not (isinstance(m, HeadRows) and m.tied)}
     if layers is None:  # the plain list names the input embedding
-        listed = {name for name, m in modules.items() if isinstance(m, EmbeddingRows)}
-    else:
-        listed = {name for name in modules if any(name.endswith(layer) for layer in layers)}
-        unknown = [layer for layer in layers if not any(name.endswith(layer) for name in modules)]
-        if unknown:
-            raise SftlabError(f"{adapter / ADAPTER_CONFIG}: trainable_token_indices names {unknown}, which is "
-                              f"neither the model's input embedding nor its output head ({sorted(modules)}).")
-    return [f"{name}.rows" for name in modules if name not in listed]
+        indices = peft_config.get("trainable_token_indices")
+        return {f"{name}.rows": indices if isinstance(m, EmbeddingRows) else None for name, m in modules.items()}
+    unknown = [layer for layer in layers if not any(name.endswith(layer) for name in modules)]
+    if unknown:
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG}: trainable_token_indices names {unknown}, which is "
+                          f"neither the model's input embedding nor its output head ({sorted(modules)}).")
+    # PEFT's rule: a layer name matches the modules whose name ends with it
+    return {f"{name}.rows": next((ids for layer, ids in layers.items() if name.endswith(layer)), None)
+            for name in modules}
 
 
 def _check_scaling(peft_config: Mapping[str, Any], modules: Mapping[str, LoRALinear], adapter: Path) -> None:
