@@ -125,6 +125,6 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None,
     # Rows of tokens added for training (from the adapter's trainable_token_indices) are loaded too.
     method = METHODS[cfg.method](cfg, trainable_token_ids=export.adapter_token_ids(adapter))
     method.apply(model)
-    export.load_adapter(model, method, adapter)
+    export.load_trained(model, method, adapter)
     model.eval()
     return model, tokenizer, load_template("auto", tokenizer), method

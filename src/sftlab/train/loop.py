@@ -198,7 +198,4 @@ def _pad_id(tokenizer: object) -> int:
 def _export(setup: Setup, out: Path) -> Path:
     from sftlab import export
 
-    if setup.method.name == "full":
-        return export.save_model(setup.model, setup.tokenizer, out / "model",
-                                 chat_template=export.chat_template_for(setup.config, setup.tokenizer))
-    return export.save_adapter(setup.model, setup.method, setup.config, setup.tokenizer, out / "adapter")
+    return export.save_trained(setup.model, setup.method, setup.config, setup.tokenizer, out)

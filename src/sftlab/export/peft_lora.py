@@ -1,5 +1,4 @@
-"""Export: a PEFT-format LoRA adapter dir, a plain Hugging Face model dir (full FT or merged), and the
-fidelity check between an adapter model and its merged form.
+"""HF PEFT's LoRA adapter format (also QLoRA's, and added-token rows): save and load.
 
 This is the only module that knows HF PEFT's external names (`lora_A`, `r`, `lora_alpha`,
 `target_modules`, ...). They were taken from PEFT's own source (peft ≥ 0.13):
@@ -30,23 +29,21 @@ dir's tokenizer, then `PeftModel.from_pretrained` (the adapter dir's README.md s
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.methods.base import MergeError, Method
+from sftlab.export.model_dir import chat_template_for, save_tokenizer
+from sftlab.methods.base import Method
 from sftlab.methods.lora import LoRALinear, lora_modules
 from sftlab.methods.token_rows import EmbeddingRows, HeadRows, token_rows_modules
 
@@ -74,7 +71,7 @@ def save_adapter(model: nn.Module, method: Method, config: Config, tokenizer: An
     save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_config = _peft_config(model, modules, config)
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-    _save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
+    save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
     if "trainable_token_indices" in peft_config:
         (out / "README.md").write_text(_resize_note(peft_config), encoding="utf-8")
     return out
@@ -133,76 +130,6 @@ def adapter_lora_settings(adapter_dir: str | Path) -> tuple[str | None, list[str
                  f"lora.rslora={str(bool(peft_config.get('use_rslora'))).lower()}",
                  f"lora.targets={json.dumps(targets)}"]
     return peft_config.get("base_model_name_or_path"), overrides
-
-
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, chat_template: str | None = None) -> Path:
-    """A plain HF model dir (config.json, safetensors weights, tokenizer files, chat template) that
-    `AutoModelForCausalLM.from_pretrained` loads without sftlab. `chat_template` (Jinja source)
-    replaces the tokenizer's own in the written files; None keeps the tokenizer's. Returns out_dir."""
-    leftovers = [name for name, module in model.named_modules() if type(module).__module__.startswith("sftlab.")]
-    if leftovers:
-        raise MergeError(f"the model still holds sftlab modules ({', '.join(leftovers[:3])}); merge it first "
-                         "(merge_to_dir) or save it as an adapter (save_adapter).")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    _save_tokenizer(tokenizer, out, chat_template)
-    return out
-
-
-def merge_to_dir(model: nn.Module, method: Method, tokenizer: Any, out_dir: str | Path, *,
-                 chat_template: str | None = None) -> Path:
-    """Fold the method's trained parts into the base weights (in place: `model` becomes the plain merged
-    model) and write a plain HF model dir, as save_model. Returns out_dir."""
-    merged = method.merge(model)
-    return save_model(merged, tokenizer, out_dir, chat_template=chat_template)
-
-
-def chat_template_for(config: Config, tokenizer: Any) -> str | None:
-    """Jinja source of the chat template a run trained with (data.template's built-in or .jinja file);
-    None for `auto`, where the tokenizer already carries its own."""
-    if config.data.template == "auto":
-        return None
-    from sftlab.data.templates import load_template
-
-    return load_template(config.data.template, tokenizer).source
-
-
-@torch.no_grad()
-def fidelity(adapter_model: nn.Module, merged_model: nn.Module,
-             inputs: torch.Tensor | Iterable[Any]) -> dict[str, float]:
-    """How closely a merged model reproduces its adapter model: the largest |logit difference| and the mean
-    KL(adapter || merged) per token, in fp32, over `inputs` — a (B, T) or (T,) tensor of input_ids, or an
-    iterable of such tensors, token-id lists, {"input_ids", "attention_mask"} mappings or Batches."""
-    max_diff, kl_sum, tokens = 0.0, 0.0, 0
-    with _eval_mode(adapter_model), _eval_mode(merged_model):
-        for input_ids, attention_mask in _input_batches(inputs):
-            keep = attention_mask.bool()
-            reference = _logits(adapter_model, input_ids, attention_mask)[keep]  # (N, V) fp32
-            merged = _logits(merged_model, input_ids, attention_mask)[keep]
-            max_diff = max(max_diff, (reference - merged).abs().max().item())
-            # KL in float64: in fp32 its own rounding (~1e-8) would hide the difference being measured.
-            kl_sum += F.kl_div(merged.double().log_softmax(-1), reference.double().log_softmax(-1),
-                               log_target=True, reduction="sum").item()
-            tokens += reference.shape[0]
-    if tokens == 0:
-        raise SftlabError("fidelity check got no tokens to compare; give it at least one non-empty input.")
-    return {"max_abs_logit_diff": max_diff, "mean_kl": kl_sum / tokens}
-
-
-# --- adapter config and keys -------------------------------------------------------------------------
-
-def _lora_modules_of(model: nn.Module, method: Method) -> dict[str, LoRALinear]:
-    if method.name != "lora":
-        raise SftlabError(f"a PEFT-format adapter holds LoRA weights, but the method is {method.name!r}; "
-                          "save a full fine-tune with save_model.")
-    modules = lora_modules(model)
-    if not modules:
-        raise SftlabError("the model has no LoRA layers: apply the method (LoRA(config).apply(model)) first.")
-    if any(module.merged for module in modules.values()):
-        raise SftlabError("the model's LoRA layers are merged into the base weights; unmerge them before "
-                          "saving or loading an adapter.")
-    return modules
 
 
 def _peft_key(key: str) -> str:
@@ -409,44 +336,15 @@ def _check_targets(target_modules: str | list[str], model: nn.Module, modules: M
 
 # --- model dirs and fidelity --------------------------------------------------------------------------
 
-def _save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> None:
-    if tokenizer is None:
-        return
-    if chat_template is not None and chat_template != getattr(tokenizer, "chat_template", None):
-        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
-        tokenizer.chat_template = chat_template
-    tokenizer.save_pretrained(out)
 
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()  # no dropout: both models must be deterministic functions of the input
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _input_batches(inputs: torch.Tensor | Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask), each (B, T), from the forms fidelity() accepts."""
-    items = [inputs] if isinstance(inputs, torch.Tensor) else inputs
-    for item in items:
-        if isinstance(item, Mapping):
-            input_ids, attention_mask = item["input_ids"], item.get("attention_mask")
-        elif hasattr(item, "input_ids"):
-            input_ids, attention_mask = item.input_ids, getattr(item, "attention_mask", None)
-        else:
-            input_ids, attention_mask = item, None
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        yield input_ids, torch.as_tensor(attention_mask).reshape(input_ids.shape)
-
-
-def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-    return out.logits.float().cpu()  # (B, T, V)
+def _lora_modules_of(model: nn.Module, method: Method) -> dict[str, LoRALinear]:
+    if method.name != "lora":
+        raise SftlabError(f"a PEFT-format adapter holds LoRA weights, but the method is {method.name!r}; "
+                          "save a full fine-tune with save_model.")
+    modules = lora_modules(model)
+    if not modules:
+        raise SftlabError("the model has no LoRA layers: apply the method (LoRA(config).apply(model)) first.")
+    if any(module.merged for module in modules.values()):
+        raise SftlabError("the model's LoRA layers are merged into the base weights; unmerge them before "
+                          "saving or loading an adapter.")
+    return modules

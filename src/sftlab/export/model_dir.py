@@ -1,0 +1,131 @@
+"""Plain Hugging Face model dirs (full fine-tuning, merged adapters), the chat template a run trained
+with, and the fidelity check between an adapter model and its merged form."""
+
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sftlab.config import Config
+from sftlab.errors import SftlabError
+from sftlab.methods.base import MergeError, Method
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+"""PeftModelForCausalLM.base_model (LoraModel).model (the HF model): the prefix of every saved key."""
+PEFT_PARAMS = {"A": "lora_A.weight", "B": "lora_B.weight", "rows": "token_adapter.trainable_tokens_delta"}
+"""sftlab parameter -> PEFT's key suffix; A is (rank, in), B (out, rank) and token rows (n, H) in both."""
+UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
+               "layers_to_transform": None, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
+               "exclude_modules": None, "target_parameters": None}
+"""PEFT LoRA features sftlab does not implement, with the value a loadable adapter must have."""
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, chat_template: str | None = None) -> Path:
+    """A plain HF model dir (config.json, safetensors weights, tokenizer files, chat template) that
+    `AutoModelForCausalLM.from_pretrained` loads without sftlab. `chat_template` (Jinja source)
+    replaces the tokenizer's own in the written files; None keeps the tokenizer's. Returns out_dir."""
+    leftovers = [name for name, module in model.named_modules() if type(module).__module__.startswith("sftlab.")]
+    if leftovers:
+        raise MergeError(f"the model still holds sftlab modules ({', '.join(leftovers[:3])}); merge it first "
+                         "(merge_to_dir) or save it as an adapter (save_adapter).")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_tokenizer(tokenizer, out, chat_template)
+    return out
+
+
+def merge_to_dir(model: nn.Module, method: Method, tokenizer: Any, out_dir: str | Path, *,
+                 chat_template: str | None = None) -> Path:
+    """Fold the method's trained parts into the base weights (in place: `model` becomes the plain merged
+    model) and write a plain HF model dir, as save_model. Returns out_dir."""
+    merged = method.merge(model)
+    return save_model(merged, tokenizer, out_dir, chat_template=chat_template)
+
+
+def chat_template_for(config: Config, tokenizer: Any) -> str | None:
+    """Jinja source of the chat template a run trained with (data.template's built-in or .jinja file);
+    None for `auto`, where the tokenizer already carries its own."""
+    if config.data.template == "auto":
+        return None
+    from sftlab.data.templates import load_template
+
+    return load_template(config.data.template, tokenizer).source
+
+
+@torch.no_grad()
+def fidelity(adapter_model: nn.Module, merged_model: nn.Module,
+             inputs: torch.Tensor | Iterable[Any]) -> dict[str, float]:
+    """How closely a merged model reproduces its adapter model: the largest |logit difference| and the mean
+    KL(adapter || merged) per token, in fp32, over `inputs` — a (B, T) or (T,) tensor of input_ids, or an
+    iterable of such tensors, token-id lists, {"input_ids", "attention_mask"} mappings or Batches."""
+    max_diff, kl_sum, tokens = 0.0, 0.0, 0
+    with _eval_mode(adapter_model), _eval_mode(merged_model):
+        for input_ids, attention_mask in _input_batches(inputs):
+            keep = attention_mask.bool()
+            reference = _logits(adapter_model, input_ids, attention_mask)[keep]  # (N, V) fp32
+            merged = _logits(merged_model, input_ids, attention_mask)[keep]
+            max_diff = max(max_diff, (reference - merged).abs().max().item())
+            # KL in float64: in fp32 its own rounding (~1e-8) would hide the difference being measured.
+            kl_sum += F.kl_div(merged.double().log_softmax(-1), reference.double().log_softmax(-1),
+                               log_target=True, reduction="sum").item()
+            tokens += reference.shape[0]
+    if tokens == 0:
+        raise SftlabError("fidelity check got no tokens to compare; give it at least one non-empty input.")
+    return {"max_abs_logit_diff": max_diff, "mean_kl": kl_sum / tokens}
+
+
+# --- adapter config and keys -------------------------------------------------------------------------
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()  # no dropout: both models must be deterministic functions of the input
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _input_batches(inputs: torch.Tensor | Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask), each (B, T), from the forms fidelity() accepts."""
+    items = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+    for item in items:
+        if isinstance(item, Mapping):
+            input_ids, attention_mask = item["input_ids"], item.get("attention_mask")
+        elif hasattr(item, "input_ids"):
+            input_ids, attention_mask = item.input_ids, getattr(item, "attention_mask", None)
+        else:
+            input_ids, attention_mask = item, None
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        yield input_ids, torch.as_tensor(attention_mask).reshape(input_ids.shape)
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    return out.logits.float().cpu()  # (B, T, V)
+
+
+def save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> None:
+    if tokenizer is None:
+        return
+    if chat_template is not None and chat_template != getattr(tokenizer, "chat_template", None):
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out)
