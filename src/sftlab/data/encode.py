@@ -45,6 +45,7 @@ class Encoded:
 
 TOO_LONG = "too long"
 NOTHING_TRAINED = "no trained tokens"
+STRADDLE = "tokens straddle a mask boundary"
 
 
 class Dropped(DataError):
@@ -109,17 +110,17 @@ class Encoder:
                 results.append(exc)
         return results
 
-    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], np.ndarray | None]]:
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], Any]]:
         if self._backend is not None:
             encodings = self._backend.encode_batch(texts, add_special_tokens=False)
-            return [(e.ids, np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encodings]
+            return [(e.ids, e) for e in encodings]
         return [(self.tokenizer.encode(text, add_special_tokens=False), None) for text in texts]
 
-    def _label(self, where: str, segments: list[Segment], ids: list[int], offsets: np.ndarray | None) -> Encoded:
-        if offsets is None:
+    def _label(self, where: str, segments: list[Segment], ids: list[int], encoding: Any) -> Encoded:
+        if encoding is None:
             labels, roles = self._label_by_segments(where, segments, ids)
         else:
-            labels, roles = _label_by_offsets(where, segments, ids, offsets)
+            labels, roles = _label_by_offsets(where, segments, ids, encoding)
         if all(label == IGNORE_INDEX for label in labels):
             raise Dropped(f"no token is trained (data.train_on={self.train_on} and the messages' own \"train\" "
                           "flags), so the row teaches nothing; dropped.", where=where, reason=NOTHING_TRAINED)
@@ -149,7 +150,7 @@ class Encoder:
             raise DataError("the tokenizer encodes the conversation differently as a whole than segment by "
                             "segment (it merges characters across a trained/untrained boundary) and gives no "
                             "offsets to map them; use a fast tokenizer (tokenizer.json).",
-                            where=where, reason="tokens straddle a mask boundary")
+                            where=where, reason=STRADDLE)
         return labels, roles
 
 
@@ -160,8 +161,51 @@ def _alters_encoding(backend: Any) -> bool:
     return trims or backend.truncation is not None or backend.padding is not None
 
 
-def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
-                      offsets: np.ndarray) -> tuple[list[int], list[int]]:
+def _label_by_offsets(where: str, segments: list[Segment], ids: list[int], encoding: Any) -> tuple[list[int], list[int]]:
+    """Labels and role codes from the token that holds each segment's first character.
+
+    A segment starts at the token containing its first character; if that token began earlier, it
+    straddles the boundary: harmless between two segments both trained or both not (the token goes to
+    the earlier one), an error where training switches on or off.
+    """
+    first_token: list[int | None] = []  # per segment: index of its first token (None: an empty segment)
+    position = 0
+    for k, segment in enumerate(segments):
+        token = encoding.char_to_token(position) if segment.text else None
+        if segment.text and token is None:  # a character no token covers (a normaliser removed it)
+            return _label_by_all_offsets(where, segments, ids, np.asarray(encoding.offsets, dtype=np.int64))
+        if token is None:
+            first_token.append(None)
+        elif encoding.token_to_chars(token)[0] < position:
+            if k > 0 and segments[k - 1].trainable != segment.trainable:
+                _straddle(where, segments, token, encoding.token_to_chars(token))
+            first_token.append(token + 1)
+        else:
+            first_token.append(token)
+        position += len(segment.text)
+    following = len(ids)
+    for k in range(len(first_token) - 1, -1, -1):  # an empty segment holds no token: it ends where it starts
+        following = first_token[k] = following if first_token[k] is None else first_token[k]
+    bounds = np.asarray(first_token + [len(ids)], dtype=np.int64)
+    counts = np.maximum(np.diff(bounds), 0)
+    trained = np.repeat(np.array([s.trainable for s in segments], dtype=bool), counts)
+    roles = np.repeat(np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64), counts)
+    labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
+    return labels.tolist(), roles.tolist()
+
+
+def _straddle(where: str, segments: list[Segment], index: int, span: tuple[int, int]) -> None:
+    text = "".join(s.text for s in segments)
+    raise DataError(f"token {index} ({text[span[0]:span[1]]!r}) spans the boundary between trained and untrained "
+                    "text: the tokenizer merges the end of one part with the start of the next, so no exact mask "
+                    "exists. Usually a message starts or ends with whitespace the template's own whitespace "
+                    "joins; strip it from the content.", where=where, reason=STRADDLE)
+
+
+def _label_by_all_offsets(where: str, segments: list[Segment], ids: list[int],
+                          offsets: np.ndarray) -> tuple[list[int], list[int]]:
+    """The general path: every token's character span looked up among the segments."""
+    offsets = offsets.reshape(-1, 2)
     starts = np.cumsum([0] + [len(s.text) for s in segments[:-1]])
     trainable = np.array([s.trainable for s in segments], dtype=bool)
     role_codes = np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64)
@@ -174,15 +218,8 @@ def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
     straddle = run_of_segment[first] != run_of_segment[last]
     if straddle.any():
         k = int(np.argmax(straddle))
-        text = "".join(s.text for s in segments)
-        token = text[offsets[k, 0]:offsets[k, 1]]
-        raise DataError(f"token {k} ({token!r}) spans the boundary between trained and untrained text: the "
-                        "tokenizer merges the end of one part with the start of the next, so no exact mask "
-                        "exists. Usually a message starts or ends with whitespace the template's own "
-                        "whitespace joins; strip it from the content.", where=where,
-                        reason="tokens straddle a mask boundary")
-    ids_array = np.asarray(ids, dtype=np.int64)
-    labels = np.where(trainable[first], ids_array, IGNORE_INDEX)
+        _straddle(where, segments, k, (int(offsets[k, 0]), int(offsets[k, 1])))
+    labels = np.where(trainable[first], np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
     return labels.tolist(), role_codes[first].tolist()
 
 
