@@ -16,6 +16,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The models in tests are tiny: one thread beats thread hand-offs, and stays fast on a loaded machine.
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("SFTLAB_FIXTURES", ROOT / ".cache" / "fixtures"))
 if not FIXTURES.is_absolute():

@@ -177,8 +177,8 @@ def test_load_adapter_refuses_what_is_not_a_lora_adapter(base_dirs: dict[str, Pa
         export.load_adapter(model, method, tmp_path)
     out = export.save_adapter(model, method, cfg, None, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(SftlabError, match="use_dora=True is a PEFT feature sftlab does not support"):
+    (out / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(SftlabError, match="lora_bias=True is a PEFT feature sftlab does not support"):
         export.load_adapter(model, method, out)
     (out / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(SftlabError, match="peft_type is 'IA3'"):

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
     merge.add_argument("--output", required=True, help="the merged model dir to write")
     merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
+    merge.add_argument("--onto", choices=("dequantized", "original"),
+                       help="QLoRA runs: fold the adapter onto the dequantised NF4 base it trained against "
+                            "(default) or onto the base's original-precision weights")
     merge.set_defaults(run=_merge)
 
     for name, help_text in (("generate", "answer one prompt with a model, a run dir or a merged dir"),
@@ -138,7 +141,13 @@ def _merge(args: argparse.Namespace) -> int:
     model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
     if method is None:
         raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
-    out = export.merge_to_dir(model, method, tokenizer, args.output)
+    if method.name == "qlora":
+        out = export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, args.output)
+    elif args.onto:
+        raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {method.name} adapter, which "
+                          "merges onto its base weights as they are. Leave --onto out.")
+    else:
+        out = export.merge_to_dir(model, method, tokenizer, args.output)
     # Fidelity: the written dir, loaded by plain transformers, against a fresh adapter model.
     from sftlab.config import ModelConfig
     from sftlab.models.load import load_model
@@ -152,7 +161,23 @@ def _merge(args: argparse.Namespace) -> int:
     check = export.fidelity(adapter_model, merged, inputs)
     print(f"merged into {out}\nfidelity (adapter model vs merged dir, {len(inputs)} prompts): "
           f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
+    if method.name == "qlora":
+        _compare_qlora_merges(args, adapter_model, inputs, check)
     return 0
+
+
+def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, inputs: list, written: dict) -> None:
+    """Measure the QLoRA merge that was not written too, and say which is closer to the trained model."""
+    from sftlab import export
+    from sftlab.models.load import load_for_inference
+
+    onto = args.onto or "dequantized"
+    other = "original" if onto == "dequantized" else "dequantized"
+    model, _, _, method = load_for_inference(args.source, base=args.base)
+    check = export.fidelity(adapter_model, method.merge(model, onto=other), inputs)
+    closer = onto if written["mean_kl"] <= check["mean_kl"] else other
+    print(f"onto {other} (not written): max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL "
+          f"{check['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
 
 
 def _load_chat(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, template, method)

@@ -20,7 +20,7 @@ from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import Encoder
 from sftlab.data.formats import detect_format, iter_rows, read_conversations
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message
+from sftlab.data.schema import Conversation
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError, DataError
 

@@ -20,14 +20,7 @@ from sftlab.methods.base import MergeError, Method
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-"""PeftModelForCausalLM.base_model (LoraModel).model (the HF model): the prefix of every saved key."""
-PEFT_PARAMS = {"A": "lora_A.weight", "B": "lora_B.weight", "rows": "token_adapter.trainable_tokens_delta"}
-"""sftlab parameter -> PEFT's key suffix; A is (rank, in), B (out, rank) and token rows (n, H) in both."""
-UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
-               "layers_to_transform": None, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
-               "exclude_modules": None, "target_parameters": None}
-"""PEFT LoRA features sftlab does not implement, with the value a loadable adapter must have."""
+"""The two files of every adapter dir sftlab writes (the names HF PEFT uses)."""
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, chat_template: str | None = None) -> Path:

@@ -11,7 +11,11 @@ This is the only module that knows HF PEFT's external names (`lora_A`, `r`, `lor
 - scaling lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (`LoraLayer.update_layer`);
 - `target_modules`: a string is `re.fullmatch`ed against full module names, a list matches a name equal
   to an entry or ending in `.entry` (`check_target_module_exists`) — the rules of `models/targets.py`;
-- GPT-2's Conv1D needs `fan_in_fan_out: true` (`peft/tuners/lora/layer.py`, dispatch_default).
+- GPT-2's Conv1D needs `fan_in_fan_out: true` (`peft/tuners/lora/layer.py`, dispatch_default);
+- DoRA (`use_dora: true`, PEFT ≥ 0.9; checked against 0.21): the magnitude (out,) is saved under
+  `base_model.model.<module>.lora_magnitude_vector`, without `.weight` (`LoraModel._get_adapter_state_dict`
+  strips it, `_remap_adapter_state_dict_for_load` adds it back; `peft/tuners/lora/model.py`); PEFT applies
+  DoRA to Conv1D too (DoraLinearLayer transposes by fan_in_fan_out).
 Only fields that PEFT 0.13's LoraConfig already knows are written: older PEFT rejects unknown keys.
 
 Trained rows of tokens the data step added are PEFT's `trainable_token_indices` (PEFT ≥ 0.15,
@@ -42,18 +46,18 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import chat_template_for, save_tokenizer
+from sftlab.export.model_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, save_tokenizer
 from sftlab.methods.base import Method
-from sftlab.methods.lora import LoRALinear, lora_modules
+from sftlab.methods.lora import DoRALinear, LoRA, LoRALinear, lora_modules
 from sftlab.methods.token_rows import EmbeddingRows, HeadRows, token_rows_modules
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 """PeftModelForCausalLM.base_model (LoraModel).model (the HF model): the prefix of every saved key."""
-PEFT_PARAMS = {"A": "lora_A.weight", "B": "lora_B.weight", "rows": "token_adapter.trainable_tokens_delta"}
-"""sftlab parameter -> PEFT's key suffix; A is (rank, in), B (out, rank) and token rows (n, H) in both."""
-UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None,
+PEFT_PARAMS = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
+               "rows": "token_adapter.trainable_tokens_delta"}
+"""sftlab parameter -> PEFT's key suffix; A is (rank, in), B (out, rank), DoRA's magnitude (out,) and token
+rows (n, H) in both."""
+UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None,
                "layers_to_transform": None, "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {},
                "exclude_modules": None, "target_parameters": None}
 """PEFT LoRA features sftlab does not implement, with the value a loadable adapter must have."""
@@ -92,6 +96,7 @@ def load_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> N
         raise SftlabError(f"{adapter / ADAPTER_CONFIG} is not valid JSON: {exc}") from None
     _check_peft_config(peft_config, adapter)
     _check_scaling(peft_config, modules, adapter)
+    _check_dora(peft_config, modules, adapter)
     _check_targets(peft_config["target_modules"], model, modules, adapter)
     token_rows = _adapter_token_rows(peft_config, model, method, adapter)
     state = _from_peft_state(load_file(str(adapter / ADAPTER_WEIGHTS)), method.trainable_parameters(model),
@@ -128,6 +133,7 @@ def adapter_lora_settings(adapter_dir: str | Path) -> tuple[str | None, list[str
     targets = peft_config["target_modules"]
     overrides = ["method=lora", f"lora.rank={peft_config['r']}", f"lora.alpha={peft_config['lora_alpha']}",
                  f"lora.rslora={str(bool(peft_config.get('use_rslora'))).lower()}",
+                 f"lora.dora={str(bool(peft_config.get('use_dora'))).lower()}",
                  f"lora.targets={json.dumps(targets)}"]
     return peft_config.get("base_model_name_or_path"), overrides
 
@@ -184,7 +190,7 @@ def _peft_config(model: nn.Module, modules: Mapping[str, LoRALinear], config: Co
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": any(isinstance(module, DoRALinear) for module in modules.values()),
         "layer_replication": None,
         **_peft_token_indices(model),
     }
@@ -323,6 +329,15 @@ def _check_scaling(peft_config: Mapping[str, Any], modules: Mapping[str, LoRALin
                           f"lora.rslora={str(rslora).lower()} to load this adapter.")
 
 
+def _check_dora(peft_config: Mapping[str, Any], modules: Mapping[str, LoRALinear], adapter: Path) -> None:
+    use_dora = bool(peft_config.get("use_dora"))
+    name, module = next(iter(modules.items()))
+    if isinstance(module, DoRALinear) != use_dora:
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} has use_dora={str(use_dora).lower()}, but the model's LoRA "
+                          f"layers (e.g. {name}) are {'DoRA' if isinstance(module, DoRALinear) else 'plain LoRA'}. "
+                          f"Set lora.dora={str(use_dora).lower()} to load this adapter.")
+
+
 def _check_targets(target_modules: str | list[str], model: nn.Module, modules: Mapping[str, LoRALinear],
                    adapter: Path) -> None:
     selected = _peft_selection(target_modules, _base_module_names(model, modules))
@@ -334,11 +349,8 @@ def _check_targets(target_modules: str | list[str], model: nn.Module, modules: M
                           f"{only_model[:3]}). Set lora.targets to the adapter's target_modules.")
 
 
-# --- model dirs and fidelity --------------------------------------------------------------------------
-
-
 def _lora_modules_of(model: nn.Module, method: Method) -> dict[str, LoRALinear]:
-    if method.name != "lora":
+    if not isinstance(method, LoRA):  # QLoRA and DoRA are LoRA too
         raise SftlabError(f"a PEFT-format adapter holds LoRA weights, but the method is {method.name!r}; "
                           "save a full fine-tune with save_model.")
     modules = lora_modules(model)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from sftlab.methods.base import Method, MergeError
+from sftlab.methods.base import MergeError, Method
+from sftlab.methods.bottleneck import Bottleneck
 from sftlab.methods.full import Full
 from sftlab.methods.lora import LoRA
+from sftlab.methods.prefix import Prefix
+from sftlab.methods.prompt import PromptTuning, PTuning
+from sftlab.methods.qlora import QLoRA
 
-METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA}
+METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA, "qlora": QLoRA, "adapter": Bottleneck,
+                                  "prompt": PromptTuning, "ptuning": PTuning, "prefix": Prefix}
 
-__all__ = ["METHODS", "Method", "MergeError", "Full", "LoRA"]
+__all__ = ["METHODS", "Bottleneck", "Full", "LoRA", "MergeError", "Method", "PTuning", "Prefix", "PromptTuning",
+           "QLoRA"]

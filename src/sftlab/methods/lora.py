@@ -3,7 +3,8 @@
 `LoRALinear` wraps the frozen base layer (nn.Linear, or GPT-2's Conv1D whose weight is stored transposed)
 and adds the low-rank path; it works on every HF architecture without forking model classes.
 With `trainable_token_ids` (tokens the data step added), those embedding and output-head rows train too
-(`token_rows.py`); all other rows stay the base's.
+(`token_rows.py`); all other rows stay the base's. With `lora.dora` the wrapper is `DoRALinear`, which adds a
+trained magnitude per output row.
 """
 
 from __future__ import annotations
@@ -69,6 +70,84 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024, arXiv:2402.09353): h = m ⊙ (W0 + ΔW)·x / ‖W0 + ΔW‖ + b, with ΔW = s·B·A.
+
+    The magnitude m (out,) trains with A and B and starts at ‖W0‖ (B = 0), so the output is the base's at
+    init; ‖·‖ is the norm of each output row over the in dim. As the paper (§4.3) recommends and HF PEFT does
+    (`peft/tuners/lora/dora.py`, DoraLinearLayer.forward; checked against PEFT 0.21), the norm is a constant
+    for autograd: it tracks ΔW in the forward but passes no gradient. The forward is PEFT's, so logits and
+    gradients match it:
+
+        out = base(x) + (m/n − 1)·W0·x' + (m/n)·s·B·A·x',    n = ‖W0 + s·B·A‖ (detached)
+
+    where x' = dropout(x). Without active dropout (eval, or dropout 0), W0·x' = base(x) − b; with it,
+    W0·x' = F.linear(x', W0), so the base term keeps the undropped input and only the DoRA correction sees the
+    dropped one. The (out, in) matrix W0 + s·B·A is formed on every forward to take its norm.
+
+    merge() writes (m/n)·(W0 + s·B·A) into the base weight (bias unchanged) and keeps m/n; unmerge() inverts it,
+    W0 = W/(m/n) − s·B·A (as PEFT does). On an fp32 base W0 comes back to fp32 rounding (about 1e-7 relative;
+    worse for a row whose m is near 0); on a bf16 base to bf16 precision.
+    """
+
+    def __init__(self, base: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False) -> None:
+        super().__init__(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
+        self.magnitude = nn.Parameter(self.weight_norm())  # (out,) = ‖W0‖ per row, as B = 0
+        self.register_buffer("merge_factor", None, persistent=False)  # m/n while merged, (out,)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 (or the merged weight) as (out, in), in the adapter's dtype; dequantised under QLoRA (QDoRA)."""
+        weight = self.base.weight
+        return (weight.t() if self._base_is_conv1d() else weight).to(self.A.dtype)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """n = ‖W0 + s·B·A‖ per output row, (out,); computed without autograd: DoRA treats it as a constant."""
+        return torch.linalg.vector_norm(self.base_weight() + self.scaling * (self.B @ self.A), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        x = x.to(self.A.dtype)
+        scale = self.magnitude / self.weight_norm()  # (out,) broadcasts over (..., out)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            x = self.dropout(x)
+            base_out = F.linear(x, self.base_weight())  # W0·x', no bias
+        else:
+            bias = self.base.bias
+            base_out = out.to(x.dtype) if bias is None else out.to(x.dtype) - bias.to(x.dtype)
+        lora_out = F.linear(F.linear(x, self.A), self.B)  # (..., out)
+        update = (scale - 1) * base_out + scale * lora_out * self.scaling
+        return out + update.to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            factor = self.magnitude / self.weight_norm()
+            self._write_base_weight(factor[:, None] * (self.base_weight() + self.scaling * (self.B @ self.A)))
+            self.merge_factor = factor
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._write_base_weight(self.base_weight() / self.merge_factor[:, None] - self.scaling * (self.B @ self.A))
+            self.merge_factor = None
+            self.merged = False
+
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        """Copy an (out, in) weight into the base layer, in its layout and dtype."""
+        base = self.base.weight
+        base.copy_((weight.t() if self._base_is_conv1d() else weight).to(base.dtype))
+
+    def _base_is_conv1d(self) -> bool:
+        """Whether the base layer now stores its weight (in, out). Not `transposed` (the wrapped layer's
+        layout, which the export needs): QLoRA's NF4Linear holds (out, in) even in place of a Conv1D."""
+        return type(self.base).__name__ == "Conv1D"
+
+
 class LoRA(Method):
     name = "lora"
     mergeable = True
@@ -82,8 +161,9 @@ class LoRA(Method):
         for name in find_targets(model, lora.targets):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            wrapped = LoRALinear(getattr(parent, child), rank=lora.rank, alpha=lora.alpha,
-                                 dropout=lora.dropout, rslora=lora.rslora)
+            wrapper = DoRALinear if lora.dora else LoRALinear
+            wrapped = wrapper(getattr(parent, child), rank=lora.rank, alpha=lora.alpha,
+                              dropout=lora.dropout, rslora=lora.rslora)
             setattr(parent, child, wrapped)
         if self.trainable_token_ids:  # after the targets: the head is never a LoRA target
             add_token_rows(model, self.trainable_token_ids)
@@ -91,7 +171,7 @@ class LoRA(Method):
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         lora = {f"{name}.{p_name}": p
                 for name, module in model.named_modules() if isinstance(module, LoRALinear)
-                for p_name, p in (("A", module.A), ("B", module.B))}
+                for p_name, p in module.named_parameters(recurse=False)}  # A, B (+ DoRA's magnitude)
         return {**lora, **token_rows_parameters(model)}
 
     def merge(self, model: nn.Module) -> nn.Module:

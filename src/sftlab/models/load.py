@@ -72,8 +72,12 @@ def load_model(model: "ModelConfig", *, device: "torch.device | None" = None) ->
         raise ConfigError(f"{source} has no config.json; expected a Hugging Face model directory "
                           "(config.json + *.safetensors), a hub id, or a .gguf file.")
     name = str(source) if source.exists() else model.path
+    from sftlab.models.quant import quiet_loggers
+
     try:
-        loaded = _from_pretrained(AutoModelForCausalLM, name, kwargs)
+        # transformers imports torchao (when installed) on load; on CPU it logs missing CUDA kernels.
+        with quiet_loggers("torchao", "torch.utils._pytree"):
+            loaded = _from_pretrained(AutoModelForCausalLM, name, kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {model.path!r}: {exc}") from None
     return loaded.to(device)
@@ -107,7 +111,7 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None,
             return load_for_inference(str(root / "model"), device=device)
         adapter = root / "adapter"
     elif (root / export.ADAPTER_CONFIG).is_file():
-        base_path, overrides = export.adapter_lora_settings(root)
+        base_path, overrides = export.adapter_settings(root)
         if not (base or base_path):
             raise ConfigError(f"{root} names no base model; pass --base PATH.")
         cfg = load_config(overrides=[*overrides, f"model={base or base_path}"])

@@ -15,6 +15,7 @@ from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError
 from sftlab.methods import METHODS
 from sftlab.models.load import default_device, load_model, load_tokenizer
+from sftlab.models.quant import base_memory_line
 from sftlab.train.loop import Setup
 
 
@@ -55,6 +56,8 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
                           f"{', '.join(METHODS)}.")
     method = METHODS[cfg.method](cfg, trainable_token_ids=new_token_ids)
     method.apply(model)
+    if cfg.method == "qlora":
+        console.print(base_memory_line(model))
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
     console.print(f"method {cfg.method}: trainable {100 * trainable / total:.2f}% — "

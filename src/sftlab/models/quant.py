@@ -1,0 +1,234 @@
+"""NF4 base weights for QLoRA (torchao's `NF4Tensor`), their resident size, and dequantisation for merge.
+
+NF4 (Dettmers et al. 2023, "QLoRA", §3): each block of `block_size` (64) consecutive weights is divided
+by its absolute maximum and every value is stored as the 4-bit index of the nearest of 16 NormalFloat
+levels (the quantiles of N(0, 1), rescaled to [-1, 1], with an exact 0). Double quantisation stores the
+per-block absmax scales themselves as int8 (minus their mean, one fp scale per 256 of them), saving
+about 0.37 bits per weight. torchao implements both in `NF4Tensor` (pure PyTorch: it runs on CPU and
+CUDA); its linear dequantises the weight to the input's dtype and multiplies.
+
+Resident size of an NF4 weight (out × in, in the compute dtype): out·in/2 bytes of codes + out·in/64
+bytes of int8 scales (double-quantised; 4 bytes per 64 weights in fp32 without) + a few bytes per 256
+blocks — 0.26× the same weights in bf16 (0.28× without double quantisation). The tests measure it.
+
+Error (tests/methods/test_qlora.py checks the bounds below): a Gaussian weight comes back from NF4 with a
+relative RMS error of 9.2% (WEIGHT_REL_RMS_ERROR); on 2-layer random Llamas (hidden 64) the logits of the
+quantised model differ from the fp32 model's by at most FORWARD_MAX_REL_ERROR (max |Δlogit| / max |logit|)
+and FORWARD_MEAN_REL_ERROR on average (mean |Δlogit| / mean |logit|). Errors of the layers compound: the
+same measure gives 0.15-0.30 / 0.15-0.19 on 4-layer random models, whose logits are tiny. Pretrained
+models fare better (QLoRA §4: NF4 with double quantisation matches 16-bit fine-tuning), but a QLoRA
+model's logits differ from the unquantised base's by percents, never by 1e-5 as a merge does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_REL_RMS_ERROR = 0.10
+"""Bound on ‖dequant(NF4(W)) - W‖ / ‖W‖ for a Gaussian weight (measured: 0.092, block size 64)."""
+FORWARD_MAX_REL_ERROR = 0.20
+"""Bound on max |logit(NF4) - logit(fp32)| / max |logit(fp32)| for the test models: random 2-layer Llamas,
+hidden 64, init std 0.02 (measured over 6 seeds: 0.09-0.17)."""
+FORWARD_MEAN_REL_ERROR = 0.15
+"""Bound on mean |logit(NF4) - logit(fp32)| / mean |logit(fp32)|, same models (measured: 0.09-0.12)."""
+SCALER_BLOCK_SIZE = 256
+"""Double quantisation: per-block scales share one fp scale per this many blocks (QLoRA §3)."""
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is an NF4Tensor: forward(x) = x·dequant(W)ᵀ + b.
+
+    The weight is held (out, in) even for GPT-2's Conv1D (stored (in, out)); `plain()` rebuilds the
+    original kind of layer. The bias stays in its original precision."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, conv1d: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.conv1d = conv1d
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    @torch.no_grad()
+    def from_layer(cls, layer: nn.Module, *, block_size: int, double_quant: bool) -> NF4Linear | None:
+        """The NF4 form of an nn.Linear or Conv1D; None if its weight does not split into whole blocks."""
+        if not fits_nf4(layer, block_size):
+            return None
+        conv1d = type(layer).__name__ == "Conv1D"
+        weight = layer.weight.detach()
+        weight = (weight.t() if conv1d else weight).contiguous()  # (out, in)
+        return cls(to_nf4(weight, block_size=block_size, double_quant=double_quant), layer.bias, conv1d=conv1d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torchao routes F.linear on an NF4Tensor to its LinearNF4 autograd function: the weight is
+        # dequantised to x's dtype for the product; backward gives x its gradient, the weight none.
+        return F.linear(x, self.weight, self.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """dequant(W), (out, in), in the weight's compute dtype."""
+        return self.weight.get_original_weight()
+
+    @torch.no_grad()
+    def plain(self, weight: torch.Tensor | None = None) -> nn.Module:
+        """An nn.Linear (or Conv1D) holding `weight` in the original layer's layout — dequant(W) if None —
+        and this layer's bias."""
+        dense = self.dequantized_weight() if weight is None else weight
+        dtype, device = self.weight.dtype, self.weight.device
+        if self.conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            layer: nn.Module = Conv1D(self.out_features, self.in_features)
+            if weight is None:
+                dense = dense.t()
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight = nn.Parameter(dense.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        layer.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, nf4 block {w.block_size}, dtype {str(w.dtype).removeprefix('torch.')}"
+
+
+def to_nf4(weight: torch.Tensor, *, block_size: int, double_quant: bool) -> torch.Tensor:
+    """torchao's NF4Tensor of a 2-D weight whose numel is a multiple of block_size.
+
+    torchao always double-quantises; without `double_quant` the per-block absmax scales are kept as
+    plain fp32 (as bitsandbytes does), put into the same NF4Tensor so that its dequantise path reads them
+    unchanged: scales / 1 + 0."""
+    nf4_tensor = _torchao_nf4()
+    n_blocks = weight.numel() // block_size
+    # torchao needs the scaler block to divide the number of blocks; small layers get a smaller one.
+    scaler_block = max(d for d in range(1, min(SCALER_BLOCK_SIZE, n_blocks) + 1) if n_blocks % d == 0)
+    quantized = nf4_tensor.from_tensor(weight, block_size, scaler_block)
+    if double_quant:
+        # torchao's quantization_factor (n_scaler_blocks,) may be a view into a (n_scaler_blocks,
+        # scaler_block) tensor it computed on the way: a copy keeps only what is needed resident.
+        scales, factor, mean = quantized.quantized_scalers, quantized.quantization_factor.clone(), quantized.scaler_mean
+    else:
+        scaler_block = n_blocks
+        scales = weight.flatten().view(n_blocks, block_size).abs().amax(dim=1).float()  # (n_blocks,)
+        factor, mean = torch.ones(1, device=weight.device), torch.zeros((), device=weight.device)
+    meta = quantized.__tensor_flatten__()[1]["tensor_meta"]
+    return nf4_tensor(meta, block_size, n_blocks, scaler_block, scales, factor, mean, quantized.quantized_data,
+                      quantized.nf4)
+
+
+def fits_nf4(layer: nn.Module, block_size: int) -> bool:
+    """Whether the layer's weight splits into whole NF4 blocks (of whole bytes: two 4-bit codes each)."""
+    numel = layer.weight.numel()
+    return numel % block_size == 0 and numel % 2 == 0
+
+
+def nf4_modules(model: nn.Module) -> dict[str, NF4Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+def quantize(model: nn.Module, names: list[str], *, block_size: int, double_quant: bool) -> list[str]:
+    """Replace each named linear layer by its NF4Linear, in place; returns the names of layers left in
+    their original precision because their weight does not split into whole blocks (`fits_nf4`)."""
+    skipped = []
+    for name in names:
+        quantized = NF4Linear.from_layer(model.get_submodule(name), block_size=block_size, double_quant=double_quant)
+        if quantized is None:
+            skipped.append(name)
+        else:
+            _replace(model, name, quantized)
+    return skipped
+
+
+def dequantize(model: nn.Module, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace every NF4Linear by a plain nn.Linear (or Conv1D), in place: with dequant(W), or with
+    `weights[module name]` (the original weight, in the original layer's layout) where given."""
+    for name, module in nf4_modules(model).items():
+        _replace(model, name, module.plain(None if weights is None else weights[name]))
+    return model
+
+
+def base_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Resident bytes of the frozen base: `nf4` (every storage of the NF4 weights: codes, scales, their
+    scales, the level table), `nf4_as_bf16` (the same weights at 2 bytes each), `other` (every other frozen
+    parameter, e.g. embeddings, norms, head, biases) and `total`. Shared storages count once."""
+    seen: set[int] = set()
+    nf4, nf4_as_bf16, other = 0, 0, 0
+    for param in model.parameters():
+        if param.requires_grad:
+            continue
+        if _is_nf4(param):
+            nf4 += sum(_storage_bytes(t, seen) for t in _inner_tensors(param))
+            nf4_as_bf16 += 2 * param.numel()
+        else:
+            other += _storage_bytes(param, seen)
+    return {"nf4": nf4, "nf4_as_bf16": nf4_as_bf16, "other": other, "total": nf4 + other}
+
+
+def base_memory_line(model: nn.Module) -> str:
+    """One line for the run log, e.g. `base weights: 1.23 MB (linear layers 0.26 MB NF4, 0.26x of bf16;
+    other weights 0.97 MB)`; the other weights are the embeddings, norms, head, biases and any linear layer
+    that does not split into whole blocks."""
+    size = base_weight_bytes(model)
+    ratio = size["nf4"] / size["nf4_as_bf16"] if size["nf4_as_bf16"] else float("nan")
+    return (f"base weights: {_mb(size['total'])} (linear layers {_mb(size['nf4'])} NF4, {ratio:.2f}x of bf16; "
+            f"other weights {_mb(size['other'])})")
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.2f} MB" if count < 1e9 else f"{count / 1e9:.2f} GB"
+
+
+def _is_nf4(tensor: torch.Tensor) -> bool:
+    return type(tensor.data if isinstance(tensor, nn.Parameter) else tensor).__name__ == "NF4Tensor"
+
+
+def _inner_tensors(param: torch.Tensor) -> Iterator[torch.Tensor]:
+    tensor = param.data if isinstance(param, nn.Parameter) else param
+    names, _ = tensor.__tensor_flatten__()
+    return (getattr(tensor, name) for name in names)
+
+
+def _storage_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
+    storage = tensor.untyped_storage()
+    if storage.data_ptr() in seen:
+        return 0
+    seen.add(storage.data_ptr())
+    return storage.nbytes()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _torchao_nf4() -> Any:
+    """torchao's NF4Tensor class. Importing torchao logs warnings about its CUDA-only extensions on a CPU
+    machine; they say nothing about NF4 (pure PyTorch), so they are silenced for the import."""
+    try:
+        with quiet_loggers("torchao", "torch.utils._pytree"):
+            from torchao.quantization import NF4Tensor
+    except ImportError as exc:
+        from sftlab.errors import ConfigError
+
+        raise ConfigError(f"method qlora needs torchao (NF4 weights): pip install 'torchao>=0.18' ({exc})") from None
+    return NF4Tensor
+
+
+@contextmanager
+def quiet_loggers(*logger_names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
