@@ -251,3 +251,12 @@ def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
 def test_training_sections_validate(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_example_config_loads(path: Path) -> None:
+    from sftlab.methods import METHODS
+
+    cfg = load_config(path)
+    assert cfg.method in METHODS and cfg.data.train
