@@ -32,9 +32,9 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 class CountingEncoder(Encoder):
     calls = 0
 
-    def encode_batch(self, conversations):  # type: ignore[override]
+    def _render(self, conversations):  # every encoding path renders first
         CountingEncoder.calls += len(conversations)
-        return super().encode_batch(conversations)
+        return super()._render(conversations)
 
 
 def encoder(template: str = "chatml", tokenizer=None) -> CountingEncoder:

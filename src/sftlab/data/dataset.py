@@ -149,9 +149,10 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
         conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
                                            on_bad_row=data.on_bad_row, rejects=log)
         encoded_rows = 0
-        while batch := list(islice(conversations, BATCH_ROWS)):
+        batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
+        for batch, results in encoder.encode_stream(batches):
             encoded_rows += len(batch)
-            for conversation, result in zip(batch, encoder.encode_batch(batch)):
+            for conversation, result in zip(batch, results):
                 if isinstance(result, DataError):
                     if data.on_bad_row == "error" and not isinstance(result, Dropped):
                         raise result
@@ -159,12 +160,10 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                             row=conversation_row(conversation))
                     encode_rejects += 1
                     continue
-                example = result.example
-                ids = np.asarray(example.input_ids, dtype=np.int32)
-                trained = np.asarray(example.labels, dtype=np.int64) != IGNORE_INDEX
+                ids, trained = result.ids.astype(np.int32), result.trained
                 ids.tofile(ids_file)
                 trained.astype(np.uint8).tofile(trained_file)
-                where_file.write(example.where + "\n")
+                where_file.write(result.example.where + "\n")
                 offsets.append(offsets[-1] + len(ids))
                 stats.examples += 1
                 stats.trained_tokens += int(trained.sum())

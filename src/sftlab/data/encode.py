@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,11 +37,17 @@ class Example:
 
 @dataclass(frozen=True)
 class Encoded:
-    """An example plus what reports need: per-token role codes and whether it was truncated."""
+    """An example plus what reports and writers need: its arrays, per-token role codes, truncation."""
     example: Example
-    roles: list[int]
+    role_codes: np.ndarray  # (T,) ROLE_CODES of each token
     truncated: bool
     segments: list[Segment]
+    ids: np.ndarray         # (T,) int64, the example's input_ids
+    trained: np.ndarray     # (T,) bool, labels != IGNORE_INDEX
+
+    @property
+    def roles(self) -> list[int]:
+        return self.role_codes.tolist()
 
 
 TOO_LONG = "too long"
@@ -90,22 +97,44 @@ class Encoder:
 
     def encode_batch(self, conversations: Sequence[Conversation]) -> list[Encoded | DataError]:
         """Encode a batch; each entry is the Encoded result or the DataError / Dropped for that row."""
+        rendered = self._render(conversations)
+        return self._finish(conversations, rendered, self._tokenize(_texts(rendered)))
+
+    def encode_stream(self, batches: Iterable[Sequence[Conversation]]
+                      ) -> Iterator[tuple[Sequence[Conversation], list[Encoded | DataError]]]:
+        """encode_batch over a stream of batches, pipelined: while the tokenizer (Rust, which releases the
+        GIL) encodes batch k+1 on a worker thread, Python reads, renders and labels on this one."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for batch in batches:
+                rendered = self._render(batch)
+                future = pool.submit(self._tokenize, _texts(rendered))
+                if pending is not None:
+                    yield pending[0], self._finish(pending[0], pending[1], pending[2].result())
+                pending = (batch, rendered, future)
+            if pending is not None:
+                yield pending[0], self._finish(pending[0], pending[1], pending[2].result())
+
+    def _render(self, conversations: Sequence[Conversation]) -> list[list[Segment] | DataError]:
         rendered: list[list[Segment] | DataError] = []
         for conversation in conversations:
             try:
                 rendered.append(self.template.render(conversation, self.train_on))
             except DataError as exc:
                 rendered.append(exc)
-        texts = ["".join(s.text for s in r) for r in rendered if not isinstance(r, DataError)]
-        tokenized = iter(self._tokenize(texts))
+        return rendered
+
+    def _finish(self, conversations: Sequence[Conversation], rendered: list[list[Segment] | DataError],
+                tokenized: list[tuple[list[int], Any]]) -> list[Encoded | DataError]:
+        pieces = iter(tokenized)
         results: list[Encoded | DataError] = []
         for conversation, segments in zip(conversations, rendered):
             if isinstance(segments, DataError):
                 results.append(segments)
                 continue
-            ids, offsets = next(tokenized)
+            ids, encoding = next(pieces)
             try:
-                results.append(self._label(conversation.where, segments, ids, offsets))
+                results.append(self._label(conversation.where, segments, ids, encoding))
             except DataError as exc:
                 results.append(exc)
         return results
@@ -118,26 +147,28 @@ class Encoder:
 
     def _label(self, where: str, segments: list[Segment], ids: list[int], encoding: Any) -> Encoded:
         if encoding is None:
-            labels, roles = self._label_by_segments(where, segments, ids)
+            trained, roles = self._label_by_segments(where, segments, ids)
         else:
-            labels, roles = _label_by_offsets(where, segments, ids, encoding)
-        if all(label == IGNORE_INDEX for label in labels):
+            trained, roles = _label_by_offsets(where, segments, ids, encoding)
+        if not trained.any():
             raise Dropped(f"no token is trained (data.train_on={self.train_on} and the messages' own \"train\" "
                           "flags), so the row teaches nothing; dropped.", where=where, reason=NOTHING_TRAINED)
+        array = np.asarray(ids, dtype=np.int64)
         truncated = False
-        if self.max_seq_len is not None and len(ids) > self.max_seq_len:
+        if self.max_seq_len is not None and len(array) > self.max_seq_len:
             if self.truncation == "drop":
-                raise Dropped(f"{len(ids)} tokens is more than data.max_seq_len={self.max_seq_len}; dropped "
+                raise Dropped(f"{len(array)} tokens is more than data.max_seq_len={self.max_seq_len}; dropped "
                               "(data.truncation=drop). Raise max_seq_len or set data.truncation=truncate.",
                               where=where, reason=TOO_LONG)
             limit = self.max_seq_len
-            ids, labels, roles, truncated = ids[:limit], labels[:limit], roles[:limit], True
-            if all(label == IGNORE_INDEX for label in labels):
+            array, trained, roles, truncated = array[:limit], trained[:limit], roles[:limit], True
+            if not trained.any():
                 raise Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. "
                               "Raise max_seq_len or shorten the prompt.", where=where, reason=NOTHING_TRAINED)
-        return Encoded(Example(list(ids), labels, where), roles, truncated, segments)
+        labels = np.where(trained, array, IGNORE_INDEX)
+        return Encoded(Example(array.tolist(), labels.tolist(), where), roles, truncated, segments, array, trained)
 
-    def _label_by_segments(self, where: str, segments: list[Segment], whole: list[int]) -> tuple[list[int], list[int]]:
+    def _label_by_segments(self, where: str, segments: list[Segment], whole: list[int]) -> tuple[np.ndarray, np.ndarray]:
         ids: list[int] = []
         labels: list[int] = []
         roles: list[int] = []
@@ -151,7 +182,11 @@ class Encoder:
                             "segment (it merges characters across a trained/untrained boundary) and gives no "
                             "offsets to map them; use a fast tokenizer (tokenizer.json).",
                             where=where, reason=STRADDLE)
-        return labels, roles
+        return np.asarray(labels, dtype=np.int64) != IGNORE_INDEX, np.asarray(roles, dtype=np.int64)
+
+
+def _texts(rendered: list[list[Segment] | DataError]) -> list[str]:
+    return ["".join(s.text for s in r) for r in rendered if not isinstance(r, DataError)]
 
 
 def _alters_encoding(backend: Any) -> bool:
@@ -161,8 +196,8 @@ def _alters_encoding(backend: Any) -> bool:
     return trims or backend.truncation is not None or backend.padding is not None
 
 
-def _label_by_offsets(where: str, segments: list[Segment], ids: list[int], encoding: Any) -> tuple[list[int], list[int]]:
-    """Labels and role codes from the token that holds each segment's first character.
+def _label_by_offsets(where: str, segments: list[Segment], ids: list[int], encoding: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Trained flags and role codes per token, from the token that holds each segment's first character.
 
     A segment starts at the token containing its first character; if that token began earlier, it
     straddles the boundary: harmless between two segments both trained or both not (the token goes to
@@ -190,8 +225,7 @@ def _label_by_offsets(where: str, segments: list[Segment], ids: list[int], encod
     counts = np.maximum(np.diff(bounds), 0)
     trained = np.repeat(np.array([s.trainable for s in segments], dtype=bool), counts)
     roles = np.repeat(np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64), counts)
-    labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
-    return labels.tolist(), roles.tolist()
+    return trained, roles
 
 
 def _straddle(where: str, segments: list[Segment], index: int, span: tuple[int, int]) -> None:
@@ -203,7 +237,7 @@ def _straddle(where: str, segments: list[Segment], index: int, span: tuple[int, 
 
 
 def _label_by_all_offsets(where: str, segments: list[Segment], ids: list[int],
-                          offsets: np.ndarray) -> tuple[list[int], list[int]]:
+                          offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The general path: every token's character span looked up among the segments."""
     offsets = offsets.reshape(-1, 2)
     starts = np.cumsum([0] + [len(s.text) for s in segments[:-1]])
@@ -219,8 +253,7 @@ def _label_by_all_offsets(where: str, segments: list[Segment], ids: list[int],
     if straddle.any():
         k = int(np.argmax(straddle))
         _straddle(where, segments, k, (int(offsets[k, 0]), int(offsets[k, 1])))
-    labels = np.where(trainable[first], np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
-    return labels.tolist(), role_codes[first].tolist()
+    return trainable[first], role_codes[first]
 
 
 def _ensure_special_tokens(tokenizer: Any, template: ChatTemplate, add: bool) -> list[str]:
