@@ -30,7 +30,8 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, save_tokenizer
+from sftlab.export.model_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, read_adapter_config,
+                                     save_tokenizer)
 from sftlab.methods.base import Method
 from sftlab.methods.bottleneck import BottleneckAdapter, bottleneck_modules
 
@@ -94,16 +95,8 @@ def load_bottleneck(model: nn.Module, method: Method, adapter_dir: str | Path) -
 
 def read_config(adapter_dir: str | Path) -> dict[str, Any]:
     """The checked adapter_config.json of a bottleneck adapter dir."""
-    adapter = Path(adapter_dir)
-    where = adapter / ADAPTER_CONFIG
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (adapter / name).is_file():
-            raise SftlabError(f"{adapter} has no {name}; expected a bottleneck adapter dir ({ADAPTER_CONFIG} + "
-                              f"{ADAPTER_WEIGHTS}), e.g. the adapter/ dir of a method=adapter run.")
-    try:
-        document = json.loads(where.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SftlabError(f"{where} is not valid JSON: {exc}") from None
+    where = Path(adapter_dir) / ADAPTER_CONFIG
+    document = read_adapter_config(adapter_dir, "bottleneck")
     if not is_bottleneck_config(document):
         found = document.get("sftlab_method", document.get("peft_type")) if isinstance(document, dict) else document
         raise SftlabError(f"{where}: expected sftlab_method {SCHEMA!r}, found {found!r}; this is not a "

@@ -4,6 +4,8 @@ with, and the fidelity check between an adapter model and its merged form."""
 
 from __future__ import annotations
 
+import json
+
 import copy
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +23,35 @@ from sftlab.methods.base import MergeError, Method
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 """The two files of every adapter dir sftlab writes (the names HF PEFT uses)."""
+
+
+def read_adapter_config(adapter_dir: str | Path, kind: str) -> Any:
+    """The parsed adapter_config.json of an adapter dir holding both adapter files; `kind` names the
+    expected adapter in the error (e.g. "PEFT-format LoRA")."""
+    adapter = Path(adapter_dir)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter / name).is_file():
+            raise SftlabError(f"{adapter} has no {name}; expected a {kind} adapter dir ({ADAPTER_CONFIG} + "
+                              f"{ADAPTER_WEIGHTS}), e.g. a run's adapter/ dir.")
+    try:
+        return json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SftlabError(f"{adapter / ADAPTER_CONFIG} is not valid JSON: {exc}") from None
+
+
+def resize_note(title: str, where_rows: str, base_model: Any) -> str:
+    """README.md for an adapter dir whose tokenizer has tokens the base lacks: how to load it with PEFT."""
+    return (f"# {title} with trained rows for added tokens\n\n"
+            f"The tokenizer in this dir has tokens the base model lacks; {where_rows}. With HF PEFT, resize the "
+            "base model's embeddings to this tokenizer before loading the adapter:\n\n"
+            "```python\n"
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base_model!r})\n"
+            "base.resize_token_embeddings(len(tokenizer))\n"
+            "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n"
+            "```\n")
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, chat_template: str | None = None) -> Path:

@@ -46,7 +46,8 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, save_tokenizer
+from sftlab.export.model_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, read_adapter_config,
+                                     resize_note, save_tokenizer)
 from sftlab.methods.base import Method
 from sftlab.methods.lora import DoRALinear, LoRA, LoRALinear, lora_modules
 from sftlab.methods.token_rows import EmbeddingRows, HeadRows, token_rows_modules
@@ -77,7 +78,8 @@ def save_adapter(model: nn.Module, method: Method, config: Config, tokenizer: An
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
     if "trainable_token_indices" in peft_config:
-        (out / "README.md").write_text(_resize_note(peft_config), encoding="utf-8")
+        (out / "README.md").write_text(resize_note("LoRA adapter", "the adapter holds their trained embedding rows (`trainable_token_indices` in "
+                    "adapter_config.json; HF PEFT >= 0.15)", peft_config.get("base_model_name_or_path")), encoding="utf-8")
     return out
 
 
@@ -86,14 +88,7 @@ def load_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> N
     been applied; its rank, scaling and target modules must be those the adapter was trained with."""
     modules = _lora_modules_of(model, method)
     adapter = Path(adapter_dir)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (adapter / name).is_file():
-            raise SftlabError(f"{adapter} has no {name}; expected a PEFT-format LoRA adapter dir "
-                              f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}), e.g. a run's adapter/ dir.")
-    try:
-        peft_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SftlabError(f"{adapter / ADAPTER_CONFIG} is not valid JSON: {exc}") from None
+    peft_config = read_adapter_config(adapter, "PEFT-format LoRA")
     _check_peft_config(peft_config, adapter)
     _check_scaling(peft_config, modules, adapter)
     _check_dora(peft_config, modules, adapter)
@@ -206,21 +201,6 @@ def _peft_token_indices(model: nn.Module) -> dict[str, Any]:
     if len(rows) == 1:  # the input embedding alone, or with a tied head that PEFT ties to it
         return {"trainable_token_indices": ids}
     return {"trainable_token_indices": {name: ids for name in rows}}
-
-
-def _resize_note(peft_config: Mapping[str, Any]) -> str:
-    return ("# LoRA adapter with trained rows for added tokens\n\n"
-            "The tokenizer in this dir has tokens the base model lacks; the adapter holds their trained embedding "
-            "rows (`trainable_token_indices` in adapter_config.json). With HF PEFT (>= 0.15), resize the base "
-            "model's embeddings to this tokenizer before loading the adapter:\n\n"
-            "```python\n"
-            "from peft import PeftModel\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)\n"
-            f"base = AutoModelForCausalLM.from_pretrained({peft_config.get('base_model_name_or_path')!r})\n"
-            "base.resize_token_embeddings(len(tokenizer))\n"
-            "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n"
-            "```\n")
 
 
 def _peft_targets(model: nn.Module, modules: Mapping[str, LoRALinear],

@@ -37,7 +37,8 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, save_tokenizer
+from sftlab.export.model_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, read_adapter_config,
+                                     resize_note, save_tokenizer)
 from sftlab.methods.base import Method
 from sftlab.methods.prefix import PrefixEncoder, prefix_encoder
 from sftlab.methods.token_rows import HeadRows, TokenRows, token_rows_modules
@@ -67,7 +68,9 @@ def save_prefix(model: nn.Module, method: Method, config: Config, tokenizer: Any
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
     if rows:
-        (out / "README.md").write_text(_resize_note(peft_config), encoding="utf-8")
+        (out / "README.md").write_text(resize_note("Prefix-tuning adapter", "the adapter holds the embedding (and output head) weights with "
+                    "their trained rows (`modules_to_save` in adapter_config.json)",
+                    peft_config.get("base_model_name_or_path")), encoding="utf-8")
     return out
 
 
@@ -94,15 +97,8 @@ def load_prefix(model: nn.Module, method: Method, adapter_dir: str | Path) -> No
 
 
 def read_config(adapter_dir: str | Path) -> dict[str, Any]:
+    document = read_adapter_config(adapter_dir, "PEFT-format prefix-tuning")
     adapter = Path(adapter_dir)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (adapter / name).is_file():
-            raise SftlabError(f"{adapter} has no {name}; expected a PEFT-format prefix-tuning adapter dir "
-                              f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}), e.g. a run's adapter/ dir.")
-    try:
-        document = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SftlabError(f"{adapter / ADAPTER_CONFIG} is not valid JSON: {exc}") from None
     if not is_prefix_config(document):
         found = document.get("peft_type") if isinstance(document, dict) else type(document).__name__
         raise SftlabError(f"{adapter / ADAPTER_CONFIG}: peft_type is {found!r}; expected {PEFT_TYPE}.")
@@ -197,21 +193,6 @@ def _encoder_of(model: nn.Module, method: Method) -> PrefixEncoder:
     if method.name != "prefix":
         raise SftlabError(f"a PEFT prefix-tuning adapter holds key/value prefixes, but the method is {method.name!r}.")
     return prefix_encoder(model)
-
-
-def _resize_note(peft_config: dict[str, Any]) -> str:
-    return ("# Prefix-tuning adapter with trained rows for added tokens\n\n"
-            "The tokenizer in this dir has tokens the base model lacks; the adapter holds the embedding (and output "
-            "head) weights with their trained rows (`modules_to_save` in adapter_config.json). With HF PEFT, resize "
-            "the base model's embeddings to this tokenizer before loading the adapter:\n\n"
-            "```python\n"
-            "from peft import PeftModel\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)\n"
-            f"base = AutoModelForCausalLM.from_pretrained({peft_config.get('base_model_name_or_path')!r})\n"
-            "base.resize_token_embeddings(len(tokenizer))\n"
-            "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n"
-            "```\n")
 
 
 def prefix_adapter_settings(adapter_dir: str | Path) -> tuple[str | None, list[str]]:

@@ -36,13 +36,12 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import chat_template_for, save_tokenizer
+from sftlab.export.model_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, read_adapter_config,
+                                     resize_note, save_tokenizer)
 from sftlab.methods.base import Method
 from sftlab.methods.prompt import PromptTuning, soft_prompt
 from sftlab.methods.token_rows import TokenRows, token_rows_modules
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}
 """sftlab method -> PEFT's peft_type."""
 EMBEDDINGS_KEY = "prompt_embeddings"
@@ -72,7 +71,9 @@ def save_prompt_adapter(model: nn.Module, method: Method, config: Config, tokeni
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
     if rows:
-        (out / "README.md").write_text(_resize_note(peft_config), encoding="utf-8")
+        (out / "README.md").write_text(resize_note("Soft-prompt adapter", "adapter_model.safetensors holds the whole input embedding (and "
+                    "output head) with their trained rows, as HF PEFT saves a resized vocabulary",
+                    peft_config.get("base_model_name_or_path")), encoding="utf-8")
     return out
 
 
@@ -145,15 +146,8 @@ def prompt_adapter_settings(adapter_dir: str | Path) -> tuple[str | None, list[s
 
 def read_peft_config(adapter: Path) -> dict[str, Any]:
     """adapter_config.json of a PROMPT_TUNING / P_TUNING adapter dir, checked."""
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (adapter / name).is_file():
-            raise SftlabError(f"{adapter} has no {name}; expected a PEFT-format adapter dir "
-                              f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}), e.g. a run's adapter/ dir.")
     where = adapter / ADAPTER_CONFIG
-    try:
-        peft_config = json.loads(where.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SftlabError(f"{where} is not valid JSON: {exc}") from None
+    peft_config = read_adapter_config(adapter, "PEFT-format prompt-tuning / P-tuning")
     if not isinstance(peft_config, dict) or peft_config.get("peft_type") not in PEFT_TYPES.values():
         found = peft_config.get("peft_type") if isinstance(peft_config, dict) else type(peft_config).__name__
         raise SftlabError(f"{where}: peft_type is {found!r}; expected one of {', '.join(PEFT_TYPES.values())}.")
@@ -219,18 +213,3 @@ def _check_method(method: Method) -> None:
     if not isinstance(method, PromptTuning) or method.name not in PEFT_TYPES:
         raise SftlabError(f"a PROMPT_TUNING / P_TUNING adapter holds soft-prompt weights, but the method is "
                           f"{method.name!r}.")
-
-
-def _resize_note(peft_config: dict[str, Any]) -> str:
-    return ("# Soft-prompt adapter with trained rows for added tokens\n\n"
-            "The tokenizer in this dir has tokens the base model lacks; adapter_model.safetensors holds the whole "
-            "input embedding (and output head) with their trained rows, as HF PEFT saves a resized vocabulary. "
-            "With HF PEFT, resize the base model's embeddings to this tokenizer before loading the adapter:\n\n"
-            "```python\n"
-            "from peft import PeftModel\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            "tokenizer = AutoTokenizer.from_pretrained(ADAPTER_DIR)\n"
-            f"base = AutoModelForCausalLM.from_pretrained({peft_config.get('base_model_name_or_path')!r})\n"
-            "base.resize_token_embeddings(len(tokenizer))\n"
-            "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n"
-            "```\n")
