@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from array import array
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -140,7 +141,7 @@ def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
 def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
     stats = DatasetStats()
-    offsets = [0]
+    offsets = array("q", [0])  # 8 bytes per example, not a Python int object each
     encode_rejects = 0
     with RejectLog(directory / "rejects.jsonl") as log, \
             (directory / "input_ids.bin").open("wb") as ids_file, \
@@ -170,7 +171,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 stats.truncated += int(result.truncated)
         stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
         stats.rejected = dict(log.counts)
-    np.asarray(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
+    np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
     stats.tokens = offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")

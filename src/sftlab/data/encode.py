@@ -11,8 +11,8 @@ equal the whole-string encoding, or the row is refused.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np

@@ -30,8 +30,13 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, read_adapter_config,
-                                     save_tokenizer)
+from sftlab.export.model_dir import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    chat_template_for,
+    read_adapter_config,
+    save_tokenizer,
+)
 from sftlab.methods.base import Method
 from sftlab.methods.bottleneck import BottleneckAdapter, bottleneck_modules
 

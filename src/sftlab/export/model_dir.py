@@ -4,9 +4,8 @@ with, and the fidelity check between an adapter model and its merged form."""
 
 from __future__ import annotations
 
-import json
-
 import copy
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path

@@ -46,8 +46,14 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, read_adapter_config,
-                                     resize_note, save_tokenizer)
+from sftlab.export.model_dir import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    chat_template_for,
+    read_adapter_config,
+    resize_note,
+    save_tokenizer,
+)
 from sftlab.methods.base import Method
 from sftlab.methods.lora import DoRALinear, LoRA, LoRALinear, lora_modules
 from sftlab.methods.token_rows import EmbeddingRows, HeadRows, token_rows_modules

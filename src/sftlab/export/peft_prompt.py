@@ -36,8 +36,14 @@ from torch import nn
 
 from sftlab.config import Config
 from sftlab.errors import SftlabError
-from sftlab.export.model_dir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, chat_template_for, read_adapter_config,
-                                     resize_note, save_tokenizer)
+from sftlab.export.model_dir import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    chat_template_for,
+    read_adapter_config,
+    resize_note,
+    save_tokenizer,
+)
 from sftlab.methods.base import Method
 from sftlab.methods.prompt import PromptTuning, soft_prompt
 from sftlab.methods.token_rows import TokenRows, token_rows_modules
