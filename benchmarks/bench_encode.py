@@ -1,0 +1,479 @@
+"""Benchmark of the data pipeline: JSONL -> validated conversations -> chat template -> masked tokens.
+
+Not a unit test. Generates a JSONL of synthetic SFT conversations shaped like real data (a system prompt,
+1-3 turns, long user turns, shorter answers, some unicode and code), then times `build_dataset` on it in a
+fresh process and reports conversations/s, tokens/s and the peak RSS of that process, next to its RSS
+with only the tokenizer loaded. Results go to a table on stdout and to benchmarks/results/bench_encode.json
+(one entry per run label, merged with earlier runs).
+
+    python benchmarks/bench_encode.py                   # 100,000 conversations, Qwen2.5, template auto
+    python benchmarks/bench_encode.py --size-gb 1       # a ~1 GB file: peak RSS must not grow with size
+    python benchmarks/bench_encode.py --stages 20000    # also time each stage on the first 20k rows
+
+Targets (issue 2): >= 2,000 conversations/s on a 2-core machine; a 1 GB JSONL encodes within 2 GB RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import random
+import resource
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from itertools import accumulate, islice
+from pathlib import Path
+from typing import Any
+
+ZIPF_EXPONENT = 1.1
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZERS = REPO / ".cache" / "fixtures" / "tokenizers"
+RESULTS = REPO / "benchmarks" / "results" / "bench_encode.json"
+
+COMMON_WORDS = (
+    "the of and to a in is that it for as with was on be by this are or from at which an have not but "
+    "they you we can all one their there has been if more when will would who so no about what up out "
+    "into than them only other new some could time these two may then first any like my now over such "
+    "our made after also did many before must through back years where much your way well down should "
+    "because each just those how too little state good very make world still own see men work long get "
+    "here between both life being under never day same another know while last might us great old year "
+    "off come since against go came right used take three model data training loss gradient tokenizer "
+    "function value error result example python memory layer batch sequence token learning rate"
+).split()
+UNICODE_WORDS = ("café naïve über façade Zürich São Paulo 東京 日本語 中文 数据 模型 训练 Привет данные "
+                 "обучение Ελληνικά αβγ שלום مرحبا हिन्दी 😀 🚀 ✓ → — … € ½ µs ∑ ℕ Ä ø").split()
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer in as few words as the question allows, and say when unsure.",
+    "You are an expert Python programmer. Explain your reasoning, then give working code.",
+    "You are a friendly tutor for high-school students. Use simple language and short examples.",
+    "Tu es un assistant serviable qui répond en français, de façon claire et précise.",
+    "You are a careful research assistant. Cite what you rely on and never invent references.",
+    "你是一个乐于助人的助手。请用简洁的中文回答问题。",
+    "You are a customer-support agent for an online store. Be polite; never promise refunds.",
+)
+CODE_SNIPPETS = (
+    "```python\ndef mean(values):\n    return sum(values) / len(values)\n```",
+    "```python\nfor index, row in enumerate(rows):\n    if not row:\n        continue\n    print(index, row)\n```",
+    "```bash\npip install -e '.[test]' && python -m pytest -q\n```",
+    "```json\n{\"learning_rate\": 2e-4, \"rank\": 16, \"alpha\": 32}\n```",
+)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class TextSource:
+    """Deterministic pseudo-text: Zipf-weighted words (common English, synthetic words, some unicode)
+    pre-assembled into a pool of sentences, so that writing a message costs one `choices` call."""
+
+    def __init__(self, seed: int, *, vocabulary: int = 30_000, sentences: int = 50_000) -> None:
+        self.rng = random.Random(seed)
+        syllables = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+        synthetic = {"".join(self.rng.choices(syllables, k=self.rng.randint(1, 2)))
+                     for _ in range(vocabulary)}
+        rare = sorted(synthetic) + UNICODE_WORDS
+        self.rng.shuffle(rare)  # unicode words get ranks among the synthetic ones
+        words = COMMON_WORDS + rare
+        # Zipf's law, steep enough that the common words are about half the text, as in English prose.
+        cumulative = list(accumulate(1.0 / (rank + 2) ** ZIPF_EXPONENT for rank in range(len(words))))
+        self.sentences: list[str] = []
+        self.sentence_words: list[int] = []
+        for _ in range(sentences):
+            count = self.rng.randint(6, 24)
+            picked = self.rng.choices(words, cum_weights=cumulative, k=count)
+            if self.rng.random() < 0.2:
+                picked[self.rng.randrange(count)] = str(self.rng.randint(0, 10_000))
+            if self.rng.random() < 0.3:
+                picked[self.rng.randrange(count - 1)] += ","
+            end = self.rng.choices((".", "?", "!", ":"), (80, 10, 5, 5))[0]
+            self.sentences.append(" ".join(picked).capitalize() + end)
+            self.sentence_words.append(count)
+        self.mean_words = sum(self.sentence_words) / len(self.sentence_words)
+
+    def paragraph(self, min_words: int, max_words: int, *, code: float = 0.0) -> str:
+        """About `min_words`..`max_words` words of sentences, broken into paragraphs; no edge whitespace."""
+        target = self.rng.randint(min_words, max_words)
+        picked = self.rng.choices(self.sentences, k=max(1, round(target / self.mean_words)))
+        parts, current = [], []
+        for sentence in picked:
+            current.append(sentence)
+            if self.rng.random() < 0.15:
+                parts.append(" ".join(current))
+                current = []
+        if current:
+            parts.append(" ".join(current))
+        if self.rng.random() < code:
+            parts.insert(self.rng.randint(0, len(parts)), self.rng.choice(CODE_SNIPPETS))
+        return "\n\n".join(parts)
+
+    def conversation(self) -> dict[str, Any]:
+        messages = [{"role": "system", "content": self.rng.choice(SYSTEM_PROMPTS)}]
+        for _ in range(self.rng.choices((1, 2, 3), (50, 30, 20))[0]):
+            messages.append({"role": "user", "content": self.paragraph(50, 300, code=0.05)})
+            messages.append({"role": "assistant", "content": self.paragraph(20, 150, code=0.15)})
+        return {"messages": messages}
+
+
+def generate(path: Path, *, conversations: int | None, size_bytes: int | None, seed: int) -> tuple[int, int]:
+    """Write conversations to `path` until `conversations` rows or `size_bytes` bytes; (rows, bytes)."""
+    source = TextSource(seed)
+    rows = written = 0
+    with path.open("wb", buffering=1 << 22) as file:
+        while (conversations is None or rows < conversations) and (size_bytes is None or written < size_bytes):
+            line = (json.dumps(source.conversation(), ensure_ascii=False) + "\n").encode("utf-8")
+            file.write(line)
+            rows += 1
+            written += len(line)
+    return rows, written
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    data_path: str
+    tokenizer: str
+    template: str
+    max_seq_len: int | str | None
+    """A number, None (no limit) or "default" (DataConfig's)."""
+    cache_dir: str | None
+    """None: build uncached (a scratch dir); else a fresh cache dir, so the key's file hash is timed too."""
+    stages: int
+    profile: str | None
+
+
+def _memory_mib() -> dict[str, float]:
+    """This process's resident set now (VmRSS) and its peak (VmHWM), in MiB. VmHWM belongs to the
+    address space, so a spawned child starts from zero, unlike ru_maxrss which survives exec."""
+    status = Path("/proc/self/status")
+    if not status.is_file():  # not Linux: ru_maxrss is the best there is (bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
+        return {"rss": peak, "peak": peak}
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` seconds on a thread, to show whether memory grows
+    during the build (it must not, whatever the file size) rather than only its peak."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(_memory_mib()["rss"])
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def by_tenth(self) -> list[float]:
+        """Highest RSS in each tenth of the run, in MiB."""
+        n = len(self.samples)
+        return [max(self.samples[i * n // 10:max((i + 1) * n // 10, i * n // 10 + 1)]) for i in range(10)] if n else []
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process so far, all threads (the tokenizer's Rust threads included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_build(spec: BuildSpec) -> dict[str, Any]:
+    """In this (fresh) process: load the tokenizer, build the dataset, report time, sizes and memory."""
+    from sftlab.config import DataConfig
+    from sftlab.data.dataset import build_dataset
+    from sftlab.data.encode import Encoder
+    from sftlab.data.templates import load_template
+    from sftlab.models.load import load_tokenizer
+
+    source = source_digest()  # before the build: src/ may change while it runs
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(spec.tokenizer)
+    baseline = _memory_mib()["rss"]
+    template = load_template(spec.template, tokenizer)
+    length = {} if spec.max_seq_len == "default" else {"max_seq_len": spec.max_seq_len}
+    data = DataConfig(template=spec.template, cache=spec.cache_dir is not None, cache_dir=spec.cache_dir,
+                      **length)
+    encoder = Encoder(tokenizer, template, train_on=data.train_on, max_seq_len=data.max_seq_len,
+                      truncation=data.truncation, add_special_tokens=data.add_special_tokens)
+    setup_s = time.perf_counter() - started
+    with_encoder = _memory_mib()["rss"]
+    profiler = None
+    if spec.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    load_before, cpu_before = os.getloadavg()[0], _cpu_s()
+    started = time.perf_counter()
+    with RssSampler() as rss:
+        dataset = build_dataset(spec.data_path, data, encoder)
+    build_s = time.perf_counter() - started
+    cpu_s, load_after = _cpu_s() - cpu_before, os.getloadavg()[0]
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(spec.profile)
+    memory = _memory_mib()
+    stats = dataset.stats
+    result = {
+        "sftlab_source": source, "max_seq_len": data.max_seq_len,
+        "setup_s": setup_s, "build_s": build_s, "build_cpu_s": cpu_s, "load_average_1m": [load_before, load_after],
+        "rows": stats.rows, "examples": stats.examples, "rejected": stats.rejected,
+        "tokens": stats.tokens, "trained_tokens": stats.trained_tokens,
+        "rss_tokenizer_mib": baseline, "rss_encoder_mib": with_encoder, "rss_end_mib": memory["rss"],
+        "peak_rss_mib": memory["peak"], "rss_by_tenth_mib": rss.by_tenth(),
+    }
+    if spec.stages:
+        result["stages_cpu_ms"] = time_stages(spec, encoder, data, cpu_s * 1000 / stats.rows)
+    return result
+
+
+STAGES = ("read, convert, validate", "Jinja render (x2)", "spans, segments", "tokenizer (Rust, one thread)",
+          "tokenizer output to Python", "labels")
+
+
+def time_stages(spec: BuildSpec, encoder: Any, data: Any, build_cpu_ms: float) -> dict[str, Any]:
+    """CPU milliseconds per conversation of each stage, over the first `spec.stages` rows in batches of
+    512 as the build runs them. CPU time, not wall time, so that it holds still when other processes load
+    the machine; each stage is timed on one thread (the tokenizer too: `encode` one text at a time, so no
+    idle worker threads are counted). `other` is the build's CPU per conversation (all threads) less the
+    stages: writing the arrays, freeing each batch, thread hand-offs, the tokenizer pool's idle spinning.
+    Reaches into Encoder internals on purpose: a diagnostic, not an API; if they changed, it says so."""
+    from sftlab.data.formats import read_conversations
+
+    spent = dict.fromkeys(STAGES, 0.0)
+    count = 0
+    with tempfile.TemporaryDirectory(prefix="bench-encode-") as scratch:
+        head = Path(scratch) / "head.jsonl"
+        with open(spec.data_path, "rb") as source:
+            head.write_bytes(b"".join(islice(source, spec.stages)))
+        conversations = read_conversations(head, format=data.format)
+        try:
+            while batch := _timed(spent, STAGES[0], lambda: list(islice(conversations, 512))):
+                count += len(batch)
+                _time_batch(encoder, batch, spent)
+        except (AttributeError, TypeError, ValueError) as exc:  # Encoder internals changed under us
+            return {"error": f"stage timing needs updating to sftlab's Encoder: {type(exc).__name__}: {exc}"}
+    stages = {name: seconds * 1000 / count for name, seconds in spent.items()}
+    stages["other: write, free, threads"] = build_cpu_ms - sum(stages.values())
+    return {"conversations": count, **stages}
+
+
+def _timed(spent: dict[str, float], stage: str, work: Any) -> Any:
+    started = time.thread_time()
+    value = work()
+    spent[stage] += time.thread_time() - started
+    return value
+
+
+def _time_batch(encoder: Any, batch: list[Any], spent: dict[str, float]) -> None:
+    template, train_on = encoder.template, encoder.train_on
+    plain = [[{"role": m.role, "content": m.content} for m in c.messages] for c in batch]
+    # render() renders twice (real contents, then sentinels) and maps spans; time one plain render apart.
+    one_render = {STAGES[1]: 0.0}
+    _timed(one_render, STAGES[1], lambda: [template.render_text(messages) for messages in plain])
+    rendered = _timed(spent, STAGES[2], lambda: [template.render(c, train_on) for c in batch])
+    spent[STAGES[1]] += 2 * one_render[STAGES[1]]
+    spent[STAGES[2]] -= 2 * one_render[STAGES[1]]
+    texts = ["".join(segment.text for segment in segments) for segments in rendered]
+    _timed(spent, STAGES[3], lambda: [encoder._backend.encode(text, add_special_tokens=False) for text in texts])
+    # The calling thread sleeps while the tokenizer's threads work: its CPU time is the conversion only.
+    tokenized = _timed(spent, STAGES[4], lambda: encoder._tokenize(texts))
+    _timed(spent, STAGES[5], lambda: [encoder._label(c.where, segments, *pair)
+                                      for c, segments, pair in zip(batch, rendered, tokenized, strict=True)])
+
+
+def _child(spec: BuildSpec, connection: Any) -> None:
+    try:
+        connection.send(("ok", run_build(spec)))
+    except Exception as exc:  # report it in the parent, which prints it
+        connection.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def build_in_fresh_process(spec: BuildSpec) -> dict[str, Any]:
+    """`run_build` in a spawned interpreter, so nothing the parent did (generating the data) is in its
+    peak RSS."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(spec, sender))
+    process.start()
+    sender.close()
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", "the build process died without a result (killed for memory?)"
+    process.join()
+    if status != "ok":
+        raise SystemExit(f"build failed: {payload}")
+    return payload
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    from importlib import metadata
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    versions = {}
+    for package in ("tokenizers", "transformers", "jinja2", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu": cpu, "python": platform.python_version(), **versions}
+
+
+def source_digest() -> str:
+    """Digest of sftlab's source: src/ changes between runs, and a number belongs to the code it timed."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted((REPO / "src" / "sftlab").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def summarize(args: argparse.Namespace, data: dict[str, Any], build: dict[str, Any]) -> dict[str, Any]:
+    seconds = build["build_s"]
+    return {
+        "tokenizer": args.tokenizer, "template": args.template,
+        "cached_build": args.cache, "file_bytes": data["bytes"], "file_conversations": data["rows"],
+        "generate_s": data["generate_s"], **build,
+        "conversations_per_s": build["rows"] / seconds, "tokens_per_s": build["tokens"] / seconds,
+        "mb_per_s": data["bytes"] / 1e6 / seconds, "machine": machine(),
+    }
+
+
+def print_table(label: str, result: dict[str, Any]) -> None:
+    rows = [
+        ("run", label),
+        ("tokenizer / template", f"{result['tokenizer']} / {result['template']}"),
+        ("file", f"{result['file_bytes'] / 1e6:,.1f} MB, {result['file_conversations']:,} conversations"),
+        ("examples / rejected", (f"{result['examples']:,} / {sum(result['rejected'].values()):,} "
+                                 f"{result['rejected'] or ''}")),
+        ("tokens (trained)", f"{result['tokens']:,} ({result['trained_tokens']:,})"),
+        ("build time", (f"{result['build_s']:,.1f} s wall, {result['build_cpu_s']:,.1f} s CPU "
+                        f"(+ {result['setup_s']:.1f} s tokenizer/template load)")),
+        ("load average (1 min)", "{:.2f} before, {:.2f} after".format(*result["load_average_1m"])),
+        ("conversations/s", (f"{result['conversations_per_s']:,.0f} "
+                             f"({result['rows'] / result['build_cpu_s']:,.0f} per CPU-second)")),
+        ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
+        ("MB/s of JSONL", f"{result['mb_per_s']:,.2f}"),
+        ("RSS, tokenizer loaded", (f"{result['rss_tokenizer_mib']:,.0f} MiB "
+                                   f"({result['rss_encoder_mib']:,.0f} MiB with template and Encoder)")),
+        ("peak RSS of the build", f"{result['peak_rss_mib']:,.0f} MiB"),
+        ("RSS by tenth of the build", " ".join(f"{mib:,.0f}" for mib in result["rss_by_tenth_mib"]) + " MiB"),
+        ("machine", ("{nproc} CPUs ({cpu}), Python {python}, tokenizers {tokenizers}, "
+                     "transformers {transformers}").format(**result["machine"])),
+    ]
+    stages = dict(result.get("stages_cpu_ms", {}))
+    if "error" in stages:
+        rows.append(("CPU per conversation", stages["error"]))
+    elif stages:
+        rows.append(("CPU per conversation", f"by stage, over the first {stages.pop('conversations'):,} rows"))
+        total = sum(stages.values())
+        rows += [(f"  {name}", f"{ms:.3f} ms  {100 * ms / total:4.1f}%") for name, ms in stages.items()]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def save(label: str, result: dict[str, Any], path: Path) -> None:
+    """Merge this run into the results file under `label`, keeping other runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    runs[label] = result
+    path.write_text(json.dumps(runs, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def _seq_len(text: str) -> int | str | None:
+    return None if text == "none" else text if text == "default" else int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("-n", "--conversations", type=int, default=100_000, help="rows to generate (default 100,000)")
+    size.add_argument("--size-gb", type=float, help="generate a file of about this many GB instead")
+    parser.add_argument("--data", type=Path, help="benchmark this existing JSONL instead of generating one")
+    parser.add_argument("--tokenizer", default="qwen2_5", help="fixture name (qwen2_5, llama3_2, gemma3) or a dir")
+    parser.add_argument("--template", default="auto", help="chatml, llama3, auto or a .jinja file")
+    parser.add_argument("--max-seq-len", type=_seq_len, default="default",
+                        help="data.max_seq_len: a number, none, or default (DataConfig's default)")
+    parser.add_argument("--cache", action="store_true",
+                        help="build through a fresh temporary cache (times hashing the file too)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the generated file goes (deleted afterwards unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated file")
+    parser.add_argument("--stages", type=int, default=0, metavar="ROWS",
+                        help="also time each pipeline stage on the first ROWS rows")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the build to this .prof file")
+    parser.add_argument("--label", help="name of this run in the results file (default from the size)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
+    return parser.parse_args(argv)
+
+
+def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
+    if args.data is not None:
+        with args.data.open("rb") as file:
+            rows = sum(1 for _ in file)
+        return {"path": args.data, "rows": rows, "bytes": args.data.stat().st_size, "generate_s": 0.0}
+    size_bytes = int(args.size_gb * 1e9) if args.size_gb else None
+    conversations = None if size_bytes else args.conversations
+    path = args.workdir / f"bench-encode-{args.size_gb or conversations}-seed{args.seed}.jsonl"
+    started = time.perf_counter()
+    rows, written = generate(path, conversations=conversations, size_bytes=size_bytes, seed=args.seed)
+    elapsed = time.perf_counter() - started
+    print(f"generated {path}: {rows:,} conversations, {written / 1e6:,.1f} MB in {elapsed:.1f} s", flush=True)
+    return {"path": path, "rows": rows, "bytes": written, "generate_s": elapsed}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    tokenizer_dir = TOKENIZERS / args.tokenizer
+    tokenizer = str(tokenizer_dir) if tokenizer_dir.is_dir() else args.tokenizer
+    data = prepare_data(args)
+    label = args.label or (f"{args.size_gb:g} GB" if args.size_gb else f"{data['rows']:,} conversations")
+    label += f" / {args.tokenizer} / {args.template}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-encode-cache-") as cache_dir:
+            spec = BuildSpec(str(data["path"]), tokenizer, args.template, args.max_seq_len,
+                             cache_dir if args.cache else None, args.stages,
+                             str(args.profile) if args.profile else None)
+            build = build_in_fresh_process(spec)
+    finally:
+        if args.data is None and not args.keep:
+            data["path"].unlink(missing_ok=True)
+    result = summarize(args, data, build)
+    print_table(label, result)
+    save(label, result, args.output)
+    print(f"saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
