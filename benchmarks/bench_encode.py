@@ -6,6 +6,10 @@ fresh process and reports conversations/s, tokens/s and the peak RSS of that pro
 with only the tokenizer loaded. Results go to a table on stdout and to benchmarks/results/bench_encode.json
 (one entry per run label, merged with earlier runs).
 
+Wall-clock rates move with whatever else runs on the machine (the 1-minute load average is recorded
+before and after); conversations per CPU-second and the per-stage CPU times hold still, so compare those
+across runs, and wall rates only between runs made at a similar load.
+
     python benchmarks/bench_encode.py                   # 100,000 conversations, Qwen2.5, template auto
     python benchmarks/bench_encode.py --size-gb 1       # a ~1 GB file: peak RSS must not grow with size
     python benchmarks/bench_encode.py --stages 20000    # also time each stage on the first 20k rows
@@ -445,7 +449,11 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
         return {"path": args.data, "rows": rows, "bytes": args.data.stat().st_size, "generate_s": 0.0}
     size_bytes = int(args.size_gb * 1e9) if args.size_gb else None
     conversations = None if size_bytes else args.conversations
-    path = args.workdir / f"bench-encode-{args.size_gb or conversations}-seed{args.seed}.jsonl"
+    # A unique name: runs of this benchmark by other people on the same machine must not share a file.
+    handle, name = tempfile.mkstemp(prefix=f"bench-encode-{args.size_gb or conversations}-seed{args.seed}-",
+                                    suffix=".jsonl", dir=args.workdir)
+    os.close(handle)
+    path = Path(name)
     started = time.perf_counter()
     rows, written = generate(path, conversations=conversations, size_bytes=size_bytes, seed=args.seed)
     elapsed = time.perf_counter() - started
