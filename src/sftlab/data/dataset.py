@@ -153,6 +153,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
         batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
         for batch, results in encoder.encode_stream(batches):
             encoded_rows += len(batch)
+            kept = []
             for conversation, result in zip(batch, results):
                 if isinstance(result, DataError):
                     if data.on_bad_row == "error" and not isinstance(result, Dropped):
@@ -161,14 +162,16 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                             row=conversation_row(conversation))
                     encode_rejects += 1
                     continue
-                ids, trained = result.ids.astype(np.int32), result.trained
-                ids.tofile(ids_file)
-                trained.astype(np.uint8).tofile(trained_file)
-                where_file.write(result.example.where + "\n")
-                offsets.append(offsets[-1] + len(ids))
-                stats.examples += 1
-                stats.trained_tokens += int(trained.sum())
+                kept.append(result)
+                offsets.append(offsets[-1] + len(result.ids))
                 stats.truncated += int(result.truncated)
+            if kept:  # one write per batch, not per example
+                trained = np.concatenate([r.trained for r in kept])
+                np.concatenate([r.ids for r in kept]).astype(np.int32).tofile(ids_file)
+                trained.astype(np.uint8).tofile(trained_file)
+                where_file.write("".join(r.example.where + "\n" for r in kept))
+                stats.examples += len(kept)
+                stats.trained_tokens += int(trained.sum())
         stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
         stats.rejected = dict(log.counts)
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")

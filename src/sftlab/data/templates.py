@@ -126,6 +126,7 @@ class ChatTemplate:
         self.variables = dict(variables or {})
         self._sentinel = f"@@SFTLAB{secrets.token_hex(6)}M"
         self._sentinel_re = re.compile(re.escape(self._sentinel) + r"(\d+)@@")
+        self._marked_cache: dict[tuple[str, ...], str] = {}
 
     def render_text(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
                     where: str = "") -> str:
@@ -144,11 +145,21 @@ class ChatTemplate:
         messages = conversation.messages
         where = conversation.where
         text = self.render_text([_as_dict(m) for m in messages], where=where)
-        marked = self.render_text([{"role": m.role, "content": f"{self._sentinel}{i}@@"}
-                                   for i, m in enumerate(messages)], where=where)
+        marked = self._marked(tuple(m.role for m in messages), where)
         spans = self._content_spans(text, marked, messages, where)
         flags = trainable_flags(messages, train_on)
         return _segments(text, spans, flags, messages, self._eot_after, train_on == "all", where)
+
+    def _marked(self, roles: tuple[str, ...], where: str) -> str:
+        """The render with a sentinel for each content: it depends only on the roles (the template's other
+        variables and its clock are fixed per template), so it is computed once per role sequence."""
+        cached = self._marked_cache.get(roles)
+        if cached is None:
+            cached = self.render_text([{"role": role, "content": f"{self._sentinel}{i}@@"}
+                                       for i, role in enumerate(roles)], where=where)
+            if len(self._marked_cache) < 4096:
+                self._marked_cache[roles] = cached
+        return cached
 
     def _content_spans(self, text: str, marked: str, messages: Sequence[Message],
                        where: str) -> list[tuple[int, int, int]]:
