@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sftlab.config import Config
@@ -35,7 +35,7 @@ from sftlab.export.model_dir import (
     ADAPTER_WEIGHTS,
     chat_template_for,
     read_adapter_config,
-    save_tokenizer,
+    write_adapter_files,
 )
 from sftlab.methods.base import Method
 from sftlab.methods.bottleneck import BottleneckAdapter, bottleneck_modules
@@ -51,7 +51,6 @@ def save_bottleneck(model: nn.Module, method: Method, config: Config, tokenizer:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in method.state_dict(model).items()}
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     settings = _settings(modules)
     base = config.model.path
     if base and Path(base).expanduser().is_dir():
@@ -61,9 +60,7 @@ def save_bottleneck(model: nn.Module, method: Method, config: Config, tokenizer:
                 "modules": list(modules)}  # model order: layer 0 first
     if method.trainable_token_ids:
         document["trainable_token_ids"] = list(method.trainable_token_ids)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
-    return out
+    return write_adapter_files(out, state, document, tokenizer, chat_template_for(config, tokenizer))
 
 
 def load_bottleneck(model: nn.Module, method: Method, adapter_dir: str | Path) -> None:

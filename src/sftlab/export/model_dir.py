@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from sftlab.config import Config
@@ -22,6 +23,19 @@ from sftlab.methods.base import MergeError, Method
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 """The two files of every adapter dir sftlab writes (the names HF PEFT uses)."""
+
+
+def write_adapter_files(out: Path, state: dict[str, torch.Tensor], document: dict[str, Any], tokenizer: Any,
+                        chat_template: str | None, *, metadata: dict[str, str] | None = None,
+                        readme: str | None = None) -> Path:
+    """An adapter dir's files: the weights, adapter_config.json, the tokenizer with the chat template the
+    run trained with, and (where PEFT users need instructions) a README.md. Returns `out`."""
+    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    save_tokenizer(tokenizer, out, chat_template)
+    if readme is not None:
+        (out / "README.md").write_text(readme, encoding="utf-8")
+    return out
 
 
 def read_adapter_config(adapter_dir: str | Path, kind: str) -> Any:

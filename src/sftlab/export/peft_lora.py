@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sftlab.config import Config
@@ -52,7 +52,7 @@ from sftlab.export.model_dir import (
     chat_template_for,
     read_adapter_config,
     resize_note,
-    save_tokenizer,
+    write_adapter_files,
 )
 from sftlab.methods.base import Method
 from sftlab.methods.lora import DoRALinear, LoRA, LoRALinear, lora_modules
@@ -79,14 +79,14 @@ def save_adapter(model: nn.Module, method: Method, config: Config, tokenizer: An
     out.mkdir(parents=True, exist_ok=True)
     state = {_peft_key(key): tensor.detach().cpu().contiguous()
              for key, tensor in method.state_dict(model).items()}
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_config = _peft_config(model, modules, config)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-    save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
+    readme = None
     if "trainable_token_indices" in peft_config:
-        (out / "README.md").write_text(resize_note("LoRA adapter", "the adapter holds their trained embedding rows (`trainable_token_indices` in "
-                    "adapter_config.json; HF PEFT >= 0.15)", peft_config.get("base_model_name_or_path")), encoding="utf-8")
-    return out
+        readme = resize_note("LoRA adapter", "the adapter holds their trained embedding rows "
+                             "(`trainable_token_indices` in adapter_config.json; HF PEFT >= 0.15)",
+                             peft_config.get("base_model_name_or_path"))
+    return write_adapter_files(out, state, peft_config, tokenizer, chat_template_for(config, tokenizer),
+                               readme=readme)
 
 
 def load_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> None:
@@ -94,8 +94,7 @@ def load_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> N
     been applied; its rank, scaling and target modules must be those the adapter was trained with."""
     modules = _lora_modules_of(model, method)
     adapter = Path(adapter_dir)
-    peft_config = read_adapter_config(adapter, "PEFT-format LoRA")
-    _check_peft_config(peft_config, adapter)
+    peft_config = _checked_config(adapter)
     _check_scaling(peft_config, modules, adapter)
     _check_dora(peft_config, modules, adapter)
     _check_targets(peft_config["target_modules"], model, modules, adapter)
@@ -112,12 +111,7 @@ def adapter_token_ids(adapter_dir: str | Path) -> list[int]:
     """The token ids whose rows a PEFT-format adapter trained (`trainable_token_indices`), sorted; [] if none.
     The method that loads the adapter must be built with them (trainable_token_ids)."""
     adapter = Path(adapter_dir)
-    try:
-        peft_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SftlabError(f"{adapter / ADAPTER_CONFIG} cannot be read ({exc}); expected a PEFT-format "
-                          "LoRA adapter dir.") from None
-    _check_peft_config(peft_config, adapter)
+    peft_config = _checked_config(adapter)
     return _token_indices(peft_config, adapter)[1]
 
 
@@ -125,12 +119,7 @@ def adapter_lora_settings(adapter_dir: str | Path) -> tuple[str | None, list[str
     """(base model, config overrides) that rebuild the LoRA a PEFT-format adapter dir was trained with,
     for loading an adapter dir that has no sftlab run around it."""
     adapter = Path(adapter_dir)
-    try:
-        peft_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SftlabError(f"{adapter / ADAPTER_CONFIG} cannot be read ({exc}); expected a PEFT-format "
-                          "LoRA adapter dir.") from None
-    _check_peft_config(peft_config, adapter)
+    peft_config = _checked_config(adapter)
     targets = peft_config["target_modules"]
     overrides = ["method=lora", f"lora.rank={peft_config['r']}", f"lora.alpha={peft_config['lora_alpha']}",
                  f"lora.rslora={str(bool(peft_config.get('use_rslora'))).lower()}",
@@ -246,6 +235,13 @@ def _base_module_names(model: nn.Module, modules: Mapping[str, LoRALinear]) -> l
 
 
 # --- load-time checks ---------------------------------------------------------------------------------
+
+def _checked_config(adapter: Path) -> dict[str, Any]:
+    """adapter_config.json of a PEFT-format LoRA adapter dir, read and checked."""
+    peft_config = read_adapter_config(adapter, "PEFT-format LoRA")
+    _check_peft_config(peft_config, adapter)
+    return peft_config
+
 
 def _check_peft_config(peft_config: Any, adapter: Path) -> None:
     where = adapter / ADAPTER_CONFIG

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sftlab.config import Config
@@ -43,7 +43,7 @@ from sftlab.export.model_dir import (
     chat_template_for,
     read_adapter_config,
     resize_note,
-    save_tokenizer,
+    write_adapter_files,
 )
 from sftlab.methods.base import Method
 from sftlab.methods.prefix import PrefixEncoder, prefix_encoder
@@ -66,18 +66,15 @@ def save_prefix(model: nn.Module, method: Method, config: Config, tokenizer: Any
         state = {PROMPT_KEY: encoder.table().detach().cpu().contiguous()}  # (P, num_layers·2·token_dim)
     rows = token_rows_modules(model)
     state.update({_peft_key(name): module.weight.detach().cpu().contiguous() for name, module in rows.items()})
-    metadata = {"format": "pt"}
-    if method.trainable_token_ids:
-        metadata[TOKEN_IDS_METADATA] = json.dumps(list(method.trainable_token_ids))
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata=metadata)
+    metadata = {TOKEN_IDS_METADATA: json.dumps(list(method.trainable_token_ids))} if method.trainable_token_ids else {}
     peft_config = _peft_config(encoder, config, sorted(rows))
-    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-    save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
+    readme = None
     if rows:
-        (out / "README.md").write_text(resize_note("Prefix-tuning adapter", "the adapter holds the embedding (and output head) weights with "
-                    "their trained rows (`modules_to_save` in adapter_config.json)",
-                    peft_config.get("base_model_name_or_path")), encoding="utf-8")
-    return out
+        readme = resize_note("Prefix-tuning adapter", "the adapter holds the embedding (and output head) weights "
+                             "with their trained rows (`modules_to_save` in adapter_config.json)",
+                             peft_config.get("base_model_name_or_path"))
+    return write_adapter_files(out, state, peft_config, tokenizer, chat_template_for(config, tokenizer),
+                               metadata=metadata, readme=readme)
 
 
 def load_prefix(model: nn.Module, method: Method, adapter_dir: str | Path) -> None:

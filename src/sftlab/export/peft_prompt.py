@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sftlab.config import Config
@@ -42,7 +42,7 @@ from sftlab.export.model_dir import (
     chat_template_for,
     read_adapter_config,
     resize_note,
-    save_tokenizer,
+    write_adapter_files,
 )
 from sftlab.methods.base import Method
 from sftlab.methods.prompt import PromptTuning, soft_prompt
@@ -69,18 +69,15 @@ def save_prompt_adapter(model: nn.Module, method: Method, config: Config, tokeni
     rows = token_rows_modules(model)
     for name, module in rows.items():
         state[f"base_model.{name}.weight"] = module.weight.detach().cpu().contiguous()
-    metadata = {"format": "pt"}
-    if rows:
-        metadata[TOKEN_IDS_METADATA] = json.dumps(list(method.trainable_token_ids))
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata=metadata)
+    metadata = {TOKEN_IDS_METADATA: json.dumps(list(method.trainable_token_ids))} if rows else {}
     peft_config = _peft_config(model, method, config, prompt.num_virtual_tokens)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-    save_tokenizer(tokenizer, out, chat_template_for(config, tokenizer))
+    readme = None
     if rows:
-        (out / "README.md").write_text(resize_note("Soft-prompt adapter", "adapter_model.safetensors holds the whole input embedding (and "
-                    "output head) with their trained rows, as HF PEFT saves a resized vocabulary",
-                    peft_config.get("base_model_name_or_path")), encoding="utf-8")
-    return out
+        readme = resize_note("Soft-prompt adapter", "adapter_model.safetensors holds the whole input embedding "
+                             "(and output head) with their trained rows, as HF PEFT saves a resized vocabulary",
+                             peft_config.get("base_model_name_or_path"))
+    return write_adapter_files(out, state, peft_config, tokenizer, chat_template_for(config, tokenizer),
+                               metadata=metadata, readme=readme)
 
 
 def load_prompt_adapter(model: nn.Module, method: Method, adapter_dir: str | Path) -> None:
