@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model_dir
+from test_lora import assert_merge_round_trip
 from rich.console import Console
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -18,7 +19,7 @@ from sftlab import export
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.methods import LoRA
-from sftlab.methods.lora import DoRALinear, LoRALinear, lora_modules
+from sftlab.methods.lora import DoRALinear, lora_modules
 from sftlab.models.load import load_model
 
 peft = pytest.importorskip("peft")  # a test-only dependency (pip install -e .[test])
@@ -92,18 +93,7 @@ def test_merge_equals_adapter_forward_and_unmerge_restores_w0(arch: str, base_di
     adapter = logits(model, ids)
     assert (adapter - logits(plain_model(base_dirs[arch]), ids)).abs().max() > 1e-3  # not a no-op
 
-    for module in modules.values():
-        module.merge()
-    torch.testing.assert_close(logits(model, ids), adapter, atol=1e-5, rtol=0)
-    for module in modules.values():
-        module.unmerge()
-    for name, module in modules.items():
-        torch.testing.assert_close(module.base.weight, w0[name], atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model, ids), adapter, atol=1e-5, rtol=0)
-
-    plain = method.merge(model)
-    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
-    torch.testing.assert_close(logits(plain, ids), adapter, atol=1e-5, rtol=0)
+    assert_merge_round_trip(model, method, modules, ids, adapter, w0)
 
 
 def peft_params(peft_model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -69,6 +69,12 @@ def test_merge_equals_adapter_forward_and_unmerge_restores_w0(arch: str, base_di
     w0 = {name: module.base.weight.detach().clone() for name, module in modules.items()}
     adapter = logits(model, ids)
 
+    assert_merge_round_trip(model, method, modules, ids, adapter, w0)
+
+
+def assert_merge_round_trip(model, method, modules, ids, adapter, w0) -> None:
+    """merge() gives the adapter's logits (1e-5), unmerge() restores W0 (1e-6) and the logits, and the
+    method's merge leaves a plain model with the same logits. Shared by the LoRA and DoRA tests."""
     for module in modules.values():
         module.merge()
     torch.testing.assert_close(logits(model, ids), adapter, atol=1e-5, rtol=0)
