@@ -50,6 +50,10 @@ class DataConfig:
     """Longest example in tokens; None means no limit."""
     truncation: Literal["drop", "truncate"] = "drop"
     """What to do with a longer example: drop it (counted and reported) or cut it to max_seq_len."""
+    packing: bool = False
+    """Pack examples into rows of max_seq_len tokens, run without padding; each example keeps its own
+    positions and attention (exact: the loss equals unpacked). With false, batches group examples of
+    similar length so they pad little. Not available for the soft-prompt methods."""
     add_special_tokens: bool = False
     """Add a template's special tokens that the tokenizer lacks (e.g. ChatML on a base model)."""
     cache_dir: str | None = None
@@ -60,6 +64,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError(f"data.max_seq_len must be at least 2 or null (no limit), got {self.max_seq_len}")
+        if self.packing and self.max_seq_len is None:
+            raise ConfigError("data.packing=true packs examples into rows of data.max_seq_len tokens, but "
+                              "data.max_seq_len is null; set it (e.g. data.max_seq_len=2048).")
         for source, target in self.role_map.items():
             if target not in ROLES:
                 raise ConfigError(f"data.role_map maps {source!r} to {target!r}; expected one of "
@@ -117,7 +124,7 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training data when max_steps is None."""
     micro_batch_size: int = 4
-    """Examples per forward/backward pass."""
+    """Examples per forward/backward pass; with data.packing, packed rows of data.max_seq_len tokens."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; the step's loss is the mean over all their supervised tokens."""
     lr: float = 2e-4
@@ -152,6 +159,9 @@ class TrainConfig:
     """Period of metrics.jsonl lines and progress-bar updates."""
     tensorboard: bool = False
     """Also write TensorBoard event files (needs the tensorboard package)."""
+    profile: bool = False
+    """Record each step's seconds in data / forward / backward / optimizer in metrics.jsonl (on a GPU this
+    synchronises at each phase, which costs a little speed)."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
@@ -235,6 +245,7 @@ class PrefixConfig:
 
 
 METHODS = ("full", "lora", "qlora", "adapter", "prompt", "ptuning", "prefix")
+SOFT_PROMPT_METHODS = ("prompt", "ptuning", "prefix")
 
 
 @dataclass(frozen=True)
@@ -255,6 +266,12 @@ class Config:
     ptuning: PTuningConfig = field(default_factory=PTuningConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.packing and self.method in SOFT_PROMPT_METHODS:
+            raise ConfigError(f"data.packing=true cannot be used with method {self.method}: its virtual tokens "
+                              "belong at the start of each example, and a packed row holds several. Set "
+                              "data.packing=false.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

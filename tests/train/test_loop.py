@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from sftlab.config import load_config
 from sftlab.data.templates import load_template
 from sftlab.generate import generate
+from sftlab.models.attention import packed_attention
 from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.train.loop import TrainingError, train
 from sftlab.train.setup import prepare
@@ -93,10 +95,12 @@ class Kill(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_after_a_kill_gives_the_uninterrupted_weights(model_dir, data, tmp_path, method) -> None:
+@pytest.mark.parametrize("method, packing", [("lora", "false"), ("full", "false"), ("lora", "true")])
+def test_resume_after_a_kill_gives_the_uninterrupted_weights(model_dir, data, tmp_path, method, packing) -> None:
+    # Packed rows of 160 tokens (2-3 examples each), 4 rows a batch: one step an epoch, 7 epochs.
     common = (f"method={method}", "train.max_steps=7", "train.save_every_steps=3", "train.micro_batch_size=4",
-              "train.lr=5e-3", "lora.dropout=0.1", "train.warmup_steps=2")
+              "train.lr=5e-3", "lora.dropout=0.1", "train.warmup_steps=2", f"data.packing={packing}",
+              "data.max_seq_len=160")
     run(config(model_dir, data, tmp_path / "whole", *common))
 
     def kill_at_5(step: int) -> None:
@@ -116,27 +120,74 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(model_dir, data, tm
     assert steps[-3:] == [5, 6, 7]
 
 
-def test_epochs_cover_every_example_once_per_epoch(model_dir, data, tmp_path) -> None:
-    cfg = config(model_dir, data, tmp_path / "epochs", "method=lora", "train.epochs=2", "train.micro_batch_size=4")
-    setup = prepare(cfg, console=QUIET)
-    seen: list[str] = []
-    from sftlab.data import batching
-
-    original = batching.collate
-
-    def spy(examples, *, pad_id):
-        seen.extend(e.where for e in examples)
-        return original(examples, pad_id=pad_id)
-
+@pytest.mark.parametrize("packing", [False, True])
+def test_epochs_cover_every_example_once_per_epoch(model_dir, data, tmp_path, monkeypatch, packing) -> None:
     import sftlab.train.loop as loop
 
-    loop.collate, saved = spy, loop.collate
-    try:
-        result = train(setup, console=QUIET)
-    finally:
-        loop.collate = saved
-    assert result.steps == 4  # 2 epochs x ceil(6 examples / 4 per micro-batch)
-    assert sorted(seen[:6]) == sorted(seen[6:12]) == sorted(f"{data}:{i}" for i in range(1, 7))
+    # Packed: rows of 160 tokens hold two of these 53-79 token examples, so 6 examples make 3 rows.
+    cfg = config(model_dir, data, tmp_path / "epochs", "method=lora", "train.epochs=2", "train.micro_batch_size=2",
+                 f"data.packing={str(packing).lower()}", "data.max_seq_len=160")
+    setup = prepare(cfg, console=QUIET)
+    seen: list[list[str]] = []
+    real = loop.make_batch
+
+    def spy(setup_, dataset, chosen, pad_id):
+        batch = real(setup_, dataset, chosen, pad_id)
+        seen.append(list(batch.where))
+        assert batch.packed == packing
+        return batch
+
+    monkeypatch.setattr(loop, "make_batch", spy)
+    result = train(setup, console=QUIET)
+    per_epoch = len(seen) // 2
+    assert result.steps == 2 * per_epoch  # the step count known up front matches the plan
+    first, second = [w for b in seen[:per_epoch] for w in b], [w for b in seen[per_epoch:] for w in b]
+    assert sorted(first) == sorted(second) == sorted(f"{data}:{i}" for i in range(1, 7))
+    if packing:
+        assert per_epoch == 2  # 3 rows, 2 per micro-batch (unpacked: 3 batches of 2 examples)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_packed_step_equals_an_unpacked_step(model_dir, data, tmp_path, method) -> None:
+    # One step over all six examples: packed into one padding-free row, or padded in one micro-batch. The
+    # step's mean loss and its gradients must agree to fp32 rounding. (Weights after an AdamW step are no
+    # fair comparison: its first update is lr * g / (|g| + eps), which magnifies rounding where g ~ eps.)
+    import sftlab.train.loop as loop
+    from sftlab.train.loss import loss_sum
+
+    common = (f"method={method}", "train.max_steps=1", "train.micro_batch_size=6", "train.lr=1e-2",
+              "data.max_seq_len=400")
+    setups = {"unpacked": prepare(config(model_dir, data, tmp_path / "unpacked", *common), console=QUIET),
+              "packed": prepare(config(model_dir, data, tmp_path / "packed", *common, "data.packing=true"),
+                                console=QUIET)}
+    grads = {}
+    for name, setup in setups.items():
+        plan = loop.epoch_plan(setup, 0)
+        assert len(plan) == 1 and sorted(plan[0]) == list(range(6))
+        batch = loop.make_batch(setup, setup.train_data, plan[0], setup.tokenizer.pad_token_id)
+        assert batch.packed == (name == "packed")
+        with packed_attention(setup.model) if batch.packed else contextlib.nullcontext():
+            (loss_sum(setup.model, batch, setup.method) / batch.num_supervised).backward()
+        grads[name] = {k: p.grad.clone() for k, p in setup.method.trainable_parameters(setup.model).items()}
+        setup.model.zero_grad()
+        train(setup, console=QUIET)
+    for key, grad in grads["unpacked"].items():
+        torch.testing.assert_close(grads["packed"][key], grad, rtol=1e-4, atol=1e-6, msg=key)
+    logged = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in setups}
+    assert logged["packed"]["loss"] == pytest.approx(logged["unpacked"]["loss"], rel=1e-5)
+    assert logged["packed"]["supervised_tokens"] == logged["unpacked"]["supervised_tokens"]
+    assert logged["packed"]["tokens"] == logged["unpacked"]["tokens"] == sum(setups["packed"].train_data.lengths)
+    assert setups["packed"].model.config._attn_implementation == "sdpa"  # restored after training
+
+
+def test_profile_splits_each_step_into_phases(model_dir, data, tmp_path) -> None:
+    cfg = config(model_dir, data, tmp_path / "profile", "method=lora", "train.max_steps=2", "train.profile=true",
+                 "train.grad_accum_steps=2", "train.micro_batch_size=2")
+    run(cfg)
+    for line in (tmp_path / "profile" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        phases = [record[f"time_{p}"] for p in ("data", "forward", "backward", "optimizer")]
+        assert all(t > 0 for t in phases) and sum(phases) <= record["seconds"]
 
 
 def test_nan_loss_stops_with_the_rows_named(model_dir, data, tmp_path, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""Examples -> Batch tensors (right-padded), and the seeded per-epoch order the loop walks through."""
+"""Examples -> Batch tensors: right-padded rows, or one padding-free packed row (`collate_packed`)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ from sftlab.data.encode import IGNORE_INDEX, Example
 
 @dataclass(frozen=True)
 class Batch:
-    input_ids: torch.Tensor       # (B, T)
-    labels: torch.Tensor          # (B, T), IGNORE_INDEX at padding and untrained tokens
-    attention_mask: torch.Tensor  # (B, T), 0 at padding
-    position_ids: torch.Tensor    # (B, T)
-    loss_index: torch.Tensor      # (N,) flat indices into B*T of supervised hidden positions
-    loss_targets: torch.Tensor    # (N,) the token each of them predicts
+    input_ids: torch.Tensor              # (B, T)
+    labels: torch.Tensor                 # (B, T), IGNORE_INDEX at padding and untrained tokens
+    attention_mask: torch.Tensor | None  # (B, T), 0 at padding; None for a packed row (no padding)
+    position_ids: torch.Tensor           # (B, T); in a packed row they restart at 0 for each example
+    loss_index: torch.Tensor             # (N,) flat indices into B*T of supervised hidden positions
+    loss_targets: torch.Tensor           # (N,) the token each of them predicts
     where: tuple[str, ...] = ()
+    cu_seqlens: torch.Tensor | None = None
+    """Packed rows only: (examples + 1,) int32 boundaries, example i spans [cu[i], cu[i+1]) of the row."""
+    max_seqlen: int = 0
+    """Packed rows only: the longest example's length."""
 
     @property
     def num_supervised(self) -> int:
@@ -27,7 +31,21 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return int(self.input_ids.numel()) if self.attention_mask is None else int(self.attention_mask.sum())
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def model_inputs(self) -> dict[str, object]:
+        """Keyword arguments of the decoder's forward. A packed row passes its example boundaries under the
+        names transformers' varlen attention reads (flash-attention kernels, and sftlab's own packed attention)."""
+        if self.cu_seqlens is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                    "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_seqlen, "max_length_k": self.max_seqlen}
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
@@ -53,6 +71,22 @@ def collate(examples: Sequence[Example], *, pad_id: int) -> Batch:
                  tuple(e.where for e in examples))
 
 
-def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of epoch `epoch`: a pure function of (seed, epoch), so resume replays it."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+def collate_packed(examples: Sequence[Example]) -> Batch:
+    """All examples side by side in one (1, T) row, T = their total length: no padding at all.
+
+    Positions restart at 0 with each example, and the label of each example's first token is ignored, so no
+    example's last token is trained to predict the next example's first — as unpacked, where a first token
+    is never a target. Attention is kept inside each example by the packed attention (models/attention.py).
+    """
+    from sftlab.train.loss import supervised_positions
+
+    lengths = [len(e.input_ids) for e in examples]
+    input_ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long).unsqueeze(0)
+    labels = torch.tensor([t for e in examples for t in e.labels], dtype=torch.long).unsqueeze(0)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    labels[0, bounds[:-1]] = IGNORE_INDEX
+    starts = np.repeat(bounds[:-1], lengths)
+    position_ids = torch.from_numpy(np.arange(bounds[-1]) - starts).unsqueeze(0)
+    index, targets = supervised_positions(labels)
+    return Batch(input_ids, labels, None, position_ids, index, targets, tuple(e.where for e in examples),
+                 cu_seqlens=torch.from_numpy(bounds.astype(np.int32)), max_seqlen=max(lengths))

@@ -30,7 +30,7 @@ class TrainState:
     """Optimizer steps done."""
     epoch: int = 0
     position: int = 0
-    """Data cursor: the next example is order(epoch)[position]."""
+    """Data cursor: micro-batches of epoch `epoch`'s plan already consumed (train/loop.py epoch_plan)."""
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     extra: dict[str, Any] = field(default_factory=dict)

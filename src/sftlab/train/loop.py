@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -13,14 +14,16 @@ import torch
 from rich.console import Console
 
 from sftlab.config import Config, to_yaml
-from sftlab.data.batching import Batch, collate, epoch_order
+from sftlab.data import packing
+from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.dataset import EncodedDataset
 from sftlab.errors import SftlabError
 from sftlab.methods import Method
+from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.loss import loss_sum
-from sftlab.train.metrics import MetricsLog, plot_loss
+from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
 from sftlab.train.optim import build_optimizer, build_scheduler
 
 
@@ -51,36 +54,58 @@ class Setup:
     device: torch.device
 
 
-def total_steps(cfg: Config, num_examples: int) -> int:
+def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
+    """The example indices of each micro-batch of `epoch`, in order: a pure function of (data, seed, epoch)."""
+    cfg = setup.config
+    lengths = setup.train_data.lengths
+    if cfg.data.packing:
+        return packing.packed_plan(lengths, setup.train_indices, capacity=cfg.data.max_seq_len,
+                                   rows_per_batch=cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch)
+    return packing.grouped_plan(lengths, setup.train_indices, micro_batch_size=cfg.train.micro_batch_size,
+                                grad_accum_steps=cfg.train.grad_accum_steps, seed=cfg.train.seed, epoch=epoch)
+
+
+def total_steps(setup: Setup) -> int:
+    cfg = setup.config
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     # An epoch ends with a short micro-batch rather than borrowing from the next epoch.
-    per_epoch = math.ceil(num_examples / cfg.train.micro_batch_size)
+    per_epoch = packing.plan_length(setup.train_data.lengths, setup.train_indices, packing=cfg.data.packing,
+                                    capacity=cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size)
     return max(1, math.ceil(cfg.train.epochs * per_epoch / cfg.train.grad_accum_steps))
 
 
+def make_batch(setup: Setup, data: EncodedDataset, chosen: np.ndarray, pad_id: int) -> Batch:
+    examples = [data[int(i)] for i in chosen]
+    return collate_packed(examples) if setup.config.data.packing else collate(examples, pad_id=pad_id)
+
+
 def micro_batches(setup: Setup, state: TrainState, pad_id: int) -> Iterator[Batch]:
-    """An endless stream of micro-batches in the seeded epoch order; advances state.epoch/position."""
-    size = setup.config.train.micro_batch_size
-    indices = setup.train_indices
+    """An endless stream of micro-batches; advances state.epoch / state.position (micro-batches done)."""
     while True:
-        order = indices[epoch_order(len(indices), seed=setup.config.train.seed, epoch=state.epoch)]
-        while state.position < len(order):
-            chosen = order[state.position: state.position + size]
-            state.position += len(chosen)
-            yield collate([setup.train_data[int(i)] for i in chosen], pad_id=pad_id)
+        plan = epoch_plan(setup, state.epoch)
+        while state.position < len(plan):
+            chosen = plan[state.position]
+            state.position += 1
+            yield make_batch(setup, setup.train_data, chosen, pad_id)
         state.epoch, state.position = state.epoch + 1, 0
 
 
 def evaluate(setup: Setup, pad_id: int) -> float:
-    """Mean loss over every supervised token of the eval examples."""
-    model, size = setup.model, setup.config.train.micro_batch_size
+    """Mean loss over every supervised token of the eval examples (batched as training batches them)."""
+    cfg, model = setup.config, setup.model
+    lengths, indices = setup.eval_data.lengths, setup.eval_indices
+    if cfg.data.packing:
+        plan = packing.packed_plan(lengths, indices, capacity=cfg.data.max_seq_len,
+                                   rows_per_batch=cfg.train.micro_batch_size, seed=None, epoch=0)
+    else:
+        ordered = indices[np.argsort(-lengths[indices], kind="stable")]  # similar lengths pad little
+        plan = [ordered[i:i + cfg.train.micro_batch_size] for i in range(0, len(ordered), cfg.train.micro_batch_size)]
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(setup.eval_indices), size):
-            chosen = setup.eval_indices[start:start + size]
-            batch = collate([setup.eval_data[int(i)] for i in chosen], pad_id=pad_id)
+        for chosen in plan:
+            batch = make_batch(setup, setup.eval_data, chosen, pad_id)
             total += float(loss_sum(model, batch.to(setup.device), setup.method))
             count += batch.num_supervised
     model.train()
@@ -97,7 +122,7 @@ def train(setup: Setup, *, console: Console | None = None,
     pad_id = _pad_id(setup.tokenizer)
     params = method.trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.train)
-    steps = total_steps(cfg, len(setup.train_indices))
+    steps = total_steps(setup)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     state = TrainState()
     latest = checkpoint.latest_checkpoint(out) if cfg.train.resume == "auto" else None
@@ -113,51 +138,61 @@ def train(setup: Setup, *, console: Console | None = None,
     stream = micro_batches(setup, state, pad_id)
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
                      tensorboard=cfg.train.tensorboard)
+    timer = StepTimer(enabled=cfg.train.profile, device=setup.device)
     last_loss = eval_loss = None
-    try:
-        while state.step < steps:
-            started = time.perf_counter()
-            batches = [next(stream) for _ in range(cfg.train.grad_accum_steps)]
-            supervised = sum(b.num_supervised for b in batches)
-            step_loss = torch.zeros((), device=setup.device)
-            for batch in batches:
-                # Each micro-batch's summed loss over the step's supervised-token count: the gradients
-                # add up to those of the mean over every supervised token of the step.
-                loss = loss_sum(model, batch.to(setup.device), method) / max(supervised, 1)
-                loss.backward()
-                step_loss += loss.detach()
-            last_loss = float(step_loss)  # the one host sync of the step, for the log and the NaN check
-            if not math.isfinite(last_loss):
-                sources = ", ".join(w for b in batches for w in b.where[:4])
-                raise TrainingError(f"the loss became {last_loss} at step {state.step + 1} (rows {sources}); "
-                                    f"nothing was updated. The last good checkpoint is {checkpoint.latest_checkpoint(out)}."
-                                    " Lower train.lr or check those rows.")
-            grad_norm = _clip(params, cfg.train.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            if state.step % cfg.train.log_every_steps == 0 or state.step == steps:
-                log.log({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
-                         "grad_norm": grad_norm, "tokens": sum(b.num_tokens for b in batches),
-                         "supervised_tokens": supervised, "seconds": time.perf_counter() - started})
-            stop = False
-            if setup.eval_indices is not None and len(setup.eval_indices) and (
-                    state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)):
-                eval_loss = evaluate(setup, pad_id)
-                log.log({"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
-                stop = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
-            if state.step == steps or stop or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
-                checkpoint.save_checkpoint(out, state, trainable=method.state_dict(model), optimizer=optimizer,
-                                           scheduler=scheduler, keep=cfg.train.keep_checkpoints)
-            if on_step is not None:
-                on_step(state.step)
-            if stop:
-                console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations")
-                break
-    finally:
-        log.close()
+    attention = packed_attention(model) if cfg.data.packing else contextlib.nullcontext()
+    with attention:
+        try:
+            while state.step < steps:
+                started = time.perf_counter()
+                timer.start()
+                batches = [next(stream) for _ in range(cfg.train.grad_accum_steps)]
+                supervised = sum(b.num_supervised for b in batches)  # counted on the host, before the move
+                tokens = sum(b.num_tokens for b in batches)
+                timer.mark("data")
+                step_loss = torch.zeros((), device=setup.device)
+                for batch in batches:
+                    # Each micro-batch's summed loss over the step's supervised-token count: the gradients
+                    # add up to those of the mean over every supervised token of the step.
+                    loss = loss_sum(model, batch.to(setup.device), method) / max(supervised, 1)
+                    timer.mark("forward")
+                    loss.backward()
+                    timer.mark("backward")
+                    step_loss += loss.detach()
+                grad_norm = _clip(params, cfg.train.max_grad_norm)
+                # The one host sync of the step, for the log and the NaN check.
+                last_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()
+                if not math.isfinite(last_loss):
+                    sources = ", ".join(w for b in batches for w in b.where[:4])
+                    raise TrainingError(f"the loss became {last_loss} at step {state.step + 1} (rows {sources}); "
+                                        f"nothing was updated. The last good checkpoint is "
+                                        f"{checkpoint.latest_checkpoint(out)}. Lower train.lr or check those rows.")
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                timer.mark("optimizer")
+                state.step += 1
+                if state.step % cfg.train.log_every_steps == 0 or state.step == steps:
+                    log.log({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
+                             "grad_norm": norm, "tokens": tokens, "supervised_tokens": supervised,
+                             "seconds": time.perf_counter() - started, **timer.seconds()})
+                stop = False
+                if setup.eval_indices is not None and len(setup.eval_indices) and (
+                        state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)):
+                    eval_loss = evaluate(setup, pad_id)
+                    log.log({"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+                    stop = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
+                if state.step == steps or stop or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
+                    checkpoint.save_checkpoint(out, state, trainable=method.state_dict(model), optimizer=optimizer,
+                                               scheduler=scheduler, keep=cfg.train.keep_checkpoints)
+                if on_step is not None:
+                    on_step(state.step)
+                if stop:
+                    console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations")
+                    break
+        finally:
+            log.close()
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     export_dir = _export(setup, out)
     return RunResult(out, state.step, last_loss, eval_loss, export_dir)
@@ -172,11 +207,14 @@ def _enable_recompute(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _clip(params: dict[str, torch.nn.Parameter], max_norm: float | None) -> float:
+def _clip(params: dict[str, torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm (a tensor: no host sync), after clipping the gradients to max_norm."""
     grads = [p for p in params.values() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
     if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))) if grads else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm)
 
 
 def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bool:

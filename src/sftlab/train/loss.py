@@ -37,11 +37,8 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def hidden_states(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The decoder's last hidden states (B, T, H), without the output head."""
-    backbone = model.base_model
-    out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False)
-    return out[0]
+    """The decoder's last hidden states (B, T, H), without the output head (a packed batch is one row)."""
+    return model.base_model(**batch.model_inputs(), use_cache=False)[0]
 
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:

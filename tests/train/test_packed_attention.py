@@ -1,0 +1,111 @@
+"""A packed row gives every example exactly the per-token loss (and gradients) it has when run alone.
+
+The reference is transformers' own attention (eager or sdpa) on each example by itself, unpadded; the
+packed side is sftlab's packed attention on one row holding all of them. If attention leaked across
+examples, or positions did not restart, the later examples' losses would differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from sftlab.data.batching import Batch, collate, collate_packed
+from sftlab.data.encode import IGNORE_INDEX, Example
+from sftlab.models.attention import PACKED_EAGER, PACKED_SDPA, packed_attention
+from sftlab.train.loss import hidden_states
+
+I = IGNORE_INDEX
+
+
+def examples(vocab: int) -> list[Example]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for n, length in enumerate((9, 5, 12, 3, 7)):
+        ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
+        labels = [I] * 2 + ids[2:] if n % 2 else [I] * (length // 2) + ids[length // 2:]
+        out.append(Example(ids, labels, f"x:{n}"))
+    return out
+
+
+def model(arch: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.3)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        # A 4-token sliding window on every layer: examples longer than it need the banded mask.
+        "qwen2-window": lambda: transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=4,
+                                                         max_window_layers=0),
+        # Attention logit soft-capping (explicit path) and alternating sliding-window layers.
+        "gemma2": lambda: transformers.Gemma2Config(**common, head_dim=8, sliding_window=4,
+                                                    attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3),
+    }[arch]()
+    config._attn_implementation = attn
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()  # no dropout
+
+
+def token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of every supervised position, in order (computed with full precision logits)."""
+    hidden = hidden_states(model, batch)
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)
+    logits = model.get_output_embeddings()(flat).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, batch.loss_targets, reduction="none")
+
+
+CASES = [("llama", "eager"), ("llama", "sdpa"), ("qwen2-window", "eager"), ("qwen2-window", "sdpa"),
+         ("gemma2", "eager"), ("gpt2", "eager"), ("gpt2", "sdpa")]
+
+
+@pytest.mark.parametrize("arch, attn", CASES)
+def test_packed_per_token_loss_and_gradients_equal_one_by_one(arch: str, attn: str) -> None:
+    net = model(arch, attn)
+    data = examples(64)
+    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    sum(alone).backward()
+    reference = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+
+    with packed_attention(net) as used:
+        assert used == {"eager": PACKED_EAGER, "sdpa": PACKED_SDPA}[attn]
+        packed = token_losses(net, collate_packed(data))
+        sum(packed).backward()
+    assert net.config._attn_implementation == attn  # restored for export and generation
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    for name, param in net.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_check_catches_attention_across_examples() -> None:
+    # The same comparison with the boundaries removed (one long sequence) must fail: the test can fail.
+    net = model("llama", "sdpa")
+    data = examples(64)
+    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    batch = collate_packed(data)
+    leaky = Batch(**{**batch.__dict__, "cu_seqlens": torch.tensor([0, batch.input_ids.shape[1]], dtype=torch.int32)})
+    with packed_attention(net), torch.no_grad():
+        wrong = token_losses(net, leaky)
+    first = len(token_losses(net, collate([data[0]], pad_id=0)))
+    torch.testing.assert_close(wrong[:first], alone[:first])  # the first example sees nothing else anyway
+    assert (wrong[first:] - alone[first:]).abs().max() > 1e-3
+
+
+def test_packed_attention_without_boundaries_is_an_error() -> None:
+    net = model("llama", "sdpa")
+    batch = collate([examples(64)[0]], pad_id=0)
+    with packed_attention(net), pytest.raises(Exception, match="without example boundaries"):
+        hidden_states(net, batch)
+
+
+def test_an_unsupported_attention_is_refused_with_the_fix() -> None:
+    net = model("llama", "sdpa")
+    net.config._attn_implementation = "paged_attention"
+    with pytest.raises(Exception, match="model.attn_implementation=sdpa, or data.packing=false"):
+        with packed_attention(net):
+            pass
