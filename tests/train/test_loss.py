@@ -53,16 +53,51 @@ def test_chunking_does_not_change_the_loss(monkeypatch) -> None:
     torch.testing.assert_close(loss_sum(model, batch), whole, rtol=1e-6, atol=1e-6)
 
 
-def test_head_runs_only_on_supervised_positions() -> None:
+def test_head_runs_only_on_supervised_positions(monkeypatch) -> None:
     model = tiny("llama")
     batch = collate(EXAMPLES, pad_id=0)
     rows = []
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
-    loss_sum(model, batch)
+    with torch.no_grad():  # evaluation: the head module itself, chunk by chunk
+        loss_sum(model, batch)
     handle.remove()
     # 4 + 2 + 1 targets (a label at position 0 is never a target), out of 3 x 7 padded positions.
     assert sum(rows) == batch.num_supervised == 7
+    fused = []  # training: the fused head loss gets the same 7 positions
+    real = loss_module.FusedHeadLoss.forward
+    monkeypatch.setattr(loss_module.FusedHeadLoss, "forward",
+                        staticmethod(lambda ctx, hidden, *rest: fused.append(hidden.shape[0]) or real(ctx, hidden, *rest)))
+    loss_sum(model, batch).backward()
+    assert fused == [7]
+
+
+@pytest.mark.parametrize("softcap, bias, dtype", [(None, False, torch.float32), (3.0, True, torch.float32),
+                                                  (None, False, torch.bfloat16)])
+def test_fused_head_loss_equals_autograd_in_value_and_gradients(softcap, bias, dtype) -> None:
+    # Three chunks of 4 positions; the reference is autograd over the plain formula, all positions at once.
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+    b = torch.randn(40, dtype=dtype, requires_grad=True) if bias else None
+    targets = torch.randint(0, 40, (11,))
+    ours = loss_module.FusedHeadLoss.apply(hidden, weight, b, targets, softcap, 4)
+    (ours * 0.5).backward()
+    got = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.grad = None
+    logits = torch.nn.functional.linear(hidden, weight, b).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (reference * 0.5).backward()
+    want = [t.grad for t in (hidden, weight, b) if t is not None]
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours, reference, **tolerance)
+    for mine, theirs in zip(got, want):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs, **tolerance)
 
 
 def test_supervised_positions_shift_once() -> None:

@@ -2,8 +2,11 @@
 
 Position t of the hidden states predicts token t+1, so the targets are labels[:, 1:] and a position is
 supervised when its target is not IGNORE_INDEX. Only those hidden states go through the output head,
-chunk by chunk, each chunk's logits recomputed in backward instead of kept: full (B, T, V) logits never
-exist, and ignored positions (prompts, often half of SFT tokens) cost no head FLOPs.
+chunk by chunk: full (B, T, V) logits never exist, and ignored positions (prompts, often half of SFT
+tokens) cost no head FLOPs. For a plain linear head each chunk's gradients (into the hidden states, and
+into the head weight when it trains) are computed in the forward pass, right after its loss, so no
+chunk's logits outlive it and backward recomputes nothing (`FusedHeadLoss`); any other head runs its
+chunks under activation checkpointing instead.
 
 The functions return the *sum* of token losses and the token count; the training loop divides by the
 supervised-token count of the whole optimizer step (all micro-batches), so the step loss is the mean
@@ -22,7 +25,9 @@ from torch.utils.checkpoint import checkpoint
 from sftlab.data.encode import IGNORE_INDEX
 
 CHUNK_TOKENS = 2048
-"""Supervised positions per head chunk: logits of at most CHUNK_TOKENS × vocab floats live at once."""
+"""Supervised positions per head chunk at most; fewer for big vocabularies (LOGITS_BYTES)."""
+LOGITS_BYTES = 256 * 2**20
+"""Memory for one chunk's fp32 logits: 256 MiB is 440 positions of a 151k vocabulary, 2048 of ≤ 32k."""
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,14 +58,71 @@ def head_loss_sum(model: nn.Module, hidden: torch.Tensor, index: torch.Tensor, t
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
     head = model.get_output_embeddings()
     softcap = _softcap(model)
+    size = max(1, min(CHUNK_TOKENS, LOGITS_BYTES // (4 * head.weight.shape[0])))
+    if type(head) is nn.Linear and torch.is_grad_enabled():
+        return FusedHeadLoss.apply(flat, head.weight, head.bias, targets, softcap, size)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat.shape[0], CHUNK_TOKENS):
-        chunk, chunk_targets = flat[start:start + CHUNK_TOKENS], targets[start:start + CHUNK_TOKENS]
+    for start in range(0, flat.shape[0], size):
+        chunk, chunk_targets = flat[start:start + size], targets[start:start + size]
         if torch.is_grad_enabled():
             total = total + checkpoint(_head_loss, head, chunk, chunk_targets, softcap, use_reentrant=False)
         else:
             total = total + _head_loss(head, chunk, chunk_targets, softcap)
     return total
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """Σ cross-entropy(softcap(hidden @ weightᵀ + bias), targets) with its gradients made in the forward pass.
+
+    Per chunk: logits (fp32) -> loss; then dL/dlogits = softmax - onehot (times 1 - tanh² under a soft-cap),
+    which gives dL/dhidden = dlogits @ weight and dL/dweight += dlogitsᵀ @ hidden at once. Backward only
+    scales what was stored by the incoming gradient: the logits are never kept nor recomputed. The same
+    FLOPs as autograd without recompute, and the memory of one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, softcap: float | None, size: int) -> torch.Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], size):
+            chunk, chunk_targets = hidden[start:start + size], targets[start:start + size]
+            logits = F.linear(chunk, weight, bias).float()  # (n, V)
+            capped = None
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            dlogits[torch.arange(len(chunk_targets), device=dlogits.device), chunk_targets] -= 1.0
+            if capped is not None:
+                dlogits *= 1.0 - capped.square_()
+            if need_bias:
+                grad_bias += dlogits.sum(0)
+            dlogits = dlogits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:start + size] = dlogits @ weight
+            if need_weight:  # each chunk's product in the weight's dtype, the sum over chunks in fp32
+                grad_weight += dlogits.t() @ chunk.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_total.float()
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+                None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype),
+                None, None, None)
 
 
 def loss_sum(model: nn.Module, batch: Any, method: Any = None) -> torch.Tensor:
