@@ -46,9 +46,13 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        # x (..., in) -> (..., rank) -> (..., out): two thin matmuls, never the (out, in) product.
-        update = F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A), self.B)
-        return out + (update * self.scaling).to(out.dtype)
+        # x (..., in) -> (..., rank) -> (..., out): two thin matmuls, never the (out, in) product. The
+        # scaling multiplies the thin (..., rank) tensor, and the second matmul accumulates straight into the
+        # base output (addmm): no extra pass over the wide (..., out) tensor, forward or backward.
+        low = F.linear(self.dropout(x).to(self.A.dtype), self.A) * self.scaling  # (..., rank)
+        if out.dtype != low.dtype:  # a bf16/NF4 base: the fp32 update is added in the base's dtype
+            return out + F.linear(low, self.B).to(out.dtype)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), self.B.t()).view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A in the base weight's layout."""
