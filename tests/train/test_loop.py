@@ -147,7 +147,7 @@ def test_epochs_cover_every_example_once_per_epoch(model_dir, data, tmp_path, mo
         assert per_epoch == 2  # 3 rows, 2 per micro-batch (unpacked: 3 batches of 2 examples)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "adapter", "lora.dora=true"])
 def test_a_packed_step_equals_an_unpacked_step(model_dir, data, tmp_path, method) -> None:
     # One step over all six examples: packed into one padding-free row, or padded in one micro-batch. The
     # step's mean loss and its gradients must agree to fp32 rounding. (Weights after an AdamW step are no
@@ -155,8 +155,8 @@ def test_a_packed_step_equals_an_unpacked_step(model_dir, data, tmp_path, method
     import sftlab.train.loop as loop
     from sftlab.train.loss import loss_sum
 
-    common = (f"method={method}", "train.max_steps=1", "train.micro_batch_size=6", "train.lr=1e-2",
-              "data.max_seq_len=400")
+    method = method if "=" in method else f"method={method}"
+    common = (method, "train.max_steps=1", "train.micro_batch_size=6", "train.lr=1e-2", "data.max_seq_len=400")
     setups = {"unpacked": prepare(config(model_dir, data, tmp_path / "unpacked", *common), console=QUIET),
               "packed": prepare(config(model_dir, data, tmp_path / "packed", *common, "data.packing=true"),
                                 console=QUIET)}
