@@ -14,6 +14,7 @@ from sftlab.data.encode import Encoder
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError
 from sftlab.methods import METHODS
+from sftlab.models.fused import fuse
 from sftlab.models.load import default_device, load_model, load_tokenizer
 from sftlab.models.quant import base_memory_line
 from sftlab.train.loop import Setup
@@ -55,6 +56,10 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         raise ConfigError(f"method {cfg.method!r} is not available in this version of sftlab; use one of "
                           f"{', '.join(METHODS)}.")
     method = METHODS[cfg.method](cfg, trainable_token_ids=new_token_ids)
+    if cfg.train.fused_ops:  # on the plain model, before the method wraps its modules
+        fused = fuse(model)
+        if fused:
+            console.print(f"fused ops: {', '.join(fused)}")
     method.apply(model)
     if cfg.method == "qlora":
         console.print(base_memory_line(model))
