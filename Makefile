@@ -28,8 +28,17 @@ test: $(STAMP) $(FIXTURES)
 demo: $(STAMP) $(FIXTURES)
 	@bash examples/demo.sh
 
-bench: $(STAMP) $(FIXTURES)
+# TRL, datasets and PEFT for the side-by-side benchmark, in the same venv; torch named again so that pip keeps
+# the pinned CPU wheel instead of pulling a CUDA one.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	@$(PY) -m pip install -q --disable-pip-version-check $(TORCH) -e '.[bench]'
+	@$(PY) -c "import torch, trl; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(FIXTURES) $(BENCH_STAMP)
 	$(PY) benchmarks/bench_encode.py
+	$(PY) benchmarks/bench_vs_trl.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
