@@ -109,3 +109,53 @@ def test_an_unsupported_attention_is_refused_with_the_fix() -> None:
     with pytest.raises(Exception, match="model.attn_implementation=sdpa, or data.packing=false"):
         with packed_attention(net):
             pass
+
+
+def _stand_in_varlen(wrong: bool = False):
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn with the current signature: (T, H, D)
+    tensors, cu_seq boundaries, window_size=(-1, 0) for causal; per-example sdpa inside."""
+    calls = []
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False):
+        calls.append({"shape": tuple(query.shape), "window": tuple(window_size), "gqa": enable_gqa, "max": max_q})
+        bounds = cu_seq_q.tolist()
+        outs = []
+        for a, b in zip(bounds, bounds[1:]):
+            q, k, v = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=window_size == (-1, 0), scale=scale,
+                                                       enable_gqa=enable_gqa)[0].transpose(0, 1))
+        out = torch.cat(outs)
+        return out * 1.5 if wrong else out
+
+    return varlen_attn, calls
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_the_one_kernel_path_is_checked_once_against_per_example_attention(monkeypatch, wrong) -> None:
+    # The CUDA path (one varlen flash-attention call per row) cannot run here; with a stand-in kernel the
+    # layouts, GQA, causal window and the first-call check are exercised. A wrong kernel is caught at its
+    # first call and never used again; a right one gives the per-example result.
+    import torch.nn.attention.varlen as varlen_module
+
+    from sftlab.models import attention
+
+    kernel, calls = _stand_in_varlen(wrong)
+    monkeypatch.setattr(varlen_module, "varlen_attn", kernel)
+    monkeypatch.setattr(attention, "_varlen_state", {"checked": False, "ok": False})
+    monkeypatch.setattr(attention, "_varlen_usable", lambda query: not attention._varlen_state["checked"]
+                        or attention._varlen_state["ok"])
+    net = model("llama", "sdpa")
+    data = examples(64)
+    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    with packed_attention(net):
+        if wrong:
+            with pytest.warns(UserWarning, match="disagreed with per-example attention"):
+                packed = token_losses(net, collate_packed(data))
+        else:
+            packed = token_losses(net, collate_packed(data))
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    batch = collate_packed(data)
+    assert calls[0] == {"shape": (batch.input_ids.shape[1], 4, 8), "window": (-1, 0), "gqa": True,
+                        "max": batch.max_seqlen}
+    assert len(calls) == (1 if wrong else 2)  # 2 layers; a wrong kernel is dropped after its first call
