@@ -83,8 +83,9 @@ class ModelConfig:
     """`auto`: bfloat16 on a CUDA GPU that supports it, float32 otherwise (always float32 on CPU)."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint; off unless you trust its source."""
-    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
-    """Attention kernel; `auto` lets transformers choose (sdpa where available)."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel; `auto` lets transformers choose (sdpa where available). flash_attention_2 needs a
+    GPU and the flash-attn package; packed rows then use its varlen kernel."""
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,15 @@ def test_the_one_kernel_path_is_checked_once_against_per_example_attention(monke
     assert calls[0] == {"shape": (batch.input_ids.shape[1], 4, 8), "window": (-1, 0), "gqa": True,
                         "max": batch.max_seqlen}
     assert len(calls) == (1 if wrong else 2)  # 2 layers; a wrong kernel is dropped after its first call
+
+
+def test_flash_attention_keeps_its_own_varlen_path_and_gets_the_boundaries() -> None:
+    # flash_attention_2 (GPU + flash-attn) reads transformers' varlen keyword arguments itself: the model's
+    # attention stays as it is, and a packed batch hands over exactly those arguments.
+    net = model("llama", "sdpa")
+    net.config._attn_implementation = "flash_attention_2"
+    with packed_attention(net) as used:
+        assert used == "flash_attention_2" and net.config._attn_implementation == "flash_attention_2"
+    inputs = collate_packed(examples(64)).model_inputs()
+    assert set(inputs) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    assert inputs["cu_seq_lens_q"].dtype == torch.int32 and isinstance(inputs["max_length_q"], int)
