@@ -156,6 +156,9 @@ class TrainConfig:
     """Recompute activations in backward: less memory, about a third slower."""
     compile: bool = False
     """torch.compile the model (the first steps are slow while it compiles)."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun: DDP (a full replica per process) or FSDP2 (parameters sharded per decoder layer);
+    auto picks DDP when the model and its training state fit one device. Ignored in a single process."""
     fused_ops: bool = True
     """Run the model's RMSNorm and SiLU-gated MLP through fused versions (models/fused.py), each checked
     against the original on a random input first: same values, less activation memory, a little faster."""

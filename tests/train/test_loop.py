@@ -191,9 +191,9 @@ def test_profile_splits_each_step_into_phases(model_dir, data, tmp_path) -> None
 
 
 def test_nan_loss_stops_with_the_rows_named(model_dir, data, tmp_path, monkeypatch) -> None:
-    import sftlab.train.loop as loop
+    import sftlab.train.loss as loss_module
 
-    real = loop.loss_sum
+    real = loss_module.loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch, method=None):
@@ -201,7 +201,7 @@ def test_nan_loss_stops_with_the_rows_named(model_dir, data, tmp_path, monkeypat
         value = real(model, batch, method)
         return value * float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setattr(loop, "loss_sum", poisoned)
+    monkeypatch.setattr(loss_module, "loss_sum", poisoned)
     cfg = config(model_dir, data, tmp_path / "nan", "method=lora", "train.max_steps=5", "train.save_every_steps=1",
                  "train.micro_batch_size=2")
     with pytest.raises(TrainingError, match=r"loss became nan at step 3 \(rows .*qa.jsonl:\d"):

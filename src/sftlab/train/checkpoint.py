@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from sftlab.errors import SftlabError
+from sftlab.train.distributed import SINGLE, Dist
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -52,40 +54,75 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, scheduler: Any, keep: int) -> Path:
+                    optimizer: torch.optim.Optimizer, scheduler: Any, keep: int, ctx: Dist = SINGLE,
+                    model: nn.Module | None = None) -> Path:
+    """Write checkpoints/step-N atomically. With several ranks all of them call it: under FSDP each writes
+    its shards (torch.distributed.checkpoint, `sharded/`), otherwise rank 0 writes the weights; every rank
+    writes its RNG state; rank 0 renames the finished directory into place."""
     directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{state.step}"
-    tmp = directory / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_tensors(), tmp / "rng.pt")
-        record = {"state": asdict(state), "scheduler": scheduler.state_dict(),
-                  "python_rng": _python_rng_to_json(random.getstate())}
-        (tmp / "state.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-        for path in tmp.iterdir():
-            _fsync(path)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(directory)
-    except BaseException:
+    tmp = directory / f".tmp-step-{state.step}-{os.getpid() if not ctx.enabled else 'ranks'}"
+    if ctx.main:
+        directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    ctx.barrier()
+    try:
+        if ctx.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            dcp.save({"trainable": trainable, "optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=tmp / "sharded")
+        elif ctx.main:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_tensors(), tmp / _rng_file(ctx.rank))
+        ctx.barrier()
+        if ctx.main:
+            record = {"state": asdict(state), "scheduler": scheduler.state_dict(),
+                      "python_rng": _python_rng_to_json(random.getstate()), "world_size": ctx.world}
+            (tmp / "state.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    _fsync(path)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(directory)
+    except BaseException:
+        if ctx.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(directory, keep)
+    if ctx.main:
+        _prune(directory, keep)
+    ctx.barrier()
     return final
 
 
-def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Restore optimizer, scheduler and RNG states in place; return the TrainState and trainable weights."""
+def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any, method: Any,
+                    model: nn.Module, ctx: Dist = SINGLE) -> TrainState:
+    """Restore the trainable weights, optimizer, scheduler and this rank's RNG states in place; return the
+    TrainState. A checkpoint resumes under the world size that wrote it."""
     try:
         record = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        weights = load_file(path / "trainable.safetensors")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        rng = torch.load(path / "rng.pt", weights_only=True)
+        written_by = record.get("world_size", 1)
+        if written_by != ctx.world:
+            raise SftlabError(f"checkpoint {path} was written by {written_by} processes and this run has {ctx.world}; "
+                              f"resume with the same number of processes, or set train.resume=never.")
+        if (path / "sharded").is_dir():
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+            if not ctx.sharded:
+                raise SftlabError(f"checkpoint {path} holds FSDP shards; resume it with train.distributed=fsdp.")
+            state_dict = {"trainable": method.state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+            dcp.load(state_dict, checkpoint_id=path / "sharded")  # into the (sharded) parameters in place
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state_dict["optimizer"])
+        else:
+            method.load_state_dict(model, load_file(path / "trainable.safetensors"))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        rng = torch.load(path / _rng_file(ctx.rank), weights_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SftlabError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from the one "
                           "before, or set train.resume=never to start over.") from None
@@ -94,7 +131,11 @@ def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: 
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(rng["cuda"]))
     random.setstate(_python_rng_from_json(record["python_rng"]))
-    return TrainState(**record["state"]), weights
+    return TrainState(**record["state"])
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
 
 
 def _rng_tensors() -> dict[str, Any]:

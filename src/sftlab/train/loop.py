@@ -16,13 +16,14 @@ from rich.console import Console
 from sftlab.config import Config, to_yaml
 from sftlab.data import packing
 from sftlab.data.batching import Batch, collate, collate_packed
+from sftlab.data.encode import IGNORE_INDEX, Example
 from sftlab.data.dataset import EncodedDataset
 from sftlab.errors import SftlabError
 from sftlab.methods import Method
 from sftlab.models.attention import packed_attention
-from sftlab.train import checkpoint
+from sftlab.train import checkpoint, distributed
 from sftlab.train.checkpoint import TrainState
-from sftlab.train.loss import loss_sum
+from sftlab.train.distributed import SINGLE, Dist, TrainingForward
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
 from sftlab.train.optim import build_optimizer, build_scheduler
 
@@ -52,6 +53,8 @@ class Setup:
     eval_data: EncodedDataset | None
     eval_indices: np.ndarray | None
     device: torch.device
+    dist: Dist = SINGLE
+    """This process's place in a torchrun launch (train/distributed.py); a single process by default."""
 
 
 def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
@@ -61,8 +64,11 @@ def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
     if cfg.data.packing:
         return packing.packed_plan(lengths, setup.train_indices, capacity=cfg.data.max_seq_len,
                                    rows_per_batch=cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch)
+    # Grouped by global step: micro-batches x accumulation x ranks (what a single process with the same
+    # global batch would group).
     return packing.grouped_plan(lengths, setup.train_indices, micro_batch_size=cfg.train.micro_batch_size,
-                                grad_accum_steps=cfg.train.grad_accum_steps, seed=cfg.train.seed, epoch=epoch)
+                                grad_accum_steps=cfg.train.grad_accum_steps * setup.dist.world, seed=cfg.train.seed,
+                                epoch=epoch)
 
 
 def total_steps(setup: Setup) -> int:
@@ -72,7 +78,8 @@ def total_steps(setup: Setup) -> int:
     # An epoch ends with a short micro-batch rather than borrowing from the next epoch.
     per_epoch = packing.plan_length(setup.train_data.lengths, setup.train_indices, packing=cfg.data.packing,
                                     capacity=cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size)
-    return max(1, math.ceil(cfg.train.epochs * per_epoch / cfg.train.grad_accum_steps))
+    per_step = cfg.train.grad_accum_steps * setup.dist.world  # micro-batches of one global step
+    return max(1, math.ceil(cfg.train.epochs * per_epoch / per_step))
 
 
 def make_batch(setup: Setup, data: EncodedDataset, chosen: np.ndarray, pad_id: int) -> Batch:
@@ -80,20 +87,38 @@ def make_batch(setup: Setup, data: EncodedDataset, chosen: np.ndarray, pad_id: i
     return collate_packed(examples) if setup.config.data.packing else collate(examples, pad_id=pad_id)
 
 
+def empty_batch(setup: Setup, pad_id: int) -> Batch:
+    """Two untrained pad tokens: what a rank evaluates when the eval batches run out before its turn, so
+    that the other ranks' collectives still meet. It adds nothing to any loss."""
+    example = Example([pad_id, pad_id], [IGNORE_INDEX, IGNORE_INDEX], "")
+    return collate_packed([example]) if setup.config.data.packing else collate([example], pad_id=pad_id)
+
+
 def micro_batches(setup: Setup, state: TrainState, pad_id: int) -> Iterator[Batch]:
-    """An endless stream of micro-batches; advances state.epoch / state.position (micro-batches done)."""
+    """An endless stream of this rank's micro-batches. The run's global stream is the epoch plans one after
+    the other; each round of `world` entries gives rank r its r-th, so the ranks together train exactly
+    the micro-batches (and steps) one process would, each entry once. state.epoch / state.position is the
+    global cursor, the same on every rank."""
+    rank, world = setup.dist.rank, setup.dist.world
+    plans: dict[int, list[np.ndarray]] = {}
     while True:
-        plan = epoch_plan(setup, state.epoch)
-        while state.position < len(plan):
-            chosen = plan[state.position]
+        entries = []
+        while len(entries) < world:
+            if state.epoch not in plans:
+                plans = {state.epoch: epoch_plan(setup, state.epoch)}
+            if state.position >= len(plans[state.epoch]):
+                state.epoch, state.position = state.epoch + 1, 0
+                continue
+            entries.append(plans[state.epoch][state.position])
             state.position += 1
-            yield make_batch(setup, setup.train_data, chosen, pad_id)
-        state.epoch, state.position = state.epoch + 1, 0
+        yield make_batch(setup, setup.train_data, entries[rank], pad_id)
 
 
-def evaluate(setup: Setup, pad_id: int) -> float:
-    """Mean loss over every supervised token of the eval examples (batched as training batches them)."""
-    cfg, model = setup.config, setup.model
+def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None) -> float:
+    """Mean loss over every supervised token of the eval examples (batched as training batches them;
+    with several ranks, each runs every world-th batch and the sums are added up)."""
+    cfg, model, ctx = setup.config, setup.model, setup.dist
+    engine = engine or TrainingForward(model, setup.method)
     lengths, indices = setup.eval_data.lengths, setup.eval_indices
     if cfg.data.packing:
         plan = packing.packed_plan(lengths, indices, capacity=cfg.data.max_seq_len,
@@ -104,22 +129,31 @@ def evaluate(setup: Setup, pad_id: int) -> float:
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for chosen in plan:
-            batch = make_batch(setup, setup.eval_data, chosen, pad_id)
-            total += float(loss_sum(model, batch.to(setup.device), setup.method))
+        for start in range(0, len(plan), ctx.world):
+            mine = start + ctx.rank
+            batch = make_batch(setup, setup.eval_data, plan[mine], pad_id) if mine < len(plan) \
+                else empty_batch(setup, pad_id)
+            total += float(engine(batch.to(setup.device)))
             count += batch.num_supervised
     model.train()
+    total, count = ctx.sum([total, count])
     return total / max(count, 1)
 
 
 def train(setup: Setup, *, console: Console | None = None,
           on_step: Callable[[int], None] | None = None) -> RunResult:
-    cfg, model, method = setup.config, setup.model, setup.method
+    cfg, model, method, ctx = setup.config, setup.model, setup.method, setup.dist
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    console = console or Console(stderr=True)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    console = console if ctx.main and console is not None else Console(stderr=True, quiet=not ctx.main)
     pad_id = _pad_id(setup.tokenizer)
+    if cfg.train.gradient_checkpointing:
+        _enable_recompute(model)
+    if cfg.train.compile:
+        model.base_model.compile()
+    engine = distributed.wrap(model, method, ctx)  # FSDP replaces the parameters: collect them after
     params = method.trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.train)
     steps = total_steps(setup)
@@ -127,17 +161,13 @@ def train(setup: Setup, *, console: Console | None = None,
     state = TrainState()
     latest = checkpoint.latest_checkpoint(out) if cfg.train.resume == "auto" else None
     if latest is not None:
-        state, weights = checkpoint.load_checkpoint(latest, optimizer=optimizer, scheduler=scheduler)
-        method.load_state_dict(model, weights)
+        state = checkpoint.load_checkpoint(latest, optimizer=optimizer, scheduler=scheduler, method=method,
+                                           model=model, ctx=ctx)
         console.print(f"resuming from {latest} (step {state.step} of {steps})")
-    if cfg.train.gradient_checkpointing:
-        _enable_recompute(model)
-    if cfg.train.compile:
-        model.base_model.compile()
     model.train()
     stream = micro_batches(setup, state, pad_id)
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
-                     tensorboard=cfg.train.tensorboard)
+                     tensorboard=cfg.train.tensorboard) if ctx.main else None
     timer = StepTimer(enabled=cfg.train.profile, device=setup.device)
     last_loss = eval_loss = None
     attention = packed_attention(model) if cfg.data.packing else contextlib.nullcontext()
@@ -147,17 +177,19 @@ def train(setup: Setup, *, console: Console | None = None,
                 started = time.perf_counter()
                 timer.start()
                 batches = [next(stream) for _ in range(cfg.train.grad_accum_steps)]
-                supervised = sum(b.num_supervised for b in batches)  # counted on the host, before the move
-                tokens = sum(b.num_tokens for b in batches)
+                # Counted on the host before the move, then over all ranks: the step's loss is the mean
+                # over every supervised token of the global batch.
+                supervised, tokens = (int(n) for n in ctx.sum([sum(b.num_supervised for b in batches),
+                                                               sum(b.num_tokens for b in batches)]))
                 timer.mark("data")
                 step_loss = torch.zeros((), device=setup.device)
-                for batch in batches:
-                    # Each micro-batch's summed loss over the step's supervised-token count: the gradients
-                    # add up to those of the mean over every supervised token of the step.
-                    step_loss += _forward_backward(model, batch.to(setup.device), method, supervised, timer)
-                grad_norm = _clip(params, cfg.train.max_grad_norm)
-                # The one host sync of the step, for the log and the NaN check.
-                last_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()
+                for index, batch in enumerate(batches):
+                    with distributed.gradient_sync(engine, ctx, last=index == len(batches) - 1):
+                        step_loss += _forward_backward(engine, batch.to(setup.device), supervised, ctx.world, timer)
+                grad_norm = distributed.full_tensor(_clip(params, cfg.train.max_grad_norm))
+                # The one host sync of the step, for the log and the NaN check (plus one sum over ranks).
+                local_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()
+                (last_loss,) = ctx.sum([local_loss])
                 if not math.isfinite(last_loss):
                     sources = ", ".join(w for b in batches for w in b.where[:4])
                     raise TrainingError(f"the loss became {last_loss} at step {state.step + 1} (rows {sources}); "
@@ -169,41 +201,50 @@ def train(setup: Setup, *, console: Console | None = None,
                 optimizer.zero_grad(set_to_none=True)
                 timer.mark("optimizer")
                 state.step += 1
-                if state.step % cfg.train.log_every_steps == 0 or state.step == steps:
+                if log is not None and (state.step % cfg.train.log_every_steps == 0 or state.step == steps):
                     log.log({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
                              "grad_norm": norm, "tokens": tokens, "supervised_tokens": supervised,
                              "seconds": time.perf_counter() - started, **timer.seconds()})
                 stop = False
                 if setup.eval_indices is not None and len(setup.eval_indices) and (
                         state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)):
-                    eval_loss = evaluate(setup, pad_id)
-                    log.log({"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+                    eval_loss = evaluate(setup, pad_id, engine)
+                    if log is not None:
+                        log.log({"step": state.step, "eval_loss": eval_loss,
+                                 "eval_perplexity": math.exp(min(eval_loss, 50))})
                     stop = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
                 if state.step == steps or stop or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
                     checkpoint.save_checkpoint(out, state, trainable=method.state_dict(model), optimizer=optimizer,
-                                               scheduler=scheduler, keep=cfg.train.keep_checkpoints)
+                                               scheduler=scheduler, keep=cfg.train.keep_checkpoints, ctx=ctx,
+                                               model=model)
                 if on_step is not None:
                     on_step(state.step)
                 if stop:
                     console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations")
                     break
         finally:
-            log.close()
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
-    export_dir = _export(setup, out)
-    return RunResult(out, state.step, last_loss, eval_loss, export_dir)
+            if log is not None:
+                log.close()
+    distributed.consolidate(model, ctx)  # FSDP: the whole parameters on rank 0, for the export
+    export_dir = None
+    if ctx.main:
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        export_dir = _export(setup, out)
+    ctx.barrier()
+    return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"))
 
 
-def _forward_backward(model: torch.nn.Module, batch: Batch, method: Method, supervised: int,
+def _forward_backward(engine: torch.nn.Module, batch: Batch, supervised: int, world: int,
                       timer: StepTimer) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its detached share of the step loss. The graph
-    dies with this frame: a loss kept across steps holds its graph, which fragments the CPU heap (peak
-    RSS grew ~30% over a few steps when the loop kept it)."""
-    loss = loss_sum(model, batch, method) / max(supervised, 1)
+    """Forward and backward of one micro-batch; returns its detached share of the step loss (its summed
+    token loss over the global batch's supervised-token count). The backward is scaled by the number of
+    ranks, whose gradients DDP and FSDP average. The graph dies with this frame: a loss kept across steps
+    holds its graph, which fragments the CPU heap (peak RSS grew ~30% over a few steps when the loop kept it)."""
+    share = engine(batch) / max(supervised, 1)
     timer.mark("forward")
-    loss.backward()
+    (share * world if world > 1 else share).backward()
     timer.mark("backward")
-    return loss.detach()
+    return share.detach()
 
 
 def _enable_recompute(model: torch.nn.Module) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +20,15 @@ from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.load import default_device, load_model, load_tokenizer
 from sftlab.models.quant import base_memory_line
+from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup
 
 
 def prepare(cfg: Config, *, console: Console | None = None, device: torch.device | None = None) -> Setup:
+    ctx = Dist.from_env()  # under torchrun: joins the other processes
     console = console or Console(stderr=True)
+    if not ctx.main:
+        console = Console(stderr=True, quiet=True)
     if not cfg.data.train:
         raise ConfigError("no training data: set data.train (a .jsonl, .json or .parquet file).")
     if not cfg.model.path:
@@ -32,12 +39,12 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens)
-    train_data = build_dataset(cfg.data.train, cfg.data, encoder, rejects_path=out / "rejects.jsonl")
+    train_data = _build(ctx, cfg.data.train, cfg, encoder, out / "rejects.jsonl")
     _report_data(console, "train", train_data.stats, out / "rejects.jsonl")
     indices = np.arange(len(train_data))
     eval_data, eval_indices = None, None
     if cfg.data.eval:
-        eval_data = build_dataset(cfg.data.eval, cfg.data, encoder, rejects_path=out / "eval_rejects.jsonl")
+        eval_data = _build(ctx, cfg.data.eval, cfg, encoder, out / "eval_rejects.jsonl")
         _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl")
         eval_indices = np.arange(len(eval_data))
     elif cfg.data.eval_fraction > 0:
@@ -47,7 +54,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if len(indices) == 0:
         raise ConfigError(f"no training examples left from {cfg.data.train} (see {out / 'rejects.jsonl'}).")
 
-    device = device or default_device()
+    device = device or (ctx.device() if ctx.enabled else default_device())
     model = load_model(cfg.model, device=device)
     torch.manual_seed(cfg.train.seed)  # the new embedding rows and the adapter's initialisation
     new_token_ids = _add_token_rows(cfg, model, tokenizer, encoder.added_tokens, console)
@@ -67,7 +74,23 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     total = sum(p.numel() for p in model.parameters())
     console.print(f"method {cfg.method}: trainable {100 * trainable / total:.2f}% — "
                   f"{_millions(trainable)} of {_millions(total)}")
-    return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device)
+    if ctx.enabled:
+        ctx = replace(ctx, mode=choose_mode(cfg.train.distributed, cfg.method, model, device, ctx.world))
+        console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
+    return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx)
+
+
+def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Path) -> EncodedDataset:
+    """Rank 0 encodes (and caches) the data first; the other ranks then read the same cache (or, with
+    data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's."""
+    if ctx.main:
+        data = build_dataset(data_path, cfg.data, encoder, rejects_path=rejects)
+    ctx.barrier()
+    if not ctx.main:
+        scratch = Path(tempfile.gettempdir()) / f"sftlab-rejects-{os.getpid()}-{rejects.name}"
+        data = build_dataset(data_path, cfg.data, encoder, rejects_path=scratch)
+        scratch.unlink(missing_ok=True)
+    return data
 
 
 def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, added: list[str],

@@ -1,0 +1,157 @@
+"""torchrun with 2 processes (gloo, CPU, tiny models): DDP and FSDP2 train what one process trains.
+
+Each distributed run is a real `torchrun --standalone --nproc-per-node 2` of tests/train/dist_driver.py,
+which calls sftlab's own prepare() and train(); the reference is the same config in this process with the
+same global batch (micro-batch × accumulation × processes) and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_dir
+from rich.console import Console
+from safetensors.torch import load_file
+
+from sftlab.config import load_config
+from sftlab.train.loop import train
+from sftlab.train.setup import prepare
+
+DRIVER = Path(__file__).resolve().parent / "dist_driver.py"
+QUIET = Console(quiet=True)
+QA = [(f"What is item {i} called?", f"Item {i} is called {'abcdefghijk'[i] * (1 + i % 3)}.") for i in range(11)]
+_RUNS: dict[tuple[str, ...], Path] = {}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("model"), init_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def common(model_dir: Path, data: Path, out: Path, *overrides: str) -> list[str]:
+    return [f"model={model_dir}", f"data.train={data}", f"output_dir={out}", "data.cache=false",
+            "train.lr=1e-3", "train.warmup_steps=1", *overrides]
+
+
+def launch(out: Path, overrides: list[str], *, kill_at: int | None = None, expect_ok: bool = True) -> Path:
+    """torchrun 2 processes of the driver; returns the run dir."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(DRIVER),
+           str(out / "driver" / "out.json"), *(["--kill-at", str(kill_at)] if kill_at else []), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if expect_ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    else:
+        assert done.returncode != 0
+    return out
+
+
+def dist_run(tmp_root: Path, model_dir: Path, data: Path, *overrides: str) -> Path:
+    """A finished 2-process run, cached per settings for the tests that only read it."""
+    key = tuple(overrides)
+    if key not in _RUNS:
+        out = tmp_root / f"dist-{len(_RUNS)}"
+        _RUNS[key] = launch(out, common(model_dir, data, out, *overrides))
+    return _RUNS[key]
+
+
+def single_weights(model_dir: Path, data: Path, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
+    setup = prepare(load_config(overrides=common(model_dir, data, out, *overrides)), console=QUIET)
+    train(setup, console=QUIET)
+    return {k: v.detach().float() for k, v in setup.method.state_dict(setup.model).items()}
+
+
+def dist_weights(run: Path) -> dict[str, torch.Tensor]:
+    return {k[2:]: v for k, v in load_file(run / "driver" / "result.safetensors").items() if k.startswith("w.")}
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+CASES = [("full", "ddp", "false"), ("lora", "ddp", "false"), ("full", "fsdp", "false"), ("lora", "fsdp", "false"),
+         ("lora", "fsdp", "true")]
+
+
+@pytest.mark.parametrize("method, mode, packing", CASES)
+def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_path_factory, method, mode,
+                                                           packing) -> None:
+    # 2 processes x micro-batch 2 x accumulation 1 = one process x micro-batch 2 x accumulation 2.
+    shared = (f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", f"data.packing={packing}",
+              "data.max_seq_len=120", "lora.rank=4")
+    root = tmp_path_factory.mktemp("equal")
+    reference = single_weights(model_dir, data, root / "single", *shared, "train.grad_accum_steps=2")
+    run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared, f"train.distributed={mode}")
+    assert json.loads((run / "driver" / "out.json").read_text()) == {"mode": mode, "world": 2}
+    got = dist_weights(run)
+    assert got.keys() == reference.keys()
+    base = load_file(next((model_dir).glob("*.safetensors")))
+    moved = 0
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
+        moved += int(name not in base or not torch.equal(base[name].float(), value))
+    assert moved > 0
+    assert losses(run) == pytest.approx(losses(root / "single"), rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_an_epoch_is_split_between_the_ranks_without_repeats_or_gaps(model_dir, data, tmp_path, packing) -> None:
+    # 11 examples in micro-batches of 4 (or packed rows): an odd number of micro-batches per epoch, so the
+    # last step reaches into the next epoch, as one process with the same global batch does.
+    out = tmp_path / "epoch"
+    launch(out, common(model_dir, data, out, "method=lora", "train.epochs=1", "train.micro_batch_size=4",
+                       f"data.packing={packing}", "data.max_seq_len=60", "train.distributed=ddp"))
+    seen = [json.loads((out / "driver" / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1])  # the same number of micro-batches on each rank, none empty
+    stream = [rows for pair in zip(*seen) for rows in pair]  # round by round: rank 0's, then rank 1's
+    flat = [where for rows in stream for where in rows]
+    assert sorted(flat[:11]) == sorted(f"{data}:{i}" for i in range(1, 12))  # the epoch: each row once
+    ends = [sum(len(rows) for rows in stream[:k]) for k in range(len(stream) + 1)]
+    assert 11 in ends  # the epoch ends between micro-batches: no example is split or shared
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_a_two_process_checkpoint_resumes_to_the_uninterrupted_weights(model_dir, data, tmp_path, mode) -> None:
+    shared = ("method=lora", "lora.dropout=0.1", "train.max_steps=5", "train.save_every_steps=2",
+              "train.micro_batch_size=2", f"train.distributed={mode}", "lora.rank=4")
+    whole = launch(tmp_path / "whole", common(model_dir, data, tmp_path / "whole", *shared))
+    killed = tmp_path / "killed"
+    launch(killed, common(model_dir, data, killed, *shared), kill_at=3, expect_ok=False)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-2"]
+    if mode == "fsdp":
+        assert (killed / "checkpoints" / "step-2" / "sharded").is_dir()
+    launch(killed, common(model_dir, data, killed, *shared))
+    a, b = dist_weights(whole), dist_weights(killed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert losses(killed)[-3:] == losses(whole)[-3:]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_export_of_an_fsdp_run_loads_in_one_process_with_the_same_logits(model_dir, data, tmp_path_factory,
+                                                                              method) -> None:
+    from sftlab.models.load import load_for_inference
+
+    shared = (f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", "data.packing=false",
+              "data.max_seq_len=120", "lora.rank=4", "train.distributed=fsdp")
+    run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared)
+    distributed_logits = load_file(run / "driver" / "result.safetensors")["logits"]
+    model, *_ = load_for_inference(str(run))
+    ids = torch.arange(3, 40).reshape(1, -1) % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(logits, distributed_logits, rtol=1e-5, atol=1e-5)
