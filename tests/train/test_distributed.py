@@ -84,7 +84,8 @@ def losses(run: Path) -> list[float]:
 
 
 CASES = [("full", "ddp", "false"), ("lora", "ddp", "false"), ("full", "fsdp", "false"), ("lora", "fsdp", "false"),
-         ("lora", "fsdp", "true")]
+         ("lora", "fsdp", "true"), ("qlora", "ddp", "false"), ("adapter", "fsdp", "false"), ("prefix", "fsdp", "false"),
+         ("ptuning", "ddp", "false")]
 
 
 @pytest.mark.parametrize("method, mode, packing", CASES)
@@ -92,7 +93,7 @@ def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_
                                                            packing) -> None:
     # 2 processes x micro-batch 2 x accumulation 1 = one process x micro-batch 2 x accumulation 2.
     shared = (f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", f"data.packing={packing}",
-              "data.max_seq_len=120", "lora.rank=4")
+              "data.max_seq_len=120", "lora.rank=4", "prefix.num_virtual_tokens=4", "ptuning.num_virtual_tokens=4")
     root = tmp_path_factory.mktemp("equal")
     reference = single_weights(model_dir, data, root / "single", *shared, "train.grad_accum_steps=2")
     run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared, f"train.distributed={mode}")
@@ -155,3 +156,25 @@ def test_the_export_of_an_fsdp_run_loads_in_one_process_with_the_same_logits(mod
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     torch.testing.assert_close(logits, distributed_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_keeps_its_nf4_weights_sharded_under_fsdp(tmp_path, data) -> None:
+    # NF4 weights shard when their quantized parts divide by the number of processes: hidden 256 here.
+    model_dir = tiny_model_dir(tmp_path / "model256", hidden=256, init_range=0.2)
+    shared = ("method=qlora", "train.max_steps=3", "train.micro_batch_size=2", "lora.rank=4")
+    reference = single_weights(model_dir, data, tmp_path / "single", *shared, "train.grad_accum_steps=2")
+    run = launch(tmp_path / "dist", common(model_dir, data, tmp_path / "dist", *shared, "train.distributed=fsdp"))
+    got = dist_weights(run)
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_model_too_small_to_shard_is_refused_at_start_with_the_reason(model_dir, data, tmp_path) -> None:
+    out = tmp_path / "small"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(DRIVER),
+           str(out / "driver" / "out.json"), *common(model_dir, data, out, "method=qlora", "train.distributed=fsdp")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "cannot be sharded over 2 processes: its NF4" in done.stdout + done.stderr
+    assert "Set train.distributed=ddp" in done.stdout + done.stderr
+    assert not (out / "checkpoints").exists()

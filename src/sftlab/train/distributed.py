@@ -30,9 +30,8 @@ from torch import nn
 
 from sftlab.errors import ConfigError
 
-SHARDABLE = ("full", "lora", "adapter")
-"""Methods that run under FSDP2 here. QLoRA's NF4 weights and the soft prompts' hooks are refused (DDP
-runs every method)."""
+NF4_SHARDED_PARTS = ("quantized_scalers", "quantization_factor", "quantized_data")
+"""The inner tensors of torchao's NF4Tensor that FSDP2 splits evenly across ranks."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +99,22 @@ def choose_mode(setting: str, method: str, model: nn.Module, device: torch.devic
             need = sum(p.numel() * p.element_size() + (12 * p.numel() if p.requires_grad else 0)
                        for p in model.parameters())
             mode = "ddp" if need < 0.6 * torch.cuda.get_device_properties(device).total_memory else "fsdp"
-    if mode == "fsdp" and method not in SHARDABLE:
-        raise ConfigError(f"method {method} cannot run under FSDP here: "
-                          + ("its NF4 base weights are not sharded by this version of sftlab"
-                             if method == "qlora" else "its virtual tokens / prefixes live outside the decoder layers "
-                             "FSDP shards") + ". Set train.distributed=ddp.")
+    if mode == "fsdp":
+        _check_nf4_shards(model, world)
     return mode
+
+
+def _check_nf4_shards(model: nn.Module, world: int) -> None:
+    """QLoRA under FSDP2: torchao shards each NF4 weight by splitting its quantized data, block scales and
+    scale factors evenly across ranks, so each must divide by the number of processes."""
+    for name, param in model.named_parameters():
+        for part in NF4_SHARDED_PARTS:
+            inner = getattr(param, part, None)
+            if isinstance(inner, torch.Tensor) and inner.numel() % world:
+                raise ConfigError(f"{name} cannot be sharded over {world} processes: its NF4 {part} has "
+                                  f"{inner.numel()} elements, not a multiple of {world} (a layer this small "
+                                  "gains nothing from sharding). Set train.distributed=ddp, or use a number of "
+                                  "processes that divides it.")
 
 
 class TrainingForward(nn.Module):
@@ -130,7 +139,9 @@ def wrap(model: nn.Module, method: Any, ctx: Dist) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [ctx.local_rank] if torch.cuda.is_available() else None
-        return DistributedDataParallel(forward, device_ids=device_ids)
+        # Every rank built the same model (same weights, same seed before the method's initialisation), so
+        # DDP's initial broadcast is not needed, and it would mangle QLoRA's NF4 tensor subclass.
+        return DistributedDataParallel(forward, device_ids=device_ids, init_sync=False)
     if ctx.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
