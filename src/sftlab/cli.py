@@ -126,10 +126,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_resume:
         overrides.append("train.resume=never")
     cfg = load_config(args.config, overrides)
-    result = train(prepare(cfg))
-    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    print(f"done: {result.steps} steps{loss}; wrote {result.export_dir}")
-    print(f"try it: sftlab chat {result.output_dir}")
+    setup = prepare(cfg)
+    try:
+        result = train(setup)
+    finally:
+        setup.dist.close()
+    if setup.dist.main:
+        loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+        print(f"done: {result.steps} steps{loss}; wrote {result.export_dir}")
+        print(f"try it: sftlab chat {result.output_dir}")
     return 0
 
 

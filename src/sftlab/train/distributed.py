@@ -70,6 +70,11 @@ class Dist:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
+    def close(self) -> None:
+        """Leave the process group (at the end of a torchrun launch)."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
