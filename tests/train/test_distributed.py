@@ -83,6 +83,10 @@ def losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
+def eval_losses(run: Path) -> list[float]:
+    return [json.loads(x)["eval_loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+
+
 CASES = [("full", "ddp", "false"), ("lora", "ddp", "false"), ("full", "fsdp", "false"), ("lora", "fsdp", "false"),
          ("lora", "fsdp", "true"), ("qlora", "ddp", "false"), ("adapter", "fsdp", "false"), ("prefix", "fsdp", "false"),
          ("ptuning", "ddp", "false")]
@@ -93,7 +97,8 @@ def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_
                                                            packing) -> None:
     # 2 processes x micro-batch 2 x accumulation 1 = one process x micro-batch 2 x accumulation 2.
     shared = (f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", f"data.packing={packing}",
-              "data.max_seq_len=120", "lora.rank=4", "prefix.num_virtual_tokens=4", "ptuning.num_virtual_tokens=4")
+              "data.max_seq_len=120", "lora.rank=4", "prefix.num_virtual_tokens=4", "ptuning.num_virtual_tokens=4",
+              "data.eval_fraction=0.25")
     root = tmp_path_factory.mktemp("equal")
     reference = single_weights(model_dir, data, root / "single", *shared, "train.grad_accum_steps=2")
     run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared, f"train.distributed={mode}")
@@ -107,6 +112,8 @@ def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_
         moved += int(name not in base or not torch.equal(base[name].float(), value))
     assert moved > 0
     assert losses(run) == pytest.approx(losses(root / "single"), rel=1e-5)
+    # The held-out 3 examples, split between the ranks, give the single process's eval loss.
+    assert eval_losses(run) == pytest.approx(eval_losses(root / "single"), rel=1e-5) and eval_losses(run)
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])

@@ -178,6 +178,15 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def reshard(engine: nn.Module, ctx: Dist) -> None:
+    """Under FSDP: put every parameter back in its shards. A forward without backward (evaluation) leaves
+    the root's parameters gathered, and the optimizer and checkpoints know the sharded ones."""
+    if ctx.sharded:
+        for module in engine.modules():
+            if hasattr(module, "reshard") and hasattr(module, "unshard"):
+                module.reshard()
+
+
 def consolidate(model: nn.Module, ctx: Dist) -> None:
     """Under FSDP: gather every parameter and buffer whole (all ranks take part, one tensor at a time) and
     register the whole tensors on rank 0's model, which then exports as a single-process run does. A

@@ -135,6 +135,7 @@ def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None) -
                 else empty_batch(setup, pad_id)
             total += float(engine(batch.to(setup.device)))
             count += batch.num_supervised
+    distributed.reshard(engine, ctx)
     model.train()
     total, count = ctx.sum([total, count])
     return total / max(count, 1)
