@@ -249,3 +249,18 @@ def test_setup_prints_the_trainable_share(model_dir, data, tmp_path) -> None:
     match = re.search(r"method lora: trainable (\d+\.\d\d)% — (\d+\.\d\d)M of (\d+\.\d\d)M", text)
     assert match, text
     assert 0 < float(match.group(1)) < 20
+
+
+def test_a_checkpoint_resumes_only_under_the_world_size_that_wrote_it(model_dir, data, tmp_path) -> None:
+    from sftlab.errors import SftlabError
+    from sftlab.train import checkpoint
+    from sftlab.train.distributed import Dist
+
+    setup = prepare(config(model_dir, data, tmp_path / "one", "method=lora", "train.max_steps=1"), console=QUIET)
+    train(setup, console=QUIET)
+    params = setup.method.trainable_parameters(setup.model)
+    optimizer = torch.optim.AdamW(params.values())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(SftlabError, match="written by 1 processes and this run has 2; resume with the same number"):
+        checkpoint.load_checkpoint(latest_checkpoint(tmp_path / "one"), optimizer=optimizer, scheduler=scheduler,
+                                   method=setup.method, model=setup.model, ctx=Dist(rank=0, world=2, mode="ddp"))
