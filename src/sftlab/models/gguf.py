@@ -1,0 +1,71 @@
+"""A .gguf file becomes a plain Hugging Face model dir once, in the cache, and every later run reads that.
+
+transformers reads GGUF (with the `gguf` package): it dequantises the weights and rebuilds the tokenizer
+with its chat template, which takes seconds to a minute. sftlab does that once per file and saves the
+result (fp32 weights as safetensors, tokenizer files, chat template) under
+`$SFTLAB_CACHE/models/<name>-<key>/` (default ~/.cache/sftlab), keyed by the file's path, size and
+modification time. The conversion is written to a scratch dir and renamed into place, so a killed
+conversion leaves nothing half-made behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from sftlab.data.cache import cache_root
+from sftlab.errors import ConfigError
+
+
+def is_gguf(path: str) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def model_dir_for(path: str, *, trust_remote_code: bool = False) -> str:
+    """The cached HF model dir of the .gguf file `path`, converting it on first use."""
+    source = Path(path).expanduser().resolve()
+    if not source.is_file():
+        raise ConfigError(f"model {path!r}: no such .gguf file")
+    stat = source.stat()
+    key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root(None) / "models" / f"{source.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    _convert(source, target, trust_remote_code=trust_remote_code)
+    return str(target)
+
+
+def _convert(source: Path, target: Path, *, trust_remote_code: bool) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers needs it; say so here rather than deep inside)
+    except ImportError:
+        raise ConfigError(f"{source} is a GGUF file: reading it needs the `gguf` package "
+                          "(pip install gguf, or pip install 'sftlab[gguf]').") from None
+    print(f"converting {source.name} to a Hugging Face model dir (once; cached in {target.parent})", flush=True)
+    scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name,
+                                                  trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32,
+                                                      trust_remote_code=trust_remote_code)
+        # transformers marks a GGUF-loaded model as quantised and will not save it; its weights are
+        # dequantised already, so they go into a plain model of the same config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(scratch, target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
