@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 FIXTURES := .cache/fixtures/.stamp
 
-.PHONY: test demo bench fixtures clean
+.PHONY: test demo bench fixtures chromium clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ $(FIXTURES): scripts/fetch_fixtures.sh
 
 fixtures: $(FIXTURES)
 
-test: $(STAMP) $(FIXTURES)
+# Headless Chromium for tests/test_report.py (Debian's package, installed when missing and apt-get runs as root).
+chromium:
+	@bash scripts/install_chromium.sh
+
+test: $(STAMP) $(FIXTURES) chromium
 	$(PY) -m pytest -q
 
 demo: $(STAMP) $(FIXTURES)

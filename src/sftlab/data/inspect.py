@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any, Iterable, Sequence
 
-from sftlab.data.encode import IGNORE_INDEX, Encoded
+from sftlab.data.encode import IGNORE_INDEX, Encoded, Example
 from sftlab.errors import DataError
 
 OPEN, CLOSE = "[[", "]]"
@@ -37,6 +37,22 @@ def marked_text(encoded: Encoded, tokenizer: Any) -> str:
         text = _decode(tokenizer, ids)
         parts.append(f"{OPEN}{text}{CLOSE}" if trained else text)
     return "".join(parts)
+
+
+def example_record(example: Example, tokenizer: Any) -> dict[str, Any]:
+    """One example as `--format json` writes it: where, input_ids, labels and each token's text."""
+    return {"where": example.where, "input_ids": example.input_ids, "labels": example.labels,
+            "tokens": [_decode(tokenizer, [token]) for token in example.input_ids]}
+
+
+def tokens_html(record: dict[str, Any]) -> str:
+    """An example_record as HTML: one <span> per token, class "t on" if trained, "t off" if not, titled
+    with its position and id (styled by TOKEN_CSS). Shared by the inspect page and the run report."""
+    spans = []
+    for position, (text, token, label) in enumerate(zip(record["tokens"], record["input_ids"], record["labels"])):
+        css = "t on" if label != IGNORE_INDEX else "t off"
+        spans.append(f'<span class="{css}" title="#{position} id {token}">{html.escape(text)}</span>')
+    return "".join(spans)
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -81,9 +97,7 @@ def _json_lines(results: list[Encoded | DataError], tokenizer: Any, stream: IO[s
         if isinstance(result, DataError):
             record: dict[str, Any] = {"where": result.where, "error": result.detail, "reason": result.reason}
         else:
-            example = result.example
-            record = {"where": example.where, "input_ids": example.input_ids, "labels": example.labels,
-                      "tokens": [_decode(tokenizer, [token]) for token in example.input_ids]}
+            record = example_record(result.example, tokenizer)
         stream.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -107,16 +121,19 @@ def _text(results: list[Encoded | DataError], tokenizer: Any, stream: IO[str], *
         console.print(body)
 
 
+TOKEN_CSS = """pre { white-space: pre-wrap; word-break: break-word; font-size: 13px; line-height: 1.6; }
+.t { border-right: 1px solid #eee; }
+.on { background: #c8f7c5; }
+.off { color: #777; }"""
+"""The styles tokens_html's spans need."""
+
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>sftlab inspect</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; max-width: 72rem; }}
 .example {{ border: 1px solid #ddd; border-radius: 6px; margin: 1rem 0; padding: .5rem 1rem; }}
 .head {{ font-weight: 600; color: #333; }}
-pre {{ white-space: pre-wrap; word-break: break-word; font-size: 13px; line-height: 1.6; }}
-.t {{ border-right: 1px solid #eee; }}
-.on {{ background: #c8f7c5; }}
-.off {{ color: #777; }}
+{token_css}
 .err {{ color: #b00; }}
 </style></head><body>
 <h1>sftlab inspect</h1>
@@ -134,12 +151,7 @@ def _html(results: list[Encoded | DataError], tokenizer: Any) -> str:
             blocks.append(f'<div class="example err">{html.escape(result.where)}: refused '
                           f'({html.escape(result.reason)}): {html.escape(result.detail)}</div>')
             continue
-        example = result.example
-        spans = []
-        for position, (token, label) in enumerate(zip(example.input_ids, example.labels)):
-            css = "t on" if label != IGNORE_INDEX else "t off"
-            spans.append(f'<span class="{css}" title="#{position} id {token}">'
-                         f"{html.escape(_decode(tokenizer, [token]))}</span>")
-        blocks.append(f'<div class="example"><div class="head">{html.escape(example.where)} — '
-                      f'{_summary(result)}</div><pre>{"".join(spans)}</pre></div>')
-    return _PAGE.format(body="\n".join(blocks))
+        spans = tokens_html(example_record(result.example, tokenizer))
+        blocks.append(f'<div class="example"><div class="head">{html.escape(result.example.where)} — '
+                      f'{_summary(result)}</div><pre>{spans}</pre></div>')
+    return _PAGE.format(body="\n".join(blocks), token_css=TOKEN_CSS)

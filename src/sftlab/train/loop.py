@@ -26,6 +26,7 @@ from sftlab.train.checkpoint import TrainState
 from sftlab.train.distributed import SINGLE, Dist, TrainingForward
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
 from sftlab.train.optim import build_optimizer, build_scheduler
+from sftlab.train.report import write_report
 
 
 class TrainingError(SftlabError):
@@ -39,6 +40,8 @@ class RunResult:
     final_loss: float | None
     eval_loss: float | None
     export_dir: Path | None
+    report: Path | None = None
+    """OUTPUT/report.html (rank 0)."""
 
 
 @dataclass
@@ -227,12 +230,14 @@ def train(setup: Setup, *, console: Console | None = None,
             if log is not None:
                 log.close()
     distributed.consolidate(model, ctx)  # FSDP: the whole parameters on rank 0, for the export
-    export_dir = None
+    export_dir = report = None
     if ctx.main:
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         export_dir = _export(setup, out)
+        report = write_report(out, setup=setup)
     ctx.barrier()
-    return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"))
+    return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"),
+                     report)
 
 
 def _forward_backward(engine: torch.nn.Module, batch: Batch, supervised: int, world: int,
