@@ -19,6 +19,7 @@ micro-batches per epoch does not depend on the epoch, so a run's step count is k
 from __future__ import annotations
 
 import bisect
+
 import numpy as np
 
 GROUP_WINDOW_STEPS = 64

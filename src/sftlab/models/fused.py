@@ -14,7 +14,8 @@ norm, a GELU MLP) keeps its own forward. `fuse(model)` returns what it replaced.
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,7 @@ class Dist:
         return self.mode == "fsdp"
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         """This process's place in a torchrun launch (joining the process group), or a single process."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
@@ -169,8 +169,7 @@ def gradient_sync(engine: nn.Module, ctx: Dist, *, last: bool) -> Iterator[None]
         return
     if ctx.mode == "fsdp":
         engine.set_requires_gradient_sync(last)
-    with nullcontext():
-        yield
+    yield
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
