@@ -21,7 +21,7 @@ from sftlab.data.dataset import EncodedDataset
 from sftlab.errors import SftlabError
 from sftlab.methods import Method
 from sftlab.models.attention import packed_attention
-from sftlab.train import checkpoint, distributed
+from sftlab.train import checkpoint, distributed, lock
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.distributed import SINGLE, Dist, TrainingForward
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
@@ -149,7 +149,7 @@ def train(setup: Setup, *, console: Console | None = None,
     cfg, model, method, ctx = setup.config, setup.model, setup.method, setup.dist
     out = Path(cfg.output_dir)
     if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire(out)  # one run per output dir (taken already if prepare() ran in this process)
         (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     console = console if ctx.main and console is not None else Console(stderr=True, quiet=not ctx.main)
     pad_id = _pad_id(setup.tokenizer)
@@ -235,6 +235,7 @@ def train(setup: Setup, *, console: Console | None = None,
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         export_dir = _export(setup, out)
         report = write_report(out, setup=setup)
+        lock.release(out)
     ctx.barrier()
     return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"),
                      report)

@@ -20,6 +20,7 @@ from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.load import default_device, load_model, load_tokenizer
 from sftlab.models.quant import base_memory_line
+from sftlab.train import lock
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup
 
@@ -34,6 +35,8 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if not cfg.model.path:
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
     out = Path(cfg.output_dir)
+    if ctx.main:
+        lock.acquire(out)  # before anything is written there; train() releases it at the end
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
