@@ -116,3 +116,11 @@ def tiny_model_dir(path: Path, *, arch: str = "llama", seed: int = 0, hidden: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def only_for(method: str, *overrides: str) -> tuple[str, ...]:
+    """`overrides` without the method options `method` does not read (the config refuses those)."""
+    from sftlab.config import METHOD_SECTIONS
+
+    others = {s for sections in METHOD_SECTIONS.values() for s in sections} - set(METHOD_SECTIONS[method])
+    return tuple(item for item in overrides if item.split(".", 1)[0] not in others)

@@ -71,7 +71,22 @@ def test_merge_writes_a_plain_model_with_a_fidelity_check(run, capsys) -> None:
     assert capsys.readouterr().out.strip() == "Pong."
 
 
-def test_resume_of_a_finished_run_does_nothing_more(run, capsys) -> None:
-    assert main(["train", str(run["run"] / "config.yaml")]) == 0
+def test_a_finished_run_is_never_trained_over_without_overwrite(run, capsys) -> None:
+    out = run["run"]
+    weights = out / "adapter" / "adapter_model.safetensors"
+    before = (weights.read_bytes(), weights.stat().st_mtime_ns, (out / "finished.json").read_text())
+    # The same config again: nothing to do, nothing written.
+    assert main(["train", str(out / "config.yaml")]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    # Any other config, or --no-resume: refused, nothing written.
+    for extra in (["train.max_steps=40"], ["--no-resume"]):
+        assert main(["train", str(out / "config.yaml"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds a finished run (30 steps, wrote adapter" in err and "--overwrite" in err
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns, (out / "finished.json").read_text()) == before
+    # --overwrite trains it again from scratch (deterministic: the same weights, written anew).
+    (out / "notes.txt").write_text("mine", encoding="utf-8")  # not the run's: kept
+    assert main(["train", str(out / "config.yaml"), "--overwrite"]) == 0
     assert "done: 30 steps" in capsys.readouterr().out
-    assert torch.load  # the run dir was reused, not overwritten
+    assert weights.read_bytes() == before[0] and weights.stat().st_mtime_ns != before[1]
+    assert (out / "notes.txt").read_text() == "mine"

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"model={model}", f"output_dir={out}", f"data.train={data / 'train.jsonl'}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
-    run([*SFTLAB, "train", str(HERE / "config.yaml"), *overrides, "--no-resume"])
+    run([*SFTLAB, "train", str(HERE / "config.yaml"), *overrides, "--overwrite"])
 
     banner("5. held-out questions: base model vs fine-tuned")
     base_answers = answer_all(model, heldout)

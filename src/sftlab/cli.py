@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rich.console import Console
 
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a model as the config says")
     train.add_argument("config", help="a YAML config (see examples/)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (the default, train.resume=auto)")
-    train.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    train.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist (they are removed)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="output_dir holds a finished run: delete its files and train again")
     train.epilog = "Config overrides may follow as key=value, e.g. train.max_steps=100 lora.rank=8."
     train.set_defaults(run=_train)
 
@@ -120,15 +122,26 @@ def _encoder(cfg: Config):  # noqa: ANN202 - returns sftlab.data.encode.Encoder
 
 def _train(args: argparse.Namespace) -> int:
     from sftlab.train.loop import train
+    from sftlab.train.rundir import RunFinishedError
     from sftlab.train.setup import prepare
+    from sftlab.train.signals import TrainingInterrupted
 
     overrides = list(args.overrides)
     if args.no_resume:
         overrides.append("train.resume=never")
     cfg = load_config(args.config, overrides)
-    setup = prepare(cfg)
+    try:
+        setup = prepare(cfg, overwrite=args.overwrite)
+    except RunFinishedError as exc:
+        if not exc.same_config:
+            raise
+        print(f"nothing to do: {exc.nothing_to_do}", file=sys.stderr)
+        return 0
     try:
         result = train(setup)
+    except TrainingInterrupted as exc:
+        again = " ".join(["sftlab train", args.config, *args.overrides])
+        raise TrainingInterrupted(f"{exc} That is: {again}", signum=exc.signum) from None
     finally:
         setup.dist.close()
     if setup.dist.main:

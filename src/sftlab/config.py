@@ -62,6 +62,8 @@ class DataConfig:
     """Reuse an encoded dataset when data, tokenizer, template and settings are unchanged."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError(f"data.max_seq_len must be at least 2 or null (no limit), got {self.max_seq_len}")
         if self.packing and self.max_seq_len is None:
@@ -108,6 +110,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise ConfigError(f"lora.rank must be a positive integer, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
@@ -169,11 +173,21 @@ class TrainConfig:
     profile: bool = False
     """Record each step's seconds in data / forward / backward / optimizer in metrics.jsonl (on a GPU this
     synchronises at each phase, which costs a little speed)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is NaN/inf: `stop` the run (nothing of that step is applied; the last
+    checkpoint stays), or `skip` the step (no update; the run stops anyway after 10 such steps in a row).
+    Either way the step and its batch's source rows are named."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be 0 or more, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"train.max_grad_norm must be positive or null (no clipping), got {self.max_grad_norm}")
         for key in ("max_steps", "save_every_steps", "eval_every_steps", "early_stopping_patience"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -182,8 +196,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"train.betas must be two numbers, got {list(self.betas)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass(frozen=True)
@@ -208,6 +222,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.bottleneck_dim <= 0:
             raise ConfigError(f"adapter.bottleneck_dim must be a positive integer, got {self.bottleneck_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -279,6 +295,35 @@ class Config:
             raise ConfigError(f"data.packing=true cannot be used with method {self.method}: its virtual tokens "
                               "belong at the start of each example, and a packed row holds several. Set "
                               "data.packing=false.")
+        has_eval = bool(self.data.eval) or self.data.eval_fraction > 0
+        for key in ("eval_every_steps", "early_stopping_patience"):
+            if getattr(self.train, key) is not None and not has_eval:
+                raise ConfigError(f"train.{key} is set but there is no evaluation data; set data.eval (a file) or "
+                                  "data.eval_fraction (e.g. 0.05), or remove it.")
+        if self.train.early_stopping_patience is not None and self.train.eval_every_steps is None:
+            raise ConfigError("train.early_stopping_patience counts evaluations, but train.eval_every_steps is "
+                              "null (one evaluation, at the end); set train.eval_every_steps too.")
+        if self.data.eval and self.data.eval_fraction > 0:
+            raise ConfigError("data.eval and data.eval_fraction are both set; use one: an eval file, or a share "
+                              "of the training data held out.")
+        _check_method_sections(self)
+
+
+METHOD_SECTIONS = {"full": ("full",), "lora": ("lora",), "qlora": ("qlora", "lora"), "adapter": ("adapter",),
+                   "prompt": ("prompt",), "ptuning": ("ptuning",), "prefix": ("prefix",)}
+"""The config sections each method reads; a section another method reads must keep its defaults."""
+
+
+def _check_method_sections(cfg: Config) -> None:
+    """An option set for a method the run does not use is a mistake (a wrong `method`, or a stale key)."""
+    used = METHOD_SECTIONS[cfg.method]
+    for section in sorted({s for sections in METHOD_SECTIONS.values() for s in sections} - set(used)):
+        value, default = getattr(cfg, section), type(getattr(cfg, section))()
+        changed = [f.name for f in dataclasses.fields(value) if getattr(value, f.name) != getattr(default, f.name)]
+        if changed:
+            readers = ", ".join(m for m, sections in METHOD_SECTIONS.items() if section in sections)
+            raise ConfigError(f"{section}.{changed[0]} is set, but method is {cfg.method}, which does not read the "
+                              f"{section} section (method {readers} does); remove it, or set method={readers.split(',')[0]}.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

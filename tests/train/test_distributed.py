@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
+from conftest import only_for, tiny_model_dir
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -96,9 +96,9 @@ CASES = [("full", "ddp", "false"), ("lora", "ddp", "false"), ("full", "fsdp", "f
 def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_path_factory, method, mode,
                                                            packing) -> None:
     # 2 processes x micro-batch 2 x accumulation 1 = one process x micro-batch 2 x accumulation 2.
-    shared = (f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", f"data.packing={packing}",
-              "data.max_seq_len=120", "lora.rank=4", "prefix.num_virtual_tokens=4", "ptuning.num_virtual_tokens=4",
-              "data.eval_fraction=0.25")
+    shared = only_for(method, f"method={method}", "train.max_steps=3", "train.micro_batch_size=2",
+                      f"data.packing={packing}", "data.max_seq_len=120", "lora.rank=4", "prefix.num_virtual_tokens=4",
+                      "ptuning.num_virtual_tokens=4", "data.eval_fraction=0.25")
     root = tmp_path_factory.mktemp("equal")
     reference = single_weights(model_dir, data, root / "single", *shared, "train.grad_accum_steps=2")
     run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared, f"train.distributed={mode}")
@@ -154,8 +154,8 @@ def test_the_export_of_an_fsdp_run_loads_in_one_process_with_the_same_logits(mod
                                                                               method) -> None:
     from sftlab.models.load import load_for_inference
 
-    shared = (f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", "data.packing=false",
-              "data.max_seq_len=120", "lora.rank=4", "train.distributed=fsdp")
+    shared = only_for(method, f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", "data.packing=false",
+                      "data.max_seq_len=120", "lora.rank=4", "train.distributed=fsdp")
     run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared)
     distributed_logits = load_file(run / "driver" / "result.safetensors")["logits"]
     model, *_ = load_for_inference(str(run))

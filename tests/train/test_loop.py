@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
+from conftest import only_for, tiny_model_dir
 from rich.console import Console
 
 from sftlab.config import load_config
@@ -56,8 +56,8 @@ def trainable(setup_or_dir) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method, lr, steps", [("full", "3e-3", 40), ("lora", "1e-2", 40)])
 def test_training_learns_and_answers_held_in_prompts(model_dir, data, tmp_path, method, lr, steps) -> None:
-    cfg = config(model_dir, data, tmp_path / method, f"method={method}", f"train.lr={lr}",
-                 f"train.max_steps={steps}", "train.micro_batch_size=6", "train.warmup_steps=3", "lora.rank=8")
+    cfg = config(model_dir, data, tmp_path / method, *only_for(method, f"method={method}", f"train.lr={lr}",
+                 f"train.max_steps={steps}", "train.micro_batch_size=6", "train.warmup_steps=3", "lora.rank=8"))
     setup = prepare(cfg, console=QUIET)
     result = train(setup, console=QUIET)
     losses = [json.loads(line)["loss"] for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
@@ -98,9 +98,9 @@ class Kill(Exception):
 @pytest.mark.parametrize("method, packing", [("lora", "false"), ("full", "false"), ("lora", "true")])
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(model_dir, data, tmp_path, method, packing) -> None:
     # Packed rows of 160 tokens (2-3 examples each), 4 rows a batch: one step an epoch, 7 epochs.
-    common = (f"method={method}", "train.max_steps=7", "train.save_every_steps=3", "train.micro_batch_size=4",
-              "train.lr=5e-3", "lora.dropout=0.1", "train.warmup_steps=2", f"data.packing={packing}",
-              "data.max_seq_len=160")
+    common = only_for(method, f"method={method}", "train.max_steps=7", "train.save_every_steps=3",
+                      "train.micro_batch_size=4", "train.lr=5e-3", "lora.dropout=0.1", "train.warmup_steps=2",
+                      f"data.packing={packing}", "data.max_seq_len=160")
     run(config(model_dir, data, tmp_path / "whole", *common))
 
     def kill_at_5(step: int) -> None:

@@ -67,13 +67,16 @@ LOADERS: dict[str, Loader] = {"lora": load_adapter, "qlora": load_adapter, "adap
 """Method name -> reader of that adapter dir into a model the method has been applied to."""
 
 
-def save_trained(model: nn.Module, method: Method, config: Config, tokenizer: Any, run_dir: Path) -> Path:
-    """A run's export: `model/` (a plain HF dir) for full fine-tuning, else `adapter/` in the method's format."""
+def save_trained(model: nn.Module, method: Method, config: Config, tokenizer: Any, run_dir: Path, *,
+                 into: Path | None = None) -> Path:
+    """A run's export: `model/` (a plain HF dir) for full fine-tuning, else `adapter/` in the method's format;
+    `into` writes those files into another dir instead (the loop's scratch dir, renamed into place after)."""
     if method.name == "full":
-        return save_model(model, tokenizer, Path(run_dir) / "model", chat_template=chat_template_for(config, tokenizer))
+        return save_model(model, tokenizer, into or Path(run_dir) / "model",
+                          chat_template=chat_template_for(config, tokenizer))
     if method.name not in SAVERS:
         raise SftlabError(f"method {method.name} has no export format")
-    return SAVERS[method.name](model, method, config, tokenizer, Path(run_dir) / "adapter")
+    return SAVERS[method.name](model, method, config, tokenizer, into or Path(run_dir) / "adapter")
 
 
 def load_trained(model: nn.Module, method: Method, adapter_dir: Path) -> None:

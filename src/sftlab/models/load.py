@@ -1,8 +1,17 @@
-"""Load a tokenizer (and, in the engine, a model) from a local Hugging Face dir or a hub id."""
+"""Load a tokenizer (and, in the engine, a model) from a local Hugging Face dir or a hub id.
+
+Weights are read only from safetensors files: a dir whose weights are pickled (`pytorch_model.bin`,
+`*.pt`) is refused with the command that converts it, because unpickling a file can run any code in it.
+A local dir is checked before transformers sees it (config.json parses, every weight file named exists
+and is a whole safetensors file), so a broken download is reported by file name, not as a traceback.
+Model code shipped with a checkpoint (`auto_map`) runs only with model.trust_remote_code=true.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,26 +24,157 @@ if TYPE_CHECKING:
     from sftlab.config import ModelConfig
 
 
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.bin", "*.pt", "*.pth", "*.ckpt")
+"""Weight files that are (or index) pickles: never loaded, refused with the way to convert them."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""What the Hugging Face Hub accepts as a repo id: `name` or `org/name`."""
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
     """A transformers tokenizer from a local model/tokenizer dir or a hub id; errors say what to fix."""
     from transformers import AutoTokenizer
 
     if is_gguf(name_or_path):
         name_or_path = model_dir_for(name_or_path, trust_remote_code=trust_remote_code)
-    local = Path(name_or_path).expanduser()
-    if local.exists() and not local.is_dir():
-        raise ConfigError(f"model {name_or_path!r} is a file; expected a Hugging Face model or tokenizer "
-                          "directory (with tokenizer.json / tokenizer_config.json) or a hub id.")
-    if local.is_dir() and not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                   "tokenizer.model", "vocab.json")):
+    local = local_dir(name_or_path, what="tokenizer")
+    if local is not None and not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "tokenizer.model", "vocab.json")):
         raise ConfigError(f"{local} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
                           "tokenizer.model or vocab.json); point --model/model at the model's directory.")
+    if local is not None and (local / "config.json").is_file():
+        _check_config_json(local / "config.json")  # transformers reads it to pick the tokenizer class
     try:
-        return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path,
+        return AutoTokenizer.from_pretrained(str(local) if local else name_or_path,
                                              trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        offline = " (the Hugging Face Hub is not reachable from here)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}{offline}: {exc}") from None
+    except (OSError, ValueError) as exc:  # huggingface_hub's HFValidationError is a ValueError
+        raise ConfigError(_load_failure("a tokenizer", name_or_path, exc)) from None
+
+
+def local_dir(name_or_path: str, *, what: str = "model") -> Path | None:
+    """The local directory `name_or_path` names, or None when it names no local path but is a plausible
+    hub id (`name` or `org/name`); an error for a file, or for a path that is neither."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(f"model {name_or_path!r} is a file; expected a Hugging Face {what} directory "
+                          "(config.json, model.safetensors, tokenizer files), a hub id or a .gguf file. "
+                          f"Point model at the directory that holds it ({path.resolve().parent}).")
+    if HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path and "--" not in name_or_path:
+        return None
+    raise ConfigError(f"model {name_or_path!r}: no such directory ({path.resolve()}), and not a hub id "
+                      "(`org/name`). Expected a local Hugging Face model dir (config.json + model.safetensors), "
+                      "a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a .gguf file; fix model (or --model).")
+
+
+def check_model(name_or_path: str, *, trust_remote_code: bool = False) -> Path | None:
+    """The local model dir that `name_or_path` (a dir, a .gguf file, a hub id) loads from, checked as
+    `check_model_dir` does; None for a hub id (transformers checks what it downloads). Cheap: call it
+    before long work that a broken model would waste."""
+    if is_gguf(name_or_path):  # converted once into a cached HF dir (models/gguf.py)
+        source: Path | None = Path(model_dir_for(name_or_path, trust_remote_code=trust_remote_code))
+    else:
+        source = local_dir(name_or_path)
+    if source is not None:
+        check_model_dir(source)
+    return source
+
+
+def check_model_dir(path: Path) -> list[Path]:
+    """The safetensors weight files of the local model dir `path`, after checking that config.json parses
+    and that each file exists and is whole; an error names the file and how to fix it."""
+    _check_config_json(path / "config.json")
+    if (path / SAFE_INDEX).is_file():
+        files = _indexed_shards(path / SAFE_INDEX)
+    elif (path / SAFE_WEIGHTS).is_file():
+        files = [path / SAFE_WEIGHTS]
+    else:
+        pickled = sorted({p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern)})
+        if pickled:
+            raise ConfigError(pickled_weights_refusal(path, pickled))
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        found = f"only {', '.join(others)}" if others else "no weight files"
+        raise ConfigError(f"{path} has config.json but {found}; expected {SAFE_WEIGHTS} (or {SAFE_INDEX} and its "
+                          "shards). The download or copy is incomplete: fetch the model's weight files again.")
+    for file in files:
+        check_safetensors(file)
+    return files
+
+
+def pickled_weights_refusal(path: Path, names: list[str]) -> str:
+    """The message refusing pickled weights in `path`, with a command that converts them."""
+    return (f"{path} holds its weights as pickles ({', '.join(names)}), not safetensors; sftlab never unpickles "
+            "weights (a pickle can run any code when loaded). If you trust where this model came from, convert "
+            "it once: python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}').save_pretrained('{path}')\" (writes {SAFE_WEIGHTS}), or use a "
+            "release of the model that ships safetensors.")
+
+
+def check_safetensors(file: Path) -> None:
+    """Raise a ConfigError naming `file` unless it is a complete safetensors file (header and data)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass  # the header parses and its tensors cover the file exactly
+    except (SafetensorError, OSError) as exc:
+        size = file.stat().st_size if file.exists() else 0
+        raise ConfigError(f"{file} is not a readable safetensors file ({exc}; {size:,} bytes): it is truncated "
+                          "or corrupt, e.g. an interrupted download or copy. Download or copy it again.") from None
+
+
+def _check_config_json(file: Path) -> None:
+    if not file.is_file():
+        raise ConfigError(f"{file.parent} has no config.json; expected a Hugging Face model directory "
+                          f"(config.json + {SAFE_WEIGHTS}), a hub id, or a .gguf file.")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"{file} is not valid JSON{where}; expected the model's Hugging Face config. "
+                          "Restore it from the model's source (download or copy it again).") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} holds a JSON {type(config).__name__}; expected an object (the model's "
+                          "Hugging Face config). Restore it from the model's source.")
+    named = config.get("transformers_weights")  # transformers then loads that file instead of model.safetensors
+    if named is not None and not str(named).endswith((".safetensors", ".safetensors.index.json")):
+        raise ConfigError(pickled_weights_refusal(file.parent, [f"transformers_weights={named}"]))
+
+
+def _indexed_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); expected "
+                          "JSON with a weight_map of tensor name -> shard file. Download or copy it again.") from None
+    missing = [name for name in names if not (index.parent / name).is_file()]
+    if missing:
+        raise ConfigError(f"{index} names {len(names)} shard files, and these are missing from "
+                          f"{index.parent}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. "
+                          "The download or copy is incomplete: fetch the missing shards again.")
+    return [index.parent / name for name in names]
+
+
+def _load_failure(what: str, name: str, exc: Exception) -> str:
+    """The message for transformers failing to load `what` from `name` (a hub id or a checked dir)."""
+    text = str(exc).replace("Please do not set `use_safetensors=True`.", "").strip()
+    if "trust_remote_code" in text:
+        return (f"cannot load {what} from {name!r}: it ships its own Python code (auto_map in its config), "
+                "which sftlab runs only with model.trust_remote_code=true; set that only if you trust its "
+                f"source, or use a model type transformers knows. ({text.splitlines()[0]})")
+    text = " ".join(text.split())
+    offline = " (the Hugging Face Hub is not reachable from here)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    local = "" if Path(name).expanduser().exists() else f" There is no local directory {name!r} either."
+    if "safetensors" in text and "does not appear to have" in text:
+        return (f"cannot load {what} from {name!r}: the repo has no safetensors weights, and sftlab never "
+                "unpickles weights (.bin). Use a revision that ships model.safetensors, or, if you trust the "
+                "repo, convert it once into a local dir and set model to that dir: python -c \"from transformers "
+                "import AutoModelForCausalLM as M, AutoTokenizer as T; d = 'converted'; "
+                f"M.from_pretrained('{name}').save_pretrained(d); T.from_pretrained('{name}').save_pretrained(d)\"")
+    return f"cannot load {what} from {name!r}{offline}: {text}{local}"
 
 
 def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
@@ -55,31 +195,31 @@ def default_device() -> "torch.device":
 
 
 def load_model(model: "ModelConfig", *, device: "torch.device | None" = None) -> Any:
-    """A causal LM from a local HF dir, a hub id, or a .gguf file (dequantised by transformers)."""
+    """A causal LM from a local HF dir, a hub id, or a .gguf file (dequantised by transformers), its
+    weights read from safetensors only."""
     from transformers import AutoModelForCausalLM
 
     if not model.path:
         raise ConfigError("no model given: set model (a Hugging Face model dir, hub id or .gguf file).")
     device = device or default_device()
     dtype = resolve_dtype(model.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code}
+    # use_safetensors: never fall back to pickled pytorch_model.bin (local dirs are refused earlier, with
+    # the reason; this covers hub ids).
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code,
+                              "use_safetensors": True}
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
-    source = Path(model.path).expanduser()
-    if is_gguf(model.path):  # converted once into a cached HF dir (models/gguf.py)
-        source = Path(model_dir_for(model.path, trust_remote_code=model.trust_remote_code))
-    elif source.exists() and not (source / "config.json").is_file():
-        raise ConfigError(f"{source} has no config.json; expected a Hugging Face model directory "
-                          "(config.json + *.safetensors), a hub id, or a .gguf file.")
-    name = str(source) if source.exists() else model.path
+    source = check_model(model.path, trust_remote_code=model.trust_remote_code)
+    from safetensors import SafetensorError
+
     from sftlab.models.quant import quiet_loggers
 
     try:
         # transformers imports torchao (when installed) on load; on CPU it logs missing CUDA kernels.
         with quiet_loggers("torchao", "torch.utils._pytree"):
-            loaded = _from_pretrained(AutoModelForCausalLM, name, kwargs)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model {model.path!r}: {exc}") from None
+            loaded = _from_pretrained(AutoModelForCausalLM, str(source) if source else model.path, kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ConfigError(_load_failure("model", model.path, exc)) from None
     return loaded.to(device)
 
 
@@ -94,10 +234,11 @@ def _from_pretrained(cls: Any, name: str, kwargs: dict[str, Any]) -> Any:
     return cls.from_pretrained(name, **kwargs)
 
 
-def load_for_inference(path: str, *, device: "torch.device | None" = None,
-                       base: str | None = None) -> tuple[Any, Any, Any, Any]:
+def load_for_inference(path: str, *, device: "torch.device | None" = None, base: str | None = None,
+                       trust_remote_code: bool = False) -> tuple[Any, Any, Any, Any]:
     """(model, tokenizer, chat template, method or None) from a run dir (its adapter/ or model/), a
-    PEFT-format adapter dir (on its base model, or `base`), or a plain HF model dir / hub id."""
+    PEFT-format adapter dir (on its base model, or `base`), or a plain HF model dir / hub id. A run dir's
+    config.yaml decides trust_remote_code for it; everything else gets the argument (default False)."""
     from sftlab import export
     from sftlab.config import load_config
     from sftlab.data.templates import load_template
@@ -108,21 +249,26 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None,
     if (root / "config.yaml").is_file() and ((root / "adapter").is_dir() or (root / "model").is_dir()):
         cfg = load_config(root / "config.yaml", [f"model={base}"] if base else [])
         if (root / "model").is_dir():  # full fine-tuning: a plain model dir
-            return load_for_inference(str(root / "model"), device=device)
+            return load_for_inference(str(root / "model"), device=device,
+                                      trust_remote_code=cfg.model.trust_remote_code)
         adapter = root / "adapter"
+        _check_adapter_weights(adapter)
     elif (root / export.ADAPTER_CONFIG).is_file():
+        _check_adapter_weights(root)
         base_path, overrides = export.adapter_settings(root)
         if not (base or base_path):
             raise ConfigError(f"{root} names no base model; pass --base PATH.")
-        cfg = load_config(overrides=[*overrides, f"model={base or base_path}"])
+        cfg = load_config(overrides=[*overrides, f"model={base or base_path}",
+                                     f"model.trust_remote_code={str(trust_remote_code).lower()}"])
         adapter = root
     if cfg is None:
         from sftlab.config import ModelConfig
 
-        model = load_model(ModelConfig(path=path), device=device)
-        tokenizer = load_tokenizer(path)
+        model = load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code), device=device)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         return model, tokenizer, load_template("auto", tokenizer), None
-    tokenizer = load_tokenizer(str(adapter))  # saved with the run: holds any added tokens and the template
+    # The adapter dir's tokenizer was saved with the run: it holds any added tokens and the template.
+    tokenizer = load_tokenizer(str(adapter), trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model, device=device)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
@@ -132,3 +278,23 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None,
     export.load_trained(model, method, adapter)
     model.eval()
     return model, tokenizer, load_template("auto", tokenizer), method
+
+
+def _check_adapter_weights(adapter: Path) -> None:
+    """An adapter dir's weights must be a whole adapter_model.safetensors; pickled ones are refused."""
+    from sftlab.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    weights = adapter / ADAPTER_WEIGHTS
+    if weights.is_file():
+        check_safetensors(weights)
+        return
+    pickled = sorted({p.name for pattern in PICKLED_WEIGHTS for p in adapter.glob(pattern)})
+    if pickled:
+        source = adapter / pickled[0]
+        raise ConfigError(f"{adapter} holds its adapter weights as pickles ({', '.join(pickled)}), not "
+                          f"{ADAPTER_WEIGHTS}; sftlab never unpickles weights (a pickle can run any code when "
+                          "loaded). If you trust where it came from, convert it once: python -c \"import torch; "
+                          "from safetensors.torch import save_file; "
+                          f"save_file(torch.load('{source}', weights_only=True), '{weights}')\"")
+    raise ConfigError(f"{adapter} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; the adapter was not saved "
+                      "completely. Export it again, or point at a run dir's adapter/.")

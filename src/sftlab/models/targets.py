@@ -8,7 +8,7 @@ Any other string: a regular expression that must match the full module name.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -37,8 +37,20 @@ def find_targets(model: nn.Module, spec: str | Sequence[str], *, key: str = "lor
     else:
         chosen = [name for name in linear if any(name == s or name.endswith("." + s) for s in spec)]
     if not chosen:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
-        raise ConfigError(f"{key}={spec!r} matched no module; the model's linear layers are named: "
-                          f"{', '.join(suffixes)} (e.g. {linear[0] if linear else 'none'}). Use all-linear, "
-                          "a list of these suffixes, or a regex over full names.")
+        raise ConfigError(_no_match(spec, linear, key))
     return chosen
+
+
+def _no_match(spec: str | Sequence[str], linear: list[str], key: str) -> str:
+    """What the model's linear layers are called, so the user can write a spec that matches."""
+    suffixes = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))  # model order, no repeats
+    shown = f"[{', '.join(spec)}]" if not isinstance(spec, str) else repr(spec)
+    message = (f"{key}={shown} matched no module; the model's linear layers are named: "
+               f"{', '.join(suffixes) or 'none'}")
+    if linear:
+        message += f" (full names like {linear[0]})"
+    if isinstance(spec, str) and any(re.search(spec, name) for name in linear):
+        # A bare suffix given as a string is a regex over *full* names, so `q_proj` alone matches nothing.
+        return (f"{message}. A string is a regular expression that must match a full name; for suffixes "
+                f"write a list, e.g. {key}=[{spec}], or match the whole name, e.g. '.*{spec}'.")
+    return f"{message}. Use all-linear, a list of these suffixes, or a regular expression over full names."

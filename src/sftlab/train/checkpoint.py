@@ -1,7 +1,8 @@
 """Checkpoints: trainable weights (safetensors), optimizer + scheduler, step, data cursor, RNG states.
 
 Written into a temporary directory and renamed into place, so a kill at any moment leaves the previous
-checkpoint intact; the newest `keep` are kept. Nothing is unpickled on load: weights come from
+checkpoint intact (a failed write, e.g. a full disk, removes its partial directory and says so); the newest
+`keep` are kept, older ones renamed aside before they are deleted. Nothing is unpickled on load: weights come from
 safetensors, optimizer state and RNG tensors through `torch.load(weights_only=True)`, the rest is JSON.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sftlab.errors import SftlabError
+from sftlab.files import WRITE_ERRORS, WriteError, describe, sync_path
 from sftlab.train.distributed import SINGLE, Dist
 
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -35,6 +38,8 @@ class TrainState:
     """Data cursor: micro-batches of epoch `epoch`'s plan already consumed (train/loop.py epoch_plan)."""
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient (train.on_nonfinite=skip)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,11 +90,18 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict[str, to
             (tmp / "state.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
             for path in tmp.rglob("*"):
                 if path.is_file():
-                    _fsync(path)
+                    sync_path(path)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync(directory)
+            sync_path(directory)
+    except WRITE_ERRORS as exc:
+        if ctx.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the last complete checkpoint, {previous.name}, is kept" if previous else "there is no earlier checkpoint"
+        raise WriteError(f"writing checkpoint step-{state.step} into {directory} failed: {describe(exc)}. The "
+                         f"partial write was removed and {kept}.") from None
     except BaseException:
         if ctx.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -123,8 +135,10 @@ def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: 
             method.load_state_dict(model, load_file(path / "trainable.safetensors"))
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         rng = torch.load(path / _rng_file(ctx.rank), weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise SftlabError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from the one "
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+        # UnpicklingError: torch.load(weights_only=True) refused something that is not plain tensors.
+        reason = str(exc).split("\n")[0] if isinstance(exc, pickle.UnpicklingError) else exc
+        raise SftlabError(f"checkpoint {path} cannot be read ({reason}); delete it to resume from the one "
                           "before, or set train.resume=never to start over.") from None
     scheduler.load_state_dict(record["scheduler"])
     torch.set_rng_state(rng["cpu"])
@@ -155,16 +169,12 @@ def _python_rng_from_json(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _prune(directory: Path, keep: int) -> None:
     steps = sorted((int(m.group(1)), child) for child in directory.iterdir()
                    if (m := _STEP_DIR.fullmatch(child.name)))
     for _, child in steps[:-keep]:
-        shutil.rmtree(child, ignore_errors=True)
+        # Renamed aside first: a kill during the delete leaves scratch (removed at the next start), never
+        # a half-deleted step-N that looks like a checkpoint.
+        trash = child.with_name(f".{child.name}.trash-{os.getpid()}")
+        os.rename(child, trash)
+        shutil.rmtree(trash, ignore_errors=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,14 +21,16 @@ from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.encode import IGNORE_INDEX, Example
 from sftlab.data.dataset import EncodedDataset
 from sftlab.errors import SftlabError
+from sftlab.files import WriteError, atomic_dir, describe
 from sftlab.methods import Method
 from sftlab.models.attention import packed_attention
-from sftlab.train import checkpoint, distributed, lock
+from sftlab.train import checkpoint, distributed, lock, rundir
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.distributed import SINGLE, Dist, TrainingForward
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
 from sftlab.train.optim import build_optimizer, build_scheduler
 from sftlab.train.report import write_report
+from sftlab.train.signals import StopRequest, TrainingInterrupted
 
 
 class TrainingError(SftlabError):
@@ -144,12 +148,35 @@ def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None) -
     return total / max(count, 1)
 
 
+NONFINITE_STREAK = 10
+"""With train.on_nonfinite=skip, the run stops after this many non-finite steps in a row."""
+
+
 def train(setup: Setup, *, console: Console | None = None,
           on_step: Callable[[int], None] | None = None) -> RunResult:
-    cfg, model, method, ctx = setup.config, setup.model, setup.method, setup.dist
+    """Train as the config says, from the newest checkpoint when train.resume=auto finds one; export,
+    report, and mark the run finished. SIGINT/SIGTERM end it after the current step with a checkpoint
+    (TrainingInterrupted); a non-finite step stops or is skipped (train.on_nonfinite); the output dir's
+    lock is released however it ends."""
+    cfg, ctx = setup.config, setup.dist
     out = Path(cfg.output_dir)
     if ctx.main:
         lock.acquire(out)  # one run per output dir (taken already if prepare() ran in this process)
+    try:
+        with StopRequest() as stop:
+            return _train(setup, out, console, on_step, stop)
+    except OSError as exc:  # a write the loop itself makes (metrics, config) failed
+        raise WriteError(f"training wrote into {out} and failed: {describe(exc)}; the last complete checkpoint "
+                         f"is {checkpoint.latest_checkpoint(out)}.") from None
+    finally:
+        if ctx.main:
+            lock.release(out)
+
+
+def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[int], None] | None,
+           stop: StopRequest) -> RunResult:
+    cfg, model, method, ctx = setup.config, setup.model, setup.method, setup.dist
+    if ctx.main:
         (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     console = console if ctx.main and console is not None else Console(stderr=True, quiet=not ctx.main)
     pad_id = _pad_id(setup.tokenizer)
@@ -174,6 +201,12 @@ def train(setup: Setup, *, console: Console | None = None,
                      tensorboard=cfg.train.tensorboard) if ctx.main else None
     timer = StepTimer(enabled=cfg.train.profile, device=setup.device)
     last_loss = eval_loss = None
+    streak = 0  # non-finite steps in a row
+
+    def save() -> Path:
+        return checkpoint.save_checkpoint(out, state, trainable=method.state_dict(model), optimizer=optimizer,
+                                          scheduler=scheduler, keep=cfg.train.keep_checkpoints, ctx=ctx, model=model)
+
     attention = packed_attention(model) if cfg.data.packing else contextlib.nullcontext()
     with attention:
         try:
@@ -191,39 +224,55 @@ def train(setup: Setup, *, console: Console | None = None,
                     with distributed.gradient_sync(engine, ctx, last=index == len(batches) - 1):
                         step_loss += _forward_backward(engine, batch.to(setup.device), supervised, ctx.world, timer)
                 grad_norm = distributed.full_tensor(_clip(params, cfg.train.max_grad_norm))
-                # The one host sync of the step, for the log and the NaN check (plus one sum over ranks).
+                # The one host sync of the step, for the log and the NaN check (plus one sum over ranks,
+                # which also tells every rank whether any was asked to stop).
                 local_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()
-                (last_loss,) = ctx.sum([local_loss])
-                if not math.isfinite(last_loss):
-                    sources = ", ".join(w for b in batches for w in b.where[:4])
-                    raise TrainingError(f"the loss became {last_loss} at step {state.step + 1} (rows {sources}); "
-                                        f"nothing was updated. The last good checkpoint is "
-                                        f"{checkpoint.latest_checkpoint(out)}. Lower train.lr or check those rows.")
+                last_loss, stops = ctx.sum([local_loss, float(stop.signum is not None)])
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
+                if math.isfinite(last_loss) and math.isfinite(norm):
+                    streak = 0
+                    optimizer.step()
+                else:
+                    streak += 1
+                    problem = _nonfinite(state, last_loss, norm, batches, out)
+                    if cfg.train.on_nonfinite == "stop" or streak >= NONFINITE_STREAK:
+                        again = f" ({streak} such steps in a row)" if streak > 1 else ""
+                        raise TrainingError(f"{problem}{again}. Nothing of this step was applied; the last "
+                                            f"complete checkpoint is {checkpoint.latest_checkpoint(out)}. Lower "
+                                            "train.lr, check those rows, or set train.on_nonfinite=skip.")
+                    console.print(f"[yellow]{problem}: step skipped (train.on_nonfinite=skip)[/]")
+                    state.skipped_steps += 1
+                    if log is not None:
+                        log.log({"step": state.step + 1, "skipped": problem,
+                                 "rows": [w for b in batches for w in b.where]})
+                with warnings.catch_warnings():  # a skipped first step: torch warns the order looks wrong
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 timer.mark("optimizer")
                 state.step += 1
-                if log is not None and (state.step % cfg.train.log_every_steps == 0 or state.step == steps):
+                if log is not None and streak == 0 and (state.step % cfg.train.log_every_steps == 0 or state.step == steps):
                     log.log({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
                              "grad_norm": norm, "tokens": tokens, "supervised_tokens": supervised,
                              "seconds": time.perf_counter() - started, **timer.seconds()})
-                stop = False
+                early = False
                 if setup.eval_indices is not None and len(setup.eval_indices) and (
                         state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)):
                     eval_loss = evaluate(setup, pad_id, engine)
                     if log is not None:
                         log.log({"step": state.step, "eval_loss": eval_loss,
                                  "eval_perplexity": math.exp(min(eval_loss, 50))})
-                    stop = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
-                if state.step == steps or stop or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
-                    checkpoint.save_checkpoint(out, state, trainable=method.state_dict(model), optimizer=optimizer,
-                                               scheduler=scheduler, keep=cfg.train.keep_checkpoints, ctx=ctx,
-                                               model=model)
+                    early = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
+                if state.step == steps or early or stops or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
+                    saved = save()
+                    if stops:
+                        raise TrainingInterrupted(
+                            f"stopped by {stop.name or 'a signal on another rank'} after step {state.step} of {steps}; "
+                            f"saved checkpoint {saved}. To continue, run the same command again: train.resume=auto "
+                            "resumes from it.", signum=stop.signum or signal.SIGTERM)
                 if on_step is not None:
                     on_step(state.step)
-                if stop:
+                if early:
                     console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations")
                     break
         finally:
@@ -235,10 +284,17 @@ def train(setup: Setup, *, console: Console | None = None,
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         export_dir = _export(setup, out)
         report = write_report(out, setup=setup)
-        lock.release(out)
+        rundir.finish(out, steps=state.step, export=export_dir, final_loss=last_loss)
     ctx.barrier()
     return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"),
                      report)
+
+
+def _nonfinite(state: TrainState, loss: float, norm: float, batches: list[Batch], out: Path) -> str:
+    what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm}"
+    rows = [w for b in batches for w in b.where]
+    shown = ", ".join(rows[:8]) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+    return f"{what} at step {state.step + 1} (rows {shown})"
 
 
 def _forward_backward(engine: torch.nn.Module, batch: Batch, supervised: int, world: int,
@@ -290,6 +346,10 @@ def _pad_id(tokenizer: object) -> int:
 
 
 def _export(setup: Setup, out: Path) -> Path:
+    """adapter/ or model/, written beside and renamed into place: a failed export leaves no partial dir."""
     from sftlab import export
 
-    return export.save_trained(setup.model, setup.method, setup.config, setup.tokenizer, out)
+    final = out / ("model" if setup.method.name == "full" else "adapter")
+    with atomic_dir(final, what="the export") as tmp:
+        export.save_trained(setup.model, setup.method, setup.config, setup.tokenizer, out, into=tmp)
+    return final

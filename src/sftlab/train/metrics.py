@@ -50,11 +50,14 @@ class StepTimer:
 
 
 class MetricsLog:
-    """Writes metrics.jsonl (appending on resume) and drives the progress bar."""
+    """Writes metrics.jsonl and drives the progress bar. On resume from step N it keeps the lines of steps
+    up to N and drops the rest (steps the interrupted run logged after its last checkpoint, which the
+    resumed run does again, and a line a kill cut short)."""
 
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, console: Console,
                  tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        _keep_until(self.path, start_step)
         self._file: IO[str] = self.path.open("a", encoding="utf-8")
         self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -91,6 +94,22 @@ def _tensorboard_writer(run_dir: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+
+def _keep_until(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -15,17 +15,22 @@ from sftlab.config import Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
 from sftlab.data.templates import load_template
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, SftlabError
 from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
-from sftlab.models.load import default_device, load_model, load_tokenizer
+from sftlab.models.gguf import is_gguf
+from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
 from sftlab.models.quant import base_memory_line
-from sftlab.train import lock
+from sftlab.train import rundir
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup
 
 
-def prepare(cfg: Config, *, console: Console | None = None, device: torch.device | None = None) -> Setup:
+def prepare(cfg: Config, *, console: Console | None = None, device: torch.device | None = None,
+            overwrite: bool = False) -> Setup:
+    """Check the config's files and the output dir, read and validate all the data, then load the model:
+    a bad row or setting fails in seconds, before any model weights are read. `overwrite` lets the run
+    replace a finished run in output_dir (train/rundir.py)."""
     ctx = Dist.from_env()  # under torchrun: joins the other processes
     console = console or Console(stderr=True)
     if not ctx.main:
@@ -34,11 +39,21 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         raise ConfigError("no training data: set data.train (a .jsonl, .json or .parquet file).")
     if not cfg.model.path:
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
+    for key in ("train", "eval"):
+        _check_data_file(key, getattr(cfg.data, key))
     out = Path(cfg.output_dir)
+    refused: SftlabError | None = None
     if ctx.main:
-        lock.acquire(out)  # before anything is written there; train() releases it at the end
+        try:
+            rundir.claim(cfg, overwrite=overwrite, console=console)  # before anything is written; train() releases it
+        except SftlabError as exc:
+            refused = exc
+    if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
+        raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    if not is_gguf(cfg.model.path):  # its files, not its weights: a broken model dir fails before the data work
+        check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens)
@@ -61,7 +76,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     model = load_model(cfg.model, device=device)
     torch.manual_seed(cfg.train.seed)  # the new embedding rows and the adapter's initialisation
     new_token_ids = _add_token_rows(cfg, model, tokenizer, encoder.added_tokens, console)
-    _check_vocab(model, train_data)
+    _check_vocab(model, train_data, cfg.model.path)
     if cfg.method not in METHODS:
         raise ConfigError(f"method {cfg.method!r} is not available in this version of sftlab; use one of "
                           f"{', '.join(METHODS)}.")
@@ -81,6 +96,23 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         ctx = replace(ctx, mode=choose_mode(cfg.train.distributed, cfg.method, model, device, ctx.world))
         console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _check_data_file(key: str, value: str | None) -> None:
+    if value is None:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(f"data.{key}: {path} is a directory; set data.{key} to a .jsonl, .json or .parquet file.")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise ConfigError(f"data.{key}: {path} is not a .jsonl, .json or .parquet file; convert it to JSON lines "
+                          "(one conversation per line).")
+    if not path.is_file():
+        raise ConfigError(f"data.{key}: {path} does not exist (relative paths start from {Path.cwd()}); "
+                          f"set data.{key} to the data file.")
 
 
 def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Path) -> EncodedDataset:
@@ -130,9 +162,10 @@ def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Pat
         console.print(f"[yellow]{split} rows not used: {reasons} — listed in {rejects}[/]")
 
 
-def _check_vocab(model: torch.nn.Module, data: EncodedDataset) -> None:
+def _check_vocab(model: torch.nn.Module, data: EncodedDataset, model_path: str) -> None:
     size = model.get_input_embeddings().weight.shape[0]
     biggest = data.max_token_id
     if biggest >= size:
-        raise ConfigError(f"the data holds token id {biggest}, but the model's vocabulary has {size} rows; "
-                          "the tokenizer does not belong to this model.")
+        raise ConfigError(f"the data holds token id {biggest}, but the vocabulary of model {model_path} has {size} "
+                          "rows: its tokenizer does not belong to these weights. Use the tokenizer files saved with "
+                          "the weights (the same release).")

@@ -1,0 +1,158 @@
+"""The output dir of a run: who may use it, whether it is finished, and what starting there again means.
+
+- One run at a time (train/lock.py); a dir that holds files but no sftlab run is refused, so a typo in
+  output_dir never mixes a run into someone's folder.
+- A finished run (FINISHED, written last) is never trained over: the same config again has nothing to
+  do, anything else needs `--overwrite`, which deletes the run's own files (and nothing else) first.
+- An unfinished run resumes (train.resume=auto) only under the config that wrote its checkpoints, up to
+  the settings that do not change what is trained (logging, checkpoint period, output paths);
+  train.resume=never starts over and removes the old checkpoints, so they can never be mistaken for the
+  new run's.
+- What interrupted writes left behind (scratch dirs of checkpoints and exports) is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from sftlab.config import Config, ConfigError, load_config, to_dict
+from sftlab.errors import SftlabError
+from sftlab.files import remove_scratch
+from sftlab.train import lock
+from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
+
+FINISHED = "finished.json"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "adapter", "model", "report.html",
+             "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", FINISHED)
+"""What a run writes in its output dir (besides the lock): all that --overwrite removes."""
+FREE_TO_CHANGE = ("output_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
+                  "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
+                  "train.on_nonfinite", "train.fused_ops", "train.compile")
+"""Settings a resumed run may change: they do not change what is trained."""
+
+
+class RunFinishedError(SftlabError):
+    """The output dir holds a finished run and --overwrite was not given."""
+
+    def __init__(self, out: Path, summary: str, *, same_config: bool) -> None:
+        super().__init__(f"{out} holds a finished run ({summary}); a finished run is never trained over. Set "
+                         "another output_dir, or pass --overwrite (sftlab train) to delete its files and train again.")
+        self.same_config = same_config
+        """True when the config is the one the finished run was trained with: nothing is left to do."""
+        self.nothing_to_do = f"{out} already holds this run, finished ({summary}); --overwrite trains it again."
+
+
+def claim(cfg: Config, *, overwrite: bool = False, console: Console | None = None) -> Path:
+    """Take the run's output dir for this process (lock), after the checks above; returns it."""
+    console = console or Console(stderr=True)
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file; set output_dir to a directory (new or a run's).")
+    if out.is_dir() and not overwrite:
+        _refuse_foreign(out)
+    lock.acquire(out)
+    try:
+        _prepare(out, cfg, overwrite, console)
+    except BaseException:
+        lock.release(out)
+        raise
+    return out
+
+
+def finish(out: Path, *, steps: int, export: Path | None, final_loss: float | None) -> None:
+    """Mark the run finished (the last file a run writes)."""
+    record = {"steps": steps, "export": export.name if export else None, "final_loss": final_loss,
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = out / f".{FINISHED}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out / FINISHED)
+
+
+def finished(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(out) / FINISHED).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def clear(out: Path) -> list[str]:
+    """Remove the run's own files from `out` (never anything else); returns their names."""
+    removed = []
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed + remove_scratch(out)
+
+
+def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
+    done = finished(out)
+    if overwrite:
+        if clear(out):
+            console.print(f"--overwrite: removed the previous run's files from {out}")
+        return
+    if done is not None:
+        summary = f"{done.get('steps', '?')} steps, wrote {done.get('export') or 'nothing'}, on " \
+                  f"{done.get('finished', '?')}"
+        raise RunFinishedError(out, summary, same_config=cfg.train.resume == "auto" and not _differences(out, cfg))
+    remove_scratch(out)
+    remove_scratch(checkpoint_dir(out))
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return
+    if cfg.train.resume == "never":
+        clear(out)
+        console.print(f"train.resume=never: removed the unfinished run in {out} (checkpoints up to {latest.name})")
+        return
+    changed = _differences(out, cfg)
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:6])
+        raise ConfigError(f"{out} holds checkpoints (up to {latest.name}) of a run with another config ({listed}). "
+                          "Resuming needs the config that wrote them: restore those settings, or start over with "
+                          "--no-resume (train.resume=never), or set another output_dir.")
+
+
+def _differences(out: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each setting that differs from the run's saved config.yaml,
+    except FREE_TO_CHANGE; a missing or unreadable config.yaml differs in `config.yaml` itself."""
+    saved_path = out / "config.yaml"
+    try:
+        saved = load_config(saved_path)
+    except SftlabError:
+        return [("config.yaml", "unreadable" if saved_path.exists() else "missing", "this config")]
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if key not in FREE_TO_CHANGE and old.get(key) != new.get(key)]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "role_map":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _refuse_foreign(out: Path) -> None:
+    entries = [child.name for child in out.iterdir()]
+    ours = set(RUN_FILES) | {lock.LOCK_NAME}
+    if entries and not any(name in ours for name in entries):
+        shown = ", ".join(sorted(entries)[:5]) + (", …" if len(entries) > 5 else "")
+        raise ConfigError(f"output_dir {out} already holds files that are not an sftlab run ({shown}); a run "
+                          "writes its files there. Set output_dir to a new or empty directory (or pass "
+                          "--overwrite to write there anyway; only the run's own files are ever removed).")
