@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Sequence
 
 from sftlab import __version__
 from sftlab.config import Config, load_config
@@ -109,7 +109,7 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _encoder(cfg: Config):  # noqa: ANN202 - returns sftlab.data.encode.Encoder
+def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
     from sftlab.models.load import load_tokenizer
@@ -198,7 +198,7 @@ def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, input
           f"{check['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
 
 
-def _load_chat(args: argparse.Namespace):  # noqa: ANN202 - (model, tokenizer, template, method)
+def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, method)
     from sftlab.models.load import load_for_inference
 
     return load_for_inference(args.model, base=args.base)

@@ -40,10 +40,9 @@ def main() -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    import sftlab.export as export
-    import sftlab.train.checkpoint as checkpoint
-    import sftlab.train.loop as loop
+    from sftlab import export
     from sftlab.cli import main as cli
+    from sftlab.train import checkpoint, loop
 
     point, _, at = (args.kill or "").partition(":")
     at = int(at) if at else None
@@ -60,7 +59,7 @@ def main() -> int:
 
     real_save_checkpoint = checkpoint.save_checkpoint
 
-    def save_checkpoint(run_dir, state, **kwargs):  # noqa: ANN001, ANN003
+    def save_checkpoint(run_dir, state, **kwargs):
         current["saving"] = state.step
         try:
             return real_save_checkpoint(run_dir, state, **kwargs)
@@ -74,7 +73,7 @@ def main() -> int:
     if point == "checkpoint-weights":
         real_save_file = checkpoint.save_file
 
-        def save_file(tensors, path, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        def save_file(tensors, path, *a, **k):
             real_save_file(tensors, path, *a, **k)
             if saving_step() == at:
                 die()
@@ -82,7 +81,7 @@ def main() -> int:
     elif point == "checkpoint-rename":
         real_sync = checkpoint.sync_path
 
-        def sync_path(path):  # noqa: ANN001 - the fsyncs run right before the rename
+        def sync_path(path):
             if saving_step() == at:
                 die()
             real_sync(path)
@@ -90,7 +89,7 @@ def main() -> int:
     elif point == "prune":
         real_rmtree = checkpoint.shutil.rmtree
 
-        def rmtree(path, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        def rmtree(path, *a, **k):
             if ".trash-" in str(path) and saving_step() == at:
                 die()
             real_rmtree(path, *a, **k)
@@ -98,7 +97,7 @@ def main() -> int:
     elif point == "export":
         real_save_trained = export.save_trained
 
-        def save_trained(*a, into=None, **k):  # noqa: ANN001, ANN002, ANN003
+        def save_trained(*a, into=None, **k):
             real_save_trained(*a, into=into, **k)
             victim = next(p for p in sorted(into.iterdir()) if p.suffix == ".safetensors")
             victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # half written

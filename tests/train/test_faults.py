@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import only_for, tiny_model_dir
-from safetensors.torch import load_file
 from rich.console import Console
+from safetensors.torch import load_file
 
+from conftest import only_for, tiny_model_dir
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
@@ -195,7 +195,7 @@ def run(model_dir: Path, data: Path, out: Path, *extra: str, method: str = "lora
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(model_dir, data, reference, tmp_path,
                                                                 monkeypatch) -> None:
-    import sftlab.train.checkpoint as checkpoint
+    from sftlab.train import checkpoint
 
     real = checkpoint.save_file
     calls = {"n": 0}
@@ -222,7 +222,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(model_dir, data,
 
 def test_a_full_disk_during_the_export_leaves_no_partial_export(model_dir, data, reference, tmp_path,
                                                                 monkeypatch) -> None:
-    import sftlab.export as export
+    from sftlab import export
 
     real = export.save_trained
 
@@ -261,11 +261,11 @@ class InfGrad(torch.autograd.Function):
     """The identity forward; an infinite gradient backward (a finite loss, a non-finite gradient)."""
 
     @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
+    def forward(ctx, x):
         return x.clone()
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         return grad * float("inf")
 
 

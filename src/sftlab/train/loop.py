@@ -7,9 +7,9 @@ import math
 import signal
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -18,10 +18,10 @@ from rich.console import Console
 from sftlab.config import Config, to_yaml
 from sftlab.data import packing
 from sftlab.data.batching import Batch, collate, collate_packed
-from sftlab.data.encode import IGNORE_INDEX, Example
 from sftlab.data.dataset import EncodedDataset
+from sftlab.data.encode import IGNORE_INDEX, Example
 from sftlab.errors import SftlabError
-from sftlab.files import WriteError, atomic_dir, describe
+from sftlab.files import DISK_ERRORS, WriteError, atomic_dir, describe
 from sftlab.methods import Method
 from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint, distributed, lock, rundir
@@ -165,9 +165,13 @@ def train(setup: Setup, *, console: Console | None = None,
     try:
         with StopRequest() as stop:
             return _train(setup, out, console, on_step, stop)
-    except OSError as exc:  # a write the loop itself makes (metrics, config) failed
-        raise WriteError(f"training wrote into {out} and failed: {describe(exc)}; the last complete checkpoint "
-                         f"is {checkpoint.latest_checkpoint(out)}.") from None
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        # A write the loop makes itself (metrics, config, plot) on a full disk; checkpoints and the export
+        # say so themselves (WriteError).
+        raise WriteError(f"writing into {out} failed: {describe(exc)}. The last complete checkpoint is "
+                         f"{checkpoint.latest_checkpoint(out)}.") from None
     finally:
         if ctx.main:
             lock.release(out)

@@ -11,7 +11,6 @@ from typing import IO, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
