@@ -42,6 +42,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: $(STAMP) $(FIXTURES) $(BENCH_STAMP)
 	$(PY) benchmarks/bench_encode.py
+	$(PY) benchmarks/bench_fail_fast.py
 	$(PY) benchmarks/bench_vs_trl.py
 
 clean:
