@@ -10,12 +10,13 @@ Formats (detected from the first row's keys, or set with `data.format`):
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, validate
+from sftlab.data.schema import Conversation, Message, shown, validate
 from sftlab.errors import ConfigError, DataError
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
@@ -47,7 +48,11 @@ def iter_rows(path: str | Path) -> Iterator[Row]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with path.open("rb") as file:
+    try:
+        file = path.open("rb")
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with file:
         for number, line in enumerate(file, start=1):
             where = f"{path}:{number}"
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):
@@ -61,17 +66,21 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 continue
             if not text.strip():
                 continue  # a blank line is not a row
+            text = text.rstrip("\r\n")
             try:
-                yield Row(where, text.rstrip("\r\n"), json.loads(text))
-            except json.JSONDecodeError as exc:
-                yield Row(where, text.rstrip("\r\n"), error=DataError(
-                    f"invalid JSON at column {exc.colno}: {exc.msg}; expected one JSON object per line.",
-                    where=where, reason="invalid JSON"))
+                value = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                yield Row(where, text, error=DataError(
+                    _unparsable(exc, "one JSON object per line"), where=where, reason="invalid JSON"))
+                continue
+            yield Row(where, text, value)
 
 
 def _json_array_rows(path: Path) -> Iterator[Row]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     except UnicodeDecodeError as exc:
         raise DataError(f"invalid UTF-8 at byte {exc.start}; expected a UTF-8 JSON file.",
                         where=str(path), reason="invalid UTF-8") from None
@@ -89,9 +98,9 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
         where = f"{path}:{line}"
         try:
             value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).",
-                            where=where, reason="invalid JSON") from None
+        except (ValueError, RecursionError) as exc:
+            raise DataError(_unparsable(exc, "a JSON array of row objects"), where=where,
+                            reason="invalid JSON") from None
         yield Row(where, text[start:end], value)
         line += text.count("\n", start, end)
         pos = _skip_space(text, end)
@@ -103,6 +112,24 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
                             where=f"{path}:{line}", reason="invalid JSON")
 
 
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    return DataError(f"cannot read the file: {exc.strerror or exc}; expected a readable data file. Check its "
+                     "permissions and that it is a regular file.", where=str(path), reason="unreadable file")
+
+
+def _unparsable(exc: ValueError | RecursionError, expected: str) -> str:
+    """Why json could not read a row: bad syntax, an integer too long for Python, or nesting too deep."""
+    if isinstance(exc, json.JSONDecodeError):
+        at = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno}, column {exc.colno} of the file"
+        return f"invalid JSON at {at}: {exc.msg}; expected {expected}."
+    if isinstance(exc, RecursionError):
+        return (f"the JSON nests lists/objects too deeply to read; expected {expected} of ordinary depth. "
+                "Flatten the row.")
+    return (f"a number has more than {sys.get_int_max_str_digits()} digits, more than Python reads as an "
+            f"integer; expected {expected} with numbers of ordinary size. Quote the number as a string or "
+            "remove it.")
+
+
 def _skip_space(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] in " \t\r\n":
         pos += 1
@@ -111,15 +138,31 @@ def _skip_space(text: str, pos: int) -> int:
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading .parquet needs pyarrow: pip install 'sftlab[parquet]'.",
                         where=str(path), reason="missing dependency") from None
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for value in batch.to_pylist():
-            number += 1
-            yield Row(f"{path}:row {number}", json.dumps(value, ensure_ascii=False, default=str), value)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for value in _parquet_values(batch, path, number):
+                number += 1
+                yield Row(f"{path}:row {number}", json.dumps(value, ensure_ascii=False, default=str), value)
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as exc:  # not (or no longer) valid Parquet
+        after = f" after row {number}" if number else ""
+        raise DataError(f"cannot read the file as Parquet{after}: {str(exc).strip()}; expected a Parquet file as "
+                        "pyarrow, pandas or datasets write it. Re-export the file, or convert it to .jsonl.",
+                        where=str(path), reason="invalid parquet") from None
+
+
+def _parquet_values(batch: Any, path: Path, before: int) -> list[Any]:
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:  # a string column is checked as UTF-8 only when it is read
+        raise DataError(f"a string column holds invalid UTF-8 in rows {before + 1}-{before + batch.num_rows}; "
+                        "expected UTF-8 text. Re-export the file with its text as UTF-8.",
+                        where=str(path), reason="invalid UTF-8") from None
 
 
 def detect_format(value: Any) -> str | None:
@@ -166,7 +209,7 @@ def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapp
 def _undetected(value: Any) -> str:
     if not isinstance(value, Mapping):
         return f"the row is a JSON {type(value).__name__}; expected an object such as {{\"messages\": [...]}}."
-    return (f"cannot tell the row's format from its keys {sorted(value)}; expected 'messages', "
+    return (f"cannot tell the row's format from its keys {shown(sorted(value))}; expected 'messages', "
             "'conversations' (sharegpt), 'instruction'+'output' (alpaca) or 'prompt'+'completion'. "
             "Set data.format if the first row is unusual.")
 

@@ -30,7 +30,8 @@ class RejectLog:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", encoding="utf-8")
+            # backslashreplace: a lone surrogate (from a JSON escape) is written as its JSON escape again
+            self._file = self.path.open("w", encoding="utf-8", errors="backslashreplace")
         record = {"where": where, "reason": reason, "message": message, "row": row}
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
 

@@ -6,11 +6,29 @@ ending with an assistant message; every content a non-empty string.
 
 from __future__ import annotations
 
+import re
+import reprlib
 from dataclasses import dataclass
+from typing import Any
 
 from sftlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_ROLE_NAME = re.compile(r"[\w-]{1,40}")
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """A row's value as an error message quotes it: a repr cut to about 60 characters and 3 levels of
+    nesting, so a huge or deeply nested value cannot swamp (or crash) the message; non-printable
+    characters, lone surrogates included, come out escaped."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return f"(a {type(value).__name__} too large to show)"
 
 
 @dataclass(frozen=True)
@@ -67,9 +85,12 @@ def validate(conversation: Conversation) -> Conversation:
 
 def _check_message(message: Message, number: int, where: str) -> None:
     if message.role not in ROLES:
-        raise DataError(f"message {number} has role {message.role!r}; expected one of "
-                        f"{', '.join(ROLES)}. Fix the row or map the role with data.role_map "
-                        f"(e.g. data.role_map.{message.role}=assistant).", where=where, reason="unknown role")
+        role = message.role
+        found = shown(role) if isinstance(role, str) else f"{shown(role)} (a {type(role).__name__})"
+        example = role if isinstance(role, str) and _ROLE_NAME.fullmatch(role) else "ROLE"  # fit for a dotted key
+        raise DataError(f"message {number} has role {found}; expected one of {', '.join(ROLES)}. Fix the row "
+                        f"or map the role with data.role_map (e.g. data.role_map.{example}=assistant).",
+                        where=where, reason="unknown role")
     if not isinstance(message.content, str):
         found = "missing" if message.content is None else f"a {type(message.content).__name__}"
         raise DataError(f"message {number} ({message.role}) content is {found}; expected a non-empty "
@@ -78,6 +99,12 @@ def _check_message(message: Message, number: int, where: str) -> None:
     if message.content == "":
         raise DataError(f"message {number} ({message.role}) has empty content; expected a non-empty "
                         "string. Fill it in or remove the message.", where=where, reason="empty content")
+    surrogate = _SURROGATE.search(message.content)
+    if surrogate is not None:  # only a JSON escape such as "\ud83d" without its other half gives one
+        raise DataError(f"message {number} ({message.role}) content holds an unpaired UTF-16 surrogate "
+                        f"{surrogate.group()!r} at character {surrogate.start()}; expected valid Unicode text. "
+                        "Fix the row's escape (an emoji needs both halves, e.g. \\ud83d\\ude42) or remove it.",
+                        where=where, reason="invalid unicode")
     if message.train is not None and not isinstance(message.train, bool):
-        raise DataError(f"message {number} field 'train' is {message.train!r}; expected true or false "
+        raise DataError(f"message {number} field 'train' is {shown(message.train)}; expected true or false "
                         "(or leave it out to follow data.train_on).", where=where, reason="train not a bool")

@@ -15,6 +15,11 @@ mechanism, so the masking rule is implemented once:
 
 Because the whole conversation is rendered once, templates need not be prefix-stable and need no
 `{% generation %}` markers.
+
+A template is user code (a .jinja file, or whatever a model's tokenizer ships): every render, for training
+and for generation, runs in one strict jinja2 sandbox (`_Sandbox`). Reaching for Python internals, changing
+a value or running away (huge ranges, endless recursion, giant values) is a TemplateError; a template
+refusing or failing on one conversation is a DataError naming that row.
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaTemplateError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sftlab.data.schema import Conversation, Message
+from sftlab.data.schema import Conversation, Message, validate
 from sftlab.errors import DataError, TemplateError
 
 CHATML = (
@@ -97,6 +104,56 @@ def _raise_exception(message: str) -> None:
     raise JinjaTemplateError(message)
 
 
+MAX_LOOP_STEPS = 1_000_000
+"""Most items all `range(...)` calls of one render may hold together: a chat template loops over a few
+messages, so a template past this is runaway (e.g. nested loops over range(99999)), refused, not waited on."""
+MAX_VALUE_SIZE = 10_000_000
+"""Longest string or list `*` may build, and the most bits `**` may give an integer, in a template."""
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox (no attribute starting with '_', no method that changes a value), made
+    strict: an unsafe attribute fails the render at once (jinja2 renders it as an empty string and only
+    fails on further use), and `*` / `**` are bounded so a template cannot exhaust memory or the CPU."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise SecurityError(f"access to attribute {attribute!r} of an object of type {type(obj).__name__!r} is "
+                            "unsafe")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            sequence, count = (left, right) if isinstance(right, int) else (right, left)
+            if (isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
+                    and len(sequence) * count > MAX_VALUE_SIZE):
+                raise SecurityError(f"'*' would build a value of more than {MAX_VALUE_SIZE} items")
+        elif (isinstance(left, int) and isinstance(right, int) and right > 0
+              and abs(left).bit_length() * right > MAX_VALUE_SIZE):
+            raise SecurityError(f"'**' would build an integer of more than {MAX_VALUE_SIZE} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+def _bounded_range() -> Any:
+    """A `range` for one render: all the ranges it makes hold at most MAX_LOOP_STEPS items together."""
+    left = MAX_LOOP_STEPS
+
+    def bounded_range(*args: int) -> range:
+        nonlocal left
+        items = range(*args)
+        try:
+            size = len(items)
+        except OverflowError:  # more items than len() can count
+            size = sys.maxsize
+        if size > left:
+            raise SecurityError(f"a range of {size} items would take the template past {MAX_LOOP_STEPS} loop "
+                                "steps in one render")
+        left -= size
+        return items
+
+    return bounded_range
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: Any = None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
@@ -109,8 +166,7 @@ class ChatTemplate:
 
     def __init__(self, source: str, *, name: str, end_of_turn: Sequence[str],
                  variables: Mapping[str, Any] | None = None, special_tokens: Sequence[str] = ()) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[loopcontrols, _GenerationTag])
+        env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
         env.filters["tojson"] = _tojson
         now = datetime.now()  # one clock per template: renders of one dataset agree on "today"
         env.globals["raise_exception"] = _raise_exception
@@ -119,6 +175,9 @@ class ChatTemplate:
             self._compiled = env.from_string(source)
         except JinjaTemplateError as exc:
             raise TemplateError(f"chat template {name!r} is not valid Jinja: {exc}") from None
+        except RecursionError:
+            raise TemplateError(f"chat template {name!r} nests expressions or blocks too deeply to compile; "
+                                "expected an ordinary chat template. Simplify the template.") from None
         self.source = source
         self.name = name
         self.end_of_turn = tuple(sorted(set(end_of_turn), key=len, reverse=True))
@@ -133,16 +192,30 @@ class ChatTemplate:
         """The template's plain render, as `tokenizer.apply_chat_template(..., tokenize=False)` gives it."""
         try:
             return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.variables)
+                                         tools=None, documents=None, **self.variables, range=_bounded_range())
+        except SecurityError as exc:
+            raise TemplateError(
+                f"chat template {self.name!r} was stopped by sftlab's sandbox: {exc}. Templates may read the "
+                "messages and the special-token variables, but not attributes starting with '_', methods "
+                f"that change a value, more than {MAX_LOOP_STEPS} loop steps or values of more than "
+                f"{MAX_VALUE_SIZE} items. Remove that expression from the template.") from None
         except JinjaTemplateError as exc:
-            raise DataError(f"chat template {self.name!r} refused the conversation: {exc}",
+            raise DataError(f"chat template {self.name!r} refused the conversation: {_brief(exc)}",
                             where=where, reason="template refused") from None
+        except RecursionError:
+            raise TemplateError(f"chat template {self.name!r} recursed too deeply (a macro or a recursive loop "
+                                "that does not end?). Fix the template's recursion.") from None
+        except Exception as exc:  # noqa: BLE001 - a template is user code: what it raises is reported, no traceback
+            raise DataError(f"chat template {self.name!r} failed on the conversation with "
+                            f"{type(exc).__name__}: {_brief(exc)}; expected it to render every valid conversation. Fix "
+                            "the template or use data.template=chatml or llama3.",
+                            where=where, reason="template failed") from None
 
     def render(self, conversation: Conversation, train_on: str = "assistant") -> list[Segment]:
         """Segments whose texts join to the rendered conversation, each marked trainable or not."""
         if train_on not in TRAIN_ON:
             raise TemplateError(f"data.train_on must be one of {', '.join(TRAIN_ON)}; found {train_on!r}")
-        messages = conversation.messages
+        messages = validate(conversation).messages  # a Conversation built by hand may hold anything
         where = conversation.where
         text = self.render_text([_as_dict(m) for m in messages], where=where)
         marked = self._marked(tuple(m.role for m in messages), where)
@@ -202,6 +275,12 @@ class ChatTemplate:
             if gap >= limit or not text[gap].isspace():
                 return None
             gap += 1
+
+
+def _brief(exc: Exception) -> str:
+    """An exception's message for ours, cut short: a template may raise with a whole message's content."""
+    text = str(exc)
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _emitted_forms(content: str) -> list[str]:
@@ -273,7 +352,7 @@ def load_template(spec: str, tokenizer: Any | None = None) -> ChatTemplate:
         if isinstance(source, dict):
             source = source.get("default")
         if not source:
-            where = getattr(tokenizer, "name_or_path", "the tokenizer")
+            where = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
             raise TemplateError(f"data.template=auto but {where} has no chat template (no chat_template in "
                                 "tokenizer_config.json, no chat_template.jinja). Set data.template=chatml or "
                                 "llama3 (with data.add_special_tokens=true on a base model) or a .jinja file.")
@@ -282,7 +361,11 @@ def load_template(spec: str, tokenizer: Any | None = None) -> ChatTemplate:
         path = Path(spec)
         if path.suffix != ".jinja" or not path.is_file():
             raise TemplateError(f"data.template={spec!r}: expected chatml, llama3, auto or an existing .jinja file")
-        source, name = path.read_text(encoding="utf-8"), str(path)
+        try:
+            source, name = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise TemplateError(f"data.template={spec!r}: invalid UTF-8 at byte {exc.start}; expected a UTF-8 "
+                                "text file. Re-encode it as UTF-8 (e.g. iconv -t UTF-8).") from None
     return ChatTemplate(source, name=name, end_of_turn=_end_of_turn_candidates(tokenizer), variables=variables)
 
 
