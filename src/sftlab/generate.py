@@ -139,7 +139,9 @@ def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str
     print_fn("Type a message; /reset starts a new conversation, /exit (or Ctrl-D) quits.")
     while True:
         try:
-            line = input_fn(">>> ")
+            # A terminal in a non-UTF-8 locale hands undecodable bytes over as lone surrogates, which no
+            # tokenizer encodes: they become U+FFFD.
+            line = input_fn(">>> ").encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         except (EOFError, KeyboardInterrupt):
             print_fn()
             return messages
