@@ -1,8 +1,10 @@
-"""Training speed, side by side: sftlab vs TRL's SFTTrainer (+ PEFT LoRA), same model, data and settings.
+"""Training speed, side by side: sftlab vs TRL's SFTTrainer / DPOTrainer (+ PEFT LoRA), same model, data, settings.
 
 Not a unit test. Both tools train the same generated random model on the same generated chat data, with
 the same sequence limit, batch size, optimizer (AdamW, lr 1e-4, constant, clip 1.0), seed and LoRA shape
-(rank 16, alpha 32, all linear layers), for `lora` and for `full` fine-tuning. Per run it reports:
+(rank 16, alpha 32, all linear layers), for `lora` and for `full` fine-tuning, and for `dpo`: preference
+training (DPO, sigmoid loss, beta 0.1) with LoRA against TRL's DPOTrainer, both taking the reference as the base
+model with the adapter disabled. Per run it reports:
 
 - tokens/s and supervised tokens/s over the timed steps: the tokens of those steps over the wall time from
   the end of the last warm-up step to the end of the last timed step, so everything the loop does per step
@@ -11,8 +13,9 @@ the same sequence limit, batch size, optimizer (AdamW, lr 1e-4, constant, clip 1
   (a target that is not -100 after the shift), counted from the batches each tool feeds its model;
 - the peak RSS of the run (VmHWM: each run is a fresh process, so the figure is that tool's alone; it
   includes TRL's tokenisation and packing, which happen before the timed steps and are not timed);
-- on a GPU: peak torch.cuda.max_memory_allocated and model-FLOPs utilisation, 4N FLOPs per token for LoRA
-  and 6N for full fine-tuning, N = the matmul weights (every nn.Linear, the output head included), over
+- on a GPU: peak torch.cuda.max_memory_allocated and model-FLOPs utilisation, 4N FLOPs per token for LoRA,
+  6N for full fine-tuning and for DPO with LoRA (4N for the policy + 2N for the reference forward), N = the
+  matmul weights (every nn.Linear, the output head included), over
   --peak-tflops (989, an H100/H200's dense bf16);
 - sftlab's step time by phase (data / forward / backward / optimizer), where train.profile exists;
 - the ratios sftlab / TRL per method, next to the targets of the issue (shown, not asserted).
@@ -24,13 +27,20 @@ Setup, made once and cached under .cache/bench/ (deterministic for a seed):
    template whose {% generation %} block holds exactly the assistant content + <|im_end|> (not the newline
    after it), so TRL's assistant_only_loss trains what sftlab's data.template=chatml trains — checked on a
    few rows before anything runs;
-3. a random model saved to a dir: preset cpu, Llama-shaped, 8 layers, hidden 512 (~36M parameters), fp32;
+3. for `dpo`, preference pairs made from those chats (prefs.jsonl): the prompt is a chat up to its last user
+   turn, the chosen answer its last assistant reply, the rejected answer the last reply of the next chat;
+   sftlab's scored tokens are checked against what TRL scores (TRL also scores the template's newline after
+   <|im_end|>, one token per sequence, which sftlab cuts);
+4. a random model saved to a dir: preset cpu, Llama-shaped, 8 layers, hidden 512 (~36M parameters), fp32;
    preset gpu, Qwen2-0.5B-shaped (24 layers, hidden 896, 2 KV heads, its 151,936-row tied embedding; our
    tokenizer uses the first 12k rows, the FLOPs are the real model's), bf16.
 
 TRL runs as well configured as it gets on these machines: packing (BFD) + padding_free (one (1, N) row with
 position_ids per batch), assistant_only_loss, no gradient checkpointing, its chunked LM-head loss, sdpa
-attention (sftlab too; flash-attention-2 is not a choice sftlab offers, so neither tool gets it).
+attention (sftlab too; flash-attention-2 is not a choice sftlab offers, so neither tool gets it). TRL's
+DPOTrainer pads (its padding_free is disabled in 1.16): a DPO step is `batch` pairs (2 x batch sequences) in
+both tools, sftlab's padded too (data.packing=false, pairs grouped by length) so that the steps hold the same
+number of pairs; tokens count the real tokens, not the padding.
 
 Wall-clock rates move with whatever else runs on the machine (or the VM: other tenants' processes do not show
 in `ps`). Each run records the CPU time the rest of the machine used during its timed window (/proc/stat), and
@@ -38,6 +48,7 @@ the table marks runs where others kept more than 0.1 CPUs busy; the 1-minute loa
 
     python benchmarks/bench_vs_trl.py                        # CPU preset: ~4 min on 2 idle cores
     python benchmarks/bench_vs_trl.py --methods lora --timed-steps 5
+    python benchmarks/bench_vs_trl.py --methods dpo              # the DPO row alone
     python benchmarks/bench_vs_trl.py --preset gpu --wheels DIR   # a GPU machine without internet (sized
                                                                    # for < 8 min); DIR: fetch_bench_wheels.sh
     python benchmarks/bench_vs_trl.py --preset gpu --device cpu --smoke   # the GPU code path, tiny, on CPU
@@ -194,6 +205,21 @@ def keep_short(chats: list[dict[str, Any]], tokenizer: Any, *, max_tokens: int, 
     return [chat for chat, _ in kept], [n for _, n in kept]
 
 
+def preference_pairs(chats_path: Path, out: Path) -> Path:
+    """prefs.jsonl next to the chats (made once): per chat, its messages up to the last user turn as the prompt,
+    its last assistant reply as chosen and the next chat's last reply as rejected (fluent, but off the prompt)."""
+    if out.is_file():
+        return out
+    with chats_path.open(encoding="utf-8") as file:
+        chats = [json.loads(line)["messages"] for line in file]
+    rows = [{"prompt": chat[:-1], "chosen": [chat[-1]], "rejected": [chats[(k + 1) % len(chats)][-1]]}
+            for k, chat in enumerate(chats)]
+    scratch = out.with_suffix(".tmp")
+    scratch.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    scratch.rename(out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 
@@ -287,6 +313,38 @@ def check_masks(setup: dict[str, Any], *, rows: int = 8) -> dict[str, Any]:
                              f"{first}); fix CHAT_TEMPLATE before comparing speeds.")
         trained += sum(ours_trained)
     return {"rows": rows, "trained_tokens": trained}
+
+
+def check_pairs(setup: dict[str, Any], *, rows: int = 8) -> dict[str, Any]:
+    """sftlab's pair encoding against TRL's DPO tokenisation (the prompt rendered with the generation prompt,
+    then prompt + answer) on the first `rows` pairs: the same prompt ids, and TRL's completion = sftlab's scored
+    tokens + the template's newline after <|im_end|>."""
+    from itertools import islice
+
+    from transformers import AutoTokenizer
+
+    from sftlab.data.encode import IGNORE_INDEX, Encoder
+    from sftlab.data.preference import PairEncoder, read_pairs
+    from sftlab.data.templates import load_template
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["model"])
+    encoder = PairEncoder(Encoder(tokenizer, load_template("chatml", tokenizer), max_seq_len=None))
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    with open(setup["prefs"], encoding="utf-8") as file:
+        raw = [json.loads(line) for line in islice(file, rows)]
+    scored = 0
+    for k, (row, pair) in enumerate(zip(raw, read_pairs(setup["prefs"]))):
+        ours = encoder.encode(pair)
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        for side, answer in ((ours.chosen, row["chosen"]), (ours.rejected, row["rejected"])):
+            full = tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True, return_dict=True)["input_ids"]
+            mine = [t for t in side.labels if t != IGNORE_INDEX]
+            if list(prompt) != side.input_ids[:ours.prompt_tokens] or list(full[len(prompt):]) != mine + newline:
+                raise SystemExit(f"pair {k + 1}: sftlab and TRL would not score the same tokens; fix the setup "
+                                 "before comparing speeds.")
+            scored += len(mine)
+    return {"rows": rows, "scored_tokens": scored}
 
 
 # -------------------------------------------------------------------------------------------- workers
@@ -422,6 +480,8 @@ class CountingCollator:
 
 
 def run_trl(spec: RunSpec) -> dict[str, Any]:
+    if spec.method == "dpo":
+        return run_trl_dpo(spec)
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -475,18 +535,91 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     }
 
 
+class CountingPairCollator:
+    """Wraps TRL's preference collator: tokens (attention mask) and scored positions (completion mask after the
+    shift) of each batch, and the first batch's layout."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.batches: list[tuple[int, int]] = []
+        self.first: dict[str, Any] = {}
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        self.batches.append((int(batch["attention_mask"].sum()), int(batch["completion_mask"][:, 1:].sum())))
+        if not self.first:
+            self.first = {"input_ids": list(batch["input_ids"].shape), "keys": sorted(batch), "padding_free": False,
+                          "sequences": int(batch["input_ids"].shape[0])}
+        return batch
+
+
+def run_trl_dpo(spec: RunSpec) -> dict[str, Any]:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(spec.model)
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=getattr(torch, spec.dtype),
+                                                 attn_implementation="sdpa")
+    with open(spec.data, encoding="utf-8") as file:
+        dataset = datasets.Dataset.from_list([json.loads(line) for line in file])
+    peft_config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    args = DPOConfig(
+        output_dir=spec.output_dir, max_steps=spec.warmup_steps + spec.timed_steps + 1,
+        per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=1,
+        learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        seed=spec.seed, data_seed=spec.seed, beta=DPO_BETA, loss_type=["sigmoid"], max_length=spec.max_length,
+        gradient_checkpointing=False, bf16=spec.dtype == "bfloat16", fp16=False, use_cpu=spec.device == "cpu",
+        report_to=[], save_strategy="no", eval_strategy="no", logging_steps=100_000, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    clock = StepClock(spec.device)
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            clock.tick()
+
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[Tick()])
+    counter = CountingPairCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    attention = probe_attention()
+    setup_s = time.perf_counter() - started
+    trainer.train()
+    timing = clock.window(spec.warmup_steps, spec.timed_steps)
+    timed = counter.batches[spec.warmup_steps:spec.warmup_steps + spec.timed_steps]
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return {
+        **timing, "setup_s": setup_s,
+        "tokens": sum(t for t, _ in timed), "supervised_tokens": sum(s for _, s in timed),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "optimizer": f"{type(optimizer).__name__} ({getattr(args.optim, 'value', args.optim)})",
+        "batch": counter.first, "attention": attention,
+    }
+
+
+DPO_BETA = 0.1
 PROFILE_PHASES = ("time_data", "time_forward", "time_backward", "time_optimizer")
 
 
 def sftlab_config(spec: RunSpec) -> Any:
     from sftlab.config import load_config
 
+    # dpo: preference rows (their own format), LoRA, the reference = the base with the adapter disabled; padded
+    # micro-batches of `batch_size` pairs, the pairs per step of TRL's DPOTrainer (which cannot pack).
+    stage = ["stage=dpo", f"dpo.beta={DPO_BETA}", "dpo.loss=sigmoid", "data.packing=false"] \
+        if spec.method == "dpo" else ["data.format=messages", "data.train_on=assistant", "data.packing=true"]
+    lora = [] if spec.method == "full" else [f"lora.rank={spec.lora_rank}", f"lora.alpha={spec.lora_alpha}",
+                                              "lora.dropout=0.0", "lora.targets=all-linear"]
     return load_config(overrides=[
         f"model={spec.model}", f"model.dtype={spec.dtype}", "model.attn_implementation=sdpa",
-        f"method={spec.method}", f"output_dir={spec.output_dir}",
-        f"data.train={spec.data}", "data.format=messages", "data.template=chatml", "data.train_on=assistant",
-        f"data.max_seq_len={spec.max_length}", "data.cache=false", "data.packing=true",
-        f"lora.rank={spec.lora_rank}", f"lora.alpha={spec.lora_alpha}", "lora.dropout=0.0", "lora.targets=all-linear",
+        f"method={'lora' if spec.method == 'dpo' else spec.method}", f"output_dir={spec.output_dir}", *stage,
+        f"data.train={spec.data}", "data.template=chatml",
+        f"data.max_seq_len={spec.max_length}", "data.cache=false", *lora,
         f"train.micro_batch_size={spec.batch_size}", "train.grad_accum_steps=1",
         f"train.max_steps={spec.warmup_steps + spec.timed_steps + 1}", f"train.lr={spec.lr}",
         "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0.0", "train.max_grad_norm=1.0",
@@ -575,11 +708,14 @@ def summarize(run: dict[str, Any], *, method: str, matmul_parameters: int, peak_
     if "other_cpu_s" in run and run["seconds"] >= 2:  # /proc/stat counts in 10 ms ticks: too coarse below
         summary["other_cores_busy"] = run["other_cpu_s"] / run["seconds"]  # mean CPUs others kept busy
     if peak_tflops:
-        flops_per_token = (4 if method == "lora" else 6) * matmul_parameters
+        flops_per_token = FLOPS_PER_PARAMETER[method] * matmul_parameters
         summary["mfu"] = summary["tokens_per_s"] * flops_per_token / (peak_tflops * 1e12)
     return summary
 
 
+FLOPS_PER_PARAMETER = {"lora": 4, "full": 6, "dpo": 6}
+"""Matmul FLOPs per token per weight: forward 2N; backward 2N (LoRA: no weight gradients of the frozen base) or
+4N; DPO with LoRA adds the reference's forward (2N) to LoRA's 4N."""
 RATIO_KEYS = ("supervised_tokens_per_s", "tokens_per_s", "supervised_tokens_per_s_median_step",
               "tokens_per_s_median_step", "peak_rss_mib", "peak_gpu_mib", "mfu")
 
@@ -587,7 +723,7 @@ RATIO_KEYS = ("supervised_tokens_per_s", "tokens_per_s", "supervised_tokens_per_
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """sftlab / TRL per method, for speeds and memory."""
     out: dict[str, dict[str, float]] = {}
-    for method in ("lora", "full"):
+    for method in ("lora", "full", "dpo"):
         ours, theirs = runs.get(f"sftlab/{method}"), runs.get(f"trl/{method}")
         if ours and theirs:
             out[method] = {k: ours[k] / theirs[k] for k in RATIO_KEYS if k in ours and k in theirs and theirs[k]}
@@ -656,7 +792,8 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"! other processes kept more than {BUSY} CPUs busy during that run's timed steps: its rates are "
               "low by about that share; the median-step rates hold better, a quiet machine best")
     for method, ratio in result["ratios"].items():
-        print(f"targets, {method}: {target_line(method, ratio)}")
+        if method in TARGETS:  # dpo: no target set, the ratios are shown
+            print(f"targets, {method}: {target_line(method, ratio)}")
     print_notes(result["runs"])
 
 
@@ -741,7 +878,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="override the preset's device (e.g. cpu, to try the gpu preset's path)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 1 warm-up + 1 timed step, fp32")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="override the preset's (and --smoke's)")
-    parser.add_argument("--methods", default="lora,full", help="comma-separated: lora, full")
+    parser.add_argument("--methods", default="lora,full,dpo", help="comma-separated: lora, full, dpo")
     parser.add_argument("--tools", default="trl,sftlab", help="comma-separated: trl, sftlab")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default: the preset's)")
     parser.add_argument("--timed-steps", type=int, help="timed steps (default: the preset's)")
@@ -796,6 +933,11 @@ def main(argv: list[str] | None = None) -> None:
     masks = check_masks(setup)
     print(f"labels: sftlab (chatml) and TRL (assistant_only_loss) train the same {masks['trained_tokens']:,} "
           f"tokens of the first {masks['rows']} chats", flush=True)
+    if "dpo" in methods:
+        setup["prefs"] = str(preference_pairs(Path(setup["data"]), Path(setup["dir"]) / "prefs.jsonl"))
+        masks["pairs"] = check_pairs(setup)
+        print(f"pairs: sftlab scores the tokens TRL's DPOTrainer scores but the newline after <|im_end|> "
+              f"({masks['pairs']['scored_tokens']:,} tokens of the first {masks['pairs']['rows']} pairs)", flush=True)
     threads = args.threads or (len(os.sched_getaffinity(0)) if preset.device == "cpu" else None)
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=args.cache_dir))
     runs: dict[str, dict[str, Any]] = {}
@@ -803,7 +945,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             for tool in tools:
                 name, stem = f"{tool}/{method}", f"{tool}-{method}"
-                spec = RunSpec(tool, method, setup["model"], setup["data"], output_dir=str(scratch / stem),
+                data = setup["prefs"] if method == "dpo" else setup["data"]
+                spec = RunSpec(tool, method, setup["model"], data, output_dir=str(scratch / stem),
                                result=str(scratch / f"{stem}.json"),
                                dtype=preset.dtype, device=preset.device, max_length=preset.max_length,
                                batch_size=preset.batch_size, warmup_steps=preset.warmup_steps,

@@ -233,9 +233,16 @@ def _inspect(args: argparse.Namespace) -> int:
     cfg = _config(args)
     encoder = _encoder(cfg)
     rejects = RejectLog()
-    conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
-                                       on_bad_row=cfg.data.on_bad_row, rejects=rejects)
-    results = encoder.encode_batch(list(islice(conversations, max(args.n, 0))))
+    if cfg.stage == "dpo":  # each pair as its two sides, chosen then rejected, the answer scored
+        from sftlab.data.preference import PairEncoder, read_pairs
+
+        pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+        conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
+        encoder = PairEncoder(encoder).encoder
+    else:
+        conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
+                                           on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+    results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:
         counts = ", ".join(f"{n} {reason}" for reason, n in rejects.counts.items())
@@ -248,6 +255,10 @@ def _check(args: argparse.Namespace) -> int:
     from sftlab.data import quality
 
     cfg = _config(args)
+    if cfg.stage == "dpo":
+        raise SftlabError("sftlab check reports on conversations; preference pairs are checked row by row when "
+                          "`sftlab train` reads them (a bad pair stops it with file:line, or goes to rejects.jsonl "
+                          "with data.on_bad_row=skip). See the pairs with `sftlab inspect DATA stage=dpo`.")
     encoder = _encoder(cfg)
     rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
     report = quality.analyze(args.data, cfg.data, encoder, rejects_path=rejects)

@@ -268,6 +268,34 @@ class PrefixConfig:
             raise ConfigError("prefix.num_virtual_tokens and prefix.encoder_hidden must be positive")
 
 
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1
+    """β: how far the policy may move from the reference (larger keeps it closer); IPO's τ for loss=ipo."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """`sigmoid`: DPO, −log σ(β·(Δ_chosen − Δ_rejected)); `ipo`: IPO's squared loss on the log-ratios averaged
+    per answer token (train/preference.py)."""
+    label_smoothing: float = 0.0
+    """loss=sigmoid only: the share of preference labels taken as flipped (conservative DPO), in [0, 0.5)."""
+    precompute_reference: bool = False
+    """Compute the reference's log-probs of every pair once, before training, instead of at every step: full
+    fine-tuning then keeps no frozen copy of the model, adapter methods skip the reference forward per step."""
+    init_from: str | None = None
+    """Start from an SFT run dir (or its adapter/ or model/ dir) instead of the bare base model `model`."""
+    init: Literal["continue", "merge"] = "continue"
+    """With init_from and an adapter method: `continue` trains the SFT adapter further (the reference, the SFT
+    model, is precomputed); `merge` folds it into the base first (written to OUTPUT/base) and trains a fresh
+    adapter over it (the reference: that merged model, the adapter disabled)."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"dpo.label_smoothing applies to dpo.loss=sigmoid only (found {self.loss}); remove it.")
+
+
 METHODS = ("full", "lora", "qlora", "adapter", "prompt", "ptuning", "prefix")
 SOFT_PROMPT_METHODS = ("prompt", "ptuning", "prefix")
 
@@ -281,6 +309,9 @@ class Config:
     NF4 base), `adapter` (bottleneck adapters), `prompt` / `ptuning` / `prefix` (soft prompts)."""
     output_dir: str = "runs/run"
     """Where the run writes its files (config.yaml, metrics.jsonl, checkpoints/, adapter/ or model/)."""
+    stage: Literal["sft", "dpo"] = "sft"
+    """`sft`: supervised fine-tuning on conversations; `dpo`: preference training on pairs
+    {prompt, chosen, rejected} (the `dpo` section)."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     full: FullConfig = field(default_factory=FullConfig)
@@ -290,6 +321,7 @@ class Config:
     ptuning: PTuningConfig = field(default_factory=PTuningConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
         if self.data.packing and self.method in SOFT_PROMPT_METHODS:
@@ -308,11 +340,28 @@ class Config:
             raise ConfigError("data.eval and data.eval_fraction are both set; use one: an eval file, or a share "
                               "of the training data held out.")
         _check_method_sections(self)
+        _check_stage(self)
 
 
 METHOD_SECTIONS = {"full": ("full",), "lora": ("lora",), "qlora": ("qlora", "lora"), "adapter": ("adapter",),
                    "prompt": ("prompt",), "ptuning": ("ptuning",), "prefix": ("prefix",)}
 """The config sections each method reads; a section another method reads must keep its defaults."""
+
+
+def _check_stage(cfg: Config) -> None:
+    """dpo settings belong to stage dpo; pair rows have their own form and score only the answer."""
+    if cfg.stage == "sft":
+        changed = [f.name for f in dataclasses.fields(cfg.dpo) if getattr(cfg.dpo, f.name) != getattr(DPOConfig(), f.name)]
+        if changed:
+            raise ConfigError(f"dpo.{changed[0]} is set, but stage is sft; set stage=dpo to train on preference "
+                              "pairs, or remove it.")
+        return
+    if cfg.data.format != "auto":
+        raise ConfigError(f"data.format={cfg.data.format} is for conversations; stage dpo reads preference pairs "
+                          "({prompt, chosen, rejected} or {chosen, rejected} rows). Remove data.format.")
+    if cfg.data.train_on != "assistant":
+        raise ConfigError(f"data.train_on={cfg.data.train_on} does not apply to stage dpo, which scores only each "
+                          "pair's answers; remove it.")
 
 
 def _check_method_sections(cfg: Config) -> None:

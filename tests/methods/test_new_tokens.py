@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import only_for, tiny_tokenizer
 from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -53,10 +53,11 @@ def data_file(path: Path) -> Path:
 
 
 def run_config(base: Path, data: Path, out: Path, *overrides: str):
+    method = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("method=")), "lora")
     return load_config(overrides=[f"model={base}", f"data.train={data}", f"output_dir={out}", "data.cache=false",
                                   "data.template=chatml", "data.add_special_tokens=true", "model.dtype=float32",
-                                  "method=lora", "lora.rank=4", "train.lr=2e-2", "train.max_steps=6",
-                                  "train.micro_batch_size=4", *overrides])
+                                  *only_for(method, f"method={method}", "lora.rank=4"), "train.lr=2e-2",
+                                  "train.max_steps=6", "train.micro_batch_size=4", *overrides])
 
 
 @dataclass

@@ -45,7 +45,7 @@ def main() -> None:
 
     engines = []
     real_wrap = loop.distributed.wrap
-    loop.distributed.wrap = lambda *a: engines.append(real_wrap(*a)) or engines[-1]
+    loop.distributed.wrap = lambda *a, **k: engines.append(real_wrap(*a, **k)) or engines[-1]
     ids = torch.arange(3, 40).reshape(1, -1) % setup.model.config.vocab_size
     logits = []
     last = loop.total_steps(setup)

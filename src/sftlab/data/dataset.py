@@ -17,10 +17,11 @@ import json
 import shutil
 import tempfile
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -109,11 +110,21 @@ def _memmap(path: Path, dtype: type, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
+Writer = Callable[[str | Path, DataConfig, Encoder, Path, dict[str, Any]], None]
+"""Fills a dataset directory (the layout above) from a data file."""
+
+
 def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
-                  rejects_path: str | Path | None = None) -> EncodedDataset:
-    """Encode `data_path` (or reuse the cached encoding); copy its rejected rows to `rejects_path`."""
+                  rejects_path: str | Path | None = None, write: Writer | None = None,
+                  rows: str | None = None) -> EncodedDataset:
+    """Encode `data_path` (or reuse the cached encoding); copy its rejected rows to `rejects_path`. `write`
+    fills a dataset directory from the file (default: conversations); a writer of other `rows` (preference
+    pairs) names them, so their encoding never shares a cache entry with the file's conversations."""
+    write = write or _write
     settings = {k: v for k, v in asdict(data).items() if k not in ("train", "eval", "cache_dir", "cache")}
     settings["added_tokens"] = encoder.added_tokens
+    if rows is not None:
+        settings["rows"] = rows
     if data.cache:
         root = cache.cache_root(data.cache_dir)
         key = cache.dataset_key(data_path, tokenizer=encoder.tokenizer, template_source=encoder.template.source,
@@ -122,7 +133,7 @@ def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         if found is None:
             building = cache.new_entry(root)
             try:
-                _write(data_path, data, encoder, building, settings)
+                write(data_path, data, encoder, building, settings)
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
                 raise
@@ -130,7 +141,7 @@ def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         dataset = EncodedDataset(found)
     else:
         scratch = tempfile.TemporaryDirectory(prefix="sftlab-data-")
-        _write(data_path, data, encoder, Path(scratch.name), settings)
+        write(data_path, data, encoder, Path(scratch.name), settings)
         dataset = EncodedDataset(scratch.name, keep_alive=scratch)
     if rejects_path is not None and dataset.rejects_path.is_file():
         Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -62,7 +63,42 @@ class Method(ABC):
 
         return hidden_states(model, batch)
 
+    @contextmanager
+    def adapters_disabled(self, model: nn.Module) -> Iterator[None]:
+        """Within the block the model's plain forward computes the base model the method was applied to: every
+        module the method wrapped (`wrapped_modules`) is swapped back for the base module it holds as `.base`, and
+        restored afterwards. Virtual tokens and prefixes never enter a plain forward (only `hidden_states`). This
+        is the reference model of preference training, with no second copy of the weights."""
+        with base_modules_in_place(model, self.wrapped_modules(model)):
+            yield
+
+    def wrapped_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules the method put in place of base modules, each holding the original as `.base`: here the
+        trainable token rows (token_rows.py); methods that wrap more add theirs."""
+        from sftlab.methods.token_rows import token_rows_modules
+
+        return list(token_rows_modules(model).values())
+
     def prefill(self, model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         """Generation's first forward over the prompt (1, T), returning logits and the KV cache that later
         single-token steps continue. Soft-prompt methods put their virtual tokens / prefixes in here."""
         return model(input_ids=input_ids, use_cache=True, **kwargs)
+
+
+@contextmanager
+def base_modules_in_place(model: nn.Module, wrappers: Iterable[nn.Module]) -> Iterator[None]:
+    """Put each wrapper's `.base` module wherever the wrapper is registered (a shared module may sit in several
+    places) for the block, then the wrappers back. Parameters are untouched: nothing is copied."""
+    wanted = {id(module) for module in wrappers}
+    places = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in wanted:
+            parent_name, _, child = name.rpartition(".")
+            places.append((model.get_submodule(parent_name) if parent_name else model, child, module))
+    for parent, child, module in places:
+        setattr(parent, child, module.base)
+    try:
+        yield
+    finally:
+        for parent, child, module in reversed(places):
+            setattr(parent, child, module)

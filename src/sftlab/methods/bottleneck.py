@@ -109,6 +109,9 @@ class Bottleneck(Method):
                     for p_name, p in module.adapter_parameters().items()}
         return {**adapters, **token_rows_parameters(model)}
 
+    def wrapped_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [*bottleneck_modules(model).values(), *super().wrapped_modules(model)]
+
     def merge(self, model: nn.Module) -> nn.Module:
         raise MergeError(MERGE_REFUSAL.format(activation=self.config.adapter.activation))
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
+from sftlab.errors import SftlabError
 from sftlab.methods.base import Method
 
 
@@ -23,3 +27,10 @@ class Full(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model  # the weights are already the model's own
+
+    @contextmanager
+    def adapters_disabled(self, model: nn.Module) -> Iterator[None]:
+        raise SftlabError("full fine-tuning changes the base weights themselves, so the trained model holds no view "
+                          "of the base: its reference is a frozen copy of the base model or reference log-probs "
+                          "computed before training (dpo.precompute_reference=true).")
+        yield  # a generator, as contextmanager needs

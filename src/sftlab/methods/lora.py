@@ -178,6 +178,9 @@ class LoRA(Method):
                 for p_name, p in module.named_parameters(recurse=False)}  # A, B (+ DoRA's magnitude)
         return {**lora, **token_rows_parameters(model)}
 
+    def wrapped_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [*lora_modules(model).values(), *super().wrapped_modules(model)]
+
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold every adapter (and trained token rows) into its base weight and put the plain base layer
         back in its place."""

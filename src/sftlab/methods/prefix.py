@@ -28,7 +28,8 @@ no backward follows.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -151,6 +152,18 @@ class Prefix(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         raise MergeError(MERGE_REFUSAL)
+
+    @contextmanager
+    def adapters_disabled(self, model: nn.Module) -> Iterator[None]:
+        """The base model: no prefixes, even while a training forward that has not run its backward yet keeps
+        the attention hooks armed."""
+        encoder = prefix_encoder(model)
+        armed, encoder.armed = encoder.armed, False
+        try:
+            with super().adapters_disabled(model):
+                yield
+        finally:
+            encoder.armed = armed
 
     def hidden_states(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The backbone's last hidden states (B, T, H) at the batch's own positions, every layer attending to

@@ -137,9 +137,11 @@ class TrainingForward(nn.Module):
         return loss_sum(self.model, batch, self.method)
 
 
-def wrap(model: nn.Module, method: Any, ctx: Dist) -> nn.Module:
-    """The module the loop calls with a batch: plain, DDP-wrapped, or FSDP2-sharded (model changed in place)."""
-    forward = TrainingForward(model, method)
+def wrap(model: nn.Module, method: Any, ctx: Dist, *, forward: nn.Module | None = None) -> nn.Module:
+    """The module the loop calls with a batch: plain, DDP-wrapped, or FSDP2-sharded (model changed in place).
+    `forward` holds `model` and computes a batch's loss (the training objective's engine); by default the
+    supervised loss, TrainingForward."""
+    forward = forward if forward is not None else TrainingForward(model, method)
     if ctx.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -1,4 +1,6 @@
-"""THE training loop, the same for every method: methods differ only in what trains and what is saved."""
+"""THE training loop, the same for every method and stage: methods differ only in what trains and what is
+saved, stages (sft, dpo) only in their objective (train/objective.py): what a micro-batch is, which module sums
+its loss, and what the step's summed loss is divided by."""
 
 from __future__ import annotations
 
@@ -17,17 +19,18 @@ from rich.console import Console
 
 from sftlab.config import Config, to_yaml
 from sftlab.data import packing
-from sftlab.data.batching import Batch, collate, collate_packed
+from sftlab.data.batching import Batch
 from sftlab.data.dataset import EncodedDataset
-from sftlab.data.encode import IGNORE_INDEX, Example
+from sftlab.data.preference import PairDataset
 from sftlab.errors import SftlabError
 from sftlab.files import DISK_ERRORS, WriteError, atomic_dir, describe
 from sftlab.methods import Method
 from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint, distributed, lock, rundir
 from sftlab.train.checkpoint import TrainState
-from sftlab.train.distributed import SINGLE, Dist, TrainingForward
+from sftlab.train.distributed import SINGLE, Dist
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
+from sftlab.train.objective import Objective, objective_for
 from sftlab.train.optim import build_optimizer, build_scheduler
 from sftlab.train.report import write_report
 from sftlab.train.signals import StopRequest, TrainingInterrupted
@@ -55,13 +58,16 @@ class Setup:
     model: torch.nn.Module
     tokenizer: object
     method: Method
-    train_data: EncodedDataset
+    train_data: EncodedDataset | PairDataset
+    """Examples (stage sft) or preference pairs (stage dpo)."""
     train_indices: np.ndarray
-    eval_data: EncodedDataset | None
+    eval_data: EncodedDataset | PairDataset | None
     eval_indices: np.ndarray | None
     device: torch.device
     dist: Dist = SINGLE
     """This process's place in a torchrun launch (train/distributed.py); a single process by default."""
+    reference_model: torch.nn.Module | None = None
+    """Stage dpo with full fine-tuning: the frozen reference copy (None: precomputed, or adapters disabled)."""
 
 
 def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
@@ -69,7 +75,7 @@ def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
     cfg = setup.config
     lengths = setup.train_data.lengths
     if cfg.data.packing:
-        return packing.packed_plan(lengths, setup.train_indices, capacity=cfg.data.max_seq_len,
+        return packing.packed_plan(lengths, setup.train_indices, capacity=objective_for(cfg).capacity,
                                    rows_per_batch=cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch)
     # Grouped by global step: micro-batches x accumulation x ranks (what a single process with the same
     # global batch would group).
@@ -84,21 +90,13 @@ def total_steps(setup: Setup) -> int:
         return cfg.train.max_steps
     # An epoch ends with a short micro-batch rather than borrowing from the next epoch.
     per_epoch = packing.plan_length(setup.train_data.lengths, setup.train_indices, packing=cfg.data.packing,
-                                    capacity=cfg.data.max_seq_len, micro_batch_size=cfg.train.micro_batch_size)
+                                    capacity=objective_for(cfg).capacity, micro_batch_size=cfg.train.micro_batch_size)
     per_step = cfg.train.grad_accum_steps * setup.dist.world  # micro-batches of one global step
     return max(1, math.ceil(cfg.train.epochs * per_epoch / per_step))
 
 
-def make_batch(setup: Setup, data: EncodedDataset, chosen: np.ndarray, pad_id: int) -> Batch:
-    examples = [data[int(i)] for i in chosen]
-    return collate_packed(examples) if setup.config.data.packing else collate(examples, pad_id=pad_id)
-
-
-def empty_batch(setup: Setup, pad_id: int) -> Batch:
-    """Two untrained pad tokens: what a rank evaluates when the eval batches run out before its turn, so
-    that the other ranks' collectives still meet. It adds nothing to any loss."""
-    example = Example([pad_id, pad_id], [IGNORE_INDEX, IGNORE_INDEX], "")
-    return collate_packed([example]) if setup.config.data.packing else collate([example], pad_id=pad_id)
+def make_batch(setup: Setup, data: EncodedDataset | PairDataset, chosen: np.ndarray, pad_id: int) -> Batch:
+    return objective_for(setup.config).batch(data, chosen, pad_id)
 
 
 def micro_batches(setup: Setup, state: TrainState, pad_id: int) -> Iterator[Batch]:
@@ -121,31 +119,36 @@ def micro_batches(setup: Setup, state: TrainState, pad_id: int) -> Iterator[Batc
         yield make_batch(setup, setup.train_data, entries[rank], pad_id)
 
 
-def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None) -> float:
-    """Mean loss over every supervised token of the eval examples (batched as training batches them;
-    with several ranks, each runs every world-th batch and the sums are added up)."""
+def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None) -> tuple[float, dict[str, float]]:
+    """The objective's loss over the eval data, per unit (the mean over every supervised token, or pair), and
+    its metrics per unit; batched as training batches them; with several ranks, each runs every world-th batch
+    and the sums are added up."""
     cfg, model, ctx = setup.config, setup.model, setup.dist
-    engine = engine or TrainingForward(model, setup.method)
+    objective = objective_for(cfg)
+    engine = engine or objective.engine(model, setup.method, reference_model=setup.reference_model)
     lengths, indices = setup.eval_data.lengths, setup.eval_indices
     if cfg.data.packing:
-        plan = packing.packed_plan(lengths, indices, capacity=cfg.data.max_seq_len,
+        plan = packing.packed_plan(lengths, indices, capacity=objective.capacity,
                                    rows_per_batch=cfg.train.micro_batch_size, seed=None, epoch=0)
     else:
         ordered = indices[np.argsort(-lengths[indices], kind="stable")]  # similar lengths pad little
         plan = [ordered[i:i + cfg.train.micro_batch_size] for i in range(0, len(ordered), cfg.train.micro_batch_size)]
-    total, count = 0.0, 0
+    sums = torch.zeros(1 + len(objective.metrics), dtype=torch.float64)  # loss, metrics
+    count = 0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(plan), ctx.world):
             mine = start + ctx.rank
-            batch = make_batch(setup, setup.eval_data, plan[mine], pad_id) if mine < len(plan) \
-                else empty_batch(setup, pad_id)
-            total += float(engine(batch.to(setup.device)))
-            count += batch.num_supervised
+            batch = objective.batch(setup.eval_data, plan[mine], pad_id) if mine < len(plan) \
+                else objective.empty_batch(pad_id)
+            loss, metrics = objective.split(engine(batch.to(setup.device)))
+            sums += torch.cat([loss.reshape(1), metrics]).double().cpu()
+            count += objective.count(batch)
     distributed.reshard(engine, ctx)
     model.train()
-    total, count = ctx.sum([total, count])
-    return total / max(count, 1)
+    count, *totals = ctx.sum([count, *sums.tolist()])
+    means = [total / max(count, 1) for total in totals]
+    return means[0], dict(zip(objective.metrics, means[1:]))
 
 
 NONFINITE_STREAK = 10
@@ -188,7 +191,9 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
         _enable_recompute(model)
     if cfg.train.compile:
         model.base_model.compile()
-    engine = distributed.wrap(model, method, ctx)  # FSDP replaces the parameters: collect them after
+    objective = objective_for(cfg)
+    forward = objective.engine(model, method, reference_model=setup.reference_model)
+    engine = distributed.wrap(model, method, ctx, forward=forward)  # FSDP replaces the parameters: collect them after
     params = method.trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.train)
     steps = total_steps(setup)
@@ -219,19 +224,25 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                 timer.start()
                 batches = [next(stream) for _ in range(cfg.train.grad_accum_steps)]
                 # Counted on the host before the move, then over all ranks: the step's loss is the mean
-                # over every supervised token of the global batch.
-                supervised, tokens = (int(n) for n in ctx.sum([sum(b.num_supervised for b in batches),
-                                                               sum(b.num_tokens for b in batches)]))
+                # over every unit (supervised token, or pair) of the global batch.
+                units, supervised, tokens = (int(n) for n in ctx.sum([sum(objective.count(b) for b in batches),
+                                                                      sum(b.num_supervised for b in batches),
+                                                                      sum(b.num_tokens for b in batches)]))
                 timer.mark("data")
                 step_loss = torch.zeros((), device=setup.device)
+                step_sums = torch.zeros(len(objective.metrics), device=setup.device)
                 for index, batch in enumerate(batches):
                     with distributed.gradient_sync(engine, ctx, last=index == len(batches) - 1):
-                        step_loss += _forward_backward(engine, batch.to(setup.device), supervised, ctx.world, timer)
+                        share, sums = _forward_backward(engine, objective, batch.to(setup.device), units, ctx.world,
+                                                        timer)
+                    step_loss += share
+                    step_sums += sums
                 grad_norm = distributed.full_tensor(_clip(params, cfg.train.max_grad_norm))
                 # The one host sync of the step, for the log and the NaN check (plus one sum over ranks,
                 # which also tells every rank whether any was asked to stop).
-                local_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()
-                last_loss, stops = ctx.sum([local_loss, float(stop.signum is not None)])
+                local_loss, norm, *local_sums = torch.cat([torch.stack([step_loss, grad_norm.to(step_loss)]),
+                                                           step_sums]).tolist()
+                last_loss, stops, *metric_sums = ctx.sum([local_loss, float(stop.signum is not None), *local_sums])
                 lr = scheduler.get_last_lr()[0]
                 if math.isfinite(last_loss) and math.isfinite(norm):
                     streak = 0
@@ -258,14 +269,16 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                 if log is not None and streak == 0 and (state.step % cfg.train.log_every_steps == 0 or state.step == steps):
                     log.log({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
                              "grad_norm": norm, "tokens": tokens, "supervised_tokens": supervised,
+                             **_per_unit(objective, units, metric_sums),
                              "seconds": time.perf_counter() - started, **timer.seconds()})
                 early = False
                 if setup.eval_indices is not None and len(setup.eval_indices) and (
                         state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)):
-                    eval_loss = evaluate(setup, pad_id, engine)
+                    eval_loss, eval_metrics = evaluate(setup, pad_id, engine)
                     if log is not None:
                         log.log({"step": state.step, "eval_loss": eval_loss,
-                                 "eval_perplexity": math.exp(min(eval_loss, 50))})
+                                 **({"eval_perplexity": math.exp(min(eval_loss, 50))} if objective.stage == "sft"
+                                    else {f"eval_{k}": v for k, v in eval_metrics.items()})})
                     early = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
                 if state.step == steps or early or stops or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
                     saved = save()
@@ -301,17 +314,26 @@ def _nonfinite(state: TrainState, loss: float, norm: float, batches: list[Batch]
     return f"{what} at step {state.step + 1} (rows {shown})"
 
 
-def _forward_backward(engine: torch.nn.Module, batch: Batch, supervised: int, world: int,
-                      timer: StepTimer) -> torch.Tensor:
-    """Forward and backward of one micro-batch; returns its detached share of the step loss (its summed
-    token loss over the global batch's supervised-token count). The backward is scaled by the number of
-    ranks, whose gradients DDP and FSDP average. The graph dies with this frame: a loss kept across steps
-    holds its graph, which fragments the CPU heap (peak RSS grew ~30% over a few steps when the loop kept it)."""
-    share = engine(batch) / max(supervised, 1)
+def _forward_backward(engine: torch.nn.Module, objective: Objective, batch: Batch, units: int, world: int,
+                      timer: StepTimer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of one micro-batch; returns its detached share of the step loss (its summed loss
+    over the global batch's units: supervised tokens, or pairs) and its metric sums. The backward is scaled by
+    the number of ranks, whose gradients DDP and FSDP average. The graph dies with this frame: a loss kept
+    across steps holds its graph, which fragments the CPU heap (peak RSS grew ~30% over a few steps when the
+    loop kept it)."""
+    loss, sums = objective.split(engine(batch))
+    share = loss / max(units, 1)
     timer.mark("forward")
     (share * world if world > 1 else share).backward()
     timer.mark("backward")
-    return share.detach()
+    return share.detach(), sums.detach()
+
+
+def _per_unit(objective: Objective, units: int, sums: list[float]) -> dict[str, float]:
+    """The step's metric sums per unit (stage dpo: per pair), and the pair count; nothing for sft."""
+    if not objective.metrics:
+        return {}
+    return {objective.unit: units, **{name: total / max(units, 1) for name, total in zip(objective.metrics, sums)}}
 
 
 def _enable_recompute(model: torch.nn.Module) -> None:

@@ -136,3 +136,106 @@ def _softcap(model: nn.Module) -> float | None:
     config = model.config
     text = getattr(config, "get_text_config", lambda: config)()
     return getattr(text, "final_logit_softcapping", None)
+
+
+def head_logprobs(model: nn.Module, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at the selected positions of `hidden` (B, T, H): (N,) fp32, one value per position (for
+    losses over whole sequences, e.g. preference training). The head runs on those positions only, one chunk
+    of fp32 logits at a time, as for head_loss_sum."""
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
+    head = model.get_output_embeddings()
+    softcap = _softcap(model)
+    size = max(1, min(CHUNK_TOKENS, LOGITS_BYTES // (4 * head.weight.shape[0])))
+    if type(head) is nn.Linear and torch.is_grad_enabled():
+        return FusedHeadLogprobs.apply(flat, head.weight, head.bias, targets, softcap, size)
+    pieces = [flat.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, flat.shape[0], size):
+        chunk, chunk_targets = flat[start:start + size], targets[start:start + size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_head_logprobs, head, chunk, chunk_targets, softcap, use_reentrant=False))
+        else:
+            pieces.append(_head_logprobs(head, chunk, chunk_targets, softcap))
+    return torch.cat(pieces)
+
+
+def _head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()  # (chunk, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+class FusedHeadLogprobs(torch.autograd.Function):
+    """log softmax(softcap(hidden @ weightᵀ + bias))[target] per position, (N,) fp32, one chunk of logits at a time.
+
+    d logp_i / d logits_i = onehot_i − softmax_i (times 1 − tanh² under a soft-cap). A frozen head (LoRA and the
+    other adapter methods) needs only dlogp_i/dhidden_i = that @ weight, (N, H): it is made in the forward pass and
+    backward scales each row by its incoming gradient; the logits are never kept nor recomputed. A head that trains
+    (full fine-tuning) needs Σ_i g_i·(onehot_i − softmax_i)ᵀ hidden_i, which depends on the incoming g_i: backward
+    then recomputes each chunk's logits (as activation checkpointing would) and forms every gradient from them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, softcap: float | None, size: int) -> torch.Tensor:
+        need_params = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        keep = ctx.needs_input_grad[0] and not need_params
+        grad_hidden = torch.empty_like(hidden) if keep else None
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], size):
+            chunk, chunk_targets = hidden[start:start + size], targets[start:start + size]
+            logits, capped = _capped_logits(chunk, weight, bias, softcap)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            out[start:start + size] = logits.gather(1, chunk_targets[:, None]).squeeze(1) - lse
+            if keep:
+                grad_hidden[start:start + size] = _dlogp(logits, lse, chunk_targets, capped).to(weight.dtype) @ weight
+        ctx.softcap, ctx.size, ctx.keep = softcap, size, keep
+        ctx.save_for_backward(*((grad_hidden,) if keep else (hidden, weight, bias, targets)))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.keep:
+            (grad_hidden,) = ctx.saved_tensors
+            return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None, None
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        size = ctx.size
+        for start in range(0, hidden.shape[0], size):
+            chunk, chunk_targets = hidden[start:start + size], targets[start:start + size]
+            logits, capped = _capped_logits(chunk, weight, bias, ctx.softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            dlogits = _dlogp(logits, lse, chunk_targets, capped) * grad_out[start:start + size, None].float()
+            if need_bias:
+                grad_bias += dlogits.sum(0)
+            dlogits = dlogits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:start + size] = dlogits @ weight
+            if need_weight:  # each chunk's product in the weight's dtype, the sum over chunks in fp32
+                grad_weight += dlogits.t() @ chunk.to(weight.dtype)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(weight.dtype), None, None, None)
+
+
+def _capped_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits (n, V) after the soft-cap, and tanh(logits / softcap) (None without one)."""
+    logits = F.linear(hidden, weight, bias).float()
+    if not softcap:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
+
+
+def _dlogp(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, capped: torch.Tensor | None) -> torch.Tensor:
+    """d log p(target) / d (pre-cap) logits = onehot − softmax (× (1 − tanh²) under a soft-cap), (n, V); reuses
+    `logits`' memory."""
+    dlogits = logits.sub_(lse[:, None]).exp_().neg_()  # −softmax, in place of the logits
+    dlogits[torch.arange(len(targets), device=dlogits.device), targets] += 1.0
+    if capped is not None:
+        dlogits *= 1.0 - capped.square_()
+    return dlogits

@@ -75,10 +75,14 @@ class MetricsLog:
         if "loss" in record:
             tokens_per_s = record["tokens"] / max(record["seconds"], 1e-9)
             status = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
+            if "accuracy" in record:  # stage dpo
+                status += f"  accuracy {record['accuracy']:.2f}"
             self._progress.update(self._task, completed=record["step"], status=status)
         elif "eval_loss" in record:
-            self._progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, "
-                                         f"perplexity {record['eval_perplexity']:.2f}")
+            # sft: perplexity; dpo: preference accuracy and reward margin of the held-out pairs
+            extra = (f"perplexity {record['eval_perplexity']:.2f}" if "eval_perplexity" in record else
+                     f"accuracy {record.get('eval_accuracy', 0):.3f}, margin {record.get('eval_margin', 0):.3f}")
+            self._progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, {extra}")
 
     def close(self) -> None:
         self._progress.stop()

@@ -81,7 +81,8 @@ def collect(setup: Setup) -> dict[str, Any]:
         "method": {"name": method.name, "trainable": trainable, "total": total},
         "data": _data_facts(setup), "quality": quality, "quality_text": quality_text,
         "memory": peak_memory(setup.device),
-        "examples": [example_record(setup.train_data[int(setup.train_indices[i])], setup.tokenizer) for i in shown],
+        "examples": [example_record(example, setup.tokenizer) for i in shown
+                     for example in _examples(setup.train_data, int(setup.train_indices[i]))],
         "samples": [],
     }
 
@@ -97,9 +98,15 @@ def _data_facts(setup: Setup) -> dict[str, Any]:
                                      "used": len(setup.eval_indices)}}
 
 
+def _examples(data: Any, index: int) -> list[Any]:
+    """Item `index` of the training data as examples: one, or a preference pair's chosen and rejected sides."""
+    return list(data.pair(index)) if hasattr(data, "pair") else [data[index]]
+
+
 def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
-    """`sftlab check`'s report on the training file (its dict and its text), or (None, None) if too big."""
-    if setup.train_data.stats.rows > QUALITY_MAX_ROWS:
+    """`sftlab check`'s report on the training file (its dict and its text), or (None, None) if too big or
+    not conversations (stage dpo's preference pairs)."""
+    if setup.train_data.stats.rows > QUALITY_MAX_ROWS or setup.config.stage != "sft":
         return None, None
     from rich.console import Console
 
@@ -206,7 +213,10 @@ def _cards(facts: Mapping[str, Any], train: list[dict], evals: list[dict]) -> st
     cards = [("steps", f"{train[-1]['step']:,}" if train else "—"),
              ("final train loss", f"{train[-1]['loss']:.4f}" if train else "—")]
     if evals:
-        cards.append(("eval loss", f"{evals[-1]['eval_loss']:.4f} (ppl {evals[-1]['eval_perplexity']:.2f})"))
+        last = evals[-1]
+        extra = f"ppl {last['eval_perplexity']:.2f}" if "eval_perplexity" in last else \
+            f"preference accuracy {last.get('eval_accuracy', 0):.3f}"  # stage dpo
+        cards.append(("eval loss", f"{last['eval_loss']:.4f} ({extra})"))
     cards += [("tokens/s", f"{speed['tokens_per_s']:,.0f}" if speed else "—"),
               ("supervised tokens/s", f"{speed['supervised_per_s']:,.0f}" if speed else "—"),
               ("trainable", f"{_share(method)} — {_count(method['trainable'])}"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
 
 FINISHED = "finished.json"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "adapter", "model", "report.html",
-             "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", FINISHED)
+             "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", "base", FINISHED)
 """What a run writes in its output dir (besides the lock): all that --overwrite removes."""
 FREE_TO_CHANGE = ("output_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
                   "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
@@ -133,9 +134,17 @@ def _differences(out: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
         saved = load_config(saved_path)
     except SftlabError:
         return [("config.yaml", "unreadable" if saved_path.exists() else "missing", "this config")]
-    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    old, new = _flat(to_dict(saved)), _flat(to_dict(_as_saved(cfg, out)))
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in FREE_TO_CHANGE and old.get(key) != new.get(key)]
+
+
+def _as_saved(cfg: Config, out: Path) -> Config:
+    """The config as the run saves it: stage dpo with dpo.init=merge names the merged SFT model (OUTPUT/base)
+    as its model and clears init_from (train/setup.py), so the same command again compares equal."""
+    if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and cfg.method != "full":
+        return replace(cfg, model=replace(cfg.model, path=str(out / "base")), dpo=replace(cfg.dpo, init_from=None))
+    return cfg
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

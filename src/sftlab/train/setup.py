@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +13,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from sftlab import export
 from sftlab.config import Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
+from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError, SftlabError
+from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
@@ -23,7 +28,8 @@ from sftlab.models.load import check_model, default_device, load_model, load_tok
 from sftlab.models.quant import base_memory_line
 from sftlab.train import rundir
 from sftlab.train.distributed import Dist, choose_mode
-from sftlab.train.loop import Setup
+from sftlab.train.loop import Setup, _pad_id
+from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
 
 
 def prepare(cfg: Config, *, console: Console | None = None, device: torch.device | None = None,
@@ -51,6 +57,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
         raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
     out.mkdir(parents=True, exist_ok=True)
+    cfg = _full_init(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if not is_gguf(cfg.model.path):  # its files, not its weights: a broken model dir fails before the data work
         check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -58,12 +65,12 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens)
     train_data = _build(ctx, cfg.data.train, cfg, encoder, out / "rejects.jsonl")
-    _report_data(console, "train", train_data.stats, out / "rejects.jsonl")
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo")
     indices = np.arange(len(train_data))
     eval_data, eval_indices = None, None
     if cfg.data.eval:
         eval_data = _build(ctx, cfg.data.eval, cfg, encoder, out / "eval_rejects.jsonl")
-        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl")
+        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo")
         eval_indices = np.arange(len(eval_data))
     elif cfg.data.eval_fraction > 0:
         shuffled = np.random.default_rng([cfg.train.seed, 1 << 20]).permutation(len(train_data))
@@ -80,12 +87,20 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if cfg.method not in METHODS:
         raise ConfigError(f"method {cfg.method!r} is not available in this version of sftlab; use one of "
                           f"{', '.join(METHODS)}.")
+    if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge":
+        model, cfg = _merge_init(cfg, model, tokenizer, new_token_ids, ctx, console)
+    continued = _init_adapter(cfg)  # dpo.init_from, init=continue: the SFT adapter trains on
+    if continued is not None:
+        new_token_ids = sorted({*new_token_ids, *export.adapter_token_ids(continued)})
     method = METHODS[cfg.method](cfg, trainable_token_ids=new_token_ids)
     if cfg.train.fused_ops:  # on the plain model, before the method wraps its modules
         fused = fuse(model)
         if fused:
             console.print(f"fused ops: {', '.join(fused)}")
     method.apply(model)
+    if continued is not None:
+        export.load_trained(model, method, continued)
+        console.print(f"dpo: training on the SFT adapter {continued}")
     if cfg.method == "qlora":
         console.print(base_memory_line(model))
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
@@ -95,7 +110,85 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if ctx.enabled:
         ctx = replace(ctx, mode=choose_mode(cfg.train.distributed, cfg.method, model, device, ctx.world))
         console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
-    return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx)
+    reference = _reference(cfg, model, method, [train_data, eval_data], pad_id=_pad_id(tokenizer), device=device,
+                           continued=continued is not None, console=console) if cfg.stage == "dpo" else None
+    return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
+                 reference_model=reference)
+
+
+def _init_dir(cfg: Config, kind: str) -> Path:
+    """dpo.init_from's `adapter` or `model` dir: the SFT run dir's adapter/ or model/, or the dir itself."""
+    root = Path(cfg.dpo.init_from).expanduser()
+    marker = export.ADAPTER_CONFIG if kind == "adapter" else "config.json"
+    for candidate in (root / kind, root):
+        if (candidate / marker).is_file():
+            return candidate
+    raise ConfigError(f"dpo.init_from={cfg.dpo.init_from}: no {kind} there (no {root / kind / marker} nor "
+                      f"{root / marker}); point it at an SFT run dir trained with method={cfg.method}.")
+
+
+def _full_init(cfg: Config) -> Config:
+    """Full fine-tuning from an SFT run: its model/ is the model this run starts from."""
+    if cfg.stage != "dpo" or not cfg.dpo.init_from or cfg.method != "full":
+        return cfg
+    return replace(cfg, model=replace(cfg.model, path=str(_init_dir(cfg, "model"))),
+                   dpo=replace(cfg.dpo, init_from=None))
+
+
+def _init_adapter(cfg: Config) -> Path | None:
+    if cfg.stage != "dpo" or not cfg.dpo.init_from or cfg.dpo.init != "continue" or cfg.method == "full":
+        return None
+    return _init_dir(cfg, "adapter")
+
+
+def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_ids: list[int], ctx: Dist,
+                console: Console) -> tuple[torch.nn.Module, Config]:
+    """dpo.init=merge: fold the SFT adapter into the base, write the result to OUTPUT/base (the base of this
+    run's adapter, and the model its config.yaml names from now on: resuming from it does not merge again)."""
+    if not METHODS[cfg.method].mergeable:
+        raise ConfigError(f"dpo.init=merge: method {cfg.method} cannot merge into the base weights; set "
+                          "dpo.init=continue to train its SFT adapter on.")
+    adapter = _init_dir(cfg, "adapter")
+    sft = METHODS[cfg.method](cfg, trainable_token_ids=sorted({*token_ids, *export.adapter_token_ids(adapter)}))
+    sft.apply(model)
+    export.load_trained(model, sft, adapter)
+    model = sft.merge(model)
+    base = Path(cfg.output_dir) / "base"
+    if ctx.main:
+        with atomic_dir(base, what="the merged SFT model") as scratch:
+            export.save_model(model, tokenizer, scratch, chat_template=export.chat_template_for(cfg, tokenizer))
+    ctx.barrier()
+    console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}")
+    return model, replace(cfg, model=replace(cfg.model, path=str(base)), dpo=replace(cfg.dpo, init_from=None))
+
+
+def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: list[PairDataset | None], *,
+               pad_id: int, device: torch.device, continued: bool, console: Console) -> torch.nn.Module | None:
+    """Stage dpo's reference: log-probs precomputed into the datasets (dpo.precompute_reference, or a continued
+    SFT adapter: the SFT model is the policy before training), a frozen copy (full fine-tuning), or None: the
+    trained model with its adapters disabled, computed at each step."""
+    if not (cfg.dpo.precompute_reference or continued):
+        if cfg.method == "full":
+            console.print("dpo reference: a frozen copy of the model (dpo.precompute_reference=true keeps none)")
+            return copy.deepcopy(model).requires_grad_(False).eval()
+        console.print("dpo reference: the base model, its adapter disabled (no second copy of the weights)")
+        return None
+    # The model as it starts (full fine-tuning, a continued adapter), or the base under a fresh adapter.
+    as_policy = continued or cfg.method == "full"
+    logps: Callable[[PairBatch], torch.Tensor] = (lambda b: sequence_logps(model, b, method)) if as_policy \
+        else (lambda b: reference_logps(model, b, method))
+    model.eval()
+    done: set[int] = set()
+    for data in datasets:
+        if data is not None and id(data) not in done:
+            data.reference_logps = precompute_reference(data, logps, pad_id=pad_id, device=device,
+                                                        batch_pairs=2 * cfg.train.micro_batch_size)
+            done.add(id(data))
+    model.train()
+    what = "the starting model" if as_policy else "the base model, its adapter disabled"
+    console.print(f"dpo reference: log-probs of {sum(len(d) for d in datasets if d is not None)} pairs precomputed "
+                  f"from {what}")
+    return None
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -115,15 +208,17 @@ def _check_data_file(key: str, value: str | None) -> None:
                           f"set data.{key} to the data file.")
 
 
-def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Path) -> EncodedDataset:
+def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Path) -> EncodedDataset | PairDataset:
     """Rank 0 encodes (and caches) the data first; the other ranks then read the same cache (or, with
-    data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's."""
+    data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's. Stage dpo
+    reads preference pairs."""
+    build = build_pair_dataset if cfg.stage == "dpo" else build_dataset
     if ctx.main:
-        data = build_dataset(data_path, cfg.data, encoder, rejects_path=rejects)
+        data = build(data_path, cfg.data, encoder, rejects_path=rejects)
     ctx.barrier()
     if not ctx.main:
         scratch = Path(tempfile.gettempdir()) / f"sftlab-rejects-{os.getpid()}-{rejects.name}"
-        data = build_dataset(data_path, cfg.data, encoder, rejects_path=scratch)
+        data = build(data_path, cfg.data, encoder, rejects_path=scratch)
         scratch.unlink(missing_ok=True)
     return data
 
@@ -151,9 +246,10 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
 
 
-def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path) -> None:
-    line = f"{split} data: {stats.rows} rows -> {stats.examples} examples, {stats.tokens:,} tokens " \
-           f"({stats.trained_tokens:,} trained)"
+def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path, *, pairs: bool = False) -> None:
+    made = f"{stats.examples // 2} pairs" if pairs else f"{stats.examples} examples"
+    line = f"{split} data: {stats.rows} rows -> {made}, {stats.tokens:,} tokens " \
+           f"({stats.trained_tokens:,} {'scored' if pairs else 'trained'})"
     if stats.truncated:
         line += f", {stats.truncated} truncated"
     console.print(line)

@@ -1,0 +1,378 @@
+"""Preference pairs: rows -> Pair(prompt, chosen, rejected) -> two examples sharing the prompt's tokens.
+
+Row forms (`prompt`, `chosen`, `rejected` each a string or a list of {role, content} messages):
+- explicit: {"prompt", "chosen", "rejected"}. The prompt is the shared conversation before the answer (a string
+  is one user message); chosen and rejected are the final assistant turn (a string, or a list holding exactly
+  one assistant message).
+- implicit: {"chosen": messages, "rejected": messages}, two whole conversations. Everything before their final
+  assistant message is the prompt and must be the same in both.
+
+Each side is rendered through the same chat template as supervised data, as prompt + answer with only the
+answer trained: the scored tokens are the answer's content and the end-of-turn marker that closes it — nothing
+of the prompt, the role headers or the template's own text. Both encodings must agree token for token on
+everything before the answer (the shared prompt), or the row is refused. Tokens after the end-of-turn marker (a
+template's trailing newline) are cut: no scored prediction depends on them.
+
+On disk a pair dataset is an ordinary encoded dataset (data/dataset.py layout) whose example 2i is pair i's
+chosen side and 2i+1 its rejected side; `PairDataset` reads it pair by pair.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sftlab.config import DataConfig
+from sftlab.data.batching import Batch, collate, collate_packed
+from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
+from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
+from sftlab.data.formats import _message_list, _require, iter_rows
+from sftlab.data.rejects import RejectLog
+from sftlab.data.schema import Conversation, Message, validate
+from sftlab.errors import ConfigError, DataError
+
+PROMPTS_DIFFER = "prompts differ"
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: tuple[Message, ...]
+    """The shared conversation before the answer: an optional system message, then user/assistant turns
+    ending with a user message."""
+    chosen: Message
+    rejected: Message
+    where: str = ""
+
+    def conversations(self) -> tuple[Conversation, Conversation]:
+        """(prompt + chosen, prompt + rejected), with only the answer trained whatever the row's own flags."""
+        prompt = tuple(replace(m, train=False) for m in self.prompt)
+        return (Conversation(prompt + (replace(self.chosen, train=True),), self.where),
+                Conversation(prompt + (replace(self.rejected, train=True),), self.where))
+
+
+def is_preference_row(value: Any) -> bool:
+    """Whether a row means to be a pair (it has 'chosen' or 'rejected'; to_pair checks the rest)."""
+    return isinstance(value, Mapping) and ("chosen" in value or "rejected" in value)
+
+
+def to_pair(row: Any, where: str, role_map: Mapping[str, str] | None = None) -> Pair:
+    """A validated Pair from one row of either form; raises DataError naming `where`."""
+    role_map = dict(role_map or {})
+    chosen = _require(row, "chosen", "the preferred answer: a string or a list of messages", where)
+    rejected = _require(row, "rejected", "the dispreferred answer: a string or a list of messages", where)
+    if row.get("prompt") is not None:
+        prompt = _prompt_messages(row["prompt"], where, role_map)
+        pair = Pair(prompt, _answer(chosen, "chosen", where, role_map),
+                    _answer(rejected, "rejected", where, role_map), where)
+    else:
+        pair = _implicit_pair(chosen, rejected, where, role_map)
+    for conversation in pair.conversations():
+        validate(conversation)
+    if pair.chosen.content == pair.rejected.content:
+        raise DataError("'chosen' and 'rejected' are the same answer, so the pair states no preference; fix the "
+                        "row or remove it.", where=where, reason="chosen equals rejected")
+    return pair
+
+
+def _prompt_messages(prompt: Any, where: str, role_map: Mapping[str, str]) -> tuple[Message, ...]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise DataError("field 'prompt' is empty; expected the user's message or a list of messages.",
+                            where=where, reason="empty content")
+        return (Message("user", prompt),)
+    return tuple(_message_list(prompt, "prompt", where, role_map))
+
+
+def _answer(value: Any, field: str, where: str, role_map: Mapping[str, str]) -> Message:
+    """One assistant message from a string or a one-message list."""
+    if isinstance(value, str):
+        return Message("assistant", value)
+    messages = _message_list(value, field, where, role_map)
+    if len(messages) != 1 or messages[0].role != "assistant":
+        found = ", ".join(repr(m.role)[:40] for m in messages[:4]) + (", ..." if len(messages) > 4 else "") \
+            if messages else "nothing"
+        raise DataError(f"field {field!r} holds {found}; expected one assistant message (the final turn). Put "
+                        "earlier turns in 'prompt'.", where=where, reason=f"{field} not one assistant message")
+    return messages[0]
+
+
+def _implicit_pair(chosen: Any, rejected: Any, where: str, role_map: Mapping[str, str]) -> Pair:
+    """{"chosen": messages, "rejected": messages}: the prompt is everything before the final message."""
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, list):
+            raise DataError(f"field {field!r} is a {type(value).__name__} and the row has no 'prompt'; expected "
+                            "whole conversations (lists of messages) in 'chosen' and 'rejected', or a 'prompt' "
+                            "field with the shared part.", where=where, reason="no prompt")
+    chosen_messages = _message_list(chosen, "chosen", where, role_map)
+    rejected_messages = _message_list(rejected, "rejected", where, role_map)
+    for field, messages in (("chosen", chosen_messages), ("rejected", rejected_messages)):
+        if not messages or messages[-1].role != "assistant":
+            last = messages[-1].role if messages else "nothing"
+            raise DataError(f"the conversation in {field!r} ends with {repr(last)[:40]}; expected it to end with the "
+                            "assistant answer being compared.", where=where, reason="trailing user turn")
+    prompt, other = chosen_messages[:-1], rejected_messages[:-1]
+    for index in range(max(len(prompt), len(other))):
+        mine = prompt[index] if index < len(prompt) else None
+        theirs = other[index] if index < len(other) else None
+        if mine is None or theirs is None or (mine.role, mine.content) != (theirs.role, theirs.content):
+            raise DataError(f"'chosen' and 'rejected' differ at message {index + 1}, before their final assistant "
+                            "answers; expected the same conversation up to the answer (its shared part is the "
+                            "prompt). Make the two prefixes identical, or give the prompt as a 'prompt' field.",
+                            where=where, reason=PROMPTS_DIFFER)
+    return Pair(tuple(prompt), chosen_messages[-1], rejected_messages[-1], where)
+
+
+def read_pairs(path: str | Path, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
+               rejects: RejectLog | None = None) -> Iterator[Pair]:
+    """Stream valid pairs from a .jsonl / .json / .parquet file. A bad row raises DataError (`error`) or goes
+    to `rejects` (`skip`)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
+    log = rejects if rejects is not None else RejectLog()
+    for row in iter_rows(path):
+        try:
+            if row.error is not None:
+                raise row.error
+            if not is_preference_row(row.value):
+                found = (f"an object with keys {', '.join(repr(k)[:40] for k in list(row.value)[:6])}"
+                         if isinstance(row.value, Mapping) else f"a JSON {type(row.value).__name__}")
+                raise DataError(f"the row is {found}, not a preference pair; expected 'chosen' and 'rejected' "
+                                "(and 'prompt', unless both are whole conversations).", where=row.where,
+                                reason="not a preference row")
+            yield to_pair(row.value, row.where, role_map)
+        except DataError as exc:
+            if on_bad_row == "error":
+                raise
+            log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    chosen: Example
+    rejected: Example
+    prompt_tokens: int
+    """Tokens before the answer, the same ids on both sides."""
+    truncated: bool = False
+
+    @property
+    def where(self) -> str:
+        return self.chosen.where
+
+
+class PairEncoder:
+    """Pairs -> EncodedPair through an Encoder (its tokenizer, template, max_seq_len and truncation; not its
+    train_on: only the answer is ever scored)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = copy.copy(encoder)  # shares the tokenizer; train_on=all would also score template text
+        self.encoder.train_on = "last_assistant"
+
+    def encode(self, pair: Pair) -> EncodedPair:
+        (result,) = self.encode_batch([pair])
+        if isinstance(result, DataError):
+            raise result
+        return result
+
+    def encode_batch(self, pairs: Sequence[Pair]) -> list[EncodedPair | DataError]:
+        """Each entry is the EncodedPair or the DataError / Dropped for that row."""
+        results = self.encoder.encode_batch([c for pair in pairs for c in pair.conversations()])
+        return [_join(c, r) for c, r in zip(results[0::2], results[1::2])]
+
+    def encode_stream(self, batches: Iterable[Sequence[Pair]]
+                      ) -> Iterator[tuple[Sequence[Pair], list[EncodedPair | DataError]]]:
+        """encode_batch over a stream of batches, the next batch encoding on a worker thread meanwhile."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for batch in batches:
+                future = pool.submit(self.encode_batch, batch)
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                pending = (batch, future)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+
+
+def _join(chosen: Encoded | DataError, rejected: Encoded | DataError) -> EncodedPair | DataError:
+    """Check the two sides share their prompt tokens; cut each after its last scored token."""
+    for side in (chosen, rejected):
+        if isinstance(side, DataError):
+            return side
+    where = chosen.example.where
+    starts = [int(np.argmax(side.trained)) for side in (chosen, rejected)]
+    if starts[0] != starts[1] or not np.array_equal(chosen.ids[:starts[0]], rejected.ids[:starts[1]]):
+        return DataError("the chat template renders the prompt differently before the chosen answer than before "
+                         f"the rejected one ({starts[0]} vs {starts[1]} tokens), so the two are not scored in the "
+                         "same context. Use a template that renders earlier turns independently of the last "
+                         "answer (e.g. data.template=chatml).", where=where, reason=PROMPTS_DIFFER)
+    return EncodedPair(_cut(chosen), _cut(rejected), starts[0], chosen.truncated or rejected.truncated)
+
+
+def _cut(encoded: Encoded) -> Example:
+    end = len(encoded.trained) - int(np.argmax(encoded.trained[::-1]))  # one past the last trained token
+    example = encoded.example
+    return Example(example.input_ids[:end], example.labels[:end], example.where)
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """P pairs as one batch of 2P sequences: the P chosen sides, then the P rejected sides in the same order
+    (rows of a padded batch, or consecutive examples of one packed row)."""
+    batch: Batch
+    num_pairs: int
+    sequence_index: torch.Tensor
+    """(N,) which of the 2P sequences each supervised position of `batch` (loss_index) belongs to."""
+    sequence_tokens: torch.Tensor
+    """(2P,) float: scored tokens of each sequence."""
+    reference_logps: torch.Tensor | None = None
+    """(2P,) precomputed reference log-probabilities of the sequences, or None (computed each step)."""
+    padding: bool = False
+    """A stand-in that counts for nothing (its losses and metrics are multiplied by 0): what a rank runs when
+    the eval batches ran out before its turn, so that the other ranks' collectives still meet."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
+
+    @property
+    def num_supervised(self) -> int:
+        return self.batch.num_supervised
+
+    @property
+    def where(self) -> tuple[str, ...]:
+        return self.batch.where[:self.num_pairs]
+
+    def model_inputs(self) -> dict[str, object]:
+        return self.batch.model_inputs()
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        moved = {name: None if value is None else value.to(device, non_blocking=True)
+                 for name, value in (("sequence_index", self.sequence_index), ("sequence_tokens", self.sequence_tokens),
+                                     ("reference_logps", self.reference_logps))}
+        return replace(self, batch=self.batch.to(device), **moved)
+
+
+def collate_pairs(pairs: Sequence[tuple[Example, Example]], *, pad_id: int, packed: bool = False,
+                  reference_logps: np.ndarray | None = None) -> PairBatch:
+    """A PairBatch of `pairs` ((chosen, rejected) examples); `reference_logps` (P, 2) rides along if given."""
+    examples = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
+    batch = collate_packed(examples) if packed else collate(examples, pad_id=pad_id)
+    if packed:  # position p of the row belongs to example e when cu[e] <= p < cu[e+1]
+        sequence = torch.searchsorted(batch.cu_seqlens[1:].long(), batch.loss_index, right=True)
+    else:
+        sequence = torch.div(batch.loss_index, batch.input_ids.shape[1], rounding_mode="floor")
+    tokens = torch.zeros(len(examples)).index_add_(0, sequence, torch.ones(len(sequence)))
+    reference = None
+    if reference_logps is not None:
+        reference = torch.from_numpy(np.ascontiguousarray(np.asarray(reference_logps, dtype=np.float32).T)).reshape(-1)
+    return PairBatch(batch, len(pairs), sequence, tokens, reference)
+
+
+class PairDataset:
+    """Pairs over an encoded dataset whose example 2i is pair i's chosen side and 2i+1 its rejected side.
+
+    Offers what the training loop's planning reads of an EncodedDataset (`lengths`, `len`, `stats`,
+    `max_token_id`, `where`), per pair: a pair's length is its two sides' tokens together."""
+
+    def __init__(self, examples: EncodedDataset) -> None:
+        if len(examples) % 2:
+            raise DataError(f"{examples.directory} holds {len(examples)} examples; a pair dataset holds two per pair.")
+        self.examples = examples
+        self.reference_logps: np.ndarray | None = None
+        """(pairs, 2) reference log-probabilities (chosen, rejected) when precomputed before training."""
+
+    def __len__(self) -> int:
+        return len(self.examples) // 2
+
+    @property
+    def lengths(self) -> np.ndarray:
+        sides = self.examples.lengths
+        return sides[0::2] + sides[1::2]
+
+    @property
+    def stats(self) -> DatasetStats:
+        return self.examples.stats
+
+    @property
+    def max_token_id(self) -> int:
+        return self.examples.max_token_id
+
+    def pair(self, index: int) -> tuple[Example, Example]:
+        return self.examples[2 * index], self.examples[2 * index + 1]
+
+    def where(self, index: int) -> str:
+        return self.examples.where(2 * index)
+
+    def collate(self, indices: Sequence[int], *, pad_id: int, packed: bool = False) -> PairBatch:
+        chosen = [int(i) for i in indices]
+        reference = None if self.reference_logps is None else self.reference_logps[chosen]
+        return collate_pairs([self.pair(i) for i in chosen], pad_id=pad_id, packed=packed, reference_logps=reference)
+
+    def close(self) -> None:
+        self.examples.close()
+
+
+def build_pair_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+                       rejects_path: str | Path | None = None) -> PairDataset:
+    """Encode the pairs of `data_path` (or reuse the cached encoding); copy rejected rows to `rejects_path`."""
+    return PairDataset(build_dataset(data_path, data, encoder, rejects_path=rejects_path, write=_write,
+                                     rows="preference pairs"))
+
+
+def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory: Path,
+           settings: dict[str, Any]) -> None:
+    """The encoded-dataset layout (data/dataset.py), two examples per pair; stats count examples (sides)."""
+    pair_encoder = PairEncoder(encoder)
+    stats = DatasetStats()
+    offsets = array("q", [0])
+    encode_rejects = 0
+    with RejectLog(directory / "rejects.jsonl") as log, \
+            (directory / "input_ids.bin").open("wb") as ids_file, \
+            (directory / "trained.bin").open("wb") as trained_file, \
+            (directory / "where.txt").open("w", encoding="utf-8") as where_file:
+        pairs = read_pairs(data_path, role_map=data.role_map, on_bad_row=data.on_bad_row, rejects=log)
+        encoded_rows = 0
+        for batch, results in pair_encoder.encode_stream(iter(lambda: list(islice(pairs, BATCH_ROWS)), [])):
+            encoded_rows += len(batch)
+            for pair, result in zip(batch, results):
+                if isinstance(result, DataError):
+                    if data.on_bad_row == "error" and not isinstance(result, Dropped):
+                        raise result
+                    log.add(where=result.where, reason=result.reason, message=result.detail, row=_pair_row(pair))
+                    encode_rejects += 1
+                    continue
+                for side in (result.chosen, result.rejected):
+                    ids = np.asarray(side.input_ids, dtype=np.int32)
+                    trained = np.asarray(side.labels) != IGNORE_INDEX
+                    ids.tofile(ids_file)
+                    trained.astype(np.uint8).tofile(trained_file)
+                    where_file.write(side.where + "\n")
+                    offsets.append(offsets[-1] + len(ids))
+                    stats.examples += 1
+                    stats.trained_tokens += int(trained.sum())
+                stats.truncated += int(result.truncated)
+        stats.rows = encoded_rows + log.total - encode_rejects
+        stats.rejected = dict(log.counts)
+    np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
+    stats.tokens = offsets[-1]
+    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens,
+            "pairs": stats.examples // 2}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+def _pair_row(pair: Pair) -> str:
+    """A pair as an explicit-form row, so a rejected one can be fixed and fed back."""
+    def message(m: Message) -> dict[str, str]:
+        return {"role": m.role, "content": m.content}
+
+    return json.dumps({"prompt": [message(m) for m in pair.prompt], "chosen": [message(pair.chosen)],
+                       "rejected": [message(pair.rejected)]}, ensure_ascii=False)

@@ -1,0 +1,121 @@
+"""What the training loop minimises, per stage (`stage: sft | dpo`); the loop itself is the same for both.
+
+An objective says what a micro-batch is, which module computes its summed loss (the engine: what DDP and FSDP
+wrap), and what the step's summed loss is divided by:
+
+- sft: micro-batches of examples; Σ token losses / the supervised tokens of the whole step (all micro-batches,
+  all ranks): the mean over the step's tokens (DESIGN invariant 7).
+- dpo: micro-batches of preference pairs; Σ pair losses / the pairs of the step; and the pair metrics, each
+  Σ over pairs / pairs: rewards_chosen, rewards_rejected, margin, accuracy (train/preference.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sftlab.config import Config
+from sftlab.data.batching import collate, collate_packed
+from sftlab.data.encode import IGNORE_INDEX, Example
+from sftlab.data.preference import PairBatch, collate_pairs
+from sftlab.train.distributed import TrainingForward
+from sftlab.train.preference import METRICS, PreferenceForward
+
+
+class Objective(ABC):
+    stage: ClassVar[str]
+    unit: ClassVar[str]
+    """What a step's summed loss is divided by, under the name metrics.jsonl gives its count."""
+    metrics: ClassVar[tuple[str, ...]] = ()
+    """Sums the engine returns besides the loss, logged per unit (and per unit of the eval data as eval_*)."""
+    sequences_per_item: ClassVar[int] = 1
+    """Sequences per dataset item: a pair is two, so a packed row of pairs holds 2 x data.max_seq_len tokens."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @property
+    def capacity(self) -> int | None:
+        """Tokens of a packed row of items."""
+        length = self.config.data.max_seq_len
+        return None if length is None else length * self.sequences_per_item
+
+    @abstractmethod
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        """The module whose forward(batch) computes the batch's summed loss (see `split`)."""
+
+    @abstractmethod
+    def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> Any:
+        """The micro-batch of the dataset items `indices`."""
+
+    @abstractmethod
+    def empty_batch(self, pad_id: int) -> Any:
+        """A batch that adds nothing to any loss or metric: what a rank runs when the eval batches ran out before
+        its turn, so the other ranks' collectives still meet."""
+
+    @abstractmethod
+    def count(self, batch: Any) -> int:
+        """The batch's units (supervised tokens, pairs)."""
+
+    def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, metric sums (len(metrics),)) of an engine's output."""
+        return output, output.new_zeros(0)
+
+
+class SFT(Objective):
+    stage = "sft"
+    unit = "supervised_tokens"
+
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        return TrainingForward(model, method)
+
+    def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> Any:
+        examples = [data[int(i)] for i in indices]
+        return collate_packed(examples) if self.config.data.packing else collate(examples, pad_id=pad_id)
+
+    def empty_batch(self, pad_id: int) -> Any:
+        example = Example([pad_id, pad_id], [IGNORE_INDEX, IGNORE_INDEX], "")  # two untrained pad tokens
+        return collate_packed([example]) if self.config.data.packing else collate([example], pad_id=pad_id)
+
+    def count(self, batch: Any) -> int:
+        return batch.num_supervised
+
+
+class DPO(Objective):
+    stage = "dpo"
+    unit = "pairs"
+    metrics = METRICS
+    sequences_per_item = 2
+
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        dpo = self.config.dpo
+        return PreferenceForward(model, method, beta=dpo.beta, loss=dpo.loss, label_smoothing=dpo.label_smoothing,
+                                 reference_model=reference_model)
+
+    def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> PairBatch:
+        return data.collate(indices, pad_id=pad_id, packed=self.config.data.packing)
+
+    def empty_batch(self, pad_id: int) -> PairBatch:
+        example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
+        reference = None if not self.config.dpo.precompute_reference else [[0.0, 0.0]]
+        batch = collate_pairs([(example, example)], pad_id=pad_id, packed=self.config.data.packing,
+                              reference_logps=reference)
+        return replace(batch, padding=True)
+
+    def count(self, batch: PairBatch) -> int:
+        return 0 if batch.padding else batch.num_pairs
+
+    def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return output
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO}
+
+
+def objective_for(config: Config) -> Objective:
+    return OBJECTIVES[config.stage](config)

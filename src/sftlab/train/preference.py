@@ -1,0 +1,129 @@
+"""Preference training: DPO and IPO over answer log-probabilities, summed through the supervised-positions head.
+
+For a pair — prompt x, chosen answer y_w, rejected answer y_l — with log π(y|x) summed over the answer's scored
+tokens (its content and end-of-turn marker: data/preference.py):
+
+    Δ_w = log π(y_w|x) − log π_ref(y_w|x),   Δ_l likewise,   h = β·(Δ_w − Δ_l)
+    sigmoid (DPO, Rafailov et al. 2023):  −(1 − ε)·log σ(h) − ε·log σ(−h)
+        ε = label_smoothing: each label taken as flipped with probability ε (conservative DPO); 0 is plain DPO.
+    ipo (Azar et al. 2023, eq. 17):       (Δ_w/|y_w| − Δ_l/|y_l| − 1/(2β))²
+        the log-ratios averaged over each answer's tokens (|y| scored tokens), as TRL computes IPO: the IPO
+        authors confirmed to TRL that the paper's results use this form. β is the paper's τ.
+
+Metrics, summed over pairs (the loop divides by the pairs of the step): rewards β·Δ_w and β·Δ_l, margin
+β·(Δ_w − Δ_l), accuracy [margin > 0].
+
+The log-probs come from `head_logprobs` (train/loss.py): the output head runs only on scored positions, one
+chunk at a time; full (B, T, V) logits never exist. The reference log-probs are, in order of preference:
+precomputed ones riding in the batch; a frozen reference model (full fine-tuning); the trained model itself with
+the method's adapters disabled (`Method.adapters_disabled`: no second copy of the base weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sftlab.data.preference import PairBatch, PairDataset
+from sftlab.errors import ConfigError
+from sftlab.train.loss import head_logprobs, hidden_states
+
+LOSSES = ("sigmoid", "ipo")
+METRICS = ("rewards_chosen", "rewards_rejected", "margin", "accuracy")
+"""The per-pair metrics `pair_metrics` sums, in its order."""
+
+
+def sequence_logps(model: nn.Module, batch: PairBatch, method: Any = None) -> torch.Tensor:
+    """log π(answer | prompt) of each of the batch's 2P sequences, (2P,) fp32: the chosen sides, then the
+    rejected ones. `method` supplies the hidden states when it changes the forward (soft prompts, prefixes)."""
+    inner = batch.batch
+    hidden = method.hidden_states(model, inner) if method is not None else hidden_states(model, inner)
+    tokens = head_logprobs(model, hidden, inner.loss_index, inner.loss_targets)  # (N,)
+    return tokens.new_zeros(2 * batch.num_pairs).index_add(0, batch.sequence_index, tokens)
+
+
+def reference_logps(model: nn.Module, batch: PairBatch, method: Any = None, *,
+                    reference_model: nn.Module | None = None) -> torch.Tensor:
+    """The reference's log-probs of the batch's sequences, (2P,), without gradients: precomputed, from
+    `reference_model`, or from `model` with `method`'s adapters disabled."""
+    if batch.reference_logps is not None:
+        return batch.reference_logps
+    with torch.no_grad():
+        if reference_model is not None:
+            return sequence_logps(reference_model, batch)
+        if method is None:
+            raise ValueError("no reference: give precomputed log-probs, a reference model or the method")
+        with method.adapters_disabled(model):
+            return sequence_logps(model, batch)  # the plain forward: no virtual tokens or prefixes either
+
+
+def pair_losses(policy: torch.Tensor, reference: torch.Tensor, sequence_tokens: torch.Tensor, *, beta: float,
+                loss: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-pair losses (P,), rewards β·Δ (2P,)) from policy and reference log-probs of [chosen…, rejected…]
+    (2P,) and each sequence's scored-token count (2P,)."""
+    ratios = policy - reference.to(policy)  # Δ (2P,)
+    chosen, rejected = ratios.chunk(2)
+    if loss == "sigmoid":
+        h = beta * (chosen - rejected)
+        losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    elif loss == "ipo":
+        per_token = ratios / sequence_tokens.to(ratios).clamp(min=1)
+        chosen_mean, rejected_mean = per_token.chunk(2)
+        losses = (chosen_mean - rejected_mean - 1 / (2 * beta)) ** 2
+    else:
+        raise ConfigError(f"dpo.loss must be one of {', '.join(LOSSES)}; found {loss!r}")
+    return losses, beta * ratios
+
+
+def pair_metrics(rewards: torch.Tensor) -> torch.Tensor:
+    """Sums over the pairs of METRICS, (4,), from the rewards (2P,) of [chosen…, rejected…]."""
+    chosen, rejected = rewards.detach().float().chunk(2)
+    margin = chosen - rejected
+    return torch.stack([chosen.sum(), rejected.sum(), margin.sum(), (margin > 0).float().sum()])
+
+
+class PreferenceForward(nn.Module):
+    """A PairBatch's summed pair loss and its metric sums as one module call, so DDP's and FSDP's hooks see the
+    whole computation (as TrainingForward does for the supervised loss)."""
+
+    def __init__(self, model: nn.Module, method: Any, *, beta: float, loss: str = "sigmoid",
+                 label_smoothing: float = 0.0, reference_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
+        # A plain attribute, not a submodule: the frozen copy trains nothing and must stay out of the trained
+        # model's state dict and its DDP/FSDP wrapping.
+        self.__dict__["reference_model"] = reference_model
+
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ pair losses, Σ METRICS (4,))."""
+        # The reference first: prefix tuning's training forward keeps its hooks armed until its backward.
+        reference = reference_logps(self.model, batch, self.method, reference_model=self.reference_model)
+        policy = sequence_logps(self.model, batch, self.method)
+        losses, rewards = pair_losses(policy, reference, batch.sequence_tokens, beta=self.beta, loss=self.loss,
+                                      label_smoothing=self.label_smoothing)
+        if batch.padding:
+            return losses.sum() * 0, pair_metrics(rewards) * 0
+        return losses.sum(), pair_metrics(rewards)
+
+
+def precompute_reference(data: PairDataset, logps: Callable[[PairBatch], torch.Tensor], *, pad_id: int,
+                         device: torch.device, batch_pairs: int = 8, packed: bool = False) -> np.ndarray:
+    """The log-probs `logps` gives every pair, (pairs, 2) float32 [chosen, rejected], in one pass without
+    gradients, longest pairs first (similar lengths pad little)."""
+    out = np.zeros((len(data), 2), dtype=np.float32)
+    order = np.argsort(-data.lengths, kind="stable")
+    with torch.no_grad():
+        for start in range(0, len(order), batch_pairs):
+            chunk = order[start:start + batch_pairs]
+            batch = data.collate(chunk, pad_id=pad_id, packed=packed)
+            batch = replace(batch, reference_logps=None).to(device)
+            out[chunk] = logps(batch).float().cpu().numpy().reshape(2, -1).T
+    return out
