@@ -71,6 +71,33 @@ def test_merge_writes_a_plain_model_with_a_fidelity_check(run, capsys) -> None:
     assert capsys.readouterr().out.strip() == "Pong."
 
 
+def test_merge_never_replaces_a_dir_without_overwrite_nor_leaves_a_partial_one(run, capsys, monkeypatch) -> None:
+    import errno
+
+    from sftlab import export
+
+    target = run["root"] / "merged-again"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep", encoding="utf-8")
+    assert main(["merge", str(run["run"]), "--output", str(target)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in target.iterdir()) == ["mine.txt"]
+
+    def full_disk(model, method, tokenizer, out):  # half a model written, then no space
+        (Path(out) / "model.safetensors").write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "merge_to_dir", full_disk)
+    assert main(["merge", str(run["run"]), "--output", str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "keeps its previous contents" in err.replace("\n", "")
+    assert sorted(p.name for p in run["root"].iterdir() if p.name.startswith(".merged-again")) == []
+    assert sorted(p.name for p in target.iterdir()) == ["mine.txt"]
+    monkeypatch.undo()
+    assert main(["merge", str(run["run"]), "--output", str(target), "--overwrite"]) == 0
+    assert (target / "config.json").is_file() and not (target / "mine.txt").exists()
+
+
 def test_a_finished_run_is_never_trained_over_without_overwrite(run, capsys) -> None:
     out = run["run"]
     weights = out / "adapter" / "adapter_model.safetensors"

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base weights: a plain HF model dir")
     merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
-    merge.add_argument("--output", required=True, help="the merged model dir to write")
+    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty)")
+    merge.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     merge.add_argument("--onto", choices=("dequantized", "original"),
                        help="QLoRA runs: fold the adapter onto the dequantised NF4 base it trained against "
@@ -153,19 +154,27 @@ def _train(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from sftlab import export
+    from sftlab.files import atomic_dir
     from sftlab.generate import prompt_ids
     from sftlab.models.load import load_for_inference
 
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise SftlabError(f"--output {out} already exists and is not empty; choose another dir, or pass --overwrite "
+                          "to replace it (the new dir replaces it whole, once complete).")
     model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
     if method is None:
         raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
-    if method.name == "qlora":
-        out = export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, args.output)
-    elif args.onto:
+    if args.onto and method.name != "qlora":
         raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {method.name} adapter, which "
                           "merges onto its base weights as they are. Leave --onto out.")
-    else:
-        out = export.merge_to_dir(model, method, tokenizer, args.output)
+    if out.exists() and not out.is_dir():
+        out.unlink()  # --overwrite of a file
+    with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
+        if method.name == "qlora":
+            export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, scratch)
+        else:
+            export.merge_to_dir(model, method, tokenizer, scratch)
     # Fidelity: the written dir, loaded by plain transformers, against a fresh adapter model.
     from sftlab.config import ModelConfig
     from sftlab.models.load import load_model
