@@ -115,6 +115,8 @@ def test_dpo_with_lora_through_the_cli_learns_the_preference_on_held_out_pairs(m
     assert steps[0]["pairs"] == 8 and abs(steps[0]["margin"]) < 1e-6 and steps[-1]["margin"] > 0.5
     for name in ("adapter/adapter_model.safetensors", "report.html", "loss.png", "finished.json"):
         assert (out / name).is_file(), name
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "pairs used" in page and "scored tokens" in page  # the report counts pairs, not sides
 
 
 def parameter_bytes() -> int:

@@ -90,12 +90,13 @@ def collect(setup: Setup) -> dict[str, Any]:
 def _data_facts(setup: Setup) -> dict[str, Any]:
     cfg = setup.config
     train = {"file": cfg.data.train, **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
+    unit = "pairs" if cfg.stage == "dpo" else "examples"  # a pair's two sides are two examples in the stats
     if setup.eval_data is None or setup.eval_indices is None:
-        return {"train": train, "eval": None}
+        return {"train": train, "eval": None, "unit": unit}
     if setup.eval_data is setup.train_data:  # data.eval_fraction: held out of the training file
-        return {"train": train, "eval": {"held_out": len(setup.eval_indices)}}
+        return {"train": train, "eval": {"held_out": len(setup.eval_indices)}, "unit": unit}
     return {"train": train, "eval": {"file": cfg.data.eval, **asdict(setup.eval_data.stats),
-                                     "used": len(setup.eval_indices)}}
+                                     "used": len(setup.eval_indices)}, "unit": unit}
 
 
 def _examples(data: Any, index: int) -> list[Any]:
@@ -238,15 +239,19 @@ def _data_html(facts: Mapping[str, Any]) -> str:
     if data["eval"] is not None and "rows" in data["eval"]:
         names.append("eval")
         splits.append(data["eval"])
-    fields = [("file", "file"), ("rows read", "rows"), ("examples", "examples"), ("examples used", "used"),
-              ("tokens", "tokens"), ("trained tokens", "trained_tokens"), ("truncated", "truncated")]
+    pairs = data.get("unit") == "pairs"
+    trained = "scored" if pairs else "trained"
+    fields = [("file", "file"), ("rows read", "rows"),
+              ("pair sides (chosen + rejected)" if pairs else "examples", "examples"),
+              ("pairs used" if pairs else "examples used", "used"),
+              ("tokens", "tokens"), (f"{trained} tokens", "trained_tokens"), ("truncated", "truncated")]
     rows = [[label] + [_number(s.get(key)) for s in splits] for label, key in fields]
-    rows.append(["trained share of tokens"] + [f"{s['trained_tokens'] / max(s['tokens'], 1):.1%}" for s in splits])
+    rows.append([f"{trained} share of tokens"] + [f"{s['trained_tokens'] / max(s['tokens'], 1):.1%}" for s in splits])
     reasons = sorted({reason for s in splits for reason in s["rejected"]})
     rows += [[f"rejected: {reason}"] + [_number(s["rejected"].get(reason, 0)) for s in splits] for reason in reasons]
     parts = [_table(rows, ["", *names])]
     if data["eval"] is not None and "held_out" in data["eval"]:
-        parts.append(f"<p>eval: {data['eval']['held_out']:,} examples held out of the training file "
+        parts.append(f"<p>eval: {data['eval']['held_out']:,} {data.get('unit', 'examples')} held out of the training file "
                      "(data.eval_fraction).</p>")
     if reasons:
         parts.append('<p>Every rejected row is listed with its reason in <code>rejects.jsonl</code>.</p>')
