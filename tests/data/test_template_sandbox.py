@@ -49,6 +49,13 @@ RUNAWAY = {
     "giant string": ("{{ 'x' * 10**9 }}", "'*' would build a value of more than"),
     "giant list": ("{{ (messages * 10**8) | length }}", "'*' would build a value of more than"),
     "giant power": ("{{ 7 ** 1000000000 }}", "'**' would build an integer of more than"),
+    "giant center width": ("{{ 'x'|center(10**9) }}", "center filter was asked for a size of 1000000000"),
+    "giant indent": ("{{ 'x\ny'|indent(10**9) }}", "indent filter was asked for a size"),
+    "giant batch fill": ("{{ messages|batch(10**9, 'x')|list }}", "batch filter was asked for a size"),
+    "endless slices": ("{{ messages|slice(10**9)|list }}", "slice filter was asked for a size"),
+    "giant %-format width": ("{{ '%999999999d' % 1 }}", "asks for a field of more than"),
+    "giant format-filter width": ("{{ '%999999999s'|format('x') }}", "asks for a field of more than"),
+    "giant str.format width": ("{{ '{:>999999999}'.format('x') }}", "asks for a field of more than"),
 }
 REFUSED = {**{k: (*v, True) for k, v in ESCAPES.items()}, **{k: (*v, False) for k, v in RUNAWAY.items()}}
 

@@ -24,6 +24,7 @@ refusing or failing on one conversation is a DataError naming that row.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -116,7 +117,18 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     strict: an unsafe attribute fails the render at once (jinja2 renders it as an empty string and only
     fails on further use), and `*` / `**` are bounded so a template cannot exhaust memory or the CPU."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        for name in SIZED_FILTERS:  # their size arguments (widths, counts) are bounded like `*`
+            self.filters[name] = _bounded_filter(self.filters[name])
+
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format_string(getattr(value, "__self__", ""))
+        return wrapped
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise SecurityError(f"access to attribute {attribute!r} of an object of type {type(obj).__name__!r} is "
@@ -128,10 +140,38 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             if (isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
                     and len(sequence) * count > MAX_VALUE_SIZE):
                 raise SecurityError(f"'*' would build a value of more than {MAX_VALUE_SIZE} items")
+        elif operator == "%":
+            _check_format_string(left)
         elif (isinstance(left, int) and isinstance(right, int) and right > 0
               and abs(left).bit_length() * right > MAX_VALUE_SIZE):
             raise SecurityError(f"'**' would build an integer of more than {MAX_VALUE_SIZE} bits")
         return super().call_binop(context, operator, left, right)
+
+
+SIZED_FILTERS = ("center", "indent", "wordwrap", "batch", "slice", "format")
+"""Filters whose arguments say how big a result to build (a width, a line or slice count, a format string)."""
+_HUGE_WIDTH = re.compile(r"[%:][^a-zA-Z%{}]*?\d{8,}")
+"""A %-format or str.format spec with a width or precision of 10,000,000 or more."""
+
+
+def _check_format_string(text: Any) -> None:
+    if isinstance(text, str) and _HUGE_WIDTH.search(text):
+        raise SecurityError(f"the format string {text[:40]!r} asks for a field of more than {MAX_VALUE_SIZE} characters")
+
+
+def _bounded_filter(function: Any) -> Any:
+    @functools.wraps(function)  # keeps jinja's pass_context / pass_eval_context marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        # Sizes are ints after the filtered value (a passed environment / context comes first: ints never).
+        for value in (*args[1:], *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_VALUE_SIZE:
+                raise SecurityError(f"the {function.__name__} filter was asked for a size of {value}, more than "
+                                    f"{MAX_VALUE_SIZE}")
+        if function.__name__ == "do_format" and args:  # `'%9d'|format(x)`: the value is the format string
+            _check_format_string(args[0])
+        return function(*args, **kwargs)
+
+    return bounded
 
 
 def _bounded_range() -> Any:
