@@ -490,3 +490,45 @@ def test_render_text_of_raw_messages_gives_text_or_a_data_error(workdir: Path, n
         assert exc.where == "chat" and exc.reason in ("template refused", "template failed")
         return
     assert isinstance(text, str)
+
+
+# ---- preference pairs (stage dpo) ------------------------------------------------------------------------
+
+answers = st.one_of(contents, st.fixed_dictionaries({"role": roles, "content": contents}),
+                    message_dicts("role", "content"))
+pair_rows = st.one_of(
+    st.fixed_dictionaries({"prompt": st.one_of(contents, message_dicts("role", "content")),
+                           "chosen": answers, "rejected": answers}, optional={"extra": json_values}),
+    st.fixed_dictionaries({"chosen": message_dicts("role", "content"), "rejected": message_dicts("role", "content")}),
+    st.builds(lambda p, c, r: {"prompt": p, "chosen": c, "rejected": r}, nonempty_texts, nonempty_texts,
+              nonempty_texts),  # well formed (identical answers are a bad row too)
+    json_values,
+)
+
+
+@fuzz(120)
+@given(rows=st.lists(st.one_of(pair_rows.map(lambda r: dump(r, ascii=False).encode("utf-8", "surrogatepass")),
+                               st.sampled_from(BROKEN_LINES)), max_size=6))
+def test_pair_reader_and_encoder_give_pairs_or_data_errors_naming_the_line(workdir: Path, rows: list[bytes]) -> None:
+    from sftlab.data.preference import PairEncoder, read_pairs
+
+    path = workdir / "pairs.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    with RejectLog(path.with_suffix(".rejects.jsonl")) as log:
+        pairs = list(read_pairs(path, on_bad_row="skip", rejects=log))  # a bad row never raises under skip
+        lines = path.read_bytes().split(b"\n")
+        lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")
+        assert log.total + len(pairs) == sum(1 for line in lines if line.decode("utf-8", "replace").strip())
+    try:
+        list(read_pairs(path, on_bad_row="error"))
+    except DataError as exc:
+        check_message(exc, path)
+    encoder = PairEncoder(_encoder("chatml-tiny", workdir, ("assistant", 64, "drop")))
+    for pair, result in zip(pairs, encoder.encode_batch(pairs)):
+        if isinstance(result, DataError):
+            assert result.where == pair.where
+            continue
+        for side in (result.chosen, result.rejected):
+            assert len(side.input_ids) == len(side.labels)
+            assert side.input_ids[:result.prompt_tokens] == result.chosen.input_ids[:result.prompt_tokens]
+            assert all(label == IGNORE_INDEX for label in side.labels[:result.prompt_tokens])
