@@ -7,7 +7,8 @@ from escapes, NUL and other controls, nested lists/objects, deep nesting), rows 
 wrong-typed fields, and raw broken lines (invalid JSON, truncated rows, invalid UTF-8, BOM, blank lines,
 CRLF, a huge line). Rendering/encoding: chatml, llama3, a real tokenizer's own template (auto, Qwen2.5)
 and a .jinja file, over conversations with wrong-typed fields, template syntax (`{{`, `{%`), special-token
-text and unicode; and the generate-time render of raw message dicts.
+text and unicode; the generate-time render of raw message dicts; and stage dpo's preference pairs through
+read_pairs and the PairEncoder.
 
 CI runs a fixed (derandomized) sample; SFTLAB_PROPERTY_EXAMPLES=2000 searches deeper.
 """
