@@ -1,6 +1,6 @@
 """Run under torchrun by test_distributed.py: `sftlab`'s own prepare + train, plus what the tests inspect.
 
-    torchrun --nproc-per-node 2 tests/train/dist_driver.py OUT_JSON [--kill-at N] key=value ...
+    torchrun --nproc-per-node 2 tests/train/dist_driver.py OUT_JSON [--kill-at N] [--step-sleep S] key=value ...
 
 Each rank records the source rows of each micro-batch it trained on (`seen-RANK.json` next to
 OUT_JSON); after training, every rank takes part in a forward of fixed token ids and rank 0 writes the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,9 +28,13 @@ from sftlab.train.setup import prepare
 
 def main() -> None:
     out, args = Path(sys.argv[1]), sys.argv[2:]
-    kill_at = None
-    if args and args[0] == "--kill-at":
-        kill_at, args = int(args[1]), args[2:]
+    kill_at, step_sleep = None, 0.0
+    while args and args[0] in ("--kill-at", "--step-sleep"):
+        if args[0] == "--kill-at":
+            kill_at = int(args[1])
+        else:
+            step_sleep = float(args[1])
+        args = args[2:]
     torch.set_num_threads(1)
     setup = prepare(load_config(overrides=args), console=Console(quiet=True))
     seen: list[list[str]] = []
@@ -53,6 +58,7 @@ def main() -> None:
     def on_step(step: int) -> None:
         if step == kill_at:
             raise SystemExit(3)
+        time.sleep(step_sleep)
         if step == last:  # the distributed model's logits, before train() exports
             for module in engines[0].modules():  # FSDP: every rank gathers every group's parameters
                 if hasattr(module, "unshard") and hasattr(module, "reshard"):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +149,37 @@ def test_a_two_process_checkpoint_resumes_to_the_uninterrupted_weights(model_dir
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert losses(killed)[-3:] == losses(whole)[-3:]
+
+
+def test_sigterm_to_every_process_of_a_launch_saves_one_checkpoint_and_resumes(model_dir, data, tmp_path) -> None:
+    """As a scheduler stops a job: SIGTERM to torchrun and its workers at once (torchrun may forward it again).
+    Every rank finishes the step, they write one (FSDP-sharded) checkpoint together and stop; the resumed
+    launch ends with the uninterrupted launch's weights."""
+    shared = ("method=lora", "lora.dropout=0.1", "train.max_steps=6", "train.micro_batch_size=2",
+              "train.distributed=fsdp", "lora.rank=4")  # no checkpoint period: only the signal saves
+    whole = launch(tmp_path / "whole", common(model_dir, data, tmp_path / "whole", *shared))
+    out = tmp_path / "signalled"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(DRIVER),
+           str(out / "driver" / "out.json"), "--step-sleep", "1", *common(model_dir, data, out, *shared)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while (not (out / "metrics.jsonl").exists() or len(losses(out)) < 2) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode != 0
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(saved) == 1 and (out / "checkpoints" / saved[0] / "sharded").is_dir(), saved
+    step = int(saved[0].removeprefix("step-"))
+    assert 2 <= step < 6
+    assert f"stopped by SIGTERM after step {step} of 6" in stdout + stderr
+    assert not (out / ".sftlab.lock").exists()
+    launch(out, common(model_dir, data, out, *shared))
+    a, b = dist_weights(whole), dist_weights(out)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -174,18 +174,25 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(model_dir, d
     assert_same_weights(out, reference["lora-"])
 
 
-def test_a_second_signal_stops_at_once(model_dir, data, config_file, tmp_path) -> None:
-    out = tmp_path / "run"
-    process = drive(config_file, overrides(model_dir, data, out), "--step-sleep", "2")
-    deadline = time.time() + 120
-    while max(logged_steps(out), default=0) < 1 and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGTERM)
-    code, _ = finish(process)
+def test_a_second_signal_stops_at_once_but_a_duplicate_is_one_request(model_dir, data, config_file, tmp_path) -> None:
+    def signal_twice(out: Path, gap: float) -> tuple[int, str]:
+        process = drive(config_file, overrides(model_dir, data, out), "--step-sleep", "4")
+        deadline = time.time() + 120
+        while max(logged_steps(out), default=0) < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)  # lands in the 4 s after step 1
+        time.sleep(gap)
+        process.send_signal(signal.SIGTERM)
+        return finish(process)
+
+    # 1.5 s apart: the user (or scheduler) insists — stop now.
+    code, _ = signal_twice(tmp_path / "insist", 1.5)
     assert code == -signal.SIGTERM
-    assert latest_checkpoint(out) is not None  # the checkpoints written before it are there
+    assert latest_checkpoint(tmp_path / "insist") is not None  # the checkpoints written before it are there
+    # 0.1 s apart: one request delivered twice (a launcher forwarding what a scheduler sent every process).
+    code, err = signal_twice(tmp_path / "duplicate", 0.1)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM after step 2" in err
 
 
 def run(model_dir: Path, data: Path, out: Path, *extra: str, method: str = "lora", **kwargs):

@@ -1,5 +1,7 @@
 """SIGINT / SIGTERM during training: finish the step, save a checkpoint, stop with a message saying how to
-resume. A second signal stops at once (the checkpoint written before it is kept)."""
+resume. A second signal stops at once (the checkpoint written before it is kept) — unless it comes within
+REPEAT_AFTER_S of the first: a scheduler may signal every process of a job while a launcher (torchrun)
+forwards the same signal to its workers, so a worker can get it twice at once; that is one request."""
 
 from __future__ import annotations
 
@@ -7,12 +9,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any, Self
 
 from sftlab.errors import SftlabError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_AFTER_S = 1.0
+"""A signal this soon after the first is the same request delivered twice, not a request to stop at once."""
 
 
 class TrainingInterrupted(SftlabError):
@@ -30,6 +35,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -48,10 +54,13 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.signum is None:
-            self.signum = signum
+            self.signum, self._first = signum, now
             print(f"\n{signal.Signals(signum).name}: stopping after this step, once a checkpoint is saved "
                   "(send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        if now - self._first < REPEAT_AFTER_S:
             return
         previous = self._previous.get(signum, signal.SIG_DFL)
         self.__exit__()
