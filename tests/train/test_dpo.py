@@ -263,10 +263,10 @@ def test_check_refuses_pairs_with_a_pointer_to_what_checks_them(model_dir, pairs
     assert "sftlab inspect" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, mode", [("lora", "ddp"), ("lora", "fsdp"), ("full", "ddp")])
+@pytest.mark.parametrize("method, mode", [("lora", "ddp"), ("lora", "fsdp"), ("full", "ddp"), ("full", "fsdp")])
 def test_two_processes_end_with_the_single_process_weights(model_dir, pairs, tmp_path, method, mode) -> None:
     # 2 processes x 2 pairs = one process x 2 pairs x accumulation 2. Five held-out pairs make three eval batches:
-    # the second rank's last is a stand-in that must add nothing. Full fine-tuning: the frozen copy per rank.
+    # the second rank's last is a stand-in that must add nothing. Full fine-tuning: the frozen copy, replicated under DDP, sharded like the policy under FSDP.
     from test_distributed import dist_weights, launch
 
     held_out = tmp_path / "held_out.jsonl"

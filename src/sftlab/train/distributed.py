@@ -159,6 +159,11 @@ def wrap(model: nn.Module, method: Any, ctx: Dist, *, forward: nn.Module | None 
         for layer in decoder_layers(model)[1]:
             fully_shard(layer, mesh=mesh)
         fully_shard(forward, mesh=mesh)
+        reference = getattr(forward, "reference", None)
+        if reference is not None:  # stage dpo, full fine-tuning: the frozen copy is sharded the same way
+            for layer in decoder_layers(reference.model)[1]:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(reference, mesh=mesh)
     return forward
 
 

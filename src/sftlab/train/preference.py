@@ -88,6 +88,18 @@ def pair_metrics(rewards: torch.Tensor) -> torch.Tensor:
     return torch.stack([chosen.sum(), rejected.sum(), margin.sum(), (margin > 0).float().sum()])
 
 
+class ReferenceForward(nn.Module):
+    """The frozen reference copy's log-probs as one module call, so that under FSDP the copy is sharded like the
+    policy and its root gathers the parameters only for this call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PairBatch) -> torch.Tensor:
+        return sequence_logps(self.model, batch)
+
+
 class PreferenceForward(nn.Module):
     """A PairBatch's summed pair loss and its metric sums as one module call, so DDP's and FSDP's hooks see the
     whole computation (as TrainingForward does for the supervised loss)."""
@@ -99,13 +111,19 @@ class PreferenceForward(nn.Module):
         self.method = method
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
         # A plain attribute, not a submodule: the frozen copy trains nothing and must stay out of the trained
-        # model's state dict and its DDP/FSDP wrapping.
-        self.__dict__["reference_model"] = reference_model
+        # model's state dict and its DDP wrapping (FSDP shards it as a root of its own: train/distributed.py).
+        self.__dict__["reference"] = ReferenceForward(reference_model) if reference_model is not None else None
 
     def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ pair losses, Σ METRICS (4,))."""
         # The reference first: prefix tuning's training forward keeps its hooks armed until its backward.
-        reference = reference_logps(self.model, batch, self.method, reference_model=self.reference_model)
+        if batch.reference_logps is None and self.reference is not None:
+            with torch.no_grad():
+                reference = self.reference(batch)
+            if hasattr(self.reference, "reshard"):  # FSDP: a forward without backward leaves the root gathered
+                self.reference.reshard()
+        else:
+            reference = reference_logps(self.model, batch, self.method)
         policy = sequence_logps(self.model, batch, self.method)
         losses, rewards = pair_losses(policy, reference, batch.sequence_tokens, beta=self.beta, loss=self.loss,
                                       label_smoothing=self.label_smoothing)
