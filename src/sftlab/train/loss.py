@@ -35,7 +35,7 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
     Computed where `labels` lives (the CPU, before the batch moves), so the step needs no host sync.
     """
-    batch, length = labels.shape
+    _, length = labels.shape
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     return rows * length + cols, targets[rows, cols]
