@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
     inspect.set_defaults(run=_inspect)
 
-    check = commands.add_parser("check", help="data-quality report; non-zero exit when training would learn nothing")
+    check = commands.add_parser("check", help="data-quality report (of preference pairs with stage=dpo); non-zero "
+                                              "exit when training would learn nothing")
     _data_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text")
     check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl)")
@@ -90,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="a .jsonl, .json or .parquet file of conversations")
+    parser.add_argument("data", help="a .jsonl, .json or .parquet file of conversations (of preference pairs "
+                                     "with stage=dpo)")
     parser.add_argument("--model", help="a local Hugging Face model or tokenizer dir (or a hub id)")
     parser.add_argument("--template", help="chatml | llama3 | auto | path to a .jinja file (default: data.template)")
     parser.add_argument("--config", help="a YAML config whose model and data settings apply")
@@ -261,15 +263,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from sftlab.data import quality
+    from sftlab.data import pair_quality, quality
 
     cfg = _config(args)
-    if cfg.stage == "dpo":
-        raise SftlabError("sftlab check reports on conversations; preference pairs are checked row by row when "
-                          "`sftlab train` reads them (a bad pair stops it with file:line, or goes to rejects.jsonl "
-                          "with data.on_bad_row=skip). See the pairs with `sftlab inspect DATA stage=dpo`.")
     encoder = _encoder(cfg)
     rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
+    if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions
+        pairs = pair_quality.analyze_pairs(args.data, cfg.data, encoder, rejects_path=rejects)
+        pair_quality.write(pairs, fmt=args.format)
+        return 0 if pairs.ok else 1
     report = quality.analyze(args.data, cfg.data, encoder, rejects_path=rejects)
     quality.write(report, fmt=args.format)
     return 0 if report.ok else 1

@@ -258,9 +258,13 @@ def test_inspect_shows_each_pair_s_two_sides_with_the_answer_scored(model_dir, p
     assert out.count("[[") == 2  # the prompt is never scored
 
 
-def test_check_refuses_pairs_with_a_pointer_to_what_checks_them(model_dir, pairs, capsys) -> None:
-    assert main(["check", str(pairs["held_out"]), "--model", str(model_dir), "stage=dpo"]) == 2
-    assert "sftlab inspect" in capsys.readouterr().err
+def test_check_reports_on_pairs(model_dir, pairs, tmp_path, capsys) -> None:
+    # The full report is tested in tests/data/test_pair_quality.py; here: the command reads a dpo config's pairs.
+    assert main(["check", str(pairs["held_out"]), "--model", str(model_dir), "--template", "chatml", "stage=dpo",
+                 "--format", "json", "--rejects", str(tmp_path / "rejects.jsonl")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["rows"], report["pairs"], report["rejected"], report["contradicting"]) == (32, 32, {}, 0)
+    assert report["ok"] and report["lengths"]["chosen"]["count"] == 32
 
 
 @pytest.mark.parametrize("method, mode", [("lora", "ddp"), ("lora", "fsdp"), ("full", "ddp"), ("full", "fsdp")])

@@ -347,7 +347,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 if isinstance(result, DataError):
                     if data.on_bad_row == "error" and not isinstance(result, Dropped):
                         raise result
-                    log.add(where=result.where, reason=result.reason, message=result.detail, row=_pair_row(pair))
+                    log.add(where=result.where, reason=result.reason, message=result.detail, row=pair_row(pair))
                     encode_rejects += 1
                     continue
                 for side in (result.chosen, result.rejected):
@@ -369,7 +369,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
 
 
-def _pair_row(pair: Pair) -> str:
+def pair_row(pair: Pair) -> str:
     """A pair as an explicit-form row, so a rejected one can be fixed and fed back."""
     def message(m: Message) -> dict[str, str]:
         return {"role": m.role, "content": m.content}
