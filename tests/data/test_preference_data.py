@@ -194,3 +194,23 @@ def test_a_pair_dataset_is_cached_by_content(tmp_path) -> None:
     changed = build_pair_dataset(path, DataConfig(cache=True, cache_dir=str(tmp_path / "cache"), max_seq_len=512),
                                  chatml_encoder(max_seq_len=512))
     assert changed.examples.directory != first.examples.directory
+
+
+@pytest.mark.parametrize("truncation", ["drop", "truncate"])
+def test_max_seq_len_applies_to_what_trains_not_to_the_templates_trailing_text(truncation) -> None:
+    """ChatML renders a newline after the last <|im_end|>, which is cut (nothing scored depends on it): a pair
+    whose trained sides fit max_seq_len exactly is kept whole; one token less and it is dropped or cut."""
+    pair = to_pair(EXPLICIT, "t:1")
+    whole = PairEncoder(chatml_encoder()).encode(pair)
+    longest = max(len(whole.chosen.input_ids), len(whole.rejected.input_ids))
+    fits = PairEncoder(chatml_encoder(max_seq_len=longest, truncation=truncation)).encode(pair)
+    assert fits == whole and not fits.truncated
+    (short,) = PairEncoder(chatml_encoder(max_seq_len=longest - 1, truncation=truncation)).encode_batch([pair])
+    if truncation == "drop":
+        assert isinstance(short, DataError) and short.reason == "too long" and f"{longest} tokens" in str(short)
+    else:
+        assert short.truncated and max(len(short.chosen.input_ids), len(short.rejected.input_ids)) == longest - 1
+        assert short.chosen.input_ids == whole.chosen.input_ids[:longest - 1]
+    (prompt_only,) = PairEncoder(chatml_encoder(max_seq_len=whole.prompt_tokens, truncation=truncation)
+                                 ).encode_batch([pair])
+    assert isinstance(prompt_only, DataError)  # nothing of the answers would be scored

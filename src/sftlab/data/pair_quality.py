@@ -176,9 +176,8 @@ class _Tally:
         if not long:
             return full
         if self._unlimited is None:
-            unlimited = copy.copy(self.encoder.encoder)  # shares the tokenizer
-            unlimited.max_seq_len = None
-            self._unlimited = PairEncoder(unlimited)
+            self._unlimited = copy.copy(self.encoder)  # shares the tokenizer
+            self._unlimited.max_seq_len = None
         for i, result in zip(long, self._unlimited.encode_batch([batch[i] for i in long])):
             full[i] = result if isinstance(result, EncodedPair) else None
         return full
@@ -231,8 +230,8 @@ class _Tally:
         c = self.counts
         encoded_rows = c["pairs"] + self.refused_rows
         return PairReport(
-            data_path=data_path, max_seq_len=self.encoder.encoder.max_seq_len,
-            truncation=self.encoder.encoder.truncation, on_bad_row=data.on_bad_row,
+            data_path=data_path, max_seq_len=self.encoder.max_seq_len,
+            truncation=self.encoder.truncation, on_bad_row=data.on_bad_row,
             rows=encoded_rows + read_rejects, pairs=c["pairs"], rejected=dict(Counter(rejects) - self.dropped),
             dropped=dict(self.dropped), dropped_by_max_seq_len=c["dropped_by_max_seq_len"], truncated=c["truncated"],
             lengths=PairLengths(**{name: _spread(values) for name, values in self.lengths.items()}),

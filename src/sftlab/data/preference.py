@@ -35,7 +35,7 @@ import torch
 from sftlab.config import DataConfig
 from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
-from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
+from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _message_list, _require, iter_rows
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, validate
@@ -176,6 +176,10 @@ class PairEncoder:
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = copy.copy(encoder)  # shares the tokenizer; train_on=all would also score template text
         self.encoder.train_on = "last_assistant"
+        # data.max_seq_len applies to what trains: each side cut after its answer's end-of-turn (`_cut`), not
+        # the whole render (a template may add text after the last turn).
+        self.max_seq_len, self.truncation = encoder.max_seq_len, encoder.truncation
+        self.encoder.max_seq_len = None
 
     def encode(self, pair: Pair) -> EncodedPair:
         (result,) = self.encode_batch([pair])
@@ -186,7 +190,24 @@ class PairEncoder:
     def encode_batch(self, pairs: Sequence[Pair]) -> list[EncodedPair | DataError]:
         """Each entry is the EncodedPair or the DataError / Dropped for that row."""
         results = self.encoder.encode_batch([c for pair in pairs for c in pair.conversations()])
-        return [_join(c, r) for c, r in zip(results[0::2], results[1::2])]
+        return [self._limit(_join(c, r)) for c, r in zip(results[0::2], results[1::2])]
+
+    def _limit(self, pair: EncodedPair | DataError) -> EncodedPair | DataError:
+        """data.max_seq_len and data.truncation on the pair's sides, as the Encoder applies them to examples."""
+        limit = self.max_seq_len
+        if isinstance(pair, DataError) or limit is None:
+            return pair
+        longest = max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+        if longest <= limit:
+            return pair
+        if self.truncation == "drop":
+            return Dropped(f"{longest} tokens is more than data.max_seq_len={limit}; dropped (data.truncation=drop). "
+                           "Raise max_seq_len or set data.truncation=truncate.", where=pair.where, reason=TOO_LONG)
+        if pair.prompt_tokens >= limit:
+            return Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. Raise "
+                           "max_seq_len or shorten the prompt.", where=pair.where, reason=NOTHING_TRAINED)
+        sides = [Example(side.input_ids[:limit], side.labels[:limit], side.where) for side in (pair.chosen, pair.rejected)]
+        return EncodedPair(*sides, pair.prompt_tokens, truncated=True)
 
     def encode_stream(self, batches: Iterable[Sequence[Pair]]
                       ) -> Iterator[tuple[Sequence[Pair], list[EncodedPair | DataError]]]:
