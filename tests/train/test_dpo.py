@@ -117,6 +117,7 @@ def test_dpo_with_lora_through_the_cli_learns_the_preference_on_held_out_pairs(m
         assert (out / name).is_file(), name
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "pairs used" in page and "scored tokens" in page  # the report counts pairs, not sides
+    assert "sftlab check (preference pairs)" in page and "length bias" in page  # and holds the pair check
 
 
 def parameter_bytes() -> int:

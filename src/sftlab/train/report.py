@@ -105,13 +105,13 @@ def _examples(data: Any, index: int) -> list[Any]:
 
 
 def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
-    """`sftlab check`'s report on the training file (its dict and its text), or (None, None) if too big or
-    not conversations (stage dpo's preference pairs)."""
-    if setup.train_data.stats.rows > QUALITY_MAX_ROWS or setup.config.stage != "sft":
+    """`sftlab check`'s report on the training file (its dict and its text) — of conversations, or of
+    preference pairs for stage dpo — or (None, None) if the file is too big."""
+    if setup.train_data.stats.rows > QUALITY_MAX_ROWS:
         return None, None
     from rich.console import Console
 
-    from sftlab.data import quality
+    from sftlab.data import pair_quality, quality
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
 
@@ -119,9 +119,11 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
                       add_special_tokens=data.add_special_tokens)
-    report = quality.analyze(data.train, data, encoder)
+    checker = pair_quality.analyze_pairs if setup.config.stage == "dpo" else quality.analyze
+    report = checker(data.train, data, encoder)
     text = io.StringIO()
-    quality.write(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+    writer = pair_quality.write if setup.config.stage == "dpo" else quality.write
+    writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
     return report.to_dict(), text.getvalue()
 
 
