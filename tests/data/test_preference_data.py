@@ -214,3 +214,14 @@ def test_max_seq_len_applies_to_what_trains_not_to_the_templates_trailing_text(t
     (prompt_only,) = PairEncoder(chatml_encoder(max_seq_len=whole.prompt_tokens, truncation=truncation)
                                  ).encode_batch([pair])
     assert isinstance(prompt_only, DataError)  # nothing of the answers would be scored
+
+
+def test_a_bad_pair_deep_in_the_file_fails_before_any_pair_is_tokenised(tmp_path, monkeypatch) -> None:
+    rows = [EXPLICIT] * 300 + [{"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}]
+    path = write_rows(tmp_path / "pairs.jsonl", rows)
+    encoded = []
+    real = PairEncoder.encode_batch
+    monkeypatch.setattr(PairEncoder, "encode_batch", lambda self, pairs: encoded.append(len(pairs)) or real(self, pairs))
+    with pytest.raises(DataError, match=rf"{path}:301: 'chosen' and 'rejected' are the same answer"):
+        build_pair_dataset(path, DataConfig(cache=False), chatml_encoder())
+    assert encoded == []

@@ -352,6 +352,9 @@ def build_pair_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder
 def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
     """The encoded-dataset layout (data/dataset.py), two examples per pair; stats count examples (sides)."""
+    if data.on_bad_row == "error":  # every pair validated before any is tokenised, as for conversations
+        for _ in read_pairs(data_path, role_map=data.role_map, on_bad_row="error"):
+            pass
     pair_encoder = PairEncoder(encoder)
     stats = DatasetStats()
     offsets = array("q", [0])
