@@ -462,13 +462,16 @@ class CountingCollator:
         self.inner = inner
         self.batches: list[tuple[int, int]] = []
         self.first: dict[str, Any] = {}
+        from sftlab.data.encode import IGNORE_INDEX  # TRL's labels use the same ignored label
+
+        self.ignored = IGNORE_INDEX
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(examples)
         input_ids, labels = batch["input_ids"], batch["labels"]
         mask = batch.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else int(input_ids.numel())  # padding-free: no padding
-        self.batches.append((tokens, int((labels[:, 1:] != -100).sum())))
+        self.batches.append((tokens, int((labels[:, 1:] != self.ignored).sum())))
         if not self.first:
             self.first = {"input_ids": list(input_ids.shape), "keys": sorted(batch),
                           "padding_free": input_ids.shape[0] == 1 and "position_ids" in batch and mask is None}
@@ -477,62 +480,6 @@ class CountingCollator:
                 lengths = [b - a for a, b in itertools.pairwise(starts)]
                 self.first.update(sequences=len(lengths), causal_pairs_needed=sum(n * (n + 1) // 2 for n in lengths))
         return batch
-
-
-def run_trl(spec: RunSpec) -> dict[str, Any]:
-    if spec.method == "dpo":
-        return run_trl_dpo(spec)
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(spec.model)
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=getattr(torch, spec.dtype),
-                                                 attn_implementation="sdpa")
-    with open(spec.data, encoding="utf-8") as file:
-        dataset = datasets.Dataset.from_list([json.loads(line) for line in file])
-    peft_config = None
-    if spec.method == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-    args = SFTConfig(
-        output_dir=spec.output_dir, max_steps=spec.warmup_steps + spec.timed_steps + 1,
-        per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=1,
-        learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        seed=spec.seed, data_seed=spec.seed,
-        packing=True, padding_free=True, assistant_only_loss=True, max_length=spec.max_length,
-        gradient_checkpointing=False, bf16=spec.dtype == "bfloat16", fp16=False, use_cpu=spec.device == "cpu",
-        report_to=[], save_strategy="no", eval_strategy="no", logging_steps=100_000, disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    clock = StepClock(spec.device)
-
-    class Tick(TrainerCallback):
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            clock.tick()
-
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[Tick()])
-    # TRL refuses a custom collator with padding_free; wrapping its own after construction counts tokens.
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
-    attention = probe_attention()
-    setup_s = time.perf_counter() - started
-    trainer.train()
-    timing = clock.window(spec.warmup_steps, spec.timed_steps)
-    timed = counter.batches[spec.warmup_steps:spec.warmup_steps + spec.timed_steps]
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    return {
-        **timing, "setup_s": setup_s,
-        "tokens": sum(t for t, _ in timed), "supervised_tokens": sum(s for _, s in timed),
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "optimizer": f"{type(optimizer).__name__} ({getattr(args.optim, 'value', args.optim)})",
-        "batch": counter.first, "attention": attention,
-    }
 
 
 class CountingPairCollator:
@@ -553,12 +500,11 @@ class CountingPairCollator:
         return batch
 
 
-def run_trl_dpo(spec: RunSpec) -> dict[str, Any]:
+def run_trl(spec: RunSpec) -> dict[str, Any]:
+    """TRL's SFTTrainer (lora, full) or DPOTrainer (dpo), with PEFT's LoRA for lora and dpo, timed per step."""
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(spec.model)
@@ -566,26 +512,41 @@ def run_trl_dpo(spec: RunSpec) -> dict[str, Any]:
                                                  attn_implementation="sdpa")
     with open(spec.data, encoding="utf-8") as file:
         dataset = datasets.Dataset.from_list([json.loads(line) for line in file])
-    peft_config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                             target_modules="all-linear", task_type="CAUSAL_LM")
-    args = DPOConfig(
-        output_dir=spec.output_dir, max_steps=spec.warmup_steps + spec.timed_steps + 1,
-        per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=1,
-        learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        seed=spec.seed, data_seed=spec.seed, beta=DPO_BETA, loss_type=["sigmoid"], max_length=spec.max_length,
-        gradient_checkpointing=False, bf16=spec.dtype == "bfloat16", fp16=False, use_cpu=spec.device == "cpu",
-        report_to=[], save_strategy="no", eval_strategy="no", logging_steps=100_000, disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    peft_config = None
+    if spec.method in ("lora", "dpo"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    common: dict[str, Any] = {  # the same settings for both trainers
+        "output_dir": spec.output_dir, "max_steps": spec.warmup_steps + spec.timed_steps + 1,
+        "per_device_train_batch_size": spec.batch_size, "gradient_accumulation_steps": 1, "learning_rate": spec.lr,
+        "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "seed": spec.seed, "data_seed": spec.seed, "max_length": spec.max_length, "gradient_checkpointing": False,
+        "bf16": spec.dtype == "bfloat16", "fp16": False, "use_cpu": spec.device == "cpu", "report_to": [],
+        "save_strategy": "no", "eval_strategy": "no", "logging_steps": 100_000, "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    if spec.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        trainer_class, counting = DPOTrainer, CountingPairCollator
+        args = DPOConfig(**common, beta=DPO_BETA, loss_type=["sigmoid"])
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        trainer_class, counting = SFTTrainer, CountingCollator
+        args = SFTConfig(**common, packing=True, padding_free=True, assistant_only_loss=True)
     clock = StepClock(spec.device)
 
     class Tick(TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             clock.tick()
 
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[Tick()])
-    counter = CountingPairCollator(trainer.data_collator)
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=peft_config, callbacks=[Tick()])
+    # TRL refuses a custom collator with padding_free; wrapping its own after construction counts tokens.
+    counter = counting(trainer.data_collator)
     trainer.data_collator = counter
     attention = probe_attention()
     setup_s = time.perf_counter() - started
