@@ -46,19 +46,28 @@ def hidden_states(model: nn.Module, batch: Any) -> torch.Tensor:
     return model.base_model(**batch.model_inputs(), use_cache=False)[0]
 
 
+def _head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 logits (chunk, V) of any head module, soft-capped."""
+    logits = head(hidden).float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, V)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(_head_logits(head, hidden, softcap), targets, reduction="sum")
+
+
+def _selected(model: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, nn.Module,
+                                                                                       float | None, int]:
+    """(the selected positions of `hidden` (B, T, H) as (N, H), the output head, its soft-cap, the positions
+    per chunk within LOGITS_BYTES)."""
+    head = model.get_output_embeddings()
+    size = max(1, min(CHUNK_TOKENS, LOGITS_BYTES // (4 * head.weight.shape[0])))
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), head, _softcap(model), size
 
 
 def head_loss_sum(model: nn.Module, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of cross-entropy over the selected positions of `hidden` (B, T, H)."""
-    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
-    head = model.get_output_embeddings()
-    softcap = _softcap(model)
-    size = max(1, min(CHUNK_TOKENS, LOGITS_BYTES // (4 * head.weight.shape[0])))
+    flat, head, softcap, size = _selected(model, hidden, index)
     if type(head) is nn.Linear and torch.is_grad_enabled():
         return FusedHeadLoss.apply(flat, head.weight, head.bias, targets, softcap, size)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -91,19 +100,12 @@ class FusedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], size):
             chunk, chunk_targets = hidden[start:start + size], targets[start:start + size]
-            logits = F.linear(chunk, weight, bias).float()  # (n, V)
-            capped = None
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
+            logits, capped = _capped_logits(chunk, weight, bias, softcap)  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             total += (lse - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
-            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            dlogits[torch.arange(len(chunk_targets), device=dlogits.device), chunk_targets] -= 1.0
-            if capped is not None:
-                dlogits *= 1.0 - capped.square_()
+            dlogits = _dnll(logits, lse, chunk_targets, capped)
             if need_bias:
                 grad_bias += dlogits.sum(0)
             dlogits = dlogits.to(weight.dtype)
@@ -142,10 +144,7 @@ def head_logprobs(model: nn.Module, hidden: torch.Tensor, index: torch.Tensor, t
     """log p(target) at the selected positions of `hidden` (B, T, H): (N,) fp32, one value per position (for
     losses over whole sequences, e.g. preference training). The head runs on those positions only, one chunk
     of fp32 logits at a time, as for head_loss_sum."""
-    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
-    head = model.get_output_embeddings()
-    softcap = _softcap(model)
-    size = max(1, min(CHUNK_TOKENS, LOGITS_BYTES // (4 * head.weight.shape[0])))
+    flat, head, softcap, size = _selected(model, hidden, index)
     if type(head) is nn.Linear and torch.is_grad_enabled():
         return FusedHeadLogprobs.apply(flat, head.weight, head.bias, targets, softcap, size)
     pieces = [flat.new_zeros(0, dtype=torch.float32)]
@@ -159,10 +158,7 @@ def head_logprobs(model: nn.Module, hidden: torch.Tensor, index: torch.Tensor, t
 
 
 def _head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()  # (chunk, V)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return -F.cross_entropy(logits, targets, reduction="none")
+    return -F.cross_entropy(_head_logits(head, hidden, softcap), targets, reduction="none")
 
 
 class FusedHeadLogprobs(torch.autograd.Function):
@@ -188,7 +184,8 @@ class FusedHeadLogprobs(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             out[start:start + size] = logits.gather(1, chunk_targets[:, None]).squeeze(1) - lse
             if keep:
-                grad_hidden[start:start + size] = _dlogp(logits, lse, chunk_targets, capped).to(weight.dtype) @ weight
+                # d logp / d hidden = −(d nll / d logits) @ weight
+                grad_hidden[start:start + size] = -(_dnll(logits, lse, chunk_targets, capped).to(weight.dtype) @ weight)
         ctx.softcap, ctx.size, ctx.keep = softcap, size, keep
         ctx.save_for_backward(*((grad_hidden,) if keep else (hidden, weight, bias, targets)))
         return out
@@ -209,7 +206,7 @@ class FusedHeadLogprobs(torch.autograd.Function):
             chunk, chunk_targets = hidden[start:start + size], targets[start:start + size]
             logits, capped = _capped_logits(chunk, weight, bias, ctx.softcap)
             lse = torch.logsumexp(logits, dim=-1)
-            dlogits = _dlogp(logits, lse, chunk_targets, capped) * grad_out[start:start + size, None].float()
+            dlogits = _dnll(logits, lse, chunk_targets, capped) * -grad_out[start:start + size, None].float()
             if need_bias:
                 grad_bias += dlogits.sum(0)
             dlogits = dlogits.to(weight.dtype)
@@ -231,11 +228,11 @@ def _capped_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return capped * softcap, capped
 
 
-def _dlogp(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, capped: torch.Tensor | None) -> torch.Tensor:
-    """d log p(target) / d (pre-cap) logits = onehot − softmax (× (1 − tanh²) under a soft-cap), (n, V); reuses
-    `logits`' memory."""
-    dlogits = logits.sub_(lse[:, None]).exp_().neg_()  # −softmax, in place of the logits
-    dlogits[torch.arange(len(targets), device=dlogits.device), targets] += 1.0
+def _dnll(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, capped: torch.Tensor | None) -> torch.Tensor:
+    """d −log p(target) / d (pre-cap) logits = softmax − onehot (× (1 − tanh²) under a soft-cap), (n, V), in
+    place of `logits` (the gradient of a log-prob is its negation)."""
+    dlogits = logits.sub_(lse[:, None]).exp_()  # softmax
+    dlogits[torch.arange(len(targets), device=dlogits.device), targets] -= 1.0
     if capped is not None:
         dlogits *= 1.0 - capped.square_()
     return dlogits
