@@ -15,7 +15,6 @@ states no preference), dropped (valid, but max_seq_len keeps it out) or pairs.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 import sys
@@ -32,7 +31,7 @@ from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, read_pairs
-from sftlab.data.quality import REJECTED_SHARE_WARNING
+from sftlab.data.quality import REJECTED_SHARE_WARNING, digest, length_spread
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
 
@@ -185,12 +184,12 @@ class _Tally:
     def pair(self, pair: Pair) -> None:
         """Duplicates, contradictions and near-identical answers, over every pair that reads."""
         prompt = [(m.role, m.content) for m in pair.prompt]
-        chosen, rejected = _digest(prompt, pair.chosen.content), _digest(prompt, pair.rejected.content)
-        whole = _digest(chosen, rejected)
+        chosen, rejected = digest((prompt, pair.chosen.content)), digest((prompt, pair.rejected.content))
+        whole = digest((chosen, rejected))
         if whole in self.seen:
             self.counts["duplicates"] += 1
         self.seen.add(whole)
-        key = _digest(min(chosen, rejected), max(chosen, rejected))
+        key = digest((min(chosen, rejected), max(chosen, rejected)))
         line = _row_number(pair.where)
         previous = self.preferred.setdefault(key, line << 1 | (chosen < rejected))
         if previous != CONFLICT and (previous & 1) != (chosen < rejected):
@@ -257,14 +256,7 @@ def _spread(values: array) -> Spread:
     lengths = np.frombuffer(values, dtype=np.int32)
     if not len(lengths):
         return Spread()
-    median, p95 = np.percentile(lengths, [50, 95], method="inverted_cdf")
-    return Spread(len(lengths), int(lengths.min()), int(median), int(p95), int(lengths.max()))
-
-
-def _digest(*parts: object) -> int:
-    """A 64-bit hash of JSON-able parts (a collision among even 10^7 distinct pairs: odds about 3 in a million)."""
-    text = json.dumps(parts, ensure_ascii=False)
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return Spread(*length_spread(lengths))
 
 
 def _normalized(text: str) -> str:

@@ -188,13 +188,13 @@ class _Tally:
         self.messages.update(m.role for m in messages)
         self.turns[sum(m.role != "system" for m in messages)] += 1
         self.counts["blank"] += sum(not m.content.strip() for m in messages)
-        whole = _digest([(m.role, m.content) for m in messages])
+        whole = digest([(m.role, m.content) for m in messages])
         if whole in self.seen:
             self.counts["duplicates"] += 1
         self.seen.add(whole)
         last = max(i for i, m in enumerate(messages) if m.role == "assistant")  # validated: one exists
-        prompt = _digest([(m.role, m.content) for m in messages[:last]])
-        answer = _digest([("assistant", messages[last].content)])
+        prompt = digest([(m.role, m.content) for m in messages[:last]])
+        answer = digest([("assistant", messages[last].content)])
         previous = self.answers.setdefault(prompt, answer)
         if previous not in (answer, CONFLICT):
             self.answers[prompt] = CONFLICT
@@ -249,8 +249,7 @@ class _Tally:
             return Lengths()
         limit = self.encoder.max_seq_len
         over = int((lengths > limit).sum()) if limit is not None else 0
-        median, p95 = np.percentile(lengths, [50, 95], method="inverted_cdf")
-        return Lengths(len(lengths), int(lengths.min()), int(median), int(p95), int(lengths.max()), over)
+        return Lengths(*length_spread(lengths), over)
 
 
 def turns_missing_end_of_turn(segments: Sequence[Segment], end_of_turn: Sequence[str]) -> int:
@@ -273,11 +272,18 @@ def _spread(histogram: Counter[int]) -> dict[str, int | None]:
     return {"min": int(values[0]), "median": int(median), "max": int(values[-1])}
 
 
-def _digest(pairs: list[tuple[str, str]]) -> int:
-    """A 64-bit hash of (role, content) pairs: a Python int costs about half a bytes digest in a set, and
-    a collision among even 10^7 distinct conversations has odds of about 3 in a million."""
-    text = json.dumps(pairs, ensure_ascii=False)
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+def length_spread(lengths: np.ndarray) -> tuple[int, int, int, int, int]:
+    """(count, min, median, p95, max) of a non-empty array of lengths; median and p95 are observed lengths
+    (inverted-CDF percentiles)."""
+    median, p95 = np.percentile(lengths, [50, 95], method="inverted_cdf")
+    return len(lengths), int(lengths.min()), int(median), int(p95), int(lengths.max())
+
+
+def digest(value: Any) -> int:
+    """A 64-bit hash of a JSON-able value (e.g. (role, content) pairs): a Python int costs about half a bytes
+    digest in a set, and a collision among even 10^7 distinct values has odds of about 3 in a million."""
+    text = json.dumps(value, ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 
