@@ -13,7 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import tiny_model_dir
+from conftest import only_for, tiny_model_dir
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.data.encode import IGNORE_INDEX, Encoder
@@ -222,12 +222,17 @@ def test_dpo_starts_from_an_sft_run(model_dir, pairs, tmp_path, init) -> None:
     assert method.name == "lora" and model is not None
 
 
-def test_a_dpo_run_merged_from_an_sft_run_resumes_with_the_same_command(model_dir, pairs, tmp_path) -> None:
-    """Its saved config names OUTPUT/base as the model; the user's own command (init_from) still resumes."""
+@pytest.mark.parametrize("method, init", [("lora", "dpo.init=merge"), ("full", "dpo.init=continue")])
+def test_a_dpo_run_from_an_sft_run_resumes_with_the_same_command(model_dir, pairs, tmp_path, method, init) -> None:
+    """Its saved config names the model it really starts from (OUTPUT/base for a merged adapter, the SFT run's
+    model/ for full fine-tuning) instead of dpo.init_from; the user's own command still resumes."""
     sft = tmp_path / "sft"
+    options = only_for(method, "lora.rank=8")
     run(load_config(overrides=[f"model={model_dir}", f"data.train={pairs['sft']}", f"output_dir={sft}",
-                               "data.cache=false", "train.max_steps=4", "train.lr=1e-2", "lora.rank=8"]))
-    common = ("train.max_steps=4", "train.save_every_steps=1", "lora.rank=8", f"dpo.init_from={sft}", "dpo.init=merge")
+                               "data.cache=false", "train.max_steps=4", "train.lr=1e-2", f"method={method}",
+                               *options]))
+    common = (f"method={method}", "train.max_steps=4", "train.save_every_steps=1", *options,
+              f"dpo.init_from={sft}", init)
 
     def kill_at_2(step: int) -> None:
         if step == 2:

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from sftlab.config import Config, ConfigError, load_config, to_dict
 from sftlab.errors import SftlabError
+from sftlab.export.model_dir import ADAPTER_CONFIG
 from sftlab.files import remove_scratch
 from sftlab.train import lock
 from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
@@ -134,17 +135,36 @@ def _differences(out: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
         saved = load_config(saved_path)
     except SftlabError:
         return [("config.yaml", "unreadable" if saved_path.exists() else "missing", "this config")]
-    old, new = _flat(to_dict(saved)), _flat(to_dict(_as_saved(cfg, out)))
+    old, new = _flat(to_dict(saved)), _flat(to_dict(as_saved(cfg)))
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in FREE_TO_CHANGE and old.get(key) != new.get(key)]
 
 
-def _as_saved(cfg: Config, out: Path) -> Config:
-    """The config as the run saves it: stage dpo with dpo.init=merge names the merged SFT model (OUTPUT/base)
-    as its model and clears init_from (train/setup.py), so the same command again compares equal."""
-    if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and cfg.method != "full":
-        return replace(cfg, model=replace(cfg.model, path=str(out / "base")), dpo=replace(cfg.dpo, init_from=None))
-    return cfg
+def as_saved(cfg: Config) -> Config:
+    """The config as the run saves it: stage dpo with dpo.init_from names the model it really starts from —
+    the merged SFT model OUTPUT/base (dpo.init=merge; train/setup.py writes it) or, for full fine-tuning, the
+    SFT run's model/ — and clears init_from, so that generate/chat load the right model and resuming with
+    the user's own command compares equal. An SFT adapter that trains on (dpo.init=continue) stays named."""
+    if cfg.stage != "dpo" or not cfg.dpo.init_from:
+        return cfg
+    if cfg.method == "full":
+        start = init_dir(cfg, "model")
+    elif cfg.dpo.init == "merge":
+        start = Path(cfg.output_dir) / "base"
+    else:
+        return cfg
+    return replace(cfg, model=replace(cfg.model, path=str(start)), dpo=replace(cfg.dpo, init_from=None))
+
+
+def init_dir(cfg: Config, kind: str) -> Path:
+    """dpo.init_from's `adapter` or `model` dir: the SFT run dir's adapter/ or model/, or the dir itself."""
+    root = Path(cfg.dpo.init_from).expanduser()
+    marker = ADAPTER_CONFIG if kind == "adapter" else "config.json"
+    for candidate in (root / kind, root):
+        if (candidate / marker).is_file():
+            return candidate
+    raise ConfigError(f"dpo.init_from={cfg.dpo.init_from}: no {kind} there (no {root / kind / marker} nor "
+                      f"{root / marker}); point it at an SFT run dir trained with method={cfg.method}.")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

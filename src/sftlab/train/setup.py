@@ -116,29 +116,15 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
                  reference_model=reference)
 
 
-def _init_dir(cfg: Config, kind: str) -> Path:
-    """dpo.init_from's `adapter` or `model` dir: the SFT run dir's adapter/ or model/, or the dir itself."""
-    root = Path(cfg.dpo.init_from).expanduser()
-    marker = export.ADAPTER_CONFIG if kind == "adapter" else "config.json"
-    for candidate in (root / kind, root):
-        if (candidate / marker).is_file():
-            return candidate
-    raise ConfigError(f"dpo.init_from={cfg.dpo.init_from}: no {kind} there (no {root / kind / marker} nor "
-                      f"{root / marker}); point it at an SFT run dir trained with method={cfg.method}.")
-
-
 def _full_init(cfg: Config) -> Config:
-    """Full fine-tuning from an SFT run: its model/ is the model this run starts from."""
-    if cfg.stage != "dpo" or not cfg.dpo.init_from or cfg.method != "full":
-        return cfg
-    return replace(cfg, model=replace(cfg.model, path=str(_init_dir(cfg, "model"))),
-                   dpo=replace(cfg.dpo, init_from=None))
+    """Full fine-tuning from an SFT run: its model/ is the model this run starts from (as its config says)."""
+    return rundir.as_saved(cfg) if cfg.method == "full" else cfg
 
 
 def _init_adapter(cfg: Config) -> Path | None:
     if cfg.stage != "dpo" or not cfg.dpo.init_from or cfg.dpo.init != "continue" or cfg.method == "full":
         return None
-    return _init_dir(cfg, "adapter")
+    return rundir.init_dir(cfg, "adapter")
 
 
 def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_ids: list[int], ctx: Dist,
@@ -148,18 +134,19 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
     if not METHODS[cfg.method].mergeable:
         raise ConfigError(f"dpo.init=merge: method {cfg.method} cannot merge into the base weights; set "
                           "dpo.init=continue to train its SFT adapter on.")
-    adapter = _init_dir(cfg, "adapter")
+    adapter = rundir.init_dir(cfg, "adapter")
     sft = METHODS[cfg.method](cfg, trainable_token_ids=sorted({*token_ids, *export.adapter_token_ids(adapter)}))
     sft.apply(model)
     export.load_trained(model, sft, adapter)
     model = sft.merge(model)
-    base = Path(cfg.output_dir) / "base"
+    saved = rundir.as_saved(cfg)  # names OUTPUT/base as the model from now on
+    base = Path(saved.model.path)
     if ctx.main:
         with atomic_dir(base, what="the merged SFT model") as scratch:
             export.save_model(model, tokenizer, scratch, chat_template=export.chat_template_for(cfg, tokenizer))
     ctx.barrier()
     console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}")
-    return model, replace(cfg, model=replace(cfg.model, path=str(base)), dpo=replace(cfg.dpo, init_from=None))
+    return model, saved
 
 
 def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: list[PairDataset | None], *,
