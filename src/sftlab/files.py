@@ -72,6 +72,19 @@ def atomic_dir(final: str | Path, *, what: str) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a UTF-8 text file beside its place and rename it in: a reader (or a kill) sees the old file or
+    the new one, never half of one."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        scratch.write_text(text, encoding="utf-8")
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return path
+
+
 def remove_scratch(directory: Path) -> list[str]:
     """Remove what interrupted writes left in `directory` (.NAME.tmp-PID, .NAME.old-PID, .NAME.trash-PID and
     checkpoints' .tmp-step-N-PID); an .old dir whose final dir is missing is put back. Returns the names removed."""

@@ -11,6 +11,8 @@ from typing import IO, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from sftlab.files import write_text_atomic
+
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -110,9 +112,7 @@ def _keep_until(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sftlab import __version__
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
 from sftlab.errors import SftlabError
+from sftlab.files import write_text_atomic
 from sftlab.train.loss_curve import loss_svg
 from sftlab.train.metrics import PHASES, read_metrics
 
@@ -62,9 +62,9 @@ def write_report(run_dir: str | Path, *, setup: Setup | None = None,
                           f"into this dir first, or pass the run's setup.")
     if samples is not None:
         facts["samples"] = _checked_samples(samples)
-    _write_atomic(data_path, json.dumps(facts, indent=1, ensure_ascii=False))
+    write_text_atomic(data_path, json.dumps(facts, indent=1, ensure_ascii=False))
     page = render(facts, run_dir)
-    return _write_atomic(run_dir / REPORT_PAGE, page)
+    return write_text_atomic(run_dir / REPORT_PAGE, page)
 
 
 def collect(setup: Setup) -> dict[str, Any]:
@@ -162,13 +162,6 @@ def _checked_samples(samples: Sequence[Mapping[str, str]]) -> list[dict[str, str
             raise SftlabError(f"sample {index}: unknown keys {sorted(unknown)}; expected {', '.join(SAMPLE_FIELDS)}")
         out.append({key: str(sample[key]) for key in SAMPLE_FIELDS if sample.get(key) is not None})
     return out
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(text, encoding="utf-8")
-    os.replace(scratch, path)
-    return path
 
 
 # --- rendering ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from rich.console import Console
 from sftlab.config import Config, ConfigError, load_config, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
-from sftlab.files import remove_scratch
+from sftlab.files import remove_scratch, write_text_atomic
 from sftlab.train import lock
 from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
 
@@ -71,9 +71,7 @@ def finish(out: Path, *, steps: int, export: Path | None, final_loss: float | No
     """Mark the run finished (the last file a run writes)."""
     record = {"steps": steps, "export": export.name if export else None, "final_loss": final_loss,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = out / f".{FINISHED}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / FINISHED)
+    write_text_atomic(out / FINISHED, json.dumps(record, indent=1) + "\n")
 
 
 def finished(out: Path) -> dict[str, Any] | None:
