@@ -79,13 +79,13 @@ def main() -> int:
                 die()
         checkpoint.save_file = save_file
     elif point == "checkpoint-rename":
-        real_sync = checkpoint.sync_path
+        real_sync = checkpoint.sync_tree
 
-        def sync_path(path):
+        def sync_tree(path):
             if saving_step() == at:
                 die()
             real_sync(path)
-        checkpoint.sync_path = sync_path
+        checkpoint.sync_tree = sync_tree
     elif point == "prune":
         real_rmtree = checkpoint.shutil.rmtree
 

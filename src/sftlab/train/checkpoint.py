@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sftlab.errors import SftlabError
-from sftlab.files import WRITE_ERRORS, WriteError, describe, sync_path
+from sftlab.files import WRITE_ERRORS, WriteError, describe, sync_path, sync_tree
 from sftlab.train.distributed import SINGLE, Dist
 
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -88,9 +88,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict[str, to
             record = {"state": asdict(state), "scheduler": scheduler.state_dict(),
                       "python_rng": _python_rng_to_json(random.getstate()), "world_size": ctx.world}
             (tmp / "state.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    sync_path(path)
+            sync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
