@@ -268,7 +268,7 @@ def refuse_overlap(cfg: Config) -> None:
     out = Path(cfg.output_dir).expanduser().resolve()
     for key, path in inputs(cfg):
         where = path.resolve()
-        if key == "model" and where == out / "base":
+        if key == "model" and where == out / "base" and "base" in (_manifest_or_none(out) or []):
             continue  # dpo.init=merge: the run's own merged SFT model, which its saved config names (as_saved)
         if where == out:
             raise ConfigError(f"output_dir {cfg.output_dir} is {key} {path} itself: the run would write its files "
@@ -279,6 +279,10 @@ def refuse_overlap(cfg: Config) -> None:
                 raise ConfigError(f"{key} {path} lies inside output_dir {cfg.output_dir} at {top}, where the run "
                                   f"writes its own {top}: it would be overwritten. Set output_dir to a new "
                                   f"directory (e.g. {out.parent / (out.name + '-run')}), or move {key} out of it.")
+
+
+def _manifest_or_none(out: Path) -> list[str] | None:
+    return files.manifest(out) if out.is_dir() else None
 
 
 def _legacy_run(out: Path, cfg: Config) -> list[str] | None:
