@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base weights: a plain HF model dir")
     merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
-    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty)")
+    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty; never the run "
+                                                        "dir, the base model or a dir holding them)")
     merge.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     merge.add_argument("--onto", choices=("dequantized", "original"),
@@ -85,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "exit when training would learn nothing")
     _data_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text")
-    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl)")
+    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl); an "
+                                          "existing file there is replaced only if it is an earlier rejects log")
     check.set_defaults(run=_check)
     return parser
 
