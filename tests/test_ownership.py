@@ -82,8 +82,8 @@ def test_a_project_dir_holding_the_users_config_and_model_is_never_written(world
     (proj / "config.yaml").write_text(f"method: lora\noutput_dir: {proj}\n", encoding="utf-8")
     before = snapshot(proj)
     for extra in ([], ["--overwrite"]):
-        code = main(["train", str(proj / "config.yaml"), f"model={proj / 'model'}", f"data.train={proj / 'train.jsonl'}",
-                     "train.max_steps=1", "data.cache=false", *extra])
+        code = main(["train", str(proj / "config.yaml"), f"model={proj / 'model'}",
+                     f"data.train={proj / 'train.jsonl'}", "train.max_steps=1", "data.cache=false", *extra])
         err = capsys.readouterr().err
         assert code == 2
         assert f"model {proj / 'model'} lies inside output_dir {proj} at model" in err.replace("\n", "")

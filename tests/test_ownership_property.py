@@ -26,8 +26,8 @@ from sftlab.cli import main
 EXAMPLES = int(os.environ.get("SFTLAB_PROPERTY_EXAMPLES", "3"))
 ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in [("Ping?", "Pong."), ("Hi!", "Hello there."), ("2+2?", "Four.")]]
-NAMES = ("config.yaml", "tensorboard", "model", "adapter", "metrics.jsonl", "checkpoints", "finished.json", "rejects.jsonl",
-         "report.html", "loss.png", "base", "notes.txt", ".sftlab-manifest.json", ".adapter.tmp-1")
+NAMES = ("config.yaml", "tensorboard", "model", "adapter", "metrics.jsonl", "checkpoints", "finished.json",
+         "rejects.jsonl", "report.html", "loss.png", "base", "notes.txt", ".sftlab-manifest.json", ".adapter.tmp-1")
 """Names a user's entries in the output dir get: mostly the ones a run writes, its manifest's included."""
 
 entries = st.dictionaries(st.sampled_from(NAMES), st.sampled_from(["file", "dir", "link", "model"]), max_size=4)

@@ -37,10 +37,10 @@ from typing import Any
 
 from rich.console import Console
 
+from sftlab import files
 from sftlab.config import Config, ConfigError, load_config, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
-from sftlab import files
 from sftlab.files import CONTROL_NAMES, ForeignPathError, remove_scratch, write_text_atomic
 from sftlab.train import lock
 from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
@@ -272,7 +272,8 @@ def refuse_overlap(cfg: Config) -> None:
             continue  # dpo.init=merge: the run's own merged SFT model, which its saved config names (as_saved)
         if where == out:
             raise ConfigError(f"output_dir {cfg.output_dir} is {key} {path} itself: the run would write its files "
-                              f"among the input's. Set output_dir to a new directory, e.g. {out.parent / (out.name + '-run')}.")
+                              "among the input's. Set output_dir to a new directory, e.g. "
+                              f"{out.parent / (out.name + '-run')}.")
         if out in where.parents:
             top = where.relative_to(out).parts[0]
             if top in {*RUN_FILES, *CONTROL_NAMES}:
