@@ -220,8 +220,8 @@ def _refuse_foreign(out: Path) -> None:
     entries = [child.name for child in out.iterdir() if child.name not in CONTROL_NAMES]
     if entries:
         shown = ", ".join(sorted(entries)[:5]) + (", …" if len(entries) > 5 else "")
-        raise ConfigError(f"output_dir {out} already holds files that are not an sftlab run ({shown}; no "
-                          f"{files.MANIFEST}). Set output_dir to a new or empty directory, or pass --overwrite to "
+        raise ConfigError(f"output_dir {out} already holds files that are not an sftlab run ({shown}): it has no "
+                          f"{files.MANIFEST}. Set output_dir to a new or empty directory, or pass --overwrite to "
                           "write the run there beside them (none of them is ever changed or removed).")
 
 
