@@ -256,7 +256,6 @@ def test_training_sections_validate(override: str, message: str) -> None:
 @pytest.mark.parametrize("overrides, message", [
     (["data.packing=true", "method=prompt"], "data.packing=true cannot be used with method prompt"),
     (["data.packing=true", "method=prefix"], "data.packing=true cannot be used with method prefix"),
-    (["data.packing=true", "data.max_seq_len=null"], "data.max_seq_len is null; set it"),
 ])
 def test_packing_combinations_that_cannot_work_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
