@@ -27,7 +27,7 @@ def test_defaults() -> None:
     assert (cfg.model.path, cfg.output_dir) == (None, "runs/run")
     assert to_dict(cfg.data) == {
         "train": None, "eval": None, "eval_fraction": 0.0, "format": "auto", "role_map": {}, "on_bad_row": "error",
-        "template": "auto", "train_on": "assistant", "max_seq_len": 2048, "truncation": "drop", "packing": False,
+        "template": "auto", "train_on": "assistant", "max_seq_len": None, "max_row_bytes": None, "truncation": "drop", "packing": False,
         "add_special_tokens": False, "cache_dir": None, "cache": True}
 
 
