@@ -213,3 +213,17 @@ def test_peak_rss_of_train_with_a_30_mb_row_stays_near_the_file_without_it(model
     assert rc == 2 and f"{giant}:21" in stderr.replace("\n", "") and "Traceback" not in stderr
     assert "data.max_row_bytes" in stderr
     assert peak - base < 100e6
+
+
+def test_generate_refuses_a_prompt_that_fills_the_models_positions() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlab.generate import sample
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    assert len(sample(model, [1] * 31, stop_ids=[], max_new_tokens=1, temperature=0)) == 1
+    with pytest.raises(ConfigError, match="the prompt is 32 tokens, and the model takes at most 32 positions"):
+        sample(model, [1] * 32, stop_ids=[], max_new_tokens=1, temperature=0)
