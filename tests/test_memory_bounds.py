@@ -227,3 +227,16 @@ def test_generate_refuses_a_prompt_that_fills_the_models_positions() -> None:
     assert len(sample(model, [1] * 31, stop_ids=[], max_new_tokens=1, temperature=0)) == 1
     with pytest.raises(ConfigError, match="the prompt is 32 tokens, and the model takes at most 32 positions"):
         sample(model, [1] * 32, stop_ids=[], max_new_tokens=1, temperature=0)
+
+
+def test_a_pair_row_over_two_sides_worth_is_rejected_unread(tmp_path: Path) -> None:
+    from sftlab.data.preference import pair_row_limit, read_pairs
+
+    pair = {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(jsonl(pair, {**pair, "chosen": "y" * 30_000}, pair), encoding="utf-8")
+    encoder = Encoder(tiny_chat_tokenizer(), load_template("chatml"), max_row_bytes=10_000)
+    assert pair_row_limit(encoder) == 20_000
+    log = RejectLog()
+    assert len(list(read_pairs(path, on_bad_row="skip", rejects=log, max_row_bytes=pair_row_limit(encoder)))) == 2
+    assert log.counts == {ROW_TOO_LARGE: 1}
