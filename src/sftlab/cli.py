@@ -116,7 +116,6 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
     from sftlab.models.load import load_tokenizer
-
     from sftlab.models.positions import with_max_seq_len
 
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
