@@ -63,6 +63,8 @@ class NF4Linear(nn.Module):
             return None
         conv1d = type(layer).__name__ == "Conv1D"
         weight = layer.weight.detach()
+        if _is_nf4(weight):  # quantised as it was loaded (models/stream.py): the same NF4Tensor, kept as is
+            return cls(weight, layer.bias)
         weight = (weight.t() if conv1d else weight).contiguous()  # (out, in)
         return cls(to_nf4(weight, block_size=block_size, double_quant=double_quant), layer.bias, conv1d=conv1d)
 

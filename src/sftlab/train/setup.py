@@ -25,7 +25,7 @@ from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
-from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
+from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, nf4_spec
 from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
 from sftlab.train import rundir
@@ -83,7 +83,10 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         raise ConfigError(f"no training examples left from {cfg.data.train} (see {out / 'rejects.jsonl'}).")
 
     device = device or (ctx.device() if ctx.enabled else default_device())
-    model = load_model(cfg.model, device=device)
+    notes: list[str] = []
+    model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg), notes=notes)
+    for note in notes:
+        console.print(note)
     torch.manual_seed(cfg.train.seed)  # the new embedding rows and the adapter's initialisation
     new_token_ids = _add_token_rows(cfg, model, tokenizer, encoder.added_tokens, console)
     _check_vocab(model, train_data, cfg.model.path)
