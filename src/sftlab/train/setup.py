@@ -31,6 +31,7 @@ from sftlab.models.quant import base_memory_line
 from sftlab.train import rundir
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup, _pad_id
+from sftlab.train.memory import plan_run
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
 
 
@@ -83,6 +84,8 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         raise ConfigError(f"no training examples left from {cfg.data.train} (see {out / 'rejects.jsonl'}).")
 
     device = device or (ctx.device() if ctx.enabled else default_device())
+    if not ctx.enabled:  # under torchrun each rank holds a share (FSDP) or a replica (DDP): not planned yet
+        plan_run(cfg, train_data, device, console)  # exit 2 before any weight is read when it cannot fit
     notes: list[str] = []
     model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg), notes=notes)
     for note in notes:
