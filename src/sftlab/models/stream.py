@@ -4,10 +4,10 @@
 (27 GB for a 7B model in fp32), and QLoRA would only quantise it afterwards. Here the skeleton's parameters
 live on the meta device (no memory), its buffers are built for real (rotary `inv_freq` is computed at
 init exactly as from_pretrained's model computes it), and each checkpoint tensor is read from its shard
-(memory-mapped: one shard's pages at a time), cast to the dtype the skeleton gives that parameter, put on
+(plain reads into a buffer of its size: no file pages stay resident), cast to the dtype the skeleton gives that parameter, put on
 the target device and, for the layers QLoRA keeps in NF4 (`Nf4Spec`), quantised right there — the same
 `to_nf4` call on the same tensor as quantising after a full load, so the weights are equal bit for bit.
-Peak host memory: what stays resident plus one shard.
+Peak host memory: what stays resident plus about one tensor as stored (and its cast).
 
 A checkpoint this loader cannot map one to one onto the model (names that differ, e.g. an architecture
 transformers converts on load, a missing tensor that is not a tied one, a shape that differs) is not
@@ -35,6 +35,15 @@ class TensorInfo:
     dtype: str
     """safetensors' dtype name: BF16, F16, F32, ..."""
     file: Path
+    start: int
+    """Byte offset of its data in `file`; the data ends at `end`."""
+    end: int
+
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+"""safetensors dtype names -> torch dtypes (the file format stores them little-endian, as torch does here)."""
 
 
 @dataclass(frozen=True)
@@ -45,17 +54,39 @@ class Nf4Spec:
 
 
 def checkpoint_tensors(files: list[Path]) -> dict[str, TensorInfo]:
-    """Every tensor of the safetensors files `files` by name: shape, dtype and the file holding it, read
-    from the headers only."""
-    from safetensors import safe_open
+    """Every tensor of the safetensors files `files` by name: shape, dtype, the file and byte range holding
+    it, read from the headers only (the files are checked whole by models/load.py: check_safetensors).
 
+    The safetensors format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {...}}, then the data, offsets counted from its start."""
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                tensors[name] = TensorInfo(tuple(piece.get_shape()), piece.get_dtype(), file)
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                begin, end = entry["data_offsets"]
+                tensors[name] = TensorInfo(tuple(entry["shape"]), entry["dtype"], file, 8 + length + begin,
+                                           8 + length + end)
     return tensors
+
+
+def read_tensor(handle: Any, info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor `info` read from the open file `handle` with plain reads (unlike a memory map, no page of
+    the file stays in this process's resident memory), into the front of the uint8 buffer `into` when given
+    (a staging buffer reused for tensors that are cast anyway), else into a fresh tensor."""
+    size = info.end - info.start
+    data = torch.empty(size, dtype=torch.uint8) if into is None else into[:size]
+    view = memoryview(data.numpy())
+    handle.seek(info.start)
+    done = 0
+    while done < size:
+        count = handle.readinto(view[done:])
+        if not count:
+            raise OSError(f"{info.file} ends before the data of a tensor it lists (byte {info.start + done})")
+        done += count
+    return data.view(DTYPES[info.dtype]).reshape(info.shape)
 
 
 @contextmanager
@@ -123,21 +154,28 @@ def stream_plan(model: nn.Module, tensors: dict[str, TensorInfo]) -> str | None:
 
 def fill(model: nn.Module, tensors: dict[str, TensorInfo], *, device: torch.device,
          nf4: Nf4Spec | None = None) -> nn.Module:
-    """Read every tensor of `tensors` (checked by stream_plan) into the skeleton `model`, one shard open at a
-    time, each cast to its parameter's dtype and placed on `device` (NF4 for `nf4_layers`); then tie the
+    """Read every tensor of `tensors` (checked by stream_plan) into the skeleton `model`, one at a time, each cast to its parameter's dtype and placed on `device` (NF4 for `nf4_layers`); then tie the
     tied weights and move the buffers to `device`. Returns `model`."""
-    from safetensors import safe_open
-
     quantized = nf4_layers(model, nf4) if nf4 is not None else set()
     by_file: dict[Path, list[str]] = {}
     for name, info in tensors.items():
         by_file.setdefault(info.file, []).append(name)
+    # A tensor that is cast or moved is read into one staging buffer, reused: freed reads of many sizes
+    # would otherwise stay in the allocator's heap (tens of MB of RSS for nothing).
+    held = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
+    staged = {n for n, info in tensors.items() if _needs_copy(held[n], info, device)}
+    staging = torch.empty(max((tensors[n].end - tensors[n].start for n in staged), default=0), dtype=torch.uint8)
     with torch.no_grad():
         for file, names in by_file.items():
-            with safe_open(str(file), framework="pt") as handle:
+            with open(file, "rb", buffering=0) as handle:
                 for name in names:
-                    _place(model, name, handle.get_tensor(name), device=device, nf4=nf4 if
-                           name.removesuffix(".weight") in quantized and name.endswith(".weight") else None)
+                    into = staging if name in staged else None
+                    as_nf4 = name.removesuffix(".weight") in quantized and name.endswith(".weight")
+                    _place(model, name, read_tensor(handle, tensors[name], into), device=device,
+                           nf4=nf4 if as_nf4 else None)
+                    if as_nf4 and device.type == "cpu":
+                        _release_freed_heap()
+        del staging
         model.tie_weights()
         for module in model.modules():
             for key, buffer in module._buffers.items():
@@ -147,6 +185,32 @@ def fill(model: nn.Module, tensors: dict[str, TensorInfo], *, device: torch.devi
     if left:  # stream_plan rules this out; a model whose tying differs from its config would end here
         raise RuntimeError(f"streaming load left {len(left)} parameter(s) unread, e.g. {left[0]}")
     return model
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap memory freed by the NF4 quantiser's temporaries (torchao works on the whole layer in
+    fp32 and in chunks of 1M values × 16 levels) back to the OS. glibc keeps freed blocks of these sizes in
+    its heap, where the next layers' differently sized temporaries cannot reuse them: without this, peak RSS
+    grows by several times the quantiser's working set over a model's layers. A no-op off glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
+def _needs_copy(current: torch.Tensor, info: TensorInfo, device: torch.device) -> bool:
+    """Whether placing a checkpoint tensor where the model holds `current` makes a new tensor (a cast, or a
+    move off the host)."""
+    return device.type != "cpu" or (current.is_floating_point() and current.dtype != DTYPES[info.dtype])
 
 
 def _place(model: nn.Module, name: str, tensor: torch.Tensor, *, device: torch.device, nf4: Nf4Spec | None) -> None:
