@@ -6,6 +6,7 @@ process by at most the model's final size plus one shard."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,34 @@ def test_loading_raises_peak_rss_by_at_most_the_final_size_plus_one_shard(tmp_pa
     assert measured["rise"] <= measured["final"] + largest + slack
     if method == "qlora":  # the NF4 decoder is well under the dense model: the fp32 base never existed
         assert measured["final"] < 0.5 * 4 * sum(p.numel() for p in load_file(str(shards[0])).values()) * len(shards)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_merge_writes_the_base_models_dtype_and_keeps_its_logits(tmp_path: Path, capsys, stored: torch.dtype) -> None:
+    from safetensors import safe_open
+
+    from sftlab.cli import main
+
+    model_dir = tiny_model_dir(tmp_path / "base", hidden=64, init_range=0.2)
+    weights = load_file(str(model_dir / "model.safetensors"))  # stored as a bf16 release stores it
+    save_file({k: v.to(stored) for k, v in weights.items()}, str(model_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Say hi."},
+                                             {"role": "assistant", "content": "Hi there!"}]}) + "\n", encoding="utf-8")
+    (tmp_path / "run.yaml").write_text("method: lora\n", encoding="utf-8")
+    assert main(["train", str(tmp_path / "run.yaml"), f"model={model_dir}", f"data.train={data}", "data.cache=false",
+                 f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.lr=1e-2"]) == 0
+    assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr().out
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as merged:
+        dtypes = {merged.get_tensor(name).dtype for name in merged.keys()}
+    assert dtypes == {stored}
+    diff, kl = (float(x) for x in re.search(r"max \|Δlogit\| ([\d.e+-]+), mean KL ([\d.e+-]+)", printed).groups())
+    # The adapter model computes in fp32 over the stored weights; the merged dir holds W0 + s·B·A rounded to
+    # the stored dtype: bf16 rounding (2^-8 relative) moves the logits a little (mean KL ~1e-4 here); fp32
+    # keeps them to fp32 rounding, as before.
+    if stored == torch.bfloat16:
+        assert kl <= 1e-3, printed
+    else:
+        assert diff <= 1e-4 and kl <= 1e-9, printed
