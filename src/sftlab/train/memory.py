@@ -14,7 +14,7 @@ weights are read — printed as one line, and a refusal (with the change that ma
   without gradient checkpointing; with it, one hidden state per layer plus one layer recomputed. Plus the
   loss's head chunk (fp32 logits, train/loss.py) and one dequantised NF4 weight in flight.
 - runtime: what the process holds already (Python, torch, the tokenizer, the data index) on the host; the
-  load adds one safetensors shard, memory-mapped while it is read, before the training state exists.
+  load adds its staging buffer (the largest tensor as stored) before the training state exists.
 
 The constants are fitted on benchmarks/bench_memory.py's CPU rows (Llama shapes, 135M and 1B): the plan is
 meant to be within 25% of the measured peak RSS there; it is an estimate, not a bound.
@@ -61,7 +61,8 @@ class ModelShape:
     """Weights of the largest decoder linear layer (one is dequantised at a time under QLoRA)."""
     element: int
     """Bytes per value in the compute dtype."""
-    largest_shard: int
+    largest_tensor: int
+    """Bytes of the largest checkpoint tensor as stored: the load's staging buffer (models/stream.py)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        """Peak: the runtime and the base, plus the larger of the load's shard and the training state."""
+        """Peak: the runtime and the base, plus the larger of the load's staging buffer and the training state."""
         training = self.trainable + self.gradients + self.optimizer + self.activations
         return self.runtime + self.base + max(self.load_extra, training)
 
@@ -129,11 +130,11 @@ def model_shape(cfg: Any, source: Path, device: torch.device) -> ModelShape:
     lora_trainable = _trainable_bytes(LoRA(cfg), model)
     method = METHODS[cfg.method](cfg)
     method_trainable = lora_trainable if cfg.method in ("lora", "qlora") else _trainable_bytes(method, model)
-    shards = stream.weight_files(source)
+    stored = stream.checkpoint_tensors(stream.weight_files(source))  # headers only
     return ModelShape(dense, nf4, lora_trainable, method_trainable, layers, hidden, intermediate,
                       int(model.get_input_embeddings().weight.shape[0]),
                       max((m.weight.numel() for m in linear.values()), default=0), torch.finfo(dtype).bits // 8,
-                      max(f.stat().st_size for f in shards))
+                      max((info.end - info.start for info in stored.values()), default=0))
 
 
 def _trainable_bytes(method: Any, skeleton: nn.Module) -> int:
@@ -162,7 +163,7 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
     dequantized = 2 * shape.largest_linear * shape.element if qlora else 0
     return MemoryPlan(cfg.method, shape.nf4_bytes if qlora else shape.dense_bytes,
                       "nf4" if qlora else str(_dtype_name(shape.element)), trainable, trainable, 2 * trainable,
-                      layers + head + dequantized, runtime, shape.largest_shard, checkpointing, available, where)
+                      layers + head + dequantized, runtime, shape.largest_tensor, checkpointing, available, where)
 
 
 def fixes(cfg: Any, shape: ModelShape, current: MemoryPlan, row_tokens: int) -> list[str]:
