@@ -88,6 +88,9 @@ class Segment:
     role: str = ""
     """'system' / 'user' / 'assistant' for a message's content (and its end-of-turn marker), '' for
     template text."""
+    content: bool = False
+    """True for text that is a message's content (as given or as the template trimmed it): user text, whose
+    special-token strings the Encoder keeps as ordinary text; False for the template's own markup."""
 
 
 class _GenerationTag(Extension):
@@ -263,15 +266,27 @@ class ChatTemplate:
         flags = trainable_flags(messages, train_on)
         return _segments(text, spans, flags, messages, self._eot_after, train_on == "all", where)
 
-    def _marked(self, roles: tuple[str, ...], where: str) -> str:
+    def render_prompt(self, messages: Sequence[Mapping[str, Any]], *, where: str = "") -> list[Segment]:
+        """What `render_text(messages, add_generation_prompt=True)` gives, as untrained segments with each
+        message's content marked (Segment.content), so a prompt's contents are tokenised by the same rule
+        as training data's: special-token strings typed by a user stay text."""
+        parsed = [Message(str(m["role"]), str(m["content"])) for m in messages]
+        text = self.render_text(messages, add_generation_prompt=True, where=where)
+        marked = self._marked(tuple(m.role for m in parsed), where, add_generation_prompt=True)
+        spans = self._content_spans(text, marked, parsed, where)
+        return _segments(text, spans, [False] * len(parsed), parsed, self._eot_after, False, where)
+
+    def _marked(self, roles: tuple[str, ...], where: str, add_generation_prompt: bool = False) -> str:
         """The render with a sentinel for each content: it depends only on the roles (the template's other
         variables and its clock are fixed per template), so it is computed once per role sequence."""
-        cached = self._marked_cache.get(roles)
+        key = roles + ("+generation prompt",) if add_generation_prompt else roles  # never a role name
+        cached = self._marked_cache.get(key)
         if cached is None:
             cached = self.render_text([{"role": role, "content": f"{self._sentinel}{i}@@"}
-                                       for i, role in enumerate(roles)], where=where)
+                                       for i, role in enumerate(roles)],
+                                      add_generation_prompt=add_generation_prompt, where=where)
             if len(self._marked_cache) < 4096:
-                self._marked_cache[roles] = cached
+                self._marked_cache[key] = cached
         return cached
 
     def _content_spans(self, text: str, marked: str, messages: Sequence[Message],
@@ -361,7 +376,7 @@ def _segments(text: str, spans: list[tuple[int, int, int]], flags: list[bool], m
         if start > pos:
             segments.append(Segment(text[pos:start], template_trained))
         role, flag = messages[index].role, flags[index]
-        segments.append(Segment(text[start:end], flag, role))
+        segments.append(Segment(text[start:end], flag, role, content=True))
         pos = end
         if flag:
             limit = spans[k + 1][0] if k + 1 < len(spans) else len(text)
