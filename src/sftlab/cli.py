@@ -120,7 +120,8 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     template = load_template(cfg.data.template, tokenizer)
     return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
-                   truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens)
+                   truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens,
+                   special_tokens_in_content=cfg.data.special_tokens_in_content)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ name the cache argument `cache`): the prompt is run once, then one token per ste
 It does not use HF `generate()`, so methods that hook the forward or the cache (prefix tuning) decode
 through exactly the path they train through.
 
-    messages ──render_text(add_generation_prompt)──▶ text ──encode──▶ prompt ids
+    messages ──render_prompt(add_generation_prompt)──▶ segments ──encode (contents as text)──▶ prompt ids
       ──prefill──▶ logits ──pick (greedy | top-p)──▶ token ──step with cache──▶ ... until a stop token
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sftlab.data.encode import prompt_token_ids
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import ConfigError
 
@@ -44,10 +45,13 @@ def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def prompt_ids(tokenizer: Any, template: ChatTemplate, messages: Messages) -> list[int]:
-    """The token ids the model sees before its reply: the template render with the generation prompt."""
-    text = template.render_text(messages, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def prompt_ids(tokenizer: Any, template: ChatTemplate, messages: Messages, *,
+               special_tokens_in_content: str = "text") -> list[int]:
+    """The token ids the model sees before its reply: the template render with the generation prompt.
+    Special-token strings a user types (`<|im_start|>system` in a prompt) are text, as in training data,
+    so a prompt cannot forge a turn; `special_tokens_in_content="allow"` reads them as control tokens."""
+    segments = template.render_prompt(messages)
+    return prompt_token_ids(tokenizer, segments, special_tokens_in_content=special_tokens_in_content)
 
 
 def generate(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *,

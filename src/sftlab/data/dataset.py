@@ -45,6 +45,9 @@ class DatasetStats:
     truncated: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     """Rows that did not become examples, by reason."""
+    special_token_rows: int = 0
+    """Examples whose message contents hold special-token strings (as text, or as control tokens under
+    data.special_tokens_in_content=allow); refused ones are among `rejected`."""
 
 
 class EncodedDataset:
@@ -181,6 +184,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 kept.append(result)
                 offsets.append(offsets[-1] + len(result.ids))
                 stats.truncated += int(result.truncated)
+                stats.special_token_rows += int(result.special_tokens_in_content > 0)
             if kept:  # one write per batch, not per example
                 trained = np.concatenate([r.trained for r in kept])
                 np.concatenate([r.ids for r in kept]).astype(np.int32).tofile(ids_file)

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sftlab.config import DataConfig
-from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, TOO_LONG, Dropped, Encoded, Encoder
+from sftlab.data.encode import (IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped,
+                                Encoded, Encoder)
 from sftlab.data.formats import read_conversations
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.data.schema import ROLES, Conversation
@@ -101,6 +102,11 @@ class QualityReport:
     blank_messages: int = 0
     """Whitespace-only messages in valid rows (empty ones are rejected as 'empty content')."""
     turns_missing_end_of_turn: int = 0
+    special_token_rows: int = 0
+    """Rows whose message contents hold special-token strings (`<|im_end|>` typed in a message), refused
+    ones (data.special_tokens_in_content=error) included."""
+    special_tokens_in_content: str = "text"
+    """data.special_tokens_in_content: how those strings are encoded (text, error or allow)."""
     rejects_path: str | None = None
     """Where rejected and dropped rows were written; None when there were none."""
     problems: list[str] = field(default_factory=list)
@@ -177,7 +183,8 @@ class _Tally:
             return full
         if self._unlimited is None:
             e = self.encoder
-            self._unlimited = Encoder(e.tokenizer, e.template, train_on=e.train_on, max_seq_len=None)
+            self._unlimited = Encoder(e.tokenizer, e.template, train_on=e.train_on, max_seq_len=None,
+                                      special_tokens_in_content=e.special_tokens_in_content)
         for i, result in zip(long, self._unlimited.encode_batch([batch[i] for i in long])):
             full[i] = result if isinstance(result, Encoded) else None
         return full
@@ -202,6 +209,7 @@ class _Tally:
 
     def refused(self, error: DataError, whole: Encoded | None) -> None:
         self.refused_rows += 1
+        self.counts["special_token_rows"] += error.reason == SPECIAL_IN_CONTENT
         if isinstance(error, Dropped):
             self.dropped[error.reason] += 1
         if whole is not None:  # dropped as too long: its length still describes the data
@@ -214,6 +222,7 @@ class _Tally:
         self.role_tokens += np.bincount(roles, minlength=len(ROLE_NAMES))
         self.role_trained += np.bincount(roles[trained], minlength=len(ROLE_NAMES))
         self.counts["examples"] += 1
+        self.counts["special_token_rows"] += encoded.special_tokens_in_content > 0
         self.counts["turns_missing_end_of_turn"] += turns_missing_end_of_turn(
             encoded.segments, self.encoder.template.end_of_turn)
         if not encoded.truncated:
@@ -241,7 +250,8 @@ class _Tally:
             truncated=c["truncated"], truncated_inside_trained_turn=c["truncated_inside_trained_turn"],
             dropped_too_long=self.dropped[TOO_LONG], duplicates=c["duplicates"],
             conflicting_prompts=c["conflicting"], blank_messages=c["blank"],
-            turns_missing_end_of_turn=c["turns_missing_end_of_turn"])
+            turns_missing_end_of_turn=c["turns_missing_end_of_turn"], special_token_rows=c["special_token_rows"],
+            special_tokens_in_content=self.encoder.special_tokens_in_content)
 
     def _lengths(self) -> Lengths:
         lengths = np.frombuffer(self.lengths, dtype=np.int32)
@@ -287,6 +297,15 @@ def digest(value: Any) -> int:
 
 
 
+SPECIAL_TOKEN_ROWS = {
+    "text": "(encoded as plain text, never the control token: data.special_tokens_in_content=text)",
+    "error": "(refused: data.special_tokens_in_content=error; set it to text to train them as plain text)",
+    "allow": "(encoded as the control tokens, so forged turn markup is trained: data.special_tokens_in_content="
+             "allow; set it to text)",
+}
+"""The check's warning about such rows, by data.special_tokens_in_content."""
+
+
 def _problems(r: QualityReport) -> list[str]:
     """Why training on this data would learn nothing useful; empty when it would."""
     if r.examples == 0:
@@ -322,6 +341,8 @@ def _warnings(r: QualityReport) -> list[str]:
         (r.blank_messages, "messages that are whitespace only"),
         (r.turns_missing_end_of_turn, "trained turns not ending with an end-of-turn token (the model would "
                                       "not learn to stop)"),
+        (r.special_token_rows, "rows whose message contents hold special-token strings "
+                               + SPECIAL_TOKEN_ROWS[r.special_tokens_in_content]),
     ]
     out += [f"{text}: {n}." for n, text in checks if n]
     return out
@@ -367,6 +388,7 @@ def _summary_table(r: QualityReport) -> Any:
              ("duplicate conversations", r.duplicates), ("prompts with different answers", r.conflicting_prompts),
              ("whitespace-only messages", r.blank_messages),
              ("trained turns without end-of-turn", r.turns_missing_end_of_turn),
+             (f"rows with special-token text in contents ({r.special_tokens_in_content})", r.special_token_rows),
              ("turns per conversation (min/median/max)", turns)]
     rows += [(f"{role} messages", n) for role, n in r.messages.items()]
     if r.rejects_path:

@@ -63,14 +63,17 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
-                      add_special_tokens=cfg.data.add_special_tokens)
+                      add_special_tokens=cfg.data.add_special_tokens,
+                      special_tokens_in_content=cfg.data.special_tokens_in_content)
     train_data = _build(ctx, cfg.data.train, cfg, encoder, out / "rejects.jsonl")
-    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo")
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo",
+                 special_tokens_in_content=cfg.data.special_tokens_in_content)
     indices = np.arange(len(train_data))
     eval_data, eval_indices = None, None
     if cfg.data.eval:
         eval_data = _build(ctx, cfg.data.eval, cfg, encoder, out / "eval_rejects.jsonl")
-        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo")
+        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo",
+                     special_tokens_in_content=cfg.data.special_tokens_in_content)
         eval_indices = np.arange(len(eval_data))
     elif cfg.data.eval_fraction > 0:
         shuffled = np.random.default_rng([cfg.train.seed, 1 << 20]).permutation(len(train_data))
@@ -233,7 +236,8 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
 
 
-def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path, *, pairs: bool = False) -> None:
+def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path, *, pairs: bool = False,
+                 special_tokens_in_content: str = "text") -> None:
     made = f"{stats.examples // 2} pairs" if pairs else f"{stats.examples} examples"
     line = f"{split} data: {stats.rows} rows -> {made}, {stats.tokens:,} tokens " \
            f"({stats.trained_tokens:,} {'scored' if pairs else 'trained'})"
@@ -243,6 +247,17 @@ def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Pat
     if stats.rejected:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.rejected.items()))
         console.print(f"[yellow]{split} rows not used: {reasons} — listed in {rejects}[/]")
+    if stats.special_token_rows:
+        console.print(_special_token_rows(split, stats.special_token_rows, special_tokens_in_content))
+
+
+def _special_token_rows(split: str, rows: int, mode: str) -> str:
+    """The line about rows whose contents hold special-token strings (`<|im_end|>` typed in a message)."""
+    if mode == "allow":
+        return (f"[yellow]warning: {rows} {split} rows hold special-token strings in message contents, trained as "
+                "the control tokens (data.special_tokens_in_content=allow): forged turn markup is learned. Set "
+                "data.special_tokens_in_content=text to train them as plain text.[/]")
+    return f"{split} data: {rows} rows hold special-token strings in message contents, encoded as plain text"
 
 
 def _check_vocab(model: torch.nn.Module, data: EncodedDataset, model_path: str) -> None:
