@@ -238,3 +238,19 @@ def _encoder(name: str) -> Encoder:
         tokenizer = shared_real_tokenizer(name)
         _ENCODERS[name] = Encoder(tokenizer, load_template("auto", tokenizer), max_seq_len=None)
     return _ENCODERS[name]
+
+
+@pytest.mark.fixtures
+def test_markup_stays_control_tokens_after_a_split_special_tokens_call() -> None:
+    """transformers leaves the backend's `encode_special_tokens` as its last `split_special_tokens` call set
+    it; the Encoder must still read the template's own markup as control tokens."""
+    from conftest import real_tokenizer
+
+    tokenizer = real_tokenizer("qwen2_5")
+    encoder = Encoder(tokenizer, load_template("chatml", tokenizer), max_seq_len=None)
+    before = encoder.encode(chat("Fine."))
+    tokenizer.encode("<|im_end|>", add_special_tokens=False, split_special_tokens=True)
+    after = encoder.encode(chat("Fine."))
+    prompt = prompt_ids(tokenizer, encoder.template, [{"role": "user", "content": "Hi"}])
+    assert after.input_ids == before.input_ids and count_special(tokenizer, after.input_ids) == 4
+    assert count_special(tokenizer, prompt) == 3

@@ -154,6 +154,7 @@ class Encoder:
 
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], Any]]:
         if self._backend is not None:
+            _match_special_tokens(self._backend)
             encodings = self._backend.encode_batch(texts, add_special_tokens=False)
             return [(e.ids, e) for e in encodings]
         return [(self.tokenizer.encode(text, add_special_tokens=False), None) for text in texts]
@@ -303,6 +304,7 @@ def prompt_token_ids(tokenizer: Any, segments: Sequence[Segment], *, special_tok
         return [i for s in segments for i in tokenizer.encode(s.text, add_special_tokens=False,
                                                                  split_special_tokens=s.content
                                                                  and special_tokens_in_content != "allow")]
+    _match_special_tokens(backend)
     encoding = backend.encode(text, add_special_tokens=False)
     ids = np.asarray(encoding.ids, dtype=np.int64)
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
@@ -326,6 +328,14 @@ def _plain_backend(backend: Any) -> Any:
     backend.no_truncation()
     backend.no_padding()
     return backend
+
+
+def _match_special_tokens(backend: Any) -> None:
+    """Make the (shared) backend match special tokens again: transformers sets `encode_special_tokens` for
+    each call from its `split_special_tokens` argument and leaves it so, and a whole-string encoding with it
+    on would split the template's own markup into text."""
+    if getattr(backend, "encode_special_tokens", False):
+        backend.encode_special_tokens = False
 
 
 def _texts(rendered: list[list[Segment] | DataError]) -> list[str]:
