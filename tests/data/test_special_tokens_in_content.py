@@ -254,3 +254,18 @@ def test_markup_stays_control_tokens_after_a_split_special_tokens_call() -> None
     prompt = prompt_ids(tokenizer, encoder.template, [{"role": "user", "content": "Hi"}])
     assert after.input_ids == before.input_ids and count_special(tokenizer, after.input_ids) == 4
     assert count_special(tokenizer, prompt) == 3
+
+
+@pytest.mark.parametrize("mode,expected", [("text", "1 rows hold special-token strings in message contents, "
+                                                    "encoded as plain text"),
+                                           ("allow", "warning: 1 train rows hold special-token strings")])
+def test_train_reports_rows_with_special_token_text(mode: str, expected: str) -> None:
+    from rich.console import Console
+
+    from sftlab.data.dataset import DatasetStats
+    from sftlab.train.setup import _report_data
+
+    console = Console(record=True, width=400)
+    _report_data(console, "train", DatasetStats(rows=3, examples=3, special_token_rows=1), Path("rejects.jsonl"),
+                 special_tokens_in_content=mode)
+    assert expected in console.export_text()
