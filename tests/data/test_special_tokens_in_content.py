@@ -269,3 +269,20 @@ def test_train_reports_rows_with_special_token_text(mode: str, expected: str) ->
     _report_data(console, "train", DatasetStats(rows=3, examples=3, special_token_rows=1), Path("rejects.jsonl"),
                  special_tokens_in_content=mode)
     assert expected in console.export_text()
+
+
+@pytest.mark.fixtures
+@pytest.mark.parametrize("mode,pairs", [("text", 2), ("error", 1)])
+def test_dpo_check_counts_pairs_with_special_token_text(tmp_path: Path, mode: str, pairs: int) -> None:
+    from sftlab.data.pair_quality import analyze_pairs
+
+    tokenizer = shared_real_tokenizer("qwen2_5")
+    rows = [{"prompt": [{"role": "user", "content": "Say something."}],
+             "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": "No."}]}
+            for chosen in ("Fine.", FORGED["chatml"])]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    encoder = Encoder(tokenizer, load_template("auto", tokenizer), special_tokens_in_content=mode)
+    report = analyze_pairs(data, DataConfig(template="auto", special_tokens_in_content=mode), encoder)
+    assert report.pairs == pairs and report.special_token_rows == 1
+    assert any(f"special_tokens_in_content={mode}" in w for w in report.warnings)
