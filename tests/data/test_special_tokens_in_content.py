@@ -288,3 +288,31 @@ def test_dpo_check_counts_pairs_with_special_token_text(tmp_path: Path, mode: st
     report = analyze_pairs(data, DataConfig(template="auto", special_tokens_in_content=mode), encoder)
     assert report.pairs == pairs and report.special_token_rows == 1
     assert any(f"special_tokens_in_content={mode}" in w for w in report.warnings)
+
+
+def test_a_tokenizer_that_cannot_reencode_in_place_refuses_the_row() -> None:
+    """Fail safe: a Metaspace tokenizer that prepends '▁' to the start of a text (prepend_scheme=first, as
+    Llama-2/Mistral tokenizer.json files) would encode a stretch cut out of the row differently from in
+    place; the row is refused, naming the fix, never encoded with a stray space."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(["Say something. Sure. user assistant hi"] * 10,  # no <unk> in these rows
+                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False,
+                                                    initial_alphabet=list("<|>_\n.")))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
+                         special_tokens=True)
+    encoder = Encoder(tokenizer, load_template("chatml", tokenizer), max_seq_len=None)
+    assert count_special(tokenizer, encoder.encode(chat("Sure.")).input_ids) == 4  # plain rows encode
+    # `<unk>` for characters the vocabulary lacks is a special id inside content, but not matched from text.
+    unknown = encoder.encode_detailed([chat("Sure. Zq")])[0]
+    assert unknown.special_tokens_in_content == 0 and tokenizer.convert_tokens_to_ids("<unk>") in unknown.example.input_ids
+    with pytest.raises(DataError) as caught:
+        encoder.encode(chat(FORGED["chatml"], "m.jsonl:4"))
+    assert caught.value.reason == SPECIAL_IN_CONTENT and caught.value.where == "m.jsonl:4"
+    allowed = Encoder(tokenizer, load_template("chatml", tokenizer), special_tokens_in_content="allow")
+    assert count_special(tokenizer, allowed.encode(chat(FORGED["chatml"])).input_ids) == 6

@@ -165,7 +165,7 @@ class Encoder:
         else:
             trained, roles, content = _label_by_offsets(where, segments, ids, encoding)
         array = np.asarray(ids, dtype=np.int64)
-        forged = self._specials.find(array, content)
+        forged = self._specials.find(array, content, segments, encoding)
         if len(forged):
             array, trained, roles = self._specials.resolve(where, segments, array, encoding, forged,
                                                            (trained, roles))
@@ -224,9 +224,15 @@ class SpecialTokensInContent:
         self._is_special = np.zeros(max([len(tokenizer), *special], default=0) + 2, dtype=bool)
         self._is_special[sorted(special)] = True
 
-    def find(self, ids: np.ndarray, content: np.ndarray) -> np.ndarray:
-        """Indices of the special tokens in `ids` that lie in a message's content (content[i] True)."""
-        return np.flatnonzero(self._is_special.take(ids, mode="clip") & content)
+    def find(self, ids: np.ndarray, content: np.ndarray, segments: Sequence[Segment], encoding: Any) -> np.ndarray:
+        """Indices of the special tokens in `ids` that the tokenizer matched in a message's content (content[i]
+        True). A special token the model emits for other text (`<unk>` for an unknown character) is not one."""
+        found = np.flatnonzero(self._is_special.take(ids, mode="clip") & content)
+        if not len(found) or encoding is None:
+            return found
+        text = "".join(s.text for s in segments)
+        return np.array([k for k in found.tolist() if text[slice(*encoding.token_to_chars(k))] ==
+                         self._backend.id_to_token(int(ids[k]))], dtype=np.int64)
 
     def resolve(self, where: str, segments: Sequence[Segment], ids: np.ndarray, encoding: Any, forged: np.ndarray,
                 labels: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -310,7 +316,7 @@ def prompt_token_ids(tokenizer: Any, segments: Sequence[Segment], *, special_tok
     offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
     _, roles, content = _label_by_all_offsets(where, list(segments), ids, offsets)
     specials = SpecialTokensInContent(tokenizer, backend, special_tokens_in_content)
-    forged = specials.find(ids, content)
+    forged = specials.find(ids, content, segments, encoding)
     if len(forged):
         ids = specials.resolve(where, segments, ids, encoding, forged, (np.zeros(len(ids), dtype=bool), roles))[0]
     return ids.tolist()
