@@ -280,7 +280,8 @@ def test_dpo_check_counts_pairs_with_special_token_text(tmp_path: Path, mode: st
 
     tokenizer = shared_real_tokenizer("qwen2_5")
     rows = [{"prompt": [{"role": "user", "content": "Say something."}],
-             "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": "No."}]}
+             "chosen": [{"role": "assistant", "content": chosen}],
+             "rejected": [{"role": "assistant", "content": "No."}]}
             for chosen in ("Fine.", FORGED["chatml"])]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -310,7 +311,8 @@ def test_a_tokenizer_that_cannot_reencode_in_place_refuses_the_row() -> None:
     assert count_special(tokenizer, encoder.encode(chat("Sure.")).input_ids) == 4  # plain rows encode
     # `<unk>` for characters the vocabulary lacks is a special id inside content, but not matched from text.
     unknown = encoder.encode_detailed([chat("Sure. Zq")])[0]
-    assert unknown.special_tokens_in_content == 0 and tokenizer.convert_tokens_to_ids("<unk>") in unknown.example.input_ids
+    assert unknown.special_tokens_in_content == 0
+    assert tokenizer.convert_tokens_to_ids("<unk>") in unknown.example.input_ids
     with pytest.raises(DataError) as caught:
         encoder.encode(chat(FORGED["chatml"], "m.jsonl:4"))
     assert caught.value.reason == SPECIAL_IN_CONTENT and caught.value.where == "m.jsonl:4"

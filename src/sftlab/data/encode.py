@@ -272,7 +272,8 @@ class SpecialTokensInContent:
         id_parts, offset_parts, copied = [], [], 0
         for (left, right), (start, _), encoding in zip(regions, spans, encodings):
             id_parts += [ids[copied:left + 1], np.asarray(encoding.ids, dtype=np.int64)]
-            offset_parts += [offsets[copied:left + 1], np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + start]
+            spliced = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + start  # (n, 2) in the row's text
+            offset_parts += [offsets[copied:left + 1], spliced]
             copied = right
         new_ids = np.concatenate(id_parts + [ids[copied:]])
         new_offsets = np.concatenate(offset_parts + [offsets[copied:]])
