@@ -26,7 +26,7 @@ from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
 from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
 from sftlab.models.quant import base_memory_line
-from sftlab.train import rundir
+from sftlab.train import lock, rundir
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup, _pad_id
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
@@ -56,6 +56,16 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
             refused = exc
     if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
         raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
+    try:
+        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out)
+    except BaseException:
+        if ctx.main:
+            lock.release(out)  # a start that fails leaves no lock behind
+        raise
+
+
+def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path) -> Setup:
+    """The rest of prepare(), once this process holds the output dir."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = _full_init(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
