@@ -102,7 +102,7 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
     done = finished(out)
     if overwrite:
         if clear(out):
-            console.print(f"--overwrite: removed the previous run's files from {out}")
+            console.print(f"--overwrite: removed the previous run's files from {out}", markup=False)
         return
     if done is not None:
         summary = f"{done.get('steps', '?')} steps, wrote {done.get('export') or 'nothing'}, on " \
@@ -115,7 +115,8 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
         return
     if cfg.train.resume == "never":
         clear(out)
-        console.print(f"train.resume=never: removed the unfinished run in {out} (checkpoints up to {latest.name})")
+        console.print(f"train.resume=never: removed the unfinished run in {out} (checkpoints up to {latest.name})",
+                      markup=False)
         return
     changed = _differences(out, cfg)
     if changed:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from sftlab import export
 from sftlab.config import Config
@@ -110,7 +111,7 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
     method.apply(model)
     if continued is not None:
         export.load_trained(model, method, continued)
-        console.print(f"dpo: training on the SFT adapter {continued}")
+        console.print(f"dpo: training on the SFT adapter {continued}", markup=False)
     if cfg.method == "qlora":
         console.print(base_memory_line(model))
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
@@ -155,7 +156,7 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
         with atomic_dir(base, what="the merged SFT model") as scratch:
             export.save_model(model, tokenizer, scratch, chat_template=export.chat_template_for(cfg, tokenizer))
     ctx.barrier()
-    console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}")
+    console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}", markup=False)
     return model, saved
 
 
@@ -235,7 +236,7 @@ def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, adde
         model.resize_token_embeddings(len(tokenizer))
         rows = len(tokenizer)
     console.print(f"added special tokens {', '.join(added)}: their embedding rows train "
-                  f"(embeddings have {rows} rows)")
+                  f"(embeddings have {rows} rows)", markup=False)  # tokens like [INST] are text
     return tokenizer.convert_tokens_to_ids(added)
 
 
@@ -252,7 +253,7 @@ def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Pat
     console.print(line)
     if stats.rejected:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.rejected.items()))
-        console.print(f"[yellow]{split} rows not used: {reasons} — listed in {rejects}[/]")
+        console.print(Text(f"{split} rows not used: {reasons} — listed in {rejects}", style="yellow"))
 
 
 def _check_vocab(model: torch.nn.Module, data: EncodedDataset, model_path: str) -> None:
