@@ -486,8 +486,8 @@ def _expanded_size(node: yaml.Node, *, limit: int) -> int:
         total = 1 + sum(size(child) for child in children)
         open_nodes.discard(key)
         if total > limit:
-            raise _Refused(f"line {current.start_mark.line + 1}: its aliases expand to more than {limit:,} values "
-                           "(a config holds about a hundred); write the values out instead of through aliases.")
+            raise _Refused(f"line {current.start_mark.line + 1}: this value holds more than {limit:,} values once its "
+                           "aliases are expanded (a whole config holds about a hundred).")
         sizes[key] = total
         return total
 

@@ -139,7 +139,7 @@ def test_a_start_that_fails_after_claiming_the_dir_leaves_no_lock(case, tmp_path
     config = tmp_path / "config.yaml"
     config.write_text("method: lora\n", encoding="utf-8")
     out = tmp_path / "run"
-    extra = ["lora.targets=[no_such_layer]"] if case == "targets-match-nothing" else []  # fails after the weights load
+    extra = ["lora.targets=[no_such_layer]"] if case == "targets-match-nothing" else []  # fails at the layer check
     code = main(["train", str(config), f"model={model}", f"data.train={data}", f"output_dir={out}",
                  "data.cache=false", *extra])
     err = capsys.readouterr().err

@@ -25,7 +25,7 @@ from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
-from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
+from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, skeleton
 from sftlab.models.quant import base_memory_line
 from sftlab.train import lock, rundir
 from sftlab.train.distributed import Dist, choose_mode
@@ -72,6 +72,7 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if not is_gguf(cfg.model.path):  # its files, not its weights: a broken model dir fails before the data work
         check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    _check_layers(cfg)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens)
@@ -125,6 +126,15 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
                            continued=continued is not None, console=console) if cfg.stage == "dpo" else None
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
                  reference_model=reference)
+
+
+def _check_layers(cfg: Config) -> None:
+    """The method's settings against the model's layer shapes (lora.targets, lora.rank), on a skeleton
+    built from config.json: a mistake is named before the data work and the weight load."""
+    if cfg.method in METHODS:
+        model = skeleton(cfg.model)
+        if model is not None:
+            METHODS[cfg.method](cfg).check_layers(model)
 
 
 def _full_init(cfg: Config) -> Config:
