@@ -117,7 +117,8 @@ def test_any_value_for_any_key_loads_or_is_a_config_error_naming_it(key, value, 
 
 
 @fuzz(100)
-@given(key=st.sampled_from(KEYS), text=st.one_of(st.text(max_size=30), st.text(alphabet="[]{}&*!|>:,-'\" \nab1.", max_size=30)))
+@given(key=st.sampled_from(KEYS),
+       text=st.one_of(st.text(max_size=30), st.text(alphabet="[]{}&*!|>:,-'\" \nab1.", max_size=30)))
 def test_any_text_after_key_equals_is_a_value_or_a_config_error_naming_the_key(key, text) -> None:
     check(lambda: load_config(overrides=[f"{key}={text}"]), [key])
 

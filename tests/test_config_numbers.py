@@ -41,7 +41,8 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", trap)
 
 
-def train(tmp_path: Path, model_dir: Path, capsys, *overrides: str, config_text: str = "method: lora\n") -> tuple[int, str]:
+def train(tmp_path: Path, model_dir: Path, capsys, *overrides: str,
+          config_text: str = "method: lora\n") -> tuple[int, str]:
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(GOOD) + "\n", encoding="utf-8")
     config = tmp_path / "config.yaml"

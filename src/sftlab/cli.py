@@ -30,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rich.text import Text
 
         # A Text, not markup: the message quotes the user's keys, values and paths, which may hold `[...]`.
-        Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)))
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

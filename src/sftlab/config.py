@@ -222,7 +222,8 @@ class QLoRAConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.block_size % 2:
-            raise ConfigError(f"qlora.block_size must be a positive even integer (e.g. 64), got {shown(self.block_size)}")
+            raise ConfigError("qlora.block_size must be a positive even integer (e.g. 64), got "
+                              f"{shown(self.block_size)}")
 
 
 @dataclass(frozen=True)
