@@ -19,7 +19,6 @@ import os
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,15 +69,18 @@ def _me() -> dict:
 
 def _link_new(path: Path, record: dict) -> bool:
     """Create `path` holding `record`, complete, if it does not exist; False when it does."""
-    temp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # Named as files.py names scratch (.NAME.tmp-PID): what a kill right here leaves is removed as such.
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(temp, "x", encoding="utf-8") as file:
+        with open(temp, "w", encoding="utf-8") as file:
             json.dump(record, file)
             file.flush()
             os.fsync(file.fileno())
         try:
             os.link(temp, path)  # fails if `path` exists; never replaces it
         except FileExistsError:
+            return False
+        except FileNotFoundError:  # the holder's scratch cleanup removed our temp: it holds the lock
             return False
         return True
     finally:
