@@ -228,3 +228,18 @@ def test_sampling_check_is_part_of_generate_too(model_dir) -> None:
 
     with pytest.raises(ConfigError, match="temperature"):
         generate(torch.nn.Linear(1, 1), None, None, [], temperature=float("nan"))
+
+
+def test_shown_bounds_every_value_it_quotes() -> None:
+    import doctest
+
+    import sftlab.errors
+    from sftlab.errors import SHOWN_CHARS, shown
+
+    assert doctest.testmod(sftlab.errors).failed == 0
+    nested: list = [1]
+    for _ in range(40):
+        nested = [nested] * 9  # 9**40 leaves through shared references: repr() would never finish
+    for value in (nested, "y" * 10**6, list(range(10**5)), {str(i): i for i in range(10**4)}, 10**4000, -(10**5000)):
+        assert len(shown(value)) < SHOWN_CHARS + 80, shown(value)
+    assert shown("[/]") == "'[/]'" and shown(1.5) == "1.5"
