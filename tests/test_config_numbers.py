@@ -243,3 +243,23 @@ def test_shown_bounds_every_value_it_quotes() -> None:
     for value in (nested, "y" * 10**6, list(range(10**5)), {str(i): i for i in range(10**4)}, 10**4000, -(10**5000)):
         assert len(shown(value)) < SHOWN_CHARS + 80, shown(value)
     assert shown("[/]") == "'[/]'" and shown(1.5) == "1.5"
+
+
+def test_chat_says_when_the_conversation_fills_the_context_and_keeps_the_session(model_dir) -> None:
+    import transformers
+
+    from sftlab.data.templates import load_template
+    from sftlab.generate import chat_repl, prompt_ids
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    template = load_template("chatml", tokenizer)
+    short = len(prompt_ids(tokenizer, template, [{"role": "user", "content": "Hi"}]))
+    model.config.max_position_embeddings = short + 2
+    printed: list[str] = []
+    lines = iter(["Hi", "a much longer question than the model has room for", "/reset", "Hi", "/exit"])
+    final = chat_repl(model, tokenizer, template, temperature=0, max_new_tokens=2, input_fn=lambda _: next(lines),
+                      print_fn=lambda *a: printed.append(" ".join(map(str, a))))
+    refused = [line for line in printed if "no room to answer" in line]
+    assert len(refused) == 1 and "(in chat: /reset)" in refused[0]
+    assert [m["content"] for m in final if m["role"] == "user"] == ["Hi"]  # the refused question is not kept
