@@ -437,7 +437,7 @@ def parse_yaml(text: str, *, where: str) -> Any:
     """YAML text as plain data (safe types only), with alias expansion bounded by MAX_YAML_VALUES; any
     problem is a ConfigError naming `where` (the file, or the override's key), quoting a bounded excerpt."""
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+        return _load_bounded(text)
     except _Refused as exc:
         raise ConfigError(f"{where}: refused: {exc}") from None
     except yaml.YAMLError as exc:
@@ -455,14 +455,17 @@ class _Refused(yaml.YAMLError):
     """Valid YAML that is not a config: its aliases expand too far, or into themselves."""
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that measures the document as its aliases expand before building any value."""
-
-    def get_single_node(self) -> Any:
-        node = super().get_single_node()
-        if node is not None:
-            _expanded_size(node, limit=MAX_YAML_VALUES)
-        return node
+def _load_bounded(text: str) -> Any:
+    """yaml.safe_load, measuring the document's node graph as its aliases expand before any value is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, limit=MAX_YAML_VALUES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _expanded_size(node: yaml.Node, *, limit: int) -> int:
