@@ -24,6 +24,7 @@ from sftlab.errors import ConfigError, SftlabError
 from sftlab import files
 from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
+from sftlab.methods.base import Method
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
 from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, skeleton
@@ -132,10 +133,12 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
 def _check_layers(cfg: Config) -> None:
     """The method's settings against the model's layer shapes (lora.targets, lora.rank), on a skeleton
     built from config.json: a mistake is named before the data work and the weight load."""
-    if cfg.method in METHODS:
-        model = skeleton(cfg.model)
-        if model is not None:
-            METHODS[cfg.method](cfg).check_layers(model)
+    method = METHODS.get(cfg.method)
+    if method is None or method.check_layers is Method.check_layers:  # nothing to check: build no skeleton
+        return
+    model = skeleton(cfg.model)
+    if model is not None:
+        method(cfg).check_layers(model)
 
 
 def _full_init(cfg: Config) -> Config:
