@@ -86,7 +86,7 @@ def claim(cfg: Config, *, overwrite: bool = False, console: Console | None = Non
             files.write_manifest(out, names or [])  # before the first file: the dir is a run's from now on
             if names:
                 console.print(f"{out}: a run of an earlier sftlab without a manifest; its own files are taken "
-                              f"to be {', '.join(sorted(names))} (anything else there is left alone)")
+                              f"to be {', '.join(sorted(names))} (anything else there is left alone)", markup=False)
         _prepare(out, cfg, overwrite, console)
     except BaseException:
         lock.release(out)
