@@ -298,3 +298,21 @@ def _check_adapter_weights(adapter: Path) -> None:
                           f"save_file(torch.load('{source}', weights_only=True), '{weights}')\"")
     raise ConfigError(f"{adapter} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; the adapter was not saved "
                       "completely. Export it again, or point at a run dir's adapter/.")
+
+
+def skeleton(model: "ModelConfig") -> Any:
+    """The model's modules with every weight on the meta device, built from config.json alone (no weights
+    read, no memory): enough to check layer names and shapes before the real load. None for a .gguf file, a
+    hub id, or an architecture that cannot be built this way (the checks then run on the loaded model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = local_dir(model.path) if model.path and not is_gguf(model.path) else None
+    if source is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=model.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - only an early check: the real load reports what is wrong
+        return None

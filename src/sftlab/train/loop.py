@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from sftlab.config import Config, to_yaml
 from sftlab.data import packing
@@ -205,7 +206,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     if latest is not None:
         state = checkpoint.load_checkpoint(latest, optimizer=optimizer, scheduler=scheduler, method=method,
                                            model=model, ctx=ctx)
-        console.print(f"resuming from {latest} (step {state.step} of {steps})")
+        console.print(f"resuming from {latest} (step {state.step} of {steps})", markup=False)
     model.train()
     stream = micro_batches(setup, state, pad_id)
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
@@ -257,7 +258,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                         raise TrainingError(f"{problem}{again}. Nothing of this step was applied; the last "
                                             f"complete checkpoint is {checkpoint.latest_checkpoint(out)}. Lower "
                                             "train.lr, check those rows, or set train.on_nonfinite=skip.")
-                    console.print(f"[yellow]{problem}: step skipped (train.on_nonfinite=skip)[/]")
+                    console.print(Text(f"{problem}: step skipped (train.on_nonfinite=skip)", style="yellow"))
                     state.skipped_steps += 1
                     if log is not None:
                         log.log({"step": state.step + 1, "skipped": problem,

@@ -86,7 +86,7 @@ def claim(cfg: Config, *, overwrite: bool = False, console: Console | None = Non
             files.write_manifest(out, names or [])  # before the first file: the dir is a run's from now on
             if names:
                 console.print(f"{out}: a run of an earlier sftlab without a manifest; its own files are taken "
-                              f"to be {', '.join(sorted(names))} (anything else there is left alone)")
+                              f"to be {', '.join(sorted(names))} (anything else there is left alone)", markup=False)
         _prepare(out, cfg, overwrite, console)
     except BaseException:
         lock.release(out)
@@ -138,7 +138,7 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
     done = finished(out)
     if overwrite:
         if clear(out):
-            console.print(f"--overwrite: removed the previous run's files from {out}")
+            console.print(f"--overwrite: removed the previous run's files from {out}", markup=False)
         return
     if done is not None:
         summary = f"{done.get('steps', '?')} steps, wrote {done.get('export') or 'nothing'}, on " \
@@ -153,7 +153,8 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
         return
     if cfg.train.resume == "never":
         clear(out)
-        console.print(f"train.resume=never: removed the unfinished run in {out} (checkpoints up to {latest.name})")
+        console.print(f"train.resume=never: removed the unfinished run in {out} (checkpoints up to {latest.name})",
+                      markup=False)
         return
     changed = _differences(out, cfg)
     if changed:
