@@ -55,6 +55,18 @@ def test_a_config_claiming_more_layers_than_the_checkpoint_is_refused(bases, tmp
     assert "would start at random" in message and "Restore the config.json" in message
 
 
+def test_a_config_claiming_fewer_layers_is_said_on_stderr(bases, tmp_path, capsys) -> None:
+    """Extra checkpoint tensors are not refused (some checkpoints ship extras transformers skips), but said."""
+    path = edited(bases["llama"], tmp_path, num_hidden_layers=1)
+    model = load_model(ModelConfig(path=str(path)), device=CPU)
+    assert len(model.model.layers) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert re.search(rf"warning: {re.escape(str(path / 'model.safetensors'))} holds 9 tensors that "
+                     rf"{re.escape(str(path / 'config.json'))} does not describe \(model\.layers\.1\.", err), err
+    load_model(ModelConfig(path=str(bases["llama"])), device=CPU)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_qwen2_more_layers_than_its_layer_types_is_named_not_a_traceback(bases, tmp_path) -> None:
     path = edited(bases["qwen2"], tmp_path, num_hidden_layers=3)
     with pytest.raises(ConfigError, match=rf"{re.escape(str(path / 'config.json'))} is inconsistent: .*"

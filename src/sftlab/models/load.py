@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -274,8 +275,9 @@ def check_coverage(loading: dict[str, Any], source: Path | None, name: str) -> N
     lack would start at random (a config claiming 3 layers for 2 trains a random third), and one whose shape
     differs is not these weights. `loading` is transformers' loading report: it already knows tied weights
     (lm_head shared with the embeddings), buffers and its own checkpoint-name conversions, so those never
-    false-alarm. Tensors the checkpoint holds beyond the config are left to transformers (some checkpoints ship
-    extras, e.g. multi-token-prediction layers)."""
+    false-alarm. Tensors the checkpoint holds beyond what the config describes (a config claiming fewer layers,
+    or extras some checkpoints ship, e.g. multi-token-prediction layers) are not refused, but said on stderr:
+    the model is then built without them."""
     config = source / "config.json" if source else f"the config of {name}"
     weights = _weights_name(source, name)
     mismatched = sorted(loading.get("mismatched_keys") or (), key=lambda m: m[0])
@@ -292,6 +294,12 @@ def check_coverage(loading: dict[str, Any], source: Path | None, name: str) -> N
         raise ConfigError(f"{config} describes {len(missing)} tensors that {weights} does not hold ({shown}); they "
                           f"would start at random and train as if loaded.{_layer_hint(source, missing)} Restore the "
                           "config.json saved with these weights (or point model at the directory they belong to).")
+    unused = sorted(loading.get("unexpected_keys") or ())
+    if unused:
+        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        print(f"warning: {weights} holds {len(unused)} tensors that {config} does not describe ({shown}); the model "
+              "is built without them. If the config was edited, restore the one saved with the weights.",
+              file=sys.stderr, flush=True)
 
 
 def _shape(shape: Any) -> str:
