@@ -184,3 +184,21 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error(setup, tmp_path: Path, whe
                                           r"a directory\. Set data.cache_dir"):
         build_dataset(data, replace(config, cache_dir=str(cache_dir)), encoder())
     assert blocker.read_text() == "the user's file\n"
+
+
+def test_sftlab_train_with_a_file_as_cache_dir_exits_with_the_message(tmp_path: Path, capsys) -> None:
+    from conftest import tiny_model_dir
+
+    from sftlab.cli import main
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", ROWS[:2])
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("the user's notes\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {model}\nmethod: lora\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data:\n  train: {data}\n  cache_dir: {blocker}\ntrain:\n  max_steps: 1\n", encoding="utf-8")
+    assert main(["train", str(config)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: the data cache dir {blocker} cannot be used: {blocker} is a file" in err
+    assert "Traceback" not in err and blocker.read_text() == "the user's notes\n"

@@ -171,7 +171,11 @@ def new_entry(root: Path) -> Path:
         raise ConfigError(f"the data cache dir {root} cannot be used: {blocker} is a file, not a directory. Set "
                           "data.cache_dir (or $SFTLAB_CACHE) to a directory, or data.cache=false to encode "
                           "without caching.") from None
-    return Path(tempfile.mkdtemp(prefix=".building-", dir=base))
+    try:
+        return Path(tempfile.mkdtemp(prefix=".building-", dir=base))
+    except PermissionError:
+        raise ConfigError(f"the data cache dir {root} is not writable (permission denied in {base}). Set "
+                          "data.cache_dir (or $SFTLAB_CACHE) to a directory you can write, or data.cache=false.") from None
 
 
 def seal(building: Path) -> None:
