@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base weights: a plain HF model dir")
     merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
-    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty)")
+    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty; never the run "
+                                                        "dir, the base model or a dir holding them)")
     merge.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     merge.add_argument("--onto", choices=("dequantized", "original"),
@@ -85,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "exit when training would learn nothing")
     _data_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text")
-    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl)")
+    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl); an "
+                                          "existing file there is replaced only if it is an earlier rejects log")
     check.set_defaults(run=_check)
     return parser
 
@@ -155,21 +157,33 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    import math
+    import shutil
+
     from sftlab import export
-    from sftlab.files import atomic_dir
+    from sftlab.files import atomic_dir, remove_stale_scratch
     from sftlab.generate import prompt_ids
     from sftlab.models.load import load_for_inference
 
     out = Path(args.output)
+    export.refuse_merge_output(out, [("the source", args.source), ("--base", args.base)])
+    if out.is_symlink():
+        raise SftlabError(f"--output {out} is a symlink (to {out.readlink()}); it is never written through. Give "
+                          "--output the real path.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise SftlabError(f"--output {out} already exists and is not empty; choose another dir, or pass --overwrite "
                           "to replace it (the new dir replaces it whole, once complete).")
+    for name in remove_stale_scratch(out):  # a merge killed mid-write left it (about the model's size)
+        print(f"removed {out.parent / name}, left by an interrupted merge", file=sys.stderr)
+    # The adapter model, loaded before anything is written, is what the merged dir is compared with.
+    adapter_model = load_for_inference(args.source, base=args.base)[0]
     model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
     if method is None:
         raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
     if args.onto and method.name != "qlora":
         raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {method.name} adapter, which "
                           "merges onto its base weights as they are. Leave --onto out.")
+    export.refuse_merge_output(out, [("the base model", method.config.model.path)])
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
     with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
@@ -177,17 +191,23 @@ def _merge(args: argparse.Namespace) -> int:
             export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, scratch)
         else:
             export.merge_to_dir(model, method, tokenizer, scratch)
-    # Fidelity: the written dir, loaded by plain transformers, against a fresh adapter model.
+    del model
+    # Fidelity: the written dir, loaded by plain transformers, against the adapter model.
     from sftlab.config import ModelConfig
     from sftlab.models.load import load_model
 
-    adapter_model = load_for_inference(args.source, base=args.base)[0]
     dtype = str(adapter_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     merged = load_model(ModelConfig(path=str(out), dtype=dtype), device=adapter_model.device)
     samples = [[{"role": "user", "content": text}] for text in
                ("Hello! What can you do?", "Explain your last answer in one sentence.", "List three colours.")]
     inputs = [prompt_ids(tokenizer, template, messages) for messages in samples]
     check = export.fidelity(adapter_model, merged, inputs)
+    if not all(math.isfinite(value) for value in check.values()):
+        shutil.rmtree(out)
+        raise SftlabError(f"the merged model's logits differ from the adapter model's by a non-finite amount (max "
+                          f"|Δlogit| {check['max_abs_logit_diff']}, mean KL {check['mean_kl']}): the merge is "
+                          f"broken, and {out} was removed. Check the adapter's and the base's weights, or merge "
+                          "in float32 (model.dtype=float32).")
     print(f"merged into {out}\nfidelity (adapter model vs merged dir, {len(inputs)} prompts): "
           f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
     if method.name == "qlora":
@@ -265,9 +285,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from sftlab.data import pair_quality, quality
 
+    from sftlab.data.rejects import check_path
+
     cfg = _config(args)
-    encoder = _encoder(cfg)
     rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
+    check_path(rejects, inputs=[args.data, args.config, cfg.model.path])  # before anything is read or written
+    encoder = _encoder(cfg)
     if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions
         pairs = pair_quality.analyze_pairs(args.data, cfg.data, encoder, rejects_path=rejects)
         pair_quality.write(pairs, fmt=args.format)

@@ -20,6 +20,7 @@ from sftlab.data.encode import Encoder
 from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError, SftlabError
+from sftlab import files
 from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
@@ -64,12 +65,12 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens)
-    train_data = _build(ctx, cfg.data.train, cfg, encoder, out / "rejects.jsonl")
+    train_data = _build(ctx, cfg.data.train, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
     _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo")
     indices = np.arange(len(train_data))
     eval_data, eval_indices = None, None
     if cfg.data.eval:
-        eval_data = _build(ctx, cfg.data.eval, cfg, encoder, out / "eval_rejects.jsonl")
+        eval_data = _build(ctx, cfg.data.eval, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
         _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo")
         eval_indices = np.arange(len(eval_data))
     elif cfg.data.eval_fraction > 0:
@@ -142,7 +143,7 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
     saved = rundir.as_saved(cfg)  # names OUTPUT/base as the model from now on
     base = Path(saved.model.path)
     if ctx.main:
-        with atomic_dir(base, what="the merged SFT model") as scratch:
+        with atomic_dir(files.owned(base.parent, base.name), what="the merged SFT model") as scratch:
             export.save_model(model, tokenizer, scratch, chat_template=export.chat_template_for(cfg, tokenizer))
     ctx.barrier()
     console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}")
@@ -193,6 +194,11 @@ def _check_data_file(key: str, value: str | None) -> None:
     if not path.is_file():
         raise ConfigError(f"data.{key}: {path} does not exist (relative paths start from {Path.cwd()}); "
                           f"set data.{key} to the data file.")
+
+
+def _run_file(ctx: Dist, out: Path, name: str) -> Path:
+    """OUTPUT/NAME, recorded in the run's manifest (by rank 0, which writes it) before anything is written."""
+    return files.owned(out, name) if ctx.main else out / name
 
 
 def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Path) -> EncodedDataset | PairDataset:
