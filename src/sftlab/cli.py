@@ -118,11 +118,14 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
     from sftlab.models.load import load_tokenizer
+    from sftlab.models.positions import with_max_seq_len
 
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     template = load_template(cfg.data.template, tokenizer)
+    cfg = with_max_seq_len(cfg)  # check and inspect apply the limit training would
     return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
-                   truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens)
+                   truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens,
+                   max_row_bytes=cfg.data.max_row_bytes)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -265,14 +268,16 @@ def _inspect(args: argparse.Namespace) -> int:
     encoder = _encoder(cfg)
     rejects = RejectLog()
     if cfg.stage == "dpo":  # each pair as its two sides, chosen then rejected, the answer scored
-        from sftlab.data.preference import PairEncoder, read_pairs
+        from sftlab.data.preference import PairEncoder, pair_row_limit, read_pairs
 
-        pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+        pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                           max_row_bytes=pair_row_limit(encoder))
         conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
         encoder = PairEncoder(encoder).encoder
     else:
         conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
-                                           on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+                                           on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                                           max_row_bytes=encoder.row_limit)
     results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:

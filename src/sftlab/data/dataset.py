@@ -154,7 +154,8 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
     if data.on_bad_row == "error":
         # Every row read and validated first (no tokenising: ~1 s per 100k rows), so a bad row deep in the
         # file fails at once instead of after encoding all the rows before it.
-        for _ in read_conversations(data_path, format=data.format, role_map=data.role_map, on_bad_row="error"):
+        for _ in read_conversations(data_path, format=data.format, role_map=data.role_map, on_bad_row="error",
+                                    max_row_bytes=encoder.row_limit):
             pass
     stats = DatasetStats()
     offsets = array("q", [0])  # 8 bytes per example, not a Python int object each
@@ -164,7 +165,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
         conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
-                                           on_bad_row=data.on_bad_row, rejects=log)
+                                           on_bad_row=data.on_bad_row, rejects=log, max_row_bytes=encoder.row_limit)
         encoded_rows = 0
         batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
         for batch, results in encoder.encode_stream(batches):

@@ -133,13 +133,13 @@ def _implicit_pair(chosen: Any, rejected: Any, where: str, role_map: Mapping[str
 
 
 def read_pairs(path: str | Path, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
-               rejects: RejectLog | None = None) -> Iterator[Pair]:
-    """Stream valid pairs from a .jsonl / .json / .parquet file. A bad row raises DataError (`error`) or goes
-    to `rejects` (`skip`)."""
+               rejects: RejectLog | None = None, max_row_bytes: int | None = None) -> Iterator[Pair]:
+    """Stream valid pairs from a .jsonl / .json / .parquet file. A bad row, or one of more than `max_row_bytes`
+    bytes (never parsed; see `pair_row_limit`), raises DataError (`error`) or goes to `rejects` (`skip`)."""
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
     log = rejects if rejects is not None else RejectLog()
-    for row in iter_rows(path):
+    for row in iter_rows(path, max_row_bytes=max_row_bytes):
         try:
             if row.error is not None:
                 raise row.error
@@ -154,6 +154,11 @@ def read_pairs(path: str | Path, *, role_map: Mapping[str, str] | None = None, o
             if on_bad_row == "error":
                 raise
             log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+
+
+def pair_row_limit(encoder: Encoder) -> int | None:
+    """Most bytes of a pair row: two sides' worth of the encoder's row limit (a pair holds two answers)."""
+    return None if encoder.row_limit is None else 2 * encoder.row_limit
 
 
 @dataclass(frozen=True)
@@ -353,7 +358,8 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
            settings: dict[str, Any]) -> None:
     """The encoded-dataset layout (data/dataset.py), two examples per pair; stats count examples (sides)."""
     if data.on_bad_row == "error":  # every pair validated before any is tokenised, as for conversations
-        for _ in read_pairs(data_path, role_map=data.role_map, on_bad_row="error"):
+        for _ in read_pairs(data_path, role_map=data.role_map, on_bad_row="error",
+                            max_row_bytes=pair_row_limit(encoder)):
             pass
     pair_encoder = PairEncoder(encoder)
     stats = DatasetStats()
@@ -363,7 +369,8 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        pairs = read_pairs(data_path, role_map=data.role_map, on_bad_row=data.on_bad_row, rejects=log)
+        pairs = read_pairs(data_path, role_map=data.role_map, on_bad_row=data.on_bad_row, rejects=log,
+                           max_row_bytes=pair_row_limit(encoder))
         encoded_rows = 0
         for batch, results in pair_encoder.encode_stream(iter(lambda: list(islice(pairs, BATCH_ROWS)), [])):
             encoded_rows += len(batch)

@@ -26,6 +26,7 @@ from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
 from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
+from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
 from sftlab.train import rundir
 from sftlab.train.distributed import Dist, choose_mode
@@ -48,6 +49,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
     for key in ("train", "eval"):
         _check_data_file(key, getattr(cfg.data, key))
+    cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
     out = Path(cfg.output_dir)
     refused: SftlabError | None = None
     if ctx.main:
@@ -64,7 +66,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
-                      add_special_tokens=cfg.data.add_special_tokens)
+                      add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes)
     train_data = _build(ctx, cfg.data.train, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
     _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo")
     indices = np.arange(len(train_data))
