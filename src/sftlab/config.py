@@ -166,6 +166,9 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
     resume: Literal["auto", "never"] = "auto"
     """`auto` continues from the newest checkpoint in output_dir, if any."""
+    resume_on_new_data: bool = False
+    """Let a resumed run continue on data files whose content changed since its checkpoints were written
+    (refused by default: the run would go on in the old data order over other rows)."""
     eval_every_steps: int | None = None
     """Evaluate on data.eval / the held-out fraction every N steps (and at the end)."""
     early_stopping_patience: int | None = None

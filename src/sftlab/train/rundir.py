@@ -52,7 +52,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "adapter
 manifest names, and only that is ever removed."""
 FREE_TO_CHANGE = ("output_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
                   "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
-                  "train.on_nonfinite", "train.fused_ops", "train.compile")
+                  "train.on_nonfinite", "train.fused_ops", "train.compile", "train.resume_on_new_data")
 """Settings a resumed run may change: they do not change what is trained."""
 
 
@@ -162,6 +162,7 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
         raise ConfigError(f"{out} holds checkpoints (up to {latest.name}) of a run with another config ({listed}). "
                           "Resuming needs the config that wrote them: restore those settings, or start over with "
                           "--no-resume (train.resume=never), or set another output_dir.")
+    _check_data(latest, cfg, console)
 
 
 def _differences(out: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
@@ -315,3 +316,44 @@ def _legacy_run(out: Path, cfg: Config) -> list[str] | None:
             continue  # an input of the run: the user's
         names.append(name)
     return names
+
+
+DATA_KEYS = ("train", "eval")
+"""The data settings whose files a checkpoint records (TrainState.extra["data"]) and a resume compares."""
+
+
+def data_fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
+    """data.train / data.eval -> their content's fingerprint (data/cache.py), as a checkpoint records it."""
+    from sftlab.data.cache import fingerprint
+
+    return {key: fingerprint(value) for key in DATA_KEYS if (value := getattr(cfg.data, key))}
+
+
+def _check_data(latest: Path, cfg: Config, console: Console) -> None:
+    """Refuse to resume `latest` on data files whose content changed since it was written (the run would go
+    on in its old data order over other rows), unless train.resume_on_new_data. A checkpoint that recorded
+    no fingerprint (written before sftlab recorded them) has nothing to compare."""
+    try:
+        recorded = json.loads((latest / "state.json").read_text(encoding="utf-8"))["state"]["extra"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = data_fingerprints(cfg)
+    changed = [(key, recorded[key], now[key]) for key in DATA_KEYS
+               if isinstance(recorded.get(key), dict) and key in now
+               and recorded[key].get("blake2b") != now[key].get("blake2b")]
+    if not changed:
+        return
+    listed = "; ".join(f"data.{key} {new['path']}: {_described(old)} then, {_described(new)} now"
+                       for key, old, new in changed)
+    if cfg.train.resume_on_new_data:
+        console.print(f"train.resume_on_new_data: resuming {latest} on changed data ({listed})", markup=False)
+        return
+    raise ConfigError(f"the data changed since {latest} was written: {listed}. Resuming would continue the run's "
+                      "data order over other rows. Restore the data file, or set train.resume_on_new_data=true to "
+                      "continue on the new data, or start over with --no-resume (train.resume=never).")
+
+
+def _described(print_: dict[str, Any]) -> str:
+    if "blake2b" not in print_:
+        return "not a file"
+    return f"{print_['bytes']:,} bytes, modified {print_['modified']}, blake2b {print_['blake2b'][:12]}"
