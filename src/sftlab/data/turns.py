@@ -1,0 +1,188 @@
+"""Where each assistant turn of a tool-calling or reasoning conversation sits in its render, exactly.
+
+A template renders an assistant turn from more than its content: the reasoning wrapped in think tags,
+the tool calls in the template's own syntax (`<tool_call>{...}</tool_call>`, `{"name": ..., "parameters":
+...}`, `[TOOL_CALLS]...`). Sentinels in the content alone cannot find that text, so each trained turn k
+is found by difference: render the conversation again with turn k's fields replaced by two sentinels
+(content X; reasoning Y when it has one; no tool calls). Everything before the first difference and
+after the last one is text both renders share: the context, the role header, and what the template
+inserts whatever the model writes (an empty think block). What differs is the text the model generates
+at that turn. Because X and Y hold a character absent from the real render, the differences end exactly
+at them; the alternative render's differing text must be exactly `[Y ... ]X`, or the template's change
+reaches outside the turn and the conversation is refused naming the turn. With rendered reasoning the
+turn starts right after the role header (its think tags are the model's to write); the end-of-turn
+marker that closes the turn is trained with it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any, Sequence
+
+from sftlab.data.schema import Conversation, Message
+from sftlab.errors import DataError
+
+if TYPE_CHECKING:
+    from sftlab.data.templates import ChatTemplate
+
+Span = tuple[int, int, str, bool]
+"""(start, end, role, trainable) of a located piece of the render; role is a message role, 'reasoning'
+or 'tool_call'."""
+_MARK = "\ue000"
+"""A private-use character: a sentinel starts and ends with it, and a real render never holds it."""
+
+
+def locate_spans(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
+                 flags: Sequence[bool]) -> list[Span]:
+    """Spans of every trained assistant turn (split into reasoning / content / tool calls / marker) and,
+    for the report only, of the other messages' contents found between them."""
+    messages, where = conversation.messages, conversation.where
+    if _MARK in text:
+        raise DataError("the row holds the private-use character U+E000, which sftlab uses to locate turns; "
+                        "remove it from the row.", where=where, reason="template changes content")
+    turns: dict[int, list[Span]] = {}
+    pos = 0
+    for index, message in enumerate(messages):
+        if flags[index] and message.role != "assistant":
+            raise DataError(f"message {index + 1} ({message.role}) is marked to be trained, but in a tool-calling "
+                            "or reasoning conversation only assistant turns are trained (tool results, schemas "
+                            "and prompts never). Remove its \"train\": true or use data.train_on=all.",
+                            where=where, reason="trained message not assistant")
+        if flags[index]:
+            turns[index] = _locate_turn(template, conversation, dicts, text, index, pos)
+            pos = turns[index][-1][1]
+    return _with_untrained(text, messages, turns)
+
+
+def _with_untrained(text: str, messages: Sequence[Message], turns: dict[int, list[Span]]) -> list[Span]:
+    """The trained turns plus, between them, the untrained messages' contents where they are found."""
+    spans: list[Span] = []
+    pos = 0
+    for index, message in enumerate(messages):
+        if index in turns:
+            spans += turns[index]
+            pos = turns[index][-1][1]
+            continue
+        limit = next((turns[k][0][0] for k in sorted(turns) if k > index), len(text))
+        found = _find_content(text, message, pos)
+        if found is not None and found[1] <= limit:
+            spans.append((found[0], found[1], message.role, False))
+            pos = found[1]
+    return spans
+
+
+def _find_content(text: str, message: Message, pos: int) -> tuple[int, int] | None:
+    """Where an untrained message's content first appears from `pos` (its colour in reports; masks never
+    depend on it)."""
+    for form in (message.content, message.content.strip()):
+        start = text.find(form, pos) if form else -1
+        if start >= 0:
+            return start, start + len(form)
+    return None
+
+
+def _locate_turn(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
+                 index: int, pos: int) -> list[Span]:
+    message, where = conversation.messages[index], conversation.where
+    token = secrets.token_hex(4)
+    content_mark, reasoning_mark = f"{_MARK}C{token}{_MARK}", f"{_MARK}R{token}{_MARK}"
+    variant: dict[str, Any] = {"role": "assistant", "content": content_mark}
+    if message.reasoning is not None:
+        variant["reasoning_content"] = reasoning_mark
+    other = template.render_text(dicts[:index] + [variant] + dicts[index + 1:], where=where,
+                                 tools=conversation.tools)
+    head = _common_prefix(text, other)
+    tail = _common_suffix(text, other, limit=min(len(text), len(other)) - head)
+    changed = other[head:len(other) - tail]
+    rendered_reasoning = changed.startswith(reasoning_mark)
+    if not changed.endswith(content_mark) or (changed != content_mark and not rendered_reasoning):
+        raise _unlocatable(template, index, where, "what the template renders for it changes text outside the "
+                           "turn (or it transforms the content)")
+    start, end = head, len(text) - tail
+    if start < pos:
+        raise _unlocatable(template, index, where, "it overlaps the turn before it")
+    if rendered_reasoning:
+        start = _after_header(template, text, pos, head, index, where)
+    _check_rendered(template, message, text[head:end], index, where)
+    closing = template._eot_after(text, end, len(text))
+    if closing is None:
+        raise DataError(f"message {index + 1} (assistant) is trained but the chat template puts no end-of-turn "
+                        "marker after it, so the model would never learn to stop. Use a template that closes "
+                        "every turn.", where=where, reason="no end-of-turn marker")
+    between = changed[len(reasoning_mark):-len(content_mark)] if rendered_reasoning else ""
+    return _turn_pieces(text, message, start, head, end, closing, between)
+
+
+def _after_header(template: ChatTemplate, text: str, pos: int, head: int, index: int, where: str) -> int:
+    """Start of a turn with rendered reasoning: right after the role header that opens it, so the think
+    tags before the reasoning are trained as the model writes them."""
+    header = template.generation_header()
+    found = text.rfind(header, pos, head) if header else -1
+    if found < 0:
+        raise _unlocatable(template, index, where, "its reasoning is rendered but the role header that opens "
+                           "the turn (the generation prompt) cannot be found before it")
+    return found + len(header)
+
+
+def _check_rendered(template: ChatTemplate, message: Message, region: str, index: int, where: str) -> None:
+    """Refuse a turn the template renders without its content or a tool call: training it would teach
+    the model an empty or wrong turn."""
+    if not region.strip():
+        raise _unlocatable(template, index, where, "the template renders it as nothing (no content, no tool "
+                           "call text)")
+    if message.content.strip() and message.content.strip() not in region:
+        raise _unlocatable(template, index, where, "the template drops its content (e.g. it renders only the "
+                           "tool call of a message that has both); move the text to its own message")
+    for call in message.tool_calls:
+        if call.name not in region:
+            raise _unlocatable(template, index, where, f"the template renders its tool call {call.name!r} as "
+                               "nothing (it may expect another tool-call shape, or support fewer calls)")
+
+
+def _turn_pieces(text: str, message: Message, start: int, head: int, end: int, closing: int,
+                 between: str) -> list[Span]:
+    """The located turn split for reports: reasoning (with its tags), content, tool calls, end marker;
+    all trained."""
+    pieces: list[Span] = []
+    content_at = head
+    if between:
+        after = text.find(between, head)
+        content_at = after + len(between) if after >= 0 else head
+        pieces.append((start, content_at, "reasoning", True))
+    content_end = content_at
+    for form in (message.content, message.content.strip(), message.content.lstrip()):
+        if form and text.startswith(form, content_at) and content_at + len(form) <= end:
+            content_end = content_at + len(form)
+            break
+    pieces.append((content_at, content_end, "assistant", True))
+    pieces.append((content_end, end, "tool_call", True))
+    pieces.append((end, closing, "assistant", True))
+    return [p for p in pieces if p[1] > p[0]] or [(start, closing, "assistant", True)]
+
+
+def _unlocatable(template: ChatTemplate, index: int, where: str, why: str) -> DataError:
+    return DataError(f"chat template {template.name!r}: the text of message {index + 1} (assistant) cannot be "
+                     f"located exactly: {why}. The turn is refused, not guessed. Use another template (e.g. a "
+                     ".jinja file) or mark the message \"train\": false.", where=where, reason="turn not located")
+
+
+def _common_prefix(a: str, b: str) -> int:
+    low, high = 0, min(len(a), len(b))
+    while low < high:  # binary search on slices: C-speed compares instead of a Python loop per character
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _common_suffix(a: str, b: str, *, limit: int) -> int:
+    low, high = 0, max(limit, 0)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[len(a) - middle:] == b[len(b) - middle:]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
