@@ -25,7 +25,7 @@ import yaml
 from sftlab.errors import ConfigError
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,13 @@ class DataConfig:
     """`chatml`, `llama3`, `auto` (the tokenizer's own chat template) or a path to a .jinja file."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens are trained; a message's own `"train": true|false` overrides this."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """Assistant reasoning (`reasoning_content`, inline `<think>` blocks): trained where the template renders
+    it (`keep`), or removed from every message before rendering (`drop`)."""
+    reasoning_turns: Literal["rendered", "split"] = "rendered"
+    """`rendered` trains a conversation as its template renders it (templates such as Qwen3's drop the
+    reasoning of earlier turns; `check` counts them); `split` makes one example per assistant turn with
+    reasoning, each with the history as the template shows it at that turn, so no reasoning is lost."""
     max_seq_len: int | None = 2048
     """Longest example in tokens; None means no limit."""
     truncation: Literal["drop", "truncate"] = "drop"

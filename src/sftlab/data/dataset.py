@@ -29,6 +29,7 @@ from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder, Example
 from sftlab.data.formats import read_conversations
+from sftlab.data.reasoning import prepare
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.errors import DataError
 
@@ -163,8 +164,9 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
-                                           on_bad_row=data.on_bad_row, rejects=log)
+        conversations = prepare(read_conversations(data_path, format=data.format, role_map=data.role_map,
+                                                   on_bad_row=data.on_bad_row, rejects=log),
+                                encoder.template, reasoning=data.reasoning, reasoning_turns=data.reasoning_turns)
         encoded_rows = 0
         batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
         for batch, results in encoder.encode_stream(batches):

@@ -9,6 +9,7 @@ an assistant message with tool calls, in place of the user's turn. An assistant 
 
 from __future__ import annotations
 
+import difflib
 import re
 import reprlib
 from dataclasses import dataclass
@@ -114,6 +115,22 @@ def validate(conversation: Conversation) -> Conversation:
     return conversation
 
 
+_TOOLISH = ("function", "observation", "ipython", "tool", "result", "response", "output")
+_MODELISH = {"bot", "model", "gpt", "ai", "chatbot", "agent", "llm", "answer", "reply"}
+
+
+def _suggested_role(name: str) -> str:
+    """The role a hint proposes for an unknown one: never assistant unless the name is a near-spelling of
+    it, since mapping anything else to assistant trains the model on text it does not write."""
+    lowered = name.lower()
+    if any(part in lowered for part in _TOOLISH):
+        return "tool"
+    if lowered in _MODELISH:
+        return "assistant"
+    close = difflib.get_close_matches(lowered, ROLES, n=1, cutoff=0.75)
+    return close[0] if close else "user"
+
+
 def _check_tool_order(messages: tuple[Message, ...], where: str) -> None:
     """A tool result answers a call: the message before it is an assistant's with tool calls, or another
     result of the same calls."""
@@ -160,8 +177,9 @@ def _check_message(message: Message, number: int, where: str) -> None:
         found = shown(role) if isinstance(role, str) else f"{shown(role)} (a {type(role).__name__})"
         example = role if isinstance(role, str) and _ROLE_NAME.fullmatch(role) else "ROLE"  # fit for a dotted key
         raise DataError(f"message {number} has role {found}; expected one of {', '.join(ROLES)}. Fix the row "
-                        f"or map the role with data.role_map (e.g. data.role_map.{example}=assistant).",
-                        where=where, reason="unknown role")
+                        f"or map the role with data.role_map (e.g. data.role_map.{example}="
+                        f"{_suggested_role(example)}; only the model's own replies map to assistant, tool "
+                        "and function results to tool).", where=where, reason="unknown role")
     if not isinstance(message.content, str):
         found = "missing" if message.content is None else f"a {type(message.content).__name__}"
         raise DataError(f"message {number} ({message.role}) content is {found}; expected a non-empty "
