@@ -456,10 +456,27 @@ def field_usage(value: Any, format: str) -> dict[str, bool]:
     usage = {str(key): key in ROW_KEYS[format] for key in value}
     lists = {"messages": ("messages",), "sharegpt": ("conversations",),
              "prompt_completion": ("prompt", "completion")}.get(format, ())
+    known = MESSAGE_KEYS | ({"from", "value"} if format == "sharegpt" else set())
     for name in lists:
         items = value.get(name)
-        for item in items if isinstance(items, list) else ():
-            for key in item if isinstance(item, Mapping) else ():
-                known = MESSAGE_KEYS | ({"from", "value"} if format == "sharegpt" else set())
-                usage[f"{name}[].{key}"] = key in known
+        keys = {key for item in (items if isinstance(items, list) else ()) if isinstance(item, Mapping)
+                for key in item}  # a row counts once per key, however many of its messages hold it
+        usage.update({f"{name}[].{key}": key in known for key in keys})
     return usage
+
+
+def field_report(path: str | Path, format: str = "auto") -> dict[str, dict[str, Any]]:
+    """How many rows of a file hold each field, and whether the reader uses it: {"tools": {"rows": 1200,
+    "used": True}, "metadata": {"rows": 50, "used": False}}. Unreadable rows are skipped (they are
+    rejected, and counted, by the reader)."""
+    counts: dict[str, list[Any]] = {}
+    chosen = None if format == "auto" else format
+    for row in iter_rows(path):
+        if row.error is not None:
+            continue
+        chosen = chosen or detect_format(row.value)
+        if chosen is None:
+            continue
+        for name, used in field_usage(row.value, chosen).items():
+            counts.setdefault(name, [0, used])[0] += 1
+    return {name: {"rows": rows, "used": used} for name, (rows, used) in sorted(counts.items())}
