@@ -98,3 +98,24 @@ def test_examples_chat_file_has_no_broken_row() -> None:
     assert len(list(read_conversations(EXAMPLES / "reasoning.jsonl"))) == 2
     assert len(list(read_conversations(EXAMPLES / "tools.jsonl"))) == 3
     assert len(list(read_conversations(EXAMPLES / "broken.jsonl", on_bad_row="skip"))) == 1
+
+
+@pytest.mark.fixtures
+def test_a_preference_pair_may_answer_with_a_tool_call() -> None:
+    from sftlab.data.preference import pair_row, to_pair
+
+    tools = [{"type": "function", "function": {"name": "order_status", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "id": "c1", "function": {"name": "order_status", "arguments": {"order_id": "A-1"}}}
+    row = {"tools": tools, "prompt": [{"role": "user", "content": "Where is A-1?"}],
+           "chosen": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+           "rejected": [{"role": "assistant", "content": None, "tool_calls": [
+               {**call, "function": {**call["function"], "arguments": {"order_id": "B-2"}}}]}]}
+    pair = to_pair(row, "pairs.jsonl:3")
+    tokenizer = shared_real_tokenizer("qwen2_5")
+    template = load_template("auto", tokenizer)
+    chosen, rejected = (template.render(c) for c in pair.conversations())
+    trained = ["".join(s.text for s in side if s.trainable) for side in (chosen, rejected)]
+    assert trained == ['<tool_call>\n{"name": "order_status", "arguments": {"order_id": "A-1"}}\n</tool_call><|im_end|>',
+                       '<tool_call>\n{"name": "order_status", "arguments": {"order_id": "B-2"}}\n</tool_call><|im_end|>']
+    assert "order_status" in "".join(s.text for s in chosen if not s.trainable)  # the schema, untrained
+    assert json.loads(pair_row(pair))["tools"] == tools  # a rejected pair is written back whole

@@ -28,7 +28,7 @@ import numpy as np
 from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder, Example
-from sftlab.data.formats import read_conversations
+from sftlab.data.formats import field_report, read_conversations
 from sftlab.data.reasoning import prepare
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.errors import DataError
@@ -46,6 +46,8 @@ class DatasetStats:
     truncated: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     """Rows that did not become examples, by reason."""
+    ignored_fields: dict[str, int] = field(default_factory=dict)
+    """Fields of the rows (or their messages, `messages[].KEY`) the reader does not use: rows holding each."""
 
 
 class EncodedDataset:
@@ -192,6 +194,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 stats.trained_tokens += int(trained.sum())
         stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
         stats.rejected = dict(log.counts)
+    stats.ignored_fields = {name: n["rows"] for name, n in field_report(data_path, data.format).items() if not n["used"]}
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
     stats.tokens = offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}

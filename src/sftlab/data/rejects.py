@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from sftlab.data.schema import Conversation
+from sftlab.data.schema import Conversation, message_record
 
 
 class RejectLog:
@@ -53,6 +53,7 @@ class RejectLog:
 
 def conversation_row(conversation: Conversation) -> str:
     """A conversation as a messages-format row, so a rejected one can be fixed and fed back."""
-    messages = [{"role": m.role, "content": m.content} | ({"train": m.train} if m.train is not None else {})
-                for m in conversation.messages]
-    return json.dumps({"messages": messages}, ensure_ascii=False)
+    row: dict[str, Any] = {"messages": [message_record(m) for m in conversation.messages]}
+    if conversation.tools is not None:
+        row["tools"] = list(conversation.tools)
+    return json.dumps(row, ensure_ascii=False)

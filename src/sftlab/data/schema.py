@@ -82,6 +82,20 @@ class Conversation:
                                              for m in self.messages)
 
 
+def message_record(message: Message) -> dict[str, Any]:
+    """A message as a messages-format row holds it (OpenAI's field names), every set field kept: what
+    rejects.jsonl writes so a rejected row can be fixed and fed back with nothing lost."""
+    record: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        record["tool_calls"] = [call.as_dict() for call in message.tool_calls]
+    if message.reasoning is not None:
+        record["reasoning_content"] = message.reasoning
+    for key in ("tool_call_id", "name", "train"):
+        if getattr(message, key) is not None:
+            record[key] = getattr(message, key)
+    return record
+
+
 def validate(conversation: Conversation) -> Conversation:
     """Return the conversation unchanged if it is valid, else raise DataError naming where and why."""
     where, messages = conversation.where, conversation.messages
