@@ -16,7 +16,9 @@ marker that closes the turn is trained with it.
 
 from __future__ import annotations
 
+import re
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from sftlab.data.schema import Conversation, Message
@@ -40,17 +42,20 @@ def locate_spans(template: ChatTemplate, conversation: Conversation, dicts: list
     if _MARK in text:
         raise DataError("the row holds the private-use character U+E000, which sftlab uses to locate turns; "
                         "remove it from the row.", where=where, reason="template changes content")
-    turns: dict[int, list[Span]] = {}
-    pos = 0
     for index, message in enumerate(messages):
         if flags[index] and message.role != "assistant":
             raise DataError(f"message {index + 1} ({message.role}) is marked to be trained, but in a tool-calling "
                             "or reasoning conversation only assistant turns are trained (tool results, schemas "
                             "and prompts never). Remove its \"train\": true or use data.train_on=all.",
                             where=where, reason="trained message not assistant")
-        if flags[index]:
-            turns[index] = _locate_turn(template, conversation, dicts, text, index, pos)
-            pos = turns[index][-1][1]
+    trained = [i for i, flag in enumerate(flags) if flag]
+    regions = _regions_at_once(template, conversation, dicts, text, trained) if trained else {}
+    turns: dict[int, list[Span]] = {}
+    pos = 0
+    for index in trained:
+        region = regions[index] if regions else _region_alone(template, conversation, dicts, text, index)
+        turns[index] = _turn(template, conversation, text, index, region, pos)
+        pos = turns[index][-1][1]
     return _with_untrained(text, messages, turns)
 
 
@@ -81,8 +86,60 @@ def _find_content(text: str, message: Message, pos: int) -> tuple[int, int] | No
     return None
 
 
-def _locate_turn(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
-                 index: int, pos: int) -> list[Span]:
+@dataclass(frozen=True)
+class _Region:
+    """Where a turn's generated text lies in the real render: text[head:end], with its reasoning rendered
+    (then `between` is the template text between reasoning and content) or not."""
+    head: int
+    end: int
+    rendered_reasoning: bool
+    between: str
+
+
+def _regions_at_once(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
+                     trained: list[int]) -> dict[int, _Region] | None:
+    """All trained turns from one render with every trained turn replaced by sentinels, or None when the
+    two renders do not line up unambiguously (then each turn is located by its own render).
+
+    The variant reads O_0 [R_1 m_1] C_1 O_1 ... C_n O_n; the real render must read O_0 G_1 O_1 ... G_n O_n.
+    A middle O_j must start with an end-of-turn marker (after whitespace) and G_j hold none, so the first
+    O_j after G_j's start is the one that closes it: the split is exact, never a guess."""
+    token = secrets.token_hex(4)
+    variant = list(dicts)
+    for index in trained:
+        variant[index] = {"role": "assistant", "content": f"{_MARK}C{index}.{token}{_MARK}"}
+        if conversation.messages[index].reasoning is not None:
+            variant[index]["reasoning_content"] = f"{_MARK}R{index}.{token}{_MARK}"
+    other = template.render_text(variant, where=conversation.where, tools=conversation.tools)
+    pieces = re.split(f"{_MARK}([CR])(\\d+)\\.{token}{_MARK}", other)  # literal, kind, index, literal, ...
+    literals, marks = pieces[0::3], list(zip(pieces[1::3], (int(i) for i in pieces[2::3])))
+    expected = [m for i in trained for m in ([("R", i)] if ("R", i) in marks else []) + [("C", i)]]
+    if marks != expected or not text.startswith(literals[0]):
+        return None
+    regions: dict[int, _Region] = {}
+    head, k = len(literals[0]), 0
+    for number, index in enumerate(trained):
+        between = ""
+        if marks[k] == ("R", index):
+            between, k = literals[k + 1], k + 1
+        after, k = literals[k + 1], k + 1
+        if number == len(trained) - 1:
+            end = len(text) - len(after)
+            if not text.endswith(after) or end < head:
+                return None
+        else:
+            end = text.find(after, head)
+            if end < 0 or not after.lstrip().startswith(template.end_of_turn) or \
+                    any(marker in text[head:end] for marker in template.end_of_turn):
+                return None
+        regions[index] = _Region(head, end, bool(between) or ("R", index) in marks, between)
+        head = end + len(after)
+    return regions
+
+
+def _region_alone(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
+                  index: int) -> _Region:
+    """One turn by difference: its fields replaced by sentinels, the rest of the render must not change."""
     message, where = conversation.messages[index], conversation.where
     token = secrets.token_hex(4)
     content_mark, reasoning_mark = f"{_MARK}C{token}{_MARK}", f"{_MARK}R{token}{_MARK}"
@@ -91,17 +148,27 @@ def _locate_turn(template: ChatTemplate, conversation: Conversation, dicts: list
         variant["reasoning_content"] = reasoning_mark
     other = template.render_text(dicts[:index] + [variant] + dicts[index + 1:], where=where,
                                  tools=conversation.tools)
-    head = _common_prefix(text, other)
-    tail = _common_suffix(text, other, limit=min(len(text), len(other)) - head)
+    first, last = other.find(_MARK), other.rfind(_MARK) + 1
+    head = first if text.startswith(other[:first]) else _common_prefix(text, other)
+    tail = len(other) - last if text.endswith(other[last:]) and len(other) - last <= len(text) - head \
+        else _common_suffix(text, other, limit=min(len(text), len(other)) - head)
     changed = other[head:len(other) - tail]
     rendered_reasoning = changed.startswith(reasoning_mark)
     if not changed.endswith(content_mark) or (changed != content_mark and not rendered_reasoning):
         raise _unlocatable(template, index, where, "what the template renders for it changes text outside the "
                            "turn (or it transforms the content)")
-    start, end = head, len(text) - tail
+    between = changed[len(reasoning_mark):-len(content_mark)] if rendered_reasoning else ""
+    return _Region(head, len(text) - tail, rendered_reasoning, between)
+
+
+def _turn(template: ChatTemplate, conversation: Conversation, text: str, index: int, region: _Region,
+          pos: int) -> list[Span]:
+    """The located turn checked (rendered whole, closed by its marker) and cut into its pieces."""
+    message, where = conversation.messages[index], conversation.where
+    start, head, end = region.head, region.head, region.end
     if start < pos:
         raise _unlocatable(template, index, where, "it overlaps the turn before it")
-    if rendered_reasoning:
+    if region.rendered_reasoning:
         start = _after_header(template, text, pos, head, index, where)
     _check_rendered(template, message, text[head:end], index, where)
     closing = template._eot_after(text, end, len(text))
@@ -109,8 +176,7 @@ def _locate_turn(template: ChatTemplate, conversation: Conversation, dicts: list
         raise DataError(f"message {index + 1} (assistant) is trained but the chat template puts no end-of-turn "
                         "marker after it, so the model would never learn to stop. Use a template that closes "
                         "every turn.", where=where, reason="no end-of-turn marker")
-    between = changed[len(reasoning_mark):-len(content_mark)] if rendered_reasoning else ""
-    return _turn_pieces(text, message, start, head, end, closing, between)
+    return _turn_pieces(text, message, start, head, end, closing, region.between if region.rendered_reasoning else "")
 
 
 def _after_header(template: ChatTemplate, text: str, pos: int, head: int, index: int, where: str) -> int:
