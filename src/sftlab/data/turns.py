@@ -32,6 +32,9 @@ Span = tuple[int, int, str, bool]
 or 'tool_call'."""
 _MARK = "\ue000"
 """A private-use character: a sentinel starts and ends with it, and a real render never holds it."""
+_TOKEN = secrets.token_hex(4)
+_SENTINEL = re.compile(f"{_MARK}([CR])(\\d+)\\.{_TOKEN}{_MARK}")
+"""A sentinel of the all-turns render: C (content) or R (reasoning), then the message index."""
 
 
 def locate_spans(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
@@ -104,14 +107,13 @@ def _regions_at_once(template: ChatTemplate, conversation: Conversation, dicts: 
     The variant reads O_0 [R_1 m_1] C_1 O_1 ... C_n O_n; the real render must read O_0 G_1 O_1 ... G_n O_n.
     A middle O_j must start with an end-of-turn marker (after whitespace) and G_j hold none, so the first
     O_j after G_j's start is the one that closes it: the split is exact, never a guess."""
-    token = secrets.token_hex(4)
     variant = list(dicts)
     for index in trained:
-        variant[index] = {"role": "assistant", "content": f"{_MARK}C{index}.{token}{_MARK}"}
+        variant[index] = {"role": "assistant", "content": f"{_MARK}C{index}.{_TOKEN}{_MARK}"}
         if conversation.messages[index].reasoning is not None:
-            variant[index]["reasoning_content"] = f"{_MARK}R{index}.{token}{_MARK}"
+            variant[index]["reasoning_content"] = f"{_MARK}R{index}.{_TOKEN}{_MARK}"
     other = template.render_text(variant, where=conversation.where, tools=conversation.tools)
-    pieces = re.split(f"{_MARK}([CR])(\\d+)\\.{token}{_MARK}", other)  # literal, kind, index, literal, ...
+    pieces = _SENTINEL.split(other)  # literal, kind, index, literal, ...
     literals, marks = pieces[0::3], list(zip(pieces[1::3], (int(i) for i in pieces[2::3])))
     expected = [m for i in trained for m in ([("R", i)] if ("R", i) in marks else []) + [("C", i)]]
     if marks != expected or not text.startswith(literals[0]):
@@ -141,8 +143,7 @@ def _region_alone(template: ChatTemplate, conversation: Conversation, dicts: lis
                   index: int) -> _Region:
     """One turn by difference: its fields replaced by sentinels, the rest of the render must not change."""
     message, where = conversation.messages[index], conversation.where
-    token = secrets.token_hex(4)
-    content_mark, reasoning_mark = f"{_MARK}C{token}{_MARK}", f"{_MARK}R{token}{_MARK}"
+    content_mark, reasoning_mark = f"{_MARK}C{_TOKEN}{_MARK}", f"{_MARK}R{_TOKEN}{_MARK}"
     variant: dict[str, Any] = {"role": "assistant", "content": content_mark}
     if message.reasoning is not None:
         variant["reasoning_content"] = reasoning_mark
