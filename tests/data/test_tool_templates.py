@@ -203,3 +203,13 @@ def test_qwen3_inline_think_is_moved_to_reasoning_and_trained_once() -> None:
     explicit = Conversation((Message("user", "2+2?"), Message("assistant", "4", reasoning="Add them.")), "r:1")
     assert trained_texts(template.render(inline)) == ["<think>\nAdd them.\n</think>\n\n4<|im_end|>"]
     assert template.render(inline) == template.render(explicit)
+
+
+def test_a_template_that_ignores_tools_is_refused_for_rows_with_tools() -> None:
+    from sftlab.data.templates import load_template as load_builtin
+
+    conversation = Conversation((Message("user", "a"), Message("assistant", "b")), "rows.jsonl:2", tools=TOOLS)
+    with pytest.raises(DataError) as info:
+        load_builtin("chatml").render(conversation)
+    assert (info.value.where, info.value.reason) == ("rows.jsonl:2", "template ignores tools")
+    assert "does not render tool definitions" in info.value.detail

@@ -300,6 +300,11 @@ class ChatTemplate:
         from sftlab.data.turns import locate_spans  # turns builds on this module's renders
 
         messages = conversation.messages
+        if conversation.tools and "tools" not in self.source:
+            raise DataError(f"the row has tools, but chat template {self.name!r} does not render tool definitions, "
+                            "so the model would be trained to call functions it was never shown. Use the model's "
+                            "own template (data.template=auto) or a .jinja template that renders `tools`.",
+                            where=conversation.where, reason="template ignores tools")
         dicts = [_as_dict(m) for m in messages]
         text = self.render_text(dicts, where=conversation.where, tools=conversation.tools)
         flags = trainable_flags(messages, train_on)
