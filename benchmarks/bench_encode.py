@@ -152,8 +152,9 @@ def tool_conversation(source: TextSource) -> dict[str, Any]:
         calls = []
         for number in range(rng.choice((1, 1, 2))):
             function = rng.choice(tools)["function"]
+            properties = function["parameters"]["properties"]
             arguments = {arg: (rng.randint(1, 500) if spec["type"] in ("integer", "number")
-                               else source.paragraph(1, 4)[:40]) for arg, spec in function["parameters"]["properties"].items()}
+                               else source.paragraph(1, 4)[:40]) for arg, spec in properties.items()}
             calls.append({"type": "function", "id": f"call_{round_}_{number}",
                           "function": {"name": function["name"], "arguments": arguments}})
         messages.append({"role": "assistant", "content": None, "tool_calls": calls})

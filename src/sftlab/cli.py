@@ -259,7 +259,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
         conversations = prepare(read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
                                                    on_bad_row=cfg.data.on_bad_row, rejects=rejects),
-                                encoder.template, reasoning=cfg.data.reasoning, reasoning_turns=cfg.data.reasoning_turns)
+                                encoder.template, reasoning=cfg.data.reasoning,
+                                reasoning_turns=cfg.data.reasoning_turns)
     results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:

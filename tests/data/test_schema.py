@@ -27,7 +27,8 @@ VALID = {
     "tool calling": Conversation((
         Message("system", "Use tools."), Message("user", "Weather?"), Message("assistant", "", tool_calls=(CALL, CALL)),
         Message("tool", "22C", tool_call_id="call_1"), Message("tool", "23C"), Message("assistant", "Warm."),
-        Message("user", "Thanks"), Message("assistant", "Bye", reasoning="be polite")), WHERE, tools=({"type": "function"},)),
+        Message("user", "Thanks"), Message("assistant", "Bye", reasoning="be polite")), WHERE,
+        tools=({"type": "function"},)),
     "ends with a tool call": Conversation((Message("user", "a"), Message("assistant", "Let me look.",
                                                                           tool_calls=(CALL,))), WHERE),
     "unicode": conv(("system", "日本語"), ("user", "héllo 🌍"), ("assistant", "<|im_end|> is just text")),

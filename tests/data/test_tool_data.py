@@ -115,7 +115,7 @@ def test_a_preference_pair_may_answer_with_a_tool_call() -> None:
     template = load_template("auto", tokenizer)
     chosen, rejected = (template.render(c) for c in pair.conversations())
     trained = ["".join(s.text for s in side if s.trainable) for side in (chosen, rejected)]
-    assert trained == ['<tool_call>\n{"name": "order_status", "arguments": {"order_id": "A-1"}}\n</tool_call><|im_end|>',
-                       '<tool_call>\n{"name": "order_status", "arguments": {"order_id": "B-2"}}\n</tool_call><|im_end|>']
+    assert trained == [f'<tool_call>\n{{"name": "order_status", "arguments": {{"order_id": "{order}"}}}}\n'
+                       '</tool_call><|im_end|>' for order in ("A-1", "B-2")]
     assert "order_status" in "".join(s.text for s in chosen if not s.trainable)  # the schema, untrained
     assert json.loads(pair_row(pair))["tools"] == tools  # a rejected pair is written back whole

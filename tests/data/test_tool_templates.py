@@ -23,7 +23,7 @@ from sftlab.data import turns
 from sftlab.data.encode import IGNORE_INDEX, Encoder
 from sftlab.data.inspect import runs
 from sftlab.data.schema import Conversation, Message, ToolCall
-from sftlab.data.templates import _as_dict, load_template
+from sftlab.data.templates import ChatTemplate, _as_dict, load_template
 from sftlab.errors import DataError
 
 EOT = {"qwen2_5": "<|im_end|>", "llama3_2": "<|eot_id|>", "qwen3": "<|im_end|>"}
@@ -181,19 +181,18 @@ def test_llama3_2_refuses_what_it_cannot_render_with_the_reason(messages, fragme
 
 @pytest.mark.fixtures
 def test_a_tool_call_rendered_as_nothing_is_refused() -> None:
-    # Llama-3.1's template reads `tool_call.function`; an assistant whose tool call it renders only
-    # partly or not at all must not be trained as an empty turn.
-    tokenizer, _ = load("llama3_2")
-    source = fixture_path("trl_templates", "qwen2_5.jinja").read_text().replace("tool_call.name", "''")
+    # A template that reads another tool-call shape than the row's (Llama-3.1 and DeepSeek-V3 templates
+    # can render a call as nothing) must not have the turn trained as empty or nameless: here Qwen2.5's
+    # template with the function name left out.
     path = fixture_path("trl_templates", "qwen2_5.jinja")
-    from sftlab.data.templates import ChatTemplate
-    template = ChatTemplate(source, name=str(path), end_of_turn=("<|im_end|>",))
+    template = ChatTemplate(path.read_text().replace("tool_call.name", "''"), name=str(path),
+                            end_of_turn=("<|im_end|>",))
     conversation = Conversation((Message("user", "a"), Message("assistant", "", tool_calls=(CALL,)),
                                  Message("tool", "r"), Message("assistant", "b")), "rows.jsonl:9", tools=TOOLS)
     with pytest.raises(DataError) as info:
         template.render(conversation)
+    assert "message 2 (assistant) cannot be located exactly" in info.value.detail
     assert "renders its tool call 'get_weather' as nothing" in info.value.detail
-    assert tokenizer is not None
 
 
 @pytest.mark.fixtures

@@ -194,7 +194,8 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 stats.trained_tokens += int(trained.sum())
         stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
         stats.rejected = dict(log.counts)
-    stats.ignored_fields = {name: n["rows"] for name, n in field_report(data_path, data.format).items() if not n["used"]}
+    fields = field_report(data_path, data.format)
+    stats.ignored_fields = {name: n["rows"] for name, n in fields.items() if not n["used"]}
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
     stats.tokens = offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}

@@ -402,7 +402,8 @@ def _summary_table(r: QualityReport) -> Any:
              ("trained turns without end-of-turn", r.turns_missing_end_of_turn),
              ("turns per conversation (min/median/max)", turns)]
     rows += [(f"{role} messages", n) for role, n in r.messages.items()]
-    rows += [(f"field {name}", f"{n['rows']} rows: {'used' if n['used'] else 'ignored'}") for name, n in r.fields.items()]
+    rows += [(f"field {name}", f"{n['rows']} rows: {'used' if n['used'] else 'ignored'}")
+             for name, n in r.fields.items()]
     if r.rejects_path:
         rows.append(("rejected and dropped rows in", r.rejects_path))
     for name, value in rows:
