@@ -78,4 +78,4 @@ def test_build_dataset_with_split_gives_one_example_per_reasoning_turn(tmp_path:
     for turns, examples in (("split", 3), ("rendered", 1)):
         data = DataConfig(train=str(data_path), reasoning_turns=turns, cache=False)
         with build_dataset(data_path, data, Encoder(tokenizer, template)) as dataset:
-            assert len(dataset) == examples
+            assert (len(dataset), dataset.stats.rows) == (examples, 1)

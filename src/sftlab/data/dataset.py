@@ -169,10 +169,12 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
         conversations = prepare(read_conversations(data_path, format=data.format, role_map=data.role_map,
                                                    on_bad_row=data.on_bad_row, rejects=log),
                                 encoder.template, reasoning=data.reasoning, reasoning_turns=data.reasoning_turns)
-        encoded_rows = 0
+        encoded_rows, last_where = 0, None
         batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
         for batch, results in encoder.encode_stream(batches):
-            encoded_rows += len(batch)
+            for conversation in batch:  # split reasoning turns: several examples of one row, one after another
+                encoded_rows += conversation.where != last_where
+                last_where = conversation.where
             kept = []
             for conversation, result in zip(batch, results):
                 if isinstance(result, DataError):
