@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             command.add_argument("--prompt", required=True, help="the user message")
         command.add_argument("--system", help="a system message")
+        command.add_argument("--tools", help="a JSON file with a list of tool (function) definitions, rendered "
+                                             "through the chat template; tool calls are printed as parsed JSON")
         command.add_argument("--base", help="the base model for an adapter dir (default: the one it names)")
         command.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
         command.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -246,22 +248,24 @@ def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, met
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sftlab.generate import generate
+    from sftlab.generate import generate, load_tools, show_reply
 
     model, tokenizer, template, method = _load_chat(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
-    print(generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method))
+    tools = load_tools(args.tools)
+    reply = generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method, tools=tools)
+    print(show_reply(reply) if tools else reply)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from sftlab.generate import chat_repl
+    from sftlab.generate import chat_repl, load_tools
 
     model, tokenizer, template, method = _load_chat(args)
     chat_repl(model, tokenizer, template, system=args.system, input_fn=lambda prompt: input(prompt),
-              max_new_tokens=args.max_new_tokens,
+              max_new_tokens=args.max_new_tokens, tools=load_tools(args.tools),
               temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method)
     return 0
 
@@ -282,9 +286,13 @@ def _inspect(args: argparse.Namespace) -> int:
         conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
         encoder = PairEncoder(encoder).encoder
     else:
-        conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
-                                           on_bad_row=cfg.data.on_bad_row, rejects=rejects,
-                                           max_row_bytes=encoder.row_limit)
+        from sftlab.data.reasoning import prepare
+
+        conversations = prepare(read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
+                                                   on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                                                   max_row_bytes=encoder.row_limit),
+                                encoder.template, reasoning=cfg.data.reasoning,
+                                reasoning_turns=cfg.data.reasoning_turns)
     results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:

@@ -26,7 +26,7 @@ import yaml
 from sftlab.errors import ConfigError, shown
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,13 @@ class DataConfig:
     """`chatml`, `llama3`, `auto` (the tokenizer's own chat template) or a path to a .jinja file."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens are trained; a message's own `"train": true|false` overrides this."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """Assistant reasoning (`reasoning_content`, inline `<think>` blocks): trained where the template renders
+    it (`keep`), or removed from every message before rendering (`drop`)."""
+    reasoning_turns: Literal["rendered", "split"] = "rendered"
+    """`rendered` trains a conversation as its template renders it (templates such as Qwen3's drop the
+    reasoning of earlier turns; `check` counts them); `split` makes one example per assistant turn with
+    reasoning, each with the history as the template shows it at that turn, so no reasoning is lost."""
     max_seq_len: int | None = None
     """Longest example in tokens; None (the default) means the model's limit: its config.json's
     max_position_embeddings (or n_positions, ...), and 2048 for a model that declares none. A value beyond

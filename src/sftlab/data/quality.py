@@ -26,7 +26,8 @@ import numpy as np
 
 from sftlab.config import DataConfig
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, TOO_LONG, Dropped, Encoded, Encoder
-from sftlab.data.formats import read_conversations
+from sftlab.data.formats import field_report, read_conversations, tool_names
+from sftlab.data.reasoning import prepare
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.data.schema import ROLES, Conversation
 from sftlab.data.templates import Segment
@@ -101,6 +102,13 @@ class QualityReport:
     blank_messages: int = 0
     """Whitespace-only messages in valid rows (empty ones are rejected as 'empty content')."""
     turns_missing_end_of_turn: int = 0
+    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every field the rows hold: {"rows": how many rows have it, "used": whether the reader reads it}."""
+    unknown_tool_calls: int = 0
+    """Tool calls naming a function absent from their row's `tools`."""
+    reasoning_not_rendered: int = 0
+    """Assistant messages with reasoning that the template does not render (e.g. before the last user
+    turn in Qwen3's); data.reasoning_turns=split trains them."""
     rejects_path: str | None = None
     """Where rejected and dropped rows were written; None when there were none."""
     problems: list[str] = field(default_factory=list)
@@ -129,20 +137,26 @@ def analyze(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
                                            on_bad_row="skip", rejects=log, max_row_bytes=encoder.row_limit)
         while batch := list(islice(conversations, BATCH_ROWS)):
-            results = encoder.encode_batch(batch)
-            full = tally.untruncated(batch, results)
-            for conversation, result, whole in zip(batch, results, full):
+            for conversation in batch:
                 tally.conversation(conversation)
+            pieces = list(prepare(batch, encoder.template, reasoning=data.reasoning,
+                                  reasoning_turns=data.reasoning_turns))  # examples as training makes them
+            results = encoder.encode_batch(pieces)
+            full = tally.untruncated(pieces, results)
+            for conversation, result, whole in zip(pieces, results, full):
                 if isinstance(result, DataError):
                     log.add(where=result.where, reason=result.reason, message=result.detail,
                             row=conversation_row(conversation))
                     tally.refused(result, whole)
                 else:
                     tally.example(result, whole)
+                    tally.counts["reasoning_not_rendered"] += reasoning_not_rendered(
+                        encoder.template.with_inline_reasoning(conversation), result.segments)
         read_rejects = log.total - tally.refused_rows
         counts = dict(log.counts)
         written = log.path if log.total else None
     report = tally.report(str(data_path), data, counts, read_rejects)
+    report.fields = field_report(data_path, data.format)
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report
@@ -186,6 +200,9 @@ class _Tally:
     def conversation(self, conversation: Conversation) -> None:
         messages = conversation.messages
         self.counts["conversations"] += 1
+        if conversation.tools is not None:
+            names = tool_names(conversation.tools)
+            self.counts["unknown_tool_calls"] += sum(call.name not in names for m in messages for call in m.tool_calls)
         self.messages.update(m.role for m in messages)
         self.turns[sum(m.role != "system" for m in messages)] += 1
         self.counts["blank"] += sum(not m.content.strip() for m in messages)
@@ -242,7 +259,8 @@ class _Tally:
             truncated=c["truncated"], truncated_inside_trained_turn=c["truncated_inside_trained_turn"],
             dropped_too_long=self.dropped[TOO_LONG], duplicates=c["duplicates"],
             conflicting_prompts=c["conflicting"], blank_messages=c["blank"],
-            turns_missing_end_of_turn=c["turns_missing_end_of_turn"])
+            turns_missing_end_of_turn=c["turns_missing_end_of_turn"], unknown_tool_calls=c["unknown_tool_calls"],
+            reasoning_not_rendered=c["reasoning_not_rendered"])
 
     def _lengths(self) -> Lengths:
         lengths = np.frombuffer(self.lengths, dtype=np.int32)
@@ -258,10 +276,20 @@ def turns_missing_end_of_turn(segments: Sequence[Segment], end_of_turn: Sequence
     whose text does not end with one of the template's end-of-turn markers."""
     markers = tuple(end_of_turn)
     missing = 0
-    for (role, trained), run in groupby(segments, key=lambda s: (s.role, s.trainable)):
+    turn_role = {"reasoning": "assistant", "tool_call": "assistant"}  # pieces of one assistant turn
+    for (role, trained), run in groupby(segments, key=lambda s: (turn_role.get(s.role, s.role), s.trainable)):
         if trained and role and not "".join(s.text for s in run).endswith(markers):
             missing += 1
     return missing
+
+
+def reasoning_not_rendered(conversation: Conversation, segments: Sequence[Segment]) -> int:
+    """Trained assistant turns whose reasoning the template left out: the messages with reasoning minus
+    the trained reasoning pieces of the render (one per turn whose reasoning it shows)."""
+    given = sum(1 for m in conversation.messages if m.role == "assistant" and m.reasoning is not None
+                and m.train is not False)
+    shown = sum(1 for s in segments if s.role == "reasoning" and s.trainable)
+    return max(given - shown, 0)
 
 
 def _spread(histogram: Counter[int]) -> dict[str, int | None]:
@@ -323,7 +351,12 @@ def _warnings(r: QualityReport) -> list[str]:
         (r.blank_messages, "messages that are whitespace only"),
         (r.turns_missing_end_of_turn, "trained turns not ending with an end-of-turn token (the model would "
                                       "not learn to stop)"),
+        (r.unknown_tool_calls, "tool calls naming a function absent from their row's tools"),
+        (r.reasoning_not_rendered, "assistant reasoning traces the template does not render, so they are not "
+                                   "trained (data.reasoning_turns=split trains each turn's reasoning)"),
     ]
+    out += [f"{name} on {n['rows']} rows: ignored (sftlab does not read it)." for name, n in r.fields.items()
+            if not n["used"]]
     out += [f"{text}: {n}." for n, text in checks if n]
     return out
 
@@ -373,6 +406,8 @@ def _summary_table(r: QualityReport) -> Any:
              ("trained turns without end-of-turn", r.turns_missing_end_of_turn),
              ("turns per conversation (min/median/max)", turns)]
     rows += [(f"{role} messages", n) for role, n in r.messages.items()]
+    rows += [(f"field {name}", f"{n['rows']} rows: {'used' if n['used'] else 'ignored'}")
+             for name, n in r.fields.items()]
     if r.rejects_path:
         rows.append(("rejected and dropped rows in", r.rejects_path))
     for name, value in rows:

@@ -275,6 +275,9 @@ def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Pat
     if stats.rejected:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.rejected.items()))
         console.print(Text(f"{split} rows not used: {reasons} — listed in {rejects}", style="yellow"))
+    if stats.ignored_fields:
+        fields = ", ".join(f"{name} ({n} rows)" for name, n in sorted(stats.ignored_fields.items()))
+        console.print(Text(f"{split} fields ignored (not read by sftlab): {fields}", style="yellow"))
 
 
 def _check_vocab(model: torch.nn.Module, data: EncodedDataset, model_path: str) -> None:
