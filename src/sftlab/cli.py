@@ -27,8 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except SftlabError as exc:
         from rich.console import Console
+        from rich.text import Text
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
+        # A Text, not markup: the message quotes the user's keys, values and paths, which may hold `[...]`.
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -51,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base weights: a plain HF model dir")
     merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
-    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty)")
+    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty; never the run "
+                                                        "dir, the base model or a dir holding them)")
     merge.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     merge.add_argument("--onto", choices=("dequantized", "original"),
@@ -66,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             command.add_argument("--prompt", required=True, help="the user message")
         command.add_argument("--system", help="a system message")
+        command.add_argument("--tools", help="a JSON file with a list of tool (function) definitions, rendered "
+                                             "through the chat template; tool calls are printed as parsed JSON")
         command.add_argument("--base", help="the base model for an adapter dir (default: the one it names)")
         command.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
         command.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -85,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "exit when training would learn nothing")
     _data_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text")
-    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl)")
+    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl); an "
+                                          "existing file there is replaced only if it is an earlier rejects log")
     check.set_defaults(run=_check)
     return parser
 
@@ -116,12 +123,15 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
     from sftlab.models.load import load_tokenizer
+    from sftlab.models.positions import with_max_seq_len
 
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     template = load_template(cfg.data.template, tokenizer)
+    cfg = with_max_seq_len(cfg)  # check and inspect apply the limit training would
     return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
                    truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens,
-                   special_tokens_in_content=cfg.data.special_tokens_in_content)
+                   special_tokens_in_content=cfg.data.special_tokens_in_content,
+                   max_row_bytes=cfg.data.max_row_bytes)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -156,21 +166,33 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    import math
+    import shutil
+
     from sftlab import export
-    from sftlab.files import atomic_dir
+    from sftlab.files import atomic_dir, remove_stale_scratch
     from sftlab.generate import prompt_ids
     from sftlab.models.load import load_for_inference
 
     out = Path(args.output)
+    export.refuse_merge_output(out, [("the source", args.source), ("--base", args.base)])
+    if out.is_symlink():
+        raise SftlabError(f"--output {out} is a symlink (to {out.readlink()}); it is never written through. Give "
+                          "--output the real path.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise SftlabError(f"--output {out} already exists and is not empty; choose another dir, or pass --overwrite "
                           "to replace it (the new dir replaces it whole, once complete).")
+    for name in remove_stale_scratch(out):  # a merge killed mid-write left it (about the model's size)
+        print(f"removed {out.parent / name}, left by an interrupted merge", file=sys.stderr)
+    # The adapter model, loaded before anything is written, is what the merged dir is compared with.
+    adapter_model = load_for_inference(args.source, base=args.base)[0]
     model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
     if method is None:
         raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
     if args.onto and method.name != "qlora":
         raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {method.name} adapter, which "
                           "merges onto its base weights as they are. Leave --onto out.")
+    export.refuse_merge_output(out, [("the base model", method.config.model.path)])
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
     with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
@@ -178,17 +200,23 @@ def _merge(args: argparse.Namespace) -> int:
             export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, scratch)
         else:
             export.merge_to_dir(model, method, tokenizer, scratch)
-    # Fidelity: the written dir, loaded by plain transformers, against a fresh adapter model.
+    del model
+    # Fidelity: the written dir, loaded by plain transformers, against the adapter model.
     from sftlab.config import ModelConfig
     from sftlab.models.load import load_model
 
-    adapter_model = load_for_inference(args.source, base=args.base)[0]
     dtype = str(adapter_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     merged = load_model(ModelConfig(path=str(out), dtype=dtype), device=adapter_model.device)
     samples = [[{"role": "user", "content": text}] for text in
                ("Hello! What can you do?", "Explain your last answer in one sentence.", "List three colours.")]
     inputs = [prompt_ids(tokenizer, template, messages) for messages in samples]
     check = export.fidelity(adapter_model, merged, inputs)
+    if not all(math.isfinite(value) for value in check.values()):
+        shutil.rmtree(out)
+        raise SftlabError(f"the merged model's logits differ from the adapter model's by a non-finite amount (max "
+                          f"|Δlogit| {check['max_abs_logit_diff']}, mean KL {check['mean_kl']}): the merge is "
+                          f"broken, and {out} was removed. Check the adapter's and the base's weights, or merge "
+                          "in float32 (model.dtype=float32).")
     print(f"merged into {out}\nfidelity (adapter model vs merged dir, {len(inputs)} prompts): "
           f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
     if method.name == "qlora":
@@ -211,28 +239,34 @@ def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, input
 
 
 def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, method)
+    from sftlab.generate import check_sampling
     from sftlab.models.load import load_for_inference
+
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)  # before the model loads
 
     return load_for_inference(args.model, base=args.base)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sftlab.generate import generate
+    from sftlab.generate import generate, load_tools, show_reply
 
     model, tokenizer, template, method = _load_chat(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
-    print(generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method))
+    tools = load_tools(args.tools)
+    reply = generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method, tools=tools)
+    print(show_reply(reply) if tools else reply)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from sftlab.generate import chat_repl
+    from sftlab.generate import chat_repl, load_tools
 
     model, tokenizer, template, method = _load_chat(args)
     chat_repl(model, tokenizer, template, system=args.system, input_fn=lambda prompt: input(prompt),
-              max_new_tokens=args.max_new_tokens,
+              max_new_tokens=args.max_new_tokens, tools=load_tools(args.tools),
               temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method)
     return 0
 
@@ -246,14 +280,20 @@ def _inspect(args: argparse.Namespace) -> int:
     encoder = _encoder(cfg)
     rejects = RejectLog()
     if cfg.stage == "dpo":  # each pair as its two sides, chosen then rejected, the answer scored
-        from sftlab.data.preference import PairEncoder, read_pairs
+        from sftlab.data.preference import PairEncoder, pair_row_limit, read_pairs
 
-        pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+        pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                           max_row_bytes=pair_row_limit(encoder))
         conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
         encoder = PairEncoder(encoder).encoder
     else:
-        conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
-                                           on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+        from sftlab.data.reasoning import prepare
+
+        conversations = prepare(read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
+                                                   on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                                                   max_row_bytes=encoder.row_limit),
+                                encoder.template, reasoning=cfg.data.reasoning,
+                                reasoning_turns=cfg.data.reasoning_turns)
     results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:
@@ -266,9 +306,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from sftlab.data import pair_quality, quality
 
+    from sftlab.data.rejects import check_path
+
     cfg = _config(args)
-    encoder = _encoder(cfg)
     rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
+    check_path(rejects, inputs=[args.data, args.config, cfg.model.path])  # before anything is read or written
+    encoder = _encoder(cfg)
     if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions
         pairs = pair_quality.analyze_pairs(args.data, cfg.data, encoder, rejects_path=rejects)
         pair_quality.write(pairs, fmt=args.format)

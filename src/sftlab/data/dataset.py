@@ -28,7 +28,8 @@ import numpy as np
 from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder, Example
-from sftlab.data.formats import read_conversations
+from sftlab.data.formats import field_report, read_conversations
+from sftlab.data.reasoning import prepare
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.errors import DataError
 
@@ -48,6 +49,8 @@ class DatasetStats:
     special_token_rows: int = 0
     """Examples whose message contents hold special-token strings (as text, or as control tokens under
     data.special_tokens_in_content=allow); refused ones are among `rejected`."""
+    ignored_fields: dict[str, int] = field(default_factory=dict)
+    """Fields of the rows (or their messages, `messages[].KEY`) the reader does not use: rows holding each."""
 
 
 class EncodedDataset:
@@ -157,7 +160,8 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
     if data.on_bad_row == "error":
         # Every row read and validated first (no tokenising: ~1 s per 100k rows), so a bad row deep in the
         # file fails at once instead of after encoding all the rows before it.
-        for _ in read_conversations(data_path, format=data.format, role_map=data.role_map, on_bad_row="error"):
+        for _ in read_conversations(data_path, format=data.format, role_map=data.role_map, on_bad_row="error",
+                                    max_row_bytes=encoder.row_limit):
             pass
     stats = DatasetStats()
     offsets = array("q", [0])  # 8 bytes per example, not a Python int object each
@@ -166,12 +170,16 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
-                                           on_bad_row=data.on_bad_row, rejects=log)
-        encoded_rows = 0
+        conversations = prepare(read_conversations(data_path, format=data.format, role_map=data.role_map,
+                                                   on_bad_row=data.on_bad_row, rejects=log,
+                                                   max_row_bytes=encoder.row_limit),
+                                encoder.template, reasoning=data.reasoning, reasoning_turns=data.reasoning_turns)
+        encoded_rows, last_where = 0, None
         batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
         for batch, results in encoder.encode_stream(batches):
-            encoded_rows += len(batch)
+            for conversation in batch:  # split reasoning turns: several examples of one row, one after another
+                encoded_rows += conversation.where != last_where
+                last_where = conversation.where
             kept = []
             for conversation, result in zip(batch, results):
                 if isinstance(result, DataError):
@@ -194,6 +202,8 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 stats.trained_tokens += int(trained.sum())
         stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
         stats.rejected = dict(log.counts)
+    fields = field_report(data_path, data.format)
+    stats.ignored_fields = {name: n["rows"] for name, n in fields.items() if not n["used"]}
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
     stats.tokens = offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}

@@ -26,14 +26,15 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from sftlab.data.formats import row_byte_limit
 from sftlab.data.schema import Conversation
-from sftlab.data.templates import ChatTemplate, Segment
+from sftlab.data.templates import MAX_TEMPLATE_TEXT, ChatTemplate, Segment
 from sftlab.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 """Label of a position the loss ignores (PyTorch cross-entropy's ignore_index). Defined here only."""
 
-ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3}
+ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3, "tool": 4, "reasoning": 5, "tool_call": 6}
 """Per-token role codes reported by `encode_detailed`: 0 is template text."""
 
 SPECIAL_TOKENS_IN_CONTENT = ("text", "error", "allow")
@@ -80,7 +81,7 @@ class Encoder:
 
     def __init__(self, tokenizer: Any, template: ChatTemplate, *, train_on: str = "assistant",
                  max_seq_len: int | None = None, truncation: str = "drop", add_special_tokens: bool = False,
-                 special_tokens_in_content: str = "text") -> None:
+                 max_row_bytes: int | None = None, special_tokens_in_content: str = "text") -> None:
         if truncation not in ("drop", "truncate"):
             raise ConfigError(f"data.truncation must be drop or truncate; found {truncation!r}")
         if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
@@ -91,6 +92,11 @@ class Encoder:
         self.train_on = train_on
         self.max_seq_len = max_seq_len
         self.truncation = truncation
+        self.row_limit = row_byte_limit(max_seq_len, max_row_bytes)
+        """Most bytes of an input row (readers reject longer rows unread); fixed here, whatever later
+        changes max_seq_len (the pair encoder clears it to apply it per side)."""
+        self.render_limit = None if self.row_limit is None else self.row_limit + MAX_TEMPLATE_TEXT
+        """Most characters one row's render may have: its contents (at most row_limit) + template text."""
         self.added_tokens = _ensure_special_tokens(tokenizer, template, add_special_tokens)
         self._backend = _plain_backend(getattr(tokenizer, "backend_tokenizer", None))
         self.special_tokens_in_content = special_tokens_in_content
@@ -132,7 +138,7 @@ class Encoder:
         rendered: list[list[Segment] | DataError] = []
         for conversation in conversations:
             try:
-                rendered.append(self.template.render(conversation, self.train_on))
+                rendered.append(self.template.render(conversation, self.train_on, max_chars=self.render_limit))
             except DataError as exc:
                 rendered.append(exc)
         return rendered

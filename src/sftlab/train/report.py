@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sftlab import __version__
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
 from sftlab.errors import SftlabError
+from sftlab import files
 from sftlab.files import write_text_atomic
 from sftlab.train.loss_curve import loss_svg
 from sftlab.train.metrics import PHASES, read_metrics
@@ -62,9 +63,9 @@ def write_report(run_dir: str | Path, *, setup: Setup | None = None,
                           f"into this dir first, or pass the run's setup.")
     if samples is not None:
         facts["samples"] = _checked_samples(samples)
-    write_text_atomic(data_path, json.dumps(facts, indent=1, ensure_ascii=False))
+    write_text_atomic(files.owned(run_dir, REPORT_DATA), json.dumps(facts, indent=1, ensure_ascii=False))
     page = render(facts, run_dir)
-    return write_text_atomic(run_dir / REPORT_PAGE, page)
+    return write_text_atomic(files.owned(run_dir, REPORT_PAGE), page)
 
 
 def collect(setup: Setup) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     data = setup.config.data
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
-                      add_special_tokens=data.add_special_tokens,
+                      add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes,
                       special_tokens_in_content=data.special_tokens_in_content)
     checker = pair_quality.analyze_pairs if setup.config.stage == "dpo" else quality.analyze
     report = checker(data.train, data, encoder)
