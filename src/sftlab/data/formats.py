@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, shown, validate
@@ -184,6 +184,13 @@ def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapp
                        on_bad_row: str = "error", rejects: RejectLog | None = None) -> Iterator[Conversation]:
     """Stream valid conversations from a file. A bad row raises DataError (`error`) or goes to `rejects`
     (`skip`); with `skip` and no RejectLog given, rejected rows are still counted by a private log."""
+    return conversations_from_rows(iter_rows(path), format=format, role_map=role_map, on_bad_row=on_bad_row,
+                                   rejects=rejects)
+
+
+def conversations_from_rows(rows: Iterable[Row], *, format: str = "auto", role_map: Mapping[str, str] | None = None,
+                            on_bad_row: str = "error", rejects: RejectLog | None = None) -> Iterator[Conversation]:
+    """read_conversations over any rows (data/sources.py gives them for every kind of source)."""
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
     role_map = dict(role_map or {})
@@ -191,7 +198,7 @@ def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapp
     chosen = None if format == "auto" else format
     if chosen is not None and chosen not in CONVERTERS:
         raise ConfigError(f"data.format must be one of auto, {', '.join(CONVERTERS)}; found {format!r}")
-    for row in iter_rows(path):
+    for row in rows:
         try:
             if row.error is not None:
                 raise row.error

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftlab import __version__
+from sftlab.config import sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
+from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
 from sftlab.files import write_text_atomic
 from sftlab.train.loss_curve import loss_svg
@@ -89,13 +91,13 @@ def collect(setup: Setup) -> dict[str, Any]:
 
 def _data_facts(setup: Setup) -> dict[str, Any]:
     cfg = setup.config
-    train = {"file": cfg.data.train, **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
+    train = {"file": describe(cfg.data.train), **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
     unit = "pairs" if cfg.stage == "dpo" else "examples"  # a pair's two sides are two examples in the stats
     if setup.eval_data is None or setup.eval_indices is None:
         return {"train": train, "eval": None, "unit": unit}
     if setup.eval_data is setup.train_data:  # data.eval_fraction: held out of the training file
         return {"train": train, "eval": {"held_out": len(setup.eval_indices)}, "unit": unit}
-    return {"train": train, "eval": {"file": cfg.data.eval, **asdict(setup.eval_data.stats),
+    return {"train": train, "eval": {"file": describe(cfg.data.eval), **asdict(setup.eval_data.stats),
                                      "used": len(setup.eval_indices)}, "unit": unit}
 
 
@@ -107,8 +109,8 @@ def _examples(data: Any, index: int) -> list[Any]:
 def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     """`sftlab check`'s report on the training file (its dict and its text) — of conversations, or of
     preference pairs for stage dpo — or (None, None) if the file is too big."""
-    if setup.train_data.stats.rows > QUALITY_MAX_ROWS:
-        return None, None
+    if setup.train_data.stats.rows > QUALITY_MAX_ROWS or len(sources_of(setup.config.data.train)) != 1:
+        return None, None  # several sources: `sftlab check` reports on each
     from rich.console import Console
 
     from sftlab.data import pair_quality, quality
@@ -120,7 +122,7 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
                       add_special_tokens=data.add_special_tokens)
     checker = pair_quality.analyze_pairs if setup.config.stage == "dpo" else quality.analyze
-    report = checker(data.train, data, encoder)
+    report = checker(sources_of(data.train)[0], data, encoder)
     text = io.StringIO()
     writer = pair_quality.write if setup.config.stage == "dpo" else quality.write
     writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
