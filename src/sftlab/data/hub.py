@@ -19,7 +19,7 @@ DOWNLOAD_HINT = "huggingface-cli download --repo-type dataset {repo}"
 def snapshot(repo: str, *, revision: str | None = None) -> Path:
     """The local directory of Hub dataset `repo` at `revision` (None: main)."""
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     try:
         return Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=revision,
@@ -31,9 +31,9 @@ def snapshot(repo: str, *, revision: str | None = None) -> Path:
                         "exists.", where=repo, reason="invalid hub id") from None
     at = f" at revision {revision}" if revision else ""
     fetch = DOWNLOAD_HINT.format(repo=repo) + (f" --revision {revision}" if revision else "")
-    if huggingface_hub.constants.is_offline_mode():
+    if constants.is_offline_mode():
         raise DataError(f"Hub dataset {repo}{at} is not in the local Hugging Face cache "
-                        f"({huggingface_hub.constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, so it cannot be "
+                        f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, so it cannot be "
                         f"downloaded. Fetch it on a machine with network (`{fetch}`, then copy the cache), unset "
                         "HF_HUB_OFFLINE, or give a local path.", where=repo, reason="hub offline")
     try:

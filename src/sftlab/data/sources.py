@@ -108,8 +108,8 @@ def resolve(spec: SourceConfig | str | Path) -> Source:
                         "dataset directory or a Hub dataset id.", reason="unreadable file")
     if _looks_like_hub(text):
         return _hub(spec, text)
-    raise DataError(f"data file {path} does not exist (relative paths start from {Path.cwd()}); check data.train / "
-                    "data.eval or the DATA argument.", reason="missing file")
+    raise DataError(f"{text} does not exist (relative paths start from {Path.cwd()}); give an existing data file, "
+                    "glob or dataset directory, or a hub dataset id (org/name).", reason="missing file")
 
 
 def _looks_like_hub(text: str) -> bool:
