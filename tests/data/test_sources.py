@@ -113,7 +113,8 @@ def test_a_missing_mapped_column_names_the_row_and_the_mapping(tmp_path) -> None
     with pytest.raises(DataError) as caught:
         list(read(resolve(SourceConfig(path=str(path), columns={"messages": "conversation"})), DataConfig(),
                   on_bad_row="error"))
-    assert f"{path}:1" in str(caught.value) and "'conversation'" in str(caught.value) and "'messages'" in str(caught.value)
+    message = str(caught.value)
+    assert f"{path}:1" in message and "'conversation'" in message and "'messages'" in message
 
 
 def test_a_source_system_prompt_is_added_where_a_conversation_has_none(tmp_path) -> None:
@@ -176,7 +177,8 @@ def test_local_path_problems_are_named(tmp_path) -> None:
     (tmp_path / "b.csv").write_text("prompt,completion\nx,y\n")
     with pytest.raises(DataError, match="several types"):
         resolve(str(tmp_path / "[ab].*"))
-    assert [s.label for s in resolve_all((SourceConfig(path=str(tmp_path / "a.jsonl")),) * 2)] == ["a.jsonl", "a.jsonl#2"]
+    twice = (SourceConfig(path=str(tmp_path / "a.jsonl")),) * 2
+    assert [s.label for s in resolve_all(twice)] == ["a.jsonl", "a.jsonl#2"]
 
 
 def test_a_hub_id_missing_from_the_cache_offline_says_so_fast(hub_cache) -> None:
