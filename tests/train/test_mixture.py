@@ -100,6 +100,8 @@ def test_eval_fraction_holds_out_of_every_source_and_logs_each_ones_loss(model_d
     assert min(losses) <= last["eval_loss"] <= max(losses)
     assert [json.loads(line)["where"] for line in (out / "rejects.jsonl").read_text().splitlines()] == \
         [f"{sources['c']}:11"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Eval loss per source" in page and "share asked" in page and f"{last['eval_loss/b.jsonl']:.4f}" in page
 
 
 def test_mixture_counts_round_to_the_epoch_size_exactly() -> None:

@@ -92,6 +92,8 @@ def collect(setup: Setup) -> dict[str, Any]:
 def _data_facts(setup: Setup) -> dict[str, Any]:
     cfg = setup.config
     train = {"file": describe(cfg.data.train), **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
+    if setup.mixture is not None:
+        train["sources"] = setup.mixture.table(_part_stats(setup.train_data), pairs=cfg.stage == "dpo")
     unit = "pairs" if cfg.stage == "dpo" else "examples"  # a pair's two sides are two examples in the stats
     if setup.eval_data is None or setup.eval_indices is None:
         return {"train": train, "eval": None, "unit": unit}
@@ -99,6 +101,22 @@ def _data_facts(setup: Setup) -> dict[str, Any]:
         return {"train": train, "eval": {"held_out": len(setup.eval_indices)}, "unit": unit}
     return {"train": train, "eval": {"file": describe(cfg.data.eval), **asdict(setup.eval_data.stats),
                                      "used": len(setup.eval_indices)}, "unit": unit}
+
+
+def _part_stats(data: Any) -> list[Any]:
+    """Each source's DatasetStats (one, for a single source)."""
+    mixed = getattr(data, "examples", data)
+    return [p.stats for p in getattr(mixed, "parts", [mixed])]
+
+
+def _sources_html(table: list[Mapping[str, Any]]) -> str:
+    """The per-source table: what each source read and gave, and its share of an epoch (asked vs got)."""
+    rows = [[r["source"], _number(r["rows"]), _number(r["rejected"]), _number(r["examples"]), _number(r["tokens"]),
+             _number(r["trained_tokens"]), _number(r["per_epoch"]),
+             "—" if r["asked"] is None else f"{r['asked']:.1%}", f"{r['got']:.1%}",
+             f"x{r['repeated']:.2f}" if r["repeated"] else ""] for r in table]
+    return _table(rows, ["source", "rows", "rejected", "examples", "tokens", "trained tokens", "per epoch",
+                         "share asked", "share got", "repeated"])
 
 
 def _examples(data: Any, index: int) -> list[Any]:
@@ -187,7 +205,7 @@ def render(facts: Mapping[str, Any], run_dir: Path) -> str:
         _cards(facts, train, evals),
         _section("loss", "Loss", loss_svg([(r["step"], r["loss"]) for r in train],
                                           [(r["step"], r["eval_loss"]) for r in evals])),
-        _section("data", "Data", _data_html(facts)),
+        _section("data", "Data", _data_html(facts) + _eval_by_source_html(evals)),
         _section("method", "Method", _method_html(facts["method"])),
         _section("throughput", "Throughput and memory", _speed_html(train, facts["memory"])),
         _section("examples", "Training examples", _examples_html(facts["examples"])),
@@ -200,6 +218,16 @@ def render(facts: Mapping[str, Any], run_dir: Path) -> str:
                 f"sftlab {facts['sftlab']} · {facts['created']} · {run_dir.resolve()}")
     return _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), css=_CSS + TOKEN_CSS,
                         body="\n".join(s for s in sections if s))
+
+
+def _eval_by_source_html(evals: list[dict]) -> str:
+    """The last evaluation's loss of each eval source (eval_loss/<source> in metrics.jsonl), if there are several."""
+    last = evals[-1] if evals else {}
+    rows = [[key.split("/", 1)[1], f"{value:.4f}"] for key, value in last.items() if key.startswith("eval_loss/")]
+    if not rows:
+        return ""
+    return f"<h3>Eval loss per source (step {last['step']:,})</h3>" + _table(
+        rows + [["all sources", f"{last['eval_loss']:.4f}"]], ["source", "eval loss"])
 
 
 def _section(anchor: str, heading: str, body: str) -> str:
@@ -247,6 +275,8 @@ def _data_html(facts: Mapping[str, Any]) -> str:
     reasons = sorted({reason for s in splits for reason in s["rejected"]})
     rows += [[f"rejected: {reason}"] + [_number(s["rejected"].get(reason, 0)) for s in splits] for reason in reasons]
     parts = [_table(rows, ["", *names])]
+    if data["train"].get("sources"):
+        parts.append(_sources_html(data["train"]["sources"]))
     if data["eval"] is not None and "held_out" in data["eval"]:
         parts.append(f"<p>eval: {data['eval']['held_out']:,} {data.get('unit', 'examples')} held out of the training file "
                      "(data.eval_fraction).</p>")
@@ -258,8 +288,8 @@ def _data_html(facts: Mapping[str, Any]) -> str:
 
 def _quality_html(quality: Mapping[str, Any] | None, text: str | None) -> str:
     if quality is None or text is None:
-        return (f"<p>Quality summary left out: the training file has more than {QUALITY_MAX_ROWS:,} rows. "
-                "Run <code>sftlab check</code> on it for the full report.</p>")
+        return (f"<p>Quality summary left out: the training data has more than {QUALITY_MAX_ROWS:,} rows, or several "
+                "sources. Run <code>sftlab check</code> on it for the full report (per source).</p>")
     notes = [f'<li class="bad">{html.escape(p)}</li>' for p in quality["problems"]]
     notes += [f'<li class="warn">{html.escape(w)}</li>' for w in quality["warnings"]]
     verdict = "no problems found" if not notes else f"{len(notes)} finding(s)"
@@ -337,6 +367,8 @@ def _bytes(n: int) -> str:
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, list):  # several sources
+        return ", ".join(map(str, value))
     return f"{value:,}" if isinstance(value, int) else "—" if value is None else str(value)
 
 
