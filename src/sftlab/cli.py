@@ -27,8 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except SftlabError as exc:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
+        # escaped: a message may quote [brackets] (a source's row index, a list of sources) that are not markup
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}",
+                                                                    markup=True)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -267,6 +270,8 @@ def _check(args: argparse.Namespace) -> int:
     from sftlab.data import pair_quality, quality
     from sftlab.data.sources import resolve_all
 
+    if args.data is not None and "=" in args.data and not Path(args.data).exists():
+        args.overrides, args.data = [args.data, *args.overrides], None  # `check data.train=[...]`: an override
     cfg = _config(args)
     encoder = _encoder(cfg)
     value = args.data if args.data is not None else cfg.data.train
