@@ -112,3 +112,21 @@ def test_mixture_counts_round_to_the_epoch_size_exactly() -> None:
     assert Counter(chosen.tolist())[0] in (1, 2) and np.array_equal(chosen, mixture.epoch_indices(5))
     assert len(set(chosen[11:18].tolist())) == 7  # y: its share without repeats
     assert set(chosen[18:].tolist()) == {20, 21, 22}  # z: all of it, some twice
+
+
+def test_preference_pairs_mix_across_sources_with_columns_mapped(model_dir, tmp_path) -> None:
+    paths = []
+    for name, size in (("p", 4), ("q", 8)):
+        rows = [{"question": f"{name} asks {i}?", "good": f"{name} answers {i}.", "bad": "No idea."} for i in range(size)]
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    mapping = "columns: {prompt: question, chosen: good, rejected: bad}"
+    listed = f"[{{path: {paths[0]}, weight: 1, {mapping}}}, {{path: {paths[1]}, weight: 1, {mapping}}}]"
+    setup = prepare(load_config(overrides=[f"model={model_dir}", f"data.train={listed}", f"output_dir={tmp_path / 'o'}",
+                                           "stage=dpo", "data.cache=false", "train.max_steps=1"]),
+                    console=Console(quiet=True))
+    assert len(setup.train_data) == 12  # pairs, not their two sides
+    counts = Counter(Path(setup.train_data.where(int(i)).rsplit(":", 1)[0]).stem
+                     for batch in epoch_plan(setup, 0) for i in batch)
+    assert counts == {"p": 6, "q": 6}  # equal weights: p's 4 pairs give 6 (repeated), q's 8 give 6
+    train(setup, console=Console(quiet=True))
