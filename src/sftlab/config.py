@@ -438,6 +438,11 @@ def _check_stage(cfg: Config) -> None:
     if cfg.data.train_on != "assistant":
         raise ConfigError(f"data.train_on={cfg.data.train_on} does not apply to stage dpo, which scores only each "
                           "pair's answers; remove it.")
+    for source in (*sources_of(cfg.data.train), *sources_of(cfg.data.eval)):
+        for key in ("format", "train_on", "system_prompt"):
+            if getattr(source, key) is not None:
+                raise ConfigError(f"data source {source.path} sets {key}, which applies to conversations; stage dpo "
+                                  "reads preference pairs and scores only their answers. Remove it.")
 
 
 def _check_method_sections(cfg: Config) -> None:

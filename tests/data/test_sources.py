@@ -206,3 +206,24 @@ def test_an_unreachable_hub_says_so_fast(hub_cache, monkeypatch) -> None:
     assert "does not exist" not in message
     # A cached dataset is read from the cache, network or not.
     assert resolve("org/chat").hub == f"org/chat@{SHA}"
+
+
+def test_a_hub_dataset_and_a_saved_dataset_train_together(tmp_path, hub_cache) -> None:
+    import datasets
+    from rich.console import Console
+
+    from conftest import tiny_model_dir
+    from sftlab.train.loop import train
+    from sftlab.train.setup import prepare
+
+    datasets.Dataset.from_list(ROWS[:3]).save_to_disk(str(tmp_path / "saved"))
+    listed = f"[{{path: org/chat, name: chat, columns: {{messages: conversation}}}}, {tmp_path / 'saved'}]"
+    out = tmp_path / "run"
+    setup = prepare(load_config(overrides=[f"model={tiny_model_dir(tmp_path / 'model')}", f"data.train={listed}",
+                                           f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+                                           "train.max_steps=2", "lora.rank=4"]), console=Console(quiet=True))
+    assert len(setup.train_data) == len(ROWS) + 3
+    assert setup.train_data.where(0) == "org/chat:chat[0]" and setup.train_data.where(len(ROWS)) == "saved[0]"
+    result = train(setup, console=Console(quiet=True))
+    assert result.steps == 2 and result.final_loss is not None
+    assert json.loads((out / "report.json").read_text())["data"]["train"]["file"] == ["org/chat", str(tmp_path / "saved")]
