@@ -226,4 +226,5 @@ def test_a_hub_dataset_and_a_saved_dataset_train_together(tmp_path, hub_cache) -
     assert setup.train_data.where(0) == "org/chat:chat[0]" and setup.train_data.where(len(ROWS)) == "saved[0]"
     result = train(setup, console=Console(quiet=True))
     assert result.steps == 2 and result.final_loss is not None
-    assert json.loads((out / "report.json").read_text())["data"]["train"]["file"] == ["org/chat", str(tmp_path / "saved")]
+    facts = json.loads((out / "report.json").read_text())
+    assert facts["data"]["train"]["file"] == ["org/chat", str(tmp_path / "saved")]

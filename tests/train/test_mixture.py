@@ -117,7 +117,8 @@ def test_mixture_counts_round_to_the_epoch_size_exactly() -> None:
 def test_preference_pairs_mix_across_sources_with_columns_mapped(model_dir, tmp_path) -> None:
     paths = []
     for name, size in (("p", 4), ("q", 8)):
-        rows = [{"question": f"{name} asks {i}?", "good": f"{name} answers {i}.", "bad": "No idea."} for i in range(size)]
+        rows = [{"question": f"{name} asks {i}?", "good": f"{name} answers {i}.", "bad": "No idea."}
+                for i in range(size)]
         paths.append(tmp_path / f"{name}.jsonl")
         paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     mapping = "columns: {prompt: question, chosen: good, rejected: bad}"
