@@ -4,7 +4,7 @@ The cache comes first, online or off: `datasets.load_dataset("org/name")` does n
 `huggingface-cli download` put in the cache when the machine is offline, but huggingface_hub finds it.
 Every failure says which of offline / not found / gated / unreachable it is, and the fix; none is called
 "does not exist", and none waits long: huggingface_hub's own timeouts bound each request, and the cache
-lookup makes no request at all.
+lookup makes no request at all, and the first request to the Hub has its own short timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from sftlab.errors import DataError
 
 DOWNLOAD_HINT = "huggingface-cli download --repo-type dataset {repo}"
+REQUEST_TIMEOUT_S = 8.0
+"""The first request to the Hub (which tells an unreachable Hub from a missing or gated dataset) waits this long."""
 
 
 def snapshot(repo: str, *, revision: str | None = None) -> Path:
@@ -37,7 +39,10 @@ def snapshot(repo: str, *, revision: str | None = None) -> Path:
                         f"downloaded. Fetch it on a machine with network (`{fetch}`, then copy the cache), unset "
                         "HF_HUB_OFFLINE, or give a local path.", where=repo, reason="hub offline")
     try:
-        return Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=revision))
+        # One bounded request first: an unreachable or blackholed Hub fails within the timeout, not after retries.
+        info = huggingface_hub.HfApi().repo_info(repo, repo_type="dataset", revision=revision,
+                                                 timeout=REQUEST_TIMEOUT_S)
+        return Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", revision=info.sha or revision))
     except errors.GatedRepoError:
         raise DataError(f"Hub dataset {repo} is gated: accept its terms at https://huggingface.co/datasets/{repo} and "
                         "log in (`huggingface-cli login` or HF_TOKEN).", where=repo, reason="hub gated") from None
