@@ -27,7 +27,7 @@ def test_defaults() -> None:
     assert (cfg.model.path, cfg.output_dir) == (None, "runs/run")
     assert to_dict(cfg.data) == {
         "train": None, "eval": None, "eval_fraction": 0.0, "format": "auto", "role_map": {}, "on_bad_row": "error",
-        "template": "auto", "train_on": "assistant", "max_seq_len": 2048, "truncation": "drop", "packing": False,
+        "template": "auto", "train_on": "assistant", "max_seq_len": None, "max_row_bytes": None, "truncation": "drop", "packing": False,
         "add_special_tokens": False, "cache_dir": None, "cache": True}
 
 
@@ -256,7 +256,6 @@ def test_training_sections_validate(override: str, message: str) -> None:
 @pytest.mark.parametrize("overrides, message", [
     (["data.packing=true", "method=prompt"], "data.packing=true cannot be used with method prompt"),
     (["data.packing=true", "method=prefix"], "data.packing=true cannot be used with method prefix"),
-    (["data.packing=true", "data.max_seq_len=null"], "data.max_seq_len is null; set it"),
 ])
 def test_packing_combinations_that_cannot_work_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base weights: a plain HF model dir")
     merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
-    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty)")
+    merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty; never the run "
+                                                        "dir, the base model or a dir holding them)")
     merge.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     merge.add_argument("--onto", choices=("dequantized", "original"),
@@ -88,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "exit when training would learn nothing")
     _data_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text")
-    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl)")
+    check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl); an "
+                                          "existing file there is replaced only if it is an earlier rejects log")
     check.set_defaults(run=_check)
     return parser
 
@@ -121,11 +123,14 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
     from sftlab.models.load import load_tokenizer
+    from sftlab.models.positions import with_max_seq_len
 
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     template = load_template(cfg.data.template, tokenizer)
+    cfg = with_max_seq_len(cfg)  # check and inspect apply the limit training would
     return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
-                   truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens)
+                   truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens,
+                   max_row_bytes=cfg.data.max_row_bytes)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -160,21 +165,33 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    import math
+    import shutil
+
     from sftlab import export
-    from sftlab.files import atomic_dir
+    from sftlab.files import atomic_dir, remove_stale_scratch
     from sftlab.generate import prompt_ids
     from sftlab.models.load import load_for_inference
 
     out = Path(args.output)
+    export.refuse_merge_output(out, [("the source", args.source), ("--base", args.base)])
+    if out.is_symlink():
+        raise SftlabError(f"--output {out} is a symlink (to {out.readlink()}); it is never written through. Give "
+                          "--output the real path.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise SftlabError(f"--output {out} already exists and is not empty; choose another dir, or pass --overwrite "
                           "to replace it (the new dir replaces it whole, once complete).")
+    for name in remove_stale_scratch(out):  # a merge killed mid-write left it (about the model's size)
+        print(f"removed {out.parent / name}, left by an interrupted merge", file=sys.stderr)
+    # The adapter model, loaded before anything is written, is what the merged dir is compared with.
+    adapter_model = load_for_inference(args.source, base=args.base)[0]
     model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
     if method is None:
         raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
     if args.onto and method.name != "qlora":
         raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {method.name} adapter, which "
                           "merges onto its base weights as they are. Leave --onto out.")
+    export.refuse_merge_output(out, [("the base model", method.config.model.path)])
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
     with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
@@ -182,17 +199,23 @@ def _merge(args: argparse.Namespace) -> int:
             export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, scratch)
         else:
             export.merge_to_dir(model, method, tokenizer, scratch)
-    # Fidelity: the written dir, loaded by plain transformers, against a fresh adapter model.
+    del model
+    # Fidelity: the written dir, loaded by plain transformers, against the adapter model.
     from sftlab.config import ModelConfig
     from sftlab.models.load import load_model
 
-    adapter_model = load_for_inference(args.source, base=args.base)[0]
     dtype = str(adapter_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     merged = load_model(ModelConfig(path=str(out), dtype=dtype), device=adapter_model.device)
     samples = [[{"role": "user", "content": text}] for text in
                ("Hello! What can you do?", "Explain your last answer in one sentence.", "List three colours.")]
     inputs = [prompt_ids(tokenizer, template, messages) for messages in samples]
     check = export.fidelity(adapter_model, merged, inputs)
+    if not all(math.isfinite(value) for value in check.values()):
+        shutil.rmtree(out)
+        raise SftlabError(f"the merged model's logits differ from the adapter model's by a non-finite amount (max "
+                          f"|Δlogit| {check['max_abs_logit_diff']}, mean KL {check['mean_kl']}): the merge is "
+                          f"broken, and {out} was removed. Check the adapter's and the base's weights, or merge "
+                          "in float32 (model.dtype=float32).")
     print(f"merged into {out}\nfidelity (adapter model vs merged dir, {len(inputs)} prompts): "
           f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
     if method.name == "qlora":
@@ -250,13 +273,15 @@ def _inspect(args: argparse.Namespace) -> int:
     encoder = _encoder(cfg)
     rejects = RejectLog()
     if cfg.stage == "dpo":  # each pair as its two sides, chosen then rejected, the answer scored
-        from sftlab.data.preference import PairEncoder, read_pairs
+        from sftlab.data.preference import PairEncoder, pair_row_limit, read_pairs
 
-        pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+        pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                           max_row_bytes=pair_row_limit(encoder))
         conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
         encoder = PairEncoder(encoder).encoder
     else:
-        conversations = read(args.data, cfg.data, on_bad_row=cfg.data.on_bad_row, rejects=rejects)
+        conversations = read(args.data, cfg.data, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                             max_row_bytes=encoder.row_limit)
     results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:
@@ -268,19 +293,23 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from sftlab.data import pair_quality, quality
+    from sftlab.data.rejects import check_path
     from sftlab.data.sources import resolve_all
 
     if args.data is not None and "=" in args.data and not Path(args.data).exists():
         args.overrides, args.data = [args.data, *args.overrides], None  # `check data.train=[...]`: an override
     cfg = _config(args)
-    encoder = _encoder(cfg)
     value = args.data if args.data is not None else cfg.data.train
     if not value:
         raise SftlabError("no data to check: give DATA, or set data.train (in --config or as data.train=...).")
     sources = resolve_all(value)
+    inputs = [path for source in sources for path in (*source.files, source.directory)] + [args.config, cfg.model.path]
+    targets = [_rejects_path(args.rejects, s, n if len(sources) > 1 else None) for n, s in enumerate(sources)]
+    for rejects in targets:
+        check_path(rejects, inputs=inputs)  # before anything is read or written
+    encoder = _encoder(cfg)
     ok = True
-    for number, source in enumerate(sources):
-        rejects = _rejects_path(args.rejects, source, number if len(sources) > 1 else None)
+    for number, (source, rejects) in enumerate(zip(sources, targets)):
         if len(sources) > 1 and args.format == "text":
             print(f"== data source {number + 1} of {len(sources)}: {source.label} ==")
         if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions

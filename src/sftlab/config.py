@@ -115,8 +115,13 @@ class DataConfig:
     """`chatml`, `llama3`, `auto` (the tokenizer's own chat template) or a path to a .jinja file."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens are trained; a message's own `"train": true|false` overrides this."""
-    max_seq_len: int | None = 2048
-    """Longest example in tokens; None means no limit."""
+    max_seq_len: int | None = None
+    """Longest example in tokens; None (the default) means the model's limit: its config.json's
+    max_position_embeddings (or n_positions, ...), and 2048 for a model that declares none. A value beyond
+    the model's limit is refused."""
+    max_row_bytes: int | None = None
+    """Longest input row in bytes, checked before the row is parsed (a longer one is a bad row, see
+    on_bad_row); None derives it from max_seq_len: 32 bytes per token + 64 KiB (128 KiB at 2048)."""
     truncation: Literal["drop", "truncate"] = "drop"
     """What to do with a longer example: drop it (counted and reported) or cut it to max_seq_len."""
     packing: bool = False
@@ -135,9 +140,9 @@ class DataConfig:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError(f"data.max_seq_len must be at least 2 or null (no limit), got {self.max_seq_len}")
-        if self.packing and self.max_seq_len is None:
-            raise ConfigError("data.packing=true packs examples into rows of data.max_seq_len tokens, but "
-                              "data.max_seq_len is null; set it (e.g. data.max_seq_len=2048).")
+        if self.max_row_bytes is not None and self.max_row_bytes < 1:
+            raise ConfigError(f"data.max_row_bytes must be a positive number of bytes or null (derived from "
+                              f"data.max_seq_len), got {self.max_row_bytes}")
         for source, target in self.role_map.items():
             if target not in ROLES:
                 raise ConfigError(f"data.role_map maps {source!r} to {target!r}; expected one of "

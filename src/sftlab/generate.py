@@ -70,6 +70,7 @@ def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max
     _check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if not input_ids:
         raise ConfigError("the prompt is empty; expected at least one token to continue from.")
+    _check_prompt_length(model, len(input_ids))
     stops = {int(i) for i in stop_ids}
     was_training = model.training
     model.eval()
@@ -167,6 +168,19 @@ def _reply(model: Any, tokenizer: Any, template: ChatTemplate, messages: Message
                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
                  method=method)
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _check_prompt_length(model: Any, length: int) -> None:
+    """A prompt past the model's position limit (its config's max_position_embeddings) is refused, not run
+    into positions the model never learnt (or an index error deep in the model)."""
+    from sftlab.models.positions import declared_limit
+
+    config = getattr(model, "config", None)
+    limit = declared_limit(config.to_dict()) if hasattr(config, "to_dict") else None
+    if limit is not None and length >= limit:
+        raise ConfigError(f"the prompt is {length} tokens, and the model takes at most {limit} positions "
+                          "(max_position_embeddings in its config), leaving none to generate into; shorten the "
+                          "prompt (in chat, /reset starts over).")
 
 
 def _check_sampling(*, max_new_tokens: int, temperature: float, top_p: float) -> None:

@@ -22,7 +22,7 @@ from conftest import only_for, tiny_model_dir
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
-from sftlab.files import WriteError
+from sftlab.files import CONTROL_NAMES, WriteError
 from sftlab.train import rundir
 from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.train.loop import TrainingError, train
@@ -107,7 +107,7 @@ def assert_same_weights(out: Path, whole: Path) -> None:
 
 def scratch(out: Path) -> list[str]:
     return sorted(p.name for d in (out, out / "checkpoints") if d.is_dir() for p in d.iterdir()
-                  if p.name.startswith(".") and p.name != ".sftlab.lock")
+                  if p.name.startswith(".") and p.name not in CONTROL_NAMES)
 
 
 CASES = {

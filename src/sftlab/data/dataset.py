@@ -157,7 +157,7 @@ def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Pat
     if data.on_bad_row == "error":
         # Every row read and validated first (no tokenising: ~1 s per 100k rows), so a bad row deep in the
         # file fails at once instead of after encoding all the rows before it.
-        for _ in read(data_path, data, on_bad_row="error"):
+        for _ in read(data_path, data, on_bad_row="error", max_row_bytes=encoder.row_limit):
             pass
     stats = DatasetStats()
     offsets = array("q", [0])  # 8 bytes per example, not a Python int object each
@@ -166,7 +166,8 @@ def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Pat
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        conversations = read(data_path, data, on_bad_row=data.on_bad_row, rejects=log)
+        conversations = read(data_path, data, on_bad_row=data.on_bad_row, rejects=log,
+                             max_row_bytes=encoder.row_limit)
         encoded_rows = 0
         batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
         for batch, results in encoder.encode_stream(batches):

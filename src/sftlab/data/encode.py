@@ -17,8 +17,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from sftlab.data.formats import row_byte_limit
 from sftlab.data.schema import Conversation
-from sftlab.data.templates import ChatTemplate, Segment
+from sftlab.data.templates import MAX_TEMPLATE_TEXT, ChatTemplate, Segment
 from sftlab.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -63,7 +64,8 @@ class Encoder:
     """Turns conversations into examples with one tokenizer and one template."""
 
     def __init__(self, tokenizer: Any, template: ChatTemplate, *, train_on: str = "assistant",
-                 max_seq_len: int | None = None, truncation: str = "drop", add_special_tokens: bool = False) -> None:
+                 max_seq_len: int | None = None, truncation: str = "drop", add_special_tokens: bool = False,
+                 max_row_bytes: int | None = None) -> None:
         if truncation not in ("drop", "truncate"):
             raise ConfigError(f"data.truncation must be drop or truncate; found {truncation!r}")
         self.tokenizer = tokenizer
@@ -71,6 +73,11 @@ class Encoder:
         self.train_on = train_on
         self.max_seq_len = max_seq_len
         self.truncation = truncation
+        self.row_limit = row_byte_limit(max_seq_len, max_row_bytes)
+        """Most bytes of an input row (readers reject longer rows unread); fixed here, whatever later
+        changes max_seq_len (the pair encoder clears it to apply it per side)."""
+        self.render_limit = None if self.row_limit is None else self.row_limit + MAX_TEMPLATE_TEXT
+        """Most characters one row's render may have: its contents (at most row_limit) + template text."""
         self.added_tokens = _ensure_special_tokens(tokenizer, template, add_special_tokens)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = backend
@@ -119,7 +126,7 @@ class Encoder:
         rendered: list[list[Segment] | DataError] = []
         for conversation in conversations:
             try:
-                rendered.append(self.template.render(conversation, self.train_on))
+                rendered.append(self.template.render(conversation, self.train_on, max_chars=self.render_limit))
             except DataError as exc:
                 rendered.append(exc)
         return rendered

@@ -1,5 +1,11 @@
 """Readers: .jsonl (streamed), .json arrays and .parquet rows in four formats -> Conversation.
 
+A row longer than the row byte limit (`row_byte_limit`: data.max_row_bytes, or derived from
+data.max_seq_len) is rejected before it is parsed, so one giant row costs no more memory than the limit:
+a .jsonl line is read at most limit + 1 bytes far and the rest skipped in chunks, never held. A .json
+array is parsed whole (the file is in memory anyway: memory ~ file size), and a .parquet row is read as its
+row group holds it (pyarrow's unit); an oversized row of either is still rejected before rendering.
+
 Formats (detected from the first row's keys, or set with `data.format`):
 - messages:          {"messages": [{"role", "content", "train"?}, ...]}
 - prompt_completion: {"prompt": str, "completion": str}, or both lists of messages
@@ -13,7 +19,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, shown, validate
@@ -21,6 +27,30 @@ from sftlab.errors import ConfigError, DataError
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                   "assistant": "assistant"}
+
+
+BYTES_PER_TOKEN = 32
+"""Bytes of a row's JSON per token of its encoding, generously: English is ~4 bytes a token, and a token is
+at most a few dozen bytes even as JSON escapes (an emoji escaped as two \\uXXXX is 12 bytes; a CJK character
+6) or a long whitespace run some tokenizers hold as one token. A row over this many bytes per token of
+data.max_seq_len would be (far) too long anyway."""
+ROW_SLACK_BYTES = 64 * 1024
+"""Added to the derived limit: the JSON keys, roles and structure of a row, and short max_seq_len values."""
+ROW_TOO_LARGE = "row too large"
+SKIP_CHUNK = 1 << 20
+"""Bytes read at a time while skipping past an oversized line."""
+
+
+def row_byte_limit(max_seq_len: int | None, max_row_bytes: int | None = None) -> int | None:
+    """The most bytes a row's text may have: `max_row_bytes` when set, else BYTES_PER_TOKEN x max_seq_len +
+    ROW_SLACK_BYTES (max_seq_len=2048: 128 KiB), else None (no limit: max_seq_len is null too).
+
+    >>> row_byte_limit(2048), row_byte_limit(2048, 10_000), row_byte_limit(None)
+    (131072, 10000, None)
+    """
+    if max_row_bytes is not None:
+        return max_row_bytes
+    return None if max_seq_len is None else BYTES_PER_TOKEN * max_seq_len + ROW_SLACK_BYTES
 
 
 @dataclass(frozen=True)
@@ -32,29 +62,63 @@ class Row:
     error: DataError | None = None
 
 
-def iter_rows(path: str | Path) -> Iterator[Row]:
-    """Yield every row of a .jsonl / .json / .parquet file; unreadable rows carry their DataError."""
+def iter_rows(path: str | Path, *, max_row_bytes: int | None = None) -> Iterator[Row]:
+    """Yield every row of a .jsonl / .json / .parquet file; unreadable rows, and rows of more than
+    `max_row_bytes` bytes (not parsed; their `raw` is None), carry their DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; check data.train / data.eval or the DATA argument.",
                         reason="missing file")
     suffix = path.suffix.lower()
-    readers: dict[str, Callable[[Path], Iterator[Row]]] = {
+    readers: dict[str, Callable[[Path, int | None], Iterator[Row]]] = {
         ".jsonl": _jsonl_rows, ".json": _json_array_rows, ".parquet": _parquet_rows}
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix!r}; expected .jsonl, .json or .parquet.",
                         reason="unsupported file")
-    return readers[suffix](path)
+    return readers[suffix](path, max_row_bytes)
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def _too_large(where: str, size: int, limit: int) -> Row:
+    return Row(where, None, error=DataError(
+        f"the row is {size:,} bytes, more than the {limit:,}-byte row limit, so it was rejected before rendering "
+        f"(it could not fit data.max_seq_len tokens: the limit is data.max_row_bytes, or {BYTES_PER_TOKEN} bytes per token "
+        f"of data.max_seq_len + {ROW_SLACK_BYTES // 1024} KiB). Split or shorten the row, or raise "
+        "data.max_row_bytes (or data.max_seq_len).", where=where, reason=ROW_TOO_LARGE))
+
+
+def bounded_lines(file: IO[bytes], limit: int | None) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, line) for each line of a binary file; a line of more than `limit` bytes (its line
+    break included) comes as its size in bytes instead: it is skipped SKIP_CHUNK bytes at a time, so at
+    most limit + 1 bytes of it are ever held."""
+    number = 0
+    while True:
+        line = file.readline() if limit is None else file.readline(limit + 1)
+        if not line:
+            return
+        number += 1
+        if limit is None or len(line) <= limit:
+            yield number, line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = file.readline(SKIP_CHUNK)
+            if not line:
+                break
+            size += len(line)
+        yield number, size
+
+
+def _jsonl_rows(path: Path, limit: int | None) -> Iterator[Row]:
     try:
         file = path.open("rb")
     except OSError as exc:
         raise _unreadable(path, exc) from None
     with file:
-        for number, line in enumerate(file, start=1):
+        for number, line in bounded_lines(file, limit):
             where = f"{path}:{number}"
+            if isinstance(line, int):
+                yield _too_large(where, line, limit or 0)
+                continue
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]  # a UTF-8 byte-order mark some editors write
             try:
@@ -76,7 +140,7 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             yield Row(where, text, value)
 
 
-def _json_array_rows(path: Path) -> Iterator[Row]:
+def _json_array_rows(path: Path, limit: int | None) -> Iterator[Row]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
@@ -101,7 +165,10 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
         except (ValueError, RecursionError) as exc:
             raise DataError(_unparsable(exc, "a JSON array of row objects"), where=where,
                             reason="invalid JSON") from None
-        yield Row(where, text[start:end], value)
+        # The row is parsed before its size is known (the whole file is in memory already); a too-large
+        # one is still rejected before it is rendered. Its size counted in characters, a lower bound of bytes.
+        yield _too_large(where, end - start, limit) if limit is not None and end - start > limit \
+            else Row(where, text[start:end], value)
         line += text.count("\n", start, end)
         pos = _skip_space(text, end)
         line += text.count("\n", end, pos)
@@ -136,7 +203,7 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
-def _parquet_rows(path: Path) -> Iterator[Row]:
+def _parquet_rows(path: Path, limit: int | None) -> Iterator[Row]:
     try:
         import pyarrow
         import pyarrow.parquet as pq
@@ -148,7 +215,10 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for value in _parquet_values(batch, path, number):
                 number += 1
-                yield Row(f"{path}:row {number}", json.dumps(value, ensure_ascii=False, default=str), value)
+                raw = json.dumps(value, ensure_ascii=False, default=str)  # as big as the row group's share
+                size = len(raw.encode("utf-8", "surrogatepass")) if limit is not None else 0
+                yield _too_large(f"{path}:row {number}", size, limit) if limit is not None and size > limit \
+                    else Row(f"{path}:row {number}", raw, value)
     except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as exc:  # not (or no longer) valid Parquet
         after = f" after row {number}" if number else ""
         raise DataError(f"cannot read the file as Parquet{after}: {str(exc).strip()}; expected a Parquet file as "
@@ -181,11 +251,13 @@ def detect_format(value: Any) -> str | None:
 
 
 def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapping[str, str] | None = None,
-                       on_bad_row: str = "error", rejects: RejectLog | None = None) -> Iterator[Conversation]:
-    """Stream valid conversations from a file. A bad row raises DataError (`error`) or goes to `rejects`
-    (`skip`); with `skip` and no RejectLog given, rejected rows are still counted by a private log."""
-    return conversations_from_rows(iter_rows(path), format=format, role_map=role_map, on_bad_row=on_bad_row,
-                                   rejects=rejects)
+                       on_bad_row: str = "error", rejects: RejectLog | None = None,
+                       max_row_bytes: int | None = None) -> Iterator[Conversation]:
+    """Stream valid conversations from a file. A bad row, or one of more than `max_row_bytes` bytes (never
+    parsed), raises DataError (`error`) or goes to `rejects` (`skip`); with `skip` and no RejectLog given,
+    rejected rows are still counted by a private log."""
+    return conversations_from_rows(iter_rows(path, max_row_bytes=max_row_bytes), format=format, role_map=role_map,
+                                   on_bad_row=on_bad_row, rejects=rejects)
 
 
 def conversations_from_rows(rows: Iterable[Row], *, format: str = "auto", role_map: Mapping[str, str] | None = None,

@@ -30,7 +30,7 @@ import numpy as np
 from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
-from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, read_pairs
+from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
 from sftlab.data.sources import Source, path_of
 from sftlab.data.quality import REJECTED_SHARE_WARNING, digest, length_spread
 from sftlab.data.rejects import RejectLog
@@ -132,7 +132,8 @@ def analyze_pairs(data_path: "str | Path | Source", data: DataConfig, encoder: E
     `rejects_path` (created only if there are any)."""
     tally = _Tally(PairEncoder(encoder))
     with RejectLog(rejects_path) as log:
-        pairs = read_pairs(data_path, role_map=data.role_map, on_bad_row="skip", rejects=log)
+        pairs = read_pairs(data_path, role_map=data.role_map, on_bad_row="skip", rejects=log,
+                           max_row_bytes=pair_row_limit(encoder))
         batches = iter(lambda: list(islice(pairs, BATCH_ROWS)), [])
         for batch, results in tally.encoder.encode_stream(batches):
             wholes = tally.untruncated(batch, results)

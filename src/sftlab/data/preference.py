@@ -134,13 +134,14 @@ def _implicit_pair(chosen: Any, rejected: Any, where: str, role_map: Mapping[str
 
 
 def read_pairs(path: str | Path | Source, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
-               rejects: RejectLog | None = None) -> Iterator[Pair]:
-    """Stream valid pairs from a .jsonl / .json / .parquet file. A bad row raises DataError (`error`) or goes
-    to `rejects` (`skip`)."""
+               rejects: RejectLog | None = None, max_row_bytes: int | None = None) -> Iterator[Pair]:
+    """Stream valid pairs from a source (a file, glob, dataset dir or hub id). A bad row, or one of more than
+    `max_row_bytes` bytes (never parsed; see `pair_row_limit`), raises DataError (`error`) or goes to `rejects`
+    (`skip`)."""
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
     log = rejects if rejects is not None else RejectLog()
-    for row in source_rows(path):
+    for row in source_rows(path, max_row_bytes=max_row_bytes):
         try:
             if row.error is not None:
                 raise row.error
@@ -155,6 +156,11 @@ def read_pairs(path: str | Path | Source, *, role_map: Mapping[str, str] | None 
             if on_bad_row == "error":
                 raise
             log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+
+
+def pair_row_limit(encoder: Encoder) -> int | None:
+    """Most bytes of a pair row: two sides' worth of the encoder's row limit (a pair holds two answers)."""
+    return None if encoder.row_limit is None else 2 * encoder.row_limit
 
 
 @dataclass(frozen=True)
@@ -354,7 +360,8 @@ def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, d
            settings: dict[str, Any]) -> None:
     """The encoded-dataset layout (data/dataset.py), two examples per pair; stats count examples (sides)."""
     if data.on_bad_row == "error":  # every pair validated before any is tokenised, as for conversations
-        for _ in read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row="error"):
+        for _ in read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row="error",
+                            max_row_bytes=pair_row_limit(encoder)):
             pass
     pair_encoder = PairEncoder(encoder)
     stats = DatasetStats()
@@ -364,7 +371,8 @@ def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, d
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        pairs = read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row=data.on_bad_row, rejects=log)
+        pairs = read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row=data.on_bad_row, rejects=log,
+                           max_row_bytes=pair_row_limit(encoder))
         encoded_rows = 0
         for batch, results in pair_encoder.encode_stream(iter(lambda: list(islice(pairs, BATCH_ROWS)), [])):
             encoded_rows += len(batch)

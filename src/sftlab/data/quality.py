@@ -128,7 +128,7 @@ def analyze(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, 
     encoder = encoder_for(source, encoder)
     tally = _Tally(encoder)
     with RejectLog(rejects_path) as log:
-        conversations = read(source, data, on_bad_row="skip", rejects=log)
+        conversations = read(source, data, on_bad_row="skip", rejects=log, max_row_bytes=encoder.row_limit)
         while batch := list(islice(conversations, BATCH_ROWS)):
             results = encoder.encode_batch(batch)
             full = tally.untruncated(batch, results)
@@ -179,7 +179,8 @@ class _Tally:
             return full
         if self._unlimited is None:
             e = self.encoder
-            self._unlimited = Encoder(e.tokenizer, e.template, train_on=e.train_on, max_seq_len=None)
+            self._unlimited = Encoder(e.tokenizer, e.template, train_on=e.train_on, max_seq_len=None,
+                                      max_row_bytes=e.row_limit)
         for i, result in zip(long, self._unlimited.encode_batch([batch[i] for i in long])):
             full[i] = result if isinstance(result, Encoded) else None
         return full

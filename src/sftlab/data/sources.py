@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.config import DataConfig, SourceConfig, sources_of
-from sftlab.data.formats import Row, conversations_from_rows, iter_rows
+from sftlab.data.formats import Row, _too_large, conversations_from_rows, iter_rows
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, shown
 from sftlab.errors import DataError
@@ -187,26 +187,33 @@ def _hub(spec: SourceConfig, repo: str) -> Source:
     return Source(spec, label, directory=snapshot, hub=f"{repo}@{snapshot.name}")
 
 
-def rows(source: Source) -> Iterator[Row]:
-    """The source's rows in order, its `columns` mapped."""
-    raw = _dataset_rows(source) if source.builder or source.directory else _own_rows(source)
+def rows(source: Source, *, max_row_bytes: int | None = None) -> Iterator[Row]:
+    """The source's rows in order, its `columns` mapped; a row of more than `max_row_bytes` bytes is an error row."""
+    raw = _dataset_rows(source, max_row_bytes) if source.builder or source.directory else \
+        _own_rows(source, max_row_bytes)
     columns = source.spec.columns
     for row in raw:
         yield _mapped(row, columns, source.label) if columns and row.error is None else row
 
 
-def _own_rows(source: Source) -> Iterator[Row]:
+def _own_rows(source: Source, max_row_bytes: int | None) -> Iterator[Row]:
     for path in source.files:
-        yield from iter_rows(path)
+        yield from iter_rows(path, max_row_bytes=max_row_bytes)
 
 
-def _dataset_rows(source: Source) -> Iterator[Row]:
-    """Rows streamed by `datasets` (nothing materialised: the reader holds one batch)."""
+def _dataset_rows(source: Source, max_row_bytes: int | None) -> Iterator[Row]:
+    """Rows streamed by `datasets` (nothing materialised: the reader holds one batch). Arrow has already read a
+    row too large for the limit, but it is rejected as a JSONL row of that size would be."""
     dataset = _load(source)
     index = -1
     try:
         for index, value in enumerate(dataset):
-            yield Row(f"{source.label}[{index}]", json.dumps(value, ensure_ascii=False, default=str), value)
+            where, text = f"{source.label}[{index}]", json.dumps(value, ensure_ascii=False, default=str)
+            size = len(text) if max_row_bytes is None or len(text) <= max_row_bytes else len(text.encode("utf-8"))
+            if max_row_bytes is not None and size > max_row_bytes:
+                yield _too_large(where, size, max_row_bytes)
+                continue
+            yield Row(where, text, value)
     except DataError:
         raise
     except Exception as exc:  # pyarrow / datasets errors on a corrupt shard
@@ -252,12 +259,13 @@ def _mapped(row: Row, columns: Mapping[str, str], label: str) -> Row:
     return replace(row, value=mapped)
 
 
-def read(data_path: Source | str | Path, data: DataConfig, *, on_bad_row: str,
-         rejects: RejectLog | None = None) -> Iterator[Conversation]:
+def read(data_path: Source | str | Path, data: DataConfig, *, on_bad_row: str, rejects: RejectLog | None = None,
+         max_row_bytes: int | None = None) -> Iterator[Conversation]:
     """A source's valid conversations (its format, role_map and system_prompt over data's)."""
     source = data_path if isinstance(data_path, Source) else resolve(data_path)
     spec = source.spec
-    conversations = conversations_from_rows(rows(source), format=spec.format or data.format,
+    conversations = conversations_from_rows(rows(source, max_row_bytes=max_row_bytes),
+                                            format=spec.format or data.format,
                                             role_map={**data.role_map, **spec.role_map}, on_bad_row=on_bad_row,
                                             rejects=rejects)
     if spec.system_prompt is None:
@@ -272,9 +280,9 @@ def with_system(conversation: Conversation, prompt: str) -> Conversation:
     return replace(conversation, messages=(Message("system", prompt), *conversation.messages))
 
 
-def source_rows(data_path: Source | str | Path) -> Iterable[Row]:
+def source_rows(data_path: Source | str | Path, *, max_row_bytes: int | None = None) -> Iterable[Row]:
     """Rows of a source or a path (preference pairs read these)."""
-    return rows(data_path if isinstance(data_path, Source) else resolve(data_path))
+    return rows(data_path if isinstance(data_path, Source) else resolve(data_path), max_row_bytes=max_row_bytes)
 
 
 def source_settings(source: Source, encoder: Any) -> dict[str, Any]:

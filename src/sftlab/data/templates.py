@@ -19,7 +19,10 @@ Because the whole conversation is rendered once, templates need not be prefix-st
 A template is user code (a .jinja file, or whatever a model's tokenizer ships): every render, for training
 and for generation, runs in one strict jinja2 sandbox (`_Sandbox`). Reaching for Python internals, changing
 a value or running away (huge ranges, endless recursion, giant values) is a TemplateError; a template
-refusing or failing on one conversation is a DataError naming that row.
+refusing or failing on one conversation is a DataError naming that row. A render's total output is capped
+(`render_text`'s max_chars: by default the contents + MAX_TEMPLATE_TEXT), streamed and stopped at the cap,
+so a template emitting a big value once per row cannot exhaust memory over a dataset either. (Text a
+macro or `{% set %}` block builds is bounded by the per-value and loop-step limits, not by the cap.)
 """
 
 from __future__ import annotations
@@ -110,6 +113,12 @@ MAX_LOOP_STEPS = 1_000_000
 messages, so a template past this is runaway (e.g. nested loops over range(99999)), refused, not waited on."""
 MAX_VALUE_SIZE = 10_000_000
 """Longest string or list `*` may build, and the most bits `**` may give an integer, in a template."""
+
+
+MAX_TEMPLATE_TEXT = 64 * 1024
+"""Most characters a render may hold besides the messages' contents: the template's own text (headers,
+markers, a default system prompt) is a few hundred, so past this the template is runaway."""
+RENDER_TOO_LONG = "render too long"
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -228,17 +237,28 @@ class ChatTemplate:
         self._marked_cache: dict[tuple[str, ...], str] = {}
 
     def render_text(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
-                    where: str = "") -> str:
-        """The template's plain render, as `tokenizer.apply_chat_template(..., tokenize=False)` gives it."""
+                    where: str = "", max_chars: int | None = None) -> str:
+        """The template's plain render, as `tokenizer.apply_chat_template(..., tokenize=False)` gives it; a
+        DataError (reason RENDER_TOO_LONG) once it passes `max_chars` characters (default: the contents'
+        length + MAX_TEMPLATE_TEXT)."""
+        if max_chars is None:
+            max_chars = sum(len(m.get("content") or "") for m in messages
+                            if isinstance(m.get("content"), str)) + MAX_TEMPLATE_TEXT
         try:
-            return self._compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.variables, range=_bounded_range())
+            return self._capped(max_chars, where, messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                tools=None, documents=None, **self.variables, range=_bounded_range())
         except SecurityError as exc:
             raise TemplateError(
                 f"chat template {self.name!r} was stopped by sftlab's sandbox: {exc}. Templates may read the "
                 "messages and the special-token variables, but not attributes starting with '_', methods "
                 f"that change a value, more than {MAX_LOOP_STEPS} loop steps or values of more than "
                 f"{MAX_VALUE_SIZE} items. Remove that expression from the template.") from None
+        except _RenderTooLong:
+            raise DataError(f"chat template {self.name!r} rendered more than {max_chars:,} characters for the "
+                            f"conversation (its contents may take data.max_row_bytes, or the limit derived from "
+                            f"data.max_seq_len, plus {MAX_TEMPLATE_TEXT:,} of template text), so it was "
+                            "stopped: the template emits runaway text, or the row is too long. Fix the template, "
+                            "or shorten the row.", where=where, reason=RENDER_TOO_LONG) from None
         except JinjaTemplateError as exc:
             raise DataError(f"chat template {self.name!r} refused the conversation: {_brief(exc)}",
                             where=where, reason="template refused") from None
@@ -251,13 +271,26 @@ class ChatTemplate:
                             "the template or use data.template=chatml or llama3.",
                             where=where, reason="template failed") from None
 
-    def render(self, conversation: Conversation, train_on: str = "assistant") -> list[Segment]:
-        """Segments whose texts join to the rendered conversation, each marked trainable or not."""
+    def _capped(self, max_chars: int, where: str, **context: Any) -> str:
+        """The render, streamed and stopped as soon as it passes `max_chars` characters."""
+        pieces: list[str] = []
+        size = 0
+        for piece in self._compiled.generate(**context):
+            size += len(piece)
+            if size > max_chars:
+                raise _RenderTooLong(where)
+            pieces.append(piece)
+        return "".join(pieces)
+
+    def render(self, conversation: Conversation, train_on: str = "assistant", *,
+               max_chars: int | None = None) -> list[Segment]:
+        """Segments whose texts join to the rendered conversation, each marked trainable or not; a render
+        of more than `max_chars` characters (default: see `render_text`) is a DataError naming the row."""
         if train_on not in TRAIN_ON:
             raise TemplateError(f"data.train_on must be one of {', '.join(TRAIN_ON)}; found {train_on!r}")
         messages = validate(conversation).messages  # a Conversation built by hand may hold anything
         where = conversation.where
-        text = self.render_text([_as_dict(m) for m in messages], where=where)
+        text = self.render_text([_as_dict(m) for m in messages], where=where, max_chars=max_chars)
         marked = self._marked(tuple(m.role for m in messages), where)
         spans = self._content_spans(text, marked, messages, where)
         flags = trainable_flags(messages, train_on)
@@ -315,6 +348,10 @@ class ChatTemplate:
             if gap >= limit or not text[gap].isspace():
                 return None
             gap += 1
+
+
+class _RenderTooLong(Exception):
+    """A render passed its cap (an Exception of ours, so the template's own error handling cannot catch it)."""
 
 
 def _brief(exc: Exception) -> str:

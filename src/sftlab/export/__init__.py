@@ -26,9 +26,11 @@ from sftlab.export.bottleneck import (
     save_bottleneck,
 )
 from sftlab.export.model_dir import (
+    NonFiniteWeightsError,
     chat_template_for,
     fidelity,
     merge_to_dir,
+    refuse_merge_output,
     save_model,
     save_tokenizer,
 )
@@ -108,6 +110,7 @@ def adapter_settings(adapter_dir: str | Path) -> tuple[str | None, list[str]]:
     return adapter_lora_settings(adapter_dir)
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LOADERS", "SAVERS", "adapter_lora_settings", "adapter_settings",
-           "adapter_token_ids", "chat_template_for", "fidelity", "load_adapter", "load_trained", "merge_to_dir",
-           "save_adapter", "save_model", "save_tokenizer", "save_trained"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LOADERS", "NonFiniteWeightsError", "SAVERS",
+           "adapter_lora_settings", "adapter_settings", "adapter_token_ids", "chat_template_for", "fidelity",
+           "load_adapter", "load_trained", "merge_to_dir", "refuse_merge_output", "save_adapter", "save_model",
+           "save_tokenizer", "save_trained"]

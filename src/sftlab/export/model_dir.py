@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +26,48 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 """The two files of every adapter dir sftlab writes (the names HF PEFT uses)."""
 
 
+class NonFiniteWeightsError(SftlabError):
+    """Weights to be exported hold NaN or infinite values: the export is refused (nothing is written)."""
+
+
+def refuse_nonfinite(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse to write weights with a NaN or an infinity: such a model or adapter only produces NaN."""
+    bad = [name for name, tensor in state.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteWeightsError(f"{what} holds non-finite (NaN or infinite) weights in {shown}; it is not "
+                                    "written (nothing of a partial write is left). The adapter or the base is "
+                                    "corrupt, or training diverged: retrain, or export an earlier checkpoint.")
+
+
+def refuse_merge_output(out: Path, inputs: Iterable[tuple[str, str | None]]) -> None:
+    """A merge writes (and with --overwrite replaces) `out` whole: refuse an `out` that is, holds or lies
+    inside an input (the run or adapter dir, the base model), or is the working dir or one of its parents."""
+    target = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    fix = f"Give --output a new dir outside them, e.g. {target.parent / (target.name + '-merged')}"
+    if target == cwd or target in cwd.parents:
+        raise SftlabError(f"--output {out} is the working directory or one of its parents; a merge replaces "
+                          f"--output whole. {fix}.")
+    for what, given in inputs:
+        if not given or not Path(given).expanduser().exists():
+            continue  # a hub id, or nothing given
+        path = Path(given).expanduser().resolve()
+        if target == path or target in path.parents:
+            raise SftlabError(f"--output {out} is or holds {what} {given}, which the merge reads; a merge replaces "
+                              f"--output whole. {fix}.")
+        if path in target.parents:
+            raise SftlabError(f"--output {out} lies inside {what} {given}; a merge never writes into its inputs. "
+                              f"{fix}.")
+
+
 def write_adapter_files(out: Path, state: dict[str, torch.Tensor], document: dict[str, Any], tokenizer: Any,
                         chat_template: str | None, *, metadata: dict[str, str] | None = None,
                         readme: str | None = None) -> Path:
     """An adapter dir's files: the weights, adapter_config.json, the tokenizer with the chat template the
     run trained with, and (where PEFT users need instructions) a README.md. Returns `out`."""
+    refuse_nonfinite(state, "the adapter")
     save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", **(metadata or {})})
     (out / ADAPTER_CONFIG).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     save_tokenizer(tokenizer, out, chat_template)
@@ -75,6 +113,7 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, chat_te
     if leftovers:
         raise MergeError(f"the model still holds sftlab modules ({', '.join(leftovers[:3])}); merge it first "
                          "(merge_to_dir) or save it as an adapter (save_adapter).")
+    refuse_nonfinite(model.state_dict(), "the model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -105,14 +144,16 @@ def fidelity(adapter_model: nn.Module, merged_model: nn.Module,
              inputs: torch.Tensor | Iterable[Any]) -> dict[str, float]:
     """How closely a merged model reproduces its adapter model: the largest |logit difference| and the mean
     KL(adapter || merged) per token, in fp32, over `inputs` — a (B, T) or (T,) tensor of input_ids, or an
-    iterable of such tensors, token-id lists, {"input_ids", "attention_mask"} mappings or Batches."""
+    iterable of such tensors, token-id lists, {"input_ids", "attention_mask"} mappings or Batches. A NaN in
+    either model's logits gives NaN (a failure the caller reports), never a difference of 0."""
     max_diff, kl_sum, tokens = 0.0, 0.0, 0
     with _eval_mode(adapter_model), _eval_mode(merged_model):
         for input_ids, attention_mask in _input_batches(inputs):
             keep = attention_mask.bool()
             reference = _logits(adapter_model, input_ids, attention_mask)[keep]  # (N, V) fp32
             merged = _logits(merged_model, input_ids, attention_mask)[keep]
-            max_diff = max(max_diff, (reference - merged).abs().max().item())
+            diff = (reference - merged).abs().max().item()
+            max_diff = diff if math.isnan(diff) or math.isnan(max_diff) else max(max_diff, diff)  # NaN is kept
             # KL in float64: in fp32 its own rounding (~1e-8) would hide the difference being measured.
             kl_sum += F.kl_div(merged.double().log_softmax(-1), reference.double().log_softmax(-1),
                                log_target=True, reduction="sum").item()

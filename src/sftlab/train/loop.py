@@ -24,7 +24,8 @@ from sftlab.data.dataset import EncodedDataset
 from sftlab.data.mixture import Mixture
 from sftlab.data.preference import PairDataset
 from sftlab.errors import SftlabError
-from sftlab.files import DISK_ERRORS, WriteError, atomic_dir, describe
+from sftlab import files
+from sftlab.files import DISK_ERRORS, WriteError, atomic_dir, describe, write_text_atomic
 from sftlab.methods import Method
 from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint, distributed, lock, rundir
@@ -198,7 +199,8 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
            stop: StopRequest) -> RunResult:
     cfg, model, method, ctx = setup.config, setup.model, setup.method, setup.dist
     if ctx.main:
-        (out / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        write_text_atomic(files.owned(out, "config.yaml"), to_yaml(cfg))
+        files.owned(out, "checkpoints")  # recorded before the first checkpoint (every rank writes into it)
     console = console if ctx.main and console is not None else Console(stderr=True, quiet=not ctx.main)
     pad_id = _pad_id(setup.tokenizer)
     if cfg.train.gradient_checkpointing:
@@ -313,7 +315,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     distributed.consolidate(model, ctx)  # FSDP: the whole parameters on rank 0, for the export
     export_dir = report = None
     if ctx.main:
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        plot_loss(out / "metrics.jsonl", files.owned(out, "loss.png"))
         export_dir = _export(setup, out)
         report = write_report(out, setup=setup)
         rundir.finish(out, steps=state.step, export=export_dir, final_loss=last_loss)
@@ -397,7 +399,7 @@ def _export(setup: Setup, out: Path) -> Path:
     """adapter/ or model/, written beside and renamed into place: a failed export leaves no partial dir."""
     from sftlab import export
 
-    final = out / ("model" if setup.method.name == "full" else "adapter")
+    final = files.owned(out, "model" if setup.method.name == "full" else "adapter")
     with atomic_dir(final, what="the export") as tmp:
         export.save_trained(setup.model, setup.method, setup.config, setup.tokenizer, out, into=tmp)
     return final

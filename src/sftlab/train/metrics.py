@@ -11,6 +11,7 @@ from typing import IO, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from sftlab import files
 from sftlab.files import write_text_atomic
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -57,7 +58,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, console: Console,
                  tensorboard: bool = False) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = files.owned(run_dir, "metrics.jsonl")  # recorded as the run's before it is written
         _keep_until(self.path, start_step)
         self._file: IO[str] = self.path.open("a", encoding="utf-8")
         self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -98,7 +99,7 @@ def _tensorboard_writer(run_dir: Path) -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(Path(run_dir) / "tensorboard"))
+    return SummaryWriter(str(files.owned(run_dir, "tensorboard")))
 
 
 def _keep_until(path: Path, step: int) -> None:

@@ -30,6 +30,7 @@ from sftlab.config import sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
 from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
+from sftlab import files
 from sftlab.files import write_text_atomic
 from sftlab.train.loss_curve import loss_svg
 from sftlab.train.metrics import PHASES, read_metrics
@@ -64,9 +65,9 @@ def write_report(run_dir: str | Path, *, setup: Setup | None = None,
                           f"into this dir first, or pass the run's setup.")
     if samples is not None:
         facts["samples"] = _checked_samples(samples)
-    write_text_atomic(data_path, json.dumps(facts, indent=1, ensure_ascii=False))
+    write_text_atomic(files.owned(run_dir, REPORT_DATA), json.dumps(facts, indent=1, ensure_ascii=False))
     page = render(facts, run_dir)
-    return write_text_atomic(run_dir / REPORT_PAGE, page)
+    return write_text_atomic(files.owned(run_dir, REPORT_PAGE), page)
 
 
 def collect(setup: Setup) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     data = setup.config.data
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
-                      add_special_tokens=data.add_special_tokens)
+                      add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes)
     checker = pair_quality.analyze_pairs if setup.config.stage == "dpo" else quality.analyze
     report = checker(sources_of(data.train)[0], data, encoder)
     text = io.StringIO()

@@ -1,14 +1,29 @@
-"""The output dir of a run: who may use it, whether it is finished, and what starting there again means.
+"""The output dir of a run: what in it is the run's, who may use it, whether it is finished, and what
+starting there again means.
 
-- One run at a time (train/lock.py); a dir that holds files but no sftlab run is refused, so a typo in
-  output_dir never mixes a run into someone's folder.
+- A run owns only what it wrote: OUTPUT/.sftlab-manifest.json (files.py) names its entries, each recorded
+  before it is written. Anything else there is the user's and is never written, replaced or removed, and
+  no write follows a symlink; a run that would have to (a user's `config.yaml` or `model/` where the run
+  writes its own) is refused before it writes anything, naming them.
+- A dir is a run's only when its manifest says so. A non-empty dir without one is refused (a typo in
+  output_dir never mixes a run into someone's folder); `--overwrite` writes there beside the user's files
+  and removes none of them.
+- Run dirs of sftlab versions before the manifest (finished.json or checkpoints/step-N, no manifest) are
+  adopted conservatively: only RUN_FILES entries that are plainly the run's (real files and dirs, not
+  symlinks, holding no input of the run — the base model, data files, dpo.init_from — and `model/`,
+  `adapter/`, `base/` only where the saved config says the run wrote them) are recorded as its; every
+  other entry stays the user's. A wrong guess can only keep a file, never remove one.
+- Inputs and the output may not overlap where a write could land on an input: output_dir equal to the
+  model dir, the data file or the model dir inside output_dir under a name the run writes, are refused.
+- One run at a time (train/lock.py).
 - A finished run (FINISHED, written last) is never trained over: the same config again has nothing to
-  do, anything else needs `--overwrite`, which deletes the run's own files (and nothing else) first.
+  do, anything else needs `--overwrite`, which deletes the manifest's files (and nothing else) first.
 - An unfinished run resumes (train.resume=auto) only under the config that wrote its checkpoints, up to
   the settings that do not change what is trained (logging, checkpoint period, output paths);
   train.resume=never starts over and removes the old checkpoints, so they can never be mistaken for the
   new run's.
-- What interrupted writes left behind (scratch dirs of checkpoints and exports) is removed.
+- What interrupted writes of the run's own files left behind (scratch dirs of checkpoints and exports) is
+  removed.
 """
 
 from __future__ import annotations
@@ -22,17 +37,19 @@ from typing import Any
 
 from rich.console import Console
 
+from sftlab import files
 from sftlab.config import Config, ConfigError, load_config, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
-from sftlab.files import remove_scratch, write_text_atomic
+from sftlab.files import CONTROL_NAMES, ForeignPathError, remove_scratch, write_text_atomic
 from sftlab.train import lock
 from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
 
 FINISHED = "finished.json"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "adapter", "model", "report.html",
              "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", "base", FINISHED)
-"""What a run writes in its output dir (besides the lock): all that --overwrite removes."""
+"""What a run may write in its output dir (besides the lock and the manifest); what it did write, its
+manifest names, and only that is ever removed."""
 FREE_TO_CHANGE = ("output_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
                   "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
                   "train.on_nonfinite", "train.fused_ops", "train.compile")
@@ -56,10 +73,20 @@ def claim(cfg: Config, *, overwrite: bool = False, console: Console | None = Non
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file; set output_dir to a directory (new or a run's).")
-    if out.is_dir() and not overwrite:
+    refuse_overlap(cfg)
+    names = files.manifest(out) if out.is_dir() else []
+    if names is None:
+        names = _legacy_run(out, cfg)
+    if names is None and not overwrite:
         _refuse_foreign(out)
+    _refuse_collisions(out, cfg, names or [])
     lock.acquire(out)
     try:
+        if names is None or files.manifest(out) is None:
+            files.write_manifest(out, names or [])  # before the first file: the dir is a run's from now on
+            if names:
+                console.print(f"{out}: a run of an earlier sftlab without a manifest; its own files are taken "
+                              f"to be {', '.join(sorted(names))} (anything else there is left alone)")
         _prepare(out, cfg, overwrite, console)
     except BaseException:
         lock.release(out)
@@ -71,7 +98,7 @@ def finish(out: Path, *, steps: int, export: Path | None, final_loss: float | No
     """Mark the run finished (the last file a run writes)."""
     record = {"steps": steps, "export": export.name if export else None, "final_loss": final_loss,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_text_atomic(out / FINISHED, json.dumps(record, indent=1) + "\n")
+    write_text_atomic(files.owned(out, FINISHED), json.dumps(record, indent=1) + "\n")
 
 
 def finished(out: Path) -> dict[str, Any] | None:
@@ -84,10 +111,17 @@ def finished(out: Path) -> dict[str, Any] | None:
 
 
 def clear(out: Path) -> list[str]:
-    """Remove the run's own files from `out` (never anything else); returns their names."""
+    """Remove the run's own files — the ones its manifest names — from `out`, never anything else (a dir
+    without a manifest loses nothing); returns their names."""
+    names = files.manifest(out)
+    if names is None:
+        return []
     removed = []
-    for name in RUN_FILES:
+    for name in names:
         path = out / name
+        if path.is_symlink():
+            raise ForeignPathError(f"{path} is a symlink (to {path.readlink()}); sftlab never removes through a "
+                                   "symlink in a run dir. Remove the link yourself, or set another output_dir.")
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -95,7 +129,9 @@ def clear(out: Path) -> list[str]:
         else:
             continue
         removed.append(name)
-    return removed + remove_scratch(out)
+    scratch = remove_scratch(out, names)
+    files.write_manifest(out, [])
+    return removed + scratch
 
 
 def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
@@ -108,9 +144,11 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
         summary = f"{done.get('steps', '?')} steps, wrote {done.get('export') or 'nothing'}, on " \
                   f"{done.get('finished', '?')}"
         raise RunFinishedError(out, summary, same_config=cfg.train.resume == "auto" and not _differences(out, cfg))
-    remove_scratch(out)
-    remove_scratch(checkpoint_dir(out))
-    latest = latest_checkpoint(out)
+    names = files.manifest(out) or []
+    remove_scratch(out, names)
+    if "checkpoints" in names:
+        remove_scratch(checkpoint_dir(out))
+    latest = latest_checkpoint(out) if "checkpoints" in names else None
     if latest is None:
         return
     if cfg.train.resume == "never":
@@ -176,10 +214,103 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _refuse_foreign(out: Path) -> None:
-    entries = [child.name for child in out.iterdir()]
-    ours = set(RUN_FILES) | {lock.LOCK_NAME}
-    if entries and not any(name in ours for name in entries):
+    """A non-empty dir without a manifest is not a run's: refused unless --overwrite says to write there."""
+    if not out.is_dir():
+        return
+    entries = [child.name for child in out.iterdir() if child.name not in CONTROL_NAMES]
+    if entries:
         shown = ", ".join(sorted(entries)[:5]) + (", …" if len(entries) > 5 else "")
-        raise ConfigError(f"output_dir {out} already holds files that are not an sftlab run ({shown}); a run "
-                          "writes its files there. Set output_dir to a new or empty directory (or pass "
-                          "--overwrite to write there anyway; only the run's own files are ever removed).")
+        raise ConfigError(f"output_dir {out} already holds files that are not an sftlab run ({shown}): it has no "
+                          f"{files.MANIFEST}. Set output_dir to a new or empty directory, or pass --overwrite to "
+                          "write the run there beside them (none of them is ever changed or removed).")
+
+
+def planned(cfg: Config) -> list[str]:
+    """The entries this config's run writes in its output dir."""
+    names = ["config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "model" if cfg.method == "full" else "adapter",
+             "report.html", "report.json", "rejects.jsonl", FINISHED]
+    if cfg.data.eval:
+        names.append("eval_rejects.jsonl")
+    if cfg.train.tensorboard:
+        names.append("tensorboard")
+    if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and cfg.method != "full":
+        names.append("base")
+    return names
+
+
+def _refuse_collisions(out: Path, cfg: Config, names: list[str]) -> None:
+    """Refuse, before anything is written, a run that would have to replace or write through the user's."""
+    if not out.is_dir():
+        return
+    links = [name for name in {*planned(cfg), *names, *CONTROL_NAMES} if (out / name).is_symlink()]
+    if links:
+        shown = ", ".join(f"{name} -> {(out / name).readlink()}" for name in sorted(links))
+        raise ConfigError(f"output_dir {out} holds symlinks where the run writes ({shown}); sftlab never writes "
+                          "through a symlink in a run dir. Remove them, or set another output_dir.")
+    theirs = sorted(name for name in planned(cfg) if (out / name).exists() and name not in names)
+    if theirs:
+        raise ConfigError(f"output_dir {out} holds {', '.join(theirs)}, which the run writes but did not write "
+                          f"(its {files.MANIFEST} does not name them): they are never replaced or removed. Move "
+                          "them away, or set output_dir to a new directory.")
+
+
+def inputs(cfg: Config) -> list[tuple[str, Path]]:
+    """(key, path) of each local file or dir the run reads: the data files, the model, dpo.init_from."""
+    found = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
+    found += [("model", cfg.model.path), ("dpo.init_from", cfg.dpo.init_from)]
+    return [(key, Path(value).expanduser()) for key, value in found
+            if value and Path(value).expanduser().exists()]
+
+
+def refuse_overlap(cfg: Config) -> None:
+    """Refuse an output_dir that is an input, or that holds an input where the run writes (the run would
+    overwrite it, or --overwrite remove it). An input elsewhere inside output_dir is fine."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    for key, path in inputs(cfg):
+        where = path.resolve()
+        if key == "model" and where == out / "base" and "base" in (_manifest_or_none(out) or []):
+            continue  # dpo.init=merge: the run's own merged SFT model, which its saved config names (as_saved)
+        if where == out:
+            raise ConfigError(f"output_dir {cfg.output_dir} is {key} {path} itself: the run would write its files "
+                              "among the input's. Set output_dir to a new directory, e.g. "
+                              f"{out.parent / (out.name + '-run')}.")
+        if out in where.parents:
+            top = where.relative_to(out).parts[0]
+            if top in {*RUN_FILES, *CONTROL_NAMES}:
+                raise ConfigError(f"{key} {path} lies inside output_dir {cfg.output_dir} at {top}, where the run "
+                                  f"writes its own {top}: it would be overwritten. Set output_dir to a new "
+                                  f"directory (e.g. {out.parent / (out.name + '-run')}), or move {key} out of it.")
+
+
+def _manifest_or_none(out: Path) -> list[str] | None:
+    return files.manifest(out) if out.is_dir() else None
+
+
+def _legacy_run(out: Path, cfg: Config) -> list[str] | None:
+    """The entries a run of an sftlab before manifests wrote in `out` (see the module doc), or None when `out`
+    holds no such run. Conservative by design: an entry is the run's only when nothing suggests otherwise."""
+    if not out.is_dir():
+        return []
+    done = finished(out)
+    has_checkpoints = latest_checkpoint(out) is not None
+    if not (isinstance(done, dict) and "steps" in done) and not has_checkpoints:
+        return None
+    try:
+        saved = load_config(out / "config.yaml")
+    except SftlabError:
+        saved = None
+    reads = [path.resolve() for key, path in inputs(cfg) + (inputs(saved) if saved else [])]
+    wrote = {"model": saved is not None and saved.method == "full",
+             "adapter": (out / "adapter" / ADAPTER_CONFIG).is_file(),
+             "base": saved is not None and saved.stage == "dpo" and saved.dpo.init == "merge",
+             "checkpoints": has_checkpoints, "config.yaml": saved is not None}
+    names = []
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_symlink() or not path.exists() or not wrote.get(name, True):
+            continue
+        where = path.resolve()
+        if any(read == where or where in read.parents for read in reads):
+            continue  # an input of the run: the user's
+        names.append(name)
+    return names

@@ -21,11 +21,13 @@ from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
 from sftlab.data.sources import Source, describe, resolve_all
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError, DataError, SftlabError
+from sftlab import files
 from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
 from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
+from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
 from sftlab.train import rundir
 from sftlab.train.distributed import Dist, choose_mode
@@ -48,6 +50,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if not cfg.model.path:
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
     train_sources, eval_sources = (_resolve(key, getattr(cfg.data, key)) for key in ("train", "eval"))
+    cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
     out = Path(cfg.output_dir)
     refused: SftlabError | None = None
     if ctx.main:
@@ -64,13 +67,13 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
-                      add_special_tokens=cfg.data.add_special_tokens)
-    train_data = _build_all(ctx, train_sources, cfg, encoder, out / "rejects.jsonl")
+                      add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes)
+    train_data = _build_all(ctx, train_sources, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
     _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo")
     indices = np.arange(len(train_data))
     eval_data, eval_indices, eval_groups = None, None, None
     if eval_sources:
-        eval_data = _build_all(ctx, eval_sources, cfg, encoder, out / "eval_rejects.jsonl")
+        eval_data = _build_all(ctx, eval_sources, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
         _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo")
         eval_indices = np.arange(len(eval_data))
         eval_groups = _groups(eval_data, eval_sources, eval_indices)
@@ -148,7 +151,7 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
     saved = rundir.as_saved(cfg)  # names OUTPUT/base as the model from now on
     base = Path(saved.model.path)
     if ctx.main:
-        with atomic_dir(base, what="the merged SFT model") as scratch:
+        with atomic_dir(files.owned(base.parent, base.name), what="the merged SFT model") as scratch:
             export.save_model(model, tokenizer, scratch, chat_template=export.chat_template_for(cfg, tokenizer))
     ctx.barrier()
     console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}")
@@ -190,6 +193,11 @@ def _resolve(key: str, value: object) -> list[Source]:
         return resolve_all(value)
     except DataError as exc:
         raise ConfigError(f"data.{key}: {exc}") from None
+
+
+def _run_file(ctx: Dist, out: Path, name: str) -> Path:
+    """OUTPUT/NAME, recorded in the run's manifest (by rank 0, which writes it) before anything is written."""
+    return files.owned(out, name) if ctx.main else out / name
 
 
 def _build(ctx: Dist, data_path: Source, cfg: Config, encoder: Encoder,
