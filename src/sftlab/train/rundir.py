@@ -38,7 +38,7 @@ from typing import Any
 from rich.console import Console
 
 from sftlab import files
-from sftlab.config import Config, ConfigError, load_config, to_dict
+from sftlab.config import Config, ConfigError, load_config, sources_of, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
 from sftlab.files import CONTROL_NAMES, ForeignPathError, remove_scratch, write_text_atomic
@@ -256,7 +256,7 @@ def _refuse_collisions(out: Path, cfg: Config, names: list[str]) -> None:
 
 def inputs(cfg: Config) -> list[tuple[str, Path]]:
     """(key, path) of each local file or dir the run reads: the data files, the model, dpo.init_from."""
-    found = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
+    found = [(f"data.{key}", spec.path) for key in ("train", "eval") for spec in sources_of(getattr(cfg.data, key))]
     found += [("model", cfg.model.path), ("dpo.init_from", cfg.dpo.init_from)]
     return [(key, Path(value).expanduser()) for key, value in found
             if value and Path(value).expanduser().exists()]
