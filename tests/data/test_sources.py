@@ -228,3 +228,14 @@ def test_a_hub_dataset_and_a_saved_dataset_train_together(tmp_path, hub_cache) -
     assert result.steps == 2 and result.final_loss is not None
     facts = json.loads((out / "report.json").read_text())
     assert facts["data"]["train"]["file"] == ["org/chat", str(tmp_path / "saved")]
+
+
+def test_a_dataset_row_over_the_byte_limit_is_rejected_as_a_jsonl_row_would_be(tmp_path) -> None:
+    from sftlab.data.formats import ROW_TOO_LARGE
+    from sftlab.data.rejects import RejectLog
+
+    (tmp_path / "qa.csv").write_text(f"prompt,completion\nshort?,yes.\nlong?,{'x' * 5000}\n", encoding="utf-8")
+    log = RejectLog()
+    got = list(read(resolve(str(tmp_path / "qa.csv")), DataConfig(), on_bad_row="skip", rejects=log,
+                    max_row_bytes=1000))
+    assert [c.where for c in got] == ["qa.csv[0]"] and dict(log.counts) == {ROW_TOO_LARGE: 1}
