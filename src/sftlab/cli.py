@@ -27,11 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except SftlabError as exc:
         from rich.console import Console
-        from rich.markup import escape
+        from rich.text import Text
 
-        # escaped: a message may quote [brackets] (a source's row index, a list of sources) that are not markup
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}",
-                                                                    markup=True)
+        # A Text, not markup: the message quotes the user's keys, values and paths, which may hold `[...]`.
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -238,7 +238,11 @@ def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, input
 
 
 def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, method)
+    from sftlab.generate import check_sampling
     from sftlab.models.load import load_for_inference
+
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)  # before the model loads
 
     return load_for_inference(args.model, base=args.base)
 

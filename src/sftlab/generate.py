@@ -14,13 +14,16 @@ through exactly the path they train through.
 from __future__ import annotations
 
 import inspect
+import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from sftlab.data.templates import ChatTemplate
-from sftlab.errors import ConfigError
+from sftlab.config import SEED_LIMIT
+from sftlab.errors import ConfigError, shown
 
 Messages = Sequence[Mapping[str, str]]
 """Chat messages as the template renders them: `{"role": ..., "content": ...}`."""
@@ -56,6 +59,7 @@ def generate(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messa
     """The model's reply to `messages`: sampled until an end-of-turn/eos token (not included) or
     `max_new_tokens`, decoded without special tokens. Greedy when temperature is 0; the same seed gives
     the same reply on the same device."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     generator = _generator(model, seed)
     return _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, generator=generator, method=method)
@@ -67,10 +71,10 @@ def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max
     """New token ids after `input_ids`, up to but not including the first stop id, at most
     `max_new_tokens`. Runs in the model's own device and dtype; the model is put in eval mode for the
     call and restored afterwards."""
-    _check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if not input_ids:
         raise ConfigError("the prompt is empty; expected at least one token to continue from.")
-    _check_prompt_length(model, len(input_ids))
+    max_new_tokens = _room(model, len(input_ids), max_new_tokens)
     stops = {int(i) for i in stop_ids}
     was_training = model.training
     model.eval()
@@ -133,7 +137,7 @@ def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str
     """Talk to the model: each user line and the model's reply are kept, so every prompt holds the whole
     conversation. `/reset` starts over (keeping the system message), `/exit` or end of input quits.
     One generator seeded once serves the whole session. Returns the conversation as it ended."""
-    _check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     generator = _generator(model, seed)
@@ -155,9 +159,14 @@ def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str
             continue
         if not command:
             continue
-        messages = [*messages, {"role": "user", "content": command}]
-        reply = _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, generator=generator, method=method)
+        asked = [*messages, {"role": "user", "content": command}]
+        try:
+            reply = _reply(model, tokenizer, template, asked, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, generator=generator, method=method)
+        except ConfigError as exc:  # the conversation fills the model's positions: say so, keep the session
+            print_fn(f"({exc})")
+            continue
+        messages = asked
         print_fn(reply)
         messages = [*messages, {"role": "assistant", "content": reply}]
 
@@ -170,26 +179,35 @@ def _reply(model: Any, tokenizer: Any, template: ChatTemplate, messages: Message
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _check_prompt_length(model: Any, length: int) -> None:
-    """A prompt past the model's position limit (its config's max_position_embeddings) is refused, not run
-    into positions the model never learnt (or an index error deep in the model)."""
+def check_sampling(*, max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+    """Refuse sampling settings that cannot work, before a model is loaded for them. Each float is checked
+    for finiteness first: NaN passes every `<` comparison."""
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ConfigError(f"max_new_tokens (--max-new-tokens) must be at least 1; found {shown(max_new_tokens)}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature (--temperature) must be 0 (greedy) or a positive finite number; found "
+                          f"{shown(temperature)}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p (--top-p) must be in (0, 1]; found {shown(top_p)}. Use 1 to sample from all tokens.")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed (--seed) must be an integer in [0, 2**32); found {shown(seed)}")
+
+
+def _room(model: Any, prompt_tokens: int, max_new_tokens: int) -> int:
+    """How many new tokens fit after the prompt in the model's positions (config max_position_embeddings):
+    max_new_tokens, or fewer with a note on stderr; an error when the prompt leaves no room at all."""
     from sftlab.models.positions import declared_limit
 
     config = getattr(model, "config", None)
     limit = declared_limit(config.to_dict()) if hasattr(config, "to_dict") else None
-    if limit is not None and length >= limit:
-        raise ConfigError(f"the prompt is {length} tokens, and the model takes at most {limit} positions "
-                          "(max_position_embeddings in its config), leaving none to generate into; shorten the "
-                          "prompt (in chat, /reset starts over).")
-
-
-def _check_sampling(*, max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens (--max-new-tokens) must be at least 1; found {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"temperature (--temperature) must be 0 (greedy) or positive; found {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p (--top-p) must be in (0, 1]; found {top_p}. Use 1 to sample from all tokens.")
+    if not isinstance(limit, int) or prompt_tokens + max_new_tokens <= limit:
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise ConfigError(f"the prompt is {prompt_tokens:,} tokens, and the model takes at most {limit:,} positions "
+                          "(max_position_embeddings): no room to answer. Shorten the prompt (in chat: /reset).")
+    print(f"note: max_new_tokens {max_new_tokens:,} cut to {limit - prompt_tokens:,}: the prompt takes "
+          f"{prompt_tokens:,} of the model's {limit:,} positions.", file=sys.stderr)
+    return limit - prompt_tokens
 
 
 def _generator(model: Any, seed: int | None) -> torch.Generator | None:

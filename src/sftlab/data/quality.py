@@ -339,16 +339,18 @@ def write(report: QualityReport, fmt: str = "text", console: Any = None) -> None
     if fmt != "text":
         raise ValueError(f"unknown report format {fmt!r}; expected text or json")
     from rich.console import Console
+    from rich.text import Text
 
+    # Text, never markup: problems, roles and paths quote the user's data, which may hold `[...]`.
     console = console if console is not None else Console(highlight=False)
     for table in _tables(report):
         console.print(table)
     for problem in report.problems:
-        console.print(f"[bold red]problem:[/] {problem}", markup=True)
+        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", markup=True)
-    verdict = "[bold green]ok[/]: the data trains something" if report.ok else "[bold red]not ok[/]"
-    console.print(verdict, markup=True)
+        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
+    verdict = (("ok", "bold green"), ": the data trains something") if report.ok else (("not ok", "bold red"),)
+    console.print(Text.assemble(*verdict))
 
 
 def _tables(r: QualityReport) -> list[Any]:
@@ -357,8 +359,9 @@ def _tables(r: QualityReport) -> list[Any]:
 
 def _summary_table(r: QualityReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"sftlab check: {r.data_path}", show_header=False)
+    table = Table(title=Text(f"sftlab check: {r.data_path}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     turns = "/".join(str(r.turns.get(k)) for k in ("min", "median", "max"))
@@ -375,19 +378,20 @@ def _summary_table(r: QualityReport) -> Any:
     if r.rejects_path:
         rows.append(("rejected and dropped rows in", r.rejects_path))
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     return table
 
 
 def _roles_table(r: QualityReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="tokens per role (examples as trained)")
     for column in ("role", "tokens", "trained", "share"):
         table.add_column(column, justify="left" if column == "role" else "right")
     for name, counts in r.roles.items():
         share = "-" if counts.share is None else f"{counts.share:.1%}"
-        table.add_row(name, str(counts.tokens), str(counts.trained_tokens), share)
+        table.add_row(Text(name), str(counts.tokens), str(counts.trained_tokens), share)
     return table
 
 

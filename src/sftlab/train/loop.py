@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from sftlab.config import Config, to_yaml
 from sftlab.data import packing
@@ -87,7 +88,7 @@ def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
     # Grouped by global step: micro-batches x accumulation x ranks (what a single process with the same
     # global batch would group).
     return packing.grouped_plan(lengths, indices, micro_batch_size=cfg.train.micro_batch_size,
-                                grad_accum_steps=cfg.train.grad_accum_steps * setup.dist.world, seed=cfg.train.seed,
+                                grad_accum_steps=grad_accum_steps(setup) * setup.dist.world, seed=cfg.train.seed,
                                 epoch=epoch)
 
 
@@ -96,15 +97,32 @@ def epoch_indices(setup: Setup, epoch: int) -> np.ndarray:
     return setup.train_indices if setup.mixture is None else setup.mixture.epoch_indices(epoch)
 
 
+def epoch_length(setup: Setup) -> int:
+    """Micro-batches in one epoch (the same for every epoch). An epoch ends with a short micro-batch rather
+    than borrowing from the next epoch. With a mixture and packing, later epochs' rows may differ by a few
+    from epoch 0's (other examples)."""
+    cfg = setup.config
+    return packing.plan_length(setup.train_data.lengths, epoch_indices(setup, 0), packing=cfg.data.packing,
+                               capacity=objective_for(cfg).capacity, micro_batch_size=cfg.train.micro_batch_size)
+
+
+def grad_accum_steps(setup: Setup, per_epoch: int | None = None) -> int:
+    """train.grad_accum_steps, clamped to the micro-batches one epoch has (per rank): a step larger than the
+    data would run through it several times over, the same examples summed twice or more into one update.
+    Clamped, each step takes at most one epoch's worth; `_train` says so when it clamps."""
+    wanted = setup.config.train.grad_accum_steps
+    if wanted == 1:
+        return 1
+    per_epoch = epoch_length(setup) if per_epoch is None else per_epoch
+    return max(1, min(wanted, per_epoch // setup.dist.world))
+
+
 def total_steps(setup: Setup) -> int:
     cfg = setup.config
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    # An epoch ends with a short micro-batch rather than borrowing from the next epoch.
-    # With a mixture and packing, later epochs' rows may differ by a few from epoch 0's (other examples).
-    per_epoch = packing.plan_length(setup.train_data.lengths, epoch_indices(setup, 0), packing=cfg.data.packing,
-                                    capacity=objective_for(cfg).capacity, micro_batch_size=cfg.train.micro_batch_size)
-    per_step = cfg.train.grad_accum_steps * setup.dist.world  # micro-batches of one global step
+    per_epoch = epoch_length(setup)
+    per_step = grad_accum_steps(setup, per_epoch) * setup.dist.world  # micro-batches of one global step
     return max(1, math.ceil(cfg.train.epochs * per_epoch / per_step))
 
 
@@ -213,13 +231,15 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     params = method.trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.train)
     steps = total_steps(setup)
+    accum = _clamped_accum(setup, console)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     state = TrainState()
     latest = checkpoint.latest_checkpoint(out) if cfg.train.resume == "auto" else None
     if latest is not None:
         state = checkpoint.load_checkpoint(latest, optimizer=optimizer, scheduler=scheduler, method=method,
                                            model=model, ctx=ctx)
-        console.print(f"resuming from {latest} (step {state.step} of {steps})")
+        console.print(f"resuming from {latest} (step {state.step} of {steps})", markup=False)
+    state.extra["data"] = rundir.data_fingerprints(cfg)  # what this run's checkpoints were trained on
     model.train()
     stream = micro_batches(setup, state, pad_id)
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
@@ -238,7 +258,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
             while state.step < steps:
                 started = time.perf_counter()
                 timer.start()
-                batches = [next(stream) for _ in range(cfg.train.grad_accum_steps)]
+                batches = [next(stream) for _ in range(accum)]
                 # Counted on the host before the move, then over all ranks: the step's loss is the mean
                 # over every unit (supervised token, or pair) of the global batch.
                 units, supervised, tokens = (int(n) for n in ctx.sum([sum(objective.count(b) for b in batches),
@@ -271,7 +291,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                         raise TrainingError(f"{problem}{again}. Nothing of this step was applied; the last "
                                             f"complete checkpoint is {checkpoint.latest_checkpoint(out)}. Lower "
                                             "train.lr, check those rows, or set train.on_nonfinite=skip.")
-                    console.print(f"[yellow]{problem}: step skipped (train.on_nonfinite=skip)[/]")
+                    console.print(Text(f"{problem}: step skipped (train.on_nonfinite=skip)", style="yellow"))
                     state.skipped_steps += 1
                     if log is not None:
                         log.log({"step": state.step + 1, "skipped": problem,
@@ -322,6 +342,24 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     ctx.barrier()
     return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"),
                      report)
+
+
+def _clamped_accum(setup: Setup, console: Console) -> int:
+    """grad_accum_steps(setup), printing what was clamped and why when it is less than the config's."""
+    cfg = setup.config
+    wanted = cfg.train.grad_accum_steps
+    per_epoch = epoch_length(setup) if wanted > 1 else 1
+    accum = grad_accum_steps(setup, per_epoch)
+    if accum < wanted:
+        units = "pairs" if cfg.stage == "dpo" else "examples"
+        made = f"{per_epoch} micro-batches of {cfg.train.micro_batch_size} " + \
+            ("packed rows" if cfg.data.packing else units)
+        ranks = f" over {setup.dist.world} processes" if setup.dist.world > 1 else ""
+        console.print(f"train.grad_accum_steps={wanted} is more than the data holds: an epoch of "
+                      f"{len(setup.train_indices)} {units} makes {made}{ranks}; using grad_accum_steps={accum}, so "
+                      "a step never runs through the data more than once. Lower train.grad_accum_steps (or "
+                      "train.micro_batch_size) to choose yourself.", markup=False)
+    return accum
 
 
 def _nonfinite(state: TrainState, loss: float, norm: float, batches: list[Batch], out: Path) -> str:

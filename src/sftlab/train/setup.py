@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from sftlab import export
 from sftlab.config import Config
@@ -24,12 +25,13 @@ from sftlab.errors import ConfigError, DataError, SftlabError
 from sftlab import files
 from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
+from sftlab.methods.base import Method
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
-from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
+from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, skeleton
 from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
-from sftlab.train import rundir
+from sftlab.train import lock, rundir
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup, _pad_id
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
@@ -60,11 +62,22 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
             refused = exc
     if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
         raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
+    try:
+        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out)
+    except BaseException:
+        if ctx.main:
+            lock.release(out)  # a start that fails leaves no lock behind
+        raise
+
+
+def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path) -> Setup:
+    """The rest of prepare(), once this process holds the output dir."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = _full_init(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if not is_gguf(cfg.model.path):  # its files, not its weights: a broken model dir fails before the data work
         check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    _check_layers(cfg)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes)
@@ -109,7 +122,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     method.apply(model)
     if continued is not None:
         export.load_trained(model, method, continued)
-        console.print(f"dpo: training on the SFT adapter {continued}")
+        console.print(f"dpo: training on the SFT adapter {continued}", markup=False)
     if cfg.method == "qlora":
         console.print(base_memory_line(model))
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
@@ -123,6 +136,17 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
                            continued=continued is not None, console=console) if cfg.stage == "dpo" else None
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
                  reference_model=reference, mixture=mixture, eval_groups=eval_groups)
+
+
+def _check_layers(cfg: Config) -> None:
+    """The method's settings against the model's layer shapes (lora.targets, lora.rank), on a skeleton
+    built from config.json: a mistake is named before the data work and the weight load."""
+    method = METHODS.get(cfg.method)
+    if method is None or method.check_layers is Method.check_layers:  # nothing to check: build no skeleton
+        return
+    model = skeleton(cfg.model)
+    if model is not None:
+        method(cfg).check_layers(model)
 
 
 def _full_init(cfg: Config) -> Config:
@@ -154,7 +178,7 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
         with atomic_dir(files.owned(base.parent, base.name), what="the merged SFT model") as scratch:
             export.save_model(model, tokenizer, scratch, chat_template=export.chat_template_for(cfg, tokenizer))
     ctx.barrier()
-    console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}")
+    console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}", markup=False)
     return model, saved
 
 
@@ -283,7 +307,7 @@ def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, adde
         model.resize_token_embeddings(len(tokenizer))
         rows = len(tokenizer)
     console.print(f"added special tokens {', '.join(added)}: their embedding rows train "
-                  f"(embeddings have {rows} rows)")
+                  f"(embeddings have {rows} rows)", markup=False)  # tokens like [INST] are text
     return tokenizer.convert_tokens_to_ids(added)
 
 
@@ -300,7 +324,7 @@ def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Pat
     console.print(line)
     if stats.rejected:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.rejected.items()))
-        console.print(f"[yellow]{split} rows not used: {reasons} — listed in {rejects}[/]")
+        console.print(Text(f"{split} rows not used: {reasons} — listed in {rejects}", style="yellow"))
 
 
 def _check_vocab(model: torch.nn.Module, data: EncodedDataset, model_path: str) -> None:
