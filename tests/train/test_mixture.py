@@ -131,3 +131,19 @@ def test_preference_pairs_mix_across_sources_with_columns_mapped(model_dir, tmp_
                      for batch in epoch_plan(setup, 0) for i in batch)
     assert counts == {"p": 6, "q": 6}  # equal weights: p's 4 pairs give 6 (repeated), q's 8 give 6
     train(setup, console=Console(quiet=True))
+
+
+def test_the_resume_fingerprint_covers_every_source(sources, tmp_path) -> None:
+    from sftlab.train.rundir import data_fingerprints
+
+    copies = {}
+    for name, path in sources.items():
+        copies[name] = tmp_path / path.name
+        copies[name].write_bytes(path.read_bytes())
+    listed = f"[{copies['a']}, '{tmp_path / '[bc].jsonl'}']"  # a file and a glob
+    cfg = load_config(overrides=[f"data.train={listed}"])
+    before = data_fingerprints(cfg)["train"]
+    assert before["sources"] == 2 and before == data_fingerprints(cfg)["train"]
+    with copies["c"].open("a", encoding="utf-8") as file:  # a file only the glob names
+        file.write(json.dumps({"messages": [{"role": "user", "content": "new"}]}) + "\n")
+    assert data_fingerprints(cfg)["train"]["blake2b"] != before["blake2b"]

@@ -63,15 +63,18 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
         raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
     try:
-        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out)
+        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out,
+                                sources=(train_sources, eval_sources))
     except BaseException:
         if ctx.main:
             lock.release(out)  # a start that fails leaves no lock behind
         raise
 
 
-def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path) -> Setup:
-    """The rest of prepare(), once this process holds the output dir."""
+def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path,
+                     sources: tuple[list[Source], list[Source]]) -> Setup:
+    """The rest of prepare(), once this process holds the output dir (`sources`: data.train's and data.eval's)."""
+    train_sources, eval_sources = sources
     out.mkdir(parents=True, exist_ok=True)
     cfg = _full_init(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
