@@ -31,6 +31,7 @@ from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
+from sftlab.data.sources import Source, path_of
 from sftlab.data.quality import REJECTED_SHARE_WARNING, digest, length_spread
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
@@ -122,7 +123,7 @@ class PairReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def analyze_pairs(data_path: "str | Path | Source", data: DataConfig, encoder: Encoder, *,
                   rejects_path: str | Path | None = None) -> PairReport:
     """Read and encode every pair of `data_path` as `stage: dpo` training would, and report on it.
 
@@ -146,7 +147,8 @@ def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         read_rejects = log.total - tally.refused_rows
         counts = dict(log.counts)
         written = log.path if log.total else None
-    report = tally.report(str(data_path), data, counts, read_rejects)
+    report = tally.report(path_of(data_path), data, counts,
+                          read_rejects)
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report
