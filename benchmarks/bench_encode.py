@@ -414,7 +414,7 @@ def source_digest() -> str:
 def summarize(args: argparse.Namespace, data: dict[str, Any], build: dict[str, Any]) -> dict[str, Any]:
     seconds = build["build_s"]
     return {
-        "tokenizer": args.tokenizer, "template": args.template,
+        "tokenizer": args.tokenizer, "template": args.template, "source_kind": args.reader, "conversations_kind": args.kind,
         "cached_build": args.cache, "file_bytes": data["bytes"], "file_conversations": data["rows"],
         "generate_s": data["generate_s"], **build,
         "conversations_per_s": build["rows"] / seconds, "tokens_per_s": build["tokens"] / seconds,
@@ -480,6 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="benchmark this existing JSONL instead of generating one")
     parser.add_argument("--kind", choices=("chat", "tools"), default="chat",
                         help="chat conversations, or tool-calling ones (tools, calls, results, some reasoning)")
+    parser.add_argument("--as", dest="reader", choices=("jsonl", "parquet-dir", "arrow"), default="jsonl",
+                        help="read the data as JSONL (sftlab's reader), as a dataset dir of parquet shards (a Hub "
+                             "dataset's layout) or as one .arrow file (both through `datasets`, streamed)")
     parser.add_argument("--tokenizer", default="qwen2_5", help="fixture name (qwen2_5, llama3_2, gemma3) or a dir")
     parser.add_argument("--template", default="auto", help="chatml, llama3, auto or a .jinja file")
     parser.add_argument("--max-seq-len", type=_seq_len, default="default",
@@ -518,6 +521,54 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     return {"path": path, "rows": rows, "bytes": written, "generate_s": elapsed}
 
 
+CONVERT_ROWS = 5_000
+"""Rows per parquet shard / arrow record batch when converting (memory stays flat in the file size)."""
+
+
+def convert(data: dict[str, Any], kind: str, *, keep_jsonl: bool) -> dict[str, Any]:
+    """The JSONL rewritten as a dataset dir of parquet shards with a README `configs:` section (as on the Hub),
+    or as one .arrow IPC stream file (as `datasets` writes them), in chunks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source: Path = data["path"]
+    target = source.with_name(source.stem + (".dir" if kind == "parquet-dir" else ".arrow"))
+    started = time.perf_counter()
+    schema = writer = None
+    shard = 0
+    if kind == "parquet-dir":
+        (target / "data").mkdir(parents=True)
+        (target / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                          "    path: data/*.parquet\n---\n", encoding="utf-8")
+    with source.open("rb") as file:
+        while chunk := list(islice(file, CONVERT_ROWS)):
+            table = pa.Table.from_pylist([json.loads(line) for line in chunk], schema=schema)
+            schema = table.schema
+            if kind == "parquet-dir":
+                pq.write_table(table, target / "data" / f"train-{shard:05d}.parquet")
+            else:
+                writer = writer or pa.ipc.new_stream(str(target), schema)
+                writer.write_table(table)
+            shard += 1
+    if writer is not None:
+        writer.close()
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if target.is_dir() else target.stat().st_size
+    elapsed = time.perf_counter() - started
+    print(f"converted to {target}: {size / 1e6:,.1f} MB in {elapsed:.1f} s", flush=True)
+    if not keep_jsonl:
+        source.unlink(missing_ok=True)
+    return {**data, "path": target, "bytes": size, "jsonl_bytes": data["bytes"], "convert_s": elapsed}
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tokenizer_dir = TOKENIZERS / args.tokenizer
@@ -525,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
     data = prepare_data(args)
     label = args.label or (f"{args.size_gb:g} GB" if args.size_gb else f"{data['rows']:,} conversations")
     label += f"{' (tools)' if args.kind == 'tools' else ''} / {args.tokenizer} / {args.template}"
+    label += "" if args.reader == "jsonl" else f" / {args.reader}"
+    if args.reader != "jsonl":
+        data = convert(data, args.reader, keep_jsonl=args.data is not None or args.keep)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-encode-cache-") as cache_dir:
             spec = BuildSpec(str(data["path"]), tokenizer, args.template, args.max_seq_len,
@@ -533,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
             build = build_in_fresh_process(spec)
     finally:
         if args.data is None and not args.keep:
-            data["path"].unlink(missing_ok=True)
+            remove(data["path"])
     result = summarize(args, data, build)
     print_table(label, result)
     save(label, result, args.output)

@@ -30,11 +30,78 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One data source of data.train / data.eval (data/sources.py reads it); a plain string is its `path`."""
+    SHORTHAND: ClassVar[str] = "path"
+
+    path: str = ""
+    """A file (.jsonl, .json, .parquet, .arrow, .csv), a glob, a directory (a `datasets.save_to_disk` dir or a
+    dir of data files), or a Hugging Face Hub dataset id (`org/name` or `hf://datasets/org/name`)."""
+    name: str | None = None
+    """The dataset's config (subset) name, for directories and hub datasets that have several."""
+    split: str | None = None
+    """The split to read from a directory or hub dataset; None: `train` (or the only split)."""
+    revision: str | None = None
+    """Hub datasets only: a branch, tag or commit sha to pin."""
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] | None = None
+    """This source's row format; None: data.format."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """sftlab field -> the dataset's column, e.g. {messages: conversation} or {prompt: question}."""
+    role_map: dict[str, str] = field(default_factory=dict)
+    """Extra role names for this source, on top of data.role_map."""
+    system_prompt: str | None = None
+    """A system message put first in each of this source's conversations that has none."""
+    weight: float | None = None
+    """This source's share of each epoch's examples (relative to the other sources' weights)."""
+    max_samples: int | None = None
+    """Use at most this many of this source's examples (a seeded choice)."""
+    train_on: Literal["assistant", "last_assistant", "all"] | None = None
+    """Which tokens of this source's examples train; None: data.train_on."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("a data source has no path; set `path:` (a file, glob, directory or hub dataset id).")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"the weight of data source {self.path} must be a positive number, got {self.weight}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples of data source {self.path} must be at least 1 or null, got "
+                              f"{self.max_samples}")
+        for source, target in self.role_map.items():
+            if target not in ROLES:
+                raise ConfigError(f"role_map of data source {self.path} maps {source!r} to {target!r}; expected "
+                                  f"one of {', '.join(ROLES)}")
+        for ours in self.columns:
+            if ours not in SOURCE_FIELDS:
+                raise ConfigError(f"columns of data source {self.path} maps {ours!r}, not a field sftlab reads; "
+                                  f"expected one of {', '.join(SOURCE_FIELDS)} (written as sftlab_field: column).")
+
+
+SOURCE_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "system",
+                 "chosen", "rejected")
+"""The row fields a source's `columns` may map a dataset's columns onto."""
+
+Sources = str | SourceConfig | tuple[SourceConfig, ...]
+
+
+def sources_of(value: Sources | None) -> tuple[SourceConfig, ...]:
+    """data.train / data.eval as a tuple of sources (a string is one source's path)."""
+    if value is None or value == "" or value == ():
+        return ()
+    if isinstance(value, str):
+        return (SourceConfig(path=value),)
+    if isinstance(value, SourceConfig):
+        return (value,)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train: str | None = None
-    """Training data: a .jsonl (streamed), .json array or .parquet file."""
-    eval: str | None = None
-    """Optional evaluation data, same formats as `train`."""
+    train: str | SourceConfig | tuple[SourceConfig, ...] | None = None
+    """Training data: one source or a list of them. A source is a path (a .jsonl (streamed), .json, .parquet,
+    .arrow or .csv file, a glob, a dataset directory, a hub dataset id) or a mapping {path, name, split,
+    revision, format, columns, role_map, system_prompt, weight, max_samples, train_on}."""
+    eval: str | SourceConfig | tuple[SourceConfig, ...] | None = None
+    """Optional evaluation data, the same kinds of sources as `train`."""
     eval_fraction: float = 0.0
     """Without data.eval: the share of training examples held out for evaluation (chosen by train.seed)."""
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
@@ -91,6 +158,14 @@ class DataConfig:
             if target not in ROLES:
                 raise ConfigError(f"data.role_map maps {shown(source)} to {shown(target)}; expected one of "
                                   f"{', '.join(ROLES)}")
+        train = sources_of(self.train)
+        weighted = [s.weight is not None for s in train]
+        if any(weighted) and not all(weighted):
+            missing = train[weighted.index(False)].path
+            raise ConfigError(f"some data.train sources have a weight and {missing} has none; give every source "
+                              "a weight (each one's share of an epoch), or none (each source's examples once).")
+        if any(s.weight is not None for s in sources_of(self.eval)):
+            raise ConfigError("a data.eval source has a weight; evaluation uses every eval example once. Remove it.")
 
 
 @dataclass(frozen=True)
@@ -398,6 +473,11 @@ def _check_stage(cfg: Config) -> None:
     if cfg.data.train_on != "assistant":
         raise ConfigError(f"data.train_on={cfg.data.train_on} does not apply to stage dpo, which scores only each "
                           "pair's answers; remove it.")
+    for source in (*sources_of(cfg.data.train), *sources_of(cfg.data.eval)):
+        for key in ("format", "train_on", "system_prompt"):
+            if getattr(source, key) is not None:
+                raise ConfigError(f"data source {source.path} sets {key}, which applies to conversations; stage dpo "
+                                  "reads preference pairs and scores only their answers. Remove it.")
 
 
 def _check_method_sections(cfg: Config) -> None:
@@ -589,6 +669,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(option, value, key)
             except ConfigError as exc:
+                if _same_shape(option, value):  # the option the value was meant as: its error says what is wrong
+                    raise
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {shown(value)} fits none of {hint}")
     if origin is Literal:
@@ -605,6 +687,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, found {shown(value)}")
         return tuple(_coerce(get_args(hint)[0], v, key) for v in value)
     return _scalar(hint, value, key)
+
+
+def _same_shape(option: Any, value: Any) -> bool:
+    """A mapping given for a section (or dict), a list for a list: a union's error then comes from that option."""
+    if isinstance(value, Mapping):
+        return dataclasses.is_dataclass(option) or get_origin(option) is dict
+    if isinstance(value, (list, tuple)):
+        return get_origin(option) in (list, tuple)
+    return False
 
 
 def _key_part(key: Any) -> str:

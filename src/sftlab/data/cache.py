@@ -100,9 +100,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def dataset_key(data_path: str | Path, *, tokenizer: Any, template_source: str,
-                settings: Mapping[str, Any]) -> str:
+                settings: Mapping[str, Any], data_digest: str | None = None) -> str:
+    """`data_digest` stands for the data file's bytes when the data is not one file (data/sources.py)."""
     parts = {
-        "data": file_digest(data_path),
+        "data": data_digest or file_digest(data_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": hashlib.blake2b(template_source.encode("utf-8"), digest_size=20).hexdigest(),
         "settings": dict(settings),

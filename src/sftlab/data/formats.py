@@ -25,7 +25,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, ToolCall, shown, validate
@@ -269,6 +269,13 @@ def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapp
     """Stream valid conversations from a file. A bad row, or one of more than `max_row_bytes` bytes (never
     parsed), raises DataError (`error`) or goes to `rejects` (`skip`); with `skip` and no RejectLog given,
     rejected rows are still counted by a private log."""
+    return conversations_from_rows(iter_rows(path, max_row_bytes=max_row_bytes), format=format, role_map=role_map,
+                                   on_bad_row=on_bad_row, rejects=rejects)
+
+
+def conversations_from_rows(rows: Iterable[Row], *, format: str = "auto", role_map: Mapping[str, str] | None = None,
+                            on_bad_row: str = "error", rejects: RejectLog | None = None) -> Iterator[Conversation]:
+    """read_conversations over any rows (data/sources.py gives them for every kind of source)."""
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
     role_map = dict(role_map or {})
@@ -276,7 +283,7 @@ def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapp
     chosen = None if format == "auto" else format
     if chosen is not None and chosen not in CONVERTERS:
         raise ConfigError(f"data.format must be one of auto, {', '.join(CONVERTERS)}; found {format!r}")
-    for row in iter_rows(path, max_row_bytes=max_row_bytes):
+    for row in rows:
         try:
             if row.error is not None:
                 raise row.error
@@ -537,13 +544,15 @@ def field_usage(value: Any, format: str) -> dict[str, bool]:
     return usage
 
 
-def field_report(path: str | Path, format: str = "auto") -> dict[str, dict[str, Any]]:
-    """How many rows of a file hold each field, and whether the reader uses it: {"tools": {"rows": 1200,
-    "used": True}, "metadata": {"rows": 50, "used": False}}. Unreadable rows are skipped (they are
-    rejected, and counted, by the reader)."""
+def field_report(source: str | Path | Iterable[Row], format: str = "auto", *,
+                 max_row_bytes: int | None = None) -> dict[str, dict[str, Any]]:
+    """How many rows of a file (or of a stream of rows) hold each field, and whether the reader uses it:
+    {"tools": {"rows": 1200, "used": True}, "metadata": {"rows": 50, "used": False}}. Unreadable rows and
+    rows over `max_row_bytes` are skipped (they are rejected, and counted, by the reader)."""
     counts: dict[str, list[Any]] = {}
     chosen = None if format == "auto" else format
-    for row in iter_rows(path):
+    rows = iter_rows(source, max_row_bytes=max_row_bytes) if isinstance(source, (str, Path)) else source
+    for row in rows:
         if row.error is not None:
             continue
         chosen = chosen or detect_format(row.value)

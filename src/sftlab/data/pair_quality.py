@@ -32,6 +32,7 @@ from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import IGNORE_INDEX, SPECIAL_IN_CONTENT, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
 from sftlab.data.quality import REJECTED_SHARE_WARNING, SPECIAL_TOKEN_ROWS, digest, length_spread
+from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
 
@@ -126,7 +127,7 @@ class PairReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def analyze_pairs(data_path: "str | Path | Source", data: DataConfig, encoder: Encoder, *,
                   rejects_path: str | Path | None = None) -> PairReport:
     """Read and encode every pair of `data_path` as `stage: dpo` training would, and report on it.
 
@@ -150,7 +151,8 @@ def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         read_rejects = log.total - tally.refused_rows
         counts = dict(log.counts)
         written = log.path if log.total else None
-    report = tally.report(str(data_path), data, counts, read_rejects)
+    report = tally.report(path_of(data_path), data, counts,
+                          read_rejects)
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report

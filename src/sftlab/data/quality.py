@@ -27,8 +27,9 @@ import numpy as np
 from sftlab.config import DataConfig
 from sftlab.data.encode import (IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped,
                                 Encoded, Encoder)
-from sftlab.data.formats import field_report, read_conversations, tool_names
+from sftlab.data.formats import field_report, tool_names
 from sftlab.data.reasoning import prepare
+from sftlab.data.sources import Source, encoder_for, path_of, read, resolve, source_rows
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.data.schema import ROLES, Conversation
 from sftlab.data.templates import Segment
@@ -132,16 +133,17 @@ class QualityReport:
         return out
 
 
-def analyze(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def analyze(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, *,
             rejects_path: str | Path | None = None) -> QualityReport:
     """Read and encode every row of `data_path` as training would, and report on it.
 
     max_seq_len and truncation are the Encoder's (what it applies); format, role_map and on_bad_row come
     from `data`. Rejected and dropped rows go to `rejects_path` (created only if there are any)."""
+    source = data_path if isinstance(data_path, Source) else resolve(data_path)
+    encoder = encoder_for(source, encoder)
     tally = _Tally(encoder)
     with RejectLog(rejects_path) as log:
-        conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
-                                           on_bad_row="skip", rejects=log, max_row_bytes=encoder.row_limit)
+        conversations = read(source, data, on_bad_row="skip", rejects=log, max_row_bytes=encoder.row_limit)
         while batch := list(islice(conversations, BATCH_ROWS)):
             for conversation in batch:
                 tally.conversation(conversation)
@@ -161,8 +163,9 @@ def analyze(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         read_rejects = log.total - tally.refused_rows
         counts = dict(log.counts)
         written = log.path if log.total else None
-    report = tally.report(str(data_path), data, counts, read_rejects)
-    report.fields = field_report(data_path, data.format)
+    report = tally.report(path_of(data_path), data, counts, read_rejects)
+    fmt = (data_path.spec.format if isinstance(data_path, Source) else None) or data.format
+    report.fields = field_report(source_rows(data_path, max_row_bytes=encoder.row_limit), fmt)
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report

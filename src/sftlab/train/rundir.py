@@ -28,6 +28,7 @@ starting there again means.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -38,7 +39,7 @@ from typing import Any
 from rich.console import Console
 
 from sftlab import files
-from sftlab.config import Config, ConfigError, load_config, to_dict
+from sftlab.config import Config, ConfigError, load_config, sources_of, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
 from sftlab.files import CONTROL_NAMES, ForeignPathError, remove_scratch, write_text_atomic
@@ -258,7 +259,7 @@ def _refuse_collisions(out: Path, cfg: Config, names: list[str]) -> None:
 
 def inputs(cfg: Config) -> list[tuple[str, Path]]:
     """(key, path) of each local file or dir the run reads: the data files, the model, dpo.init_from."""
-    found = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
+    found = [(f"data.{key}", spec.path) for key in ("train", "eval") for spec in sources_of(getattr(cfg.data, key))]
     found += [("model", cfg.model.path), ("dpo.init_from", cfg.dpo.init_from)]
     return [(key, Path(value).expanduser()) for key, value in found
             if value and Path(value).expanduser().exists()]
@@ -323,10 +324,34 @@ DATA_KEYS = ("train", "eval")
 
 
 def data_fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
-    """data.train / data.eval -> their content's fingerprint (data/cache.py), as a checkpoint records it."""
-    from sftlab.data.cache import fingerprint
+    """data.train / data.eval -> their content's fingerprint (data/cache.py), as a checkpoint records it; several
+    sources give one fingerprint covering them all (any one changed changes it)."""
+    found = {}
+    for key in DATA_KEYS:
+        prints = [_source_print(spec) for spec in sources_of(getattr(cfg.data, key))]
+        if len(prints) == 1:
+            found[key] = prints[0]
+        elif prints:
+            digest = hashlib.blake2b(digest_size=20)
+            for one in prints:
+                digest.update(f"{one['path']}\0{one.get('blake2b', '')}\0".encode("utf-8"))
+            found[key] = {"path": ", ".join(p["path"] for p in prints), "sources": len(prints),
+                          "blake2b": digest.hexdigest()}
+    return found
 
-    return {key: fingerprint(value) for key in DATA_KEYS if (value := getattr(cfg.data, key))}
+
+def _source_print(spec: Any) -> dict[str, Any]:
+    """A file or directory as data/cache.py prints it; a glob or hub dataset by what it resolves to (the files'
+    bytes, the hub commit)."""
+    from sftlab.data.cache import fingerprint
+    from sftlab.data.sources import resolve
+
+    if Path(spec.path).expanduser().exists():
+        return fingerprint(Path(spec.path).expanduser())
+    try:
+        return {"path": spec.path, "blake2b": resolve(spec).fingerprint()}
+    except SftlabError:  # unreachable now: setup names the problem; nothing to compare
+        return {"path": spec.path}
 
 
 def _check_data(latest: Path, cfg: Config, console: Console) -> None:
@@ -356,4 +381,6 @@ def _check_data(latest: Path, cfg: Config, console: Console) -> None:
 def _described(print_: dict[str, Any]) -> str:
     if "blake2b" not in print_:
         return "not a file"
+    if "bytes" not in print_:  # several sources, a glob or a hub dataset: the digest only
+        return f"blake2b {print_['blake2b'][:12]}"
     return f"{print_['bytes']:,} bytes, modified {print_['modified']}, blake2b {print_['blake2b'][:12]}"

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,9 +17,11 @@ from sftlab import export
 from sftlab.config import Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
+from sftlab.data.mixture import MixedDataset, Mixture, hold_out, make_mixture, mixture_text, part_of
 from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
+from sftlab.data.sources import Source, describe, resolve_all
 from sftlab.data.templates import load_template
-from sftlab.errors import ConfigError, SftlabError
+from sftlab.errors import ConfigError, DataError, SftlabError
 from sftlab import files
 from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
@@ -46,11 +47,11 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if not ctx.main:
         console = Console(stderr=True, quiet=True)
     if not cfg.data.train:
-        raise ConfigError("no training data: set data.train (a .jsonl, .json or .parquet file).")
+        raise ConfigError("no training data: set data.train (a data file, glob, dataset directory or hub dataset "
+                          "id, or a list of them).")
     if not cfg.model.path:
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
-    for key in ("train", "eval"):
-        _check_data_file(key, getattr(cfg.data, key))
+    train_sources, eval_sources = (_resolve(key, getattr(cfg.data, key)) for key in ("train", "eval"))
     cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
     out = Path(cfg.output_dir)
     refused: SftlabError | None = None
@@ -62,15 +63,18 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
         raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
     try:
-        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out)
+        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out,
+                                sources=(train_sources, eval_sources))
     except BaseException:
         if ctx.main:
             lock.release(out)  # a start that fails leaves no lock behind
         raise
 
 
-def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path) -> Setup:
-    """The rest of prepare(), once this process holds the output dir."""
+def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path,
+                     sources: tuple[list[Source], list[Source]]) -> Setup:
+    """The rest of prepare(), once this process holds the output dir (`sources`: data.train's and data.eval's)."""
+    train_sources, eval_sources = sources
     out.mkdir(parents=True, exist_ok=True)
     cfg = _full_init(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -81,22 +85,27 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes,
                       special_tokens_in_content=cfg.data.special_tokens_in_content)
-    train_data = _build(ctx, cfg.data.train, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
+    train_data = _build_all(ctx, train_sources, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
     _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo",
                  special_tokens_in_content=cfg.data.special_tokens_in_content)
     indices = np.arange(len(train_data))
-    eval_data, eval_indices = None, None
-    if cfg.data.eval:
-        eval_data = _build(ctx, cfg.data.eval, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
+    eval_data, eval_indices, eval_groups = None, None, None
+    if eval_sources:
+        eval_data = _build_all(ctx, eval_sources, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
         _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo",
                      special_tokens_in_content=cfg.data.special_tokens_in_content)
         eval_indices = np.arange(len(eval_data))
+        eval_groups = _groups(eval_data, eval_sources, eval_indices)
+    elif cfg.data.eval_fraction > 0 and len(train_sources) > 1:  # every source held out from, so each is evaluated
+        indices, eval_indices = hold_out(_item_starts(train_data), cfg.data.eval_fraction, cfg.train.seed)
+        eval_data, eval_groups = train_data, _groups(train_data, train_sources, eval_indices)
     elif cfg.data.eval_fraction > 0:
         shuffled = np.random.default_rng([cfg.train.seed, 1 << 20]).permutation(len(train_data))
         held = max(1, round(cfg.data.eval_fraction * len(train_data)))
         eval_data, eval_indices, indices = train_data, np.sort(shuffled[:held]), np.sort(shuffled[held:])
     if len(indices) == 0:
-        raise ConfigError(f"no training examples left from {cfg.data.train} (see {out / 'rejects.jsonl'}).")
+        raise ConfigError(f"no training examples left from {describe(cfg.data.train)} (see {out / 'rejects.jsonl'}).")
+    mixture = _mixture(train_sources, train_data, indices, cfg, console)
 
     device = device or (ctx.device() if ctx.enabled else default_device())
     model = load_model(cfg.model, device=device)
@@ -132,7 +141,7 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
     reference = _reference(cfg, model, method, [train_data, eval_data], pad_id=_pad_id(tokenizer), device=device,
                            continued=continued is not None, console=console) if cfg.stage == "dpo" else None
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
-                 reference_model=reference)
+                 reference_model=reference, mixture=mixture, eval_groups=eval_groups)
 
 
 def _check_layers(cfg: Config) -> None:
@@ -208,21 +217,12 @@ def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: li
     return None
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def _check_data_file(key: str, value: str | None) -> None:
-    if value is None:
-        return
-    path = Path(value)
-    if path.is_dir():
-        raise ConfigError(f"data.{key}: {path} is a directory; set data.{key} to a .jsonl, .json or .parquet file.")
-    if path.suffix.lower() not in DATA_SUFFIXES:
-        raise ConfigError(f"data.{key}: {path} is not a .jsonl, .json or .parquet file; convert it to JSON lines "
-                          "(one conversation per line).")
-    if not path.is_file():
-        raise ConfigError(f"data.{key}: {path} does not exist (relative paths start from {Path.cwd()}); "
-                          f"set data.{key} to the data file.")
+def _resolve(key: str, value: object) -> list[Source]:
+    """data.train / data.eval resolved (files found, hub ids looked up): a missing path fails before any work."""
+    try:
+        return resolve_all(value)
+    except DataError as exc:
+        raise ConfigError(f"data.{key}: {exc}") from None
 
 
 def _run_file(ctx: Dist, out: Path, name: str) -> Path:
@@ -230,7 +230,8 @@ def _run_file(ctx: Dist, out: Path, name: str) -> Path:
     return files.owned(out, name) if ctx.main else out / name
 
 
-def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Path) -> EncodedDataset | PairDataset:
+def _build(ctx: Dist, data_path: Source, cfg: Config, encoder: Encoder,
+           rejects: Path | None) -> EncodedDataset | PairDataset:
     """Rank 0 encodes (and caches) the data first; the other ranks then read the same cache (or, with
     data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's. Stage dpo
     reads preference pairs."""
@@ -239,10 +240,62 @@ def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Pa
         data = build(data_path, cfg.data, encoder, rejects_path=rejects)
     ctx.barrier()
     if not ctx.main:
-        scratch = Path(tempfile.gettempdir()) / f"sftlab-rejects-{os.getpid()}-{rejects.name}"
-        data = build(data_path, cfg.data, encoder, rejects_path=scratch)
-        scratch.unlink(missing_ok=True)
+        data = build(data_path, cfg.data, encoder, rejects_path=None)
     return data
+
+
+def _build_all(ctx: Dist, sources: list[Source], cfg: Config, encoder: Encoder,
+               rejects: Path) -> EncodedDataset | PairDataset | MixedDataset:
+    """One source as itself; several encoded one by one and laid end to end, their rejects in one file."""
+    if len(sources) == 1:
+        return _build(ctx, sources[0], cfg, encoder, rejects)
+    parts = [_build(ctx, source, cfg, encoder, None) for source in sources]
+    examples = [p.examples if isinstance(p, PairDataset) else p for p in parts]
+    if ctx.main:
+        _join_rejects([e.rejects_path for e in examples], rejects)
+    mixed = MixedDataset(examples, [s.label for s in sources])
+    return PairDataset(mixed) if cfg.stage == "dpo" else mixed  # type: ignore[arg-type]
+
+
+def _join_rejects(paths: list[Path], target: Path) -> None:
+    found = [p for p in paths if p.is_file()]
+    if not found:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as out:
+        for path in found:
+            with path.open("rb") as part:
+                shutil.copyfileobj(part, out)
+
+
+def _item_starts(data: object) -> np.ndarray:
+    """Where each source's items begin (pairs count once), and the end."""
+    mixed = data.examples if isinstance(data, PairDataset) else data
+    if isinstance(mixed, MixedDataset):
+        return mixed.starts // (2 if isinstance(data, PairDataset) else 1)
+    return np.array([0, len(data)])  # type: ignore[arg-type]
+
+
+def _groups(data: object, sources: list[Source], indices: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Eval indices per source (eval_loss/<source>), when there are several."""
+    if len(sources) < 2:
+        return None
+    parts = part_of(_item_starts(data), indices)
+    return {source.label: indices[parts == k] for k, source in enumerate(sources)}
+
+
+def _mixture(sources: list[Source], data: object, indices: np.ndarray, cfg: Config,
+             console: Console) -> Mixture | None:
+    """The per-epoch choice of items when there are several sources, weights or max_samples; its table printed."""
+    if len(sources) == 1 and sources[0].spec.weight is None and sources[0].spec.max_samples is None:
+        return None
+    mixture = make_mixture(_item_starts(data), [s.label for s in sources], indices,
+                           weights=[s.spec.weight for s in sources], max_samples=[s.spec.max_samples for s in sources],
+                           seed=cfg.train.seed)
+    mixed = data.examples if isinstance(data, PairDataset) else data
+    stats = [p.stats for p in mixed.parts] if isinstance(mixed, MixedDataset) else [mixed.stats]
+    console.print(mixture_text(mixture.table(stats, pairs=cfg.stage == "dpo")))
+    return mixture
 
 
 def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, added: list[str],
