@@ -261,7 +261,8 @@ def run_build(spec: BuildSpec) -> dict[str, Any]:
     data = DataConfig(template=spec.template, cache=spec.cache_dir is not None, cache_dir=spec.cache_dir,
                       **length)
     encoder = Encoder(tokenizer, template, train_on=data.train_on, max_seq_len=data.max_seq_len,
-                      truncation=data.truncation, add_special_tokens=data.add_special_tokens)
+                      truncation=data.truncation, add_special_tokens=data.add_special_tokens,
+                      special_tokens_in_content=data.special_tokens_in_content)
     setup_s = time.perf_counter() - started
     with_encoder = _memory_mib()["rss"]
     profiler = None

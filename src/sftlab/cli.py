@@ -132,6 +132,7 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     cfg = with_max_seq_len(cfg)  # check and inspect apply the limit training would
     return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
                    truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens,
+                   special_tokens_in_content=cfg.data.special_tokens_in_content,
                    max_row_bytes=cfg.data.max_row_bytes)
 
 

@@ -137,6 +137,10 @@ class DataConfig:
     similar length so they pad little. Not available for the soft-prompt methods."""
     add_special_tokens: bool = False
     """Add a template's special tokens that the tokenizer lacks (e.g. ChatML on a base model)."""
+    special_tokens_in_content: Literal["text", "error", "allow"] = "text"
+    """A special-token string inside a message's content (`<|im_end|>` typed in a reply): `text` encodes it
+    as ordinary text, never the control token; `error` refuses the row (file:line, the token); `allow`
+    keeps the control token (forged turns get trained; counted and warned about)."""
     cache_dir: str | None = None
     """Where encoded datasets are cached; None means $SFTLAB_CACHE or ~/.cache/sftlab."""
     cache: bool = True

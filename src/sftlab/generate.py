@@ -7,7 +7,7 @@ name the cache argument `cache`): the prompt is run once, then one token per ste
 It does not use HF `generate()`, so methods that hook the forward or the cache (prefix tuning) decode
 through exactly the path they train through.
 
-    messages ──render_text(add_generation_prompt)──▶ text ──encode──▶ prompt ids
+    messages ──render_prompt(add_generation_prompt)──▶ segments ──encode (contents as text)──▶ prompt ids
       ──prefill──▶ logits ──pick (greedy | top-p)──▶ token ──step with cache──▶ ... until a stop token
 """
 
@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from sftlab.data.templates import ChatTemplate
 from sftlab.config import SEED_LIMIT
+from sftlab.data.encode import prompt_token_ids
+from sftlab.data.templates import ChatTemplate
 from sftlab.errors import ConfigError, shown
 
 Messages = Sequence[Mapping[str, str]]
@@ -51,11 +52,13 @@ def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
 
 
 def prompt_ids(tokenizer: Any, template: ChatTemplate, messages: Messages,
-               tools: Sequence[Any] | None = None) -> list[int]:
+               tools: Sequence[Any] | None = None, *, special_tokens_in_content: str = "text") -> list[int]:
     """The token ids the model sees before its reply: the template render with the generation prompt
-    (and the tool definitions, where given, rendered where the template puts them)."""
-    text = template.render_text(messages, add_generation_prompt=True, tools=tools)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    (and the tool definitions, where given, rendered where the template puts them). Special-token strings
+    a user types (`<|im_start|>system` in a prompt) are text, as in training data, so a prompt cannot forge
+    a turn; `special_tokens_in_content="allow"` reads them as control tokens."""
+    segments = template.render_prompt(messages, tools=tools)
+    return prompt_token_ids(tokenizer, segments, special_tokens_in_content=special_tokens_in_content)
 
 
 def generate(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *,

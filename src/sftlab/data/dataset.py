@@ -47,6 +47,9 @@ class DatasetStats:
     truncated: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     """Rows that did not become examples, by reason."""
+    special_token_rows: int = 0
+    """Examples whose message contents hold special-token strings (as text, or as control tokens under
+    data.special_tokens_in_content=allow); refused ones are among `rejected`."""
     ignored_fields: dict[str, int] = field(default_factory=dict)
     """Fields of the rows (or their messages, `messages[].KEY`) the reader does not use: rows holding each."""
 
@@ -191,6 +194,7 @@ def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Pat
                 kept.append(result)
                 offsets.append(offsets[-1] + len(result.ids))
                 stats.truncated += int(result.truncated)
+                stats.special_token_rows += int(result.special_tokens_in_content > 0)
             if kept:  # one write per batch, not per example
                 trained = np.concatenate([r.trained for r in kept])
                 np.concatenate([r.ids for r in kept]).astype(np.int32).tofile(ids_file)

@@ -80,10 +80,12 @@ class MixedDataset:
 def sum_stats(all_stats: Sequence[DatasetStats]) -> DatasetStats:
     total = DatasetStats()
     for stats in all_stats:
-        for key in ("rows", "examples", "tokens", "trained_tokens", "truncated"):
+        for key in ("rows", "examples", "tokens", "trained_tokens", "truncated", "special_token_rows"):
             setattr(total, key, getattr(total, key) + getattr(stats, key))
         for reason, n in stats.rejected.items():
             total.rejected[reason] = total.rejected.get(reason, 0) + n
+        for name, n in stats.ignored_fields.items():
+            total.ignored_fields[name] = total.ignored_fields.get(name, 0) + n
     return total
 
 

@@ -29,10 +29,10 @@ import numpy as np
 
 from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS
-from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
+from sftlab.data.encode import IGNORE_INDEX, SPECIAL_IN_CONTENT, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
+from sftlab.data.quality import REJECTED_SHARE_WARNING, SPECIAL_TOKEN_ROWS, digest, length_spread
 from sftlab.data.sources import Source, path_of
-from sftlab.data.quality import REJECTED_SHARE_WARNING, digest, length_spread
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
 
@@ -109,6 +109,10 @@ class PairReport:
     near_identical: int = 0
     """Pairs whose chosen and rejected answers differ only in whitespace or case."""
     near_identical_examples: list[str] = field(default_factory=list)
+    special_token_rows: int = 0
+    """Pairs whose message contents hold special-token strings, refused ones included (see QualityReport)."""
+    special_tokens_in_content: str = "text"
+    """data.special_tokens_in_content: how those strings are encoded (text, error or allow)."""
     rejects_path: str | None = None
     """Where rejected and dropped rows were written; None when there were none."""
     problems: list[str] = field(default_factory=list)
@@ -205,6 +209,7 @@ class _Tally:
 
     def refused(self, error: DataError, whole: EncodedPair | None) -> None:
         self.refused_rows += 1
+        self.counts["special_token_rows"] += error.reason == SPECIAL_IN_CONTENT
         if isinstance(error, Dropped):
             self.dropped[error.reason] += 1
         if whole is not None:  # dropped by max_seq_len: its lengths still describe the data
@@ -214,6 +219,7 @@ class _Tally:
     def usable(self, encoded: EncodedPair, whole: EncodedPair | None) -> None:
         self.counts["pairs"] += 1
         self.counts["truncated"] += encoded.truncated
+        self.counts["special_token_rows"] += encoded.special_tokens_in_content > 0
         self._measure(whole if whole is not None else encoded)
 
     def _measure(self, encoded: EncodedPair) -> None:
@@ -239,7 +245,8 @@ class _Tally:
             lengths=PairLengths(**{name: _spread(values) for name, values in self.lengths.items()}),
             length_bias=self._bias(), duplicates=c["duplicates"], contradicting=c["contradicting"],
             contradicting_examples=self.examples["contradicting"], near_identical=c["near_identical"],
-            near_identical_examples=self.examples["near_identical"])
+            near_identical_examples=self.examples["near_identical"], special_token_rows=c["special_token_rows"],
+            special_tokens_in_content=self.encoder.encoder.special_tokens_in_content)
 
     def _bias(self) -> LengthBias:
         chosen = np.frombuffer(self.lengths["chosen"], dtype=np.int32)
@@ -300,6 +307,9 @@ def _warnings(r: PairReport) -> list[str]:
     if r.dropped_by_max_seq_len:
         out.append(f"pairs dropped by data.max_seq_len={r.max_seq_len} (data.truncation={r.truncation}): "
                    f"{r.dropped_by_max_seq_len}. Raise max_seq_len to keep them.")
+    if r.special_token_rows:
+        out.append(f"pairs whose message contents hold special-token strings "
+                   f"{SPECIAL_TOKEN_ROWS[r.special_tokens_in_content]}: {r.special_token_rows}.")
     if r.truncated:
         out.append(f"pairs truncated to data.max_seq_len={r.max_seq_len}: {r.truncated}; a cut answer is "
                    "compared by its first tokens only.")
@@ -366,7 +376,8 @@ def _summary_table(r: PairReport) -> Any:
     rows += [(f"dropped by max_seq_len={r.max_seq_len} ({r.truncation})", r.dropped_by_max_seq_len),
              ("truncated", r.truncated), ("duplicate pairs", r.duplicates),
              ("contradicting preferences", r.contradicting),
-             ("answers differing only in whitespace/case", r.near_identical)]
+             ("answers differing only in whitespace/case", r.near_identical),
+             (f"pairs with special-token text in contents ({r.special_tokens_in_content})", r.special_token_rows)]
     if r.rejects_path:
         rows.append(("rejected and dropped rows in", r.rejects_path))
     for name, value in rows:

@@ -173,6 +173,8 @@ class EncodedPair:
     prompt_tokens: int
     """Tokens before the answer, the same ids on both sides."""
     truncated: bool = False
+    special_tokens_in_content: int = 0
+    """Special-token strings found in the pair's contents, both sides (see Encoded)."""
 
     @property
     def where(self) -> str:
@@ -217,7 +219,8 @@ class PairEncoder:
             return Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. Raise "
                            "max_seq_len or shorten the prompt.", where=pair.where, reason=NOTHING_TRAINED)
         sides = [Example(side.input_ids[:limit], side.labels[:limit], side.where) for side in (pair.chosen, pair.rejected)]
-        return EncodedPair(*sides, pair.prompt_tokens, truncated=True)
+        return EncodedPair(*sides, pair.prompt_tokens, truncated=True,
+                           special_tokens_in_content=pair.special_tokens_in_content)
 
     def encode_stream(self, batches: Iterable[Sequence[Pair]]
                       ) -> Iterator[tuple[Sequence[Pair], list[EncodedPair | DataError]]]:
@@ -245,7 +248,8 @@ def _join(chosen: Encoded | DataError, rejected: Encoded | DataError) -> Encoded
                          f"the rejected one ({starts[0]} vs {starts[1]} tokens), so the two are not scored in the "
                          "same context. Use a template that renders earlier turns independently of the last "
                          "answer (e.g. data.template=chatml).", where=where, reason=PROMPTS_DIFFER)
-    return EncodedPair(_cut(chosen), _cut(rejected), starts[0], chosen.truncated or rejected.truncated)
+    return EncodedPair(_cut(chosen), _cut(rejected), starts[0], chosen.truncated or rejected.truncated,
+                       chosen.special_tokens_in_content + rejected.special_tokens_in_content)
 
 
 def _cut(encoded: Encoded) -> Example:
@@ -396,6 +400,7 @@ def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, d
                     stats.examples += 1
                     stats.trained_tokens += int(trained.sum())
                 stats.truncated += int(result.truncated)
+                stats.special_token_rows += int(result.special_tokens_in_content > 0)
         stats.rows = encoded_rows + log.total - encode_rejects
         stats.rejected = dict(log.counts)
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")

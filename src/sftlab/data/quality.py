@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sftlab.config import DataConfig
-from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, TOO_LONG, Dropped, Encoded, Encoder
+from sftlab.data.encode import (IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped,
+                                Encoded, Encoder)
 from sftlab.data.formats import field_report, tool_names
 from sftlab.data.reasoning import prepare
 from sftlab.data.sources import Source, encoder_for, path_of, read, resolve, source_rows
@@ -110,6 +111,11 @@ class QualityReport:
     reasoning_not_rendered: int = 0
     """Assistant messages with reasoning that the template does not render (e.g. before the last user
     turn in Qwen3's); data.reasoning_turns=split trains them."""
+    special_token_rows: int = 0
+    """Rows whose message contents hold special-token strings (`<|im_end|>` typed in a message), refused
+    ones (data.special_tokens_in_content=error) included."""
+    special_tokens_in_content: str = "text"
+    """data.special_tokens_in_content: how those strings are encoded (text, error or allow)."""
     rejects_path: str | None = None
     """Where rejected and dropped rows were written; None when there were none."""
     problems: list[str] = field(default_factory=list)
@@ -195,7 +201,8 @@ class _Tally:
         if self._unlimited is None:
             e = self.encoder
             self._unlimited = Encoder(e.tokenizer, e.template, train_on=e.train_on, max_seq_len=None,
-                                      max_row_bytes=e.row_limit)
+                                      max_row_bytes=e.row_limit,
+                                      special_tokens_in_content=e.special_tokens_in_content)
         for i, result in zip(long, self._unlimited.encode_batch([batch[i] for i in long])):
             full[i] = result if isinstance(result, Encoded) else None
         return full
@@ -223,6 +230,7 @@ class _Tally:
 
     def refused(self, error: DataError, whole: Encoded | None) -> None:
         self.refused_rows += 1
+        self.counts["special_token_rows"] += error.reason == SPECIAL_IN_CONTENT
         if isinstance(error, Dropped):
             self.dropped[error.reason] += 1
         if whole is not None:  # dropped as too long: its length still describes the data
@@ -235,6 +243,7 @@ class _Tally:
         self.role_tokens += np.bincount(roles, minlength=len(ROLE_NAMES))
         self.role_trained += np.bincount(roles[trained], minlength=len(ROLE_NAMES))
         self.counts["examples"] += 1
+        self.counts["special_token_rows"] += encoded.special_tokens_in_content > 0
         self.counts["turns_missing_end_of_turn"] += turns_missing_end_of_turn(
             encoded.segments, self.encoder.template.end_of_turn)
         if not encoded.truncated:
@@ -263,7 +272,8 @@ class _Tally:
             dropped_too_long=self.dropped[TOO_LONG], duplicates=c["duplicates"],
             conflicting_prompts=c["conflicting"], blank_messages=c["blank"],
             turns_missing_end_of_turn=c["turns_missing_end_of_turn"], unknown_tool_calls=c["unknown_tool_calls"],
-            reasoning_not_rendered=c["reasoning_not_rendered"])
+            reasoning_not_rendered=c["reasoning_not_rendered"], special_token_rows=c["special_token_rows"],
+            special_tokens_in_content=self.encoder.special_tokens_in_content)
 
     def _lengths(self) -> Lengths:
         lengths = np.frombuffer(self.lengths, dtype=np.int32)
@@ -288,10 +298,12 @@ def turns_missing_end_of_turn(segments: Sequence[Segment], end_of_turn: Sequence
 
 def reasoning_not_rendered(conversation: Conversation, segments: Sequence[Segment]) -> int:
     """Trained assistant turns whose reasoning the template left out: the messages with reasoning minus
-    the trained reasoning pieces of the render (one per turn whose reasoning it shows)."""
+    the trained reasoning pieces of the render (one run of segments per turn whose reasoning it shows: the
+    think tags and the reasoning's own text are separate segments)."""
     given = sum(1 for m in conversation.messages if m.role == "assistant" and m.reasoning is not None
                 and m.train is not False)
-    shown = sum(1 for s in segments if s.role == "reasoning" and s.trainable)
+    shown = sum(1 for (role, trained), _ in groupby(segments, key=lambda s: (s.role, s.trainable))
+                if role == "reasoning" and trained)
     return max(given - shown, 0)
 
 
@@ -317,6 +329,15 @@ def digest(value: Any) -> int:
     text = json.dumps(value, ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
+
+
+SPECIAL_TOKEN_ROWS = {
+    "text": "(encoded as plain text, never the control token: data.special_tokens_in_content=text)",
+    "error": "(refused: data.special_tokens_in_content=error; set it to text to train them as plain text)",
+    "allow": "(encoded as the control tokens, so forged turn markup is trained: data.special_tokens_in_content="
+             "allow; set it to text)",
+}
+"""The check's warning about such rows, by data.special_tokens_in_content."""
 
 
 def _problems(r: QualityReport) -> list[str]:
@@ -357,6 +378,8 @@ def _warnings(r: QualityReport) -> list[str]:
         (r.unknown_tool_calls, "tool calls naming a function absent from their row's tools"),
         (r.reasoning_not_rendered, "assistant reasoning traces the template does not render, so they are not "
                                    "trained (data.reasoning_turns=split trains each turn's reasoning)"),
+        (r.special_token_rows, "rows whose message contents hold special-token strings "
+                               + SPECIAL_TOKEN_ROWS[r.special_tokens_in_content]),
     ]
     out += [f"{name} on {n['rows']} rows: ignored (sftlab does not read it)." for name, n in r.fields.items()
             if not n["used"]]
@@ -407,6 +430,7 @@ def _summary_table(r: QualityReport) -> Any:
              ("duplicate conversations", r.duplicates), ("prompts with different answers", r.conflicting_prompts),
              ("whitespace-only messages", r.blank_messages),
              ("trained turns without end-of-turn", r.turns_missing_end_of_turn),
+             (f"rows with special-token text in contents ({r.special_tokens_in_content})", r.special_token_rows),
              ("turns per conversation (min/median/max)", turns)]
     rows += [(f"{role} messages", n) for role, n in r.messages.items()]
     rows += [(f"field {name}", f"{n['rows']} rows: {'used' if n['used'] else 'ignored'}")

@@ -99,6 +99,9 @@ class Segment:
     role: str = ""
     """'system' / 'user' / 'assistant' for a message's content (and its end-of-turn marker), '' for
     template text."""
+    content: bool = False
+    """True for text that is a message's content (as given or as the template trimmed it): user text, whose
+    special-token strings the Encoder keeps as ordinary text; False for the template's own markup."""
 
 
 class _GenerationTag(Extension):
@@ -310,6 +313,19 @@ class ChatTemplate:
         flags = trainable_flags(messages, train_on)
         return _segments(text, spans, flags, messages, self._eot_after, train_on == "all", where)
 
+    def render_prompt(self, messages: Sequence[Mapping[str, Any]], *, where: str = "",
+                      tools: Sequence[Any] | None = None) -> list[Segment]:
+        """What `render_text(messages, add_generation_prompt=True, tools=tools)` gives, as untrained segments
+        with each message's content marked (Segment.content), so a prompt's contents are tokenised by the
+        same rule as training data's: special-token strings typed by a user stay text."""
+        parsed = [Message(str(m["role"]), str(m["content"])) for m in messages]
+        text = self.render_text(messages, add_generation_prompt=True, where=where, tools=tools)
+        roles = tuple(m.role for m in parsed)
+        marked = self._marked(roles, where, add_generation_prompt=True) if tools is None else \
+            self._sentinel_render(roles, where, add_generation_prompt=True, tools=tools)  # tools: not cached
+        spans = self._content_spans(text, marked, parsed, where)
+        return _segments(text, spans, [False] * len(parsed), parsed, self._eot_after, False, where)
+
     def with_inline_reasoning(self, conversation: Conversation) -> Conversation:
         """Inline `<think>...</think>` at the start of an assistant content moved to its reasoning field,
         for a template that renders reasoning (it would split the content itself, which sentinels cannot
@@ -343,16 +359,21 @@ class ChatTemplate:
         spans = locate_spans(self, conversation, dicts, text, flags)
         return _span_segments(text, spans, train_on == "all")
 
-    def _marked(self, roles: tuple[str, ...], where: str) -> str:
+    def _marked(self, roles: tuple[str, ...], where: str, add_generation_prompt: bool = False) -> str:
         """The render with a sentinel for each content: it depends only on the roles (the template's other
         variables and its clock are fixed per template), so it is computed once per role sequence."""
-        cached = self._marked_cache.get(roles)
+        key = roles + ("+generation prompt",) if add_generation_prompt else roles  # never a role name
+        cached = self._marked_cache.get(key)
         if cached is None:
-            cached = self.render_text([{"role": role, "content": f"{self._sentinel}{i}@@"}
-                                       for i, role in enumerate(roles)], where=where)
+            cached = self._sentinel_render(roles, where, add_generation_prompt=add_generation_prompt)
             if len(self._marked_cache) < 4096:
-                self._marked_cache[roles] = cached
+                self._marked_cache[key] = cached
         return cached
+
+    def _sentinel_render(self, roles: tuple[str, ...], where: str, *, add_generation_prompt: bool = False,
+                         tools: Sequence[Any] | None = None) -> str:
+        return self.render_text([{"role": role, "content": f"{self._sentinel}{i}@@"} for i, role in enumerate(roles)],
+                                add_generation_prompt=add_generation_prompt, where=where, tools=tools)
 
     def _content_spans(self, text: str, marked: str, messages: Sequence[Message],
                        where: str) -> list[tuple[int, int, int]]:
@@ -439,16 +460,17 @@ def inline_reasoning(message: Message) -> Message:
     return replace(message, content=message.content[found.end():], reasoning=reasoning if reasoning.strip() else None)
 
 
-def _span_segments(text: str, spans: list[tuple[int, int, str, bool]], template_trained: bool) -> list[Segment]:
-    """Segments from located (start, end, role, trainable) spans in text order; the gaps are template
-    text (trained only under train_on=all)."""
+def _span_segments(text: str, spans: list[tuple[int, int, str, bool, bool]],
+                   template_trained: bool) -> list[Segment]:
+    """Segments from located (start, end, role, trainable, content) spans in text order; the gaps are
+    template text (trained only under train_on=all)."""
     segments: list[Segment] = []
     pos = 0
-    for start, end, role, trainable in spans:
+    for start, end, role, trainable, content in spans:
         if start > pos:
             segments.append(Segment(text[pos:start], template_trained))
         if end > start:
-            segments.append(Segment(text[start:end], trainable or template_trained, role))
+            segments.append(Segment(text[start:end], trainable or template_trained, role, content))
         pos = max(pos, end)
     if pos < len(text):
         segments.append(Segment(text[pos:], template_trained))
@@ -484,7 +506,7 @@ def _segments(text: str, spans: list[tuple[int, int, int]], flags: list[bool], m
         if start > pos:
             segments.append(Segment(text[pos:start], template_trained))
         role, flag = messages[index].role, flags[index]
-        segments.append(Segment(text[start:end], flag, role))
+        segments.append(Segment(text[start:end], flag, role, content=True))
         pos = end
         if flag:
             limit = spans[k + 1][0] if k + 1 < len(spans) else len(text)

@@ -16,6 +16,7 @@ marker that closes the turn is trained with it.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ from sftlab.errors import DataError
 if TYPE_CHECKING:
     from sftlab.data.templates import ChatTemplate
 
-Span = tuple[int, int, str, bool]
-"""(start, end, role, trainable) of a located piece of the render; role is a message role, 'reasoning'
-or 'tool_call'."""
+Span = tuple[int, int, str, bool, bool]
+"""(start, end, role, trainable, content) of a located piece of the render; role is a message role,
+'reasoning' or 'tool_call'; content is True for text the row wrote (a content, reasoning, a tool call's name
+and arguments), False for the template's own (think tags, tool-call syntax, the end-of-turn marker), so
+special-token strings the row wrote stay text (Segment.content)."""
 _MARK = "\ue000"
 """A private-use character: a sentinel starts and ends with it, and a real render never holds it."""
 _TOKEN = secrets.token_hex(4)
@@ -74,7 +77,7 @@ def _with_untrained(text: str, messages: Sequence[Message], turns: dict[int, lis
         limit = next((turns[k][0][0] for k in sorted(turns) if k > index), len(text))
         found = _find_content(text, message, pos)
         if found is not None and found[1] <= limit:
-            spans.append((found[0], found[1], message.role, False))
+            spans.append((found[0], found[1], message.role, False, True))
             pos = found[1]
     return spans
 
@@ -215,16 +218,84 @@ def _turn_pieces(text: str, message: Message, start: int, head: int, end: int, c
     if between:
         after = text.find(between, head)
         content_at = after + len(between) if after >= 0 else head
-        pieces.append((start, content_at, "reasoning", True))
+        reasoning = message.reasoning or ""
+        found = _find_written(text, (reasoning, reasoning.strip("\n"), reasoning.strip()), start, content_at)
+        pieces += _written_pieces(start, content_at, "reasoning", [found] if found else [])
     content_end = content_at
     for form in (message.content, message.content.strip(), message.content.lstrip()):
         if form and text.startswith(form, content_at) and content_at + len(form) <= end:
             content_end = content_at + len(form)
             break
-    pieces.append((content_at, content_end, "assistant", True))
-    pieces.append((content_end, end, "tool_call", True))
-    pieces.append((end, closing, "assistant", True))
-    return [p for p in pieces if p[1] > p[0]] or [(start, closing, "assistant", True)]
+    pieces.append((content_at, content_end, "assistant", True, True))
+    pieces += _written_pieces(content_end, end, "tool_call", _call_ranges(text, message, content_end, end))
+    pieces.append((end, closing, "assistant", True, False))
+    return [p for p in pieces if p[1] > p[0]] or [(start, closing, "assistant", True, False)]
+
+
+def _written_pieces(start: int, end: int, role: str, written: Sequence[tuple[int, int]]) -> list[Span]:
+    """text[start:end] as trained pieces of one role, those at `written` (sorted, inside) marked content."""
+    pieces: list[Span] = []
+    pos = start
+    for a, b in written:
+        pieces += [(pos, a, role, True, False), (a, b, role, True, True)]
+        pos = b
+    pieces.append((pos, end, role, True, False))
+    return [p for p in pieces if p[1] > p[0]]
+
+
+def _call_ranges(text: str, message: Message, start: int, end: int) -> list[tuple[int, int]]:
+    """Where the row's own strings of the tool calls (names, argument keys and values) lie in the
+    template's tool-call text[start:end]: each call's name searched after the last, its arguments' strings
+    after its name, in the forms a template writes them (as given, or JSON-escaped)."""
+    ranges: list[tuple[int, int]] = []
+    pos = start
+    for call in message.tool_calls:
+        name = _find_written(text, _forms(call.name), pos, end)
+        if name is None:
+            continue
+        ranges.append(name)
+        pos = name[1]
+        for value in _strings(call.arguments):
+            found = _find_written(text, _forms(value), pos, end)
+            if found is not None:
+                ranges.append(found)
+    return _merged(ranges)
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings a JSON value holds, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _forms(value: str) -> tuple[str, ...]:
+    """A string as a template may write it: as given, JSON-escaped (tojson), ASCII-escaped."""
+    return tuple(dict.fromkeys((value, json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(value)[1:-1],
+                                value.strip())))
+
+
+def _find_written(text: str, forms: Sequence[str], start: int, end: int) -> tuple[int, int] | None:
+    """The first of `forms` found in text[start:end], as (start, end)."""
+    for form in forms:
+        found = text.find(form, start, end) if form else -1
+        if found >= 0:
+            return found, found + len(form)
+    return None
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _unlocatable(template: ChatTemplate, index: int, where: str, why: str) -> DataError:

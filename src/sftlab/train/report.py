@@ -139,7 +139,8 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     data = setup.config.data
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
-                      add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes)
+                      add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes,
+                      special_tokens_in_content=data.special_tokens_in_content)
     checker = pair_quality.analyze_pairs if setup.config.stage == "dpo" else quality.analyze
     report = checker(sources_of(data.train)[0], data, encoder)
     text = io.StringIO()

@@ -83,14 +83,17 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
     _check_layers(cfg)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
-                      add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes)
+                      add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes,
+                      special_tokens_in_content=cfg.data.special_tokens_in_content)
     train_data = _build_all(ctx, train_sources, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
-    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo")
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo",
+                 special_tokens_in_content=cfg.data.special_tokens_in_content)
     indices = np.arange(len(train_data))
     eval_data, eval_indices, eval_groups = None, None, None
     if eval_sources:
         eval_data = _build_all(ctx, eval_sources, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
-        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo")
+        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo",
+                     special_tokens_in_content=cfg.data.special_tokens_in_content)
         eval_indices = np.arange(len(eval_data))
         eval_groups = _groups(eval_data, eval_sources, eval_indices)
     elif cfg.data.eval_fraction > 0 and len(train_sources) > 1:  # every source held out from, so each is evaluated
@@ -318,7 +321,8 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
 
 
-def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path, *, pairs: bool = False) -> None:
+def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path, *, pairs: bool = False,
+                 special_tokens_in_content: str = "text") -> None:
     made = f"{stats.examples // 2} pairs" if pairs else f"{stats.examples} examples"
     line = f"{split} data: {stats.rows} rows -> {made}, {stats.tokens:,} tokens " \
            f"({stats.trained_tokens:,} {'scored' if pairs else 'trained'})"
@@ -331,6 +335,17 @@ def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Pat
     if stats.ignored_fields:
         fields = ", ".join(f"{name} ({n} rows)" for name, n in sorted(stats.ignored_fields.items()))
         console.print(Text(f"{split} fields ignored (not read by sftlab): {fields}", style="yellow"))
+    if stats.special_token_rows:
+        console.print(_special_token_rows(split, stats.special_token_rows, special_tokens_in_content))
+
+
+def _special_token_rows(split: str, rows: int, mode: str) -> Text:
+    """The line about rows whose contents hold special-token strings (`<|im_end|>` typed in a message)."""
+    if mode == "allow":
+        return Text(f"warning: {rows} {split} rows hold special-token strings in message contents, trained as "
+                    "the control tokens (data.special_tokens_in_content=allow): forged turn markup is learned. "
+                    "Set data.special_tokens_in_content=text to train them as plain text.", style="yellow")
+    return Text(f"{split} data: {rows} rows hold special-token strings in message contents, encoded as plain text")
 
 
 def _check_vocab(model: torch.nn.Module, data: EncodedDataset, model_path: str) -> None:
