@@ -305,7 +305,11 @@ def _load_streaming(model: "ModelConfig", source: Path | None, *, dtype: "torch.
         source, why = model_source(model)
         if source is None:
             return None, why
-    tensors = stream.checkpoint_tensors(stream.weight_files(source))
+    files = stream.weight_files(source)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:  # from_pretrained names what is wrong in its own words (and is told safetensors only)
+        return None, f"{', '.join(missing)} not found in {source}"
+    tensors = stream.checkpoint_tensors(files)
     try:
         with quiet_loggers("torchao", "torch.utils._pytree"):
             skeleton = stream.skeleton(source, dtype=dtype, trust_remote_code=model.trust_remote_code,
