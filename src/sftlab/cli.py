@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--onto", choices=("dequantized", "original"),
                        help="QLoRA runs: fold the adapter onto the dequantised NF4 base it trained against "
                             "(default) or onto the base's original-precision weights")
+    merge.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                       help="dtype of the merged weights (default: the base model's stored dtype, e.g. bf16 for a "
+                            "bf16 release; the merge itself is computed in the loaded model's dtype)")
     merge.set_defaults(run=_merge)
 
     for name, help_text in (("generate", "answer one prompt with a model, a run dir or a merged dir"),
@@ -197,11 +200,13 @@ def _merge(args: argparse.Namespace) -> int:
     export.refuse_merge_output(out, [("the base model", method.config.model.path)])
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
+    out_dtype = _merge_dtype(args.dtype, method.config.model)
     with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
         if method.name == "qlora":
-            export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, scratch)
+            merged_model = method.merge(model, onto=args.onto or "dequantized")
         else:
-            export.merge_to_dir(model, method, tokenizer, scratch)
+            merged_model = method.merge(model)
+        export.save_model(merged_model.to(out_dtype), tokenizer, scratch)
     del model
     # Fidelity: the written dir, loaded by plain transformers, against the adapter model.
     from sftlab.config import ModelConfig
@@ -224,6 +229,26 @@ def _merge(args: argparse.Namespace) -> int:
     if method.name == "qlora":
         _compare_qlora_merges(args, adapter_model, inputs, check)
     return 0
+
+
+def _merge_dtype(name: str | None, model: object) -> "torch.dtype":
+    """--dtype, or the dtype the base model's weights are stored in (the most common floating dtype of its
+    checkpoint's tensors; fp32 when it cannot be read): a bf16 base gives a bf16 merged dir, not fp32."""
+    import torch
+
+    if name is not None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    from collections import Counter
+
+    from sftlab.models.load import model_source
+    from sftlab.models.stream import DTYPES, checkpoint_tensors, weight_files
+
+    source, _ = model_source(model)
+    if source is None:
+        return torch.float32
+    stored = Counter(info.dtype for info in checkpoint_tensors(weight_files(source)).values()
+                     if DTYPES.get(info.dtype, torch.uint8).is_floating_point)
+    return DTYPES[stored.most_common(1)[0][0]] if stored else torch.float32
 
 
 def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, inputs: list, written: dict) -> None:

@@ -261,6 +261,10 @@ class TrainConfig:
     """Stop after this many evaluations without a better eval loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third slower."""
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
+    """Before the weights are read, estimate the run's peak memory (train/memory.py; one `memory plan:` line)
+    and `refuse` to start when it exceeds the free memory, naming the change that makes it fit; `warn`: say
+    so and start anyway; `off`: no plan."""
     compile: bool = False
     """torch.compile the model (the first steps are slow while it compiles)."""
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from sftlab.config import ModelConfig
+    from sftlab.models.stream import Nf4Spec
 
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -229,22 +230,31 @@ def default_device() -> "torch.device":
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model: "ModelConfig", *, device: "torch.device | None" = None) -> Any:
+def load_model(model: "ModelConfig", *, device: "torch.device | None" = None, nf4: "Nf4Spec | None" = None,
+               notes: "list[str] | None" = None) -> Any:
     """A causal LM from a local HF dir, a hub id, or a .gguf file (dequantised by transformers), its
-    weights read from safetensors only."""
+    weights read from safetensors only, streamed tensor by tensor onto `device` (models/stream.py): the
+    whole model never passes through host memory at once. `nf4`: QLoRA's decoder linear layers are
+    quantised as they are read (their weights equal quantising after a full load, bit for bit). A
+    checkpoint that cannot be streamed loads through from_pretrained as before; why is appended to `notes`."""
     from transformers import AutoModelForCausalLM
 
     if not model.path:
         raise ConfigError("no model given: set model (a Hugging Face model dir, hub id or .gguf file).")
     device = device or default_device()
     dtype = resolve_dtype(model.dtype, device)
+    source = check_model(model.path, trust_remote_code=model.trust_remote_code)
+    streamed, why = _load_streaming(model, source, dtype=dtype, device=device, nf4=nf4)
+    if streamed is not None:
+        return streamed
+    if notes is not None:
+        notes.append(f"model loaded whole through transformers, not streamed: {why}")
     # use_safetensors: never fall back to pickled pytorch_model.bin (local dirs are refused earlier, with
     # the reason; this covers hub ids).
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code,
                               "use_safetensors": True}
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
-    source = check_model(model.path, trust_remote_code=model.trust_remote_code)
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
@@ -268,6 +278,67 @@ def load_model(model: "ModelConfig", *, device: "torch.device | None" = None) ->
                           "these weights: restore the config.json saved with them.") from None
     check_coverage(loading, source, model.path)
     return loaded.to(device)
+
+
+def model_source(model: "ModelConfig") -> tuple[Path | None, str | None]:
+    """The checked local dir the model's weights stream from — a local dir, the dir a .gguf file converts
+    to, or the hub snapshot of a hub id (downloaded, or from the cache) — or (None, why not)."""
+    source = check_model(model.path, trust_remote_code=model.trust_remote_code)
+    if source is None:
+        source = _hub_snapshot(model.path)
+        if source is None:
+            return None, f"no local snapshot of hub id {model.path!r}"
+        try:
+            check_model_dir(source)
+        except ConfigError as exc:
+            return None, str(exc)
+    return source, None
+
+
+def _load_streaming(model: "ModelConfig", source: Path | None, *, dtype: "torch.dtype", device: "torch.device",
+                    nf4: "Nf4Spec | None") -> tuple[Any, str | None]:
+    """(the streamed model, None), or (None, why it was not streamed)."""
+    from sftlab.models import stream
+    from sftlab.models.quant import quiet_loggers
+
+    if source is None:
+        source, why = model_source(model)
+        if source is None:
+            return None, why
+    files = stream.weight_files(source)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:  # from_pretrained names what is wrong in its own words (and is told safetensors only)
+        return None, f"{', '.join(missing)} not found in {source}"
+    tensors = stream.checkpoint_tensors(files)
+    try:
+        with quiet_loggers("torchao", "torch.utils._pytree"):
+            skeleton = stream.skeleton(source, dtype=dtype, trust_remote_code=model.trust_remote_code,
+                                       attn_implementation=model.attn_implementation)
+    except Exception as exc:  # noqa: BLE001 — from_pretrained reports any of these in sftlab's words (below)
+        return None, f"the model cannot be built from {source / 'config.json'} ({type(exc).__name__}: {exc})"
+    why = stream.stream_plan(skeleton, tensors)
+    if why is not None:
+        return None, why
+    with quiet_loggers("torchao", "torch.utils._pytree"):  # torchao's import logs its CUDA-only kernels
+        return stream.fill(skeleton, tensors, device=device, nf4=nf4), None
+
+
+def nf4_spec(cfg: Any) -> "Nf4Spec | None":
+    """How a run's config wants its base loaded: QLoRA's decoder layers straight to NF4, else None."""
+    from sftlab.models.stream import Nf4Spec
+
+    return Nf4Spec(cfg.qlora.block_size, cfg.qlora.double_quant) if cfg.method == "qlora" else None
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot dir of a hub model's config and safetensors files (downloaded once, as
+    from_pretrained would; from the cache when offline), or None when it cannot be had."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 — any failure: from_pretrained then reports it in its own words
+        return None
 
 
 def check_coverage(loading: dict[str, Any], source: Path | None, name: str) -> None:
@@ -394,7 +465,7 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None, base:
         return model, tokenizer, load_template("auto", tokenizer), None
     # The adapter dir's tokenizer was saved with the run: it holds any added tokens and the template.
     tokenizer = load_tokenizer(str(adapter), trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model, device=device)
+    model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg))
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     # Rows of tokens added for training (from the adapter's trainable_token_indices) are loaded too.

@@ -28,12 +28,13 @@ from sftlab.methods import METHODS
 from sftlab.methods.base import Method
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
-from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, skeleton
+from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, nf4_spec, skeleton
 from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
 from sftlab.train import lock, rundir
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup, _pad_id
+from sftlab.train.memory import plan_run
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
 
 
@@ -108,7 +109,12 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
     mixture = _mixture(train_sources, train_data, indices, cfg, console)
 
     device = device or (ctx.device() if ctx.enabled else default_device())
-    model = load_model(cfg.model, device=device)
+    if not ctx.enabled:  # under torchrun each rank holds a share (FSDP) or a replica (DDP): not planned yet
+        plan_run(cfg, train_data, device, console)  # exit 2 before any weight is read when it cannot fit
+    notes: list[str] = []
+    model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg), notes=notes)
+    for note in notes:
+        console.print(note)
     torch.manual_seed(cfg.train.seed)  # the new embedding rows and the adapter's initialisation
     new_token_ids = _add_token_rows(cfg, model, tokenizer, encoder.added_tokens, console)
     _check_vocab(model, train_data, cfg.model.path)
