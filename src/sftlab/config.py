@@ -87,6 +87,9 @@ class ModelConfig:
 
     path: str | None = None
     """A local Hugging Face model dir, a hub id, or a .gguf file."""
+    gguf_dir: str | None = None
+    """Written by a run whose model is a .gguf file (not set by hand): the cached Hugging Face dir the file
+    was converted to (its name holds the cache key). The run loads from it when the .gguf file has moved."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto`: bfloat16 on a CUDA GPU that supports it, float32 otherwise (always float32 on CPU)."""
     trust_remote_code: bool = False

@@ -26,6 +26,7 @@ from sftlab.methods import METHODS
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
 from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
+from sftlab.models.portable import portable
 from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
 from sftlab.train import rundir
@@ -50,6 +51,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     for key in ("train", "eval"):
         _check_data_file(key, getattr(cfg.data, key))
     cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
+    cfg = portable(cfg)  # the base recorded so that the run loads from any working directory
     out = Path(cfg.output_dir)
     refused: SftlabError | None = None
     if ctx.main:
