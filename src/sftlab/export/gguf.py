@@ -65,9 +65,10 @@ class GGUFExportError(SftlabError):
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, template: Any, out: Path, *, quant: str = "f16",
-               name: str = "sftlab-model") -> dict[str, Any]:
+               name: str = "sftlab-model", pre: str | None = None) -> dict[str, Any]:
     """Write `model` (a plain HF causal LM, merged) with its tokenizer and `template` (a ChatTemplate) to the
-    file `out`. Returns what was written that a user needs: the stop token and the tensor count."""
+    file `out`; `pre` names the pre-tokenizer for llama.cpp (default: read from the tokenizer). Returns what
+    was written that a user needs: the stop token and the tensor count."""
     import gguf
 
     if quant not in QUANTS:
@@ -81,7 +82,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, template: Any, out: Path, *, qu
     _add_hyperparameters(writer, config, arch.gguf_name)
     writer.add_file_type(_file_type(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, tokenizer, config, stop, template)
+    _add_tokenizer(writer, tokenizer, config, stop, template, pre)
     count = 0
     for gguf_name, tensor in _tensors(model, arch):
         data, qtype = _encode(gguf_name, tensor, quant)
@@ -159,7 +160,7 @@ def _rope_theta(config: Any) -> float:
     return theta
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, config: Any, stop: int, template: Any) -> None:
+def _add_tokenizer(writer: Any, tokenizer: Any, config: Any, stop: int, template: Any, pre: str | None) -> None:
     """Vocabulary, types, BPE merges, special ids and the chat template, as llama.cpp reads them."""
     import json
 
@@ -186,7 +187,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, config: Any, stop: int, template
                          gguf.TokenType.USER_DEFINED if index in added else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, config))
+    writer.add_tokenizer_pre(_pre_tokenizer(backend, pre))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -211,15 +212,25 @@ def _byte_level(backend: dict[str, Any]) -> bool:
     return any(isinstance(part, dict) and part.get("type") == "ByteLevel" for part in parts)
 
 
-def _pre_tokenizer(tokenizer: Any, config: Any) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenisation regex (tokenizer.ggml.pre)."""
-    vocab = len(tokenizer)
-    if config.model_type in ("qwen2", "qwen3"):
-        return "qwen2"
-    if vocab >= 128000 and "<|eot_id|>" in tokenizer.get_vocab():
-        return "llama-bpe"
-    if vocab == 49152 and "<|im_end|>" in tokenizer.get_vocab():
-        return "smollm"
+PRE_TOKENIZERS = {"\\p{N}{1,3}": "llama-bpe", "\\p{N}|": "qwen2"}
+"""A distinctive part of a Split pre-tokenizer's regex -> llama.cpp's name for it (tokenizer.ggml.pre):
+Llama 3 groups up to three digits, Qwen2 splits every digit."""
+
+
+def _pre_tokenizer(backend: dict[str, Any], given: str | None) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenisation (tokenizer.ggml.pre): `given` (a GGUF base's own),
+    else read from the tokenizer's pre-tokenizer: a known Split regex, or plain ByteLevel (GPT-2's regex)."""
+    if given:
+        return given
+    pre = backend.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
+    for part in parts:
+        regex = (part.get("pattern") or {}).get("Regex", "") if isinstance(part, dict) else ""
+        for mark, name in PRE_TOKENIZERS.items():
+            if part.get("type") == "Split" and mark in regex:
+                return name
+    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
+        return "gpt2"
     return "default"
 
 
@@ -281,3 +292,81 @@ def _file_type(quant: str) -> int:
 
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
             "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q5_0": F.MOSTLY_Q5_0, "q5_1": F.MOSTLY_Q5_1}[quant]
+
+
+def export_run(source: str, output: str | Path, *, quant: str = "f16", base: str | None = None,
+               overwrite: bool = False, with_modelfile: bool = True) -> dict[str, Any]:
+    """`sftlab export SOURCE --format gguf`: the run's (or adapter dir's, or model dir's) model, merged,
+    written to `output` (a .gguf file), and an Ollama Modelfile beside it (NAME.Modelfile). Nothing is
+    written before every check has passed; an existing file is replaced only with `overwrite`, and in a run
+    dir only a file the run wrote (its manifest) is ever replaced."""
+    from sftlab import files
+    from sftlab.export.ollama import modelfile
+    from sftlab.models.load import load_for_inference
+
+    if quant not in QUANTS:
+        raise GGUFExportError(f"--quant {quant!r} is not one sftlab writes; use one of {', '.join(QUANTS)}.")
+    out = Path(output).expanduser()
+    if out.suffix.lower() != ".gguf":
+        raise GGUFExportError(f"--output {output} must name a .gguf file (e.g. {out.with_suffix('.gguf')}).")
+    targets = [out, out.with_suffix(".Modelfile")] if with_modelfile else [out]
+    for target in targets:
+        _check_target(target, overwrite=overwrite)
+    model, tokenizer, template, method = load_for_inference(source, base=base)
+    if method is not None:
+        if method.config.model.path and out.resolve() == Path(method.config.model.path).expanduser().resolve():
+            raise GGUFExportError(f"--output {output} is the run's base model file; give --output a new path.")
+        model = method.merge(model)  # a method that cannot merge says why (MergeError); a GGUF holds one model
+    architecture_of(model.config)  # refused by name before anything is written
+    name = Path(source).expanduser().resolve().name
+    pre = _source_pre(method.config.model.path if method is not None else None)
+    with files.atomic_file(_writable(out), what="the GGUF file") as scratch:
+        info = write_gguf(model, tokenizer, template, scratch, quant=quant, name=name, pre=pre)
+    info["output"] = str(out)
+    if with_modelfile:
+        text = modelfile(out.name, template, info["eos_token"])
+        files.write_text_atomic(_writable(targets[1]), text)
+        info["modelfile"] = str(targets[1])
+    return info
+
+
+def _source_pre(base: str | None) -> str | None:
+    """A .gguf base's own tokenizer.ggml.pre: llama.cpp's name for the tokenizer the model was made with
+    (transformers' GGUF reader rebuilds a simpler pre-tokenizer, which the HF dir then carries)."""
+    from sftlab.models.gguf import is_gguf
+
+    if not base or not is_gguf(base) or not Path(base).is_file():
+        return None
+    from gguf import GGUFReader
+
+    field = GGUFReader(base).fields.get("tokenizer.ggml.pre")
+    return str(field.contents()) if field is not None else None
+
+
+def _check_target(path: Path, *, overwrite: bool) -> None:
+    if path.is_symlink():
+        raise GGUFExportError(f"{path} is a symlink (to {path.readlink()}); it is never written through. Give "
+                              "--output the real path.")
+    if path.is_dir():
+        raise GGUFExportError(f"{path} is a directory; --output names the .gguf file to write.")
+    if path.exists() and not overwrite:
+        raise GGUFExportError(f"{path} already exists; choose another --output, or pass --overwrite to replace it "
+                              "(it is replaced once the new file is complete).")
+    names = _manifest(path.parent)
+    if names is not None:
+        from sftlab.files import refuse_foreign
+
+        refuse_foreign(path, names)  # in a run dir: a file the run did not write is the user's, never replaced
+
+
+def _manifest(directory: Path) -> list[str] | None:
+    from sftlab import files
+
+    return files.manifest(directory) if directory.is_dir() else None
+
+
+def _writable(path: Path) -> Path:
+    """`path`, recorded in its dir's manifest first when that dir is a run dir (files.owned)."""
+    from sftlab import files
+
+    return files.owned(path.parent, path.name) if _manifest(path.parent) is not None else path
