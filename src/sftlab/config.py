@@ -131,6 +131,10 @@ class FullConfig:
     """Keep the input embeddings (and a tied output head) frozen during full fine-tuning."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""The experiment trackers train.report_to may name (train/trackers.py)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int | None = None
@@ -178,7 +182,12 @@ class TrainConfig:
     log_every_steps: int = 1
     """Period of metrics.jsonl lines and progress-bar updates."""
     tensorboard: bool = False
-    """Also write TensorBoard event files (needs the tensorboard package)."""
+    """Kept as an alias: true is report_to including tensorboard."""
+    report_to: str | tuple[str, ...] = ()
+    """Experiment trackers that log the same scalars as metrics.jsonl, plus the resolved config, from rank 0:
+    tensorboard (event files in OUTPUT/tensorboard), wandb (WANDB_MODE=offline for a local run in
+    OUTPUT/wandb), mlflow (MLFLOW_TRACKING_URI, default a file store in OUTPUT/mlruns), trackio (its local
+    database). Each needs its package; a missing one is an error before the run starts."""
     profile: bool = False
     """Record each step's seconds in data / forward / backward / optimizer in metrics.jsonl (on a GPU this
     synchronises at each phase, which costs a little speed)."""
@@ -188,6 +197,12 @@ class TrainConfig:
     Either way the step and its batch's source rows are named."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # `report_to: wandb` means [wandb]
+            object.__setattr__(self, "report_to", (self.report_to,))
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.report_to: {', '.join(map(repr, unknown))} is not a tracker sftlab logs to; use "
+                              f"any of {', '.join(TRACKERS)} (metrics.jsonl and the report are always written).")
         for key in ("micro_batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")

@@ -29,7 +29,7 @@ from sftlab.models.load import check_model, default_device, load_model, load_tok
 from sftlab.models.portable import portable
 from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
-from sftlab.train import rundir
+from sftlab.train import rundir, trackers
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup, _pad_id
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
@@ -50,6 +50,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
     for key in ("train", "eval"):
         _check_data_file(key, getattr(cfg.data, key))
+    trackers.check(cfg)  # a tracker's missing package, before any data or weights are read
     cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
     cfg = portable(cfg)  # the base recorded so that the run loads from any working directory
     out = Path(cfg.output_dir)
