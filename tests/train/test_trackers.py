@@ -83,3 +83,66 @@ def test_a_missing_tracker_package_is_a_config_error_before_the_run_starts(tmp_p
 def test_an_unknown_tracker_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="'wandbb' is not a tracker .* tensorboard, wandb, mlflow, trackio"):
         load_config(overrides=["train.report_to=[wandbb]"])
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory) -> Path:
+    """One run logging to W&B in offline mode and to trackio's local database (in a temporary dir)."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("trackio")
+    import trackio.sqlite_storage
+    import trackio.utils
+
+    root = tmp_path_factory.mktemp("offline-trackers")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        patch.setenv("TRACKIO_DIR", str(root / "trackio"))
+        for module in (trackio.utils, trackio.sqlite_storage):  # read when trackio is imported
+            patch.setattr(module, "TRACKIO_DIR", root / "trackio")
+        assert main(["train", str(_config(root, "  report_to: [wandb, trackio]\n"))]) == 0
+        yield root / "run"
+
+
+def _wandb_history(path: Path) -> dict[int, dict[str, object]]:
+    """step -> logged values, read from an offline run's .wandb file: a ':W&B' header, then LevelDB-log
+    records (32 KiB blocks; each chunk has a 7-byte header: crc32, length, type) holding W&B's protobuf
+    Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, block, pending, history = 7, 32768, b"", {}
+    while position + 7 <= len(data):
+        left = block - position % block
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        if left < 7 or (length == 0 and kind == 0):  # the padding at the end of a block
+            position += left
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                history[int(items.get("_step", record.history.step.num))] = items
+    return history
+
+
+def test_wandb_offline_run_logs_the_metrics_jsonl_values_and_the_config(offline_run) -> None:
+    (run_file,) = (offline_run / "wandb" / "wandb").glob("offline-run-*/run-*.wandb")  # `wandb sync` uploads it
+    history = _wandb_history(run_file)
+    logged = {step: items["loss"] for step, items in history.items() if "loss" in items}
+    assert logged == pytest.approx(_losses(offline_run), rel=1e-6) and len(logged) == 4
+    assert b"lora" in run_file.read_bytes()  # the config record
+
+
+def test_trackio_local_database_logs_the_metrics_jsonl_values(offline_run) -> None:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    logs = SQLiteStorage.get_logs("sftlab", "run")
+    logged = {row["step"]: row["loss"] for row in logs if "loss" in row}
+    assert logged == pytest.approx(_losses(offline_run), rel=1e-6) and len(logged) == 4
