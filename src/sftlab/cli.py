@@ -30,8 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except SftlabError as exc:
         from rich.console import Console
+        from rich.text import Text
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
+        # A Text, not markup: the message quotes the user's keys, values and paths, which may hold `[...]`.
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -82,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             command.add_argument("--prompt", required=True, help="the user message")
         command.add_argument("--system", help="a system message")
+        command.add_argument("--tools", help="a JSON file with a list of tool (function) definitions, rendered "
+                                             "through the chat template; tool calls are printed as parsed JSON")
         command.add_argument("--base", help="the base model for an adapter dir (default: the one it names)")
         command.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
         command.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -108,8 +113,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="a .jsonl, .json or .parquet file of conversations (of preference pairs "
-                                     "with stage=dpo)")
+    parser.add_argument("data", nargs="?" if parser.prog.endswith("check") else None,
+                        help="a data source: a .jsonl, .json, .parquet, .arrow or .csv file, a glob, a dataset "
+                             "directory or a hub dataset id, of conversations (of preference pairs with stage=dpo)"
+                             + ("; default: data.train (every source)" if parser.prog.endswith("check") else ""))
     parser.add_argument("--model", help="a local Hugging Face model or tokenizer dir (or a hub id)")
     parser.add_argument("--template", help="chatml | llama3 | auto | path to a .jinja file (default: data.template)")
     parser.add_argument("--config", help="a YAML config whose model and data settings apply")
@@ -261,36 +268,42 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, method)
+    from sftlab.generate import check_sampling
     from sftlab.models.load import load_for_inference
+
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)  # before the model loads
 
     return load_for_inference(args.model, base=args.base)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sftlab.generate import generate
+    from sftlab.generate import generate, load_tools, show_reply
 
     model, tokenizer, template, method = _load_chat(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
-    print(generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method))
+    tools = load_tools(args.tools)
+    reply = generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method, tools=tools)
+    print(show_reply(reply) if tools else reply)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from sftlab.generate import chat_repl
+    from sftlab.generate import chat_repl, load_tools
 
     model, tokenizer, template, method = _load_chat(args)
     chat_repl(model, tokenizer, template, system=args.system, input_fn=lambda prompt: input(prompt),
-              max_new_tokens=args.max_new_tokens,
+              max_new_tokens=args.max_new_tokens, tools=load_tools(args.tools),
               temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method)
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from sftlab.data import inspect as views
-    from sftlab.data.formats import read_conversations
     from sftlab.data.rejects import RejectLog
+    from sftlab.data.sources import read
 
     cfg = _config(args)
     encoder = _encoder(cfg)
@@ -303,9 +316,12 @@ def _inspect(args: argparse.Namespace) -> int:
         conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
         encoder = PairEncoder(encoder).encoder
     else:
-        conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
-                                           on_bad_row=cfg.data.on_bad_row, rejects=rejects,
-                                           max_row_bytes=encoder.row_limit)
+        from sftlab.data.reasoning import prepare
+
+        conversations = prepare(read(args.data, cfg.data, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                                     max_row_bytes=encoder.row_limit),
+                                encoder.template, reasoning=cfg.data.reasoning,
+                                reasoning_turns=cfg.data.reasoning_turns)
     results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:
@@ -317,20 +333,47 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from sftlab.data import pair_quality, quality
-
     from sftlab.data.rejects import check_path
+    from sftlab.data.sources import resolve_all
 
+    if args.data is not None and "=" in args.data and not Path(args.data).exists():
+        args.overrides, args.data = [args.data, *args.overrides], None  # `check data.train=[...]`: an override
     cfg = _config(args)
-    rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
-    check_path(rejects, inputs=[args.data, args.config, cfg.model.path])  # before anything is read or written
+    value = args.data if args.data is not None else cfg.data.train
+    if not value:
+        raise SftlabError("no data to check: give DATA, or set data.train (in --config or as data.train=...).")
+    sources = resolve_all(value)
+    inputs = [path for source in sources for path in (*source.files, source.directory)] + [args.config, cfg.model.path]
+    targets = [_rejects_path(args.rejects, s, n if len(sources) > 1 else None) for n, s in enumerate(sources)]
+    for rejects in targets:
+        check_path(rejects, inputs=inputs)  # before anything is read or written
     encoder = _encoder(cfg)
-    if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions
-        pairs = pair_quality.analyze_pairs(args.data, cfg.data, encoder, rejects_path=rejects)
-        pair_quality.write(pairs, fmt=args.format)
-        return 0 if pairs.ok else 1
-    report = quality.analyze(args.data, cfg.data, encoder, rejects_path=rejects)
-    quality.write(report, fmt=args.format)
-    return 0 if report.ok else 1
+    ok = True
+    for number, (source, rejects) in enumerate(zip(sources, targets)):
+        if len(sources) > 1 and args.format == "text":
+            print(f"== data source {number + 1} of {len(sources)}: {source.label} ==")
+        if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions
+            pairs = pair_quality.analyze_pairs(source, cfg.data, encoder, rejects_path=rejects)
+            pair_quality.write(pairs, fmt=args.format)
+            ok = ok and pairs.ok
+            continue
+        report = quality.analyze(source, cfg.data, encoder, rejects_path=rejects)
+        quality.write(report, fmt=args.format)
+        ok = ok and report.ok
+    return 0 if ok else 1
+
+
+def _rejects_path(given: str | None, source: object, number: int | None) -> Path:
+    """--rejects (numbered per source when there are several), else beside a local file, else in the cwd."""
+    tail = "" if number is None else f".{number + 1}"
+    if given:
+        path = Path(given)
+        return path if number is None else path.with_name(f"{path.stem}{tail}{path.suffix}")
+    files = getattr(source, "files", ())
+    if len(files) == 1 and not getattr(source, "builder", None):
+        return files[0].with_suffix(f"{tail}.rejects.jsonl")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in getattr(source, "label", "data"))
+    return Path(f"{safe}{tail}.rejects.jsonl")
 
 
 if __name__ == "__main__":  # pragma: no cover

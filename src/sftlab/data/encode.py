@@ -25,7 +25,7 @@ from sftlab.errors import ConfigError, DataError
 IGNORE_INDEX = -100
 """Label of a position the loss ignores (PyTorch cross-entropy's ignore_index). Defined here only."""
 
-ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3}
+ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3, "tool": 4, "reasoning": 5, "tool_call": 6}
 """Per-token role codes reported by `encode_detailed`: 0 is template text."""
 
 

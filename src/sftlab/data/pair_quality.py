@@ -31,6 +31,7 @@ from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
+from sftlab.data.sources import Source, path_of
 from sftlab.data.quality import REJECTED_SHARE_WARNING, digest, length_spread
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
@@ -122,7 +123,7 @@ class PairReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def analyze_pairs(data_path: "str | Path | Source", data: DataConfig, encoder: Encoder, *,
                   rejects_path: str | Path | None = None) -> PairReport:
     """Read and encode every pair of `data_path` as `stage: dpo` training would, and report on it.
 
@@ -146,7 +147,8 @@ def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         read_rejects = log.total - tally.refused_rows
         counts = dict(log.counts)
         written = log.path if log.total else None
-    report = tally.report(str(data_path), data, counts, read_rejects)
+    report = tally.report(path_of(data_path), data, counts,
+                          read_rejects)
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report
@@ -336,22 +338,25 @@ def write(report: PairReport, fmt: str = "text", console: Any = None) -> None:
     if fmt != "text":
         raise ValueError(f"unknown report format {fmt!r}; expected text or json")
     from rich.console import Console
+    from rich.text import Text
 
+    # Text, never markup: problems, roles and paths quote the user's data, which may hold `[...]`.
     console = console if console is not None else Console(highlight=False)
     for table in (_summary_table(report), _lengths_table(report), _bias_table(report)):
         console.print(table)
     for problem in report.problems:
-        console.print(f"[bold red]problem:[/] {problem}", markup=True)
+        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", markup=True)
-    verdict = f"[bold green]ok[/]: {report.pairs} pairs train" if report.ok else "[bold red]not ok[/]"
-    console.print(verdict, markup=True)
+        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
+    verdict = (("ok", "bold green"), f": {report.pairs} pairs train") if report.ok else (("not ok", "bold red"),)
+    console.print(Text.assemble(*verdict))
 
 
 def _summary_table(r: PairReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"sftlab check (preference pairs): {r.data_path}", show_header=False)
+    table = Table(title=Text(f"sftlab check (preference pairs): {r.data_path}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     rows: list[tuple[str, object]] = [("rows read", r.rows), ("usable pairs", r.pairs)]
@@ -365,24 +370,26 @@ def _summary_table(r: PairReport) -> Any:
     if r.rejects_path:
         rows.append(("rejected and dropped rows in", r.rejects_path))
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     return table
 
 
 def _lengths_table(r: PairReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="tokens per pair, before truncation")
     for name in ("", "pairs", "min", "median", "p95", "max"):
         table.add_column(name, justify="left" if not name else "right")
     for name, spread in (("prompt", r.lengths.prompt), ("chosen (scored)", r.lengths.chosen),
                          ("rejected (scored)", r.lengths.rejected), ("prompt + longer answer", r.lengths.longer_side)):
-        table.add_row(name, *(str(v) for v in (spread.count, spread.min, spread.median, spread.p95, spread.max)))
+        table.add_row(Text(name), *(str(v) for v in (spread.count, spread.min, spread.median, spread.p95, spread.max)))
     return table
 
 
 def _bias_table(r: PairReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     b = r.length_bias
     table = Table(title="length bias (scored tokens)", show_header=False)
@@ -393,5 +400,5 @@ def _bias_table(r: PairReport) -> Any:
     for name, value in (("chosen longer", b.chosen_longer), ("rejected longer", b.rejected_longer),
                         ("same length", b.same_length), ("chosen longer, of pairs that differ", share),
                         ("mean chosen/rejected ratio", ratio)):
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     return table
