@@ -88,7 +88,7 @@ def test_gguf_export_of_the_lora_run_reads_back_with_the_merged_logits_and_stops
         with torch.no_grad():
             got, exact = read(input_ids=ids).logits, merged(input_ids=ids).logits
             rounded = _rounded(merged, quant)(input_ids=ids).logits
-        torch.testing.assert_close(got, rounded, rtol=0, atol=1e-2)  # what the file holds, read back exactly
+        torch.testing.assert_close(got, rounded, rtol=0, atol=1e-3)  # what the file holds, read back exactly
         kl = _mean_kl(exact, got)
         assert kl < (1e-4 if quant == "f16" else Q8_MEAN_KL)
         meta = _metadata(out)
