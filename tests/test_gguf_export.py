@@ -59,9 +59,8 @@ def _mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def _tiny(arch: str, path: Path) -> tuple[object, object]:
-    """A tiny random model; Qwen2's with Qwen's real tokenizer (GGUF readers rebuild a qwen2 file's tokenizer
-    with Qwen's own pre-tokenizer)."""
-    tokenizer = real_tokenizer("qwen2_5") if arch == "qwen2" else tiny_chat_tokenizer()
+    """A tiny random model with the tiny chat tokenizer."""
+    tokenizer = tiny_chat_tokenizer()
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, bos_token_id=None,
                   eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
@@ -85,7 +84,7 @@ def test_an_f32_gguf_reads_back_with_the_same_logits_tokenizer_and_stop_token(ar
     read = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
     torch.testing.assert_close(_logits(read), _logits(model), rtol=0, atol=1e-5)
     meta = _metadata(out)
-    assert meta["tokenizer.ggml.pre"] == ("qwen2" if arch == "qwen2" else "gpt2")
+    assert meta["tokenizer.ggml.pre"] == "gpt2"  # the tiny tokenizer's plain byte-level split
     assert meta["tokenizer.ggml.eos_token_id"] == im_end == meta["tokenizer.ggml.eot_token_id"]
     assert meta["tokenizer.chat_template"] == template.source
     if arch == "llama":  # the tokenizer the reader rebuilds (minutes for Qwen's 150k tokens on a busy CPU)
@@ -131,6 +130,13 @@ def test_an_unmapped_architecture_is_refused_by_name_and_nothing_is_written(tmp_
                                               r"is 'gpt2'"):
         gguf_export.export_run(str(base), out)
     assert not out.parent.exists() or not list(out.parent.iterdir())
+
+
+@pytest.mark.parametrize(("name", "pre"), [("qwen2_5", "qwen2"), ("llama3_2", "llama-bpe")])
+def test_the_pre_tokenizer_is_named_for_llama_cpp_from_the_tokenizers_own_regex(name, pre) -> None:
+    backend = json.loads(real_tokenizer(name).backend_tokenizer.to_str())
+    assert gguf_export._pre_tokenizer(backend, None) == pre
+    assert gguf_export._pre_tokenizer(backend, "smollm") == "smollm"  # a GGUF base's own name wins
 
 
 def test_the_cli_quant_choices_are_the_writers() -> None:
