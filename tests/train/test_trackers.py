@@ -97,6 +97,8 @@ def offline_run(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
+        for key in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # nothing written in ~/
+            patch.setenv(key, str(root / key.lower()))
         patch.setenv("TRACKIO_DIR", str(root / "trackio"))
         for module in (trackio.utils, trackio.sqlite_storage):  # read when trackio is imported
             patch.setattr(module, "TRACKIO_DIR", root / "trackio")
