@@ -12,6 +12,9 @@ from sftlab import __version__
 from sftlab.config import Config, load_config
 from sftlab.errors import SftlabError
 
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+"""export/gguf.py's QUANTS, named here so that `sftlab --help` does not import torch (a test keeps them equal)."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -65,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="dtype of the merged weights (default: the base model's stored dtype, e.g. bf16 for a "
                             "bf16 release; the merge itself is computed in the loaded model's dtype)")
     merge.set_defaults(run=_merge)
+
+    export = commands.add_parser("export", help="write a run's model where models run: one GGUF file (llama.cpp, "
+                                                "Ollama, LM Studio) with an Ollama Modelfile beside it")
+    export.add_argument("source", help="a run dir, an adapter dir, or a plain HF model dir")
+    export.add_argument("--format", choices=("gguf",), required=True, help="gguf: one file, the model merged")
+    export.add_argument("--quant", choices=GGUF_QUANTS, default="f16",
+                        help="weight type (default f16; norms stay f32; K-quants: llama-quantize the f16 file)")
+    export.add_argument("--output", required=True, help="the .gguf file to write (NAME.Modelfile is written beside it)")
+    export.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output (and its Modelfile) if they exist")
+    export.add_argument("--no-modelfile", action="store_true", help="write the .gguf file only")
+    export.set_defaults(run=_export)
 
     for name, help_text in (("generate", "answer one prompt with a model, a run dir or a merged dir"),
                             ("chat", "talk to a model, a run dir or a merged dir (/reset, /exit)")):
@@ -263,6 +278,19 @@ def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, input
     closer = onto if written["mean_kl"] <= check["mean_kl"] else other
     print(f"onto {other} (not written): max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL "
           f"{check['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sftlab.export.gguf import export_run
+
+    info = export_run(args.source, args.output, quant=args.quant, base=args.base, overwrite=args.overwrite,
+                      with_modelfile=not args.no_modelfile)
+    print(f"wrote {info['output']} ({info['architecture']}, {args.quant}, {info['tensors']} tensors; generation stops "
+          f"at {info['eos_token']})")
+    print(f"run it: llama-cli -m {info['output']} -cnv")
+    if "modelfile" in info:
+        print(f"or: ollama create {Path(info['output']).stem} -f {info['modelfile']}")
+    return 0
 
 
 def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, method)

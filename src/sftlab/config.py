@@ -174,6 +174,9 @@ class ModelConfig:
 
     path: str | None = None
     """A local Hugging Face model dir, a hub id, or a .gguf file."""
+    gguf_dir: str | None = None
+    """Written by a run whose model is a .gguf file (not set by hand): the cached Hugging Face dir the file
+    was converted to (its name holds the cache key). The run loads from it when the .gguf file has moved."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto`: bfloat16 on a CUDA GPU that supports it, float32 otherwise (always float32 on CPU)."""
     trust_remote_code: bool = False
@@ -220,6 +223,8 @@ class FullConfig:
 
 SEED_LIMIT = 2**32
 """Seeds are in [0, 2**32): what numpy's and every framework's generators take."""
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""The experiment trackers train.report_to may name (train/trackers.py)."""
 
 
 @dataclass(frozen=True)
@@ -276,7 +281,12 @@ class TrainConfig:
     log_every_steps: int = 1
     """Period of metrics.jsonl lines and progress-bar updates."""
     tensorboard: bool = False
-    """Also write TensorBoard event files (needs the tensorboard package)."""
+    """Kept as an alias: true is report_to including tensorboard."""
+    report_to: str | tuple[str, ...] = ()
+    """Experiment trackers that log the same scalars as metrics.jsonl, plus the resolved config, from rank 0:
+    tensorboard (event files in OUTPUT/tensorboard), wandb (WANDB_MODE=offline for a local run in
+    OUTPUT/wandb), mlflow (MLFLOW_TRACKING_URI, default a file store in OUTPUT/mlruns), trackio (its local
+    database). Each needs its package; a missing one is an error before the run starts."""
     profile: bool = False
     """Record each step's seconds in data / forward / backward / optimizer in metrics.jsonl (on a GPU this
     synchronises at each phase, which costs a little speed)."""
@@ -286,6 +296,12 @@ class TrainConfig:
     Either way the step and its batch's source rows are named."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # `report_to: wandb` means [wandb]
+            object.__setattr__(self, "report_to", (self.report_to,))
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.report_to: {', '.join(map(repr, unknown))} is not a tracker sftlab logs to; use "
+                              f"any of {', '.join(TRACKERS)} (metrics.jsonl and the report are always written).")
         for key in ("micro_batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {shown(getattr(self, key))}")

@@ -439,11 +439,12 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None, base:
     from sftlab.config import load_config
     from sftlab.data.templates import load_template
     from sftlab.methods import METHODS
+    from sftlab.models.portable import locate
 
     root = Path(path).expanduser()
     cfg, adapter = None, None
     if (root / "config.yaml").is_file() and ((root / "adapter").is_dir() or (root / "model").is_dir()):
-        cfg = load_config(root / "config.yaml", [f"model={base}"] if base else [])
+        cfg = locate(load_config(root / "config.yaml", [f"model={base}"] if base else []), root)
         if (root / "model").is_dir():  # full fine-tuning: a plain model dir
             return load_for_inference(str(root / "model"), device=device,
                                       trust_remote_code=cfg.model.trust_remote_code)

@@ -32,6 +32,7 @@ from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint, distributed, lock, rundir
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.distributed import SINGLE, Dist
+from sftlab.train.trackers import open_trackers
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
 from sftlab.train.objective import Objective, objective_for
 from sftlab.train.optim import build_optimizer, build_scheduler
@@ -243,7 +244,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     model.train()
     stream = micro_batches(setup, state, pad_id)
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
-                     tensorboard=cfg.train.tensorboard) if ctx.main else None
+                     trackers=open_trackers(cfg, out)) if ctx.main else None
     timer = StepTimer(enabled=cfg.train.profile, device=setup.device)
     last_loss = eval_loss = None
     streak = 0  # non-finite steps in a row

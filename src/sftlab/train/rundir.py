@@ -43,15 +43,17 @@ from sftlab.config import Config, ConfigError, load_config, sources_of, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
 from sftlab.files import CONTROL_NAMES, ForeignPathError, remove_scratch, write_text_atomic
-from sftlab.train import lock
+from sftlab.models.portable import portable
+from sftlab.train import lock, trackers
 from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
 
 FINISHED = "finished.json"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "adapter", "model", "report.html",
-             "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", "base", FINISHED)
+             "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", "wandb", "mlruns", "base", FINISHED)
 """What a run may write in its output dir (besides the lock and the manifest); what it did write, its
 manifest names, and only that is ever removed."""
-FREE_TO_CHANGE = ("output_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
+FREE_TO_CHANGE = ("output_dir", "model.gguf_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
+                  "train.report_to",
                   "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
                   "train.on_nonfinite", "train.fused_ops", "train.compile", "train.resume_on_new_data")
 """Settings a resumed run may change: they do not change what is trained."""
@@ -174,7 +176,7 @@ def _differences(out: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
         saved = load_config(saved_path)
     except SftlabError:
         return [("config.yaml", "unreadable" if saved_path.exists() else "missing", "this config")]
-    old, new = _flat(to_dict(saved)), _flat(to_dict(as_saved(cfg)))
+    old, new = _flat(to_dict(portable(saved))), _flat(to_dict(portable(as_saved(cfg))))
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in FREE_TO_CHANGE and old.get(key) != new.get(key)]
 
@@ -234,8 +236,7 @@ def planned(cfg: Config) -> list[str]:
              "report.html", "report.json", "rejects.jsonl", FINISHED]
     if cfg.data.eval:
         names.append("eval_rejects.jsonl")
-    if cfg.train.tensorboard:
-        names.append("tensorboard")
+    names += trackers.run_entries(cfg)
     if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and cfg.method != "full":
         names.append("base")
     return names

@@ -29,9 +29,10 @@ from sftlab.methods.base import Method
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
 from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, nf4_spec, skeleton
+from sftlab.models.portable import portable
 from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
-from sftlab.train import lock, rundir
+from sftlab.train import lock, rundir, trackers
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup, _pad_id
 from sftlab.train.memory import plan_run
@@ -53,7 +54,9 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if not cfg.model.path:
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
     train_sources, eval_sources = (_resolve(key, getattr(cfg.data, key)) for key in ("train", "eval"))
+    trackers.check(cfg)  # a tracker's missing package, before any data or weights are read
     cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
+    cfg = portable(cfg)  # the base recorded so that the run loads from any working directory
     out = Path(cfg.output_dir)
     refused: SftlabError | None = None
     if ctx.main:
