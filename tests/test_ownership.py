@@ -320,3 +320,20 @@ def test_fidelity_reports_nan_never_zero(world) -> None:
     result = export.fidelity(good, broken, [torch.tensor([1, 2, 3, 4])])
     assert result["max_abs_logit_diff"] != result["max_abs_logit_diff"]  # NaN
     assert export.fidelity(good, good, [torch.tensor([1, 2, 3, 4])])["max_abs_logit_diff"] == 0.0
+
+
+def test_export_format_hf_is_the_merge_with_its_checks(world, tmp_path, capsys) -> None:
+    """`sftlab export RUN --format hf` writes what `sftlab merge` writes (same weights), through the same
+    output checks; gguf-only options are refused with the reason."""
+    merged, exported = tmp_path / "merged", tmp_path / "exported"
+    assert main(["merge", str(world["run"]), "--output", str(merged), "--dtype", "fp32"]) == 0
+    assert main(["export", str(world["run"]), "--format", "hf", "--output", str(exported), "--dtype", "fp32"]) == 0
+    assert "fidelity (adapter model vs merged dir" in capsys.readouterr().out
+    a, b = load_file(merged / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["export", str(world["run"]), "--format", "hf", "--output", str(world["run"])]) == 2
+    assert main(["export", str(world["run"]), "--format", "hf", "--quant", "q8_0", "--output", str(tmp_path / "x")]) == 2
+    assert "apply to --format gguf" in capsys.readouterr().err
+    assert main(["export", str(world["run"]), "--format", "gguf", "--dtype", "bf16", "--output", str(tmp_path / "y.gguf")]) == 2
+    assert "--dtype applies to --format hf" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.gguf").exists()

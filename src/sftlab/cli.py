@@ -72,10 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's model where models run: one GGUF file (llama.cpp, "
                                                 "Ollama, LM Studio) with an Ollama Modelfile beside it")
     export.add_argument("source", help="a run dir, an adapter dir, or a plain HF model dir")
-    export.add_argument("--format", choices=("gguf",), required=True, help="gguf: one file, the model merged")
-    export.add_argument("--quant", choices=GGUF_QUANTS, default="f16",
+    export.add_argument("--format", choices=("gguf", "hf"), required=True,
+                        help="gguf: one file, the model merged; hf: a plain HF model dir, the adapter merged (what "
+                             "sftlab merge writes)")
+    export.add_argument("--quant", choices=GGUF_QUANTS,
                         help="weight type (default f16; norms stay f32; K-quants: llama-quantize the f16 file)")
-    export.add_argument("--output", required=True, help="the .gguf file to write (NAME.Modelfile is written beside it)")
+    export.add_argument("--output", required=True, help="gguf: the .gguf file to write (NAME.Modelfile is written "
+                                                         "beside it); hf: the model dir to write")
+    export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="hf: dtype of the merged weights (default: the base model's stored dtype); gguf: use --quant")
     export.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     export.add_argument("--overwrite", action="store_true", help="replace --output (and its Modelfile) if they exist")
     export.add_argument("--no-modelfile", action="store_true", help="write the .gguf file only")
@@ -281,8 +286,18 @@ def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, input
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "hf":  # one entry point for deployment: the same merge, its checks and its fidelity line
+        if args.quant is not None or args.no_modelfile:
+            raise SftlabError("--quant and --no-modelfile apply to --format gguf; --format hf writes the merged "
+                              "model in --dtype (default: the base's stored dtype).")
+        args.onto = None
+        return _merge(args)
+    if args.dtype is not None:
+        raise SftlabError(f"--dtype applies to --format hf; a GGUF file's weights are set by --quant "
+                          f"({', '.join(GGUF_QUANTS)}).")
     from sftlab.export.gguf import export_run
 
+    args.quant = args.quant or "f16"
     info = export_run(args.source, args.output, quant=args.quant, base=args.base, overwrite=args.overwrite,
                       with_modelfile=not args.no_modelfile)
     print(f"wrote {info['output']} ({info['architecture']}, {args.quant}, {info['tensors']} tensors; generation stops "
