@@ -9,7 +9,7 @@ from itertools import islice
 from pathlib import Path
 
 from sftlab import __version__
-from sftlab.config import Config, load_config
+from sftlab.config import PAIR_STAGES, Config, load_config
 from sftlab.errors import SftlabError
 
 
@@ -267,7 +267,7 @@ def _inspect(args: argparse.Namespace) -> int:
     cfg = _config(args)
     encoder = _encoder(cfg)
     rejects = RejectLog()
-    if cfg.stage == "dpo":  # each pair as its two sides, chosen then rejected, the answer scored
+    if cfg.stage in PAIR_STAGES:  # each pair as its two sides, chosen then rejected, the answer scored
         from sftlab.data.preference import PairEncoder, pair_row_limit, read_pairs
 
         pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
@@ -278,7 +278,7 @@ def _inspect(args: argparse.Namespace) -> int:
         conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
                                            on_bad_row=cfg.data.on_bad_row, rejects=rejects,
                                            max_row_bytes=encoder.row_limit)
-    results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
+    results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage in PAIR_STAGES else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:
         counts = ", ".join(f"{n} {reason}" for reason, n in rejects.counts.items())
@@ -296,7 +296,7 @@ def _check(args: argparse.Namespace) -> int:
     rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
     check_path(rejects, inputs=[args.data, args.config, cfg.model.path])  # before anything is read or written
     encoder = _encoder(cfg)
-    if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions
+    if cfg.stage in PAIR_STAGES:  # preference pairs: usable pairs, length bias, contradictions
         pairs = pair_quality.analyze_pairs(args.data, cfg.data, encoder, rejects_path=rejects)
         pair_quality.write(pairs, fmt=args.format)
         return 0 if pairs.ok else 1

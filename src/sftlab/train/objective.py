@@ -7,6 +7,7 @@ wrap), and what the step's summed loss is divided by:
   all ranks): the mean over the step's tokens (DESIGN invariant 7).
 - dpo: micro-batches of preference pairs; Σ pair losses / the pairs of the step; and the pair metrics, each
   Σ over pairs / pairs: rewards_chosen, rewards_rejected, margin, accuracy (train/preference.py).
+- simpo, orpo: as dpo, without a reference; orpo also logs log_odds_ratio and its nll term.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from torch import nn
 from sftlab.config import Config
 from sftlab.data.batching import collate, collate_packed
 from sftlab.data.encode import IGNORE_INDEX, Example
-from sftlab.data.preference import PairBatch, collate_pairs
+from sftlab.data.preference import PairBatch, collate_pairs, with_chosen_context
 from sftlab.train.distributed import TrainingForward
-from sftlab.train.preference import METRICS, PreferenceForward
+from sftlab.train.preference import METRICS, ORPO_METRICS, PreferenceForward, ReferenceFreeForward
 
 
 class Objective(ABC):
@@ -114,7 +115,42 @@ class DPO(Objective):
         return output
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO}
+class SimPO(DPO):
+    """Stage simpo: DPO's pairs, batches and metrics; the loss reference-free (train/preference.py)."""
+    stage = "simpo"
+
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        simpo = self.config.simpo
+        return ReferenceFreeForward(model, method, loss="simpo", beta=simpo.beta, gamma=simpo.gamma)
+
+    def empty_batch(self, pad_id: int) -> PairBatch:
+        example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
+        return replace(collate_pairs([(example, example)], pad_id=pad_id, packed=self.config.data.packing),
+                       padding=True)
+
+
+class ORPO(SimPO):
+    """Stage orpo: SFT and preference in one loss, no reference; with orpo.nll=sequence each batch also carries
+    its chosen prompts' positions."""
+    stage = "orpo"
+    metrics = ORPO_METRICS
+
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        return ReferenceFreeForward(model, method, loss="orpo", lambda_=self.config.orpo.lambda_)
+
+    def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> PairBatch:
+        batch = super().batch(data, indices, pad_id)
+        return self._context(batch, [data.pair(int(i))[0] for i in indices])
+
+    def empty_batch(self, pad_id: int) -> PairBatch:
+        batch = super().empty_batch(pad_id)
+        return self._context(batch, [Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")])
+
+    def _context(self, batch: PairBatch, chosen: list[Example]) -> PairBatch:
+        return with_chosen_context(batch, chosen) if self.config.orpo.nll == "sequence" else batch
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO}
 
 
 def objective_for(config: Config) -> Objective:

@@ -21,6 +21,7 @@ the method's adapters disabled (`Method.adapters_disabled`: no second copy of th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -145,3 +146,75 @@ def precompute_reference(data: PairDataset, logps: Callable[[PairBatch], torch.T
             batch = replace(batch, reference_logps=None).to(device)
             out[chunk] = logps(batch).float().cpu().numpy().reshape(2, -1).T
     return out
+
+
+# Reference-free objectives (stages orpo and simpo): the same pairs and log-probs, no reference model at all.
+#
+# With ā = log π(y|x) averaged over the answer's scored tokens (its length-normalised log-probability):
+#     simpo (Meng et al. 2024):  −log σ(β·(ā_w − ā_l) − γ)
+#     orpo (Hong et al. 2024):   NLL + λ·(−log σ(lo_w − lo_l)),  lo = log(p/(1−p)) of p = exp(ā), the log-odds
+# ORPO's NLL is a token mean over the micro-batch: of the chosen answers' scored tokens (orpo.nll=answer), or of
+# every token after the first of the chosen prompt and answer (orpo.nll=sequence, TRL's ORPOTrainer). The loop
+# divides a step's sums by its pairs, so the engine returns pairs × that mean: with one micro-batch per step the
+# step loss is exactly NLL + λ·mean over pairs; with several, each micro-batch's token mean weighs by its pairs.
+
+ORPO_METRICS = METRICS + ("log_odds_ratio", "nll")
+"""ORPO's per-pair sums: the rewards (λ·ā), margin and accuracy as for DPO, the log-odds ratio lo_w − lo_l, and the
+NLL term (its micro-batch mean, per pair)."""
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate on both sides of −log 2 (log1p near −∞, expm1 near 0)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def simpo_losses(average: torch.Tensor, *, beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-pair losses (P,), rewards β·ā (2P,)) from the length-averaged log-probs ā of [chosen…, rejected…]."""
+    chosen, rejected = average.chunk(2)
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma), beta * average
+
+
+def orpo_losses(average: torch.Tensor, *, lambda_: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair odds-ratio losses −log σ(lo_w − lo_l) (P,), unweighted, rewards λ·ā (2P,), log-odds ratios (P,))."""
+    chosen, rejected = average.chunk(2)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -F.logsigmoid(log_odds), lambda_ * average, log_odds
+
+
+class ReferenceFreeForward(nn.Module):
+    """A PairBatch's summed ORPO or SimPO loss and its metric sums as one module call (see PreferenceForward): one
+    forward of the policy, its head on the scored positions (and, for orpo.nll=sequence, the chosen prompts')."""
+
+    def __init__(self, model: nn.Module, method: Any, *, loss: str, beta: float = 2.0, gamma: float = 1.0,
+                 lambda_: float = 0.1) -> None:
+        super().__init__()
+        if loss not in ("orpo", "simpo"):
+            raise ConfigError(f"a reference-free loss is orpo or simpo; found {loss!r}")
+        self.model, self.method = model, method
+        self.loss, self.beta, self.gamma, self.lambda_ = loss, beta, gamma, lambda_
+
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ pair losses, Σ metrics per pair: METRICS for simpo, ORPO_METRICS for orpo)."""
+        inner = batch.batch
+        hidden = self.method.hidden_states(self.model, inner) if self.method is not None \
+            else hidden_states(self.model, inner)
+        index, targets, scored = inner.loss_index, inner.loss_targets, inner.loss_index.shape[0]
+        if batch.context_index is not None:  # one head pass over the scored and the context positions
+            index, targets = torch.cat([index, batch.context_index]), torch.cat([targets, batch.context_targets])
+        tokens = head_logprobs(self.model, hidden, index, targets)
+        answer, context = tokens[:scored], tokens[scored:]
+        sums = answer.new_zeros(2 * batch.num_pairs).index_add(0, batch.sequence_index, answer)
+        average = sums / batch.sequence_tokens.to(sums).clamp(min=1)
+        if self.loss == "simpo":
+            losses, rewards = simpo_losses(average, beta=self.beta, gamma=self.gamma)
+            total, metrics = losses.sum(), pair_metrics(rewards)
+        else:
+            odds, rewards, log_odds = orpo_losses(average, lambda_=self.lambda_)
+            chosen_tokens = batch.sequence_tokens[:batch.num_pairs].sum().to(sums) + context.shape[0]
+            nll = -(sums[:batch.num_pairs].sum() + context.sum()) / chosen_tokens.clamp(min=1)
+            total = batch.num_pairs * nll + self.lambda_ * odds.sum()
+            metrics = torch.cat([pair_metrics(rewards), torch.stack([log_odds.detach().sum(),
+                                                                     batch.num_pairs * nll.detach()])])
+        if batch.padding:
+            return total * 0, metrics * 0
+        return total, metrics

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftlab import __version__
+from sftlab.config import PAIR_STAGES
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
 from sftlab.errors import SftlabError
 from sftlab import files
@@ -91,7 +92,7 @@ def collect(setup: Setup) -> dict[str, Any]:
 def _data_facts(setup: Setup) -> dict[str, Any]:
     cfg = setup.config
     train = {"file": cfg.data.train, **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
-    unit = "pairs" if cfg.stage == "dpo" else "examples"  # a pair's two sides are two examples in the stats
+    unit = "pairs" if cfg.stage in PAIR_STAGES else "examples"  # a pair's two sides are two examples in the stats
     if setup.eval_data is None or setup.eval_indices is None:
         return {"train": train, "eval": None, "unit": unit}
     if setup.eval_data is setup.train_data:  # data.eval_fraction: held out of the training file
@@ -120,10 +121,10 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
                       add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes)
-    checker = pair_quality.analyze_pairs if setup.config.stage == "dpo" else quality.analyze
+    checker = pair_quality.analyze_pairs if setup.config.stage in PAIR_STAGES else quality.analyze
     report = checker(data.train, data, encoder)
     text = io.StringIO()
-    writer = pair_quality.write if setup.config.stage == "dpo" else quality.write
+    writer = pair_quality.write if setup.config.stage in PAIR_STAGES else quality.write
     writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
     return report.to_dict(), text.getvalue()
 

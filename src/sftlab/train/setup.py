@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from sftlab import export
-from sftlab.config import Config
+from sftlab.config import PAIR_STAGES, Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
 from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
@@ -68,12 +68,12 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes)
     train_data = _build(ctx, cfg.data.train, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
-    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo")
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage in PAIR_STAGES)
     indices = np.arange(len(train_data))
     eval_data, eval_indices = None, None
     if cfg.data.eval:
         eval_data = _build(ctx, cfg.data.eval, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
-        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo")
+        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage in PAIR_STAGES)
         eval_indices = np.arange(len(eval_data))
     elif cfg.data.eval_fraction > 0:
         shuffled = np.random.default_rng([cfg.train.seed, 1 << 20]).permutation(len(train_data))
@@ -115,6 +115,9 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
     reference = _reference(cfg, model, method, [train_data, eval_data], pad_id=_pad_id(tokenizer), device=device,
                            continued=continued is not None, console=console) if cfg.stage == "dpo" else None
+    if cfg.stage in ("orpo", "simpo"):
+        console.print(f"{cfg.stage}: no reference model (reference-free: no second copy of the weights, no "
+                      "reference forward)")
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
                  reference_model=reference)
 
@@ -207,7 +210,7 @@ def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Pa
     """Rank 0 encodes (and caches) the data first; the other ranks then read the same cache (or, with
     data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's. Stage dpo
     reads preference pairs."""
-    build = build_pair_dataset if cfg.stage == "dpo" else build_dataset
+    build = build_pair_dataset if cfg.stage in PAIR_STAGES else build_dataset
     if ctx.main:
         data = build(data_path, cfg.data, encoder, rejects_path=rejects)
     ctx.barrier()
