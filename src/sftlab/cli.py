@@ -274,6 +274,13 @@ def _inspect(args: argparse.Namespace) -> int:
                            max_row_bytes=pair_row_limit(encoder))
         conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
         encoder = PairEncoder(encoder).encoder
+    elif cfg.stage == "kto":  # each example with its answer scored
+        from sftlab.data.feedback import FeedbackEncoder, read_feedback
+
+        rows = read_feedback(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                             max_row_bytes=encoder.row_limit)
+        conversations = (row.conversation() for row in rows)
+        encoder = FeedbackEncoder(encoder).encoder
     else:
         conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
                                            on_bad_row=cfg.data.on_bad_row, rejects=rejects,
@@ -296,6 +303,12 @@ def _check(args: argparse.Namespace) -> int:
     rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
     check_path(rejects, inputs=[args.data, args.config, cfg.model.path])  # before anything is read or written
     encoder = _encoder(cfg)
+    if cfg.stage == "kto":  # feedback: usable examples, the desirable/undesirable balance and its weights
+        from sftlab.data import feedback_quality
+
+        feedback = feedback_quality.analyze_feedback(args.data, cfg.data, encoder, cfg.kto, rejects_path=rejects)
+        feedback_quality.write(feedback, fmt=args.format)
+        return 0 if feedback.ok else 1
     if cfg.stage in PAIR_STAGES:  # preference pairs: usable pairs, length bias, contradictions
         pairs = pair_quality.analyze_pairs(args.data, cfg.data, encoder, rejects_path=rejects)
         pair_quality.write(pairs, fmt=args.format)

@@ -428,6 +428,9 @@ def _check_stage(cfg: Config) -> None:
     if cfg.data.train_on != "assistant":
         raise ConfigError(f"data.train_on={cfg.data.train_on} does not apply to stage {cfg.stage}, which scores only "
                           "the answers; remove it.")
+    if cfg.stage == "kto" and cfg.data.packing:
+        raise ConfigError("data.packing is not available for stage kto (each batch pairs its prompts with other "
+                          "examples' completions for the KL term); set data.packing=false.")
     if cfg.stage == "kto" and cfg.train.micro_batch_size < 2:
         raise ConfigError("stage kto estimates its KL term from each example's prompt with another example's "
                           "completion in the same micro-batch; train.micro_batch_size=1 has no other. Set "

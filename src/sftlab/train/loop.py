@@ -149,7 +149,7 @@ def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None) -
     model.train()
     count, *totals = ctx.sum([count, *sums.tolist()])
     means = [total / max(count, 1) for total in totals]
-    return means[0], dict(zip(objective.metrics, means[1:]))
+    return means[0], objective.present(dict(zip(objective.metrics, means[1:])))
 
 
 NONFINITE_STREAK = 10
@@ -335,7 +335,8 @@ def _per_unit(objective: Objective, units: int, sums: list[float]) -> dict[str, 
     """The step's metric sums per unit (stage dpo: per pair), and the pair count; nothing for sft."""
     if not objective.metrics:
         return {}
-    return {objective.unit: units, **{name: total / max(units, 1) for name, total in zip(objective.metrics, sums)}}
+    return {objective.unit: units, **objective.present({name: total / max(units, 1)
+                                                        for name, total in zip(objective.metrics, sums)})}
 
 
 def _enable_recompute(model: torch.nn.Module) -> None:

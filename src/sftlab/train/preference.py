@@ -218,3 +218,74 @@ class ReferenceFreeForward(nn.Module):
         if batch.padding:
             return total * 0, metrics * 0
         return total, metrics
+
+
+# KTO (Ethayarajh et al. 2024), stage kto: unpaired examples x, y labelled desirable or undesirable.
+#
+#     Δ = log π(y|x) − log π_ref(y|x)        (summed over the answer's scored tokens)
+#     z = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x)), detached: the reference-KL estimate from
+#         mismatched sequences, each prompt with another example's completion (data/feedback.py)
+#     desirable:   λ_D·(1 − σ(β·(Δ − z)))      undesirable:   λ_U·(1 − σ(β·(z − Δ)))
+# summed over the examples (the loop divides by the step's examples), as TRL's KTOTrainer computes it.
+
+KTO_SUMS = ("desirable", "rewards_chosen", "rewards_rejected", "kl")
+"""What the KTO engine sums per micro-batch: desirable examples, β·Δ over the desirable ones and over the
+undesirable ones, and the KL estimate times the batch's examples; `kto_metrics` turns their per-example means into
+the logged metrics."""
+
+
+def kto_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, *, beta: float,
+               desirable_weight: float, undesirable_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-example losses (B,), rewards β·Δ (B,), the KL estimate z ()) from the policy and reference log-probs of
+    [the B examples…, their B mismatched sequences…] (2B,) and the examples' labels (B,) bool."""
+    ratios, mismatched = (policy - reference.to(policy)).chunk(2)
+    kl = mismatched.detach().mean().clamp(min=0)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratios))))
+    return losses, beta * ratios, kl
+
+
+def kto_metrics(means: dict[str, float]) -> dict[str, float]:
+    """Per-example means of KTO_SUMS -> desirable share, the mean reward of desirable and of undesirable examples
+    (each over its own examples; absent when the step has none), their margin, and the KL estimate."""
+    share = means["desirable"]
+    out = {"desirable": share, "kl": means["kl"]}
+    if share > 0:
+        out["rewards_chosen"] = means["rewards_chosen"] / share
+    if share < 1:
+        out["rewards_rejected"] = means["rewards_rejected"] / (1 - share)
+    if 0 < share < 1:
+        out["margin"] = out["rewards_chosen"] - out["rewards_rejected"]
+    return out
+
+
+class KTOForward(nn.Module):
+    """A FeedbackBatch's summed KTO loss and its KTO_SUMS as one module call; the reference as for DPO (a frozen
+    copy for full fine-tuning, else the model with its adapters disabled)."""
+
+    def __init__(self, model: nn.Module, method: Any, *, beta: float, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0, reference_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+        self.__dict__["reference"] = ReferenceForward(reference_model) if reference_model is not None else None
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference is not None:
+            with torch.no_grad():
+                reference = self.reference(batch)
+            if hasattr(self.reference, "reshard"):
+                self.reference.reshard()
+        else:
+            reference = reference_logps(self.model, batch, self.method)
+        policy = sequence_logps(self.model, batch, self.method)
+        losses, rewards, kl = kto_losses(policy, reference, batch.desirable, beta=self.beta,
+                                         desirable_weight=self.desirable_weight,
+                                         undesirable_weight=self.undesirable_weight)
+        good = batch.desirable.to(rewards.dtype)
+        rewards = rewards.detach()
+        sums = torch.stack([good.sum(), (rewards * good).sum(), (rewards * (1 - good)).sum(),
+                            kl * batch.num_pairs])
+        if batch.padding:
+            return losses.sum() * 0, sums * 0
+        return losses.sum(), sums

@@ -121,6 +121,14 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
                       add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes)
+    if setup.config.stage == "kto":
+        from sftlab.data import feedback_quality
+
+        report, writer = feedback_quality.analyze_feedback(data.train, data, encoder, setup.config.kto), \
+            feedback_quality.write
+        text = io.StringIO()
+        writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+        return report.to_dict(), text.getvalue()
     checker = pair_quality.analyze_pairs if setup.config.stage in PAIR_STAGES else quality.analyze
     report = checker(data.train, data, encoder)
     text = io.StringIO()

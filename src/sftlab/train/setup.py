@@ -17,6 +17,7 @@ from sftlab import export
 from sftlab.config import PAIR_STAGES, Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
+from sftlab.data.feedback import build_feedback_dataset
 from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError, SftlabError
@@ -115,6 +116,9 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
     reference = _reference(cfg, model, method, [train_data, eval_data], pad_id=_pad_id(tokenizer), device=device,
                            continued=continued is not None, console=console) if cfg.stage == "dpo" else None
+    if cfg.stage == "kto":
+        reference = _reference(cfg, model, method, [], pad_id=_pad_id(tokenizer), device=device, continued=False,
+                               console=console)
     if cfg.stage in ("orpo", "simpo"):
         console.print(f"{cfg.stage}: no reference model (reference-free: no second copy of the weights, no "
                       "reference forward)")
@@ -162,9 +166,10 @@ def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: li
     trained model with its adapters disabled, computed at each step."""
     if not (cfg.dpo.precompute_reference or continued):
         if cfg.method == "full":
-            console.print("dpo reference: a frozen copy of the model (dpo.precompute_reference=true keeps none)")
+            kept = " (dpo.precompute_reference=true keeps none)" if cfg.stage == "dpo" else ""
+            console.print(f"{cfg.stage} reference: a frozen copy of the model{kept}")
             return copy.deepcopy(model).requires_grad_(False).eval()
-        console.print("dpo reference: the base model, its adapter disabled (no second copy of the weights)")
+        console.print(f"{cfg.stage} reference: the base model, its adapter disabled (no second copy of the weights)")
         return None
     # The model as it starts (full fine-tuning, a continued adapter), or the base under a fresh adapter.
     as_policy = continued or cfg.method == "full"
@@ -210,7 +215,8 @@ def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Pa
     """Rank 0 encodes (and caches) the data first; the other ranks then read the same cache (or, with
     data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's. Stage dpo
     reads preference pairs."""
-    build = build_pair_dataset if cfg.stage in PAIR_STAGES else build_dataset
+    build = build_pair_dataset if cfg.stage in PAIR_STAGES else build_feedback_dataset if cfg.stage == "kto" \
+        else build_dataset
     if ctx.main:
         data = build(data_path, cfg.data, encoder, rejects_path=rejects)
     ctx.barrier()
