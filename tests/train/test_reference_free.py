@@ -181,3 +181,17 @@ def test_a_lora_run_learns_the_preference_and_logs_its_metrics(model_dir, pairs,
     assert final["eval_accuracy"] > 0.5, final
     saved = load_config(out / "config.yaml")  # the run dir's config loads back with the stage's settings
     assert saved.stage == stage and (saved.orpo.nll == "sequence" if stage == "orpo" else saved.simpo.gamma == 0.5)
+
+
+@pytest.mark.parametrize("name", ["orpo_lora", "simpo_lora", "kto_lora"])
+def test_the_example_configs_are_valid(name) -> None:
+    from pathlib import Path
+
+    from sftlab.data.feedback import read_feedback
+    from sftlab.data.preference import read_pairs
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "examples" / "configs" / f"{name}.yaml")
+    assert cfg.stage == name.split("_")[0] and cfg.method == "lora"
+    reader = read_feedback if cfg.stage == "kto" else read_pairs
+    assert len(list(reader(root / cfg.data.train))) >= 3
