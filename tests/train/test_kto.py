@@ -94,14 +94,16 @@ def moved_policy(model_dir: Path, method: str, batch):
     """The tiny model under `method`, its trained parameters moved off the base and then up the log-probs of the
     batch's sequences (as KTO training moves them), so that the reference-KL estimate is positive (it is clamped
     at 0) and really enters the loss."""
-    from sftlab.train.preference import sequence_logps
+    from sftlab.train.preference import batch_logps
 
     model, chosen = policy(model_dir, method)
     params = list(chosen.trainable_parameters(model).values())
     optimizer = torch.optim.SGD(params, lr=0.05 if method == "lora" else 0.02)
     for _ in range(6):
         optimizer.zero_grad()
-        (-sequence_logps(model, batch, chosen).mean()).backward()
+        logps = torch.cat([batch_logps(model, batch.examples, batch.example_index, batch.num_examples, chosen),
+                           batch_logps(model, batch.mismatched, batch.mismatched_index, batch.num_examples, chosen)])
+        (-logps.mean()).backward()
         optimizer.step()
     model.zero_grad(set_to_none=True)
     return model, chosen

@@ -7,7 +7,7 @@ preference pair's side (data/preference.py): only the answer's content and its e
 tokens after that marker are cut.
 
 On disk a feedback dataset is an ordinary encoded dataset (data/dataset.py layout), one example per row, plus
-`desirable.bin` (one uint8 per example). A batch of B examples also holds B mismatched sequences for KTO's
+`desirable.bin` (one uint8 per example). A batch of B examples comes with B mismatched sequences for KTO's
 reference-KL estimate: example i's prompt followed by example i−1's completion (cyclically within the batch, as
 TRL's KTOTrainer pairs them), cut to data.max_seq_len.
 """
@@ -30,7 +30,8 @@ from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _require, iter_rows
-from sftlab.data.preference import PairBatch, _answer, _cut, _prompt_messages, collate_pairs
+from sftlab.data.batching import Batch, collate
+from sftlab.data.preference import _answer, _cut, _prompt_messages
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, validate
 from sftlab.errors import ConfigError, DataError
@@ -139,24 +140,51 @@ def _prompt_length(example: Example) -> int:
 
 
 @dataclass(frozen=True)
-class FeedbackBatch(PairBatch):
-    """B examples as a PairBatch of 2B sequences: the B examples, then their B mismatched KL sequences
-    (`num_pairs` is B)."""
-    desirable: torch.Tensor | None = None
+class FeedbackBatch:
+    """B examples and their B mismatched KL sequences, as two batches: the examples train, the KL sequences only
+    feed a forward without gradients (as in TRL's KTOTrainer)."""
+    examples: Batch
+    mismatched: Batch
+    num_examples: int
+    example_index: torch.Tensor
+    """(N,) which example each supervised position of `examples` (loss_index) belongs to."""
+    mismatched_index: torch.Tensor
+    """(M,) the same for `mismatched`."""
+    desirable: torch.Tensor
     """(B,) bool: which examples are desirable."""
+    padding: bool = False
+    """A stand-in that counts for nothing (see PairBatch.padding)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the step runs through the model: the examples' and the KL sequences'."""
+        return self.examples.num_tokens + self.mismatched.num_tokens
+
+    @property
+    def num_supervised(self) -> int:
+        """Scored positions: the examples' and the KL sequences'."""
+        return self.examples.num_supervised + self.mismatched.num_supervised
+
+    @property
+    def where(self) -> tuple[str, ...]:
+        return self.examples.where
 
     def to(self, device: torch.device | str) -> FeedbackBatch:
-        moved = super().to(device)
-        return replace(moved, desirable=None if self.desirable is None else self.desirable.to(device))
+        return replace(self, examples=self.examples.to(device), mismatched=self.mismatched.to(device),
+                       example_index=self.example_index.to(device, non_blocking=True),
+                       mismatched_index=self.mismatched_index.to(device, non_blocking=True),
+                       desirable=self.desirable.to(device, non_blocking=True))
 
 
 def collate_feedback(examples: Sequence[Example], desirable: Sequence[bool], *, pad_id: int,
                      max_seq_len: int | None) -> FeedbackBatch:
+    """A FeedbackBatch: example i's KL sequence is its prompt with example i−1's completion (cyclically)."""
     count = len(examples)
     kl = [mismatched(examples[i], examples[(i - 1) % count], max_seq_len) for i in range(count)]
-    batch = collate_pairs(list(zip(examples, kl)), pad_id=pad_id)
-    return FeedbackBatch(**{f: getattr(batch, f) for f in batch.__dataclass_fields__},
-                         desirable=torch.tensor([bool(d) for d in desirable], dtype=torch.bool))
+    batches = [collate(list(group), pad_id=pad_id) for group in (examples, kl)]
+    rows = [torch.div(b.loss_index, b.input_ids.shape[1], rounding_mode="floor") for b in batches]
+    return FeedbackBatch(batches[0], batches[1], count, rows[0], rows[1],
+                         torch.tensor([bool(d) for d in desirable], dtype=torch.bool))
 
 
 class FeedbackDataset:

@@ -180,7 +180,7 @@ class KTO(Objective):
                        padding=True)
 
     def count(self, batch: Any) -> int:
-        return 0 if batch.padding else batch.num_pairs
+        return 0 if batch.padding else batch.num_examples
 
     def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return output

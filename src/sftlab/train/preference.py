@@ -259,33 +259,65 @@ def kto_metrics(means: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def batch_logps(model: nn.Module, inner: Any, sequence: torch.Tensor, count: int, method: Any = None) -> torch.Tensor:
+    """log π(answer | prompt) of each of the `count` sequences of a Batch, `sequence` naming the sequence of each
+    supervised position, (count,) fp32."""
+    hidden = method.hidden_states(model, inner) if method is not None else hidden_states(model, inner)
+    tokens = head_logprobs(model, hidden, inner.loss_index, inner.loss_targets)
+    return tokens.new_zeros(count).index_add(0, sequence, tokens)
+
+
+class KTOReferenceForward(nn.Module):
+    """The frozen reference copy's log-probs of a FeedbackBatch's examples and KL sequences as one module call
+    (sharded under FSDP like ReferenceForward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples),
+                          batch_logps(self.model, batch.mismatched, batch.mismatched_index, batch.num_examples)])
+
+
 class KTOForward(nn.Module):
     """A FeedbackBatch's summed KTO loss and its KTO_SUMS as one module call; the reference as for DPO (a frozen
-    copy for full fine-tuning, else the model with its adapters disabled)."""
+    copy for full fine-tuning, else the model with its adapters disabled). The policy's KL sequences run without
+    gradients: the estimate is detached."""
 
     def __init__(self, model: nn.Module, method: Any, *, beta: float, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, reference_model: nn.Module | None = None) -> None:
         super().__init__()
         self.model, self.method = model, method
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
-        self.__dict__["reference"] = ReferenceForward(reference_model) if reference_model is not None else None
+        self.__dict__["reference"] = KTOReferenceForward(reference_model) if reference_model is not None else None
+
+    def _reference(self, batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                reference = self.reference(batch)
+                if hasattr(self.reference, "reshard"):  # FSDP: a forward without backward leaves the root gathered
+                    self.reference.reshard()
+                return reference
+            with self.method.adapters_disabled(self.model):
+                return torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples),
+                                  batch_logps(self.model, batch.mismatched, batch.mismatched_index,
+                                              batch.num_examples)])
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reference is not None:
-            with torch.no_grad():
-                reference = self.reference(batch)
-            if hasattr(self.reference, "reshard"):
-                self.reference.reshard()
-        else:
-            reference = reference_logps(self.model, batch, self.method)
-        policy = sequence_logps(self.model, batch, self.method)
+        reference = self._reference(batch)  # first: prefix tuning's forward keeps its hooks armed until backward
+        with torch.no_grad():
+            mismatched = batch_logps(self.model, batch.mismatched, batch.mismatched_index, batch.num_examples,
+                                     self.method)
+        policy = torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples,
+                                        self.method), mismatched])
         losses, rewards, kl = kto_losses(policy, reference, batch.desirable, beta=self.beta,
                                          desirable_weight=self.desirable_weight,
                                          undesirable_weight=self.undesirable_weight)
         good = batch.desirable.to(rewards.dtype)
         rewards = rewards.detach()
         sums = torch.stack([good.sum(), (rewards * good).sum(), (rewards * (1 - good)).sum(),
-                            kl * batch.num_pairs])
+                            kl * batch.num_examples])
         if batch.padding:
             return losses.sum() * 0, sums * 0
         return losses.sum(), sums
