@@ -1,4 +1,6 @@
-"""Preference training: DPO and IPO over answer log-probabilities, summed through the supervised-positions head.
+"""Preference training over answer log-probabilities, summed through the supervised-positions head: DPO and IPO
+(stage dpo, below), ORPO and SimPO (stages orpo and simpo: reference-free, further down) and KTO (stage kto:
+unpaired feedback, at the end).
 
 For a pair — prompt x, chosen answer y_w, rejected answer y_l — with log π(y|x) summed over the answer's scored
 tokens (its content and end-of-turn marker: data/preference.py):
