@@ -44,6 +44,7 @@ bench: $(STAMP) $(FIXTURES) $(BENCH_STAMP)
 	$(PY) benchmarks/bench_encode.py
 	$(PY) benchmarks/bench_fail_fast.py
 	$(PY) benchmarks/bench_vs_trl.py
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

@@ -13,8 +13,12 @@ across runs, and wall rates only between runs made at a similar load.
     python benchmarks/bench_encode.py                   # 100,000 conversations, Qwen2.5, template auto
     python benchmarks/bench_encode.py --size-gb 1       # a ~1 GB file: peak RSS must not grow with size
     python benchmarks/bench_encode.py --stages 20000    # also time each stage on the first 20k rows
+    python benchmarks/bench_encode.py --kind tools -n 20000   # tool-calling conversations (issue 15)
 
 Targets (issue 2): >= 2,000 conversations/s on a 2-core machine; a 1 GB JSONL encodes within 2 GB RSS.
+Issue 15: >= 1,500 tool-calling conversations/s on 2 cores with the tokenizer's own template (`--kind
+tools`: a row's tools, 1-2 rounds of one or two parallel calls with their JSON results, a final answer,
+a third of the answers with reasoning).
 """
 
 from __future__ import annotations
@@ -125,13 +129,54 @@ class TextSource:
         return {"messages": messages}
 
 
-def generate(path: Path, *, conversations: int | None, size_bytes: int | None, seed: int) -> tuple[int, int]:
+TOOL_SCHEMAS = tuple(
+    {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {arg: {"type": kind, "description": f"The {arg}."} for arg, kind in args},
+        "required": [args[0][0]]}}}
+    for name, description, args in (
+        ("get_weather", "Current weather for a city.", (("city", "string"), ("unit", "string"))),
+        ("search_docs", "Full-text search in the product documentation.", (("query", "string"), ("limit", "integer"))),
+        ("order_status", "Status and delivery date of an order.", (("order_id", "string"),)),
+        ("convert_currency", "Convert an amount between currencies.",
+         (("amount", "number"), ("from", "string"), ("to", "string"))),
+    ))
+
+
+def tool_conversation(source: TextSource) -> dict[str, Any]:
+    """A function-calling row as OpenAI-style datasets hold it: tools, calls with null content, results."""
+    rng = source.rng
+    tools = rng.sample(TOOL_SCHEMAS, k=rng.randint(2, 4))
+    messages: list[dict[str, Any]] = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+                                      {"role": "user", "content": source.paragraph(15, 80)}]
+    for round_ in range(rng.choice((1, 1, 2))):
+        calls = []
+        for number in range(rng.choice((1, 1, 2))):
+            function = rng.choice(tools)["function"]
+            properties = function["parameters"]["properties"]
+            arguments = {arg: (rng.randint(1, 500) if spec["type"] in ("integer", "number")
+                               else source.paragraph(1, 4)[:40]) for arg, spec in properties.items()}
+            calls.append({"type": "function", "id": f"call_{round_}_{number}",
+                          "function": {"name": function["name"], "arguments": arguments}})
+        messages.append({"role": "assistant", "content": None, "tool_calls": calls})
+        messages += [{"role": "tool", "tool_call_id": call["id"],
+                      "content": json.dumps({"result": source.paragraph(5, 40), "ok": True}, ensure_ascii=False)}
+                     for call in calls]
+    answer: dict[str, Any] = {"role": "assistant", "content": source.paragraph(20, 120)}
+    if rng.random() < 1 / 3:
+        answer["reasoning_content"] = source.paragraph(20, 80)
+    messages.append(answer)
+    return {"tools": tools, "messages": messages}
+
+
+def generate(path: Path, *, conversations: int | None, size_bytes: int | None, seed: int,
+             kind: str = "chat") -> tuple[int, int]:
     """Write conversations to `path` until `conversations` rows or `size_bytes` bytes; (rows, bytes)."""
     source = TextSource(seed)
+    make = source.conversation if kind == "chat" else lambda: tool_conversation(source)
     rows = written = 0
     with path.open("wb", buffering=1 << 22) as file:
         while (conversations is None or rows < conversations) and (size_bytes is None or written < size_bytes):
-            line = (json.dumps(source.conversation(), ensure_ascii=False) + "\n").encode("utf-8")
+            line = (json.dumps(make(), ensure_ascii=False) + "\n").encode("utf-8")
             file.write(line)
             rows += 1
             written += len(line)
@@ -216,7 +261,8 @@ def run_build(spec: BuildSpec) -> dict[str, Any]:
     data = DataConfig(template=spec.template, cache=spec.cache_dir is not None, cache_dir=spec.cache_dir,
                       **length)
     encoder = Encoder(tokenizer, template, train_on=data.train_on, max_seq_len=data.max_seq_len,
-                      truncation=data.truncation, add_special_tokens=data.add_special_tokens)
+                      truncation=data.truncation, add_special_tokens=data.add_special_tokens,
+                      special_tokens_in_content=data.special_tokens_in_content)
     setup_s = time.perf_counter() - started
     with_encoder = _memory_mib()["rss"]
     profiler = None
@@ -368,7 +414,7 @@ def source_digest() -> str:
 def summarize(args: argparse.Namespace, data: dict[str, Any], build: dict[str, Any]) -> dict[str, Any]:
     seconds = build["build_s"]
     return {
-        "tokenizer": args.tokenizer, "template": args.template,
+        "tokenizer": args.tokenizer, "template": args.template, "source_kind": args.reader, "conversations_kind": args.kind,
         "cached_build": args.cache, "file_bytes": data["bytes"], "file_conversations": data["rows"],
         "generate_s": data["generate_s"], **build,
         "conversations_per_s": build["rows"] / seconds, "tokens_per_s": build["tokens"] / seconds,
@@ -432,6 +478,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("-n", "--conversations", type=int, default=100_000, help="rows to generate (default 100,000)")
     size.add_argument("--size-gb", type=float, help="generate a file of about this many GB instead")
     parser.add_argument("--data", type=Path, help="benchmark this existing JSONL instead of generating one")
+    parser.add_argument("--kind", choices=("chat", "tools"), default="chat",
+                        help="chat conversations, or tool-calling ones (tools, calls, results, some reasoning)")
+    parser.add_argument("--as", dest="reader", choices=("jsonl", "parquet-dir", "arrow"), default="jsonl",
+                        help="read the data as JSONL (sftlab's reader), as a dataset dir of parquet shards (a Hub "
+                             "dataset's layout) or as one .arrow file (both through `datasets`, streamed)")
     parser.add_argument("--tokenizer", default="qwen2_5", help="fixture name (qwen2_5, llama3_2, gemma3) or a dir")
     parser.add_argument("--template", default="auto", help="chatml, llama3, auto or a .jinja file")
     parser.add_argument("--max-seq-len", type=_seq_len, default="default",
@@ -463,10 +514,59 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     os.close(handle)
     path = Path(name)
     started = time.perf_counter()
-    rows, written = generate(path, conversations=conversations, size_bytes=size_bytes, seed=args.seed)
+    rows, written = generate(path, conversations=conversations, size_bytes=size_bytes, seed=args.seed,
+                             kind=args.kind)
     elapsed = time.perf_counter() - started
     print(f"generated {path}: {rows:,} conversations, {written / 1e6:,.1f} MB in {elapsed:.1f} s", flush=True)
     return {"path": path, "rows": rows, "bytes": written, "generate_s": elapsed}
+
+
+CONVERT_ROWS = 5_000
+"""Rows per parquet shard / arrow record batch when converting (memory stays flat in the file size)."""
+
+
+def convert(data: dict[str, Any], kind: str, *, keep_jsonl: bool) -> dict[str, Any]:
+    """The JSONL rewritten as a dataset dir of parquet shards with a README `configs:` section (as on the Hub),
+    or as one .arrow IPC stream file (as `datasets` writes them), in chunks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source: Path = data["path"]
+    target = source.with_name(source.stem + (".dir" if kind == "parquet-dir" else ".arrow"))
+    started = time.perf_counter()
+    schema = writer = None
+    shard = 0
+    if kind == "parquet-dir":
+        (target / "data").mkdir(parents=True)
+        (target / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                          "    path: data/*.parquet\n---\n", encoding="utf-8")
+    with source.open("rb") as file:
+        while chunk := list(islice(file, CONVERT_ROWS)):
+            table = pa.Table.from_pylist([json.loads(line) for line in chunk], schema=schema)
+            schema = table.schema
+            if kind == "parquet-dir":
+                pq.write_table(table, target / "data" / f"train-{shard:05d}.parquet")
+            else:
+                writer = writer or pa.ipc.new_stream(str(target), schema)
+                writer.write_table(table)
+            shard += 1
+    if writer is not None:
+        writer.close()
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if target.is_dir() else target.stat().st_size
+    elapsed = time.perf_counter() - started
+    print(f"converted to {target}: {size / 1e6:,.1f} MB in {elapsed:.1f} s", flush=True)
+    if not keep_jsonl:
+        source.unlink(missing_ok=True)
+    return {**data, "path": target, "bytes": size, "jsonl_bytes": data["bytes"], "convert_s": elapsed}
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -475,7 +575,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = str(tokenizer_dir) if tokenizer_dir.is_dir() else args.tokenizer
     data = prepare_data(args)
     label = args.label or (f"{args.size_gb:g} GB" if args.size_gb else f"{data['rows']:,} conversations")
-    label += f" / {args.tokenizer} / {args.template}"
+    label += f"{' (tools)' if args.kind == 'tools' else ''} / {args.tokenizer} / {args.template}"
+    label += "" if args.reader == "jsonl" else f" / {args.reader}"
+    if args.reader != "jsonl":
+        data = convert(data, args.reader, keep_jsonl=args.data is not None or args.keep)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-encode-cache-") as cache_dir:
             spec = BuildSpec(str(data["path"]), tokenizer, args.template, args.max_seq_len,
@@ -484,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
             build = build_in_fresh_process(spec)
     finally:
         if args.data is None and not args.keep:
-            data["path"].unlink(missing_ok=True)
+            remove(data["path"])
     result = summarize(args, data, build)
     print_table(label, result)
     save(label, result, args.output)

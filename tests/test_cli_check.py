@@ -64,3 +64,22 @@ def test_check_fails_when_nothing_is_trained(tmp_path: Path, capsys: pytest.Capt
     assert code == 1 and report["ok"] is False
     assert report["examples"] == 0 and report["no_trained_tokens"] == 2
     assert "training would learn nothing" in report["problems"][0]
+
+
+def test_check_reports_each_source_of_data_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(ROWS[:2]) + "\n", encoding="utf-8")
+    (tmp_path / "qa.csv").write_text("question,answer\nWhat is 1+1?,It is 2.\nWhat is 3+3?,\n", encoding="utf-8")
+    sources = f"data.train=[{good}, {{path: {tmp_path / 'qa.csv'}, columns: {{prompt: question, completion: answer}}}}]"
+    model = str(fixture_path("tokenizers", "qwen2_5"))
+    code = main(["check", sources, "--model", model, "--format", "json", "--rejects", str(tmp_path / "r.jsonl")])
+    out = capsys.readouterr().out
+    decoder, reports, at = json.JSONDecoder(), [], 0
+    while at < len(out.strip()):
+        report, at = decoder.raw_decode(out, at)
+        reports.append(report)
+        at += len(out[at:]) - len(out[at:].lstrip())
+    assert code == 0 and [(r["rows"], r["examples"]) for r in reports] == [(2, 2), (2, 1)]
+    assert reports[1]["rejected"] == {"missing completion": 1}
+    assert json.loads((tmp_path / "r.2.jsonl").read_text(encoding="utf-8"))["where"] == "qa.csv[1]"
+    assert not (tmp_path / "r.1.jsonl").exists()

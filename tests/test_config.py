@@ -27,8 +27,9 @@ def test_defaults() -> None:
     assert (cfg.model.path, cfg.output_dir) == (None, "runs/run")
     assert to_dict(cfg.data) == {
         "train": None, "eval": None, "eval_fraction": 0.0, "format": "auto", "role_map": {}, "on_bad_row": "error",
-        "template": "auto", "train_on": "assistant", "max_seq_len": None, "max_row_bytes": None, "truncation": "drop", "packing": False,
-        "add_special_tokens": False, "cache_dir": None, "cache": True}
+        "template": "auto", "train_on": "assistant", "reasoning": "keep", "reasoning_turns": "rendered",
+        "max_seq_len": None, "max_row_bytes": None, "truncation": "drop", "packing": False,
+        "add_special_tokens": False, "special_tokens_in_content": "text", "cache_dir": None, "cache": True}
 
 
 def test_formats_match_the_literal_and_the_readers() -> None:
@@ -169,10 +170,10 @@ def test_bad_literal_values_list_the_choices(key: str, value: str, choices: str)
 
 
 @pytest.mark.parametrize(("role_map", "ok"), [
-    ({"bot": "assistant", "human": "user", "narrator": "system"}, True),
+    ({"bot": "assistant", "human": "user", "narrator": "system", "function_response": "tool"}, True),
     ({"bot": "robot"}, False),
     ({"bot": "Assistant"}, False),
-    ({"bot": "tool"}, False),
+    ({"bot": "tools"}, False),
 ])
 def test_role_map_targets_must_be_known_roles(role_map: dict[str, str], ok: bool) -> None:
     overrides = [f"data.role_map.{k}={v}" for k, v in role_map.items()]
@@ -183,7 +184,7 @@ def test_role_map_targets_must_be_known_roles(role_map: dict[str, str], ok: bool
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides)
     assert str(info.value) == (f"data.role_map maps {source!r} to {target!r}; expected one of system, user, "
-                               "assistant")
+                               "assistant, tool")
     with pytest.raises(ConfigError):
         DataConfig(role_map=role_map)  # the dataclass checks itself, not only load_config
 

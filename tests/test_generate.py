@@ -237,13 +237,14 @@ def scripted(lines: list[str]):
 
 
 def spy_renders(template) -> list[list[dict]]:
+    """The messages of each prompt the template renders (render_prompt: the generation prompt)."""
     renders: list[list[dict]] = []
-    real = template.render_text
+    real = template.render_prompt
 
-    def render_text(messages, **kwargs):
+    def render_prompt(messages, **kwargs):
         renders.append([dict(m) for m in messages])
         return real(messages, **kwargs)
-    template.render_text = render_text
+    template.render_prompt = render_prompt
     return renders
 
 

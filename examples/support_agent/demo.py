@@ -83,8 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"> {question}\n{chat.stdout.strip()}")
     print(f"  (states the right fact: {'yes' if score(chat.stdout, heldout[0]['expect']) else 'no'})")
 
-    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min. The run: {out}/ (report.html, adapter/, merged/)")
+    banner("8. sftlab export: one GGUF file for llama.cpp / Ollama / LM Studio")
+    run([*SFTLAB, "export", str(out), "--format", "gguf", "--quant", "q8_0", "--output", str(out / "model.gguf"),
+         "--overwrite"])
+
+    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min. The run: {out}/ (report.html, adapter/, merged/, "
+          "model.gguf)")
     print(f"talk to it:  .venv/bin/sftlab chat {out}")
+    print(f"elsewhere:   llama-cli -m {out / 'model.gguf'} -cnv   |   ollama create support-agent -f "
+          f"{out / 'model.Modelfile'} && ollama run support-agent")
     result = {"heldout": len(heldout), "accuracy_before": before, "accuracy_after": after,
               "minutes": (time.perf_counter() - started) / 60}
     (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

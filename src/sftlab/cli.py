@@ -12,6 +12,9 @@ from sftlab import __version__
 from sftlab.config import PAIR_STAGES, Config, load_config
 from sftlab.errors import SftlabError
 
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+"""export/gguf.py's QUANTS, named here so that `sftlab --help` does not import torch (a test keeps them equal)."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -27,8 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except SftlabError as exc:
         from rich.console import Console
+        from rich.text import Text
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}", markup=True)
+        # A Text, not markup: the message quotes the user's keys, values and paths, which may hold `[...]`.
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -58,7 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--onto", choices=("dequantized", "original"),
                        help="QLoRA runs: fold the adapter onto the dequantised NF4 base it trained against "
                             "(default) or onto the base's original-precision weights")
+    merge.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                       help="dtype of the merged weights (default: the base model's stored dtype, e.g. bf16 for a "
+                            "bf16 release; the merge itself is computed in the loaded model's dtype)")
     merge.set_defaults(run=_merge)
+
+    export = commands.add_parser("export", help="write a run's model where models run: one GGUF file (llama.cpp, "
+                                                "Ollama, LM Studio) with an Ollama Modelfile beside it")
+    export.add_argument("source", help="a run dir, an adapter dir, or a plain HF model dir")
+    export.add_argument("--format", choices=("gguf",), required=True, help="gguf: one file, the model merged")
+    export.add_argument("--quant", choices=GGUF_QUANTS, default="f16",
+                        help="weight type (default f16; norms stay f32; K-quants: llama-quantize the f16 file)")
+    export.add_argument("--output", required=True, help="the .gguf file to write (NAME.Modelfile is written beside it)")
+    export.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output (and its Modelfile) if they exist")
+    export.add_argument("--no-modelfile", action="store_true", help="write the .gguf file only")
+    export.set_defaults(run=_export)
 
     for name, help_text in (("generate", "answer one prompt with a model, a run dir or a merged dir"),
                             ("chat", "talk to a model, a run dir or a merged dir (/reset, /exit)")):
@@ -67,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             command.add_argument("--prompt", required=True, help="the user message")
         command.add_argument("--system", help="a system message")
+        command.add_argument("--tools", help="a JSON file with a list of tool (function) definitions, rendered "
+                                             "through the chat template; tool calls are printed as parsed JSON")
         command.add_argument("--base", help="the base model for an adapter dir (default: the one it names)")
         command.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
         command.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -82,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
     inspect.set_defaults(run=_inspect)
 
-    check = commands.add_parser("check", help="data-quality report (of preference pairs with stage=dpo); non-zero "
-                                              "exit when training would learn nothing")
+    check = commands.add_parser("check", help="data-quality report (of preference pairs with stage=dpo|orpo|simpo, "
+                                              "of feedback with stage=kto); non-zero exit when training would learn "
+                                              "nothing")
     _data_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text")
     check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl); an "
@@ -93,8 +117,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="a .jsonl, .json or .parquet file of conversations (of preference pairs "
-                                     "with stage=dpo)")
+    parser.add_argument("data", nargs="?" if parser.prog.endswith("check") else None,
+                        help="a data source: a .jsonl, .json, .parquet, .arrow or .csv file, a glob, a dataset "
+                             "directory or a hub dataset id, of conversations (of preference pairs with "
+                             "stage=dpo|orpo|simpo, of feedback rows with stage=kto)"
+                             + ("; default: data.train (every source)" if parser.prog.endswith("check") else ""))
     parser.add_argument("--model", help="a local Hugging Face model or tokenizer dir (or a hub id)")
     parser.add_argument("--template", help="chatml | llama3 | auto | path to a .jinja file (default: data.template)")
     parser.add_argument("--config", help="a YAML config whose model and data settings apply")
@@ -125,6 +152,7 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
     cfg = with_max_seq_len(cfg)  # check and inspect apply the limit training would
     return Encoder(tokenizer, template, train_on=cfg.data.train_on, max_seq_len=cfg.data.max_seq_len,
                    truncation=cfg.data.truncation, add_special_tokens=cfg.data.add_special_tokens,
+                   special_tokens_in_content=cfg.data.special_tokens_in_content,
                    max_row_bytes=cfg.data.max_row_bytes)
 
 
@@ -189,11 +217,13 @@ def _merge(args: argparse.Namespace) -> int:
     export.refuse_merge_output(out, [("the base model", method.config.model.path)])
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
+    out_dtype = _merge_dtype(args.dtype, method.config.model)
     with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
         if method.name == "qlora":
-            export.save_model(method.merge(model, onto=args.onto or "dequantized"), tokenizer, scratch)
+            merged_model = method.merge(model, onto=args.onto or "dequantized")
         else:
-            export.merge_to_dir(model, method, tokenizer, scratch)
+            merged_model = method.merge(model)
+        export.save_model(merged_model.to(out_dtype), tokenizer, scratch)
     del model
     # Fidelity: the written dir, loaded by plain transformers, against the adapter model.
     from sftlab.config import ModelConfig
@@ -218,6 +248,26 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_dtype(name: str | None, model: object) -> "torch.dtype":
+    """--dtype, or the dtype the base model's weights are stored in (the most common floating dtype of its
+    checkpoint's tensors; fp32 when it cannot be read): a bf16 base gives a bf16 merged dir, not fp32."""
+    import torch
+
+    if name is not None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    from collections import Counter
+
+    from sftlab.models.load import model_source
+    from sftlab.models.stream import DTYPES, checkpoint_tensors, weight_files
+
+    source, _ = model_source(model)
+    if source is None:
+        return torch.float32
+    stored = Counter(info.dtype for info in checkpoint_tensors(weight_files(source)).values()
+                     if DTYPES.get(info.dtype, torch.uint8).is_floating_point)
+    return DTYPES[stored.most_common(1)[0][0]] if stored else torch.float32
+
+
 def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, inputs: list, written: dict) -> None:
     """Measure the QLoRA merge that was not written too, and say which is closer to the trained model."""
     from sftlab import export
@@ -232,37 +282,56 @@ def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, input
           f"{check['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from sftlab.export.gguf import export_run
+
+    info = export_run(args.source, args.output, quant=args.quant, base=args.base, overwrite=args.overwrite,
+                      with_modelfile=not args.no_modelfile)
+    print(f"wrote {info['output']} ({info['architecture']}, {args.quant}, {info['tensors']} tensors; generation stops "
+          f"at {info['eos_token']})")
+    print(f"run it: llama-cli -m {info['output']} -cnv")
+    if "modelfile" in info:
+        print(f"or: ollama create {Path(info['output']).stem} -f {info['modelfile']}")
+    return 0
+
+
 def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, method)
+    from sftlab.generate import check_sampling
     from sftlab.models.load import load_for_inference
+
+    check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)  # before the model loads
 
     return load_for_inference(args.model, base=args.base)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sftlab.generate import generate
+    from sftlab.generate import generate, load_tools, show_reply
 
     model, tokenizer, template, method = _load_chat(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
-    print(generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method))
+    tools = load_tools(args.tools)
+    reply = generate(model, tokenizer, template, messages, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method, tools=tools)
+    print(show_reply(reply) if tools else reply)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from sftlab.generate import chat_repl
+    from sftlab.generate import chat_repl, load_tools
 
     model, tokenizer, template, method = _load_chat(args)
     chat_repl(model, tokenizer, template, system=args.system, input_fn=lambda prompt: input(prompt),
-              max_new_tokens=args.max_new_tokens,
+              max_new_tokens=args.max_new_tokens, tools=load_tools(args.tools),
               temperature=args.temperature, top_p=args.top_p, seed=args.seed, method=method)
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from sftlab.data import inspect as views
-    from sftlab.data.formats import read_conversations
     from sftlab.data.rejects import RejectLog
+    from sftlab.data.sources import read
 
     cfg = _config(args)
     encoder = _encoder(cfg)
@@ -282,9 +351,12 @@ def _inspect(args: argparse.Namespace) -> int:
         conversations = (row.conversation() for row in rows)
         encoder = FeedbackEncoder(encoder).encoder
     else:
-        conversations = read_conversations(args.data, format=cfg.data.format, role_map=cfg.data.role_map,
-                                           on_bad_row=cfg.data.on_bad_row, rejects=rejects,
-                                           max_row_bytes=encoder.row_limit)
+        from sftlab.data.reasoning import prepare
+
+        conversations = prepare(read(args.data, cfg.data, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                                     max_row_bytes=encoder.row_limit),
+                                encoder.template, reasoning=cfg.data.reasoning,
+                                reasoning_turns=cfg.data.reasoning_turns)
     results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage in PAIR_STAGES else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:
@@ -296,26 +368,54 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from sftlab.data import pair_quality, quality
-
     from sftlab.data.rejects import check_path
+    from sftlab.data.sources import resolve_all
 
+    if args.data is not None and "=" in args.data and not Path(args.data).exists():
+        args.overrides, args.data = [args.data, *args.overrides], None  # `check data.train=[...]`: an override
     cfg = _config(args)
-    rejects = Path(args.rejects) if args.rejects else Path(args.data).with_suffix(".rejects.jsonl")
-    check_path(rejects, inputs=[args.data, args.config, cfg.model.path])  # before anything is read or written
+    value = args.data if args.data is not None else cfg.data.train
+    if not value:
+        raise SftlabError("no data to check: give DATA, or set data.train (in --config or as data.train=...).")
+    sources = resolve_all(value)
+    inputs = [path for source in sources for path in (*source.files, source.directory)] + [args.config, cfg.model.path]
+    targets = [_rejects_path(args.rejects, s, n if len(sources) > 1 else None) for n, s in enumerate(sources)]
+    for rejects in targets:
+        check_path(rejects, inputs=inputs)  # before anything is read or written
     encoder = _encoder(cfg)
-    if cfg.stage == "kto":  # feedback: usable examples, the desirable/undesirable balance and its weights
-        from sftlab.data import feedback_quality
+    ok = True
+    for number, (source, rejects) in enumerate(zip(sources, targets)):
+        if len(sources) > 1 and args.format == "text":
+            print(f"== data source {number + 1} of {len(sources)}: {source.label} ==")
+        if cfg.stage == "kto":  # feedback: usable examples, the desirable/undesirable balance and its weights
+            from sftlab.data import feedback_quality
 
-        feedback = feedback_quality.analyze_feedback(args.data, cfg.data, encoder, cfg.kto, rejects_path=rejects)
-        feedback_quality.write(feedback, fmt=args.format)
-        return 0 if feedback.ok else 1
-    if cfg.stage in PAIR_STAGES:  # preference pairs: usable pairs, length bias, contradictions
-        pairs = pair_quality.analyze_pairs(args.data, cfg.data, encoder, rejects_path=rejects)
-        pair_quality.write(pairs, fmt=args.format)
-        return 0 if pairs.ok else 1
-    report = quality.analyze(args.data, cfg.data, encoder, rejects_path=rejects)
-    quality.write(report, fmt=args.format)
-    return 0 if report.ok else 1
+            feedback = feedback_quality.analyze_feedback(source, cfg.data, encoder, cfg.kto, rejects_path=rejects)
+            feedback_quality.write(feedback, fmt=args.format)
+            ok = ok and feedback.ok
+            continue
+        if cfg.stage in PAIR_STAGES:  # preference pairs: usable pairs, length bias, contradictions
+            pairs = pair_quality.analyze_pairs(source, cfg.data, encoder, rejects_path=rejects)
+            pair_quality.write(pairs, fmt=args.format)
+            ok = ok and pairs.ok
+            continue
+        report = quality.analyze(source, cfg.data, encoder, rejects_path=rejects)
+        quality.write(report, fmt=args.format)
+        ok = ok and report.ok
+    return 0 if ok else 1
+
+
+def _rejects_path(given: str | None, source: object, number: int | None) -> Path:
+    """--rejects (numbered per source when there are several), else beside a local file, else in the cwd."""
+    tail = "" if number is None else f".{number + 1}"
+    if given:
+        path = Path(given)
+        return path if number is None else path.with_name(f"{path.stem}{tail}{path.suffix}")
+    files = getattr(source, "files", ())
+    if len(files) == 1 and not getattr(source, "builder", None):
+        return files[0].with_suffix(f"{tail}.rejects.jsonl")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in getattr(source, "label", "data"))
+    return Path(f"{safe}{tail}.rejects.jsonl")
 
 
 if __name__ == "__main__":  # pragma: no cover

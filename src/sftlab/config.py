@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -22,18 +23,86 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, shown
 
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "sharegpt")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One data source of data.train / data.eval (data/sources.py reads it); a plain string is its `path`."""
+    SHORTHAND: ClassVar[str] = "path"
+
+    path: str = ""
+    """A file (.jsonl, .json, .parquet, .arrow, .csv), a glob, a directory (a `datasets.save_to_disk` dir or a
+    dir of data files), or a Hugging Face Hub dataset id (`org/name` or `hf://datasets/org/name`)."""
+    name: str | None = None
+    """The dataset's config (subset) name, for directories and hub datasets that have several."""
+    split: str | None = None
+    """The split to read from a directory or hub dataset; None: `train` (or the only split)."""
+    revision: str | None = None
+    """Hub datasets only: a branch, tag or commit sha to pin."""
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] | None = None
+    """This source's row format; None: data.format."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """sftlab field -> the dataset's column, e.g. {messages: conversation} or {prompt: question}."""
+    role_map: dict[str, str] = field(default_factory=dict)
+    """Extra role names for this source, on top of data.role_map."""
+    system_prompt: str | None = None
+    """A system message put first in each of this source's conversations that has none."""
+    weight: float | None = None
+    """This source's share of each epoch's examples (relative to the other sources' weights)."""
+    max_samples: int | None = None
+    """Use at most this many of this source's examples (a seeded choice)."""
+    train_on: Literal["assistant", "last_assistant", "all"] | None = None
+    """Which tokens of this source's examples train; None: data.train_on."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("a data source (of data.train or data.eval) has no path; set `path:` (a file, glob, "
+                              "directory or hub dataset id).")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"the weight of data source {self.path} must be a positive number, got {self.weight}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples of data source {self.path} must be at least 1 or null, got "
+                              f"{self.max_samples}")
+        for source, target in self.role_map.items():
+            if target not in ROLES:
+                raise ConfigError(f"role_map of data source {self.path} maps {source!r} to {target!r}; expected "
+                                  f"one of {', '.join(ROLES)}")
+        for ours in self.columns:
+            if ours not in SOURCE_FIELDS:
+                raise ConfigError(f"columns of data source {self.path} maps {ours!r}, not a field sftlab reads; "
+                                  f"expected one of {', '.join(SOURCE_FIELDS)} (written as sftlab_field: column).")
+
+
+SOURCE_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "system",
+                 "chosen", "rejected")
+"""The row fields a source's `columns` may map a dataset's columns onto."""
+
+Sources = str | SourceConfig | tuple[SourceConfig, ...]
+
+
+def sources_of(value: Sources | None) -> tuple[SourceConfig, ...]:
+    """data.train / data.eval as a tuple of sources (a string is one source's path)."""
+    if value is None or value == "" or value == ():
+        return ()
+    if isinstance(value, str):
+        return (SourceConfig(path=value),)
+    if isinstance(value, SourceConfig):
+        return (value,)
+    return tuple(value)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str | None = None
-    """Training data: a .jsonl (streamed), .json array or .parquet file."""
-    eval: str | None = None
-    """Optional evaluation data, same formats as `train`."""
+    train: str | SourceConfig | tuple[SourceConfig, ...] | None = None
+    """Training data: one source or a list of them. A source is a path (a .jsonl (streamed), .json, .parquet,
+    .arrow or .csv file, a glob, a dataset directory, a hub dataset id) or a mapping {path, name, split,
+    revision, format, columns, role_map, system_prompt, weight, max_samples, train_on}."""
+    eval: str | SourceConfig | tuple[SourceConfig, ...] | None = None
+    """Optional evaluation data, the same kinds of sources as `train`."""
     eval_fraction: float = 0.0
     """Without data.eval: the share of training examples held out for evaluation (chosen by train.seed)."""
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
@@ -47,6 +116,13 @@ class DataConfig:
     """`chatml`, `llama3`, `auto` (the tokenizer's own chat template) or a path to a .jinja file."""
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     """Which tokens are trained; a message's own `"train": true|false` overrides this."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """Assistant reasoning (`reasoning_content`, inline `<think>` blocks): trained where the template renders
+    it (`keep`), or removed from every message before rendering (`drop`)."""
+    reasoning_turns: Literal["rendered", "split"] = "rendered"
+    """`rendered` trains a conversation as its template renders it (templates such as Qwen3's drop the
+    reasoning of earlier turns; `check` counts them); `split` makes one example per assistant turn with
+    reasoning, each with the history as the template shows it at that turn, so no reasoning is lost."""
     max_seq_len: int | None = None
     """Longest example in tokens; None (the default) means the model's limit: its config.json's
     max_position_embeddings (or n_positions, ...), and 2048 for a model that declares none. A value beyond
@@ -62,6 +138,10 @@ class DataConfig:
     similar length so they pad little. Not available for the soft-prompt methods."""
     add_special_tokens: bool = False
     """Add a template's special tokens that the tokenizer lacks (e.g. ChatML on a base model)."""
+    special_tokens_in_content: Literal["text", "error", "allow"] = "text"
+    """A special-token string inside a message's content (`<|im_end|>` typed in a reply): `text` encodes it
+    as ordinary text, never the control token; `error` refuses the row (file:line, the token); `allow`
+    keeps the control token (forged turns get trained; counted and warned about)."""
     cache_dir: str | None = None
     """Where encoded datasets are cached; None means $SFTLAB_CACHE or ~/.cache/sftlab."""
     cache: bool = True
@@ -69,16 +149,24 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {shown(self.eval_fraction)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise ConfigError(f"data.max_seq_len must be at least 2 or null (no limit), got {self.max_seq_len}")
+            raise ConfigError(f"data.max_seq_len must be at least 2 or null (no limit), got {shown(self.max_seq_len)}")
         if self.max_row_bytes is not None and self.max_row_bytes < 1:
             raise ConfigError(f"data.max_row_bytes must be a positive number of bytes or null (derived from "
-                              f"data.max_seq_len), got {self.max_row_bytes}")
+                              f"data.max_seq_len), got {shown(self.max_row_bytes)}")
         for source, target in self.role_map.items():
             if target not in ROLES:
-                raise ConfigError(f"data.role_map maps {source!r} to {target!r}; expected one of "
+                raise ConfigError(f"data.role_map maps {shown(source)} to {shown(target)}; expected one of "
                                   f"{', '.join(ROLES)}")
+        train = sources_of(self.train)
+        weighted = [s.weight is not None for s in train]
+        if any(weighted) and not all(weighted):
+            missing = train[weighted.index(False)].path
+            raise ConfigError(f"some data.train sources have a weight and {missing} has none; give every source "
+                              "a weight (each one's share of an epoch), or none (each source's examples once).")
+        if any(s.weight is not None for s in sources_of(self.eval)):
+            raise ConfigError("a data.eval source has a weight; evaluation uses every eval example once. Remove it.")
 
 
 @dataclass(frozen=True)
@@ -87,6 +175,9 @@ class ModelConfig:
 
     path: str | None = None
     """A local Hugging Face model dir, a hub id, or a .gguf file."""
+    gguf_dir: str | None = None
+    """Written by a run whose model is a .gguf file (not set by hand): the cached Hugging Face dir the file
+    was converted to (its name holds the cache key). The run loads from it when the .gguf file has moved."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto`: bfloat16 on a CUDA GPU that supports it, float32 otherwise (always float32 on CPU)."""
     trust_remote_code: bool = False
@@ -115,17 +206,26 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise ConfigError(f"lora.rank must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+            raise ConfigError(f"lora.rank must be a positive integer, got {shown(self.rank)}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):  # `alpha <= 0` is False for NaN
+            raise ConfigError(f"lora.alpha must be positive and finite, got {shown(self.alpha)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {shown(self.dropout)}")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty; set all-linear, a list of module-name suffixes (e.g. "
+                              "[q_proj, v_proj]) or a regular expression over full module names.")
 
 
 @dataclass(frozen=True)
 class FullConfig:
     freeze_embeddings: bool = False
     """Keep the input embeddings (and a tied output head) frozen during full fine-tuning."""
+
+
+SEED_LIMIT = 2**32
+"""Seeds are in [0, 2**32): what numpy's and every framework's generators take."""
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""The experiment trackers train.report_to may name (train/trackers.py)."""
 
 
 @dataclass(frozen=True)
@@ -158,12 +258,19 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
     resume: Literal["auto", "never"] = "auto"
     """`auto` continues from the newest checkpoint in output_dir, if any."""
+    resume_on_new_data: bool = False
+    """Let a resumed run continue on data files whose content changed since its checkpoints were written
+    (refused by default: the run would go on in the old data order over other rows)."""
     eval_every_steps: int | None = None
     """Evaluate on data.eval / the held-out fraction every N steps (and at the end)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a better eval loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third slower."""
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
+    """Before the weights are read, estimate the run's peak memory (train/memory.py; one `memory plan:` line)
+    and `refuse` to start when it exceeds the free memory, naming the change that makes it fit; `warn`: say
+    so and start anyway; `off`: no plan."""
     compile: bool = False
     """torch.compile the model (the first steps are slow while it compiles)."""
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -175,7 +282,12 @@ class TrainConfig:
     log_every_steps: int = 1
     """Period of metrics.jsonl lines and progress-bar updates."""
     tensorboard: bool = False
-    """Also write TensorBoard event files (needs the tensorboard package)."""
+    """Kept as an alias: true is report_to including tensorboard."""
+    report_to: str | tuple[str, ...] = ()
+    """Experiment trackers that log the same scalars as metrics.jsonl, plus the resolved config, from rank 0:
+    tensorboard (event files in OUTPUT/tensorboard), wandb (WANDB_MODE=offline for a local run in
+    OUTPUT/wandb), mlflow (MLFLOW_TRACKING_URI, default a file store in OUTPUT/mlruns), trackio (its local
+    database). Each needs its package; a missing one is an error before the run starts."""
     profile: bool = False
     """Record each step's seconds in data / forward / backward / optimizer in metrics.jsonl (on a GPU this
     synchronises at each phase, which costs a little speed)."""
@@ -185,25 +297,35 @@ class TrainConfig:
     Either way the step and its batch's source rows are named."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # `report_to: wandb` means [wandb]
+            object.__setattr__(self, "report_to", (self.report_to,))
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.report_to: {', '.join(map(repr, unknown))} is not a tracker sftlab logs to; use "
+                              f"any of {', '.join(TRACKERS)} (metrics.jsonl and the report are always written).")
         for key in ("micro_batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+                raise ConfigError(f"train.{key} must be at least 1, got {shown(getattr(self, key))}")
         if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be 0 or more, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be 0 or more, got {self.weight_decay}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"train.max_grad_norm must be positive or null (no clipping), got {self.max_grad_norm}")
+            raise ConfigError(f"train.warmup_steps must be 0 or more, got {shown(self.warmup_steps)}")
+        # Floats are checked with isfinite first: every comparison with NaN is False, so `lr <= 0` lets it by.
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be 0 or more and finite, got {shown(self.weight_decay)}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError("train.max_grad_norm must be positive and finite, or null (no clipping), got "
+                              f"{shown(self.max_grad_norm)}")
         for key in ("max_steps", "save_every_steps", "eval_every_steps", "early_stopping_patience"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise ConfigError(f"train.{key} must be at least 1 or null, got {value}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
+                raise ConfigError(f"train.{key} must be at least 1 or null, got {shown(value)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr must be positive and finite, got {shown(self.lr)}")
+        if not math.isfinite(self.epochs) or (self.max_steps is None and self.epochs <= 0):
+            raise ConfigError(f"train.epochs must be positive and finite, got {shown(self.epochs)}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {shown(list(self.betas))}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {shown(self.seed)}")
 
 
 @dataclass(frozen=True)
@@ -212,6 +334,11 @@ class QLoRAConfig:
     """NF4 quantisation block: one scale per `block_size` weights."""
     double_quant: bool = True
     """Quantise the per-block scales too (saves about 0.4 bits per weight)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2 or self.block_size % 2:
+            raise ConfigError("qlora.block_size must be a positive even integer (e.g. 64), got "
+                              f"{shown(self.block_size)}")
 
 
 @dataclass(frozen=True)
@@ -227,9 +354,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.bottleneck_dim <= 0:
-            raise ConfigError(f"adapter.bottleneck_dim must be a positive integer, got {self.bottleneck_dim}")
+            raise ConfigError(f"adapter.bottleneck_dim must be a positive integer, got {shown(self.bottleneck_dim)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"adapter.dropout must be in [0, 1), got {shown(self.dropout)}")
 
 
 @dataclass(frozen=True)
@@ -242,7 +369,7 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens <= 0:
-            raise ConfigError(f"prompt.num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+            raise ConfigError(f"prompt.num_virtual_tokens must be positive, got {shown(self.num_virtual_tokens)}")
 
 
 @dataclass(frozen=True)
@@ -293,10 +420,10 @@ class DPOConfig:
     adapter over it (the reference: that merged model, the adapter disabled)."""
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"dpo.beta must be positive and finite, got {shown(self.beta)}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {shown(self.label_smoothing)}")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ConfigError(f"dpo.label_smoothing applies to dpo.loss=sigmoid only (found {self.loss}); remove it.")
 
@@ -312,8 +439,8 @@ class ORPOConfig:
     trained); `sequence`, over the chosen prompt and answer, every token after the first (TRL's ORPOTrainer)."""
 
     def __post_init__(self) -> None:
-        if self.lambda_ <= 0:
-            raise ConfigError(f"orpo.lambda must be positive, got {self.lambda_}")
+        if not (math.isfinite(self.lambda_) and self.lambda_ > 0):  # `<= 0` is False for NaN
+            raise ConfigError(f"orpo.lambda must be positive and finite, got {shown(self.lambda_)}")
 
 
 @dataclass(frozen=True)
@@ -324,10 +451,10 @@ class SimPOConfig:
     """γ: the target reward margin itself (TRL's CPOTrainer takes it as simpo_gamma)."""
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"simpo.beta must be positive, got {self.beta}")
-        if self.gamma < 0:
-            raise ConfigError(f"simpo.gamma must be 0 or more, got {self.gamma}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"simpo.beta must be positive and finite, got {shown(self.beta)}")
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ConfigError(f"simpo.gamma must be 0 or more and finite, got {shown(self.gamma)}")
 
 
 @dataclass(frozen=True)
@@ -342,8 +469,8 @@ class KTOConfig:
 
     def __post_init__(self) -> None:
         for key in ("beta", "desirable_weight", "undesirable_weight"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"kto.{key} must be positive, got {getattr(self, key)}")
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"kto.{key} must be positive and finite, got {shown(getattr(self, key))}")
 
 
 PAIR_STAGES = ("dpo", "orpo", "simpo")
@@ -428,6 +555,11 @@ def _check_stage(cfg: Config) -> None:
     if cfg.data.train_on != "assistant":
         raise ConfigError(f"data.train_on={cfg.data.train_on} does not apply to stage {cfg.stage}, which scores only "
                           "the answers; remove it.")
+    for source in (*sources_of(cfg.data.train), *sources_of(cfg.data.eval)):
+        for key in ("format", "train_on", "system_prompt"):
+            if getattr(source, key) is not None:
+                raise ConfigError(f"data source {source.path} sets {key}, which applies to conversations; stage "
+                                  f"{cfg.stage} reads {rows} and scores only their answers. Remove it.")
     if cfg.stage == "kto" and cfg.data.packing:
         raise ConfigError("data.packing is not available for stage kto (each batch pairs its prompts with other "
                           "examples' completions for the KL term); set data.packing=false.")
@@ -456,19 +588,102 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        loaded = parse_yaml(_read_config_text(path), where=str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, found {type(loaded).__name__}")
         raw = loaded or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. data.max_seq_len=1024")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+            raise ConfigError(f"override {shown(item)} must look like key=value, e.g. data.max_seq_len=1024")
+        key = key.strip()
+        _set_dotted(raw, key, parse_yaml(value, where=f"override {shown(key)}") if value.strip() else None)
     return build(Config, raw, prefix="")
+
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few kilobytes; anything past a mebibyte is not one (and is not read into memory)."""
+MAX_YAML_VALUES = 10_000
+"""A config holds about a hundred values. YAML aliases can make a few hundred bytes expand to billions of
+values (an "alias bomb"), so a document is refused when its aliases expand past this many."""
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,} "
+                              "bytes. Is this the right file?")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def parse_yaml(text: str, *, where: str) -> Any:
+    """YAML text as plain data (safe types only), with alias expansion bounded by MAX_YAML_VALUES; any
+    problem is a ConfigError naming `where` (the file, or the override's key), quoting a bounded excerpt."""
+    try:
+        return _load_bounded(text)
+    except _Refused as exc:
+        raise ConfigError(f"{where}: refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        message = str(exc)
+        if len(message) > 1000:
+            message = f"{message[:1000]}… (shortened: {len(message):,} characters in all)"
+        raise ConfigError(f"{where}: not valid YAML: {message}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise ConfigError(f"{where}: a value cannot be read: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML is nested too deeply to be a config.") from None
+
+
+class _Refused(yaml.YAMLError):
+    """Valid YAML that is not a config: its aliases expand too far, or into themselves."""
+
+
+def _load_bounded(text: str) -> Any:
+    """yaml.safe_load, measuring the document's node graph as its aliases expand before any value is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, limit=MAX_YAML_VALUES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, *, limit: int) -> int:
+    """The number of values `node` stands for once every alias is expanded; raises past `limit` or on an
+    alias inside the value it names (a cycle). Shared nodes are counted once per use, computed once."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(current: yaml.Node) -> int:
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _Refused(f"line {current.start_mark.line + 1}: an alias refers to a value that contains it.")
+        open_nodes.add(key)
+        if isinstance(current, yaml.MappingNode):
+            children = [part for pair in current.value for part in pair]
+        elif isinstance(current, yaml.SequenceNode):
+            children = current.value
+        else:
+            children = []
+        total = 1 + sum(size(child) for child in children)
+        open_nodes.discard(key)
+        if total > limit:
+            raise _Refused(f"line {current.start_mark.line + 1}: this value holds more than {limit:,} values once its "
+                           "aliases are expanded (a whole config holds about a hundred).")
+        sizes[key] = total
+        return total
+
+    return size(node)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -521,19 +736,20 @@ def _written_keys(cfg: Any, values: dict[str, Any]) -> dict[str, Any]:
 def build(cls: type, raw: Mapping[str, Any], *, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping; unknown keys fail with a suggestion, types are checked."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, found {raw!r}")
-    aliases = getattr(cls, "ALIASES", {})  # a key written differently from its field's name
-    shown = {field: key for key, field in aliases.items()}
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, found {shown(raw)}")
+    aliases = getattr(cls, "ALIASES", {})  # a key written differently from its field's name (the name works too)
+    written = {field: key for key, field in aliases.items()}
     raw = {aliases.get(key, key): value for key, value in raw.items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
-            known = [prefix + shown.get(name, name) for name in fields]
-            guess = difflib.get_close_matches(prefix + str(key), known, n=1)
+            known = [prefix + written.get(name, name) for name in fields]
+            name = prefix + _key_part(key)
+            guess = difflib.get_close_matches(name, known, n=1) if len(name) < 200 else []
             hint = f": did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
-            raise ConfigError(f"unknown key {prefix + str(key)!r}{hint}")
-    values = {name: _coerce(hints[name], raw[name], prefix + shown.get(name, name)) for name in raw}
+            raise ConfigError(f"unknown key {name!r}{hint}")
+    values = {name: _coerce(hints[name], raw[name], prefix + written.get(name, name)) for name in raw}
     return cls(**values)
 
 
@@ -553,44 +769,76 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             try:
                 return _coerce(option, value, key)
             except ConfigError as exc:
+                if _same_shape(option, value):  # the option the value was meant as: its error says what is wrong
+                    raise
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {hint}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {shown(value)} fits none of {hint}")
     if origin is Literal:
         if value not in get_args(hint):
             choices = ", ".join(map(str, get_args(hint)))
-            raise ConfigError(f"{key} must be one of {choices}; found {value!r}")
+            raise ConfigError(f"{key} must be one of {choices}; found {shown(value)}")
         return value
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a mapping, found {value!r}")
-        return {str(k): _coerce(get_args(hint)[1], v, f"{key}.{k}") for k, v in value.items()}
+            raise ConfigError(f"{key} must be a mapping, found {shown(value)}")
+        return {str(k): _coerce(get_args(hint)[1], v, f"{key}.{_key_part(k)}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, found {value!r}")
+            raise ConfigError(f"{key} must be a list, found {shown(value)}")
         return tuple(_coerce(get_args(hint)[0], v, key) for v in value)
     return _scalar(hint, value, key)
+
+
+def _same_shape(option: Any, value: Any) -> bool:
+    """A mapping given for a section (or dict), a list for a list: a union's error then comes from that option."""
+    if isinstance(value, Mapping):
+        return dataclasses.is_dataclass(option) or get_origin(option) is dict
+    if isinstance(value, (list, tuple)):
+        return get_origin(option) in (list, tuple)
+    return False
+
+
+def _key_part(key: Any) -> str:
+    """A user's key as a message names it: itself, or a bounded repr when it is long or not a string."""
+    return key if isinstance(key, str) and len(key) <= 100 else shown(key)
+
+
+INT_LIMIT = 2**63
+"""Integers in the config fit a signed 64-bit integer (what torch and numpy take)."""
 
 
 def _scalar(hint: Any, value: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, found {value!r}")
+        raise ConfigError(f"{key} must be true or false, found {shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, found {value!r}")
+            if -INT_LIMIT < value < INT_LIMIT:
+                return value
+            raise ConfigError(f"{key} must be an integer below 2**63 in size, found {shown(value)}")
+        raise ConfigError(f"{key} must be an integer, found {shown(value)}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, found {value!r}")
+        number = _float(value)
+        if number is None:
+            raise ConfigError(f"{key} must be a number, found {shown(value)}")
+        if not math.isfinite(number):  # NaN passes every `<`/`<=` range check, so it is refused here, for every key
+            raise ConfigError(f"{key} must be a finite number, found {shown(value)}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} must be a string, found {value!r}")
+        raise ConfigError(f"{key} must be a string, found {shown(value)}")
     raise ConfigError(f"{key}: unsupported config type {hint}")  # pragma: no cover - a bug in sftlab
+
+
+def _float(value: Any) -> float | None:
+    """`value` as a float (infinite when it overflows), or None when it is not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)  # a str: YAML 1.1 reads `1e-4` (no dot) as a string
+    except OverflowError:  # an int past the float range
+        return math.inf if value > 0 else -math.inf
+    except ValueError:
+        return None

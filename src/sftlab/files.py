@@ -240,3 +240,27 @@ def sync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_file(final: str | Path, *, what: str) -> Iterator[Path]:
+    """Yield a scratch path beside the file `final`; when the block finishes, the scratch file (fsynced)
+    replaces `final`. If the block fails, the scratch file is removed and `final` is as it was; a failed
+    write (WRITE_ERRORS) becomes a WriteError that says so."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    scratch.unlink(missing_ok=True)
+    try:
+        yield scratch
+        sync_path(scratch)
+        os.replace(scratch, final)
+        sync_path(final.parent)
+    except WRITE_ERRORS as exc:
+        scratch.unlink(missing_ok=True)
+        kept = f"; {final} keeps its previous contents" if final.exists() else ""
+        raise WriteError(f"writing {what} to {final} failed: {describe(exc)}. The partial write was removed"
+                         f"{kept}.") from None
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise

@@ -7,20 +7,27 @@ name the cache argument `cache`): the prompt is run once, then one token per ste
 It does not use HF `generate()`, so methods that hook the forward or the cache (prefix tuning) decode
 through exactly the path they train through.
 
-    messages ──render_text(add_generation_prompt)──▶ text ──encode──▶ prompt ids
+    messages ──render_prompt(add_generation_prompt)──▶ segments ──encode (contents as text)──▶ prompt ids
       ──prefill──▶ logits ──pick (greedy | top-p)──▶ token ──step with cache──▶ ... until a stop token
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import math
+import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from sftlab.config import SEED_LIMIT
+from sftlab.data.encode import prompt_token_ids
 from sftlab.data.templates import ChatTemplate
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, shown
 
 Messages = Sequence[Mapping[str, str]]
 """Chat messages as the template renders them: `{"role": ..., "content": ...}`."""
@@ -44,21 +51,26 @@ def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def prompt_ids(tokenizer: Any, template: ChatTemplate, messages: Messages) -> list[int]:
-    """The token ids the model sees before its reply: the template render with the generation prompt."""
-    text = template.render_text(messages, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def prompt_ids(tokenizer: Any, template: ChatTemplate, messages: Messages,
+               tools: Sequence[Any] | None = None, *, special_tokens_in_content: str = "text") -> list[int]:
+    """The token ids the model sees before its reply: the template render with the generation prompt
+    (and the tool definitions, where given, rendered where the template puts them). Special-token strings
+    a user types (`<|im_start|>system` in a prompt) are text, as in training data, so a prompt cannot forge
+    a turn; `special_tokens_in_content="allow"` reads them as control tokens."""
+    segments = template.render_prompt(messages, tools=tools)
+    return prompt_token_ids(tokenizer, segments, special_tokens_in_content=special_tokens_in_content)
 
 
 def generate(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *,
              max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-             seed: int | None = None, method: Any = None) -> str:
+             seed: int | None = None, method: Any = None, tools: Sequence[Any] | None = None) -> str:
     """The model's reply to `messages`: sampled until an end-of-turn/eos token (not included) or
     `max_new_tokens`, decoded without special tokens. Greedy when temperature is 0; the same seed gives
     the same reply on the same device."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     generator = _generator(model, seed)
     return _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, generator=generator, method=method)
+                  temperature=temperature, top_p=top_p, generator=generator, method=method, tools=tools)
 
 
 def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max_new_tokens: int = 256,
@@ -67,10 +79,10 @@ def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max
     """New token ids after `input_ids`, up to but not including the first stop id, at most
     `max_new_tokens`. Runs in the model's own device and dtype; the model is put in eval mode for the
     call and restored afterwards."""
-    _check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if not input_ids:
         raise ConfigError("the prompt is empty; expected at least one token to continue from.")
-    _check_prompt_length(model, len(input_ids))
+    max_new_tokens = _room(model, len(input_ids), max_new_tokens)
     stops = {int(i) for i in stop_ids}
     was_training = model.training
     model.eval()
@@ -129,11 +141,12 @@ def pick_token(logits: torch.Tensor, *, temperature: float, top_p: float,
 def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str | None = None,
               input_fn: Callable[[str], str] = input, print_fn: Callable[..., None] = print,
               max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-              seed: int | None = None, method: Any = None) -> list[dict[str, str]]:
+              seed: int | None = None, method: Any = None,
+              tools: Sequence[Any] | None = None) -> list[dict[str, str]]:
     """Talk to the model: each user line and the model's reply are kept, so every prompt holds the whole
     conversation. `/reset` starts over (keeping the system message), `/exit` or end of input quits.
     One generator seeded once serves the whole session. Returns the conversation as it ended."""
-    _check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     generator = _generator(model, seed)
@@ -155,41 +168,56 @@ def chat_repl(model: Any, tokenizer: Any, template: ChatTemplate, *, system: str
             continue
         if not command:
             continue
-        messages = [*messages, {"role": "user", "content": command}]
-        reply = _reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, generator=generator, method=method)
-        print_fn(reply)
+        asked = [*messages, {"role": "user", "content": command}]
+        try:
+            reply = _reply(model, tokenizer, template, asked, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, generator=generator, method=method, tools=tools)
+        except ConfigError as exc:  # the conversation fills the model's positions: say so, keep the session
+            print_fn(f"({exc})")
+            continue
+        messages = asked
+        print_fn(show_reply(reply) if tools else reply)
         messages = [*messages, {"role": "assistant", "content": reply}]
 
 
 def _reply(model: Any, tokenizer: Any, template: ChatTemplate, messages: Messages, *, max_new_tokens: int,
-           temperature: float, top_p: float, generator: torch.Generator | None, method: Any = None) -> str:
-    ids = sample(model, prompt_ids(tokenizer, template, messages), stop_ids=stop_token_ids(tokenizer, template),
+           temperature: float, top_p: float, generator: torch.Generator | None, method: Any = None,
+           tools: Sequence[Any] | None = None) -> str:
+    ids = sample(model, prompt_ids(tokenizer, template, messages, tools), stop_ids=stop_token_ids(tokenizer, template),
                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
                  method=method)
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _check_prompt_length(model: Any, length: int) -> None:
-    """A prompt past the model's position limit (its config's max_position_embeddings) is refused, not run
-    into positions the model never learnt (or an index error deep in the model)."""
+def check_sampling(*, max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+    """Refuse sampling settings that cannot work, before a model is loaded for them. Each float is checked
+    for finiteness first: NaN passes every `<` comparison."""
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ConfigError(f"max_new_tokens (--max-new-tokens) must be at least 1; found {shown(max_new_tokens)}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature (--temperature) must be 0 (greedy) or a positive finite number; found "
+                          f"{shown(temperature)}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p (--top-p) must be in (0, 1]; found {shown(top_p)}. Use 1 to sample from all tokens.")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed (--seed) must be an integer in [0, 2**32); found {shown(seed)}")
+
+
+def _room(model: Any, prompt_tokens: int, max_new_tokens: int) -> int:
+    """How many new tokens fit after the prompt in the model's positions (config max_position_embeddings):
+    max_new_tokens, or fewer with a note on stderr; an error when the prompt leaves no room at all."""
     from sftlab.models.positions import declared_limit
 
     config = getattr(model, "config", None)
     limit = declared_limit(config.to_dict()) if hasattr(config, "to_dict") else None
-    if limit is not None and length >= limit:
-        raise ConfigError(f"the prompt is {length} tokens, and the model takes at most {limit} positions "
-                          "(max_position_embeddings in its config), leaving none to generate into; shorten the "
-                          "prompt (in chat, /reset starts over).")
-
-
-def _check_sampling(*, max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens (--max-new-tokens) must be at least 1; found {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"temperature (--temperature) must be 0 (greedy) or positive; found {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p (--top-p) must be in (0, 1]; found {top_p}. Use 1 to sample from all tokens.")
+    if not isinstance(limit, int) or prompt_tokens + max_new_tokens <= limit:
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise ConfigError(f"the prompt is {prompt_tokens:,} tokens, and the model takes at most {limit:,} positions "
+                          "(max_position_embeddings): no room to answer. Shorten the prompt (in chat: /reset).")
+    print(f"note: max_new_tokens {max_new_tokens:,} cut to {limit - prompt_tokens:,}: the prompt takes "
+          f"{prompt_tokens:,} of the model's {limit:,} positions.", file=sys.stderr)
+    return limit - prompt_tokens
 
 
 def _generator(model: Any, seed: int | None) -> torch.Generator | None:
@@ -216,3 +244,62 @@ def _accepts(model: Any, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+_QWEN_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_MISTRAL_CALLS = "[TOOL_CALLS]"
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """The tool calls in a reply, as [{"name", "arguments"}], where the format is one sftlab knows:
+    Qwen/Hermes `<tool_call>{...}</tool_call>` blocks, Mistral `[TOOL_CALLS][{...}]`, Llama-3.1's bare
+    `{"name": ..., "parameters": {...}}`. None when the reply is none of these (shown as raw text)."""
+    stripped = text.strip()
+    if _QWEN_CALL.search(stripped):
+        found = [_json_object(block) for block in _QWEN_CALL.findall(stripped)]
+    elif stripped.startswith((_MISTRAL_CALLS, "[")):  # decoding without special tokens drops the marker
+        parsed = _json_value(stripped.removeprefix(_MISTRAL_CALLS))
+        found = parsed if isinstance(parsed, list) and parsed else [None]
+    else:
+        found = [_json_object(stripped)] if stripped.startswith("{") else [None]
+    calls = []
+    for call in found:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        calls.append({"name": call["name"], "arguments": call.get("arguments", call.get("parameters", {}))})
+    return calls
+
+
+def load_tools(path: str | None) -> list[Any] | None:
+    """`--tools FILE`: a JSON list of function definitions (what a training row's `tools` holds)."""
+    if path is None:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tools {path}: cannot read it as JSON ({exc}); expected a JSON file holding a list "
+                          "of function definitions.") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ConfigError(f"--tools {path}: expected a JSON list of function definitions, e.g. [{{\"type\": "
+                          "\"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}].")
+    return tools
+
+
+def show_reply(text: str) -> str:
+    """A reply for the terminal: its tool calls as JSON lines where parsed, else the text as it is."""
+    calls = parse_tool_calls(text)
+    if not calls:
+        return text
+    return "\n".join("tool call: " + json.dumps(call, ensure_ascii=False) for call in calls)
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    value = _json_value(text)
+    return value if isinstance(value, dict) else None

@@ -124,3 +124,81 @@ def test_key_depends_on_every_input(tmp_path: Path) -> None:
     assert key == cache.dataset_key(data, **base)
     assert key != cache.dataset_key(data, **{**base, "template_source": "u"})
     assert key != cache.dataset_key(data, **{**base, "settings": {"a": 2}})
+
+
+DAMAGE = {
+    "truncated_ids": lambda entry: (entry / "input_ids.bin").write_bytes((entry / "input_ids.bin").read_bytes()[:-4]),
+    "emptied_ids": lambda entry: (entry / "input_ids.bin").write_bytes(b""),
+    "edited_ids": lambda entry: (entry / "input_ids.bin").write_bytes(
+        b"\xff\xff\x00\x00" + (entry / "input_ids.bin").read_bytes()[4:]),  # same size, another token
+    "missing_offsets": lambda entry: (entry / "offsets.bin").unlink(),
+    "truncated_offsets": lambda entry: (entry / "offsets.bin").write_bytes((entry / "offsets.bin").read_bytes()[:8]),
+    "no_manifest": lambda entry: (entry / cache.MANIFEST).unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_entry_is_rebuilt_and_said(setup, capsys, damage: str) -> None:
+    data, config = setup
+    enc = encoder()
+    first = build_dataset(data, config, enc)
+    expected = [(e.input_ids, e.labels, e.where) for e in first]
+    entry = first.directory
+    first.close()
+    manifest = json.loads((entry / cache.MANIFEST).read_text())["files"]
+    assert {"input_ids.bin", "trained.bin", "offsets.bin", "where.txt", "meta.json"} <= set(manifest)
+    DAMAGE[damage](entry)
+    calls = CountingEncoder.calls
+    second = build_dataset(data, config, encoder())
+    assert CountingEncoder.calls == 2 * calls  # encoded again, not read from the damaged files
+    assert second.directory == entry and cache.damage(entry) is None
+    assert [(e.input_ids, e.labels, e.where) for e in second] == expected
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"data cache: {entry} is damaged (" in err and "encoding the data again" in err
+    reason = {"truncated_ids": "input_ids.bin has", "emptied_ids": "input_ids.bin has 0 bytes",
+              "edited_ids": "input_ids.bin was changed after it was written",
+              "missing_offsets": "offsets.bin is missing", "truncated_offsets": "offsets.bin has 8 bytes",
+              "no_manifest": "no entry.json"}[damage]
+    assert reason in err
+    assert [p.name for p in entry.parent.iterdir() if p.name.startswith(".")] == []  # nothing left aside
+
+
+def test_a_whole_entry_is_reused_without_a_word(setup, capsys) -> None:
+    data, config = setup
+    build_dataset(data, config, encoder())
+    calls = CountingEncoder.calls
+    build_dataset(data, config, encoder())
+    assert CountingEncoder.calls == calls
+    assert "data cache" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_a_cache_dir_that_is_a_file_is_a_config_error(setup, tmp_path: Path, where: str) -> None:
+    from sftlab.errors import ConfigError
+
+    data, config = setup
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("the user's file\n")
+    cache_dir = blocker if where == "file" else blocker / "cache"
+    with pytest.raises(ConfigError, match=f"the data cache dir {cache_dir} cannot be used: {blocker} is a file, not "
+                                          r"a directory\. Set data.cache_dir"):
+        build_dataset(data, replace(config, cache_dir=str(cache_dir)), encoder())
+    assert blocker.read_text() == "the user's file\n"
+
+
+def test_sftlab_train_with_a_file_as_cache_dir_exits_with_the_message(tmp_path: Path, capsys) -> None:
+    from conftest import tiny_model_dir
+
+    from sftlab.cli import main
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", ROWS[:2])
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("the user's notes\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {model}\nmethod: lora\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data:\n  train: {data}\n  cache_dir: {blocker}\ntrain:\n  max_steps: 1\n", encoding="utf-8")
+    assert main(["train", str(config)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: the data cache dir {blocker} cannot be used: {blocker} is a file" in err
+    assert "Traceback" not in err and blocker.read_text() == "the user's notes\n"

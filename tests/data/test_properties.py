@@ -74,9 +74,11 @@ def _template(config: Config) -> Any:
 
 
 @functools.cache
-def _encoder(config: Config, train_on: str, max_seq_len: int | None, truncation: str) -> Encoder:
+def _encoder(config: Config, train_on: str, max_seq_len: int | None, truncation: str, *,
+             special_tokens_in_content: str = "text") -> Encoder:
     return Encoder(_tokenizer(config.tokenizer), _template(config), train_on=train_on, max_seq_len=max_seq_len,
-                   truncation=truncation, add_special_tokens=config.add_special_tokens)
+                   truncation=truncation, add_special_tokens=config.add_special_tokens,
+                   special_tokens_in_content=special_tokens_in_content)
 
 
 def tokenizer_of(config: Config) -> Any:
@@ -222,7 +224,11 @@ def test_invariants_1_and_3_hold_for_every_policy(config: Config, conversation: 
     tokenizer = tokenizer_of(config)
     template = _template(config)
     train_on, max_seq_len, truncation = variant
-    result = encode_or_refusal(_encoder(config, train_on, max_seq_len, truncation), conversation)
+    # The reference below is the tokenizer's own whole-string encoding, special-token strings in contents
+    # matched as control tokens: data.special_tokens_in_content=allow. (text, the default, keeps them as text:
+    # invariant 10, tests/data/test_special_tokens_in_content.py.)
+    encoder = _encoder(config, train_on, max_seq_len, truncation, special_tokens_in_content="allow")
+    result = encode_or_refusal(encoder, conversation)
 
     segments = template.render(conversation, train_on)  # a valid conversation is never refused here
     text = "".join(s.text for s in segments)

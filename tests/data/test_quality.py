@@ -78,7 +78,7 @@ def test_counts_every_kind_of_flaw(tmp_path: Path) -> None:
     assert (report.dropped_too_long, report.no_trained_tokens, report.truncated) == (1, 1, 0)
     assert (report.duplicates, report.conflicting_prompts, report.blank_messages) == (1, 1, 1)  # 3 answers: 1 prompt
     assert report.turns == {"min": 2, "median": 2, "max": 4}
-    assert report.messages == {"system": 1, "user": 9, "assistant": 9}
+    assert report.messages == {"system": 1, "user": 9, "assistant": 9, "tool": 0}
     assert report.turns_missing_end_of_turn == 0
     warnings = "\n".join(report.warnings)
     for expected in ("2 of the 10 rows (20%) are rejected", "rows repeating an earlier conversation exactly "

@@ -64,7 +64,12 @@ def test_auto_template_masks_exactly_the_assistant_replies(name: str, index: int
 
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     assert template.render_text(messages) == text
-    assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The tokenizer's own encoding of the render, except that special-token strings inside contents
+    # (conversation 2) are text there: data.special_tokens_in_content=allow reproduces it exactly.
+    allowed = Encoder(tokenizer, template, special_tokens_in_content="allow").encode(conversation(turns))
+    assert allowed.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    forged = any(token in c for _, c in turns for token in tokenizer.all_special_tokens + [EOT[name]])
+    assert (example.input_ids == allowed.input_ids) != forged
     assert len(example.labels) == len(example.input_ids)
 
     def emitted(content: str) -> str:
@@ -74,7 +79,8 @@ def test_auto_template_masks_exactly_the_assistant_replies(name: str, index: int
     assert trained_runs(tokenizer, example) == expected
     # Nothing else: every trained position holds its own token id, all others are ignored.
     trained_count = sum(label != IGNORE_INDEX for label in example.labels)
-    assert trained_count == sum(len(tokenizer.encode(e, add_special_tokens=False)) for e in expected)
+    assert trained_count == sum(len(tokenizer.encode(emitted(c), add_special_tokens=False, split_special_tokens=True))
+                                + 1 for r, c in turns if r == "assistant")  # contents as text, then the EOT
     assert all(label in (IGNORE_INDEX, token) for label, token in zip(example.labels, example.input_ids))
 
 
@@ -88,7 +94,10 @@ def test_mask_agrees_with_trl_generation_markers(name: str, index: int) -> None:
     messages = [{"role": r, "content": c} for r, c in turns]
     reference = tokenizer.apply_chat_template(messages, chat_template=path.read_text(encoding="utf-8"),
                                               tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    example = Encoder(tokenizer, load_template(str(path), tokenizer)).encode(conversation(turns))
+    # TRL tokenises the render whole, special-token strings in contents (conversation 2) as control tokens:
+    # compared with data.special_tokens_in_content=allow, which does the same.
+    example = Encoder(tokenizer, load_template(str(path), tokenizer),
+                      special_tokens_in_content="allow").encode(conversation(turns))
 
     assert example.input_ids == list(reference["input_ids"])
     ours = [label != IGNORE_INDEX for label in example.labels]

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from sftlab.data.schema import ROLES, Conversation, Message, validate
+from sftlab.data.schema import ROLES, Conversation, Message, ToolCall, validate
 from sftlab.errors import DataError
 
 WHERE = "rows.jsonl:17"
@@ -16,12 +16,21 @@ def conv(*messages: tuple) -> Conversation:
     return Conversation(tuple(Message(*m) for m in messages), WHERE)
 
 
+CALL = ToolCall("get_weather", {"city": "Paris"}, "call_1")
+
 VALID = {
     "single turn": conv(("user", "Hi"), ("assistant", "Hello")),
     "with system": conv(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")),
     "multi turn": conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")),
     "train overrides": conv(("user", "a", True), ("assistant", "b", False), ("user", "c"), ("assistant", "d", True)),
     "whitespace content": conv(("user", " "), ("assistant", "\n")),
+    "tool calling": Conversation((
+        Message("system", "Use tools."), Message("user", "Weather?"), Message("assistant", "", tool_calls=(CALL, CALL)),
+        Message("tool", "22C", tool_call_id="call_1"), Message("tool", "23C"), Message("assistant", "Warm."),
+        Message("user", "Thanks"), Message("assistant", "Bye", reasoning="be polite")), WHERE,
+        tools=({"type": "function"},)),
+    "ends with a tool call": Conversation((Message("user", "a"), Message("assistant", "Let me look.",
+                                                                          tool_calls=(CALL,))), WHERE),
     "unicode": conv(("system", "日本語"), ("user", "héllo 🌍"), ("assistant", "<|im_end|> is just text")),
 }
 
@@ -38,8 +47,23 @@ INVALID = {
     "unknown role": (conv(("user", "a"), ("assistent", "b")), "unknown role",
                      ["message 2 has role 'assistent'", "expected one of system, user, assistant",
                       "data.role_map.assistent=assistant"]),
-    "tool role": (conv(("user", "a"), ("tool", "{}"), ("assistant", "b")), "unknown role",
-                  ["message 2 has role 'tool'"]),
+    "tool result without a call": (conv(("user", "a"), ("tool", "{}"), ("assistant", "b")),
+                                   "tool result without call",
+                                   ["message 2 is a tool result, but no tool call precedes it", "message 1 is 'user'"]),
+    "tool call without result": (Conversation((Message("user", "a"), Message("assistant", "", tool_calls=(CALL,)),
+                                               Message("user", "b"), Message("assistant", "c")), WHERE),
+                                 "tool call without result", ["message 2 (assistant) makes tool calls but message 3"]),
+    "tool result left unanswered": (Conversation((Message("user", "a"), Message("assistant", "", tool_calls=(CALL,)),
+                                                  Message("tool", "22C"), Message("user", "b"),
+                                                  Message("assistant", "c")), WHERE),
+                                    "tool result not answered", ["message 4 (user) follows a tool result"]),
+    "arguments not an object": (Conversation((Message("user", "a"), Message(
+        "assistant", "", tool_calls=(ToolCall("get", [1, 2]),)), Message("tool", "r"), Message("assistant", "c")),
+        WHERE), "tool arguments not an object", ["message 2 tool_calls[0] (get) arguments are [1, 2]"]),
+    "reasoning on a user": (Conversation((Message("user", "a", reasoning="hmm"), Message("assistant", "c")), WHERE),
+                            "reasoning not assistant", ["message 1 (user) has reasoning_content"]),
+    "empty content without tool calls": (conv(("user", "a"), ("assistant", "")), "empty content",
+                                         ["message 2 (assistant) has empty content"]),
     "missing content": (conv(("user", "a"), ("assistant", None)), "missing content",
                         ["message 2 (assistant) content is missing", "expected a non-empty string"]),
     "non-string content": (conv(("user", 7), ("assistant", "b")), "content not a string",
@@ -105,4 +129,4 @@ def test_messages_and_conversations_are_frozen_values() -> None:
         message.content = "changed"  # type: ignore[misc]
     assert Message("user", "x") == Message("user", "x", None)
     assert Message("user", "x").train is None
-    assert ROLES == ("system", "user", "assistant")
+    assert ROLES == ("system", "user", "assistant", "tool")

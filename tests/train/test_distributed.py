@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,26 @@ def test_a_model_too_small_to_shard_is_refused_at_start_with_the_reason(model_di
     assert "cannot be sharded over 2 processes: its NF4" in done.stdout + done.stderr
     assert "Set train.distributed=ddp" in done.stdout + done.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_a_weighted_mixture_trains_the_same_under_two_processes(model_dir, tmp_path_factory) -> None:
+    # Sources of 6, 6 and 8 examples weighted 0.5/0.3/0.2: 10, 6 and 4 examples in the epoch (a repeats).
+    root = tmp_path_factory.mktemp("mixture")
+    listed = []
+    for name, size, weight in (("a", 6, 0.5), ("b", 6, 0.3), ("c", 8, 0.2)):
+        rows = [{"messages": [{"role": "user", "content": f"{name} asks {i}?"},
+                              {"role": "assistant", "content": f"{name} says {i}."}]} for i in range(size)]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        listed.append(f"{{path: {root / f'{name}.jsonl'}, weight: {weight}}}")
+    shared = ("method=lora", "lora.rank=4", "train.micro_batch_size=2", "train.epochs=1",
+              f"data.train=[{', '.join(listed)}]")
+    reference = single_weights(model_dir, root / "a.jsonl", root / "single", *shared, "train.grad_accum_steps=2")
+    out = root / "dist"
+    launch(out, common(model_dir, root / "a.jsonl", out, *shared, "train.distributed=ddp"))
+    got = dist_weights(out)
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    seen = [where for rank in (0, 1) for batch in json.loads((out / "driver" / f"seen-{rank}.json").read_text())
+            for where in batch]
+    assert Counter(Path(w.rsplit(":", 1)[0]).stem for w in seen) == {"a": 10, "b": 6, "c": 4}
+    assert losses(out) == pytest.approx(losses(root / "single"), rel=1e-5)

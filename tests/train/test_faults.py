@@ -371,3 +371,27 @@ def test_an_output_dir_with_someone_elses_files_is_refused(model_dir, data, tmp_
     with pytest.raises(ConfigError, match=r"photos already holds files that are not an sftlab run \(holiday\.jpg\)"):
         run(model_dir, data, out)
     assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+
+
+def test_a_killed_mixture_run_resumes_to_the_uninterrupted_weights(model_dir, config_file, tmp_path) -> None:
+    # Three sources weighted 0.5/0.3/0.2: the run crosses an epoch boundary (9 micro-batches per epoch), so the
+    # resumed run must redraw epoch 1's samples exactly as the uninterrupted run drew them.
+    listed = []
+    for name, weight in (("a", 0.5), ("b", 0.3), ("c", 0.2)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{name} asks {i}?"},
+                                                         {"role": "assistant", "content": f"{name} says {i}."}]}) + "\n"
+                                for i in range(6)), encoding="utf-8")
+        listed.append(f"{{path: {path}, weight: {weight}}}")
+    mix = f"data.train=[{', '.join(listed)}]"
+    whole = tmp_path / "whole"
+    assert main(["train", str(config_file), *overrides(model_dir, tmp_path / "a.jsonl", whole), mix]) == 0
+    out = tmp_path / "run"
+    args = [*overrides(model_dir, tmp_path / "a.jsonl", out), mix]
+    code, err = finish(drive(config_file, args, "--kill", "step:4"))
+    assert code == -signal.SIGKILL, err[-3000:]
+    assert latest_checkpoint(out).name == "step-4"
+    code, err = finish(drive(config_file, args))
+    assert code == 0, err[-3000:]
+    assert logged_steps(out) == list(range(1, STEPS + 1))
+    assert_same_weights(out, whole)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import signal
 from pathlib import Path
@@ -214,3 +215,30 @@ def test_a_kto_run_sigkilled_mid_way_resumes_to_the_uninterrupted_weights(model_
     assert {"examples", "desirable", "kl", "rewards_chosen", "rewards_rejected", "margin"} <= steps[-1].keys()
     assert steps[-1]["margin"] > steps[0]["margin"]
     assert (whole / "report.html").is_file()
+
+
+def test_kto_trains_on_two_sources_each_with_its_labels_and_eval_per_source(model_dir, feedback_file, tmp_path):
+    """data.train as a list: the sources' examples and labels laid end to end, an eval loss per source."""
+    from rich.console import Console
+
+    from sftlab.train.loop import train
+    from sftlab.train.setup import prepare
+
+    rows = feedback_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    half = len(rows) // 2
+    first.write_text("".join(rows[:half]), encoding="utf-8")
+    second.write_text("".join(rows[half:]), encoding="utf-8")
+    out = tmp_path / "run"
+    args = [a for a in kto_args(model_dir, feedback_file, out) if not a.startswith(("data.train=", "train.save"))]
+    setup = prepare(load_config(overrides=[*args, f"data.train=[{first}, {second}]", "data.eval_fraction=0.25",
+                                           "train.max_steps=2"]), console=Console(quiet=True))
+    labels = [json.loads(row)["label"] for row in rows]
+    assert setup.train_data.desirable.tolist() == labels
+    assert [setup.train_data.where(i) for i in (0, half)] == [f"{first}:1", f"{second}:1"]
+    assert sorted(setup.eval_groups) == ["first.jsonl", "second.jsonl"]
+    assert all(len(v) for v in setup.eval_groups.values())
+    train(setup, console=Console(quiet=True))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    last = [r for r in records if "eval_loss" in r][-1]
+    assert all(math.isfinite(last[f"eval_loss/{name}"]) for name in ("first.jsonl", "second.jsonl"))

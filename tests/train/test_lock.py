@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -61,3 +62,87 @@ def test_a_second_run_on_a_dir_in_use_is_refused_and_the_first_is_unharmed(tmp_p
     assert steps == list(range(1, 151))  # every step of the first run, none of the second's
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / lock.LOCK_NAME).exists()  # released at the end
+
+
+def _racer(dirs: list[str], barrier, results) -> None:
+    """One of two processes: for each fresh dir, wait for the other at the barrier, then try to take it."""
+    won = []
+    for path in dirs:
+        barrier.wait()
+        try:
+            lock.acquire(Path(path))
+            won.append(True)
+        except lock.RunInUseError:
+            won.append(False)
+    results.send(won)
+
+
+def test_two_processes_racing_for_fresh_dirs_never_both_win(tmp_path) -> None:
+    import multiprocessing
+
+    trials = 300
+    dirs = [str(tmp_path / f"run{i}") for i in range(trials)]
+    context = multiprocessing.get_context("fork")  # no re-import of torch per process: the race stays tight
+    barrier = context.Barrier(2)
+    pipes = [context.Pipe(duplex=False) for _ in range(2)]
+    racers = [context.Process(target=_racer, args=(dirs, barrier, sender)) for _, sender in pipes]
+    for racer in racers:
+        racer.start()
+    try:
+        first, second = (receiver.recv() for receiver, _ in pipes)
+    finally:
+        for racer in racers:
+            racer.join(timeout=60)
+    winners = [a + b for a, b in zip(first, second)]
+    assert winners == [1] * trials, f"{winners.count(2)} trials with two winners, {winners.count(0)} with none"
+    pids = [racer.pid for racer in racers]
+    for path, a in zip(dirs, first):  # the lock names the winner, written whole
+        assert json.loads((Path(path) / lock.LOCK_NAME).read_text())["pid"] == pids[0 if a else 1]
+    assert not [p for path in dirs for p in Path(path).iterdir() if p.name != lock.LOCK_NAME]  # no temp files left
+
+
+def test_a_live_pid_with_another_start_time_is_a_reused_pid_and_its_lock_is_taken_over(tmp_path) -> None:
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": other.pid, "host": socket.gethostname(), "since": "2020-01-01 00:00:00"}
+        path = tmp_path / lock.LOCK_NAME
+        path.write_text(json.dumps({**record, "start": lock.process_start(other.pid)}))
+        with pytest.raises(lock.RunInUseError, match=f"pid {other.pid}"):  # that very process: in use
+            lock.acquire(tmp_path)
+        path.write_text(json.dumps({**record, "start": "an earlier process's start"}))
+        assert lock.acquire(tmp_path) == path  # the pid now belongs to another process: stale
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    finally:
+        other.kill()
+        other.wait()
+    lock.release(tmp_path)
+    assert not path.exists()
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path) -> None:
+    (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": "x"}))
+    with pytest.raises(lock.RunInUseError, match="locked by a run on host elsewhere"):
+        lock.acquire(tmp_path)
+
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+
+
+@pytest.mark.parametrize("case", ["bad-row", "targets-match-nothing"])
+def test_a_start_that_fails_after_claiming_the_dir_leaves_no_lock(case, tmp_path, capsys) -> None:
+    from sftlab.cli import main
+
+    model = tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    rows = [GOOD_ROW] * 4 + ([{"messages": "not a list"}] if case == "bad-row" else [])
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text("method: lora\n", encoding="utf-8")
+    out = tmp_path / "run"
+    extra = ["lora.targets=[no_such_layer]"] if case == "targets-match-nothing" else []  # fails at the layer check
+    code = main(["train", str(config), f"model={model}", f"data.train={data}", f"output_dir={out}",
+                 "data.cache=false", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert ("train.jsonl:5" if case == "bad-row" else "no_such_layer") in err.replace("\n", "")
+    assert out.is_dir() and not (out / lock.LOCK_NAME).exists()

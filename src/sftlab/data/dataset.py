@@ -28,7 +28,9 @@ import numpy as np
 from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder, Example
-from sftlab.data.formats import read_conversations
+from sftlab.data.formats import field_report
+from sftlab.data.reasoning import prepare
+from sftlab.data.sources import Source, encoder_for, read, resolve, source_rows, source_settings
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.errors import DataError
 
@@ -45,6 +47,11 @@ class DatasetStats:
     truncated: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     """Rows that did not become examples, by reason."""
+    special_token_rows: int = 0
+    """Examples whose message contents hold special-token strings (as text, or as control tokens under
+    data.special_tokens_in_content=allow); refused ones are among `rejected`."""
+    ignored_fields: dict[str, int] = field(default_factory=dict)
+    """Fields of the rows (or their messages, `messages[].KEY`) the reader does not use: rows holding each."""
 
 
 class EncodedDataset:
@@ -114,26 +121,29 @@ Writer = Callable[[str | Path, DataConfig, Encoder, Path, dict[str, Any]], None]
 """Fills a dataset directory (the layout above) from a data file."""
 
 
-def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def build_dataset(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, *,
                   rejects_path: str | Path | None = None, write: Writer | None = None,
                   rows: str | None = None) -> EncodedDataset:
     """Encode `data_path` (or reuse the cached encoding); copy its rejected rows to `rejects_path`. `write`
     fills a dataset directory from the file (default: conversations); a writer of other `rows` (preference
     pairs) names them, so their encoding never shares a cache entry with the file's conversations."""
     write = write or _write
+    source = data_path if isinstance(data_path, Source) else resolve(data_path)
+    encoder = encoder_for(source, encoder)
     settings = {k: v for k, v in asdict(data).items() if k not in ("train", "eval", "cache_dir", "cache")}
     settings["added_tokens"] = encoder.added_tokens
+    settings["source"] = source_settings(source, encoder)
     if rows is not None:
         settings["rows"] = rows
     if data.cache:
         root = cache.cache_root(data.cache_dir)
         key = cache.dataset_key(data_path, tokenizer=encoder.tokenizer, template_source=encoder.template.source,
-                                settings=settings)
+                                settings=settings, data_digest=source.fingerprint())
         found = cache.lookup(root, key)
         if found is None:
             building = cache.new_entry(root)
             try:
-                write(data_path, data, encoder, building, settings)
+                write(source, data, encoder, building, settings)
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
                 raise
@@ -141,7 +151,7 @@ def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         dataset = EncodedDataset(found)
     else:
         scratch = tempfile.TemporaryDirectory(prefix="sftlab-data-")
-        write(data_path, data, encoder, Path(scratch.name), settings)
+        write(source, data, encoder, Path(scratch.name), settings)
         dataset = EncodedDataset(scratch.name, keep_alive=scratch)
     if rejects_path is not None and dataset.rejects_path.is_file():
         Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
@@ -149,13 +159,12 @@ def build_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
     return dataset
 
 
-def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory: Path,
+def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
     if data.on_bad_row == "error":
         # Every row read and validated first (no tokenising: ~1 s per 100k rows), so a bad row deep in the
         # file fails at once instead of after encoding all the rows before it.
-        for _ in read_conversations(data_path, format=data.format, role_map=data.role_map, on_bad_row="error",
-                                    max_row_bytes=encoder.row_limit):
+        for _ in read(data_path, data, on_bad_row="error", max_row_bytes=encoder.row_limit):
             pass
     stats = DatasetStats()
     offsets = array("q", [0])  # 8 bytes per example, not a Python int object each
@@ -164,12 +173,15 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
-                                           on_bad_row=data.on_bad_row, rejects=log, max_row_bytes=encoder.row_limit)
-        encoded_rows = 0
+        conversations = prepare(read(data_path, data, on_bad_row=data.on_bad_row, rejects=log,
+                                     max_row_bytes=encoder.row_limit),
+                                encoder.template, reasoning=data.reasoning, reasoning_turns=data.reasoning_turns)
+        encoded_rows, last_where = 0, None
         batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
         for batch, results in encoder.encode_stream(batches):
-            encoded_rows += len(batch)
+            for conversation in batch:  # split reasoning turns: several examples of one row, one after another
+                encoded_rows += conversation.where != last_where
+                last_where = conversation.where
             kept = []
             for conversation, result in zip(batch, results):
                 if isinstance(result, DataError):
@@ -182,6 +194,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 kept.append(result)
                 offsets.append(offsets[-1] + len(result.ids))
                 stats.truncated += int(result.truncated)
+                stats.special_token_rows += int(result.special_tokens_in_content > 0)
             if kept:  # one write per batch, not per example
                 trained = np.concatenate([r.trained for r in kept])
                 np.concatenate([r.ids for r in kept]).astype(np.int32).tofile(ids_file)
@@ -191,7 +204,14 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 stats.trained_tokens += int(trained.sum())
         stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
         stats.rejected = dict(log.counts)
+    fields = field_report(source_rows(data_path, max_row_bytes=encoder.row_limit), _format_of(data_path, data))
+    stats.ignored_fields = {name: n["rows"] for name, n in fields.items() if not n["used"]}
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
     stats.tokens = offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+def _format_of(data_path: Source | str | Path, data: DataConfig) -> str:
+    """The row format a source is read in: its own `format`, else data.format."""
+    return (data_path.spec.format if isinstance(data_path, Source) else None) or data.format

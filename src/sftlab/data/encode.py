@@ -6,6 +6,15 @@ characters lie in, read from the tokenizer's character offsets. A token whose ch
 trained/untrained boundary (the tokenizer merged across it) is an error naming the row, never a silent
 shift. Tokenizers without offsets (slow, pure Python) are encoded segment by segment and the result must
 equal the whole-string encoding, or the row is refused.
+
+A special-token string inside a message's content (`<|im_end|>` typed in a reply) is text, never the control
+token: read as the token, it would forge template markup — a turn end and a new user turn trained as the
+assistant's words, a system turn in a prompt. The whole-string encoding shows where the tokenizer matched
+special tokens inside content (`SpecialTokensInContent.find`, cheap: most rows have none); for such a row,
+each stretch of text between two of the template's own special tokens that holds one is encoded again with
+special-token matching off and spliced in (the template's markup stays control tokens; a cut at a special
+token is where the tokenizer cuts anyway). `data.special_tokens_in_content` chooses text (default), error
+(the row is refused, naming the token) or allow (the old behaviour: the control token, counted).
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ from sftlab.errors import ConfigError, DataError
 IGNORE_INDEX = -100
 """Label of a position the loss ignores (PyTorch cross-entropy's ignore_index). Defined here only."""
 
-ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3}
+ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3, "tool": 4, "reasoning": 5, "tool_call": 6}
 """Per-token role codes reported by `encode_detailed`: 0 is template text."""
+
+SPECIAL_TOKENS_IN_CONTENT = ("text", "error", "allow")
+"""data.special_tokens_in_content: how a special-token string inside a message's content is tokenised."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,9 @@ class Encoded:
     segments: list[Segment]
     ids: np.ndarray         # (T,) int64, the example's input_ids
     trained: np.ndarray     # (T,) bool, labels != IGNORE_INDEX
+    special_tokens_in_content: int = 0
+    """Special-token strings found inside the messages' contents (kept as text, or as control tokens under
+    data.special_tokens_in_content=allow)."""
 
     @property
     def roles(self) -> list[int]:
@@ -54,6 +69,7 @@ class Encoded:
 TOO_LONG = "too long"
 NOTHING_TRAINED = "no trained tokens"
 STRADDLE = "tokens straddle a mask boundary"
+SPECIAL_IN_CONTENT = "special token in content"
 
 
 class Dropped(DataError):
@@ -65,9 +81,12 @@ class Encoder:
 
     def __init__(self, tokenizer: Any, template: ChatTemplate, *, train_on: str = "assistant",
                  max_seq_len: int | None = None, truncation: str = "drop", add_special_tokens: bool = False,
-                 max_row_bytes: int | None = None) -> None:
+                 max_row_bytes: int | None = None, special_tokens_in_content: str = "text") -> None:
         if truncation not in ("drop", "truncate"):
             raise ConfigError(f"data.truncation must be drop or truncate; found {truncation!r}")
+        if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
+            raise ConfigError(f"data.special_tokens_in_content must be one of {', '.join(SPECIAL_TOKENS_IN_CONTENT)}; "
+                              f"found {special_tokens_in_content!r}")
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
@@ -79,16 +98,9 @@ class Encoder:
         self.render_limit = None if self.row_limit is None else self.row_limit + MAX_TEMPLATE_TEXT
         """Most characters one row's render may have: its contents (at most row_limit) + template text."""
         self.added_tokens = _ensure_special_tokens(tokenizer, template, add_special_tokens)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = backend
-        if backend is not None and _alters_encoding(backend):
-            # A private copy without them: offsets must not be trimmed around whitespace, and nothing may
-            # be cut or padded (encoding with add_special_tokens=False already adds no BOS/EOS: the
-            # rendered text holds them where the template wants them).
-            self._backend = copy.deepcopy(backend)
-            self._backend.post_processor = None
-            self._backend.no_truncation()
-            self._backend.no_padding()
+        self._backend = _plain_backend(getattr(tokenizer, "backend_tokenizer", None))
+        self.special_tokens_in_content = special_tokens_in_content
+        self._specials = SpecialTokensInContent(tokenizer, self._backend, special_tokens_in_content)
 
     def encode(self, conversation: Conversation) -> Example:
         """Encode one conversation; raises DataError (bad row) or Dropped (policy)."""
@@ -148,19 +160,24 @@ class Encoder:
 
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], Any]]:
         if self._backend is not None:
+            _match_special_tokens(self._backend)
             encodings = self._backend.encode_batch(texts, add_special_tokens=False)
             return [(e.ids, e) for e in encodings]
         return [(self.tokenizer.encode(text, add_special_tokens=False), None) for text in texts]
 
     def _label(self, where: str, segments: list[Segment], ids: list[int], encoding: Any) -> Encoded:
         if encoding is None:
-            trained, roles = self._label_by_segments(where, segments, ids)
+            trained, roles, content = self._label_by_segments(where, segments, ids)
         else:
-            trained, roles = _label_by_offsets(where, segments, ids, encoding)
+            trained, roles, content = _label_by_offsets(where, segments, ids, encoding)
+        array = np.asarray(ids, dtype=np.int64)
+        forged = self._specials.find(array, content, segments, encoding)
+        if len(forged):
+            array, trained, roles = self._specials.resolve(where, segments, array, encoding, forged,
+                                                           (trained, roles))
         if not trained.any():
             raise Dropped(f"no token is trained (data.train_on={self.train_on} and the messages' own \"train\" "
                           "flags), so the row teaches nothing; dropped.", where=where, reason=NOTHING_TRAINED)
-        array = np.asarray(ids, dtype=np.int64)
         truncated = False
         if self.max_seq_len is not None and len(array) > self.max_seq_len:
             if self.truncation == "drop":
@@ -173,23 +190,165 @@ class Encoder:
                 raise Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. "
                               "Raise max_seq_len or shorten the prompt.", where=where, reason=NOTHING_TRAINED)
         labels = np.where(trained, array, IGNORE_INDEX)
-        return Encoded(Example(array.tolist(), labels.tolist(), where), roles, truncated, segments, array, trained)
+        return Encoded(Example(array.tolist(), labels.tolist(), where), roles, truncated, segments, array, trained,
+                       len(forged))
 
-    def _label_by_segments(self, where: str, segments: list[Segment], whole: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _label_by_segments(self, where: str, segments: list[Segment],
+                           whole: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids: list[int] = []
         labels: list[int] = []
         roles: list[int] = []
+        content: list[bool] = []
         for segment in segments:
             piece = self.tokenizer.encode(segment.text, add_special_tokens=False)
             ids += piece
             labels += piece if segment.trainable else [IGNORE_INDEX] * len(piece)
             roles += [ROLE_CODES[segment.role]] * len(piece)
+            content += [segment.content] * len(piece)
         if ids != list(whole):
             raise DataError("the tokenizer encodes the conversation differently as a whole than segment by "
                             "segment (it merges characters across a trained/untrained boundary) and gives no "
                             "offsets to map them; use a fast tokenizer (tokenizer.json).",
                             where=where, reason=STRADDLE)
-        return np.asarray(labels, dtype=np.int64) != IGNORE_INDEX, np.asarray(roles, dtype=np.int64)
+        return (np.asarray(labels, dtype=np.int64) != IGNORE_INDEX, np.asarray(roles, dtype=np.int64),
+                np.asarray(content, dtype=bool))
+
+
+class SpecialTokensInContent:
+    """Finds the special tokens the tokenizer matched inside message contents, and applies
+    data.special_tokens_in_content to a row holding some: re-encode them as text, refuse the row, or allow."""
+
+    def __init__(self, tokenizer: Any, backend: Any, mode: str) -> None:
+        self.mode = mode
+        self._tokenizer = tokenizer
+        self._backend = backend
+        self._text_backend: Any = None  # made on first use: most datasets never need it
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        special = {int(i) for i, token in decoder.items() if getattr(token, "special", False)}
+        special |= {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+        # One flag per id, plus a last False one that ids out of range are clipped to.
+        self._is_special = np.zeros(max([len(tokenizer), *special], default=0) + 2, dtype=bool)
+        self._is_special[sorted(special)] = True
+
+    def find(self, ids: np.ndarray, content: np.ndarray, segments: Sequence[Segment], encoding: Any) -> np.ndarray:
+        """Indices of the special tokens in `ids` that the tokenizer matched in a message's content (content[i]
+        True). A special token the model emits for other text (`<unk>` for an unknown character) is not one."""
+        found = np.flatnonzero(self._is_special.take(ids, mode="clip") & content)
+        if not len(found) or encoding is None:
+            return found
+        text = "".join(s.text for s in segments)
+        return np.array([k for k in found.tolist() if text[slice(*encoding.token_to_chars(k))] ==
+                         self._backend.id_to_token(int(ids[k]))], dtype=np.int64)
+
+    def resolve(self, where: str, segments: Sequence[Segment], ids: np.ndarray, encoding: Any, forged: np.ndarray,
+                labels: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, trained, roles) of a row whose contents hold the special tokens at `forged`, by the mode."""
+        if self.mode == "allow":
+            return ids, *labels
+        if self.mode == "error":
+            token = self._tokenizer.convert_ids_to_tokens(int(ids[forged[0]]))
+            role = {code: role for role, code in ROLE_CODES.items()}[int(labels[1][forged[0]])] or "a"
+            raise DataError(f"the {role} message's content holds {token!r}, a special token of the tokenizer "
+                            f"({len(forged)} in this row); read as the control token it forges the template's "
+                            "markup (a turn's end, a new turn). Remove it from the row, or set "
+                            "data.special_tokens_in_content=text to train it as plain text (allow: as the "
+                            "control token).", where=where, reason=SPECIAL_IN_CONTENT)
+        if encoding is None:
+            raise DataError("a message's content holds a special-token string, and this tokenizer (no "
+                            "tokenizer.json, so no offsets) cannot encode it as plain text; use a fast tokenizer, "
+                            "or set data.special_tokens_in_content=error or allow.",
+                            where=where, reason=SPECIAL_IN_CONTENT)
+        new_ids, offsets = self.as_text(where, "".join(s.text for s in segments), ids,
+                                        np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2), forged)
+        trained, roles, _ = _label_by_all_offsets(where, list(segments), new_ids, offsets)
+        return new_ids, trained, roles
+
+    def as_text(self, where: str, text: str, ids: np.ndarray, offsets: np.ndarray,
+                forged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, offsets) of `text` with the special tokens at `forged` read as text: each stretch between two
+        of the other (the template's) special tokens that holds one is encoded with special-token matching
+        off and spliced in. Refuses the row (DataError) unless the result decodes to the same text."""
+        anchors = np.setdiff1d(np.flatnonzero(self._is_special.take(ids, mode="clip")), forged)
+        after = np.searchsorted(anchors, forged)  # anchors[after - 1] < forged < anchors[after]
+        regions = sorted({(int(anchors[k - 1]) if k > 0 else -1, int(anchors[k]) if k < len(anchors) else len(ids))
+                          for k in after.tolist()})
+        spans = [(int(offsets[left, 1]) if left >= 0 else 0, int(offsets[right, 0]) if right < len(ids) else len(text))
+                 for left, right in regions]
+        encodings = self._as_text_backend().encode_batch([text[a:b] for a, b in spans], add_special_tokens=False)
+        id_parts, offset_parts, copied = [], [], 0
+        for (left, right), (start, _), encoding in zip(regions, spans, encodings):
+            id_parts += [ids[copied:left + 1], np.asarray(encoding.ids, dtype=np.int64)]
+            spliced = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + start  # (n, 2) in the row's text
+            offset_parts += [offsets[copied:left + 1], spliced]
+            copied = right
+        new_ids = np.concatenate(id_parts + [ids[copied:]])
+        new_offsets = np.concatenate(offset_parts + [offsets[copied:]])
+        self._check_as_text(where, ids, new_ids, len(anchors))
+        return new_ids, new_offsets
+
+    def _check_as_text(self, where: str, ids: np.ndarray, new_ids: np.ndarray, anchors: int) -> None:
+        """Fail safe: the re-encoded row keeps exactly the template's special tokens and the same text."""
+        kept = int(self._is_special.take(new_ids, mode="clip").sum())
+        same = self._backend.decode(new_ids.tolist(), skip_special_tokens=False) == \
+            self._backend.decode(ids.tolist(), skip_special_tokens=False)
+        if kept != anchors or not same:
+            raise DataError("a message's content holds a special-token string that this tokenizer cannot encode "
+                            "as plain text in place (encoded on its own, the text changes); remove it from the "
+                            "row, or set data.special_tokens_in_content=allow to keep it as the control token.",
+                            where=where, reason=SPECIAL_IN_CONTENT)
+
+    def _as_text_backend(self) -> Any:
+        if self._text_backend is None:
+            self._text_backend = copy.deepcopy(self._backend)
+            self._text_backend.encode_special_tokens = True  # special tokens' strings are matched as text
+        return self._text_backend
+
+
+def prompt_token_ids(tokenizer: Any, segments: Sequence[Segment], *, special_tokens_in_content: str = "text",
+                     where: str = "") -> list[int]:
+    """The ids of a rendered prompt (`ChatTemplate.render_prompt`): the template's markup as control tokens,
+    the contents' special-token strings by `special_tokens_in_content`, as in training data."""
+    if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
+        raise ConfigError(f"special_tokens_in_content must be one of {', '.join(SPECIAL_TOKENS_IN_CONTENT)}; "
+                          f"found {special_tokens_in_content!r}")
+    backend = _plain_backend(getattr(tokenizer, "backend_tokenizer", None))
+    text = "".join(s.text for s in segments)
+    if backend is None:  # no offsets: contents encoded on their own (a segment boundary is a token boundary)
+        return [i for s in segments for i in tokenizer.encode(s.text, add_special_tokens=False,
+                                                                 split_special_tokens=s.content
+                                                                 and special_tokens_in_content != "allow")]
+    _match_special_tokens(backend)
+    encoding = backend.encode(text, add_special_tokens=False)
+    ids = np.asarray(encoding.ids, dtype=np.int64)
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    _, roles, content = _label_by_all_offsets(where, list(segments), ids, offsets)
+    specials = SpecialTokensInContent(tokenizer, backend, special_tokens_in_content)
+    forged = specials.find(ids, content, segments, encoding)
+    if len(forged):
+        ids = specials.resolve(where, segments, ids, encoding, forged, (np.zeros(len(ids), dtype=bool), roles))[0]
+    return ids.tolist()
+
+
+def _plain_backend(backend: Any) -> Any:
+    """The fast tokenizer's backend, or a private copy of it if its settings would alter our encodings:
+    offsets must not be trimmed around whitespace, and nothing may be cut or padded (encoding with
+    add_special_tokens=False already adds no BOS/EOS: the rendered text holds them where the template wants
+    them). None for a tokenizer without one (slow, pure Python)."""
+    if backend is None or not _alters_encoding(backend):
+        return backend
+    backend = copy.deepcopy(backend)
+    backend.post_processor = None
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def _match_special_tokens(backend: Any) -> None:
+    """Make the (shared) backend match special tokens again: transformers sets `encode_special_tokens` for
+    each call from its `split_special_tokens` argument and leaves it so, and a whole-string encoding with it
+    on would split the template's own markup into text."""
+    if getattr(backend, "encode_special_tokens", False):
+        backend.encode_special_tokens = False
 
 
 def _texts(rendered: list[list[Segment] | DataError]) -> list[str]:
@@ -203,8 +362,10 @@ def _alters_encoding(backend: Any) -> bool:
     return trims or backend.truncation is not None or backend.padding is not None
 
 
-def _label_by_offsets(where: str, segments: list[Segment], ids: list[int], encoding: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Trained flags and role codes per token, from the token that holds each segment's first character.
+def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
+                      encoding: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trained flags, role codes and content flags per token, from the token that holds each segment's first
+    character.
 
     A segment starts at the token containing its first character; if that token began earlier, it
     straddles the boundary: harmless between two segments both trained or both not (the token goes to
@@ -232,7 +393,8 @@ def _label_by_offsets(where: str, segments: list[Segment], ids: list[int], encod
     counts = np.maximum(np.diff(bounds), 0)
     trained = np.repeat(np.array([s.trainable for s in segments], dtype=bool), counts)
     roles = np.repeat(np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64), counts)
-    return trained, roles
+    content = np.repeat(np.array([s.content for s in segments], dtype=bool), counts)
+    return trained, roles, content
 
 
 def _straddle(where: str, segments: list[Segment], index: int, span: tuple[int, int]) -> None:
@@ -243,13 +405,14 @@ def _straddle(where: str, segments: list[Segment], index: int, span: tuple[int, 
                     "joins; strip it from the content.", where=where, reason=STRADDLE)
 
 
-def _label_by_all_offsets(where: str, segments: list[Segment], ids: list[int],
-                          offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _label_by_all_offsets(where: str, segments: list[Segment], ids: Sequence[int],
+                          offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The general path: every token's character span looked up among the segments."""
     offsets = offsets.reshape(-1, 2)
     starts = np.cumsum([0] + [len(s.text) for s in segments[:-1]])
     trainable = np.array([s.trainable for s in segments], dtype=bool)
     role_codes = np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64)
+    content = np.array([s.content for s in segments], dtype=bool)
     # A trainable "run" changes only where the flag flips; a token must lie inside one run.
     flips = np.concatenate(([True], trainable[1:] != trainable[:-1]))
     run_of_segment = np.cumsum(flips) - 1
@@ -260,7 +423,7 @@ def _label_by_all_offsets(where: str, segments: list[Segment], ids: list[int],
     if straddle.any():
         k = int(np.argmax(straddle))
         _straddle(where, segments, k, (int(offsets[k, 0]), int(offsets[k, 1])))
-    return trainable[first], role_codes[first]
+    return trainable[first], role_codes[first], content[first]
 
 
 def _ensure_special_tokens(tokenizer: Any, template: ChatTemplate, add: bool) -> list[str]:

@@ -29,11 +29,12 @@ import torch
 from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
-from sftlab.data.formats import _require, iter_rows
+from sftlab.data.formats import _require, _tools
 from sftlab.data.batching import Batch, collate
-from sftlab.data.preference import _answer, _cut, _prompt_messages
+from sftlab.data.preference import _answer, _cut, _prompt_messages, _role_map
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, validate
+from sftlab.data.schema import Conversation, Message, message_record, validate
+from sftlab.data.sources import Source, source_rows
 from sftlab.errors import ConfigError, DataError
 
 
@@ -43,11 +44,13 @@ class Feedback:
     completion: Message
     desirable: bool
     where: str = ""
+    tools: tuple[Any, ...] | None = None
+    """The row's tool definitions, rendered with the example (the completion may be a tool call)."""
 
     def conversation(self) -> Conversation:
         """prompt + completion, only the completion trained whatever the row's own flags."""
         return Conversation(tuple(replace(m, train=False) for m in self.prompt) + (replace(self.completion, train=True),),
-                            self.where)
+                            self.where, self.tools)
 
 
 def is_feedback_row(value: Any) -> bool:
@@ -64,18 +67,19 @@ def to_feedback(row: Any, where: str, role_map: Mapping[str, str] | None = None)
         raise DataError(f"field 'label' is {json.dumps(label)[:40]}; expected true (a desirable answer) or false "
                         "(an undesirable one).", where=where, reason="label not true or false")
     feedback = Feedback(_prompt_messages(prompt, where, role_map), _answer(completion, "completion", where, role_map),
-                        label, where)
+                        label, where, _tools(row, where))
     validate(feedback.conversation())
     return feedback
 
 
-def read_feedback(path: str | Path, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
+def read_feedback(path: str | Path | Source, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
                   rejects: RejectLog | None = None, max_row_bytes: int | None = None) -> Iterator[Feedback]:
-    """Stream valid feedback rows; a bad one raises DataError (`error`) or goes to `rejects` (`skip`)."""
+    """Stream valid feedback rows from a source (a file, glob, dataset dir or hub id). A bad row, or one of more
+    than `max_row_bytes` bytes (never parsed), raises DataError (`error`) or goes to `rejects` (`skip`)."""
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
     log = rejects if rejects is not None else RejectLog()
-    for row in iter_rows(path, max_row_bytes=max_row_bytes):
+    for row in source_rows(path, max_row_bytes=max_row_bytes):
         try:
             if row.error is not None:
                 raise row.error
@@ -102,6 +106,8 @@ class FeedbackEncoder:
         self.encoder.max_seq_len = None
         self.truncated = 0
         """Examples cut to max_seq_len so far (data.truncation=truncate)."""
+        self.special_token_rows = 0
+        """Examples encoded so far whose contents hold special-token strings (data.special_tokens_in_content)."""
 
     def encode_batch(self, rows: Sequence[Feedback]) -> list[Example | DataError]:
         return [self._limit(r) for r in self.encoder.encode_batch([f.conversation() for f in rows])]
@@ -109,6 +115,7 @@ class FeedbackEncoder:
     def _limit(self, encoded: Encoded | DataError) -> Example | DataError:
         if isinstance(encoded, DataError):
             return encoded
+        self.special_token_rows += encoded.special_tokens_in_content > 0
         example, limit = _cut(encoded), self.max_seq_len
         if limit is None or len(example.input_ids) <= limit:
             return example
@@ -191,9 +198,11 @@ class FeedbackDataset:
     """Feedback examples over an encoded dataset, with each one's label (what the loop's planning reads:
     `lengths`, `len`, `stats`, `max_token_id`, `where`)."""
 
-    def __init__(self, examples: EncodedDataset) -> None:
+    def __init__(self, examples: EncodedDataset, desirable: np.ndarray | None = None) -> None:
+        """`desirable`: the labels, when `examples` is not one encoded dataset (several sources joined)."""
         self.examples = examples
-        self.desirable = np.fromfile(examples.directory / "desirable.bin", dtype=np.uint8).astype(bool)
+        self.desirable = (np.fromfile(examples.directory / "desirable.bin", dtype=np.uint8).astype(bool)
+                          if desirable is None else np.asarray(desirable, dtype=bool))
         if len(self.desirable) != len(examples):
             raise DataError(f"{examples.directory} holds {len(examples)} examples but {len(self.desirable)} labels; "
                             "delete it (an interrupted cache entry) and run again.")
@@ -232,7 +241,7 @@ class FeedbackDataset:
         self.examples.close()
 
 
-def build_feedback_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def build_feedback_dataset(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, *,
                            rejects_path: str | Path | None = None) -> FeedbackDataset:
     """Encode the feedback rows of `data_path` (or reuse the cached encoding); copy rejected rows to
     `rejects_path`."""
@@ -242,10 +251,11 @@ def build_feedback_dataset(data_path: str | Path, data: DataConfig, encoder: Enc
     return dataset
 
 
-def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory: Path,
+def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
     if data.on_bad_row == "error":  # every row validated before any is tokenised
-        for _ in read_feedback(data_path, role_map=data.role_map, on_bad_row="error", max_row_bytes=encoder.row_limit):
+        for _ in read_feedback(data_path, role_map=_role_map(data_path, data), on_bad_row="error",
+                               max_row_bytes=encoder.row_limit):
             pass
     feedback_encoder = FeedbackEncoder(encoder)
     stats = DatasetStats()
@@ -256,7 +266,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        rows = read_feedback(data_path, role_map=data.role_map, on_bad_row=data.on_bad_row, rejects=log,
+        rows = read_feedback(data_path, role_map=_role_map(data_path, data), on_bad_row=data.on_bad_row, rejects=log,
                              max_row_bytes=encoder.row_limit)
         encoded_rows = 0
         for batch in iter(lambda: list(islice(rows, BATCH_ROWS)), []):
@@ -278,6 +288,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                 stats.examples += 1
                 stats.trained_tokens += int(trained.sum())
         stats.truncated = feedback_encoder.truncated
+        stats.special_token_rows = feedback_encoder.special_token_rows
         stats.rows = encoded_rows + log.total - encode_rejects
         stats.rejected = dict(log.counts)
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
@@ -290,6 +301,8 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
 
 def feedback_row(row: Feedback) -> str:
     """A feedback row in the conversational form, so a rejected one can be fixed and fed back."""
-    return json.dumps({"prompt": [{"role": m.role, "content": m.content} for m in row.prompt],
-                       "completion": [{"role": row.completion.role, "content": row.completion.content}],
-                       "label": row.desirable}, ensure_ascii=False)
+    record: dict[str, Any] = {"prompt": [message_record(m) for m in row.prompt],
+                              "completion": [message_record(row.completion)], "label": row.desirable}
+    if row.tools is not None:
+        record["tools"] = list(row.tools)
+    return json.dumps(record, ensure_ascii=False)

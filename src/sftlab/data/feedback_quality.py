@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from sftlab.config import DataConfig, KTOConfig
 from sftlab.data.dataset import BATCH_ROWS
-from sftlab.data.encode import Dropped, Encoder
+from sftlab.data.encode import SPECIAL_IN_CONTENT, Dropped, Encoder
 from sftlab.data.feedback import FeedbackEncoder, feedback_row, read_feedback
+from sftlab.data.preference import _role_map
+from sftlab.data.quality import SPECIAL_TOKEN_ROWS
+from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
 
@@ -57,6 +60,10 @@ class FeedbackReport:
     proposal: Proposal | None = None
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    special_token_rows: int = 0
+    """Rows whose message contents hold special-token strings, refused ones included (see QualityReport)."""
+    special_tokens_in_content: str = "text"
+    """data.special_tokens_in_content: how those strings are encoded (text, error or allow)."""
 
     @property
     def ok(self) -> bool:
@@ -66,20 +73,21 @@ class FeedbackReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def analyze_feedback(data_path: str | Path, data: DataConfig, encoder: Encoder, kto: KTOConfig, *,
+def analyze_feedback(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, kto: KTOConfig, *,
                      rejects_path: str | Path | None = None) -> FeedbackReport:
     """Read and encode every row as stage kto would (bad rows counted and written to `rejects_path`)."""
     feedback_encoder = FeedbackEncoder(encoder)
     counts = {True: 0, False: 0}
     dropped: Counter[str] = Counter()
-    encode_rejects = read = 0
+    encode_rejects = read = refused_special = 0
     with RejectLog(rejects_path) as log:
-        rows = read_feedback(data_path, role_map=data.role_map, on_bad_row="skip", rejects=log,
+        rows = read_feedback(data_path, role_map=_role_map(data_path, data), on_bad_row="skip", rejects=log,
                              max_row_bytes=encoder.row_limit)
         for batch in iter(lambda: list(islice(rows, BATCH_ROWS)), []):
             read += len(batch)
             for row, result in zip(batch, feedback_encoder.encode_batch(batch)):
                 if isinstance(result, DataError):
+                    refused_special += result.reason == SPECIAL_IN_CONTENT
                     if isinstance(result, Dropped):
                         dropped[result.reason] += 1
                     encode_rejects += 1
@@ -89,8 +97,13 @@ def analyze_feedback(data_path: str | Path, data: DataConfig, encoder: Encoder, 
         # the rows max_seq_len keeps out count as dropped, not rejected (the rejects file lists both)
         rejected = {reason: n - dropped[reason] for reason, n in log.counts.items() if n > dropped[reason]}
         rows_total = read + log.total - encode_rejects  # rows read as feedback, and the reader's rejects
-    return _report(str(data_path), rows_total, counts[True], counts[False], rejected, sum(dropped.values()), kto,
-                   on_bad_row=data.on_bad_row)
+    report = _report(path_of(data_path), rows_total, counts[True], counts[False], rejected, sum(dropped.values()), kto,
+                     on_bad_row=data.on_bad_row)
+    special = feedback_encoder.special_token_rows + refused_special
+    mode = encoder.special_tokens_in_content
+    warnings = report.warnings + ([f"rows whose message contents hold special-token strings "
+                                   f"{SPECIAL_TOKEN_ROWS[mode]}: {special}."] if special else [])
+    return replace(report, special_token_rows=special, special_tokens_in_content=mode, warnings=warnings)
 
 
 def _report(file: str, rows: int, desirable: int, undesirable: int, rejected: dict[str, int], dropped: int,
@@ -134,21 +147,25 @@ def write(report: FeedbackReport, fmt: str = "text", console: Any = None) -> Non
         raise ValueError(f"unknown report format {fmt!r}; expected text or json")
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Text, never markup: problems and paths quote the user's data, which may hold `[...]`.
     console = console if console is not None else Console(highlight=False)
-    table = Table(title=f"sftlab check (feedback): {report.file}")
+    table = Table(title=Text(f"sftlab check (feedback): {report.file}"))
     table.add_column("")
     table.add_column("count", justify="right")
     for name, value in (("rows", report.rows), ("examples", report.examples), ("desirable", report.desirable),
                         ("undesirable", report.undesirable), ("dropped (max_seq_len)", report.dropped),
+                        (f"special-token text in contents ({report.special_tokens_in_content})",
+                         report.special_token_rows),
                         *((f"rejected: {reason}", n) for reason, n in sorted(report.rejected.items()))):
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     if report.ratio is not None:
         table.add_row("λ_D·n_D / (λ_U·n_U)", f"{report.ratio:.3g}")
     console.print(table)
     for problem in report.problems:
-        console.print(f"[bold red]problem:[/] {problem}", markup=True)
+        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", markup=True)
-    verdict = f"[bold green]ok[/]: {report.examples} examples train" if report.ok else "[bold red]not ok[/]"
-    console.print(verdict, markup=True)
+        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
+    verdict = (("ok", "bold green"), f": {report.examples} examples train") if report.ok else (("not ok", "bold red"),)
+    console.print(Text.assemble(*verdict))

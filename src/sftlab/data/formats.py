@@ -7,10 +7,16 @@ array is parsed whole (the file is in memory anyway: memory ~ file size), and a 
 row group holds it (pyarrow's unit); an oversized row of either is still rejected before rendering.
 
 Formats (detected from the first row's keys, or set with `data.format`):
-- messages:          {"messages": [{"role", "content", "train"?}, ...]}
+- messages:          {"messages": [{"role", "content", "train"?}, ...], "tools"?}
 - prompt_completion: {"prompt": str, "completion": str}, or both lists of messages
-- alpaca:            {"instruction", "input"?, "output", "system"?}
-- sharegpt:          {"conversations": [{"from", "value"}, ...]} (human/gpt/system, plus data.role_map)
+- alpaca:            {"instruction", "input"?, "output", "system"?, "history"?}
+- sharegpt:          {"conversations": [{"from", "value"}, ...], "system"?, "tools"?} (human/gpt/system,
+                     function_call/observation, plus data.role_map)
+
+A message may carry OpenAI's tool-calling and reasoning fields: `tool_calls` (content then empty or
+null), `reasoning_content` (or `reasoning` / `thinking`), and for a `tool` result `tool_call_id` / `name`.
+Content may be a list of text parts, joined in order. `field_usage` says which fields a row's format reads,
+so `check` can report every field that is ignored.
 """
 
 from __future__ import annotations
@@ -19,14 +25,21 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, shown, validate
+from sftlab.data.schema import Conversation, Message, ToolCall, shown, validate
 from sftlab.errors import ConfigError, DataError
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
-                  "assistant": "assistant"}
+                  "assistant": "assistant", "observation": "tool", "tool": "tool"}
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+"""Where datasets and OpenAI-compatible servers put an assistant's reasoning, in order of preference."""
+MESSAGE_KEYS = {"role", "content", "train", "tool_calls", "tool_call_id", "name", *REASONING_KEYS}
+ROW_KEYS = {"messages": {"messages", "tools"}, "sharegpt": {"conversations", "system", "tools"},
+            "alpaca": {"instruction", "input", "output", "system", "history"},
+            "prompt_completion": {"prompt", "completion", "tools"}}
+"""The fields each format reads from a row (and, for lists of messages, from a message)."""
 
 
 BYTES_PER_TOKEN = 32
@@ -256,6 +269,13 @@ def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapp
     """Stream valid conversations from a file. A bad row, or one of more than `max_row_bytes` bytes (never
     parsed), raises DataError (`error`) or goes to `rejects` (`skip`); with `skip` and no RejectLog given,
     rejected rows are still counted by a private log."""
+    return conversations_from_rows(iter_rows(path, max_row_bytes=max_row_bytes), format=format, role_map=role_map,
+                                   on_bad_row=on_bad_row, rejects=rejects)
+
+
+def conversations_from_rows(rows: Iterable[Row], *, format: str = "auto", role_map: Mapping[str, str] | None = None,
+                            on_bad_row: str = "error", rejects: RejectLog | None = None) -> Iterator[Conversation]:
+    """read_conversations over any rows (data/sources.py gives them for every kind of source)."""
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
     role_map = dict(role_map or {})
@@ -263,7 +283,7 @@ def read_conversations(path: str | Path, *, format: str = "auto", role_map: Mapp
     chosen = None if format == "auto" else format
     if chosen is not None and chosen not in CONVERTERS:
         raise ConfigError(f"data.format must be one of auto, {', '.join(CONVERTERS)}; found {format!r}")
-    for row in iter_rows(path, max_row_bytes=max_row_bytes):
+    for row in rows:
         try:
             if row.error is not None:
                 raise row.error
@@ -303,32 +323,148 @@ def _message_list(items: Any, field: str, where: str, role_map: Mapping[str, str
                         f"{{{role_key}, {content_key}}} objects.", where=where, reason=f"{field} not a list")
     messages = []
     for number, item in enumerate(items, start=1):
+        at = f"{field}[{number - 1}]"
         if not isinstance(item, Mapping):
-            raise DataError(f"{field}[{number - 1}] is a {type(item).__name__}; expected an object with "
+            raise DataError(f"{at} is a {type(item).__name__}; expected an object with "
                             f"{role_key!r} and {content_key!r}.", where=where, reason="message not an object")
         if role_key not in item:
-            raise DataError(f"{field}[{number - 1}] has no {role_key!r} field; expected one of system, user, "
-                            "assistant.", where=where, reason="missing role")
-        if item.get(content_key) is None:
-            raise DataError(f"{field}[{number - 1}] field {content_key!r} is missing or null; expected a non-empty "
-                            "string. Add the message's text or remove the message.",
-                            where=where, reason="missing content")
+            raise DataError(f"{at} has no {role_key!r} field; expected one of system, user, "
+                            "assistant, tool.", where=where, reason="missing role")
         role = item[role_key]
         if isinstance(role, str):  # a list or object role is unhashable; validate() reports it
             role = role_map.get(role, (builtin_roles or {}).get(role, role))
-        messages.append(Message(role=role, content=item.get(content_key), train=item.get("train")))
+        if role == "function_call" and content_key == "value":  # LLaMA-Factory's sharegpt tool call
+            messages.append(_sharegpt_function_call(item.get(content_key), at, where))
+            continue
+        calls = _tool_calls(item.get("tool_calls"), at, where)
+        content = _content(item.get(content_key), at, content_key, where, optional=bool(calls))
+        messages.append(Message(role=role, content=content, train=item.get("train"), tool_calls=calls,
+                                reasoning=_reasoning(item), tool_call_id=item.get("tool_call_id"),
+                                name=item.get("name") if role == "tool" else None))
     return messages
+
+
+def _content(value: Any, at: str, key: str, where: str, *, optional: bool) -> Any:
+    """A message's text: a string, or a list of text parts joined in order; null/absent is "" where the
+    message makes tool calls (validate() reports anything else)."""
+    if value is None:
+        if optional:
+            return ""
+        raise DataError(f"{at} field {key!r} is missing or null; expected a non-empty string. Add the "
+                        "message's text or remove the message.", where=where, reason="missing content")
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for index, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+            continue
+        found = f"a part of type {kind!r}" if kind is not None else f"a {type(part).__name__}"
+        raise DataError(f"{at} {key}[{index}] is {found}; expected text parts ({{\"type\": \"text\", \"text\": "
+                        "...}). Images, audio and other non-text parts are not supported: remove them or "
+                        "train a text-only version of the row.", where=where, reason="non-text content part")
+    return "".join(texts)
+
+
+def _reasoning(item: Mapping[str, Any]) -> Any:
+    for key in REASONING_KEYS:
+        value = item.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _tool_calls(value: Any, at: str, where: str) -> tuple[ToolCall, ...]:
+    """OpenAI's `[{"type": "function", "id", "function": {"name", "arguments"}}]`; a call given flat as
+    {"name", "arguments"} is read the same way. Arguments given as a JSON string are parsed."""
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list):
+        raise DataError(f"{at} field 'tool_calls' is a {type(value).__name__}; expected a list of "
+                        "{\"type\": \"function\", \"function\": {\"name\", \"arguments\"}} objects.",
+                        where=where, reason="tool_calls not a list")
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise DataError(f"{at} tool_calls[{index}] is {shown(call)}; expected an object with a 'function' "
+                            "holding 'name' and 'arguments'.", where=where, reason="tool call not an object")
+        call_id = call.get("id")
+        calls.append(ToolCall(function.get("name"), _arguments(function.get("arguments"), f"{at} tool_calls[{index}]",
+                                                              where), call_id if isinstance(call_id, str) else None))
+    return tuple(calls)
+
+
+def _arguments(value: Any, at: str, where: str) -> Any:
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        return value  # validate() requires an object
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        raise DataError(f"{at} arguments {shown(value)} are not valid JSON; expected a JSON object (or a "
+                        "string holding one). Fix the arguments.", where=where,
+                        reason="tool arguments not an object") from None
+    return parsed
+
+
+def _sharegpt_function_call(value: Any, at: str, where: str) -> Message:
+    """LLaMA-Factory's `{"from": "function_call", "value": "{\"name\": ..., \"arguments\": ...}"}` (one
+    call, or a list of them) as an assistant message making those calls."""
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else value
+    except (ValueError, RecursionError):
+        parsed = None
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    if not all(isinstance(c, Mapping) and "name" in c for c in calls):
+        raise DataError(f"{at} (function_call) value is {shown(value)}; expected a JSON object "
+                        "{\"name\": ..., \"arguments\": {...}} (or a list of them) as a string.",
+                        where=where, reason="tool call not an object")
+    return Message("assistant", "", tool_calls=_tool_calls(calls, at, where))
+
+
+def _tools(row: Mapping[str, Any], where: str) -> tuple[Any, ...] | None:
+    """A row's tool definitions: a list of JSON schemas, or a JSON string of one (LLaMA-Factory)."""
+    value = row.get("tools") if isinstance(row, Mapping) else None
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise DataError(f"field 'tools' is a string that is not JSON: {shown(value)}; expected a list of "
+                            "function definitions (JSON schemas).", where=where, reason="tools not a list") from None
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise DataError(f"field 'tools' is {shown(value)}; expected a list of function definitions, e.g. "
+                        "[{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}].",
+                        where=where, reason="tools not a list")
+    return tuple(value)
+
+
+def tool_names(tools: tuple[Any, ...] | None) -> set[str]:
+    """Function names a row's tools define (OpenAI's wrapped shape or a bare function schema)."""
+    names = set()
+    for tool in tools or ():
+        function = tool.get("function", tool)
+        if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+            names.add(function["name"])
+    return names
 
 
 def _from_messages(row: Any, where: str, role_map: Mapping[str, str]) -> Conversation:
     items = _require(row, "messages", "a list of {role, content} objects", where)
-    return Conversation(tuple(_message_list(items, "messages", where, role_map)), where)
+    return Conversation(tuple(_message_list(items, "messages", where, role_map)), where, _tools(row, where))
 
 
 def _from_sharegpt(row: Any, where: str, role_map: Mapping[str, str]) -> Conversation:
     items = _require(row, "conversations", "a list of {from, value} objects", where)
     messages = _message_list(items, "conversations", where, role_map, "from", "value", SHAREGPT_ROLES)
-    return Conversation(tuple(messages), where)
+    system = row.get("system")
+    if system is not None and system != "" and not (messages and messages[0].role == "system"):
+        messages.insert(0, Message("system", system))
+    return Conversation(tuple(messages), where, _tools(row, where))
 
 
 def _from_alpaca(row: Any, where: str, role_map: Mapping[str, str]) -> Conversation:
@@ -341,9 +477,21 @@ def _from_alpaca(row: Any, where: str, role_map: Mapping[str, str]) -> Conversat
                         where=where, reason="content not a string")
     system = row.get("system")
     messages = [] if system is None or system == "" else [Message("system", system)]
+    messages += _alpaca_history(row.get("history"), where)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages += [Message("user", prompt), Message("assistant", output)]
     return Conversation(tuple(messages), where)
+
+
+def _alpaca_history(value: Any, where: str) -> list[Message]:
+    """Earlier turns as [[instruction, output], ...] (the alpaca layout LLaMA-Factory reads)."""
+    if value is None or value == []:
+        return []
+    pairs = value if isinstance(value, list) else None
+    if pairs is None or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise DataError(f"field 'history' is {shown(value)}; expected a list of [instruction, output] pairs.",
+                        where=where, reason="history not a list")
+    return [Message(role, text) for pair in pairs for role, text in zip(("user", "assistant"), pair)]
 
 
 def _from_prompt_completion(row: Any, where: str, role_map: Mapping[str, str]) -> Conversation:
@@ -355,7 +503,7 @@ def _from_prompt_completion(row: Any, where: str, role_map: Mapping[str, str]) -
         if any(m.role != "assistant" for m in after):
             raise DataError("field 'completion' holds a non-assistant message; expected only assistant "
                             "messages after the prompt.", where=where, reason="completion not assistant")
-        return Conversation(tuple(before + after), where)
+        return Conversation(tuple(before + after), where, _tools(row, where))
     return Conversation((Message("user", _text_field(row, "prompt", where)),
                          Message("assistant", _text_field(row, "completion", where))), where)
 
@@ -377,3 +525,39 @@ CONVERTERS: dict[str, Callable[[Any, str, Mapping[str, str]], Conversation]] = {
     "alpaca": _from_alpaca,
     "sharegpt": _from_sharegpt,
 }
+
+
+def field_usage(value: Any, format: str) -> dict[str, bool]:
+    """Each field of a row, and of its messages (as `messages[].KEY`), mapped to whether `format` reads
+    it: what `check` counts so that nothing a row holds is dropped without a word."""
+    if not isinstance(value, Mapping) or format not in ROW_KEYS:
+        return {}
+    usage = {str(key): key in ROW_KEYS[format] for key in value}
+    lists = {"messages": ("messages",), "sharegpt": ("conversations",),
+             "prompt_completion": ("prompt", "completion")}.get(format, ())
+    known = MESSAGE_KEYS | ({"from", "value"} if format == "sharegpt" else set())
+    for name in lists:
+        items = value.get(name)
+        keys = {key for item in (items if isinstance(items, list) else ()) if isinstance(item, Mapping)
+                for key in item}  # a row counts once per key, however many of its messages hold it
+        usage.update({f"{name}[].{key}": key in known for key in keys})
+    return usage
+
+
+def field_report(source: str | Path | Iterable[Row], format: str = "auto", *,
+                 max_row_bytes: int | None = None) -> dict[str, dict[str, Any]]:
+    """How many rows of a file (or of a stream of rows) hold each field, and whether the reader uses it:
+    {"tools": {"rows": 1200, "used": True}, "metadata": {"rows": 50, "used": False}}. Unreadable rows and
+    rows over `max_row_bytes` are skipped (they are rejected, and counted, by the reader)."""
+    counts: dict[str, list[Any]] = {}
+    chosen = None if format == "auto" else format
+    rows = iter_rows(source, max_row_bytes=max_row_bytes) if isinstance(source, (str, Path)) else source
+    for row in rows:
+        if row.error is not None:
+            continue
+        chosen = chosen or detect_format(row.value)
+        if chosen is None:
+            continue
+        for name, used in field_usage(row.value, chosen).items():
+            counts.setdefault(name, [0, used])[0] += 1
+    return {name: {"rows": rows, "used": used} for name, (rows, used) in sorted(counts.items())}

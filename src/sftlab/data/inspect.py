@@ -1,7 +1,8 @@
 """Views of encoded examples for `sftlab inspect`: marked text, JSON lines, and an HTML page.
 
 Text view: the decoded conversation with trained spans highlighted (colour), or wrapped in `[[...]]` when
-colour is off — the golden-file notation used by the tests.
+colour is off — the golden-file notation used by the tests. In colour (and in HTML) reasoning, tool calls
+and tool results have colours of their own, trained or not, so a glance shows what a tool-calling turn trains.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any, Iterable, Sequence
 
-from sftlab.data.encode import IGNORE_INDEX, Encoded, Example
+from sftlab.data.encode import IGNORE_INDEX, ROLE_CODES, Encoded, Example
 from sftlab.errors import DataError
 
 OPEN, CLOSE = "[[", "]]"
@@ -27,6 +28,24 @@ def runs(example_ids: Sequence[int], labels: Sequence[int]) -> list[tuple[bool, 
             out[-1][1].append(token)
         else:
             out.append((trained, [token]))
+    return out
+
+
+ROLE_STYLES = {"reasoning": ("black on cyan", "cyan"), "tool_call": ("black on yellow", "yellow"),
+               "tool": ("black on magenta", "magenta")}
+"""(trained, untrained) terminal styles of the roles shown apart; others: black on green / dim."""
+ROLE_NAMES = {code: role for role, code in ROLE_CODES.items()}
+
+
+def role_runs(encoded: Encoded) -> list[tuple[bool, str, list[int]]]:
+    """Maximal runs of tokens with the same trained flag and role: [(trained, role, ids), ...]."""
+    out: list[tuple[bool, str, list[int]]] = []
+    for token, label, code in zip(encoded.example.input_ids, encoded.example.labels, encoded.roles):
+        key = (label != IGNORE_INDEX, ROLE_NAMES.get(code, ""))
+        if out and out[-1][:2] == key:
+            out[-1][2].append(token)
+        else:
+            out.append((*key, [token]))
     return out
 
 
@@ -46,11 +65,15 @@ def example_record(example: Example, tokenizer: Any) -> dict[str, Any]:
 
 
 def tokens_html(record: dict[str, Any]) -> str:
-    """An example_record as HTML: one <span> per token, class "t on" if trained, "t off" if not, titled
-    with its position and id (styled by TOKEN_CSS). Shared by the inspect page and the run report."""
+    """An example_record as HTML: one <span> per token, class "t on" if trained, "t off" if not (plus
+    "r-reasoning" / "r-tool_call" / "r-tool" where the record has roles), titled with its position and id
+    (styled by TOKEN_CSS). Shared by the inspect page and the run report."""
     spans = []
-    for position, (text, token, label) in enumerate(zip(record["tokens"], record["input_ids"], record["labels"])):
+    roles = record.get("roles") or [""] * len(record["tokens"])
+    for position, (text, token, label, role) in enumerate(zip(record["tokens"], record["input_ids"],
+                                                               record["labels"], roles)):
         css = "t on" if label != IGNORE_INDEX else "t off"
+        css += f" r-{role}" if role in ROLE_STYLES else ""
         spans.append(f'<span class="{css}" title="#{position} id {token}">{html.escape(text)}</span>')
     return "".join(spans)
 
@@ -116,15 +139,19 @@ def _text(results: list[Encoded | DataError], tokenizer: Any, stream: IO[str], *
             console.print(Text(marked_text(result, tokenizer)))
             continue
         body = Text()
-        for trained, ids in runs(result.example.input_ids, result.example.labels):
-            body.append(_decode(tokenizer, ids), style="black on green" if trained else "dim")
+        for trained, role, ids in role_runs(result):
+            styles = ROLE_STYLES.get(role, ("black on green", "dim"))
+            body.append(_decode(tokenizer, ids), style=styles[0] if trained else styles[1])
         console.print(body)
 
 
 TOKEN_CSS = """pre { white-space: pre-wrap; word-break: break-word; font-size: 13px; line-height: 1.6; }
 .t { border-right: 1px solid #eee; }
 .on { background: #c8f7c5; }
-.off { color: #777; }"""
+.off { color: #777; }
+.on.r-reasoning { background: #b9ecf5; } .off.r-reasoning { color: #0a7d8c; }
+.on.r-tool_call { background: #f7e7a1; } .off.r-tool_call { color: #8a6d00; }
+.off.r-tool { color: #a0309a; }"""
 """The styles tokens_html's spans need."""
 
 _PAGE = """<!doctype html>
@@ -138,7 +165,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem; max-width: 72rem; }}
 </style></head><body>
 <h1>sftlab inspect</h1>
 <p>Green tokens are trained (their labels are the token ids); grey tokens are ignored by the loss.
-Hover a token for its id and position.</p>
+Reasoning is blue, tool calls yellow, tool results purple (a background when trained, the text's colour
+when not). Hover a token for its id and position.</p>
 {body}
 </body></html>
 """
@@ -151,7 +179,9 @@ def _html(results: list[Encoded | DataError], tokenizer: Any) -> str:
             blocks.append(f'<div class="example err">{html.escape(result.where)}: refused '
                           f'({html.escape(result.reason)}): {html.escape(result.detail)}</div>')
             continue
-        spans = tokens_html(example_record(result.example, tokenizer))
+        record = example_record(result.example, tokenizer)
+        record["roles"] = [ROLE_NAMES.get(code, "") for code in result.roles]
+        spans = tokens_html(record)
         blocks.append(f'<div class="example"><div class="head">{html.escape(result.example.where)} — '
                       f'{_summary(result)}</div><pre>{spans}</pre></div>')
     return _PAGE.format(body="\n".join(blocks), token_css=TOKEN_CSS)

@@ -29,9 +29,10 @@ import numpy as np
 
 from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS
-from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
+from sftlab.data.encode import IGNORE_INDEX, SPECIAL_IN_CONTENT, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
-from sftlab.data.quality import REJECTED_SHARE_WARNING, digest, length_spread
+from sftlab.data.quality import REJECTED_SHARE_WARNING, SPECIAL_TOKEN_ROWS, digest, length_spread
+from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
 
@@ -108,6 +109,10 @@ class PairReport:
     near_identical: int = 0
     """Pairs whose chosen and rejected answers differ only in whitespace or case."""
     near_identical_examples: list[str] = field(default_factory=list)
+    special_token_rows: int = 0
+    """Pairs whose message contents hold special-token strings, refused ones included (see QualityReport)."""
+    special_tokens_in_content: str = "text"
+    """data.special_tokens_in_content: how those strings are encoded (text, error or allow)."""
     rejects_path: str | None = None
     """Where rejected and dropped rows were written; None when there were none."""
     problems: list[str] = field(default_factory=list)
@@ -122,7 +127,7 @@ class PairReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def analyze_pairs(data_path: "str | Path | Source", data: DataConfig, encoder: Encoder, *,
                   rejects_path: str | Path | None = None) -> PairReport:
     """Read and encode every pair of `data_path` as `stage: dpo` training would, and report on it.
 
@@ -146,7 +151,8 @@ def analyze_pairs(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
         read_rejects = log.total - tally.refused_rows
         counts = dict(log.counts)
         written = log.path if log.total else None
-    report = tally.report(str(data_path), data, counts, read_rejects)
+    report = tally.report(path_of(data_path), data, counts,
+                          read_rejects)
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report
@@ -203,6 +209,7 @@ class _Tally:
 
     def refused(self, error: DataError, whole: EncodedPair | None) -> None:
         self.refused_rows += 1
+        self.counts["special_token_rows"] += error.reason == SPECIAL_IN_CONTENT
         if isinstance(error, Dropped):
             self.dropped[error.reason] += 1
         if whole is not None:  # dropped by max_seq_len: its lengths still describe the data
@@ -212,6 +219,7 @@ class _Tally:
     def usable(self, encoded: EncodedPair, whole: EncodedPair | None) -> None:
         self.counts["pairs"] += 1
         self.counts["truncated"] += encoded.truncated
+        self.counts["special_token_rows"] += encoded.special_tokens_in_content > 0
         self._measure(whole if whole is not None else encoded)
 
     def _measure(self, encoded: EncodedPair) -> None:
@@ -237,7 +245,8 @@ class _Tally:
             lengths=PairLengths(**{name: _spread(values) for name, values in self.lengths.items()}),
             length_bias=self._bias(), duplicates=c["duplicates"], contradicting=c["contradicting"],
             contradicting_examples=self.examples["contradicting"], near_identical=c["near_identical"],
-            near_identical_examples=self.examples["near_identical"])
+            near_identical_examples=self.examples["near_identical"], special_token_rows=c["special_token_rows"],
+            special_tokens_in_content=self.encoder.encoder.special_tokens_in_content)
 
     def _bias(self) -> LengthBias:
         chosen = np.frombuffer(self.lengths["chosen"], dtype=np.int32)
@@ -298,6 +307,9 @@ def _warnings(r: PairReport) -> list[str]:
     if r.dropped_by_max_seq_len:
         out.append(f"pairs dropped by data.max_seq_len={r.max_seq_len} (data.truncation={r.truncation}): "
                    f"{r.dropped_by_max_seq_len}. Raise max_seq_len to keep them.")
+    if r.special_token_rows:
+        out.append(f"pairs whose message contents hold special-token strings "
+                   f"{SPECIAL_TOKEN_ROWS[r.special_tokens_in_content]}: {r.special_token_rows}.")
     if r.truncated:
         out.append(f"pairs truncated to data.max_seq_len={r.max_seq_len}: {r.truncated}; a cut answer is "
                    "compared by its first tokens only.")
@@ -336,22 +348,25 @@ def write(report: PairReport, fmt: str = "text", console: Any = None) -> None:
     if fmt != "text":
         raise ValueError(f"unknown report format {fmt!r}; expected text or json")
     from rich.console import Console
+    from rich.text import Text
 
+    # Text, never markup: problems, roles and paths quote the user's data, which may hold `[...]`.
     console = console if console is not None else Console(highlight=False)
     for table in (_summary_table(report), _lengths_table(report), _bias_table(report)):
         console.print(table)
     for problem in report.problems:
-        console.print(f"[bold red]problem:[/] {problem}", markup=True)
+        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", markup=True)
-    verdict = f"[bold green]ok[/]: {report.pairs} pairs train" if report.ok else "[bold red]not ok[/]"
-    console.print(verdict, markup=True)
+        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
+    verdict = (("ok", "bold green"), f": {report.pairs} pairs train") if report.ok else (("not ok", "bold red"),)
+    console.print(Text.assemble(*verdict))
 
 
 def _summary_table(r: PairReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"sftlab check (preference pairs): {r.data_path}", show_header=False)
+    table = Table(title=Text(f"sftlab check (preference pairs): {r.data_path}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     rows: list[tuple[str, object]] = [("rows read", r.rows), ("usable pairs", r.pairs)]
@@ -361,28 +376,31 @@ def _summary_table(r: PairReport) -> Any:
     rows += [(f"dropped by max_seq_len={r.max_seq_len} ({r.truncation})", r.dropped_by_max_seq_len),
              ("truncated", r.truncated), ("duplicate pairs", r.duplicates),
              ("contradicting preferences", r.contradicting),
-             ("answers differing only in whitespace/case", r.near_identical)]
+             ("answers differing only in whitespace/case", r.near_identical),
+             (f"pairs with special-token text in contents ({r.special_tokens_in_content})", r.special_token_rows)]
     if r.rejects_path:
         rows.append(("rejected and dropped rows in", r.rejects_path))
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     return table
 
 
 def _lengths_table(r: PairReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="tokens per pair, before truncation")
     for name in ("", "pairs", "min", "median", "p95", "max"):
         table.add_column(name, justify="left" if not name else "right")
     for name, spread in (("prompt", r.lengths.prompt), ("chosen (scored)", r.lengths.chosen),
                          ("rejected (scored)", r.lengths.rejected), ("prompt + longer answer", r.lengths.longer_side)):
-        table.add_row(name, *(str(v) for v in (spread.count, spread.min, spread.median, spread.p95, spread.max)))
+        table.add_row(Text(name), *(str(v) for v in (spread.count, spread.min, spread.median, spread.p95, spread.max)))
     return table
 
 
 def _bias_table(r: PairReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     b = r.length_bias
     table = Table(title="length bias (scored tokens)", show_header=False)
@@ -393,5 +411,5 @@ def _bias_table(r: PairReport) -> Any:
     for name, value in (("chosen longer", b.chosen_longer), ("rejected longer", b.rejected_longer),
                         ("same length", b.same_length), ("chosen longer, of pairs that differ", share),
                         ("mean chosen/rejected ratio", ratio)):
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     return table

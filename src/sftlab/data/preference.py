@@ -36,9 +36,10 @@ from sftlab.config import DataConfig
 from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
-from sftlab.data.formats import _message_list, _require, iter_rows
+from sftlab.data.formats import _message_list, _require, _tools
+from sftlab.data.sources import Source, source_rows
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, validate
+from sftlab.data.schema import Conversation, Message, message_record, validate
 from sftlab.errors import ConfigError, DataError
 
 PROMPTS_DIFFER = "prompts differ"
@@ -52,12 +53,14 @@ class Pair:
     chosen: Message
     rejected: Message
     where: str = ""
+    tools: tuple[Any, ...] | None = None
+    """The row's tool definitions, rendered with both sides (an answer may be a tool call)."""
 
     def conversations(self) -> tuple[Conversation, Conversation]:
         """(prompt + chosen, prompt + rejected), with only the answer trained whatever the row's own flags."""
         prompt = tuple(replace(m, train=False) for m in self.prompt)
-        return (Conversation(prompt + (replace(self.chosen, train=True),), self.where),
-                Conversation(prompt + (replace(self.rejected, train=True),), self.where))
+        return (Conversation(prompt + (replace(self.chosen, train=True),), self.where, self.tools),
+                Conversation(prompt + (replace(self.rejected, train=True),), self.where, self.tools))
 
 
 def is_preference_row(value: Any) -> bool:
@@ -76,9 +79,10 @@ def to_pair(row: Any, where: str, role_map: Mapping[str, str] | None = None) -> 
                     _answer(rejected, "rejected", where, role_map), where)
     else:
         pair = _implicit_pair(chosen, rejected, where, role_map)
+    pair = replace(pair, tools=_tools(row, where))
     for conversation in pair.conversations():
         validate(conversation)
-    if pair.chosen.content == pair.rejected.content:
+    if replace(pair.chosen, train=None) == replace(pair.rejected, train=None):
         raise DataError("'chosen' and 'rejected' are the same answer, so the pair states no preference; fix the "
                         "row or remove it.", where=where, reason="chosen equals rejected")
     return pair
@@ -124,7 +128,7 @@ def _implicit_pair(chosen: Any, rejected: Any, where: str, role_map: Mapping[str
     for index in range(max(len(prompt), len(other))):
         mine = prompt[index] if index < len(prompt) else None
         theirs = other[index] if index < len(other) else None
-        if mine is None or theirs is None or (mine.role, mine.content) != (theirs.role, theirs.content):
+        if mine is None or theirs is None or replace(mine, train=None) != replace(theirs, train=None):
             raise DataError(f"'chosen' and 'rejected' differ at message {index + 1}, before their final assistant "
                             "answers; expected the same conversation up to the answer (its shared part is the "
                             "prompt). Make the two prefixes identical, or give the prompt as a 'prompt' field.",
@@ -132,14 +136,15 @@ def _implicit_pair(chosen: Any, rejected: Any, where: str, role_map: Mapping[str
     return Pair(tuple(prompt), chosen_messages[-1], rejected_messages[-1], where)
 
 
-def read_pairs(path: str | Path, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
+def read_pairs(path: str | Path | Source, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
                rejects: RejectLog | None = None, max_row_bytes: int | None = None) -> Iterator[Pair]:
-    """Stream valid pairs from a .jsonl / .json / .parquet file. A bad row, or one of more than `max_row_bytes`
-    bytes (never parsed; see `pair_row_limit`), raises DataError (`error`) or goes to `rejects` (`skip`)."""
+    """Stream valid pairs from a source (a file, glob, dataset dir or hub id). A bad row, or one of more than
+    `max_row_bytes` bytes (never parsed; see `pair_row_limit`), raises DataError (`error`) or goes to `rejects`
+    (`skip`)."""
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
     log = rejects if rejects is not None else RejectLog()
-    for row in iter_rows(path, max_row_bytes=max_row_bytes):
+    for row in source_rows(path, max_row_bytes=max_row_bytes):
         try:
             if row.error is not None:
                 raise row.error
@@ -168,6 +173,8 @@ class EncodedPair:
     prompt_tokens: int
     """Tokens before the answer, the same ids on both sides."""
     truncated: bool = False
+    special_tokens_in_content: int = 0
+    """Special-token strings found in the pair's contents, both sides (see Encoded)."""
 
     @property
     def where(self) -> str:
@@ -212,7 +219,8 @@ class PairEncoder:
             return Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. Raise "
                            "max_seq_len or shorten the prompt.", where=pair.where, reason=NOTHING_TRAINED)
         sides = [Example(side.input_ids[:limit], side.labels[:limit], side.where) for side in (pair.chosen, pair.rejected)]
-        return EncodedPair(*sides, pair.prompt_tokens, truncated=True)
+        return EncodedPair(*sides, pair.prompt_tokens, truncated=True,
+                           special_tokens_in_content=pair.special_tokens_in_content)
 
     def encode_stream(self, batches: Iterable[Sequence[Pair]]
                       ) -> Iterator[tuple[Sequence[Pair], list[EncodedPair | DataError]]]:
@@ -240,7 +248,8 @@ def _join(chosen: Encoded | DataError, rejected: Encoded | DataError) -> Encoded
                          f"the rejected one ({starts[0]} vs {starts[1]} tokens), so the two are not scored in the "
                          "same context. Use a template that renders earlier turns independently of the last "
                          "answer (e.g. data.template=chatml).", where=where, reason=PROMPTS_DIFFER)
-    return EncodedPair(_cut(chosen), _cut(rejected), starts[0], chosen.truncated or rejected.truncated)
+    return EncodedPair(_cut(chosen), _cut(rejected), starts[0], chosen.truncated or rejected.truncated,
+                       chosen.special_tokens_in_content + rejected.special_tokens_in_content)
 
 
 def _cut(encoded: Encoded) -> Example:
@@ -370,18 +379,18 @@ class PairDataset:
         self.examples.close()
 
 
-def build_pair_dataset(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def build_pair_dataset(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, *,
                        rejects_path: str | Path | None = None) -> PairDataset:
     """Encode the pairs of `data_path` (or reuse the cached encoding); copy rejected rows to `rejects_path`."""
     return PairDataset(build_dataset(data_path, data, encoder, rejects_path=rejects_path, write=_write,
                                      rows="preference pairs"))
 
 
-def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory: Path,
+def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
     """The encoded-dataset layout (data/dataset.py), two examples per pair; stats count examples (sides)."""
     if data.on_bad_row == "error":  # every pair validated before any is tokenised, as for conversations
-        for _ in read_pairs(data_path, role_map=data.role_map, on_bad_row="error",
+        for _ in read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row="error",
                             max_row_bytes=pair_row_limit(encoder)):
             pass
     pair_encoder = PairEncoder(encoder)
@@ -392,7 +401,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
             (directory / "input_ids.bin").open("wb") as ids_file, \
             (directory / "trained.bin").open("wb") as trained_file, \
             (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        pairs = read_pairs(data_path, role_map=data.role_map, on_bad_row=data.on_bad_row, rejects=log,
+        pairs = read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row=data.on_bad_row, rejects=log,
                            max_row_bytes=pair_row_limit(encoder))
         encoded_rows = 0
         for batch, results in pair_encoder.encode_stream(iter(lambda: list(islice(pairs, BATCH_ROWS)), [])):
@@ -414,6 +423,7 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
                     stats.examples += 1
                     stats.trained_tokens += int(trained.sum())
                 stats.truncated += int(result.truncated)
+                stats.special_token_rows += int(result.special_tokens_in_content > 0)
         stats.rows = encoded_rows + log.total - encode_rejects
         stats.rejected = dict(log.counts)
     np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
@@ -425,8 +435,13 @@ def _write(data_path: str | Path, data: DataConfig, encoder: Encoder, directory:
 
 def pair_row(pair: Pair) -> str:
     """A pair as an explicit-form row, so a rejected one can be fixed and fed back."""
-    def message(m: Message) -> dict[str, str]:
-        return {"role": m.role, "content": m.content}
+    row: dict[str, Any] = {"prompt": [message_record(m) for m in pair.prompt], "chosen": [message_record(pair.chosen)],
+                           "rejected": [message_record(pair.rejected)]}
+    if pair.tools is not None:
+        row["tools"] = list(pair.tools)
+    return json.dumps(row, ensure_ascii=False)
 
-    return json.dumps({"prompt": [message(m) for m in pair.prompt], "chosen": [message(pair.chosen)],
-                       "rejected": [message(pair.rejected)]}, ensure_ascii=False)
+
+def _role_map(data_path: str | Path | Source, data: DataConfig) -> Mapping[str, str]:
+    """data.role_map, with a source's own role_map over it."""
+    return {**data.role_map, **data_path.spec.role_map} if isinstance(data_path, Source) else data.role_map

@@ -25,8 +25,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from sftlab.config import DataConfig
-from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, TOO_LONG, Dropped, Encoded, Encoder
-from sftlab.data.formats import read_conversations
+from sftlab.data.encode import (IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped,
+                                Encoded, Encoder)
+from sftlab.data.formats import field_report, tool_names
+from sftlab.data.reasoning import prepare
+from sftlab.data.sources import Source, encoder_for, path_of, read, resolve, source_rows
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.data.schema import ROLES, Conversation
 from sftlab.data.templates import Segment
@@ -101,6 +104,18 @@ class QualityReport:
     blank_messages: int = 0
     """Whitespace-only messages in valid rows (empty ones are rejected as 'empty content')."""
     turns_missing_end_of_turn: int = 0
+    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every field the rows hold: {"rows": how many rows have it, "used": whether the reader reads it}."""
+    unknown_tool_calls: int = 0
+    """Tool calls naming a function absent from their row's `tools`."""
+    reasoning_not_rendered: int = 0
+    """Assistant messages with reasoning that the template does not render (e.g. before the last user
+    turn in Qwen3's); data.reasoning_turns=split trains them."""
+    special_token_rows: int = 0
+    """Rows whose message contents hold special-token strings (`<|im_end|>` typed in a message), refused
+    ones (data.special_tokens_in_content=error) included."""
+    special_tokens_in_content: str = "text"
+    """data.special_tokens_in_content: how those strings are encoded (text, error or allow)."""
     rejects_path: str | None = None
     """Where rejected and dropped rows were written; None when there were none."""
     problems: list[str] = field(default_factory=list)
@@ -118,31 +133,39 @@ class QualityReport:
         return out
 
 
-def analyze(data_path: str | Path, data: DataConfig, encoder: Encoder, *,
+def analyze(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, *,
             rejects_path: str | Path | None = None) -> QualityReport:
     """Read and encode every row of `data_path` as training would, and report on it.
 
     max_seq_len and truncation are the Encoder's (what it applies); format, role_map and on_bad_row come
     from `data`. Rejected and dropped rows go to `rejects_path` (created only if there are any)."""
+    source = data_path if isinstance(data_path, Source) else resolve(data_path)
+    encoder = encoder_for(source, encoder)
     tally = _Tally(encoder)
     with RejectLog(rejects_path) as log:
-        conversations = read_conversations(data_path, format=data.format, role_map=data.role_map,
-                                           on_bad_row="skip", rejects=log, max_row_bytes=encoder.row_limit)
+        conversations = read(source, data, on_bad_row="skip", rejects=log, max_row_bytes=encoder.row_limit)
         while batch := list(islice(conversations, BATCH_ROWS)):
-            results = encoder.encode_batch(batch)
-            full = tally.untruncated(batch, results)
-            for conversation, result, whole in zip(batch, results, full):
+            for conversation in batch:
                 tally.conversation(conversation)
+            pieces = list(prepare(batch, encoder.template, reasoning=data.reasoning,
+                                  reasoning_turns=data.reasoning_turns))  # examples as training makes them
+            results = encoder.encode_batch(pieces)
+            full = tally.untruncated(pieces, results)
+            for conversation, result, whole in zip(pieces, results, full):
                 if isinstance(result, DataError):
                     log.add(where=result.where, reason=result.reason, message=result.detail,
                             row=conversation_row(conversation))
                     tally.refused(result, whole)
                 else:
                     tally.example(result, whole)
+                    tally.counts["reasoning_not_rendered"] += reasoning_not_rendered(
+                        encoder.template.with_inline_reasoning(conversation), result.segments)
         read_rejects = log.total - tally.refused_rows
         counts = dict(log.counts)
         written = log.path if log.total else None
-    report = tally.report(str(data_path), data, counts, read_rejects)
+    report = tally.report(path_of(data_path), data, counts, read_rejects)
+    fmt = (data_path.spec.format if isinstance(data_path, Source) else None) or data.format
+    report.fields = field_report(source_rows(data_path, max_row_bytes=encoder.row_limit), fmt)
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report
@@ -178,7 +201,8 @@ class _Tally:
         if self._unlimited is None:
             e = self.encoder
             self._unlimited = Encoder(e.tokenizer, e.template, train_on=e.train_on, max_seq_len=None,
-                                      max_row_bytes=e.row_limit)
+                                      max_row_bytes=e.row_limit,
+                                      special_tokens_in_content=e.special_tokens_in_content)
         for i, result in zip(long, self._unlimited.encode_batch([batch[i] for i in long])):
             full[i] = result if isinstance(result, Encoded) else None
         return full
@@ -186,6 +210,9 @@ class _Tally:
     def conversation(self, conversation: Conversation) -> None:
         messages = conversation.messages
         self.counts["conversations"] += 1
+        if conversation.tools is not None:
+            names = tool_names(conversation.tools)
+            self.counts["unknown_tool_calls"] += sum(call.name not in names for m in messages for call in m.tool_calls)
         self.messages.update(m.role for m in messages)
         self.turns[sum(m.role != "system" for m in messages)] += 1
         self.counts["blank"] += sum(not m.content.strip() for m in messages)
@@ -203,6 +230,7 @@ class _Tally:
 
     def refused(self, error: DataError, whole: Encoded | None) -> None:
         self.refused_rows += 1
+        self.counts["special_token_rows"] += error.reason == SPECIAL_IN_CONTENT
         if isinstance(error, Dropped):
             self.dropped[error.reason] += 1
         if whole is not None:  # dropped as too long: its length still describes the data
@@ -215,6 +243,7 @@ class _Tally:
         self.role_tokens += np.bincount(roles, minlength=len(ROLE_NAMES))
         self.role_trained += np.bincount(roles[trained], minlength=len(ROLE_NAMES))
         self.counts["examples"] += 1
+        self.counts["special_token_rows"] += encoded.special_tokens_in_content > 0
         self.counts["turns_missing_end_of_turn"] += turns_missing_end_of_turn(
             encoded.segments, self.encoder.template.end_of_turn)
         if not encoded.truncated:
@@ -242,7 +271,9 @@ class _Tally:
             truncated=c["truncated"], truncated_inside_trained_turn=c["truncated_inside_trained_turn"],
             dropped_too_long=self.dropped[TOO_LONG], duplicates=c["duplicates"],
             conflicting_prompts=c["conflicting"], blank_messages=c["blank"],
-            turns_missing_end_of_turn=c["turns_missing_end_of_turn"])
+            turns_missing_end_of_turn=c["turns_missing_end_of_turn"], unknown_tool_calls=c["unknown_tool_calls"],
+            reasoning_not_rendered=c["reasoning_not_rendered"], special_token_rows=c["special_token_rows"],
+            special_tokens_in_content=self.encoder.special_tokens_in_content)
 
     def _lengths(self) -> Lengths:
         lengths = np.frombuffer(self.lengths, dtype=np.int32)
@@ -258,10 +289,22 @@ def turns_missing_end_of_turn(segments: Sequence[Segment], end_of_turn: Sequence
     whose text does not end with one of the template's end-of-turn markers."""
     markers = tuple(end_of_turn)
     missing = 0
-    for (role, trained), run in groupby(segments, key=lambda s: (s.role, s.trainable)):
+    turn_role = {"reasoning": "assistant", "tool_call": "assistant"}  # pieces of one assistant turn
+    for (role, trained), run in groupby(segments, key=lambda s: (turn_role.get(s.role, s.role), s.trainable)):
         if trained and role and not "".join(s.text for s in run).endswith(markers):
             missing += 1
     return missing
+
+
+def reasoning_not_rendered(conversation: Conversation, segments: Sequence[Segment]) -> int:
+    """Trained assistant turns whose reasoning the template left out: the messages with reasoning minus
+    the trained reasoning pieces of the render (one run of segments per turn whose reasoning it shows: the
+    think tags and the reasoning's own text are separate segments)."""
+    given = sum(1 for m in conversation.messages if m.role == "assistant" and m.reasoning is not None
+                and m.train is not False)
+    shown = sum(1 for (role, trained), _ in groupby(segments, key=lambda s: (s.role, s.trainable))
+                if role == "reasoning" and trained)
+    return max(given - shown, 0)
 
 
 def _spread(histogram: Counter[int]) -> dict[str, int | None]:
@@ -286,6 +329,15 @@ def digest(value: Any) -> int:
     text = json.dumps(value, ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
+
+
+SPECIAL_TOKEN_ROWS = {
+    "text": "(encoded as plain text, never the control token: data.special_tokens_in_content=text)",
+    "error": "(refused: data.special_tokens_in_content=error; set it to text to train them as plain text)",
+    "allow": "(encoded as the control tokens, so forged turn markup is trained: data.special_tokens_in_content="
+             "allow; set it to text)",
+}
+"""The check's warning about such rows, by data.special_tokens_in_content."""
 
 
 def _problems(r: QualityReport) -> list[str]:
@@ -323,7 +375,14 @@ def _warnings(r: QualityReport) -> list[str]:
         (r.blank_messages, "messages that are whitespace only"),
         (r.turns_missing_end_of_turn, "trained turns not ending with an end-of-turn token (the model would "
                                       "not learn to stop)"),
+        (r.unknown_tool_calls, "tool calls naming a function absent from their row's tools"),
+        (r.reasoning_not_rendered, "assistant reasoning traces the template does not render, so they are not "
+                                   "trained (data.reasoning_turns=split trains each turn's reasoning)"),
+        (r.special_token_rows, "rows whose message contents hold special-token strings "
+                               + SPECIAL_TOKEN_ROWS[r.special_tokens_in_content]),
     ]
+    out += [f"{name} on {n['rows']} rows: ignored (sftlab does not read it)." for name, n in r.fields.items()
+            if not n["used"]]
     out += [f"{text}: {n}." for n, text in checks if n]
     return out
 
@@ -337,16 +396,18 @@ def write(report: QualityReport, fmt: str = "text", console: Any = None) -> None
     if fmt != "text":
         raise ValueError(f"unknown report format {fmt!r}; expected text or json")
     from rich.console import Console
+    from rich.text import Text
 
+    # Text, never markup: problems, roles and paths quote the user's data, which may hold `[...]`.
     console = console if console is not None else Console(highlight=False)
     for table in _tables(report):
         console.print(table)
     for problem in report.problems:
-        console.print(f"[bold red]problem:[/] {problem}", markup=True)
+        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", markup=True)
-    verdict = "[bold green]ok[/]: the data trains something" if report.ok else "[bold red]not ok[/]"
-    console.print(verdict, markup=True)
+        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
+    verdict = (("ok", "bold green"), ": the data trains something") if report.ok else (("not ok", "bold red"),)
+    console.print(Text.assemble(*verdict))
 
 
 def _tables(r: QualityReport) -> list[Any]:
@@ -355,8 +416,9 @@ def _tables(r: QualityReport) -> list[Any]:
 
 def _summary_table(r: QualityReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"sftlab check: {r.data_path}", show_header=False)
+    table = Table(title=Text(f"sftlab check: {r.data_path}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     turns = "/".join(str(r.turns.get(k)) for k in ("min", "median", "max"))
@@ -368,24 +430,28 @@ def _summary_table(r: QualityReport) -> Any:
              ("duplicate conversations", r.duplicates), ("prompts with different answers", r.conflicting_prompts),
              ("whitespace-only messages", r.blank_messages),
              ("trained turns without end-of-turn", r.turns_missing_end_of_turn),
+             (f"rows with special-token text in contents ({r.special_tokens_in_content})", r.special_token_rows),
              ("turns per conversation (min/median/max)", turns)]
     rows += [(f"{role} messages", n) for role, n in r.messages.items()]
+    rows += [(f"field {name}", f"{n['rows']} rows: {'used' if n['used'] else 'ignored'}")
+             for name, n in r.fields.items()]
     if r.rejects_path:
         rows.append(("rejected and dropped rows in", r.rejects_path))
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(Text(name), Text(str(value)))
     return table
 
 
 def _roles_table(r: QualityReport) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="tokens per role (examples as trained)")
     for column in ("role", "tokens", "trained", "share"):
         table.add_column(column, justify="left" if column == "role" else "right")
     for name, counts in r.roles.items():
         share = "-" if counts.share is None else f"{counts.share:.1%}"
-        table.add_row(name, str(counts.tokens), str(counts.trained_tokens), share)
+        table.add_row(Text(name), str(counts.tokens), str(counts.trained_tokens), share)
     return table
 
 

@@ -16,9 +16,9 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from sftlab.data.schema import Conversation
+from sftlab.data.schema import Conversation, message_record
 from sftlab.errors import ConfigError
 from sftlab.files import remove_stale_scratch
 
@@ -112,6 +112,7 @@ def _same(path: Path, other: Path) -> bool:
 
 def conversation_row(conversation: Conversation) -> str:
     """A conversation as a messages-format row, so a rejected one can be fixed and fed back."""
-    messages = [{"role": m.role, "content": m.content} | ({"train": m.train} if m.train is not None else {})
-                for m in conversation.messages]
-    return json.dumps({"messages": messages}, ensure_ascii=False)
+    row: dict[str, Any] = {"messages": [message_record(m) for m in conversation.messages]}
+    if conversation.tools is not None:
+        row["tools"] = list(conversation.tools)
+    return json.dumps(row, ensure_ascii=False)

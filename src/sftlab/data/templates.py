@@ -16,6 +16,14 @@ mechanism, so the masking rule is implemented once:
 Because the whole conversation is rendered once, templates need not be prefix-stable and need no
 `{% generation %}` markers.
 
+Tool calling and reasoning (`Conversation.rich`) follow the same rule with one more render per trained
+assistant turn (`_locate_turn`): the turn's reasoning, content and tool calls are replaced by two sentinels
+and the two renders compared; what differs is exactly the text the model generates at that turn (its
+reasoning as the template wraps it, its content, its tool calls), and the end-of-turn marker must follow.
+Text the template renders either way (a role header, an empty think block) is template text, never
+trained; a template whose change reaches outside the turn, or that renders a content or a tool call as
+nothing, is refused naming the turn.
+
 A template is user code (a .jinja file, or whatever a model's tokenizer ships): every render, for training
 and for generation, runs in one strict jinja2 sandbox (`_Sandbox`). Reaching for Python internals, changing
 a value or running away (huge ranges, endless recursion, giant values) is a TemplateError; a template
@@ -32,7 +40,7 @@ import json
 import re
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -91,6 +99,9 @@ class Segment:
     role: str = ""
     """'system' / 'user' / 'assistant' for a message's content (and its end-of-turn marker), '' for
     template text."""
+    content: bool = False
+    """True for text that is a message's content (as given or as the template trimmed it): user text, whose
+    special-token strings the Encoder keeps as ordinary text; False for the template's own markup."""
 
 
 class _GenerationTag(Extension):
@@ -235,18 +246,21 @@ class ChatTemplate:
         self._sentinel = f"@@SFTLAB{secrets.token_hex(6)}M"
         self._sentinel_re = re.compile(re.escape(self._sentinel) + r"(\d+)@@")
         self._marked_cache: dict[tuple[str, ...], str] = {}
+        self.reasons = "reasoning_content" in source or "</think>" in source
+        """Whether the template renders reasoning (reads `reasoning_content` or splits `<think>` blocks)."""
+        self._header: str | None = None
 
     def render_text(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
-                    where: str = "", max_chars: int | None = None) -> str:
+                    where: str = "", max_chars: int | None = None, tools: Sequence[Any] | None = None) -> str:
         """The template's plain render, as `tokenizer.apply_chat_template(..., tokenize=False)` gives it; a
         DataError (reason RENDER_TOO_LONG) once it passes `max_chars` characters (default: the contents'
         length + MAX_TEMPLATE_TEXT)."""
         if max_chars is None:
-            max_chars = sum(len(m.get("content") or "") for m in messages
-                            if isinstance(m.get("content"), str)) + MAX_TEMPLATE_TEXT
+            max_chars = _input_chars(messages, tools) + MAX_TEMPLATE_TEXT
         try:
             return self._capped(max_chars, where, messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                tools=None, documents=None, **self.variables, range=_bounded_range())
+                                tools=None if tools is None else list(tools), documents=None, **self.variables,
+                                range=_bounded_range())
         except SecurityError as exc:
             raise TemplateError(
                 f"chat template {self.name!r} was stopped by sftlab's sandbox: {exc}. Templates may read the "
@@ -288,7 +302,10 @@ class ChatTemplate:
         of more than `max_chars` characters (default: see `render_text`) is a DataError naming the row."""
         if train_on not in TRAIN_ON:
             raise TemplateError(f"data.train_on must be one of {', '.join(TRAIN_ON)}; found {train_on!r}")
-        messages = validate(conversation).messages  # a Conversation built by hand may hold anything
+        conversation = self.with_inline_reasoning(validate(conversation))  # a hand-built one may hold anything
+        if conversation.rich:
+            return self._render_rich(conversation, train_on, max_chars)
+        messages = conversation.messages
         where = conversation.where
         text = self.render_text([_as_dict(m) for m in messages], where=where, max_chars=max_chars)
         marked = self._marked(tuple(m.role for m in messages), where)
@@ -296,16 +313,67 @@ class ChatTemplate:
         flags = trainable_flags(messages, train_on)
         return _segments(text, spans, flags, messages, self._eot_after, train_on == "all", where)
 
-    def _marked(self, roles: tuple[str, ...], where: str) -> str:
+    def render_prompt(self, messages: Sequence[Mapping[str, Any]], *, where: str = "",
+                      tools: Sequence[Any] | None = None) -> list[Segment]:
+        """What `render_text(messages, add_generation_prompt=True, tools=tools)` gives, as untrained segments
+        with each message's content marked (Segment.content), so a prompt's contents are tokenised by the
+        same rule as training data's: special-token strings typed by a user stay text."""
+        parsed = [Message(str(m["role"]), str(m["content"])) for m in messages]
+        text = self.render_text(messages, add_generation_prompt=True, where=where, tools=tools)
+        roles = tuple(m.role for m in parsed)
+        marked = self._marked(roles, where, add_generation_prompt=True) if tools is None else \
+            self._sentinel_render(roles, where, add_generation_prompt=True, tools=tools)  # tools: not cached
+        spans = self._content_spans(text, marked, parsed, where)
+        return _segments(text, spans, [False] * len(parsed), parsed, self._eot_after, False, where)
+
+    def with_inline_reasoning(self, conversation: Conversation) -> Conversation:
+        """Inline `<think>...</think>` at the start of an assistant content moved to its reasoning field,
+        for a template that renders reasoning (it would split the content itself, which sentinels cannot
+        map back); unchanged otherwise."""
+        if not self.reasons or not any(m.role == "assistant" and m.reasoning is None and "</think>" in m.content
+                                       for m in conversation.messages):
+            return conversation
+        return replace(conversation, messages=tuple(map(inline_reasoning, conversation.messages)))
+
+    def generation_header(self) -> str:
+        """The text the template's generation prompt adds after a user turn (e.g. `<|im_start|>assistant\n`):
+        the role header that opens an assistant turn."""
+        if self._header is None:
+            probe = [{"role": "user", "content": "u"}]
+            plain, prompted = self.render_text(probe), self.render_text(probe, add_generation_prompt=True)
+            self._header = prompted[len(plain):] if prompted.startswith(plain) else ""
+        return self._header
+
+    def _render_rich(self, conversation: Conversation, train_on: str, max_chars: int | None) -> list[Segment]:
+        from sftlab.data.turns import locate_spans  # turns builds on this module's renders
+
+        messages = conversation.messages
+        if conversation.tools and "tools" not in self.source:
+            raise DataError(f"the row has tools, but chat template {self.name!r} does not render tool definitions, "
+                            "so the model would be trained to call functions it was never shown. Use the model's "
+                            "own template (data.template=auto) or a .jinja template that renders `tools`.",
+                            where=conversation.where, reason="template ignores tools")
+        dicts = [_as_dict(m) for m in messages]
+        text = self.render_text(dicts, where=conversation.where, tools=conversation.tools, max_chars=max_chars)
+        flags = trainable_flags(messages, train_on)
+        spans = locate_spans(self, conversation, dicts, text, flags)
+        return _span_segments(text, spans, train_on == "all")
+
+    def _marked(self, roles: tuple[str, ...], where: str, add_generation_prompt: bool = False) -> str:
         """The render with a sentinel for each content: it depends only on the roles (the template's other
         variables and its clock are fixed per template), so it is computed once per role sequence."""
-        cached = self._marked_cache.get(roles)
+        key = roles + ("+generation prompt",) if add_generation_prompt else roles  # never a role name
+        cached = self._marked_cache.get(key)
         if cached is None:
-            cached = self.render_text([{"role": role, "content": f"{self._sentinel}{i}@@"}
-                                       for i, role in enumerate(roles)], where=where)
+            cached = self._sentinel_render(roles, where, add_generation_prompt=add_generation_prompt)
             if len(self._marked_cache) < 4096:
-                self._marked_cache[roles] = cached
+                self._marked_cache[key] = cached
         return cached
+
+    def _sentinel_render(self, roles: tuple[str, ...], where: str, *, add_generation_prompt: bool = False,
+                         tools: Sequence[Any] | None = None) -> str:
+        return self.render_text([{"role": role, "content": f"{self._sentinel}{i}@@"} for i, role in enumerate(roles)],
+                                add_generation_prompt=add_generation_prompt, where=where, tools=tools)
 
     def _content_spans(self, text: str, marked: str, messages: Sequence[Message],
                        where: str) -> list[tuple[int, int, int]]:
@@ -366,7 +434,47 @@ def _emitted_forms(content: str) -> list[str]:
 
 
 def _as_dict(message: Message) -> dict[str, Any]:
-    return {"role": message.role, "content": message.content}
+    """A message as templates read it (the keys `apply_chat_template` users pass); optional keys only when
+    set, since templates test `'tool_calls' in message`."""
+    item: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        item["tool_calls"] = [call.as_dict() for call in message.tool_calls]
+    if message.reasoning is not None:
+        item["reasoning_content"] = message.reasoning
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        item["name"] = message.name
+    return item
+
+
+THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)
+
+
+def inline_reasoning(message: Message) -> Message:
+    """`<think>R</think>answer` as content -> reasoning R, content `answer` (assistant messages only)."""
+    found = THINK.match(message.content) if message.role == "assistant" and message.reasoning is None else None
+    if found is None:
+        return message
+    reasoning = found.group(1).strip("\n")
+    return replace(message, content=message.content[found.end():], reasoning=reasoning if reasoning.strip() else None)
+
+
+def _span_segments(text: str, spans: list[tuple[int, int, str, bool, bool]],
+                   template_trained: bool) -> list[Segment]:
+    """Segments from located (start, end, role, trainable, content) spans in text order; the gaps are
+    template text (trained only under train_on=all)."""
+    segments: list[Segment] = []
+    pos = 0
+    for start, end, role, trainable, content in spans:
+        if start > pos:
+            segments.append(Segment(text[pos:start], template_trained))
+        if end > start:
+            segments.append(Segment(text[start:end], trainable or template_trained, role, content))
+        pos = max(pos, end)
+    if pos < len(text):
+        segments.append(Segment(text[pos:], template_trained))
+    return segments
 
 
 def trainable_flags(messages: Sequence[Message], train_on: str) -> list[bool]:
@@ -398,7 +506,7 @@ def _segments(text: str, spans: list[tuple[int, int, int]], flags: list[bool], m
         if start > pos:
             segments.append(Segment(text[pos:start], template_trained))
         role, flag = messages[index].role, flags[index]
-        segments.append(Segment(text[start:end], flag, role))
+        segments.append(Segment(text[start:end], flag, role, content=True))
         pos = end
         if flag:
             limit = spans[k + 1][0] if k + 1 < len(spans) else len(text)
@@ -471,3 +579,16 @@ def _end_of_turn_candidates(tokenizer: Any | None) -> tuple[str, ...]:
                             f"token (no eos_token, none of {', '.join(END_OF_TURN_MARKERS)}); the model could "
                             "not learn to stop. Use data.template=chatml with data.add_special_tokens=true.")
     return tuple(found)
+
+
+def _input_chars(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None) -> int:
+    """How many characters a render's inputs hold (contents, reasoning, tool calls, tool schemas): the part of
+    a render's length the row itself brings; the template may add MAX_TEMPLATE_TEXT on top."""
+    size = len(json.dumps(list(tools), ensure_ascii=False, default=str)) if tools else 0
+    for message in messages:
+        for key in ("content", "reasoning_content"):
+            if isinstance(message.get(key), str):
+                size += len(message[key])
+        if message.get("tool_calls"):
+            size += len(json.dumps(message["tool_calls"], ensure_ascii=False, default=str))
+    return size

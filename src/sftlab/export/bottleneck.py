@@ -39,6 +39,7 @@ from sftlab.export.model_dir import (
 )
 from sftlab.methods.base import Method
 from sftlab.methods.bottleneck import BottleneckAdapter, bottleneck_modules
+from sftlab.models.portable import loadable_base
 
 SCHEMA = "bottleneck_adapter"
 FORMAT_VERSION = 1
@@ -52,9 +53,7 @@ def save_bottleneck(model: nn.Module, method: Method, config: Config, tokenizer:
     out.mkdir(parents=True, exist_ok=True)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in method.state_dict(model).items()}
     settings = _settings(modules)
-    base = config.model.path
-    if base and Path(base).expanduser().is_dir():
-        base = str(Path(base).expanduser().resolve())  # a local dir, usable from any working directory
+    base = loadable_base(config.model)  # an absolute dir (a .gguf base: its converted dir) or a hub id
     document = {"sftlab_method": SCHEMA, "format_version": FORMAT_VERSION, "base_model_name_or_path": base,
                 "placement": config.adapter.placement, **settings, "dropout": config.adapter.dropout,
                 "modules": list(modules)}  # model order: layer 0 first

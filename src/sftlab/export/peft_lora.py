@@ -57,6 +57,7 @@ from sftlab.export.model_dir import (
 from sftlab.methods.base import Method
 from sftlab.methods.lora import DoRALinear, LoRA, LoRALinear, lora_modules
 from sftlab.methods.token_rows import EmbeddingRows, HeadRows, token_rows_modules
+from sftlab.models.portable import loadable_base
 
 PEFT_PREFIX = "base_model.model."
 """PeftModelForCausalLM.base_model (LoraModel).model (the HF model): the prefix of every saved key."""
@@ -158,9 +159,7 @@ def _from_peft_state(state: Mapping[str, torch.Tensor], params: Mapping[str, nn.
 
 def _peft_config(model: nn.Module, modules: Mapping[str, LoRALinear], config: Config) -> dict[str, Any]:
     lora = config.lora
-    base = config.model.path
-    if base and Path(base).expanduser().is_dir():
-        base = str(Path(base).expanduser().resolve())  # a local dir, usable from any working directory
+    base = loadable_base(config.model)  # an absolute dir (a .gguf base: its converted dir) or a hub id
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

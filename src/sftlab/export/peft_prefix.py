@@ -48,6 +48,7 @@ from sftlab.export.model_dir import (
 from sftlab.methods.base import Method
 from sftlab.methods.prefix import PrefixEncoder, prefix_encoder
 from sftlab.methods.token_rows import HeadRows, TokenRows, token_rows_modules
+from sftlab.models.portable import loadable_base
 
 PEFT_TYPE = "PREFIX_TUNING"
 PROMPT_KEY = "prompt_embeddings"
@@ -129,9 +130,7 @@ def prefix_token_ids(adapter_dir: str | Path) -> list[int]:
 
 def _peft_config(encoder: PrefixEncoder, config: Config, row_modules: list[str]) -> dict[str, Any]:
     prefix = config.prefix
-    base = config.model.path
-    if base and Path(base).expanduser().is_dir():
-        base = str(Path(base).expanduser().resolve())  # a local dir, usable from any working directory
+    base = loadable_base(config.model)  # an absolute dir (a .gguf base: its converted dir) or a hub id
     return {
         "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",

@@ -47,6 +47,7 @@ from sftlab.export.model_dir import (
 from sftlab.methods.base import Method
 from sftlab.methods.prompt import PromptTuning, soft_prompt
 from sftlab.methods.token_rows import TokenRows, token_rows_modules
+from sftlab.models.portable import loadable_base
 
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}
 """sftlab method -> PEFT's peft_type."""
@@ -161,9 +162,7 @@ def read_peft_config(adapter: Path) -> dict[str, Any]:
 
 
 def _peft_config(model: nn.Module, method: Method, config: Config, count: int) -> dict[str, Any]:
-    base = config.model.path
-    if base and Path(base).expanduser().is_dir():
-        base = str(Path(base).expanduser().resolve())  # a local dir, usable from any working directory
+    base = loadable_base(config.model)  # an absolute dir (a .gguf base: its converted dir) or a hub id
     text = getattr(model.config, "get_text_config", lambda: model.config)()
     common = {
         "peft_type": PEFT_TYPES[method.name],

@@ -33,6 +33,11 @@ class Method(ABC):
     def apply(self, model: nn.Module) -> None:
         """Insert the method's modules and set requires_grad: after this only the method's parameters train."""
 
+    def check_layers(self, model: nn.Module) -> None:
+        """Refuse settings that do not fit the model's layers (e.g. a rank wider than a layer). Called on a
+        skeleton built on the meta device (no weights read) before the model loads, so a mistake costs
+        seconds, not a model load."""
+
     @abstractmethod
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters the optimizer updates, by stable name (also the checkpoint keys)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sftlab.errors import SftlabError
+from sftlab.errors import ConfigError, SftlabError
 from sftlab.methods.base import Method
 from sftlab.methods.token_rows import add_token_rows, merge_token_rows, token_rows_modules, token_rows_parameters
 from sftlab.models.targets import find_targets
@@ -152,17 +152,41 @@ class DoRALinear(LoRALinear):
         return type(self.base).__name__ == "Conv1D"
 
 
+def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
+    """lora.rank may not exceed the narrowest targeted layer's width: B·A has at most min(in, out)
+    independent directions, so a larger rank only adds parameters that cannot learn anything new."""
+    widths = {name: _features(model.get_submodule(name)) for name in names}
+    name = min(widths, key=lambda n: min(widths[n]))
+    out_features, in_features = widths[name]
+    if rank > min(out_features, in_features):
+        raise ConfigError(f"lora.rank={rank} is larger than the layer {name} ({in_features} in, {out_features} out "
+                          f"features): its update can have rank {min(out_features, in_features)} at most. Set "
+                          f"lora.rank to {min(out_features, in_features)} or less, or leave that layer out of "
+                          "lora.targets.")
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer, from its weight's shape (GPT-2's Conv1D stores it transposed)."""
+    out_features, in_features = layer.weight.shape
+    return (in_features, out_features) if type(layer).__name__ == "Conv1D" else (out_features, in_features)
+
+
 class LoRA(Method):
     name = "lora"
     mergeable = True
+
+    def check_layers(self, model: nn.Module) -> None:
+        check_rank(model, find_targets(model, self.config.lora.targets), self.config.lora.rank)
 
     def apply(self, model: nn.Module) -> None:
         lora = self.config.lora
         if lora_modules(model) or token_rows_modules(model):
             raise SftlabError("LoRA is already applied to this model; load a fresh base model (or merge first).")
+        names = find_targets(model, lora.targets)
+        check_rank(model, names, lora.rank)
         for param in model.parameters():
             param.requires_grad_(False)
-        for name in find_targets(model, lora.targets):
+        for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             wrapper = DoRALinear if lora.dora else LoRALinear

@@ -28,13 +28,20 @@ def model_dir_for(path: str, *, trust_remote_code: bool = False) -> str:
     source = Path(path).expanduser().resolve()
     if not source.is_file():
         raise ConfigError(f"model {path!r}: no such .gguf file")
-    stat = source.stat()
-    key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root(None) / "models" / f"{source.stem}-{key}"
+    target = converted_dir(source)
     if (target / "config.json").is_file():
         return str(target)
     _convert(source, target, trust_remote_code=trust_remote_code)
     return str(target)
+
+
+def converted_dir(path: str | Path) -> Path:
+    """Where the existing .gguf file `path` is (or will be) converted: the cache dir named by the file's
+    stem and its cache key (path, size, modification time). Nothing is converted here."""
+    source = Path(path).expanduser().resolve()
+    stat = source.stat()
+    key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return (cache_root(None) / "models" / f"{source.stem}-{key}").resolve()
 
 
 def _convert(source: Path, target: Path, *, trust_remote_code: bool) -> None:

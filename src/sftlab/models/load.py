@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from sftlab.config import ModelConfig
+    from sftlab.models.stream import Nf4Spec
 
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -45,11 +47,45 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any
                           "tokenizer.model or vocab.json); point --model/model at the model's directory.")
     if local is not None and (local / "config.json").is_file():
         _check_config_json(local / "config.json")  # transformers reads it to pick the tokenizer class
+    if local is not None:
+        _check_tokenizer_files(local, full=False)
     try:
         return AutoTokenizer.from_pretrained(str(local) if local else name_or_path,
                                              trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # huggingface_hub's HFValidationError is a ValueError
+        if local is not None:
+            _check_tokenizer_files(local, full=True)  # a corrupt file, named as such (not "Hub unreachable")
         raise ConfigError(_load_failure("a tokenizer", name_or_path, exc)) from None
+
+
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
+"""The JSON files a tokenizer dir may hold; a damaged one is named before transformers blames the Hub."""
+
+
+def _check_tokenizer_files(local: Path, *, full: bool) -> None:
+    """Raise a ConfigError naming a tokenizer JSON file in `local` that is cut short (it must end with `}`:
+    reading its last bytes costs nothing, and an interrupted download or copy fails it) or, with `full`, that
+    does not parse (a full parse costs ~1 s for a 30 MB tokenizer.json, so only after a failed load)."""
+    for name in TOKENIZER_JSON:
+        file = local / name
+        if not file.is_file():
+            continue
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            handle.seek(max(0, size - 64))
+            tail = handle.read().rstrip()
+        problem = None if tail.endswith(b"}") else f"it ends without the closing }} ({size:,} bytes): cut short"
+        if problem is None and full:
+            try:
+                json.loads(file.read_bytes())
+            except (ValueError, UnicodeDecodeError) as exc:
+                where = f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) \
+                    else str(exc)
+                problem = f"it is not valid JSON ({where})"
+        if problem:
+            raise ConfigError(f"{file} is corrupt: {problem}, e.g. by an interrupted download or copy. Download or "
+                              "copy the model's tokenizer files again.")
 
 
 def local_dir(name_or_path: str, *, what: str = "model") -> Path | None:
@@ -194,33 +230,193 @@ def default_device() -> "torch.device":
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model: "ModelConfig", *, device: "torch.device | None" = None) -> Any:
+def load_model(model: "ModelConfig", *, device: "torch.device | None" = None, nf4: "Nf4Spec | None" = None,
+               notes: "list[str] | None" = None) -> Any:
     """A causal LM from a local HF dir, a hub id, or a .gguf file (dequantised by transformers), its
-    weights read from safetensors only."""
+    weights read from safetensors only, streamed tensor by tensor onto `device` (models/stream.py): the
+    whole model never passes through host memory at once. `nf4`: QLoRA's decoder linear layers are
+    quantised as they are read (their weights equal quantising after a full load, bit for bit). A
+    checkpoint that cannot be streamed loads through from_pretrained as before; why is appended to `notes`."""
     from transformers import AutoModelForCausalLM
 
     if not model.path:
         raise ConfigError("no model given: set model (a Hugging Face model dir, hub id or .gguf file).")
     device = device or default_device()
     dtype = resolve_dtype(model.dtype, device)
+    source = check_model(model.path, trust_remote_code=model.trust_remote_code)
+    streamed, why = _load_streaming(model, source, dtype=dtype, device=device, nf4=nf4)
+    if streamed is not None:
+        return streamed
+    if notes is not None:
+        notes.append(f"model loaded whole through transformers, not streamed: {why}")
     # use_safetensors: never fall back to pickled pytorch_model.bin (local dirs are refused earlier, with
     # the reason; this covers hub ids).
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model.trust_remote_code,
                               "use_safetensors": True}
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
-    source = check_model(model.path, trust_remote_code=model.trust_remote_code)
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     from sftlab.models.quant import quiet_loggers
 
+    # Mismatched shapes are reported (not raised deep inside transformers) and refused below, with the
+    # tensors that are missing: transformers would start those at random and train on.
+    kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
         # transformers imports torchao (when installed) on load; on CPU it logs missing CUDA kernels.
-        with quiet_loggers("torchao", "torch.utils._pytree"):
-            loaded = _from_pretrained(AutoModelForCausalLM, str(source) if source else model.path, kwargs)
+        # Its load report (missing / mismatched tensors) is refused below in sftlab's words; quieting it also
+        # switches on a tensor-parallel plan check that logs, so that one is quieted too.
+        with quiet_loggers("torchao", "torch.utils._pytree", "transformers.modeling_utils",
+                           "transformers.distributed.tensor_parallel"):
+            loaded, loading = _from_pretrained(AutoModelForCausalLM, str(source) if source else model.path, kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         raise ConfigError(_load_failure("model", model.path, exc)) from None
+    except StrictDataclassError as exc:  # transformers' own config checks (e.g. num_hidden_layers vs layer_types)
+        where = source / "config.json" if source else model.path
+        raise ConfigError(f"{where} is inconsistent: {' '.join(str(exc).split())}. The config does not describe "
+                          "these weights: restore the config.json saved with them.") from None
+    check_coverage(loading, source, model.path)
     return loaded.to(device)
+
+
+def model_source(model: "ModelConfig") -> tuple[Path | None, str | None]:
+    """The checked local dir the model's weights stream from — a local dir, the dir a .gguf file converts
+    to, or the hub snapshot of a hub id (downloaded, or from the cache) — or (None, why not)."""
+    source = check_model(model.path, trust_remote_code=model.trust_remote_code)
+    if source is None:
+        source = _hub_snapshot(model.path)
+        if source is None:
+            return None, f"no local snapshot of hub id {model.path!r}"
+        try:
+            check_model_dir(source)
+        except ConfigError as exc:
+            return None, str(exc)
+    return source, None
+
+
+def _load_streaming(model: "ModelConfig", source: Path | None, *, dtype: "torch.dtype", device: "torch.device",
+                    nf4: "Nf4Spec | None") -> tuple[Any, str | None]:
+    """(the streamed model, None), or (None, why it was not streamed)."""
+    from sftlab.models import stream
+    from sftlab.models.quant import quiet_loggers
+
+    if source is None:
+        source, why = model_source(model)
+        if source is None:
+            return None, why
+    files = stream.weight_files(source)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:  # from_pretrained names what is wrong in its own words (and is told safetensors only)
+        return None, f"{', '.join(missing)} not found in {source}"
+    tensors = stream.checkpoint_tensors(files)
+    try:
+        with quiet_loggers("torchao", "torch.utils._pytree"):
+            skeleton = stream.skeleton(source, dtype=dtype, trust_remote_code=model.trust_remote_code,
+                                       attn_implementation=model.attn_implementation)
+    except Exception as exc:  # noqa: BLE001 — from_pretrained reports any of these in sftlab's words (below)
+        return None, f"the model cannot be built from {source / 'config.json'} ({type(exc).__name__}: {exc})"
+    why = stream.stream_plan(skeleton, tensors)
+    if why is not None:
+        return None, why
+    with quiet_loggers("torchao", "torch.utils._pytree"):  # torchao's import logs its CUDA-only kernels
+        return stream.fill(skeleton, tensors, device=device, nf4=nf4), None
+
+
+def nf4_spec(cfg: Any) -> "Nf4Spec | None":
+    """How a run's config wants its base loaded: QLoRA's decoder layers straight to NF4, else None."""
+    from sftlab.models.stream import Nf4Spec
+
+    return Nf4Spec(cfg.qlora.block_size, cfg.qlora.double_quant) if cfg.method == "qlora" else None
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot dir of a hub model's config and safetensors files (downloaded once, as
+    from_pretrained would; from the cache when offline), or None when it cannot be had."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 — any failure: from_pretrained then reports it in its own words
+        return None
+
+
+def check_coverage(loading: dict[str, Any], source: Path | None, name: str) -> None:
+    """Refuse a model whose checkpoint does not cover what its config.json describes: a tensor the weights
+    lack would start at random (a config claiming 3 layers for 2 trains a random third), and one whose shape
+    differs is not these weights. `loading` is transformers' loading report: it already knows tied weights
+    (lm_head shared with the embeddings), buffers and its own checkpoint-name conversions, so those never
+    false-alarm. Tensors the checkpoint holds beyond what the config describes (a config claiming fewer layers,
+    or extras some checkpoints ship, e.g. multi-token-prediction layers) are not refused, but said on stderr:
+    the model is then built without them."""
+    config = source / "config.json" if source else f"the config of {name}"
+    weights = _weights_name(source, name)
+    mismatched = sorted(loading.get("mismatched_keys") or (), key=lambda m: m[0])
+    if mismatched:
+        key, found, wanted = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise ConfigError(f"{config} does not match the weights: tensor {key} has shape {_shape(found)} in "
+                          f"{_file_of(source, key) or weights}, but the config describes {_shape(wanted)}{more}. "
+                          "config.json was edited or comes from another model: restore the config.json saved "
+                          "with these weights (or point model at the directory they belong to).")
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ConfigError(f"{config} describes {len(missing)} tensors that {weights} does not hold ({shown}); they "
+                          f"would start at random and train as if loaded.{_layer_hint(source, missing)} Restore the "
+                          "config.json saved with these weights (or point model at the directory they belong to).")
+    unused = sorted(loading.get("unexpected_keys") or ())
+    if unused:
+        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        print(f"warning: {weights} holds {len(unused)} tensors that {config} does not describe ({shown}); the model "
+              "is built without them. If the config was edited, restore the one saved with the weights.",
+              file=sys.stderr, flush=True)
+
+
+def _shape(shape: Any) -> str:
+    return "(" + ", ".join(str(int(n)) for n in shape) + ")"
+
+
+def _weights_name(source: Path | None, name: str) -> str:
+    if source is None:
+        return f"the weights of {name}"
+    if (source / SAFE_INDEX).is_file():
+        return f"{source / SAFE_INDEX} (and its shards)"
+    return str(source / SAFE_WEIGHTS)
+
+
+def _file_of(source: Path | None, key: str) -> str | None:
+    """The weight file of a local dir that holds tensor `key` (a sharded checkpoint: its index says)."""
+    if source is None:
+        return None
+    if (source / SAFE_INDEX).is_file():
+        try:
+            shard = json.loads((source / SAFE_INDEX).read_text(encoding="utf-8"))["weight_map"].get(key)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return str(source / shard) if shard else None
+    return str(source / SAFE_WEIGHTS)
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _layer_hint(source: Path | None, missing: list[str]) -> str:
+    """' The weights hold layers 0-1; config.json describes layers up to 2.' when the missing tensors are
+    whole decoder layers the checkpoint does not have (read from the safetensors headers)."""
+    wanted = {int(m.group(1)) for key in missing if (m := _LAYER.search(key))}
+    if source is None or not wanted:
+        return ""
+    from safetensors import safe_open
+
+    held: set[int] = set()
+    for file in check_model_dir(source):
+        with safe_open(str(file), framework="pt") as handle:
+            held |= {int(m.group(1)) for key in handle.keys() if (m := _LAYER.search(key))}
+    if not held or min(wanted) <= max(held):
+        return ""
+    return (f" The weights hold {max(held) + 1} layers (0-{max(held)}); the config describes "
+            f"{max(wanted) + 1} (num_hidden_layers or n_layer).")
 
 
 def _from_pretrained(cls: Any, name: str, kwargs: dict[str, Any]) -> Any:
@@ -243,11 +439,12 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None, base:
     from sftlab.config import load_config
     from sftlab.data.templates import load_template
     from sftlab.methods import METHODS
+    from sftlab.models.portable import locate
 
     root = Path(path).expanduser()
     cfg, adapter = None, None
     if (root / "config.yaml").is_file() and ((root / "adapter").is_dir() or (root / "model").is_dir()):
-        cfg = load_config(root / "config.yaml", [f"model={base}"] if base else [])
+        cfg = locate(load_config(root / "config.yaml", [f"model={base}"] if base else []), root)
         if (root / "model").is_dir():  # full fine-tuning: a plain model dir
             return load_for_inference(str(root / "model"), device=device,
                                       trust_remote_code=cfg.model.trust_remote_code)
@@ -269,7 +466,7 @@ def load_for_inference(path: str, *, device: "torch.device | None" = None, base:
         return model, tokenizer, load_template("auto", tokenizer), None
     # The adapter dir's tokenizer was saved with the run: it holds any added tokens and the template.
     tokenizer = load_tokenizer(str(adapter), trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model, device=device)
+    model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg))
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     # Rows of tokens added for training (from the adapter's trainable_token_indices) are loaded too.
@@ -298,3 +495,21 @@ def _check_adapter_weights(adapter: Path) -> None:
                           f"save_file(torch.load('{source}', weights_only=True), '{weights}')\"")
     raise ConfigError(f"{adapter} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; the adapter was not saved "
                       "completely. Export it again, or point at a run dir's adapter/.")
+
+
+def skeleton(model: "ModelConfig") -> Any:
+    """The model's modules with every weight on the meta device, built from config.json alone (no weights
+    read, no memory): enough to check layer names and shapes before the real load. None for a .gguf file, a
+    hub id, or an architecture that cannot be built this way (the checks then run on the loaded model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = local_dir(model.path) if model.path and not is_gguf(model.path) else None
+    if source is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=model.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - only an early check: the real load reports what is wrong
+        return None

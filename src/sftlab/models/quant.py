@@ -63,6 +63,8 @@ class NF4Linear(nn.Module):
             return None
         conv1d = type(layer).__name__ == "Conv1D"
         weight = layer.weight.detach()
+        if _is_nf4(weight):  # quantised as it was loaded (models/stream.py): the same NF4Tensor, kept as is
+            return cls(weight, layer.bias)
         weight = (weight.t() if conv1d else weight).contiguous()  # (out, in)
         return cls(to_nf4(weight, block_size=block_size, double_quant=double_quant), layer.bias, conv1d=conv1d)
 
@@ -109,7 +111,8 @@ def to_nf4(weight: torch.Tensor, *, block_size: int, double_quant: bool) -> torc
     n_blocks = weight.numel() // block_size
     # torchao needs the scaler block to divide the number of blocks; small layers get a smaller one.
     scaler_block = max(d for d in range(1, min(SCALER_BLOCK_SIZE, n_blocks) + 1) if n_blocks % d == 0)
-    quantized = nf4_tensor.from_tensor(weight, block_size, scaler_block)
+    with _quantizer_chunk(QUANTIZER_CHUNK):
+        quantized = nf4_tensor.from_tensor(weight, block_size, scaler_block)
     if double_quant:
         # torchao's quantization_factor (n_scaler_blocks,) may be a view into a (n_scaler_blocks,
         # scaler_block) tensor it computed on the way: a copy keeps only what is needed resident.
@@ -121,6 +124,29 @@ def to_nf4(weight: torch.Tensor, *, block_size: int, double_quant: bool) -> torc
     meta = quantized.__tensor_flatten__()[1]["tensor_meta"]
     return nf4_tensor(meta, block_size, n_blocks, scaler_block, scales, factor, mean, quantized.quantized_data,
                       quantized.nf4)
+
+
+QUANTIZER_CHUNK = 2**18
+"""Values torchao compares with the 16 NF4 levels at once (its default is 2**20): each chunk needs two
+(chunk, 16) fp32 temporaries, 32 MiB here instead of 128 MiB. The search is per value, so the codes do not
+depend on it."""
+
+
+@contextmanager
+def _quantizer_chunk(size: int) -> Iterator[None]:
+    """torchao's NF4 nearest-level search runs in chunks of `size` values inside the block."""
+    import sys
+
+    module = sys.modules.get(_torchao_nf4().__module__)
+    previous = getattr(module, "CHUNK_SIZE", None)
+    if previous is None:  # a torchao without the knob: its own chunking
+        yield
+        return
+    module.CHUNK_SIZE = size
+    try:
+        yield
+    finally:
+        module.CHUNK_SIZE = previous
 
 
 def fits_nf4(layer: nn.Module, block_size: int) -> bool:

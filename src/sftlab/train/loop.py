@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 
-from sftlab.config import Config, to_yaml
+from sftlab.config import PAIR_STAGES, Config, to_yaml
 from sftlab.data import packing
 from sftlab.data.batching import Batch
 from sftlab.data.dataset import EncodedDataset
+from sftlab.data.mixture import Mixture
 from sftlab.data.preference import PairDataset
 from sftlab.errors import SftlabError
 from sftlab import files
@@ -30,6 +32,7 @@ from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint, distributed, lock, rundir
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.distributed import SINGLE, Dist
+from sftlab.train.trackers import open_trackers
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
 from sftlab.train.objective import Objective, objective_for
 from sftlab.train.optim import build_optimizer, build_scheduler
@@ -69,30 +72,58 @@ class Setup:
     """This process's place in a torchrun launch (train/distributed.py); a single process by default."""
     reference_model: torch.nn.Module | None = None
     """Stage dpo with full fine-tuning: the frozen reference copy (None: precomputed, or adapters disabled)."""
+    mixture: Mixture | None = None
+    """Several sources, weights or max_samples: which items each epoch trains (data/mixture.py)."""
+    eval_groups: dict[str, np.ndarray] | None = None
+    """Several eval sources: each one's eval indices, logged as eval_loss/<source>."""
 
 
 def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
     """The example indices of each micro-batch of `epoch`, in order: a pure function of (data, seed, epoch)."""
     cfg = setup.config
     lengths = setup.train_data.lengths
+    indices = epoch_indices(setup, epoch)
     if cfg.data.packing:
-        return packing.packed_plan(lengths, setup.train_indices, capacity=objective_for(cfg).capacity,
+        return packing.packed_plan(lengths, indices, capacity=objective_for(cfg).capacity,
                                    rows_per_batch=cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch)
     # Grouped by global step: micro-batches x accumulation x ranks (what a single process with the same
     # global batch would group).
-    return packing.grouped_plan(lengths, setup.train_indices, micro_batch_size=cfg.train.micro_batch_size,
-                                grad_accum_steps=cfg.train.grad_accum_steps * setup.dist.world, seed=cfg.train.seed,
+    return packing.grouped_plan(lengths, indices, micro_batch_size=cfg.train.micro_batch_size,
+                                grad_accum_steps=grad_accum_steps(setup) * setup.dist.world, seed=cfg.train.seed,
                                 epoch=epoch)
+
+
+def epoch_indices(setup: Setup, epoch: int) -> np.ndarray:
+    """The items `epoch` trains: every training index, or the mixture's choice for this epoch."""
+    return setup.train_indices if setup.mixture is None else setup.mixture.epoch_indices(epoch)
+
+
+def epoch_length(setup: Setup) -> int:
+    """Micro-batches in one epoch (the same for every epoch). An epoch ends with a short micro-batch rather
+    than borrowing from the next epoch. With a mixture and packing, later epochs' rows may differ by a few
+    from epoch 0's (other examples)."""
+    cfg = setup.config
+    return packing.plan_length(setup.train_data.lengths, epoch_indices(setup, 0), packing=cfg.data.packing,
+                               capacity=objective_for(cfg).capacity, micro_batch_size=cfg.train.micro_batch_size)
+
+
+def grad_accum_steps(setup: Setup, per_epoch: int | None = None) -> int:
+    """train.grad_accum_steps, clamped to the micro-batches one epoch has (per rank): a step larger than the
+    data would run through it several times over, the same examples summed twice or more into one update.
+    Clamped, each step takes at most one epoch's worth; `_train` says so when it clamps."""
+    wanted = setup.config.train.grad_accum_steps
+    if wanted == 1:
+        return 1
+    per_epoch = epoch_length(setup) if per_epoch is None else per_epoch
+    return max(1, min(wanted, per_epoch // setup.dist.world))
 
 
 def total_steps(setup: Setup) -> int:
     cfg = setup.config
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    # An epoch ends with a short micro-batch rather than borrowing from the next epoch.
-    per_epoch = packing.plan_length(setup.train_data.lengths, setup.train_indices, packing=cfg.data.packing,
-                                    capacity=objective_for(cfg).capacity, micro_batch_size=cfg.train.micro_batch_size)
-    per_step = cfg.train.grad_accum_steps * setup.dist.world  # micro-batches of one global step
+    per_epoch = epoch_length(setup)
+    per_step = grad_accum_steps(setup, per_epoch) * setup.dist.world  # micro-batches of one global step
     return max(1, math.ceil(cfg.train.epochs * per_epoch / per_step))
 
 
@@ -120,14 +151,16 @@ def micro_batches(setup: Setup, state: TrainState, pad_id: int) -> Iterator[Batc
         yield make_batch(setup, setup.train_data, entries[rank], pad_id)
 
 
-def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None) -> tuple[float, dict[str, float]]:
+def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None,
+             indices: np.ndarray | None = None) -> tuple[float, dict[str, float]]:
     """The objective's loss over the eval data, per unit (the mean over every supervised token, or pair), and
     its metrics per unit; batched as training batches them; with several ranks, each runs every world-th batch
     and the sums are added up."""
     cfg, model, ctx = setup.config, setup.model, setup.dist
     objective = objective_for(cfg)
     engine = engine or objective.engine(model, setup.method, reference_model=setup.reference_model)
-    lengths, indices = setup.eval_data.lengths, setup.eval_indices
+    lengths = setup.eval_data.lengths
+    indices = setup.eval_indices if indices is None else indices
     if cfg.data.packing:
         plan = packing.packed_plan(lengths, indices, capacity=objective.capacity,
                                    rows_per_batch=cfg.train.micro_batch_size, seed=None, epoch=0)
@@ -199,17 +232,19 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     params = method.trainable_parameters(model)
     optimizer = build_optimizer(params, cfg.train)
     steps = total_steps(setup)
+    accum = _clamped_accum(setup, console)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     state = TrainState()
     latest = checkpoint.latest_checkpoint(out) if cfg.train.resume == "auto" else None
     if latest is not None:
         state = checkpoint.load_checkpoint(latest, optimizer=optimizer, scheduler=scheduler, method=method,
                                            model=model, ctx=ctx)
-        console.print(f"resuming from {latest} (step {state.step} of {steps})")
+        console.print(f"resuming from {latest} (step {state.step} of {steps})", markup=False)
+    state.extra["data"] = rundir.data_fingerprints(cfg)  # what this run's checkpoints were trained on
     model.train()
     stream = micro_batches(setup, state, pad_id)
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
-                     tensorboard=cfg.train.tensorboard) if ctx.main else None
+                     trackers=open_trackers(cfg, out)) if ctx.main else None
     timer = StepTimer(enabled=cfg.train.profile, device=setup.device)
     last_loss = eval_loss = None
     streak = 0  # non-finite steps in a row
@@ -224,7 +259,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
             while state.step < steps:
                 started = time.perf_counter()
                 timer.start()
-                batches = [next(stream) for _ in range(cfg.train.grad_accum_steps)]
+                batches = [next(stream) for _ in range(accum)]
                 # Counted on the host before the move, then over all ranks: the step's loss is the mean
                 # over every unit (supervised token, or pair) of the global batch.
                 units, supervised, tokens = (int(n) for n in ctx.sum([sum(objective.count(b) for b in batches),
@@ -257,7 +292,7 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                         raise TrainingError(f"{problem}{again}. Nothing of this step was applied; the last "
                                             f"complete checkpoint is {checkpoint.latest_checkpoint(out)}. Lower "
                                             "train.lr, check those rows, or set train.on_nonfinite=skip.")
-                    console.print(f"[yellow]{problem}: step skipped (train.on_nonfinite=skip)[/]")
+                    console.print(Text(f"{problem}: step skipped (train.on_nonfinite=skip)", style="yellow"))
                     state.skipped_steps += 1
                     if log is not None:
                         log.log({"step": state.step + 1, "skipped": problem,
@@ -280,7 +315,8 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                     if log is not None:
                         log.log({"step": state.step, "eval_loss": eval_loss,
                                  **({"eval_perplexity": math.exp(min(eval_loss, 50))} if objective.stage == "sft"
-                                    else {f"eval_{k}": v for k, v in eval_metrics.items()})})
+                                    else {f"eval_{k}": v for k, v in eval_metrics.items()}),
+                                 **_eval_per_source(setup, pad_id, engine)})
                     early = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
                 if state.step == steps or early or stops or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
                     saved = save()
@@ -307,6 +343,24 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     ctx.barrier()
     return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"),
                      report)
+
+
+def _clamped_accum(setup: Setup, console: Console) -> int:
+    """grad_accum_steps(setup), printing what was clamped and why when it is less than the config's."""
+    cfg = setup.config
+    wanted = cfg.train.grad_accum_steps
+    per_epoch = epoch_length(setup) if wanted > 1 else 1
+    accum = grad_accum_steps(setup, per_epoch)
+    if accum < wanted:
+        units = "pairs" if cfg.stage in PAIR_STAGES else "examples"
+        made = f"{per_epoch} micro-batches of {cfg.train.micro_batch_size} " + \
+            ("packed rows" if cfg.data.packing else units)
+        ranks = f" over {setup.dist.world} processes" if setup.dist.world > 1 else ""
+        console.print(f"train.grad_accum_steps={wanted} is more than the data holds: an epoch of "
+                      f"{len(setup.train_indices)} {units} makes {made}{ranks}; using grad_accum_steps={accum}, so "
+                      "a step never runs through the data more than once. Lower train.grad_accum_steps (or "
+                      "train.micro_batch_size) to choose yourself.", markup=False)
+    return accum
 
 
 def _nonfinite(state: TrainState, loss: float, norm: float, batches: list[Batch], out: Path) -> str:
@@ -356,6 +410,13 @@ def _clip(params: dict[str, torch.nn.Parameter], max_norm: float | None) -> torc
     if max_norm is None:
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
     return torch.nn.utils.clip_grad_norm_(grads, max_norm)
+
+
+def _eval_per_source(setup: Setup, pad_id: int, engine: torch.nn.Module) -> dict[str, float]:
+    """eval_loss/<source> for each of several eval sources (every rank runs it: evaluate sums across ranks)."""
+    groups = setup.eval_groups or {}
+    return {f"eval_loss/{label}": evaluate(setup, pad_id, engine, indices)[0]
+            for label, indices in groups.items() if len(indices)}
 
 
 def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bool:

@@ -1,4 +1,5 @@
-"""Progress bar, metrics.jsonl (one line per logged step, plus eval lines), loss.png, optional TensorBoard."""
+"""Progress bar, metrics.jsonl (one line per logged step, plus eval lines), loss.png; each line also goes to the
+run's experiment trackers (train/trackers.py)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class MetricsLog:
     resumed run does again, and a line a kill cut short)."""
 
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, console: Console,
-                 tensorboard: bool = False) -> None:
+                 trackers: list[Any] | None = None) -> None:
         self.path = files.owned(run_dir, "metrics.jsonl")  # recorded as the run's before it is written
         _keep_until(self.path, start_step)
         self._file: IO[str] = self.path.open("a", encoding="utf-8")
@@ -66,15 +67,16 @@ class MetricsLog:
                                   TimeRemainingColumn(), console=console, transient=False)
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, status="")
         self._progress.start()
-        self._writer = _tensorboard_writer(run_dir) if tensorboard else None
+        self._trackers = list(trackers or [])
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, record["step"])
+        if self._trackers:
+            from sftlab.train.trackers import scalars
+
+            for tracker in self._trackers:
+                tracker.log(record["step"], scalars(record))
         if "loss" in record:
             tokens_per_s = record["tokens"] / max(record["seconds"], 1e-9)
             status = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {tokens_per_s:,.0f} tok/s"
@@ -90,16 +92,8 @@ class MetricsLog:
     def close(self) -> None:
         self._progress.stop()
         self._file.close()
-        if self._writer is not None:
-            self._writer.close()
-
-
-def _tensorboard_writer(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(files.owned(run_dir, "tensorboard")))
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def _keep_until(path: Path, step: int) -> None:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftlab import __version__
-from sftlab.config import PAIR_STAGES
+from sftlab.config import PAIR_STAGES, sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
+from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
 from sftlab import files
 from sftlab.files import write_text_atomic
@@ -91,14 +92,32 @@ def collect(setup: Setup) -> dict[str, Any]:
 
 def _data_facts(setup: Setup) -> dict[str, Any]:
     cfg = setup.config
-    train = {"file": cfg.data.train, **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
+    train = {"file": describe(cfg.data.train), **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
+    if setup.mixture is not None:
+        train["sources"] = setup.mixture.table(_part_stats(setup.train_data), pairs=cfg.stage in PAIR_STAGES)
     unit = "pairs" if cfg.stage in PAIR_STAGES else "examples"  # a pair's two sides are two examples in the stats
     if setup.eval_data is None or setup.eval_indices is None:
         return {"train": train, "eval": None, "unit": unit}
     if setup.eval_data is setup.train_data:  # data.eval_fraction: held out of the training file
         return {"train": train, "eval": {"held_out": len(setup.eval_indices)}, "unit": unit}
-    return {"train": train, "eval": {"file": cfg.data.eval, **asdict(setup.eval_data.stats),
+    return {"train": train, "eval": {"file": describe(cfg.data.eval), **asdict(setup.eval_data.stats),
                                      "used": len(setup.eval_indices)}, "unit": unit}
+
+
+def _part_stats(data: Any) -> list[Any]:
+    """Each source's DatasetStats (one, for a single source)."""
+    mixed = getattr(data, "examples", data)
+    return [p.stats for p in getattr(mixed, "parts", [mixed])]
+
+
+def _sources_html(table: list[Mapping[str, Any]]) -> str:
+    """The per-source table: what each source read and gave, and its share of an epoch (asked vs got)."""
+    rows = [[r["source"], _number(r["rows"]), _number(r["rejected"]), _number(r["examples"]), _number(r["tokens"]),
+             _number(r["trained_tokens"]), _number(r["per_epoch"]),
+             "—" if r["asked"] is None else f"{r['asked']:.1%}", f"{r['got']:.1%}",
+             f"x{r['repeated']:.2f}" if r["repeated"] else ""] for r in table]
+    return _table(rows, ["source", "rows", "rejected", "examples", "tokens", "trained tokens", "per epoch",
+                         "share asked", "share got", "repeated"])
 
 
 def _examples(data: Any, index: int) -> list[Any]:
@@ -108,9 +127,9 @@ def _examples(data: Any, index: int) -> list[Any]:
 
 def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     """`sftlab check`'s report on the training file (its dict and its text) — of conversations, or of
-    preference pairs for stage dpo — or (None, None) if the file is too big."""
-    if setup.train_data.stats.rows > QUALITY_MAX_ROWS:
-        return None, None
+    preference pairs (stages dpo, orpo, simpo), of feedback (stage kto) — or (None, None) if the file is too big."""
+    if setup.train_data.stats.rows > QUALITY_MAX_ROWS or len(sources_of(setup.config.data.train)) != 1:
+        return None, None  # several sources: `sftlab check` reports on each
     from rich.console import Console
 
     from sftlab.data import pair_quality, quality
@@ -120,17 +139,18 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     data = setup.config.data
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
-                      add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes)
+                      add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes,
+                      special_tokens_in_content=data.special_tokens_in_content)
     if setup.config.stage == "kto":
         from sftlab.data import feedback_quality
 
-        report, writer = feedback_quality.analyze_feedback(data.train, data, encoder, setup.config.kto), \
-            feedback_quality.write
+        report, writer = feedback_quality.analyze_feedback(sources_of(data.train)[0], data, encoder,
+                                                           setup.config.kto), feedback_quality.write
         text = io.StringIO()
         writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
         return report.to_dict(), text.getvalue()
     checker = pair_quality.analyze_pairs if setup.config.stage in PAIR_STAGES else quality.analyze
-    report = checker(data.train, data, encoder)
+    report = checker(sources_of(data.train)[0], data, encoder)
     text = io.StringIO()
     writer = pair_quality.write if setup.config.stage in PAIR_STAGES else quality.write
     writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
@@ -195,7 +215,7 @@ def render(facts: Mapping[str, Any], run_dir: Path) -> str:
         _cards(facts, train, evals),
         _section("loss", "Loss", loss_svg([(r["step"], r["loss"]) for r in train],
                                           [(r["step"], r["eval_loss"]) for r in evals])),
-        _section("data", "Data", _data_html(facts)),
+        _section("data", "Data", _data_html(facts) + _eval_by_source_html(evals)),
         _section("method", "Method", _method_html(facts["method"])),
         _section("throughput", "Throughput and memory", _speed_html(train, facts["memory"])),
         _section("examples", "Training examples", _examples_html(facts["examples"])),
@@ -208,6 +228,16 @@ def render(facts: Mapping[str, Any], run_dir: Path) -> str:
                 f"sftlab {facts['sftlab']} · {facts['created']} · {run_dir.resolve()}")
     return _PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), css=_CSS + TOKEN_CSS,
                         body="\n".join(s for s in sections if s))
+
+
+def _eval_by_source_html(evals: list[dict]) -> str:
+    """The last evaluation's loss of each eval source (eval_loss/<source> in metrics.jsonl), if there are several."""
+    last = evals[-1] if evals else {}
+    rows = [[key.split("/", 1)[1], f"{value:.4f}"] for key, value in last.items() if key.startswith("eval_loss/")]
+    if not rows:
+        return ""
+    return f"<h3>Eval loss per source (step {last['step']:,})</h3>" + _table(
+        rows + [["all sources", f"{last['eval_loss']:.4f}"]], ["source", "eval loss"])
 
 
 def _section(anchor: str, heading: str, body: str) -> str:
@@ -255,6 +285,8 @@ def _data_html(facts: Mapping[str, Any]) -> str:
     reasons = sorted({reason for s in splits for reason in s["rejected"]})
     rows += [[f"rejected: {reason}"] + [_number(s["rejected"].get(reason, 0)) for s in splits] for reason in reasons]
     parts = [_table(rows, ["", *names])]
+    if data["train"].get("sources"):
+        parts.append(_sources_html(data["train"]["sources"]))
     if data["eval"] is not None and "held_out" in data["eval"]:
         parts.append(f"<p>eval: {data['eval']['held_out']:,} {data.get('unit', 'examples')} held out of the training file "
                      "(data.eval_fraction).</p>")
@@ -266,8 +298,8 @@ def _data_html(facts: Mapping[str, Any]) -> str:
 
 def _quality_html(quality: Mapping[str, Any] | None, text: str | None) -> str:
     if quality is None or text is None:
-        return (f"<p>Quality summary left out: the training file has more than {QUALITY_MAX_ROWS:,} rows. "
-                "Run <code>sftlab check</code> on it for the full report.</p>")
+        return (f"<p>Quality summary left out: the training data has more than {QUALITY_MAX_ROWS:,} rows, or several "
+                "sources. Run <code>sftlab check</code> on it for the full report (per source).</p>")
     notes = [f'<li class="bad">{html.escape(p)}</li>' for p in quality["problems"]]
     notes += [f'<li class="warn">{html.escape(w)}</li>' for w in quality["warnings"]]
     verdict = "no problems found" if not notes else f"{len(notes)} finding(s)"
@@ -345,6 +377,8 @@ def _bytes(n: int) -> str:
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, list):  # several sources
+        return ", ".join(map(str, value))
     return f"{value:,}" if isinstance(value, int) else "—" if value is None else str(value)
 
 

@@ -28,6 +28,7 @@ starting there again means.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -38,21 +39,23 @@ from typing import Any
 from rich.console import Console
 
 from sftlab import files
-from sftlab.config import Config, ConfigError, load_config, to_dict
+from sftlab.config import Config, ConfigError, load_config, sources_of, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
 from sftlab.files import CONTROL_NAMES, ForeignPathError, remove_scratch, write_text_atomic
-from sftlab.train import lock
+from sftlab.models.portable import portable
+from sftlab.train import lock, trackers
 from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
 
 FINISHED = "finished.json"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "adapter", "model", "report.html",
-             "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", "base", FINISHED)
+             "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", "wandb", "mlruns", "base", FINISHED)
 """What a run may write in its output dir (besides the lock and the manifest); what it did write, its
 manifest names, and only that is ever removed."""
-FREE_TO_CHANGE = ("output_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
+FREE_TO_CHANGE = ("output_dir", "model.gguf_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
+                  "train.report_to",
                   "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
-                  "train.on_nonfinite", "train.fused_ops", "train.compile")
+                  "train.on_nonfinite", "train.fused_ops", "train.compile", "train.resume_on_new_data")
 """Settings a resumed run may change: they do not change what is trained."""
 
 
@@ -86,7 +89,7 @@ def claim(cfg: Config, *, overwrite: bool = False, console: Console | None = Non
             files.write_manifest(out, names or [])  # before the first file: the dir is a run's from now on
             if names:
                 console.print(f"{out}: a run of an earlier sftlab without a manifest; its own files are taken "
-                              f"to be {', '.join(sorted(names))} (anything else there is left alone)")
+                              f"to be {', '.join(sorted(names))} (anything else there is left alone)", markup=False)
         _prepare(out, cfg, overwrite, console)
     except BaseException:
         lock.release(out)
@@ -138,7 +141,7 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
     done = finished(out)
     if overwrite:
         if clear(out):
-            console.print(f"--overwrite: removed the previous run's files from {out}")
+            console.print(f"--overwrite: removed the previous run's files from {out}", markup=False)
         return
     if done is not None:
         summary = f"{done.get('steps', '?')} steps, wrote {done.get('export') or 'nothing'}, on " \
@@ -153,7 +156,8 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
         return
     if cfg.train.resume == "never":
         clear(out)
-        console.print(f"train.resume=never: removed the unfinished run in {out} (checkpoints up to {latest.name})")
+        console.print(f"train.resume=never: removed the unfinished run in {out} (checkpoints up to {latest.name})",
+                      markup=False)
         return
     changed = _differences(out, cfg)
     if changed:
@@ -161,6 +165,7 @@ def _prepare(out: Path, cfg: Config, overwrite: bool, console: Console) -> None:
         raise ConfigError(f"{out} holds checkpoints (up to {latest.name}) of a run with another config ({listed}). "
                           "Resuming needs the config that wrote them: restore those settings, or start over with "
                           "--no-resume (train.resume=never), or set another output_dir.")
+    _check_data(latest, cfg, console)
 
 
 def _differences(out: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
@@ -171,7 +176,7 @@ def _differences(out: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
         saved = load_config(saved_path)
     except SftlabError:
         return [("config.yaml", "unreadable" if saved_path.exists() else "missing", "this config")]
-    old, new = _flat(to_dict(saved)), _flat(to_dict(as_saved(cfg)))
+    old, new = _flat(to_dict(portable(saved))), _flat(to_dict(portable(as_saved(cfg))))
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in FREE_TO_CHANGE and old.get(key) != new.get(key)]
 
@@ -231,8 +236,7 @@ def planned(cfg: Config) -> list[str]:
              "report.html", "report.json", "rejects.jsonl", FINISHED]
     if cfg.data.eval:
         names.append("eval_rejects.jsonl")
-    if cfg.train.tensorboard:
-        names.append("tensorboard")
+    names += trackers.run_entries(cfg)
     if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and cfg.method != "full":
         names.append("base")
     return names
@@ -256,7 +260,7 @@ def _refuse_collisions(out: Path, cfg: Config, names: list[str]) -> None:
 
 def inputs(cfg: Config) -> list[tuple[str, Path]]:
     """(key, path) of each local file or dir the run reads: the data files, the model, dpo.init_from."""
-    found = [(f"data.{key}", getattr(cfg.data, key)) for key in ("train", "eval")]
+    found = [(f"data.{key}", spec.path) for key in ("train", "eval") for spec in sources_of(getattr(cfg.data, key))]
     found += [("model", cfg.model.path), ("dpo.init_from", cfg.dpo.init_from)]
     return [(key, Path(value).expanduser()) for key, value in found
             if value and Path(value).expanduser().exists()]
@@ -314,3 +318,70 @@ def _legacy_run(out: Path, cfg: Config) -> list[str] | None:
             continue  # an input of the run: the user's
         names.append(name)
     return names
+
+
+DATA_KEYS = ("train", "eval")
+"""The data settings whose files a checkpoint records (TrainState.extra["data"]) and a resume compares."""
+
+
+def data_fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
+    """data.train / data.eval -> their content's fingerprint (data/cache.py), as a checkpoint records it; several
+    sources give one fingerprint covering them all (any one changed changes it)."""
+    found = {}
+    for key in DATA_KEYS:
+        prints = [_source_print(spec) for spec in sources_of(getattr(cfg.data, key))]
+        if len(prints) == 1:
+            found[key] = prints[0]
+        elif prints:
+            digest = hashlib.blake2b(digest_size=20)
+            for one in prints:
+                digest.update(f"{one['path']}\0{one.get('blake2b', '')}\0".encode("utf-8"))
+            found[key] = {"path": ", ".join(p["path"] for p in prints), "sources": len(prints),
+                          "blake2b": digest.hexdigest()}
+    return found
+
+
+def _source_print(spec: Any) -> dict[str, Any]:
+    """A file or directory as data/cache.py prints it; a glob or hub dataset by what it resolves to (the files'
+    bytes, the hub commit)."""
+    from sftlab.data.cache import fingerprint
+    from sftlab.data.sources import resolve
+
+    if Path(spec.path).expanduser().exists():
+        return fingerprint(Path(spec.path).expanduser())
+    try:
+        return {"path": spec.path, "blake2b": resolve(spec).fingerprint()}
+    except SftlabError:  # unreachable now: setup names the problem; nothing to compare
+        return {"path": spec.path}
+
+
+def _check_data(latest: Path, cfg: Config, console: Console) -> None:
+    """Refuse to resume `latest` on data files whose content changed since it was written (the run would go
+    on in its old data order over other rows), unless train.resume_on_new_data. A checkpoint that recorded
+    no fingerprint (written before sftlab recorded them) has nothing to compare."""
+    try:
+        recorded = json.loads((latest / "state.json").read_text(encoding="utf-8"))["state"]["extra"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = data_fingerprints(cfg)
+    changed = [(key, recorded[key], now[key]) for key in DATA_KEYS
+               if isinstance(recorded.get(key), dict) and key in now
+               and recorded[key].get("blake2b") != now[key].get("blake2b")]
+    if not changed:
+        return
+    listed = "; ".join(f"data.{key} {new['path']}: {_described(old)} then, {_described(new)} now"
+                       for key, old, new in changed)
+    if cfg.train.resume_on_new_data:
+        console.print(f"train.resume_on_new_data: resuming {latest} on changed data ({listed})", markup=False)
+        return
+    raise ConfigError(f"the data changed since {latest} was written: {listed}. Resuming would continue the run's "
+                      "data order over other rows. Restore the data file, or set train.resume_on_new_data=true to "
+                      "continue on the new data, or start over with --no-resume (train.resume=never).")
+
+
+def _described(print_: dict[str, Any]) -> str:
+    if "blake2b" not in print_:
+        return "not a file"
+    if "bytes" not in print_:  # several sources, a glob or a hub dataset: the digest only
+        return f"blake2b {print_['blake2b'][:12]}"
+    return f"{print_['bytes']:,} bytes, modified {print_['modified']}, blake2b {print_['blake2b'][:12]}"

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -12,26 +11,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from sftlab import export
 from sftlab.config import PAIR_STAGES, Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
-from sftlab.data.feedback import build_feedback_dataset
+from sftlab.data.feedback import FeedbackDataset, build_feedback_dataset
+from sftlab.data.mixture import MixedDataset, Mixture, hold_out, make_mixture, mixture_text, part_of
 from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
+from sftlab.data.sources import Source, describe, resolve_all
 from sftlab.data.templates import load_template
-from sftlab.errors import ConfigError, SftlabError
+from sftlab.errors import ConfigError, DataError, SftlabError
 from sftlab import files
 from sftlab.files import atomic_dir
 from sftlab.methods import METHODS
+from sftlab.methods.base import Method
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
-from sftlab.models.load import check_model, default_device, load_model, load_tokenizer
+from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, nf4_spec, skeleton
+from sftlab.models.portable import portable
 from sftlab.models.positions import with_max_seq_len
 from sftlab.models.quant import base_memory_line
-from sftlab.train import rundir
+from sftlab.train import lock, rundir, trackers
 from sftlab.train.distributed import Dist, choose_mode
 from sftlab.train.loop import Setup, _pad_id
+from sftlab.train.memory import plan_run
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
 
 
@@ -45,12 +50,14 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     if not ctx.main:
         console = Console(stderr=True, quiet=True)
     if not cfg.data.train:
-        raise ConfigError("no training data: set data.train (a .jsonl, .json or .parquet file).")
+        raise ConfigError("no training data: set data.train (a data file, glob, dataset directory or hub dataset "
+                          "id, or a list of them).")
     if not cfg.model.path:
         raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
-    for key in ("train", "eval"):
-        _check_data_file(key, getattr(cfg.data, key))
+    train_sources, eval_sources = (_resolve(key, getattr(cfg.data, key)) for key in ("train", "eval"))
+    trackers.check(cfg)  # a tracker's missing package, before any data or weights are read
     cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
+    cfg = portable(cfg)  # the base recorded so that the run loads from any working directory
     out = Path(cfg.output_dir)
     refused: SftlabError | None = None
     if ctx.main:
@@ -60,31 +67,58 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
             refused = exc
     if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
         raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
+    try:
+        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out,
+                                sources=(train_sources, eval_sources))
+    except BaseException:
+        if ctx.main:
+            lock.release(out)  # a start that fails leaves no lock behind
+        raise
+
+
+def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path,
+                     sources: tuple[list[Source], list[Source]]) -> Setup:
+    """The rest of prepare(), once this process holds the output dir (`sources`: data.train's and data.eval's)."""
+    train_sources, eval_sources = sources
     out.mkdir(parents=True, exist_ok=True)
     cfg = _full_init(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     if not is_gguf(cfg.model.path):  # its files, not its weights: a broken model dir fails before the data work
         check_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    _check_layers(cfg)
     encoder = Encoder(tokenizer, load_template(cfg.data.template, tokenizer), train_on=cfg.data.train_on,
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
-                      add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes)
-    train_data = _build(ctx, cfg.data.train, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
-    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage in PAIR_STAGES)
+                      add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes,
+                      special_tokens_in_content=cfg.data.special_tokens_in_content)
+    train_data = _build_all(ctx, train_sources, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage in PAIR_STAGES,
+                 special_tokens_in_content=cfg.data.special_tokens_in_content)
     indices = np.arange(len(train_data))
-    eval_data, eval_indices = None, None
-    if cfg.data.eval:
-        eval_data = _build(ctx, cfg.data.eval, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
-        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage in PAIR_STAGES)
+    eval_data, eval_indices, eval_groups = None, None, None
+    if eval_sources:
+        eval_data = _build_all(ctx, eval_sources, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
+        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage in PAIR_STAGES,
+                     special_tokens_in_content=cfg.data.special_tokens_in_content)
         eval_indices = np.arange(len(eval_data))
+        eval_groups = _groups(eval_data, eval_sources, eval_indices)
+    elif cfg.data.eval_fraction > 0 and len(train_sources) > 1:  # every source held out from, so each is evaluated
+        indices, eval_indices = hold_out(_item_starts(train_data), cfg.data.eval_fraction, cfg.train.seed)
+        eval_data, eval_groups = train_data, _groups(train_data, train_sources, eval_indices)
     elif cfg.data.eval_fraction > 0:
         shuffled = np.random.default_rng([cfg.train.seed, 1 << 20]).permutation(len(train_data))
         held = max(1, round(cfg.data.eval_fraction * len(train_data)))
         eval_data, eval_indices, indices = train_data, np.sort(shuffled[:held]), np.sort(shuffled[held:])
     if len(indices) == 0:
-        raise ConfigError(f"no training examples left from {cfg.data.train} (see {out / 'rejects.jsonl'}).")
+        raise ConfigError(f"no training examples left from {describe(cfg.data.train)} (see {out / 'rejects.jsonl'}).")
+    mixture = _mixture(train_sources, train_data, indices, cfg, console)
 
     device = device or (ctx.device() if ctx.enabled else default_device())
-    model = load_model(cfg.model, device=device)
+    if not ctx.enabled:  # under torchrun each rank holds a share (FSDP) or a replica (DDP): not planned yet
+        plan_run(cfg, train_data, device, console)  # exit 2 before any weight is read when it cannot fit
+    notes: list[str] = []
+    model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg), notes=notes)
+    for note in notes:
+        console.print(note)
     torch.manual_seed(cfg.train.seed)  # the new embedding rows and the adapter's initialisation
     new_token_ids = _add_token_rows(cfg, model, tokenizer, encoder.added_tokens, console)
     _check_vocab(model, train_data, cfg.model.path)
@@ -104,7 +138,7 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
     method.apply(model)
     if continued is not None:
         export.load_trained(model, method, continued)
-        console.print(f"dpo: training on the SFT adapter {continued}")
+        console.print(f"dpo: training on the SFT adapter {continued}", markup=False)
     if cfg.method == "qlora":
         console.print(base_memory_line(model))
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
@@ -123,7 +157,18 @@ def prepare(cfg: Config, *, console: Console | None = None, device: torch.device
         console.print(f"{cfg.stage}: no reference model (reference-free: no second copy of the weights, no "
                       "reference forward)")
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
-                 reference_model=reference)
+                 reference_model=reference, mixture=mixture, eval_groups=eval_groups)
+
+
+def _check_layers(cfg: Config) -> None:
+    """The method's settings against the model's layer shapes (lora.targets, lora.rank), on a skeleton
+    built from config.json: a mistake is named before the data work and the weight load."""
+    method = METHODS.get(cfg.method)
+    if method is None or method.check_layers is Method.check_layers:  # nothing to check: build no skeleton
+        return
+    model = skeleton(cfg.model)
+    if model is not None:
+        method(cfg).check_layers(model)
 
 
 def _full_init(cfg: Config) -> Config:
@@ -155,7 +200,7 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
         with atomic_dir(files.owned(base.parent, base.name), what="the merged SFT model") as scratch:
             export.save_model(model, tokenizer, scratch, chat_template=export.chat_template_for(cfg, tokenizer))
     ctx.barrier()
-    console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}")
+    console.print(f"dpo: the SFT adapter {adapter} merged into the base, saved as {base}", markup=False)
     return model, saved
 
 
@@ -189,21 +234,12 @@ def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: li
     return None
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def _check_data_file(key: str, value: str | None) -> None:
-    if value is None:
-        return
-    path = Path(value)
-    if path.is_dir():
-        raise ConfigError(f"data.{key}: {path} is a directory; set data.{key} to a .jsonl, .json or .parquet file.")
-    if path.suffix.lower() not in DATA_SUFFIXES:
-        raise ConfigError(f"data.{key}: {path} is not a .jsonl, .json or .parquet file; convert it to JSON lines "
-                          "(one conversation per line).")
-    if not path.is_file():
-        raise ConfigError(f"data.{key}: {path} does not exist (relative paths start from {Path.cwd()}); "
-                          f"set data.{key} to the data file.")
+def _resolve(key: str, value: object) -> list[Source]:
+    """data.train / data.eval resolved (files found, hub ids looked up): a missing path fails before any work."""
+    try:
+        return resolve_all(value)
+    except DataError as exc:
+        raise ConfigError(f"data.{key}: {exc}") from None
 
 
 def _run_file(ctx: Dist, out: Path, name: str) -> Path:
@@ -211,7 +247,8 @@ def _run_file(ctx: Dist, out: Path, name: str) -> Path:
     return files.owned(out, name) if ctx.main else out / name
 
 
-def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Path) -> EncodedDataset | PairDataset:
+def _build(ctx: Dist, data_path: Source, cfg: Config, encoder: Encoder,
+           rejects: Path | None) -> EncodedDataset | PairDataset | FeedbackDataset:
     """Rank 0 encodes (and caches) the data first; the other ranks then read the same cache (or, with
     data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's. Stage dpo
     reads preference pairs."""
@@ -221,10 +258,67 @@ def _build(ctx: Dist, data_path: str, cfg: Config, encoder: Encoder, rejects: Pa
         data = build(data_path, cfg.data, encoder, rejects_path=rejects)
     ctx.barrier()
     if not ctx.main:
-        scratch = Path(tempfile.gettempdir()) / f"sftlab-rejects-{os.getpid()}-{rejects.name}"
-        data = build(data_path, cfg.data, encoder, rejects_path=scratch)
-        scratch.unlink(missing_ok=True)
+        data = build(data_path, cfg.data, encoder, rejects_path=None)
     return data
+
+
+def _build_all(ctx: Dist, sources: list[Source], cfg: Config, encoder: Encoder,
+               rejects: Path) -> EncodedDataset | PairDataset | FeedbackDataset | MixedDataset:
+    """One source as itself; several encoded one by one and laid end to end, their rejects in one file (pairs
+    and feedback wrapped again around the joined examples, the feedback labels joined alike)."""
+    if len(sources) == 1:
+        return _build(ctx, sources[0], cfg, encoder, rejects)
+    parts = [_build(ctx, source, cfg, encoder, None) for source in sources]
+    examples = [p.examples if isinstance(p, (PairDataset, FeedbackDataset)) else p for p in parts]
+    if ctx.main:
+        _join_rejects([e.rejects_path for e in examples], rejects)
+    mixed = MixedDataset(examples, [s.label for s in sources])
+    if cfg.stage == "kto":
+        joined = FeedbackDataset(mixed, desirable=np.concatenate([p.desirable for p in parts]))  # type: ignore[arg-type]
+        joined.max_seq_len = cfg.data.max_seq_len
+        return joined
+    return PairDataset(mixed) if cfg.stage in PAIR_STAGES else mixed  # type: ignore[arg-type]
+
+
+def _join_rejects(paths: list[Path], target: Path) -> None:
+    found = [p for p in paths if p.is_file()]
+    if not found:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as out:
+        for path in found:
+            with path.open("rb") as part:
+                shutil.copyfileobj(part, out)
+
+
+def _item_starts(data: object) -> np.ndarray:
+    """Where each source's items begin (pairs count once), and the end."""
+    mixed = data.examples if isinstance(data, (PairDataset, FeedbackDataset)) else data
+    if isinstance(mixed, MixedDataset):
+        return mixed.starts // (2 if isinstance(data, PairDataset) else 1)
+    return np.array([0, len(data)])  # type: ignore[arg-type]
+
+
+def _groups(data: object, sources: list[Source], indices: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Eval indices per source (eval_loss/<source>), when there are several."""
+    if len(sources) < 2:
+        return None
+    parts = part_of(_item_starts(data), indices)
+    return {source.label: indices[parts == k] for k, source in enumerate(sources)}
+
+
+def _mixture(sources: list[Source], data: object, indices: np.ndarray, cfg: Config,
+             console: Console) -> Mixture | None:
+    """The per-epoch choice of items when there are several sources, weights or max_samples; its table printed."""
+    if len(sources) == 1 and sources[0].spec.weight is None and sources[0].spec.max_samples is None:
+        return None
+    mixture = make_mixture(_item_starts(data), [s.label for s in sources], indices,
+                           weights=[s.spec.weight for s in sources], max_samples=[s.spec.max_samples for s in sources],
+                           seed=cfg.train.seed)
+    mixed = data.examples if isinstance(data, (PairDataset, FeedbackDataset)) else data
+    stats = [p.stats for p in mixed.parts] if isinstance(mixed, MixedDataset) else [mixed.stats]
+    console.print(mixture_text(mixture.table(stats, pairs=cfg.stage in PAIR_STAGES)))
+    return mixture
 
 
 def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, added: list[str],
@@ -242,7 +336,7 @@ def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, adde
         model.resize_token_embeddings(len(tokenizer))
         rows = len(tokenizer)
     console.print(f"added special tokens {', '.join(added)}: their embedding rows train "
-                  f"(embeddings have {rows} rows)")
+                  f"(embeddings have {rows} rows)", markup=False)  # tokens like [INST] are text
     return tokenizer.convert_tokens_to_ids(added)
 
 
@@ -250,7 +344,8 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
 
 
-def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path, *, pairs: bool = False) -> None:
+def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Path, *, pairs: bool = False,
+                 special_tokens_in_content: str = "text") -> None:
     made = f"{stats.examples // 2} pairs" if pairs else f"{stats.examples} examples"
     line = f"{split} data: {stats.rows} rows -> {made}, {stats.tokens:,} tokens " \
            f"({stats.trained_tokens:,} {'scored' if pairs else 'trained'})"
@@ -259,7 +354,21 @@ def _report_data(console: Console, split: str, stats: DatasetStats, rejects: Pat
     console.print(line)
     if stats.rejected:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.rejected.items()))
-        console.print(f"[yellow]{split} rows not used: {reasons} — listed in {rejects}[/]")
+        console.print(Text(f"{split} rows not used: {reasons} — listed in {rejects}", style="yellow"))
+    if stats.ignored_fields:
+        fields = ", ".join(f"{name} ({n} rows)" for name, n in sorted(stats.ignored_fields.items()))
+        console.print(Text(f"{split} fields ignored (not read by sftlab): {fields}", style="yellow"))
+    if stats.special_token_rows:
+        console.print(_special_token_rows(split, stats.special_token_rows, special_tokens_in_content))
+
+
+def _special_token_rows(split: str, rows: int, mode: str) -> Text:
+    """The line about rows whose contents hold special-token strings (`<|im_end|>` typed in a message)."""
+    if mode == "allow":
+        return Text(f"warning: {rows} {split} rows hold special-token strings in message contents, trained as "
+                    "the control tokens (data.special_tokens_in_content=allow): forged turn markup is learned. "
+                    "Set data.special_tokens_in_content=text to train them as plain text.", style="yellow")
+    return Text(f"{split} data: {rows} rows hold special-token strings in message contents, encoded as plain text")
 
 
 def _check_vocab(model: torch.nn.Module, data: EncodedDataset, model_path: str) -> None:
