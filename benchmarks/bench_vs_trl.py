@@ -49,6 +49,8 @@ the table marks runs where others kept more than 0.1 CPUs busy; the 1-minute loa
     python benchmarks/bench_vs_trl.py                        # CPU preset: ~4 min on 2 idle cores
     python benchmarks/bench_vs_trl.py --methods lora --timed-steps 5
     python benchmarks/bench_vs_trl.py --methods dpo              # the DPO row alone
+    python benchmarks/bench_vs_trl.py --methods orpo,kto         # ORPO (TRL's ORPOTrainer) and KTO (KTOTrainer),
+                                                                 # LoRA, on the same pairs / unpaired rows
     python benchmarks/bench_vs_trl.py --preset gpu --wheels DIR   # a GPU machine without internet (sized
                                                                    # for < 8 min); DIR: fetch_bench_wheels.sh
     python benchmarks/bench_vs_trl.py --preset gpu --device cpu --smoke   # the GPU code path, tiny, on CPU
@@ -147,7 +149,8 @@ SMOKE = {"shape": TINY, "model_vocab": None, "dtype": "float32", "max_length": 5
          "warmup_steps": 1, "timed_steps": 1, "conversations": 120, "tokenizer_vocab": 2000}
 """--smoke: the same code path in a minute, numbers meaningless."""
 
-TARGETS = {"lora": {"supervised_tokens_per_s": 1.5, "peak_rss_mib": 0.7}, "full": {"tokens_per_s": 1.3}}
+TARGETS = {"lora": {"supervised_tokens_per_s": 1.5, "peak_rss_mib": 0.7}, "full": {"tokens_per_s": 1.3},
+           "orpo": {"tokens_per_s": 1.5, "peak_rss_mib": 0.7}, "kto": {"tokens_per_s": 1.5, "peak_rss_mib": 0.7}}
 """sftlab / TRL: at least this for speeds, at most this for memory."""
 
 
@@ -214,6 +217,21 @@ def preference_pairs(chats_path: Path, out: Path) -> Path:
         chats = [json.loads(line)["messages"] for line in file]
     rows = [{"prompt": chat[:-1], "chosen": [chat[-1]], "rejected": [chats[(k + 1) % len(chats)][-1]]}
             for k, chat in enumerate(chats)]
+    scratch = out.with_suffix(".tmp")
+    scratch.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    scratch.rename(out)
+    return out
+
+
+def feedback_rows(prefs_path: Path, out: Path) -> Path:
+    """feedback.jsonl from prefs.jsonl (made once), for `kto`: each pair as two unpaired rows, its chosen answer
+    labelled true and its rejected one false."""
+    if out.is_file():
+        return out
+    with prefs_path.open(encoding="utf-8") as file:
+        pairs = [json.loads(line) for line in file]
+    rows = [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+            for pair in pairs for side in ("chosen", "rejected")]
     scratch = out.with_suffix(".tmp")
     scratch.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     scratch.rename(out)
@@ -500,6 +518,45 @@ class CountingPairCollator:
         return batch
 
 
+class CountingORPOCollator:
+    """Wraps TRL's ORPO collator: tokens (both sides' attention masks) and scored positions (both sides' labels
+    after the shift) of each batch."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.batches: list[tuple[int, int]] = []
+        self.first: dict[str, Any] = {}
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        sides = ("chosen", "rejected")
+        self.batches.append((sum(int(batch[f"{s}_attention_mask"].sum()) for s in sides),
+                             sum(int((batch[f"{s}_labels"][:, 1:] != -100).sum()) for s in sides)))
+        if not self.first:
+            self.first = {"input_ids": list(batch["chosen_input_ids"].shape), "keys": sorted(batch),
+                          "padding_free": False, "sequences": 2 * int(batch["chosen_input_ids"].shape[0])}
+        return batch
+
+
+class CountingKTOCollator:
+    """Wraps TRL's KTO collator: tokens and scored positions of the examples and of their KL sequences (sftlab
+    counts both too)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.batches: list[tuple[int, int]] = []
+        self.first: dict[str, Any] = {}
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        self.batches.append((sum(int(batch[f"{p}attention_mask"].sum()) for p in ("", "KL_")),
+                             sum(int(batch[f"{p}completion_mask"][:, 1:].sum()) for p in ("", "KL_"))))
+        if not self.first:
+            self.first = {"input_ids": list(batch["input_ids"].shape), "keys": sorted(batch), "padding_free": False,
+                          "sequences": 2 * int(batch["input_ids"].shape[0])}
+        return batch
+
+
 def run_trl(spec: RunSpec) -> dict[str, Any]:
     """TRL's SFTTrainer (lora, full) or DPOTrainer (dpo), with PEFT's LoRA for lora and dpo, timed per step."""
     import datasets
@@ -513,7 +570,7 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     with open(spec.data, encoding="utf-8") as file:
         dataset = datasets.Dataset.from_list([json.loads(line) for line in file])
     peft_config = None
-    if spec.method in ("lora", "dpo"):
+    if spec.method in ("lora", "dpo", "orpo", "kto"):
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
@@ -532,6 +589,16 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
 
         trainer_class, counting = DPOTrainer, CountingPairCollator
         args = DPOConfig(**common, beta=DPO_BETA, loss_type=["sigmoid"])
+    elif spec.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        trainer_class, counting = ORPOTrainer, CountingORPOCollator
+        args = ORPOConfig(**common, beta=ORPO_LAMBDA)
+    elif spec.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        trainer_class, counting = KTOTrainer, CountingKTOCollator
+        args = KTOConfig(**common, beta=KTO_BETA)
     else:
         from trl import SFTConfig, SFTTrainer
 
@@ -564,6 +631,13 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
 
 
 DPO_BETA = 0.1
+ORPO_LAMBDA = 0.1
+KTO_BETA = 0.1
+PREFERENCE_STAGES = {"dpo": ["stage=dpo", f"dpo.beta={DPO_BETA}", "dpo.loss=sigmoid"],
+                     # orpo.nll=sequence: TRL's ORPOTrainer's NLL, over the chosen prompt and answer
+                     "orpo": ["stage=orpo", f"orpo.lambda={ORPO_LAMBDA}", "orpo.nll=sequence"],
+                     "kto": ["stage=kto", f"kto.beta={KTO_BETA}"]}
+"""sftlab's settings for the preference methods (all with LoRA, padded micro-batches: TRL's trainers pad)."""
 PROFILE_PHASES = ("time_data", "time_forward", "time_backward", "time_optimizer")
 
 
@@ -572,13 +646,13 @@ def sftlab_config(spec: RunSpec) -> Any:
 
     # dpo: preference rows (their own format), LoRA, the reference = the base with the adapter disabled; padded
     # micro-batches of `batch_size` pairs, the pairs per step of TRL's DPOTrainer (which cannot pack).
-    stage = ["stage=dpo", f"dpo.beta={DPO_BETA}", "dpo.loss=sigmoid", "data.packing=false"] \
-        if spec.method == "dpo" else ["data.format=messages", "data.train_on=assistant", "data.packing=true"]
+    stage = [*PREFERENCE_STAGES[spec.method], "data.packing=false"] if spec.method in PREFERENCE_STAGES \
+        else ["data.format=messages", "data.train_on=assistant", "data.packing=true"]
     lora = [] if spec.method == "full" else [f"lora.rank={spec.lora_rank}", f"lora.alpha={spec.lora_alpha}",
                                               "lora.dropout=0.0", "lora.targets=all-linear"]
     return load_config(overrides=[
         f"model={spec.model}", f"model.dtype={spec.dtype}", "model.attn_implementation=sdpa",
-        f"method={'lora' if spec.method == 'dpo' else spec.method}", f"output_dir={spec.output_dir}", *stage,
+        f"method={'lora' if spec.method in PREFERENCE_STAGES else spec.method}", f"output_dir={spec.output_dir}", *stage,
         f"data.train={spec.data}", "data.template=chatml",
         f"data.max_seq_len={spec.max_length}", "data.cache=false", *lora,
         f"train.micro_batch_size={spec.batch_size}", "train.grad_accum_steps=1",
@@ -674,9 +748,10 @@ def summarize(run: dict[str, Any], *, method: str, matmul_parameters: int, peak_
     return summary
 
 
-FLOPS_PER_PARAMETER = {"lora": 4, "full": 6, "dpo": 6}
+FLOPS_PER_PARAMETER = {"lora": 4, "full": 6, "dpo": 6, "orpo": 4, "kto": 5}
 """Matmul FLOPs per token per weight: forward 2N; backward 2N (LoRA: no weight gradients of the frozen base) or
-4N; DPO with LoRA adds the reference's forward (2N) to LoRA's 4N."""
+4N; DPO with LoRA adds the reference's forward (2N) to LoRA's 4N; ORPO has no reference (4N); KTO's tokens are
+half examples (4N + the reference's 2N) and half KL sequences (forwards of the policy and the reference, 4N)."""
 RATIO_KEYS = ("supervised_tokens_per_s", "tokens_per_s", "supervised_tokens_per_s_median_step",
               "tokens_per_s_median_step", "peak_rss_mib", "peak_gpu_mib", "mfu")
 
@@ -684,7 +759,7 @@ RATIO_KEYS = ("supervised_tokens_per_s", "tokens_per_s", "supervised_tokens_per_
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """sftlab / TRL per method, for speeds and memory."""
     out: dict[str, dict[str, float]] = {}
-    for method in ("lora", "full", "dpo"):
+    for method in ("lora", "full", "dpo", "orpo", "kto"):
         ours, theirs = runs.get(f"sftlab/{method}"), runs.get(f"trl/{method}")
         if ours and theirs:
             out[method] = {k: ours[k] / theirs[k] for k in RATIO_KEYS if k in ours and k in theirs and theirs[k]}
@@ -839,7 +914,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="override the preset's device (e.g. cpu, to try the gpu preset's path)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 1 warm-up + 1 timed step, fp32")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="override the preset's (and --smoke's)")
-    parser.add_argument("--methods", default="lora,full,dpo", help="comma-separated: lora, full, dpo")
+    parser.add_argument("--methods", default="lora,full,dpo", help="comma-separated: lora, full, dpo, orpo, kto")
     parser.add_argument("--tools", default="trl,sftlab", help="comma-separated: trl, sftlab")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default: the preset's)")
     parser.add_argument("--timed-steps", type=int, help="timed steps (default: the preset's)")
@@ -894,11 +969,13 @@ def main(argv: list[str] | None = None) -> None:
     masks = check_masks(setup)
     print(f"labels: sftlab (chatml) and TRL (assistant_only_loss) train the same {masks['trained_tokens']:,} "
           f"tokens of the first {masks['rows']} chats", flush=True)
-    if "dpo" in methods:
+    if {"dpo", "orpo", "kto"} & set(methods):
         setup["prefs"] = str(preference_pairs(Path(setup["data"]), Path(setup["dir"]) / "prefs.jsonl"))
         masks["pairs"] = check_pairs(setup)
         print(f"pairs: sftlab scores the tokens TRL's DPOTrainer scores but the newline after <|im_end|> "
               f"({masks['pairs']['scored_tokens']:,} tokens of the first {masks['pairs']['rows']} pairs)", flush=True)
+    if "kto" in methods:
+        setup["feedback"] = str(feedback_rows(Path(setup["prefs"]), Path(setup["dir"]) / "feedback.jsonl"))
     threads = args.threads or (len(os.sched_getaffinity(0)) if preset.device == "cpu" else None)
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=args.cache_dir))
     runs: dict[str, dict[str, Any]] = {}
@@ -906,7 +983,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             for tool in tools:
                 name, stem = f"{tool}/{method}", f"{tool}-{method}"
-                data = setup["prefs"] if method == "dpo" else setup["data"]
+                data = {"dpo": setup["prefs"], "orpo": setup["prefs"], "kto": setup.get("feedback")}.get(method,
+                                                                                                      setup["data"])
                 spec = RunSpec(tool, method, setup["model"], data, output_dir=str(scratch / stem),
                                result=str(scratch / f"{stem}.json"),
                                dtype=preset.dtype, device=preset.device, max_length=preset.max_length,

@@ -39,8 +39,9 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key of the config tree, sections included (`lora`, `lora.rank`, ...)."""
     keys = []
     hints = typing.get_type_hints(cls)
+    written = {name: key for key, name in getattr(cls, "ALIASES", {}).items()}  # orpo.lambda, not its field lambda_
     for field in dataclasses.fields(cls):
-        keys.append(prefix + field.name)
+        keys.append(prefix + written.get(field.name, field.name))
         if dataclasses.is_dataclass(hints[field.name]):
             keys += config_keys(hints[field.name], f"{prefix}{field.name}.")
     return keys

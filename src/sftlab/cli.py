@@ -9,7 +9,7 @@ from itertools import islice
 from pathlib import Path
 
 from sftlab import __version__
-from sftlab.config import Config, load_config
+from sftlab.config import PAIR_STAGES, Config, load_config
 from sftlab.errors import SftlabError
 
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -110,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-color", action="store_true", help="mark trained spans with [[...]] instead of colour")
     inspect.set_defaults(run=_inspect)
 
-    check = commands.add_parser("check", help="data-quality report (of preference pairs with stage=dpo); non-zero "
-                                              "exit when training would learn nothing")
+    check = commands.add_parser("check", help="data-quality report (of preference pairs with stage=dpo|orpo|simpo, "
+                                              "of feedback with stage=kto); non-zero exit when training would learn "
+                                              "nothing")
     _data_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text")
     check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl); an "
@@ -123,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?" if parser.prog.endswith("check") else None,
                         help="a data source: a .jsonl, .json, .parquet, .arrow or .csv file, a glob, a dataset "
-                             "directory or a hub dataset id, of conversations (of preference pairs with stage=dpo)"
+                             "directory or a hub dataset id, of conversations (of preference pairs with "
+                             "stage=dpo|orpo|simpo, of feedback rows with stage=kto)"
                              + ("; default: data.train (every source)" if parser.prog.endswith("check") else ""))
     parser.add_argument("--model", help="a local Hugging Face model or tokenizer dir (or a hub id)")
     parser.add_argument("--template", help="chatml | llama3 | auto | path to a .jinja file (default: data.template)")
@@ -349,13 +351,20 @@ def _inspect(args: argparse.Namespace) -> int:
     cfg = _config(args)
     encoder = _encoder(cfg)
     rejects = RejectLog()
-    if cfg.stage == "dpo":  # each pair as its two sides, chosen then rejected, the answer scored
+    if cfg.stage in PAIR_STAGES:  # each pair as its two sides, chosen then rejected, the answer scored
         from sftlab.data.preference import PairEncoder, pair_row_limit, read_pairs
 
         pairs = read_pairs(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
                            max_row_bytes=pair_row_limit(encoder))
         conversations = iter([side for pair in islice(pairs, max(args.n, 0)) for side in pair.conversations()])
         encoder = PairEncoder(encoder).encoder
+    elif cfg.stage == "kto":  # each example with its answer scored
+        from sftlab.data.feedback import FeedbackEncoder, read_feedback
+
+        rows = read_feedback(args.data, role_map=cfg.data.role_map, on_bad_row=cfg.data.on_bad_row, rejects=rejects,
+                             max_row_bytes=encoder.row_limit)
+        conversations = (row.conversation() for row in rows)
+        encoder = FeedbackEncoder(encoder).encoder
     else:
         from sftlab.data.reasoning import prepare
 
@@ -363,7 +372,7 @@ def _inspect(args: argparse.Namespace) -> int:
                                      max_row_bytes=encoder.row_limit),
                                 encoder.template, reasoning=cfg.data.reasoning,
                                 reasoning_turns=cfg.data.reasoning_turns)
-    results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage == "dpo" else 1))))
+    results = encoder.encode_batch(list(islice(conversations, max(args.n, 0) * (2 if cfg.stage in PAIR_STAGES else 1))))
     views.write(results, encoder.tokenizer, fmt=args.format, output=args.output, color=not args.no_color)
     if rejects.total:
         counts = ", ".join(f"{n} {reason}" for reason, n in rejects.counts.items())
@@ -393,7 +402,14 @@ def _check(args: argparse.Namespace) -> int:
     for number, (source, rejects) in enumerate(zip(sources, targets)):
         if len(sources) > 1 and args.format == "text":
             print(f"== data source {number + 1} of {len(sources)}: {source.label} ==")
-        if cfg.stage == "dpo":  # preference pairs: usable pairs, length bias, contradictions
+        if cfg.stage == "kto":  # feedback: usable examples, the desirable/undesirable balance and its weights
+            from sftlab.data import feedback_quality
+
+            feedback = feedback_quality.analyze_feedback(source, cfg.data, encoder, cfg.kto, rejects_path=rejects)
+            feedback_quality.write(feedback, fmt=args.format)
+            ok = ok and feedback.ok
+            continue
+        if cfg.stage in PAIR_STAGES:  # preference pairs: usable pairs, length bias, contradictions
             pairs = pair_quality.analyze_pairs(source, cfg.data, encoder, rejects_path=rejects)
             pair_quality.write(pairs, fmt=args.format)
             ok = ok and pairs.ok

@@ -60,7 +60,8 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ConfigError("a data source has no path; set `path:` (a file, glob, directory or hub dataset id).")
+            raise ConfigError("a data source (of data.train or data.eval) has no path; set `path:` (a file, glob, "
+                              "directory or hub dataset id).")
         if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
             raise ConfigError(f"the weight of data source {self.path} must be a positive number, got {self.weight}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -427,6 +428,56 @@ class DPOConfig:
             raise ConfigError(f"dpo.label_smoothing applies to dpo.loss=sigmoid only (found {self.loss}); remove it.")
 
 
+@dataclass(frozen=True)
+class ORPOConfig:
+    ALIASES: ClassVar[dict[str, str]] = {"lambda": "lambda_"}  # `lambda` is a Python keyword
+
+    lambda_: float = 0.1
+    """λ (written `orpo.lambda`; TRL's beta): the weight of the odds-ratio term added to the NLL term."""
+    nll: Literal["answer", "sequence"] = "answer"
+    """The NLL term: `answer`, the cross-entropy of the chosen answers' scored tokens (the prompt is never
+    trained); `sequence`, over the chosen prompt and answer, every token after the first (TRL's ORPOTrainer)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lambda_) and self.lambda_ > 0):  # `<= 0` is False for NaN
+            raise ConfigError(f"orpo.lambda must be positive and finite, got {shown(self.lambda_)}")
+
+
+@dataclass(frozen=True)
+class SimPOConfig:
+    beta: float = 2.0
+    """β: the scale of the length-averaged log-probability margin."""
+    gamma: float = 1.0
+    """γ: the target reward margin itself (TRL's CPOTrainer takes it as simpo_gamma)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"simpo.beta must be positive and finite, got {shown(self.beta)}")
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ConfigError(f"simpo.gamma must be 0 or more and finite, got {shown(self.gamma)}")
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    beta: float = 0.1
+    """β: how far the policy may move from the reference (larger keeps it closer)."""
+    desirable_weight: float = 1.0
+    """The weight of each desirable (label true) example's loss."""
+    undesirable_weight: float = 1.0
+    """The weight of each undesirable (label false) example's loss; with unbalanced data `sftlab check` proposes
+    the weights (desirable_weight·desirable count / (undesirable_weight·undesirable count) in [1, 4/3])."""
+
+    def __post_init__(self) -> None:
+        for key in ("beta", "desirable_weight", "undesirable_weight"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"kto.{key} must be positive and finite, got {shown(getattr(self, key))}")
+
+
+PAIR_STAGES = ("dpo", "orpo", "simpo")
+"""Stages that train on preference pairs {prompt, chosen, rejected}."""
+STAGE_SECTIONS = {"dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto"}
+"""The config section each preference stage reads; another stage's section must keep its defaults."""
+
 METHODS = ("full", "lora", "qlora", "adapter", "prompt", "ptuning", "prefix")
 SOFT_PROMPT_METHODS = ("prompt", "ptuning", "prefix")
 
@@ -440,9 +491,11 @@ class Config:
     NF4 base), `adapter` (bottleneck adapters), `prompt` / `ptuning` / `prefix` (soft prompts)."""
     output_dir: str = "runs/run"
     """Where the run writes its files (config.yaml, metrics.jsonl, checkpoints/, adapter/ or model/)."""
-    stage: Literal["sft", "dpo"] = "sft"
+    stage: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
     """`sft`: supervised fine-tuning on conversations; `dpo`: preference training on pairs
-    {prompt, chosen, rejected} (the `dpo` section)."""
+    {prompt, chosen, rejected} (the `dpo` section); `orpo` and `simpo`: reference-free preference training on
+    the same pairs (the `orpo` / `simpo` sections); `kto`: unpaired feedback {prompt, completion, label}
+    (the `kto` section)."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     full: FullConfig = field(default_factory=FullConfig)
@@ -453,6 +506,9 @@ class Config:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
 
     def __post_init__(self) -> None:
         if self.data.packing and self.method in SOFT_PROMPT_METHODS:
@@ -480,24 +536,37 @@ METHOD_SECTIONS = {"full": ("full",), "lora": ("lora",), "qlora": ("qlora", "lor
 
 
 def _check_stage(cfg: Config) -> None:
-    """dpo settings belong to stage dpo; pair rows have their own form and score only the answer."""
+    """Each preference stage's settings belong to it; preference rows have their own form and score only the
+    answer."""
+    for stage, section in STAGE_SECTIONS.items():
+        value, default = getattr(cfg, section), type(getattr(cfg, section))()
+        changed = [f.name for f in dataclasses.fields(value) if getattr(value, f.name) != getattr(default, f.name)]
+        if changed and cfg.stage != stage:
+            key = {v: k for k, v in getattr(type(value), "ALIASES", {}).items()}.get(changed[0], changed[0])
+            raise ConfigError(f"{section}.{key} is set, but stage is {cfg.stage}; set stage={stage} to use it, or "
+                              "remove it.")
     if cfg.stage == "sft":
-        changed = [f.name for f in dataclasses.fields(cfg.dpo) if getattr(cfg.dpo, f.name) != getattr(DPOConfig(), f.name)]
-        if changed:
-            raise ConfigError(f"dpo.{changed[0]} is set, but stage is sft; set stage=dpo to train on preference "
-                              "pairs, or remove it.")
         return
+    rows = ("preference pairs ({prompt, chosen, rejected} or {chosen, rejected} rows)" if cfg.stage in PAIR_STAGES
+            else "feedback rows ({prompt, completion, label})")
     if cfg.data.format != "auto":
-        raise ConfigError(f"data.format={cfg.data.format} is for conversations; stage dpo reads preference pairs "
-                          "({prompt, chosen, rejected} or {chosen, rejected} rows). Remove data.format.")
+        raise ConfigError(f"data.format={cfg.data.format} is for conversations; stage {cfg.stage} reads {rows}. "
+                          "Remove data.format.")
     if cfg.data.train_on != "assistant":
-        raise ConfigError(f"data.train_on={cfg.data.train_on} does not apply to stage dpo, which scores only each "
-                          "pair's answers; remove it.")
+        raise ConfigError(f"data.train_on={cfg.data.train_on} does not apply to stage {cfg.stage}, which scores only "
+                          "the answers; remove it.")
     for source in (*sources_of(cfg.data.train), *sources_of(cfg.data.eval)):
         for key in ("format", "train_on", "system_prompt"):
             if getattr(source, key) is not None:
-                raise ConfigError(f"data source {source.path} sets {key}, which applies to conversations; stage dpo "
-                                  "reads preference pairs and scores only their answers. Remove it.")
+                raise ConfigError(f"data source {source.path} sets {key}, which applies to conversations; stage "
+                                  f"{cfg.stage} reads {rows} and scores only their answers. Remove it.")
+    if cfg.stage == "kto" and cfg.data.packing:
+        raise ConfigError("data.packing is not available for stage kto (each batch pairs its prompts with other "
+                          "examples' completions for the KL term); set data.packing=false.")
+    if cfg.stage == "kto" and cfg.train.micro_batch_size < 2:
+        raise ConfigError("stage kto estimates its KL term from each example's prompt with another example's "
+                          "completion in the same micro-batch; train.micro_batch_size=1 has no other. Set "
+                          "train.micro_batch_size to 2 or more.")
 
 
 def _check_method_sections(cfg: Config) -> None:
@@ -653,23 +722,34 @@ def to_yaml(cfg: Any) -> str:
             return [plain(v) for v in value]
         return value
 
-    return yaml.safe_dump(plain(to_dict(cfg)), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(plain(_written_keys(cfg, to_dict(cfg))), sort_keys=False, allow_unicode=True)
+
+
+def _written_keys(cfg: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (to_dict of `cfg`) with each field under the key a config file uses (`lambda`, not `lambda_`)."""
+    shown = {field: key for key, field in getattr(type(cfg), "ALIASES", {}).items()}
+    return {shown.get(name, name): _written_keys(getattr(cfg, name), value)
+            if dataclasses.is_dataclass(getattr(cfg, name)) and isinstance(value, dict) else value
+            for name, value in values.items()}
 
 
 def build(cls: type, raw: Mapping[str, Any], *, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping; unknown keys fail with a suggestion, types are checked."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, found {shown(raw)}")
+    aliases = getattr(cls, "ALIASES", {})  # a key written differently from its field's name (the name works too)
+    written = {field: key for key, field in aliases.items()}
+    raw = {aliases.get(key, key): value for key, value in raw.items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
-            known = [prefix + name for name in fields]
+            known = [prefix + written.get(name, name) for name in fields]
             name = prefix + _key_part(key)
             guess = difflib.get_close_matches(name, known, n=1) if len(name) < 200 else []
             hint = f": did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"unknown key {name!r}{hint}")
-    values = {name: _coerce(hints[name], raw[name], prefix + name) for name in raw}
+    values = {name: _coerce(hints[name], raw[name], prefix + written.get(name, name)) for name in raw}
     return cls(**values)
 
 

@@ -273,6 +273,11 @@ class PairBatch:
     padding: bool = False
     """A stand-in that counts for nothing (its losses and metrics are multiplied by 0): what a rank runs when
     the eval batches ran out before its turn, so that the other ranks' collectives still meet."""
+    context_index: torch.Tensor | None = None
+    """(M,) flat indices of the chosen sides' unscored positions that predict a token (the prompt after its first
+    token): what ORPO's orpo.nll=sequence also trains; None otherwise (`with_chosen_context`)."""
+    context_targets: torch.Tensor | None = None
+    """(M,) the token each of them predicts."""
 
     @property
     def num_tokens(self) -> int:
@@ -292,7 +297,8 @@ class PairBatch:
     def to(self, device: torch.device | str) -> PairBatch:
         moved = {name: None if value is None else value.to(device, non_blocking=True)
                  for name, value in (("sequence_index", self.sequence_index), ("sequence_tokens", self.sequence_tokens),
-                                     ("reference_logps", self.reference_logps))}
+                                     ("reference_logps", self.reference_logps), ("context_index", self.context_index),
+                                     ("context_targets", self.context_targets))}
         return replace(self, batch=self.batch.to(device), **moved)
 
 
@@ -310,6 +316,23 @@ def collate_pairs(pairs: Sequence[tuple[Example, Example]], *, pad_id: int, pack
     if reference_logps is not None:
         reference = torch.from_numpy(np.ascontiguousarray(np.asarray(reference_logps, dtype=np.float32).T)).reshape(-1)
     return PairBatch(batch, len(pairs), sequence, tokens, reference)
+
+
+def with_chosen_context(batch: PairBatch, chosen: Sequence[Example]) -> PairBatch:
+    """`batch` with the positions of its chosen sides (`chosen`, in batch order) whose target is not scored: every
+    prompt token after the first. With the scored ones they make the whole chosen sequence, every token after the
+    first, which ORPO's orpo.nll=sequence trains (TRL's ORPOTrainer)."""
+    inner = batch.batch
+    starts = inner.cu_seqlens[:-1].tolist() if inner.packed else [row * inner.input_ids.shape[1]
+                                                                  for row in range(len(chosen))]
+    index, targets = [], []
+    for start, example in zip(starts, chosen):
+        for t in range(len(example.input_ids) - 1):
+            if example.labels[t + 1] == IGNORE_INDEX:
+                index.append(start + t)
+                targets.append(example.input_ids[t + 1])
+    return replace(batch, context_index=torch.tensor(index, dtype=torch.long),
+                   context_targets=torch.tensor(targets, dtype=torch.long))
 
 
 class PairDataset:

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from sftlab.config import Config, to_yaml
+from sftlab.config import PAIR_STAGES, Config, to_yaml
 from sftlab.data import packing
 from sftlab.data.batching import Batch
 from sftlab.data.dataset import EncodedDataset
@@ -182,7 +182,7 @@ def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None,
     model.train()
     count, *totals = ctx.sum([count, *sums.tolist()])
     means = [total / max(count, 1) for total in totals]
-    return means[0], dict(zip(objective.metrics, means[1:]))
+    return means[0], objective.present(dict(zip(objective.metrics, means[1:])))
 
 
 NONFINITE_STREAK = 10
@@ -352,7 +352,7 @@ def _clamped_accum(setup: Setup, console: Console) -> int:
     per_epoch = epoch_length(setup) if wanted > 1 else 1
     accum = grad_accum_steps(setup, per_epoch)
     if accum < wanted:
-        units = "pairs" if cfg.stage == "dpo" else "examples"
+        units = "pairs" if cfg.stage in PAIR_STAGES else "examples"
         made = f"{per_epoch} micro-batches of {cfg.train.micro_batch_size} " + \
             ("packed rows" if cfg.data.packing else units)
         ranks = f" over {setup.dist.world} processes" if setup.dist.world > 1 else ""
@@ -389,7 +389,8 @@ def _per_unit(objective: Objective, units: int, sums: list[float]) -> dict[str, 
     """The step's metric sums per unit (stage dpo: per pair), and the pair count; nothing for sft."""
     if not objective.metrics:
         return {}
-    return {objective.unit: units, **{name: total / max(units, 1) for name, total in zip(objective.metrics, sums)}}
+    return {objective.unit: units, **objective.present({name: total / max(units, 1)
+                                                        for name, total in zip(objective.metrics, sums)})}
 
 
 def _enable_recompute(model: torch.nn.Module) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftlab.config import PAIR_STAGES
 from sftlab.errors import ConfigError
 
 GIB = 2**30
@@ -153,7 +154,7 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
     qlora = cfg.method == "qlora"
     trainable = shape.method_trainable
     checkpointing = bool(cfg.train.gradient_checkpointing)
-    tokens = cfg.train.micro_batch_size * row_tokens * (2 if cfg.stage == "dpo" else 1)
+    tokens = cfg.train.micro_batch_size * row_tokens * (2 if cfg.stage in PAIR_STAGES else 1)  # a pair: two rows
     per_layer = tokens * shape.element * (ACT_HIDDEN * shape.hidden + ACT_INTERMEDIATE * shape.intermediate)
     if checkpointing:
         layers = tokens * shape.element * shape.hidden * shape.layers + per_layer

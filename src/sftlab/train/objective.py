@@ -7,6 +7,9 @@ wrap), and what the step's summed loss is divided by:
   all ranks): the mean over the step's tokens (DESIGN invariant 7).
 - dpo: micro-batches of preference pairs; Σ pair losses / the pairs of the step; and the pair metrics, each
   Σ over pairs / pairs: rewards_chosen, rewards_rejected, margin, accuracy (train/preference.py).
+- simpo, orpo: as dpo, without a reference; orpo also logs log_odds_ratio and its nll term.
+- kto: micro-batches of feedback examples; Σ example losses / the examples of the step; metrics desirable (share),
+  rewards_chosen / rewards_rejected (over the desirable / undesirable examples), margin, kl.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from torch import nn
 from sftlab.config import Config
 from sftlab.data.batching import collate, collate_packed
 from sftlab.data.encode import IGNORE_INDEX, Example
-from sftlab.data.preference import PairBatch, collate_pairs
+from sftlab.data.preference import PairBatch, collate_pairs, with_chosen_context
 from sftlab.train.distributed import TrainingForward
-from sftlab.train.preference import METRICS, PreferenceForward
+from sftlab.data.feedback import collate_feedback
+from sftlab.train.preference import (KTO_SUMS, METRICS, ORPO_METRICS, KTOForward, PreferenceForward,
+                                     ReferenceFreeForward, kto_metrics)
 
 
 class Objective(ABC):
@@ -65,6 +70,10 @@ class Objective(ABC):
     def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, metric sums (len(metrics),)) of an engine's output."""
         return output, output.new_zeros(0)
+
+    def present(self, means: dict[str, float]) -> dict[str, float]:
+        """The metrics to log from the per-unit means of `metrics` (the same, unless an objective derives others)."""
+        return means
 
 
 class SFT(Objective):
@@ -114,7 +123,73 @@ class DPO(Objective):
         return output
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO}
+class SimPO(DPO):
+    """Stage simpo: DPO's pairs, batches and metrics; the loss reference-free (train/preference.py)."""
+    stage = "simpo"
+
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        simpo = self.config.simpo
+        return ReferenceFreeForward(model, method, loss="simpo", beta=simpo.beta, gamma=simpo.gamma)
+
+    def empty_batch(self, pad_id: int) -> PairBatch:
+        example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
+        return replace(collate_pairs([(example, example)], pad_id=pad_id, packed=self.config.data.packing),
+                       padding=True)
+
+
+class ORPO(SimPO):
+    """Stage orpo: SFT and preference in one loss, no reference; with orpo.nll=sequence each batch also carries
+    its chosen prompts' positions."""
+    stage = "orpo"
+    metrics = ORPO_METRICS
+
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        return ReferenceFreeForward(model, method, loss="orpo", lambda_=self.config.orpo.lambda_)
+
+    def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> PairBatch:
+        batch = super().batch(data, indices, pad_id)
+        return self._context(batch, [data.pair(int(i))[0] for i in indices])
+
+    def empty_batch(self, pad_id: int) -> PairBatch:
+        batch = super().empty_batch(pad_id)
+        return self._context(batch, [Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")])
+
+    def _context(self, batch: PairBatch, chosen: list[Example]) -> PairBatch:
+        return with_chosen_context(batch, chosen) if self.config.orpo.nll == "sequence" else batch
+
+
+class KTO(Objective):
+    """Stage kto: micro-batches of feedback examples (each with its mismatched KL sequence); Σ example losses / the
+    examples of the step."""
+    stage = "kto"
+    unit = "examples"
+    metrics = KTO_SUMS
+    sequences_per_item = 2
+
+    def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
+        kto = self.config.kto
+        return KTOForward(model, method, beta=kto.beta, desirable_weight=kto.desirable_weight,
+                          undesirable_weight=kto.undesirable_weight, reference_model=reference_model)
+
+    def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> Any:
+        return data.collate(indices, pad_id=pad_id)
+
+    def empty_batch(self, pad_id: int) -> Any:
+        example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
+        return replace(collate_feedback([example, example], [True, False], pad_id=pad_id, max_seq_len=None),
+                       padding=True)
+
+    def count(self, batch: Any) -> int:
+        return 0 if batch.padding else batch.num_examples
+
+    def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return output
+
+    def present(self, means: dict[str, float]) -> dict[str, float]:
+        return kto_metrics(means)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
 
 
 def objective_for(config: Config) -> Objective:

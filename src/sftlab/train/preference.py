@@ -1,4 +1,6 @@
-"""Preference training: DPO and IPO over answer log-probabilities, summed through the supervised-positions head.
+"""Preference training over answer log-probabilities, summed through the supervised-positions head: DPO and IPO
+(stage dpo, below), ORPO and SimPO (stages orpo and simpo: reference-free, further down) and KTO (stage kto:
+unpaired feedback, at the end).
 
 For a pair — prompt x, chosen answer y_w, rejected answer y_l — with log π(y|x) summed over the answer's scored
 tokens (its content and end-of-turn marker: data/preference.py):
@@ -21,6 +23,7 @@ the method's adapters disabled (`Method.adapters_disabled`: no second copy of th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -145,3 +148,178 @@ def precompute_reference(data: PairDataset, logps: Callable[[PairBatch], torch.T
             batch = replace(batch, reference_logps=None).to(device)
             out[chunk] = logps(batch).float().cpu().numpy().reshape(2, -1).T
     return out
+
+
+# Reference-free objectives (stages orpo and simpo): the same pairs and log-probs, no reference model at all.
+#
+# With ā = log π(y|x) averaged over the answer's scored tokens (its length-normalised log-probability):
+#     simpo (Meng et al. 2024):  −log σ(β·(ā_w − ā_l) − γ)
+#     orpo (Hong et al. 2024):   NLL + λ·(−log σ(lo_w − lo_l)),  lo = log(p/(1−p)) of p = exp(ā), the log-odds
+# ORPO's NLL is a token mean over the micro-batch: of the chosen answers' scored tokens (orpo.nll=answer), or of
+# every token after the first of the chosen prompt and answer (orpo.nll=sequence, TRL's ORPOTrainer). The loop
+# divides a step's sums by its pairs, so the engine returns pairs × that mean: with one micro-batch per step the
+# step loss is exactly NLL + λ·mean over pairs; with several, each micro-batch's token mean weighs by its pairs.
+
+ORPO_METRICS = METRICS + ("log_odds_ratio", "nll")
+"""ORPO's per-pair sums: the rewards (λ·ā), margin and accuracy as for DPO, the log-odds ratio lo_w − lo_l, and the
+NLL term (its micro-batch mean, per pair)."""
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate on both sides of −log 2 (log1p near −∞, expm1 near 0)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def simpo_losses(average: torch.Tensor, *, beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-pair losses (P,), rewards β·ā (2P,)) from the length-averaged log-probs ā of [chosen…, rejected…]."""
+    chosen, rejected = average.chunk(2)
+    return -F.logsigmoid(beta * (chosen - rejected) - gamma), beta * average
+
+
+def orpo_losses(average: torch.Tensor, *, lambda_: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair odds-ratio losses −log σ(lo_w − lo_l) (P,), unweighted, rewards λ·ā (2P,), log-odds ratios (P,))."""
+    chosen, rejected = average.chunk(2)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -F.logsigmoid(log_odds), lambda_ * average, log_odds
+
+
+class ReferenceFreeForward(nn.Module):
+    """A PairBatch's summed ORPO or SimPO loss and its metric sums as one module call (see PreferenceForward): one
+    forward of the policy, its head on the scored positions (and, for orpo.nll=sequence, the chosen prompts')."""
+
+    def __init__(self, model: nn.Module, method: Any, *, loss: str, beta: float = 2.0, gamma: float = 1.0,
+                 lambda_: float = 0.1) -> None:
+        super().__init__()
+        if loss not in ("orpo", "simpo"):
+            raise ConfigError(f"a reference-free loss is orpo or simpo; found {loss!r}")
+        self.model, self.method = model, method
+        self.loss, self.beta, self.gamma, self.lambda_ = loss, beta, gamma, lambda_
+
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ pair losses, Σ metrics per pair: METRICS for simpo, ORPO_METRICS for orpo)."""
+        inner = batch.batch
+        hidden = self.method.hidden_states(self.model, inner) if self.method is not None \
+            else hidden_states(self.model, inner)
+        index, targets, scored = inner.loss_index, inner.loss_targets, inner.loss_index.shape[0]
+        if batch.context_index is not None:  # one head pass over the scored and the context positions
+            index, targets = torch.cat([index, batch.context_index]), torch.cat([targets, batch.context_targets])
+        tokens = head_logprobs(self.model, hidden, index, targets)
+        answer, context = tokens[:scored], tokens[scored:]
+        sums = answer.new_zeros(2 * batch.num_pairs).index_add(0, batch.sequence_index, answer)
+        average = sums / batch.sequence_tokens.to(sums).clamp(min=1)
+        if self.loss == "simpo":
+            losses, rewards = simpo_losses(average, beta=self.beta, gamma=self.gamma)
+            total, metrics = losses.sum(), pair_metrics(rewards)
+        else:
+            odds, rewards, log_odds = orpo_losses(average, lambda_=self.lambda_)
+            chosen_tokens = batch.sequence_tokens[:batch.num_pairs].sum().to(sums) + context.shape[0]
+            nll = -(sums[:batch.num_pairs].sum() + context.sum()) / chosen_tokens.clamp(min=1)
+            total = batch.num_pairs * nll + self.lambda_ * odds.sum()
+            metrics = torch.cat([pair_metrics(rewards), torch.stack([log_odds.detach().sum(),
+                                                                     batch.num_pairs * nll.detach()])])
+        if batch.padding:
+            return total * 0, metrics * 0
+        return total, metrics
+
+
+# KTO (Ethayarajh et al. 2024), stage kto: unpaired examples x, y labelled desirable or undesirable.
+#
+#     Δ = log π(y|x) − log π_ref(y|x)        (summed over the answer's scored tokens)
+#     z = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x)), detached: the reference-KL estimate from
+#         mismatched sequences, each prompt with another example's completion (data/feedback.py)
+#     desirable:   λ_D·(1 − σ(β·(Δ − z)))      undesirable:   λ_U·(1 − σ(β·(z − Δ)))
+# summed over the examples (the loop divides by the step's examples), as TRL's KTOTrainer computes it.
+
+KTO_SUMS = ("desirable", "rewards_chosen", "rewards_rejected", "kl")
+"""What the KTO engine sums per micro-batch: desirable examples, β·Δ over the desirable ones and over the
+undesirable ones, and the KL estimate times the batch's examples; `kto_metrics` turns their per-example means into
+the logged metrics."""
+
+
+def kto_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, *, beta: float,
+               desirable_weight: float, undesirable_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-example losses (B,), rewards β·Δ (B,), the KL estimate z ()) from the policy and reference log-probs of
+    [the B examples…, their B mismatched sequences…] (2B,) and the examples' labels (B,) bool."""
+    ratios, mismatched = (policy - reference.to(policy)).chunk(2)
+    kl = mismatched.detach().mean().clamp(min=0)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratios))))
+    return losses, beta * ratios, kl
+
+
+def kto_metrics(means: dict[str, float]) -> dict[str, float]:
+    """Per-example means of KTO_SUMS -> desirable share, the mean reward of desirable and of undesirable examples
+    (each over its own examples; absent when the step has none), their margin, and the KL estimate."""
+    share = means["desirable"]
+    out = {"desirable": share, "kl": means["kl"]}
+    if share > 0:
+        out["rewards_chosen"] = means["rewards_chosen"] / share
+    if share < 1:
+        out["rewards_rejected"] = means["rewards_rejected"] / (1 - share)
+    if 0 < share < 1:
+        out["margin"] = out["rewards_chosen"] - out["rewards_rejected"]
+    return out
+
+
+def batch_logps(model: nn.Module, inner: Any, sequence: torch.Tensor, count: int, method: Any = None) -> torch.Tensor:
+    """log π(answer | prompt) of each of the `count` sequences of a Batch, `sequence` naming the sequence of each
+    supervised position, (count,) fp32."""
+    hidden = method.hidden_states(model, inner) if method is not None else hidden_states(model, inner)
+    tokens = head_logprobs(model, hidden, inner.loss_index, inner.loss_targets)
+    return tokens.new_zeros(count).index_add(0, sequence, tokens)
+
+
+class KTOReferenceForward(nn.Module):
+    """The frozen reference copy's log-probs of a FeedbackBatch's examples and KL sequences as one module call
+    (sharded under FSDP like ReferenceForward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples),
+                          batch_logps(self.model, batch.mismatched, batch.mismatched_index, batch.num_examples)])
+
+
+class KTOForward(nn.Module):
+    """A FeedbackBatch's summed KTO loss and its KTO_SUMS as one module call; the reference as for DPO (a frozen
+    copy for full fine-tuning, else the model with its adapters disabled). The policy's KL sequences run without
+    gradients: the estimate is detached."""
+
+    def __init__(self, model: nn.Module, method: Any, *, beta: float, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0, reference_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+        self.__dict__["reference"] = KTOReferenceForward(reference_model) if reference_model is not None else None
+
+    def _reference(self, batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                reference = self.reference(batch)
+                if hasattr(self.reference, "reshard"):  # FSDP: a forward without backward leaves the root gathered
+                    self.reference.reshard()
+                return reference
+            with self.method.adapters_disabled(self.model):
+                return torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples),
+                                  batch_logps(self.model, batch.mismatched, batch.mismatched_index,
+                                              batch.num_examples)])
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        reference = self._reference(batch)  # first: prefix tuning's forward keeps its hooks armed until backward
+        with torch.no_grad():
+            mismatched = batch_logps(self.model, batch.mismatched, batch.mismatched_index, batch.num_examples,
+                                     self.method)
+        policy = torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples,
+                                        self.method), mismatched])
+        losses, rewards, kl = kto_losses(policy, reference, batch.desirable, beta=self.beta,
+                                         desirable_weight=self.desirable_weight,
+                                         undesirable_weight=self.undesirable_weight)
+        good = batch.desirable.to(rewards.dtype)
+        rewards = rewards.detach()
+        sums = torch.stack([good.sum(), (rewards * good).sum(), (rewards * (1 - good)).sum(),
+                            kl * batch.num_examples])
+        if batch.padding:
+            return losses.sum() * 0, sums * 0
+        return losses.sum(), sums

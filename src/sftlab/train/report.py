@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftlab import __version__
-from sftlab.config import sources_of
+from sftlab.config import PAIR_STAGES, sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
 from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
@@ -94,8 +94,8 @@ def _data_facts(setup: Setup) -> dict[str, Any]:
     cfg = setup.config
     train = {"file": describe(cfg.data.train), **asdict(setup.train_data.stats), "used": len(setup.train_indices)}
     if setup.mixture is not None:
-        train["sources"] = setup.mixture.table(_part_stats(setup.train_data), pairs=cfg.stage == "dpo")
-    unit = "pairs" if cfg.stage == "dpo" else "examples"  # a pair's two sides are two examples in the stats
+        train["sources"] = setup.mixture.table(_part_stats(setup.train_data), pairs=cfg.stage in PAIR_STAGES)
+    unit = "pairs" if cfg.stage in PAIR_STAGES else "examples"  # a pair's two sides are two examples in the stats
     if setup.eval_data is None or setup.eval_indices is None:
         return {"train": train, "eval": None, "unit": unit}
     if setup.eval_data is setup.train_data:  # data.eval_fraction: held out of the training file
@@ -127,7 +127,7 @@ def _examples(data: Any, index: int) -> list[Any]:
 
 def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     """`sftlab check`'s report on the training file (its dict and its text) — of conversations, or of
-    preference pairs for stage dpo — or (None, None) if the file is too big."""
+    preference pairs (stages dpo, orpo, simpo), of feedback (stage kto) — or (None, None) if the file is too big."""
     if setup.train_data.stats.rows > QUALITY_MAX_ROWS or len(sources_of(setup.config.data.train)) != 1:
         return None, None  # several sources: `sftlab check` reports on each
     from rich.console import Console
@@ -141,10 +141,18 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
                       add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes,
                       special_tokens_in_content=data.special_tokens_in_content)
-    checker = pair_quality.analyze_pairs if setup.config.stage == "dpo" else quality.analyze
+    if setup.config.stage == "kto":
+        from sftlab.data import feedback_quality
+
+        report, writer = feedback_quality.analyze_feedback(sources_of(data.train)[0], data, encoder,
+                                                           setup.config.kto), feedback_quality.write
+        text = io.StringIO()
+        writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+        return report.to_dict(), text.getvalue()
+    checker = pair_quality.analyze_pairs if setup.config.stage in PAIR_STAGES else quality.analyze
     report = checker(sources_of(data.train)[0], data, encoder)
     text = io.StringIO()
-    writer = pair_quality.write if setup.config.stage == "dpo" else quality.write
+    writer = pair_quality.write if setup.config.stage in PAIR_STAGES else quality.write
     writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
     return report.to_dict(), text.getvalue()
 

@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.text import Text
 
 from sftlab import export
-from sftlab.config import Config
+from sftlab.config import PAIR_STAGES, Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
+from sftlab.data.feedback import FeedbackDataset, build_feedback_dataset
 from sftlab.data.mixture import MixedDataset, Mixture, hold_out, make_mixture, mixture_text, part_of
 from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
 from sftlab.data.sources import Source, describe, resolve_all
@@ -90,13 +91,13 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
                       add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes,
                       special_tokens_in_content=cfg.data.special_tokens_in_content)
     train_data = _build_all(ctx, train_sources, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
-    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage == "dpo",
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage in PAIR_STAGES,
                  special_tokens_in_content=cfg.data.special_tokens_in_content)
     indices = np.arange(len(train_data))
     eval_data, eval_indices, eval_groups = None, None, None
     if eval_sources:
         eval_data = _build_all(ctx, eval_sources, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
-        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage == "dpo",
+        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage in PAIR_STAGES,
                      special_tokens_in_content=cfg.data.special_tokens_in_content)
         eval_indices = np.arange(len(eval_data))
         eval_groups = _groups(eval_data, eval_sources, eval_indices)
@@ -149,6 +150,12 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
         console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
     reference = _reference(cfg, model, method, [train_data, eval_data], pad_id=_pad_id(tokenizer), device=device,
                            continued=continued is not None, console=console) if cfg.stage == "dpo" else None
+    if cfg.stage == "kto":
+        reference = _reference(cfg, model, method, [], pad_id=_pad_id(tokenizer), device=device, continued=False,
+                               console=console)
+    if cfg.stage in ("orpo", "simpo"):
+        console.print(f"{cfg.stage}: no reference model (reference-free: no second copy of the weights, no "
+                      "reference forward)")
     return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
                  reference_model=reference, mixture=mixture, eval_groups=eval_groups)
 
@@ -204,9 +211,10 @@ def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: li
     trained model with its adapters disabled, computed at each step."""
     if not (cfg.dpo.precompute_reference or continued):
         if cfg.method == "full":
-            console.print("dpo reference: a frozen copy of the model (dpo.precompute_reference=true keeps none)")
+            kept = " (dpo.precompute_reference=true keeps none)" if cfg.stage == "dpo" else ""
+            console.print(f"{cfg.stage} reference: a frozen copy of the model{kept}")
             return copy.deepcopy(model).requires_grad_(False).eval()
-        console.print("dpo reference: the base model, its adapter disabled (no second copy of the weights)")
+        console.print(f"{cfg.stage} reference: the base model, its adapter disabled (no second copy of the weights)")
         return None
     # The model as it starts (full fine-tuning, a continued adapter), or the base under a fresh adapter.
     as_policy = continued or cfg.method == "full"
@@ -240,11 +248,12 @@ def _run_file(ctx: Dist, out: Path, name: str) -> Path:
 
 
 def _build(ctx: Dist, data_path: Source, cfg: Config, encoder: Encoder,
-           rejects: Path | None) -> EncodedDataset | PairDataset:
+           rejects: Path | None) -> EncodedDataset | PairDataset | FeedbackDataset:
     """Rank 0 encodes (and caches) the data first; the other ranks then read the same cache (or, with
     data.cache=false, encode their own copy), their rejects going to a scratch file, not the run's. Stage dpo
     reads preference pairs."""
-    build = build_pair_dataset if cfg.stage == "dpo" else build_dataset
+    build = build_pair_dataset if cfg.stage in PAIR_STAGES else build_feedback_dataset if cfg.stage == "kto" \
+        else build_dataset
     if ctx.main:
         data = build(data_path, cfg.data, encoder, rejects_path=rejects)
     ctx.barrier()
@@ -254,16 +263,21 @@ def _build(ctx: Dist, data_path: Source, cfg: Config, encoder: Encoder,
 
 
 def _build_all(ctx: Dist, sources: list[Source], cfg: Config, encoder: Encoder,
-               rejects: Path) -> EncodedDataset | PairDataset | MixedDataset:
-    """One source as itself; several encoded one by one and laid end to end, their rejects in one file."""
+               rejects: Path) -> EncodedDataset | PairDataset | FeedbackDataset | MixedDataset:
+    """One source as itself; several encoded one by one and laid end to end, their rejects in one file (pairs
+    and feedback wrapped again around the joined examples, the feedback labels joined alike)."""
     if len(sources) == 1:
         return _build(ctx, sources[0], cfg, encoder, rejects)
     parts = [_build(ctx, source, cfg, encoder, None) for source in sources]
-    examples = [p.examples if isinstance(p, PairDataset) else p for p in parts]
+    examples = [p.examples if isinstance(p, (PairDataset, FeedbackDataset)) else p for p in parts]
     if ctx.main:
         _join_rejects([e.rejects_path for e in examples], rejects)
     mixed = MixedDataset(examples, [s.label for s in sources])
-    return PairDataset(mixed) if cfg.stage == "dpo" else mixed  # type: ignore[arg-type]
+    if cfg.stage == "kto":
+        joined = FeedbackDataset(mixed, desirable=np.concatenate([p.desirable for p in parts]))  # type: ignore[arg-type]
+        joined.max_seq_len = cfg.data.max_seq_len
+        return joined
+    return PairDataset(mixed) if cfg.stage in PAIR_STAGES else mixed  # type: ignore[arg-type]
 
 
 def _join_rejects(paths: list[Path], target: Path) -> None:
@@ -279,7 +293,7 @@ def _join_rejects(paths: list[Path], target: Path) -> None:
 
 def _item_starts(data: object) -> np.ndarray:
     """Where each source's items begin (pairs count once), and the end."""
-    mixed = data.examples if isinstance(data, PairDataset) else data
+    mixed = data.examples if isinstance(data, (PairDataset, FeedbackDataset)) else data
     if isinstance(mixed, MixedDataset):
         return mixed.starts // (2 if isinstance(data, PairDataset) else 1)
     return np.array([0, len(data)])  # type: ignore[arg-type]
@@ -301,9 +315,9 @@ def _mixture(sources: list[Source], data: object, indices: np.ndarray, cfg: Conf
     mixture = make_mixture(_item_starts(data), [s.label for s in sources], indices,
                            weights=[s.spec.weight for s in sources], max_samples=[s.spec.max_samples for s in sources],
                            seed=cfg.train.seed)
-    mixed = data.examples if isinstance(data, PairDataset) else data
+    mixed = data.examples if isinstance(data, (PairDataset, FeedbackDataset)) else data
     stats = [p.stats for p in mixed.parts] if isinstance(mixed, MixedDataset) else [mixed.stats]
-    console.print(mixture_text(mixture.table(stats, pairs=cfg.stage == "dpo")))
+    console.print(mixture_text(mixture.table(stats, pairs=cfg.stage in PAIR_STAGES)))
     return mixture
 
 

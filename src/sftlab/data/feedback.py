@@ -1,0 +1,308 @@
+"""Unpaired feedback for stage kto: rows {prompt, completion, label} -> one example each, its answer scored.
+
+Row forms (as TRL's KTOTrainer reads them): `prompt` a string (one user message) or a list of {role, content}
+messages ending with a user turn; `completion` a string or a list holding exactly one assistant message; `label`
+true (a desirable answer, thumbs-up) or false (undesirable). Each row is rendered through the chat template like a
+preference pair's side (data/preference.py): only the answer's content and its end-of-turn marker are scored, and
+tokens after that marker are cut.
+
+On disk a feedback dataset is an ordinary encoded dataset (data/dataset.py layout), one example per row, plus
+`desirable.bin` (one uint8 per example). A batch of B examples comes with B mismatched sequences for KTO's
+reference-KL estimate: example i's prompt followed by example i−1's completion (cyclically within the batch, as
+TRL's KTOTrainer pairs them), cut to data.max_seq_len.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sftlab.config import DataConfig
+from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
+from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
+from sftlab.data.formats import _require, _tools
+from sftlab.data.batching import Batch, collate
+from sftlab.data.preference import _answer, _cut, _prompt_messages, _role_map
+from sftlab.data.rejects import RejectLog
+from sftlab.data.schema import Conversation, Message, message_record, validate
+from sftlab.data.sources import Source, source_rows
+from sftlab.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Feedback:
+    prompt: tuple[Message, ...]
+    completion: Message
+    desirable: bool
+    where: str = ""
+    tools: tuple[Any, ...] | None = None
+    """The row's tool definitions, rendered with the example (the completion may be a tool call)."""
+
+    def conversation(self) -> Conversation:
+        """prompt + completion, only the completion trained whatever the row's own flags."""
+        return Conversation(tuple(replace(m, train=False) for m in self.prompt) + (replace(self.completion, train=True),),
+                            self.where, self.tools)
+
+
+def is_feedback_row(value: Any) -> bool:
+    return isinstance(value, Mapping) and ("completion" in value or "label" in value)
+
+
+def to_feedback(row: Any, where: str, role_map: Mapping[str, str] | None = None) -> Feedback:
+    """A validated Feedback from one row; raises DataError naming `where`."""
+    role_map = dict(role_map or {})
+    prompt = _require(row, "prompt", "the conversation before the answer: a string or a list of messages", where)
+    completion = _require(row, "completion", "the answer being rated: a string or a list of one message", where)
+    label = _require(row, "label", "true (a desirable answer) or false (an undesirable one)", where)
+    if not isinstance(label, bool):
+        raise DataError(f"field 'label' is {json.dumps(label)[:40]}; expected true (a desirable answer) or false "
+                        "(an undesirable one).", where=where, reason="label not true or false")
+    feedback = Feedback(_prompt_messages(prompt, where, role_map), _answer(completion, "completion", where, role_map),
+                        label, where, _tools(row, where))
+    validate(feedback.conversation())
+    return feedback
+
+
+def read_feedback(path: str | Path | Source, *, role_map: Mapping[str, str] | None = None, on_bad_row: str = "error",
+                  rejects: RejectLog | None = None, max_row_bytes: int | None = None) -> Iterator[Feedback]:
+    """Stream valid feedback rows from a source (a file, glob, dataset dir or hub id). A bad row, or one of more
+    than `max_row_bytes` bytes (never parsed), raises DataError (`error`) or goes to `rejects` (`skip`)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
+    log = rejects if rejects is not None else RejectLog()
+    for row in source_rows(path, max_row_bytes=max_row_bytes):
+        try:
+            if row.error is not None:
+                raise row.error
+            if not is_feedback_row(row.value):
+                found = (f"an object with keys {', '.join(repr(k)[:40] for k in list(row.value)[:6])}"
+                         if isinstance(row.value, Mapping) else f"a JSON {type(row.value).__name__}")
+                raise DataError(f"the row is {found}, not a feedback row; expected 'prompt', 'completion' and "
+                                "'label' (true or false).", where=row.where, reason="not a feedback row")
+            yield to_feedback(row.value, row.where, role_map)
+        except DataError as exc:
+            if on_bad_row == "error":
+                raise
+            log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+
+
+class FeedbackEncoder:
+    """Feedback -> Example through an Encoder (its tokenizer, template, max_seq_len, truncation), the answer
+    scored and the tokens after its end-of-turn cut (as PairEncoder does for each side of a pair)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = copy.copy(encoder)
+        self.encoder.train_on = "last_assistant"
+        self.max_seq_len, self.truncation = encoder.max_seq_len, encoder.truncation
+        self.encoder.max_seq_len = None
+        self.truncated = 0
+        """Examples cut to max_seq_len so far (data.truncation=truncate)."""
+        self.special_token_rows = 0
+        """Examples encoded so far whose contents hold special-token strings (data.special_tokens_in_content)."""
+
+    def encode_batch(self, rows: Sequence[Feedback]) -> list[Example | DataError]:
+        return [self._limit(r) for r in self.encoder.encode_batch([f.conversation() for f in rows])]
+
+    def _limit(self, encoded: Encoded | DataError) -> Example | DataError:
+        if isinstance(encoded, DataError):
+            return encoded
+        self.special_token_rows += encoded.special_tokens_in_content > 0
+        example, limit = _cut(encoded), self.max_seq_len
+        if limit is None or len(example.input_ids) <= limit:
+            return example
+        if self.truncation == "drop":
+            return Dropped(f"{len(example.input_ids)} tokens is more than data.max_seq_len={limit}; dropped "
+                           "(data.truncation=drop). Raise max_seq_len or set data.truncation=truncate.",
+                           where=example.where, reason=TOO_LONG)
+        if int(np.argmax(encoded.trained)) >= limit:
+            return Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. Raise "
+                           "max_seq_len or shorten the prompt.", where=example.where, reason=NOTHING_TRAINED)
+        self.truncated += 1
+        return Example(example.input_ids[:limit], example.labels[:limit], example.where)
+
+
+def mismatched(prompt_of: Example, completion_of: Example, limit: int | None) -> Example:
+    """`prompt_of`'s prompt followed by `completion_of`'s scored answer, cut to `limit` tokens: a sequence for
+    KTO's reference-KL estimate."""
+    p = _prompt_length(prompt_of)
+    c = _prompt_length(completion_of)
+    ids = list(prompt_of.input_ids[:p]) + list(completion_of.input_ids[c:])
+    labels = [IGNORE_INDEX] * p + list(completion_of.input_ids[c:])
+    if limit is not None:
+        ids, labels = ids[:limit], labels[:limit]
+    return Example(ids, labels, prompt_of.where)
+
+
+def _prompt_length(example: Example) -> int:
+    return next(t for t, label in enumerate(example.labels) if label != IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class FeedbackBatch:
+    """B examples and their B mismatched KL sequences, as two batches: the examples train, the KL sequences only
+    feed a forward without gradients (as in TRL's KTOTrainer)."""
+    examples: Batch
+    mismatched: Batch
+    num_examples: int
+    example_index: torch.Tensor
+    """(N,) which example each supervised position of `examples` (loss_index) belongs to."""
+    mismatched_index: torch.Tensor
+    """(M,) the same for `mismatched`."""
+    desirable: torch.Tensor
+    """(B,) bool: which examples are desirable."""
+    padding: bool = False
+    """A stand-in that counts for nothing (see PairBatch.padding)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the step runs through the model: the examples' and the KL sequences'."""
+        return self.examples.num_tokens + self.mismatched.num_tokens
+
+    @property
+    def num_supervised(self) -> int:
+        """Scored positions: the examples' and the KL sequences'."""
+        return self.examples.num_supervised + self.mismatched.num_supervised
+
+    @property
+    def where(self) -> tuple[str, ...]:
+        return self.examples.where
+
+    def to(self, device: torch.device | str) -> FeedbackBatch:
+        return replace(self, examples=self.examples.to(device), mismatched=self.mismatched.to(device),
+                       example_index=self.example_index.to(device, non_blocking=True),
+                       mismatched_index=self.mismatched_index.to(device, non_blocking=True),
+                       desirable=self.desirable.to(device, non_blocking=True))
+
+
+def collate_feedback(examples: Sequence[Example], desirable: Sequence[bool], *, pad_id: int,
+                     max_seq_len: int | None) -> FeedbackBatch:
+    """A FeedbackBatch: example i's KL sequence is its prompt with example i−1's completion (cyclically)."""
+    count = len(examples)
+    kl = [mismatched(examples[i], examples[(i - 1) % count], max_seq_len) for i in range(count)]
+    batches = [collate(list(group), pad_id=pad_id) for group in (examples, kl)]
+    rows = [torch.div(b.loss_index, b.input_ids.shape[1], rounding_mode="floor") for b in batches]
+    return FeedbackBatch(batches[0], batches[1], count, rows[0], rows[1],
+                         torch.tensor([bool(d) for d in desirable], dtype=torch.bool))
+
+
+class FeedbackDataset:
+    """Feedback examples over an encoded dataset, with each one's label (what the loop's planning reads:
+    `lengths`, `len`, `stats`, `max_token_id`, `where`)."""
+
+    def __init__(self, examples: EncodedDataset, desirable: np.ndarray | None = None) -> None:
+        """`desirable`: the labels, when `examples` is not one encoded dataset (several sources joined)."""
+        self.examples = examples
+        self.desirable = (np.fromfile(examples.directory / "desirable.bin", dtype=np.uint8).astype(bool)
+                          if desirable is None else np.asarray(desirable, dtype=bool))
+        if len(self.desirable) != len(examples):
+            raise DataError(f"{examples.directory} holds {len(examples)} examples but {len(self.desirable)} labels; "
+                            "delete it (an interrupted cache entry) and run again.")
+        self.max_seq_len: int | None = None
+        """Longest KL sequence (set by the run: data.max_seq_len)."""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.examples.lengths
+
+    @property
+    def stats(self) -> DatasetStats:
+        return self.examples.stats
+
+    @property
+    def max_token_id(self) -> int:
+        return self.examples.max_token_id
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    def where(self, index: int) -> str:
+        return self.examples.where(index)
+
+    def collate(self, indices: Sequence[int], *, pad_id: int, packed: bool = False) -> FeedbackBatch:
+        if packed:
+            raise ConfigError("data.packing is not available for stage kto; set data.packing=false.")
+        chosen = [int(i) for i in indices]
+        return collate_feedback([self.examples[i] for i in chosen], self.desirable[chosen].tolist(), pad_id=pad_id,
+                                max_seq_len=self.max_seq_len)
+
+    def close(self) -> None:
+        self.examples.close()
+
+
+def build_feedback_dataset(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, *,
+                           rejects_path: str | Path | None = None) -> FeedbackDataset:
+    """Encode the feedback rows of `data_path` (or reuse the cached encoding); copy rejected rows to
+    `rejects_path`."""
+    dataset = FeedbackDataset(build_dataset(data_path, data, encoder, rejects_path=rejects_path, write=_write,
+                                            rows="feedback"))
+    dataset.max_seq_len = data.max_seq_len
+    return dataset
+
+
+def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, directory: Path,
+           settings: dict[str, Any]) -> None:
+    if data.on_bad_row == "error":  # every row validated before any is tokenised
+        for _ in read_feedback(data_path, role_map=_role_map(data_path, data), on_bad_row="error",
+                               max_row_bytes=encoder.row_limit):
+            pass
+    feedback_encoder = FeedbackEncoder(encoder)
+    stats = DatasetStats()
+    offsets = array("q", [0])
+    labels = array("B")
+    encode_rejects = 0
+    with RejectLog(directory / "rejects.jsonl") as log, \
+            (directory / "input_ids.bin").open("wb") as ids_file, \
+            (directory / "trained.bin").open("wb") as trained_file, \
+            (directory / "where.txt").open("w", encoding="utf-8") as where_file:
+        rows = read_feedback(data_path, role_map=_role_map(data_path, data), on_bad_row=data.on_bad_row, rejects=log,
+                             max_row_bytes=encoder.row_limit)
+        encoded_rows = 0
+        for batch in iter(lambda: list(islice(rows, BATCH_ROWS)), []):
+            encoded_rows += len(batch)
+            for row, result in zip(batch, feedback_encoder.encode_batch(batch)):
+                if isinstance(result, DataError):
+                    if data.on_bad_row == "error" and not isinstance(result, Dropped):
+                        raise result
+                    log.add(where=result.where, reason=result.reason, message=result.detail, row=feedback_row(row))
+                    encode_rejects += 1
+                    continue
+                ids = np.asarray(result.input_ids, dtype=np.int32)
+                trained = np.asarray(result.labels) != IGNORE_INDEX
+                ids.tofile(ids_file)
+                trained.astype(np.uint8).tofile(trained_file)
+                where_file.write(result.where + "\n")
+                offsets.append(offsets[-1] + len(ids))
+                labels.append(int(row.desirable))
+                stats.examples += 1
+                stats.trained_tokens += int(trained.sum())
+        stats.truncated = feedback_encoder.truncated
+        stats.special_token_rows = feedback_encoder.special_token_rows
+        stats.rows = encoded_rows + log.total - encode_rejects
+        stats.rejected = dict(log.counts)
+    np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
+    np.frombuffer(labels, dtype=np.uint8).tofile(directory / "desirable.bin")
+    stats.tokens = offsets[-1]
+    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens,
+            "desirable": int(sum(labels))}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+def feedback_row(row: Feedback) -> str:
+    """A feedback row in the conversational form, so a rejected one can be fixed and fed back."""
+    record: dict[str, Any] = {"prompt": [message_record(m) for m in row.prompt],
+                              "completion": [message_record(row.completion)], "label": row.desirable}
+    if row.tools is not None:
+        record["tools"] = list(row.tools)
+    return json.dumps(record, ensure_ascii=False)
