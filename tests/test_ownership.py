@@ -259,7 +259,8 @@ def test_merge_output_is_never_the_run_dir_nor_an_input(world, tmp_path, capsys,
     monkeypatch.chdir(tmp_path / "runs")
     cases = {str(run): "is or holds the source", str(run.parent): "is the working directory",
              ".": "is the working directory", str(tmp_path): "is the working directory or one of its parents",
-             str(run / "merged"): "lies inside the source", str(world["model"]): "is or holds the base model",
+             str(run / "adapter" / "merged"): "lies inside the source", str(run / "checkpoints"): "lies inside the source",
+             str(world["model"]): "is or holds the base model",
              str(world["model"] / "sub"): "lies inside the base model"}
     for output, message in cases.items():
         assert main(["merge", str(run), "--output", output, "--overwrite"]) == 2, output
@@ -337,3 +338,21 @@ def test_export_format_hf_is_the_merge_with_its_checks(world, tmp_path, capsys) 
     assert main(["export", str(world["run"]), "--format", "gguf", "--dtype", "bf16", "--output", str(tmp_path / "y.gguf")]) == 2
     assert "--dtype applies to --format hf" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_merge_into_a_new_entry_of_the_run_dir_is_recorded_as_the_runs(world, tmp_path, capsys) -> None:
+    """runs/mine/merged (what the demo writes): allowed, named in the run's manifest first — so a user's own
+    file or symlink under that name is refused, and the run's --overwrite later removes what it wrote."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    assert main(["merge", str(run), "--output", str(run / "merged")]) == 0
+    assert (run / "merged" / "config.json").is_file() and "merged" in files.manifest(run)
+    assert main(["merge", str(run), "--output", str(run / "merged"), "--overwrite"]) == 0  # its own: replaced
+    (run / "mine").mkdir()
+    (run / "mine" / "notes.txt").write_text("keep", encoding="utf-8")
+    (run / "link").symlink_to(tmp_path)
+    capsys.readouterr()
+    for name in ("mine", "link"):
+        assert main(["merge", str(run), "--output", str(run / name), "--overwrite"]) == 2
+        assert "was not written by this sftlab run" in capsys.readouterr().err.replace("\n", "") or name == "link"
+    assert (run / "mine" / "notes.txt").read_text(encoding="utf-8") == "keep" and (run / "link").is_symlink()

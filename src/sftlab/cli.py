@@ -202,7 +202,8 @@ def _merge(args: argparse.Namespace) -> int:
     from sftlab.models.load import load_for_inference
 
     out = Path(args.output)
-    export.refuse_merge_output(out, [("the source", args.source), ("--base", args.base)])
+    run_entry_of = _run_entry_of(out, args.source)
+    export.refuse_merge_output(out, [("the source", args.source), ("--base", args.base)], run_entry_of=run_entry_of)
     if out.is_symlink():
         raise SftlabError(f"--output {out} is a symlink (to {out.readlink()}); it is never written through. Give "
                           "--output the real path.")
@@ -223,6 +224,10 @@ def _merge(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
     out_dtype = _merge_dtype(args.dtype, method.config.model)
+    if run_entry_of is not None:
+        from sftlab.files import owned
+
+        owned(run_entry_of, out.name)  # the run's manifest names it first: a user's file there is refused
     with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
         if method.name == "qlora":
             merged_model = method.merge(model, onto=args.onto or "dequantized")
@@ -251,6 +256,18 @@ def _merge(args: argparse.Namespace) -> int:
     if method.name == "qlora":
         _compare_qlora_merges(args, adapter_model, inputs, check)
     return 0
+
+
+def _run_entry_of(out: Path, source: str) -> Path | None:
+    """The run dir when --output is a new entry of the run being merged (runs/mine/merged): a name that is
+    not one of the run's own files (adapter/, checkpoints/, config.yaml, ...); else None."""
+    from sftlab import files
+    from sftlab.train.rundir import RUN_FILES
+
+    run = Path(source).expanduser()
+    if files.manifest(run) is None or out.name in RUN_FILES or out.name in files.CONTROL_NAMES:
+        return None
+    return run if out.expanduser().resolve().parent == run.resolve() else None
 
 
 def _merge_dtype(name: str | None, model: object) -> "torch.dtype":

@@ -92,13 +92,13 @@ def resolve(spec: SourceConfig | str | Path) -> Source:
     if spec.revision is not None and not _looks_like_hub(text):
         raise DataError(f"data source {text}: `revision` pins a Hub dataset's version; this is a local path. "
                         "Remove revision.", reason="revision on a local source")
-    if _GLOB_CHARS.search(text):
-        matches = sorted(Path(p) for p in glob.glob(str(Path(text).expanduser()), recursive=True) if Path(p).is_file())
-        if not matches:
-            raise DataError(f"data source {text}: the pattern matches no file (relative paths start from "
-                            f"{Path.cwd()}); fix the pattern.", reason="missing file")
-        return _files(spec, matches, label=text)
     path = Path(text).expanduser()
+    if not path.exists() and _GLOB_CHARS.search(text):  # a real path with [brackets] in it is that path
+        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"{text} does not exist, and as a pattern it matches no file (relative paths start "
+                            f"from {Path.cwd()}); fix the path or the pattern.", reason="missing file")
+        return _files(spec, matches, label=text)
     if path.is_file():
         return _files(spec, [path], label=path.name)
     if path.is_dir():

@@ -41,9 +41,12 @@ def refuse_nonfinite(state: Mapping[str, torch.Tensor], what: str) -> None:
                                     "corrupt, or training diverged: retrain, or export an earlier checkpoint.")
 
 
-def refuse_merge_output(out: Path, inputs: Iterable[tuple[str, str | None]]) -> None:
+def refuse_merge_output(out: Path, inputs: Iterable[tuple[str, str | None]], *,
+                        run_entry_of: Path | None = None) -> None:
     """A merge writes (and with --overwrite replaces) `out` whole: refuse an `out` that is, holds or lies
-    inside an input (the run or adapter dir, the base model), or is the working dir or one of its parents."""
+    inside an input (the run or adapter dir, the base model), or is the working dir or one of its parents.
+    `run_entry_of`: the run dir `out` is a new entry of (RUN/merged, recorded in the run's manifest), the
+    one place inside an input a merge may write."""
     target = Path(out).expanduser().resolve()
     cwd = Path.cwd().resolve()
     fix = f"Give --output a new dir outside them, e.g. {target.parent / (target.name + '-merged')}"
@@ -57,7 +60,8 @@ def refuse_merge_output(out: Path, inputs: Iterable[tuple[str, str | None]]) -> 
         if target == path or target in path.parents:
             raise SftlabError(f"--output {out} is or holds {what} {given}, which the merge reads; a merge replaces "
                               f"--output whole. {fix}.")
-        if path in target.parents:
+        if path in target.parents and not (run_entry_of is not None and target.parent == path
+                                           and path == Path(run_entry_of).expanduser().resolve()):
             raise SftlabError(f"--output {out} lies inside {what} {given}; a merge never writes into its inputs. "
                               f"{fix}.")
 
