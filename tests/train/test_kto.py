@@ -95,16 +95,14 @@ def moved_policy(model_dir: Path, method: str, batch):
     """The tiny model under `method`, its trained parameters moved off the base and then up the log-probs of the
     batch's sequences (as KTO training moves them), so that the reference-KL estimate is positive (it is clamped
     at 0) and really enters the loss."""
-    from sftlab.train.preference import batch_logps
+    from sftlab.train.preference import kto_reference_logps
 
     model, chosen = policy(model_dir, method)
     params = list(chosen.trainable_parameters(model).values())
     optimizer = torch.optim.SGD(params, lr=0.05 if method == "lora" else 0.02)
     for _ in range(6):
         optimizer.zero_grad()
-        logps = torch.cat([batch_logps(model, batch.examples, batch.example_index, batch.num_examples, chosen),
-                           batch_logps(model, batch.mismatched, batch.mismatched_index, batch.num_examples, chosen)])
-        (-logps.mean()).backward()
+        (-kto_reference_logps(model, batch).mean()).backward()  # all 2B sequences' log-probs, with gradients
         optimizer.step()
     model.zero_grad(set_to_none=True)
     return model, chosen
@@ -130,6 +128,10 @@ def test_loss_equals_trl_kto_trainer(model_dir, tmp_path, method) -> None:
     loss_sum, sums = engine(batch)
     ours = loss_sum / len(examples)
     assert abs(ours.item() - theirs.item()) < 1e-5, (ours.item(), theirs.item())
+    # The padded policy rows (what soft-prompt methods run) give the same loss as the packed ones.
+    padded = collate_feedback(examples, labels, pad_id=tokenizer.pad_token_id, max_seq_len=None, packed=False)
+    assert not padded.examples.packed and batch.examples.packed and batch.sequences.packed
+    assert abs(engine(padded)[0].item() / len(examples) - theirs.item()) < 1e-5
     mode = "train" if trainer.model.training else "eval"
     assert trainer._metrics[mode]["kl"][-1] > 0  # a real KL estimate (clamped at 0 otherwise), and the same
     assert trainer._metrics[mode]["kl"][-1] == pytest.approx(sums[3].item() / len(examples), abs=1e-5)

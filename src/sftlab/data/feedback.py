@@ -30,7 +30,7 @@ from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _require, _tools
-from sftlab.data.batching import Batch, collate
+from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.preference import _answer, _cut, _prompt_messages, _role_map
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, message_record, validate
@@ -148,8 +148,13 @@ def _prompt_length(example: Example) -> int:
 
 @dataclass(frozen=True)
 class FeedbackBatch:
-    """B examples and their B mismatched KL sequences, as two batches: the examples train, the KL sequences only
-    feed a forward without gradients (as in TRL's KTOTrainer)."""
+    """B examples and their B mismatched KL sequences. The reference runs all 2B as one padding-free packed row
+    (`sequences`); the policy runs the examples (with gradients) and the KL sequences (without, as in TRL's
+    KTOTrainer) as two batches: halves of that row when the method can train packed rows, else padded."""
+    sequences: Batch
+    """One packed row: the B examples, then their B KL sequences."""
+    sequence_index: torch.Tensor
+    """(N,) which of the 2B sequences each supervised position of `sequences` (loss_index) belongs to."""
     examples: Batch
     mismatched: Batch
     num_examples: int
@@ -177,21 +182,47 @@ class FeedbackBatch:
         return self.examples.where
 
     def to(self, device: torch.device | str) -> FeedbackBatch:
-        return replace(self, examples=self.examples.to(device), mismatched=self.mismatched.to(device),
-                       example_index=self.example_index.to(device, non_blocking=True),
-                       mismatched_index=self.mismatched_index.to(device, non_blocking=True),
-                       desirable=self.desirable.to(device, non_blocking=True))
+        rows = {name: getattr(self, name).to(device) for name in ("sequences", "examples", "mismatched")}
+        index = {name: getattr(self, name).to(device, non_blocking=True)
+                 for name in ("sequence_index", "example_index", "mismatched_index", "desirable")}
+        return replace(self, **rows, **index)
 
 
 def collate_feedback(examples: Sequence[Example], desirable: Sequence[bool], *, pad_id: int,
-                     max_seq_len: int | None) -> FeedbackBatch:
-    """A FeedbackBatch: example i's KL sequence is its prompt with example i−1's completion (cyclically)."""
+                     max_seq_len: int | None, packed: bool = True) -> FeedbackBatch:
+    """A FeedbackBatch: example i's KL sequence is its prompt with example i−1's completion (cyclically). `packed`:
+    the policy's two batches are halves of the packed row (no padding); false for methods that cannot run packed
+    rows (soft prompts, prefixes)."""
     count = len(examples)
     kl = [mismatched(examples[i], examples[(i - 1) % count], max_seq_len) for i in range(count)]
-    batches = [collate(list(group), pad_id=pad_id) for group in (examples, kl)]
-    rows = [torch.div(b.loss_index, b.input_ids.shape[1], rounding_mode="floor") for b in batches]
-    return FeedbackBatch(batches[0], batches[1], count, rows[0], rows[1],
+    sequences = collate_packed([*examples, *kl])
+    sequence_index = _sequence_of(sequences)
+    if packed:
+        halves = [_packed_part(sequences, sequence_index, part, count) for part in (0, 1)]
+    else:
+        halves = [(b, torch.div(b.loss_index, b.input_ids.shape[1], rounding_mode="floor"))
+                  for b in (collate(list(group), pad_id=pad_id) for group in (examples, kl))]
+    return FeedbackBatch(sequences, sequence_index, halves[0][0], halves[1][0], count, halves[0][1], halves[1][1],
                          torch.tensor([bool(d) for d in desirable], dtype=torch.bool))
+
+
+def _sequence_of(row: Batch) -> torch.Tensor:
+    """(N,) which sequence of a packed row each supervised position belongs to: position p is in sequence s when
+    cu[s] <= p < cu[s+1]."""
+    return torch.searchsorted(row.cu_seqlens[1:].long(), row.loss_index, right=True)
+
+
+def _packed_part(row: Batch, sequence: torch.Tensor, part: int, count: int) -> tuple[Batch, torch.Tensor]:
+    """Sequences [part·count, (part+1)·count) of a packed row as a packed row of their own (views, no copy of the
+    tokens), with each supervised position's sequence numbered from 0."""
+    cu = row.cu_seqlens[part * count:(part + 1) * count + 1]
+    start, end = int(cu[0]), int(cu[-1])
+    keep = (sequence >= part * count) & (sequence < (part + 1) * count)
+    lengths = cu[1:] - cu[:-1]
+    piece = Batch(row.input_ids[:, start:end], row.labels[:, start:end], None, row.position_ids[:, start:end],
+                  row.loss_index[keep] - start, row.loss_targets[keep], row.where[part * count:(part + 1) * count],
+                  cu_seqlens=cu - start, max_seqlen=int(lengths.max()))
+    return piece, sequence[keep] - part * count
 
 
 class FeedbackDataset:
@@ -230,12 +261,12 @@ class FeedbackDataset:
     def where(self, index: int) -> str:
         return self.examples.where(index)
 
-    def collate(self, indices: Sequence[int], *, pad_id: int, packed: bool = False) -> FeedbackBatch:
-        if packed:
-            raise ConfigError("data.packing is not available for stage kto; set data.packing=false.")
+    def collate(self, indices: Sequence[int], *, pad_id: int, packed: bool = True) -> FeedbackBatch:
+        """The examples `indices` as a FeedbackBatch; `packed`: see collate_feedback (data.packing, which would
+        pack several micro-batches' examples into one row, is refused for kto by the config)."""
         chosen = [int(i) for i in indices]
         return collate_feedback([self.examples[i] for i in chosen], self.desirable[chosen].tolist(), pad_id=pad_id,
-                                max_seq_len=self.max_seq_len)
+                                max_seq_len=self.max_seq_len, packed=packed)
 
     def close(self) -> None:
         self.examples.close()

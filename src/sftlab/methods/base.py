@@ -20,6 +20,9 @@ class MergeError(SftlabError):
 class Method(ABC):
     name: ClassVar[str]
     mergeable: ClassVar[bool]
+    packed_rows: ClassVar[bool] = True
+    """Whether its forward can run a padding-free packed row (several sequences side by side); soft-prompt
+    methods cannot: their virtual tokens / prefixes belong at the start of every sequence."""
 
     def __init__(self, config: Any, *, trainable_token_ids: Sequence[int] = ()) -> None:
         self.config = config

@@ -121,6 +121,7 @@ class PrefixEncoder(nn.Module):
 class Prefix(Method):
     name = "prefix"
     mergeable = False
+    packed_rows = False
 
     def apply(self, model: nn.Module) -> None:
         prefix = self.config.prefix

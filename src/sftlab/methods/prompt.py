@@ -87,6 +87,7 @@ class SoftPrompt(nn.Module):
 class PromptTuning(Method):
     name = "prompt"
     mergeable = False
+    packed_rows = False
 
     def apply(self, model: nn.Module) -> None:
         if soft_prompt(model, required=False) is not None or token_rows_modules(model):

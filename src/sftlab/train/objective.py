@@ -26,6 +26,7 @@ from sftlab.config import Config
 from sftlab.data.batching import collate, collate_packed
 from sftlab.data.encode import IGNORE_INDEX, Example
 from sftlab.data.preference import PairBatch, collate_pairs, with_chosen_context
+from sftlab.methods import METHODS
 from sftlab.train.distributed import TrainingForward
 from sftlab.data.feedback import collate_feedback
 from sftlab.train.preference import (KTO_SUMS, METRICS, ORPO_METRICS, KTOForward, PreferenceForward,
@@ -172,12 +173,17 @@ class KTO(Objective):
                           undesirable_weight=kto.undesirable_weight, reference_model=reference_model)
 
     def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> Any:
-        return data.collate(indices, pad_id=pad_id)
+        return data.collate(indices, pad_id=pad_id, packed=self._packed)
 
     def empty_batch(self, pad_id: int) -> Any:
         example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
-        return replace(collate_feedback([example, example], [True, False], pad_id=pad_id, max_seq_len=None),
-                       padding=True)
+        return replace(collate_feedback([example, example], [True, False], pad_id=pad_id, max_seq_len=None,
+                                        packed=self._packed), padding=True)
+
+    @property
+    def _packed(self) -> bool:
+        """The policy's rows padding-free, unless the method cannot run packed rows (soft prompts, prefixes)."""
+        return METHODS[self.config.method].packed_rows
 
     def count(self, batch: Any) -> int:
         return 0 if batch.padding else batch.num_examples

@@ -23,6 +23,7 @@ the method's adapters disabled (`Method.adapters_disabled`: no second copy of th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,6 +36,7 @@ from torch import nn
 
 from sftlab.data.preference import PairBatch, PairDataset
 from sftlab.errors import ConfigError
+from sftlab.models.attention import PACKED_EAGER, PACKED_SDPA, packed_attention
 from sftlab.train.loss import head_logprobs, hidden_states
 
 LOSSES = ("sigmoid", "ipo")
@@ -269,6 +271,21 @@ def batch_logps(model: nn.Module, inner: Any, sequence: torch.Tensor, count: int
     return tokens.new_zeros(count).index_add(0, sequence, tokens)
 
 
+def packed_rows(model: nn.Module, batch: Any) -> contextlib.AbstractContextManager:
+    """Packed attention for `model` while it runs `batch`, when that is a packed row and the attention is not
+    packed already (the loop turns it on for data.packing; stage kto packs its rows without it)."""
+    if not batch.packed or model.config._attn_implementation in (PACKED_SDPA, PACKED_EAGER):
+        return contextlib.nullcontext()
+    return packed_attention(model)
+
+
+def kto_reference_logps(model: nn.Module, batch: Any) -> torch.Tensor:
+    """A plain model's log-probs of a FeedbackBatch's examples and KL sequences, (2B,): one forward of the batch's
+    packed row of all 2B sequences, no padding."""
+    with packed_rows(model, batch.sequences):
+        return batch_logps(model, batch.sequences, batch.sequence_index, 2 * batch.num_examples)
+
+
 class KTOReferenceForward(nn.Module):
     """The frozen reference copy's log-probs of a FeedbackBatch's examples and KL sequences as one module call
     (sharded under FSDP like ReferenceForward)."""
@@ -278,14 +295,13 @@ class KTOReferenceForward(nn.Module):
         self.model = model
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples),
-                          batch_logps(self.model, batch.mismatched, batch.mismatched_index, batch.num_examples)])
+        return kto_reference_logps(self.model, batch)
 
 
 class KTOForward(nn.Module):
     """A FeedbackBatch's summed KTO loss and its KTO_SUMS as one module call; the reference as for DPO (a frozen
-    copy for full fine-tuning, else the model with its adapters disabled). The policy's KL sequences run without
-    gradients: the estimate is detached."""
+    copy for full fine-tuning, else the model with its adapters disabled), one forward over all 2B sequences. The
+    policy's KL sequences run without gradients (the estimate is detached), its examples with them."""
 
     def __init__(self, model: nn.Module, method: Any, *, beta: float, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, reference_model: nn.Module | None = None) -> None:
@@ -302,17 +318,17 @@ class KTOForward(nn.Module):
                     self.reference.reshard()
                 return reference
             with self.method.adapters_disabled(self.model):
-                return torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples),
-                                  batch_logps(self.model, batch.mismatched, batch.mismatched_index,
-                                              batch.num_examples)])
+                return kto_reference_logps(self.model, batch)  # the plain forward: no virtual tokens or prefixes
+
+    def _policy(self, rows: Any, index: torch.Tensor, count: int) -> torch.Tensor:
+        with packed_rows(self.model, rows):
+            return batch_logps(self.model, rows, index, count, self.method)
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         reference = self._reference(batch)  # first: prefix tuning's forward keeps its hooks armed until backward
         with torch.no_grad():
-            mismatched = batch_logps(self.model, batch.mismatched, batch.mismatched_index, batch.num_examples,
-                                     self.method)
-        policy = torch.cat([batch_logps(self.model, batch.examples, batch.example_index, batch.num_examples,
-                                        self.method), mismatched])
+            mismatched = self._policy(batch.mismatched, batch.mismatched_index, batch.num_examples)
+        policy = torch.cat([self._policy(batch.examples, batch.example_index, batch.num_examples), mismatched])
         losses, rewards, kl = kto_losses(policy, reference, batch.desirable, beta=self.beta,
                                          desirable_weight=self.desirable_weight,
                                          undesirable_weight=self.undesirable_weight)
