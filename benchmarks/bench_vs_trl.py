@@ -472,93 +472,99 @@ def memory_peaks(device: str) -> dict[str, float]:
     return peaks
 
 
+def count_sft(batch: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """SFTTrainer's batch: tokens (the attention mask, or every token of a padding-free row) and supervised
+    positions (labels after the shift), and its layout: padding-free or not, its sequences and the causal
+    query-key pairs they need."""
+    from sftlab.data.encode import IGNORE_INDEX  # TRL's labels use the same ignored label
+
+    input_ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else int(input_ids.numel())  # padding-free: no padding
+    layout = {"padding_free": input_ids.shape[0] == 1 and "position_ids" in batch and mask is None}
+    if "position_ids" in batch:
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
+        lengths = [b - a for a, b in itertools.pairwise(starts)]
+        layout.update(sequences=len(lengths), causal_pairs_needed=sum(n * (n + 1) // 2 for n in lengths))
+    return tokens, int((labels[:, 1:] != IGNORE_INDEX).sum()), layout
+
+
+def count_dpo(batch: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """DPOTrainer's batch (both sides stacked): its attention mask, its completion mask after the shift."""
+    return (int(batch["attention_mask"].sum()), int(batch["completion_mask"][:, 1:].sum()),
+            {"sequences": int(batch["input_ids"].shape[0])})
+
+
+def count_orpo(batch: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """ORPOTrainer's batch: both sides' attention masks and labels after the shift."""
+    sides = ("chosen", "rejected")
+    return (sum(int(batch[f"{s}_attention_mask"].sum()) for s in sides),
+            sum(int((batch[f"{s}_labels"][:, 1:] != -100).sum()) for s in sides),
+            {"sequences": 2 * int(batch["chosen_input_ids"].shape[0])})
+
+
+def count_kto(batch: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """KTOTrainer's batch: the examples and their KL sequences (sftlab counts both too)."""
+    return (sum(int(batch[f"{p}attention_mask"].sum()) for p in ("", "KL_")),
+            sum(int(batch[f"{p}completion_mask"][:, 1:].sum()) for p in ("", "KL_")),
+            {"sequences": 2 * int(batch["input_ids"].shape[0])})
+
+
 class CountingCollator:
-    """Wraps TRL's collator: tokens and supervised positions of each batch, in the order the trainer
-    draws them (batch k feeds optimizer step k: no gradient accumulation), and the first batch's layout."""
+    """Wraps a TRL trainer's collator: the tokens and supervised (scored) positions of each batch, in the order the
+    trainer draws them (batch k feeds optimizer step k: no gradient accumulation), and the first batch's layout.
+    `count` reads them off the batch, one function per trainer's batch keys."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.batches: list[tuple[int, int]] = []
-        self.first: dict[str, Any] = {}
-        from sftlab.data.encode import IGNORE_INDEX  # TRL's labels use the same ignored label
-
-        self.ignored = IGNORE_INDEX
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner(examples)
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        mask = batch.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else int(input_ids.numel())  # padding-free: no padding
-        self.batches.append((tokens, int((labels[:, 1:] != self.ignored).sum())))
-        if not self.first:
-            self.first = {"input_ids": list(input_ids.shape), "keys": sorted(batch),
-                          "padding_free": input_ids.shape[0] == 1 and "position_ids" in batch and mask is None}
-            if "position_ids" in batch:
-                starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
-                lengths = [b - a for a, b in itertools.pairwise(starts)]
-                self.first.update(sequences=len(lengths), causal_pairs_needed=sum(n * (n + 1) // 2 for n in lengths))
-        return batch
-
-
-class CountingPairCollator:
-    """Wraps TRL's preference collator: tokens (attention mask) and scored positions (completion mask after the
-    shift) of each batch, and the first batch's layout."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self, inner: Any, count: Any) -> None:
+        self.inner, self.count = inner, count
         self.batches: list[tuple[int, int]] = []
         self.first: dict[str, Any] = {}
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(examples)
-        self.batches.append((int(batch["attention_mask"].sum()), int(batch["completion_mask"][:, 1:].sum())))
+        tokens, supervised, layout = self.count(batch)
+        self.batches.append((tokens, supervised))
         if not self.first:
-            self.first = {"input_ids": list(batch["input_ids"].shape), "keys": sorted(batch), "padding_free": False,
-                          "sequences": int(batch["input_ids"].shape[0])}
+            key = "input_ids" if "input_ids" in batch else "chosen_input_ids"
+            self.first = {"input_ids": list(batch[key].shape), "keys": sorted(batch), "padding_free": False, **layout}
         return batch
 
 
-class CountingORPOCollator:
-    """Wraps TRL's ORPO collator: tokens (both sides' attention masks) and scored positions (both sides' labels
-    after the shift) of each batch."""
+def trl_trainer(method: str, common: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """TRL's trainer class for `method`, its config (the shared settings + the method's own) and the function
+    that counts its batches."""
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.batches: list[tuple[int, int]] = []
-        self.first: dict[str, Any] = {}
+        return DPOTrainer, DPOConfig(**common, beta=DPO_BETA, loss_type=["sigmoid"]), count_dpo
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner(examples)
-        sides = ("chosen", "rejected")
-        self.batches.append((sum(int(batch[f"{s}_attention_mask"].sum()) for s in sides),
-                             sum(int((batch[f"{s}_labels"][:, 1:] != -100).sum()) for s in sides)))
-        if not self.first:
-            self.first = {"input_ids": list(batch["chosen_input_ids"].shape), "keys": sorted(batch),
-                          "padding_free": False, "sequences": 2 * int(batch["chosen_input_ids"].shape[0])}
-        return batch
+        return ORPOTrainer, ORPOConfig(**common, beta=ORPO_LAMBDA), count_orpo
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOTrainer, KTOConfig(**common, beta=KTO_BETA), count_kto
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer, SFTConfig(**common, packing=True, padding_free=True, assistant_only_loss=True), count_sft
 
 
-class CountingKTOCollator:
-    """Wraps TRL's KTO collator: tokens and scored positions of the examples and of their KL sequences (sftlab
-    counts both too)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.batches: list[tuple[int, int]] = []
-        self.first: dict[str, Any] = {}
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner(examples)
-        self.batches.append((sum(int(batch[f"{p}attention_mask"].sum()) for p in ("", "KL_")),
-                             sum(int(batch[f"{p}completion_mask"][:, 1:].sum()) for p in ("", "KL_"))))
-        if not self.first:
-            self.first = {"input_ids": list(batch["input_ids"].shape), "keys": sorted(batch), "padding_free": False,
-                          "sequences": 2 * int(batch["input_ids"].shape[0])}
-        return batch
+def trl_settings(spec: RunSpec) -> dict[str, Any]:
+    """The training settings every TRL trainer gets, the same as sftlab's (sftlab_config)."""
+    return {
+        "output_dir": spec.output_dir, "max_steps": spec.warmup_steps + spec.timed_steps + 1,
+        "per_device_train_batch_size": spec.batch_size, "gradient_accumulation_steps": 1, "learning_rate": spec.lr,
+        "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "seed": spec.seed, "data_seed": spec.seed, "max_length": spec.max_length, "gradient_checkpointing": False,
+        "bf16": spec.dtype == "bfloat16", "fp16": False, "use_cpu": spec.device == "cpu", "report_to": [],
+        "save_strategy": "no", "eval_strategy": "no", "logging_steps": 100_000, "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
 
 
 def run_trl(spec: RunSpec) -> dict[str, Any]:
-    """TRL's SFTTrainer (lora, full) or DPOTrainer (dpo), with PEFT's LoRA for lora and dpo, timed per step."""
+    """TRL's SFTTrainer (lora, full), DPOTrainer (dpo), ORPOTrainer (orpo) or KTOTrainer (kto), with PEFT's LoRA
+    for all but full, timed per step."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -570,40 +576,12 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     with open(spec.data, encoding="utf-8") as file:
         dataset = datasets.Dataset.from_list([json.loads(line) for line in file])
     peft_config = None
-    if spec.method in ("lora", "dpo", "orpo", "kto"):
+    if spec.method != "full":
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    common: dict[str, Any] = {  # the same settings for both trainers
-        "output_dir": spec.output_dir, "max_steps": spec.warmup_steps + spec.timed_steps + 1,
-        "per_device_train_batch_size": spec.batch_size, "gradient_accumulation_steps": 1, "learning_rate": spec.lr,
-        "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "seed": spec.seed, "data_seed": spec.seed, "max_length": spec.max_length, "gradient_checkpointing": False,
-        "bf16": spec.dtype == "bfloat16", "fp16": False, "use_cpu": spec.device == "cpu", "report_to": [],
-        "save_strategy": "no", "eval_strategy": "no", "logging_steps": 100_000, "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-    }
-    if spec.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        trainer_class, counting = DPOTrainer, CountingPairCollator
-        args = DPOConfig(**common, beta=DPO_BETA, loss_type=["sigmoid"])
-    elif spec.method == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-        trainer_class, counting = ORPOTrainer, CountingORPOCollator
-        args = ORPOConfig(**common, beta=ORPO_LAMBDA)
-    elif spec.method == "kto":
-        from trl import KTOConfig, KTOTrainer
-
-        trainer_class, counting = KTOTrainer, CountingKTOCollator
-        args = KTOConfig(**common, beta=KTO_BETA)
-    else:
-        from trl import SFTConfig, SFTTrainer
-
-        trainer_class, counting = SFTTrainer, CountingCollator
-        args = SFTConfig(**common, packing=True, padding_free=True, assistant_only_loss=True)
+    trainer_class, args, count = trl_trainer(spec.method, trl_settings(spec))
     clock = StepClock(spec.device)
 
     class Tick(TrainerCallback):
@@ -613,7 +591,7 @@ def run_trl(spec: RunSpec) -> dict[str, Any]:
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config, callbacks=[Tick()])
     # TRL refuses a custom collator with padding_free; wrapping its own after construction counts tokens.
-    counter = counting(trainer.data_collator)
+    counter = CountingCollator(trainer.data_collator, count)
     trainer.data_collator = counter
     attention = probe_attention()
     setup_s = time.perf_counter() - started
@@ -739,7 +717,9 @@ def summarize(run: dict[str, Any], *, method: str, matmul_parameters: int, peak_
                "supervised_tokens_per_s": run["supervised_tokens"] / run["seconds"],
                "tokens_per_s_median_step": run["tokens"] / (median_s * steps),
                "supervised_tokens_per_s_median_step": run["supervised_tokens"] / (median_s * steps),
-               "tokens_per_step": run["tokens"] / steps, "median_step_s": median_s}
+               "tokens_per_step": run["tokens"] / steps, "median_step_s": median_s,
+               # per CPU-second of this process: steadier than wall rates when others share the cores
+               "tokens_per_cpu_s": run["tokens"] / run["cpu_s"] if run["cpu_s"] > 0 else 0.0}
     if "other_cpu_s" in run and run["seconds"] >= 2:  # /proc/stat counts in 10 ms ticks: too coarse below
         summary["other_cores_busy"] = run["other_cpu_s"] / run["seconds"]  # mean CPUs others kept busy
     if peak_tflops:
@@ -753,7 +733,7 @@ FLOPS_PER_PARAMETER = {"lora": 4, "full": 6, "dpo": 6, "orpo": 4, "kto": 5}
 4N; DPO with LoRA adds the reference's forward (2N) to LoRA's 4N; ORPO has no reference (4N); KTO's tokens are
 half examples (4N + the reference's 2N) and half KL sequences (forwards of the policy and the reference, 4N)."""
 RATIO_KEYS = ("supervised_tokens_per_s", "tokens_per_s", "supervised_tokens_per_s_median_step",
-              "tokens_per_s_median_step", "peak_rss_mib", "peak_gpu_mib", "mfu")
+              "tokens_per_s_median_step", "tokens_per_cpu_s", "peak_rss_mib", "peak_gpu_mib", "mfu")
 
 
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -784,8 +764,8 @@ BUSY = 0.1
 
 def table(result: dict[str, Any]) -> list[list[str]]:
     runs, gpu = result["runs"], any("mfu" in r for r in result["runs"].values())  # the gpu preset
-    header = ["method", "tool", "tok/s", "sup tok/s", "(median step)", "tok/step", "s/step", "peak RSS MiB",
-              "others' CPUs"]
+    header = ["method", "tool", "tok/s", "sup tok/s", "(median step)", "tok/CPU-s", "tok/step", "s/step",
+              "peak RSS MiB", "others' CPUs"]
     if gpu:
         header += ["GPU MiB", "MFU"]
     rows = [header]
@@ -794,7 +774,7 @@ def table(result: dict[str, Any]) -> list[list[str]]:
         others = run.get("other_cores_busy")
         row = [method, tool, f"{run['tokens_per_s']:,.0f}", f"{run['supervised_tokens_per_s']:,.0f}",
                f"{run['tokens_per_s_median_step']:,.0f} / {run['supervised_tokens_per_s_median_step']:,.0f}",
-               f"{run['tokens_per_step']:,.0f}", f"{run['seconds'] / len(run['step_s']):.2f}",
+               f"{run.get('tokens_per_cpu_s', 0):,.0f}", f"{run['tokens_per_step']:,.0f}", f"{run['seconds'] / len(run['step_s']):.2f}",
                f"{run['peak_rss_mib']:,.0f}", "" if others is None else f"{others:.2f}{' !' if others > BUSY else ''}"]
         if gpu:
             row += [f"{run['peak_gpu_mib']:,.0f}" if "peak_gpu_mib" in run else "-", f"{100 * run['mfu']:.1f}%"]
@@ -804,7 +784,7 @@ def table(result: dict[str, Any]) -> list[list[str]]:
                f"{ratio.get('supervised_tokens_per_s', 0):.2f}x",
                (f"{ratio.get('tokens_per_s_median_step', 0):.2f}x / "
                 f"{ratio.get('supervised_tokens_per_s_median_step', 0):.2f}x"),
-               "", "", f"{ratio.get('peak_rss_mib', 0):.2f}x", ""]
+               f"{ratio.get('tokens_per_cpu_s', 0):.2f}x", "", "", f"{ratio.get('peak_rss_mib', 0):.2f}x", ""]
         if gpu:
             row += [f"{ratio['peak_gpu_mib']:.2f}x" if "peak_gpu_mib" in ratio else "-", f"{ratio.get('mfu', 0):.2f}x"]
         rows.append(row)

@@ -1,4 +1,4 @@
-"""What the training loop minimises, per stage (`stage: sft | dpo`); the loop itself is the same for both.
+"""What the training loop minimises, per stage (`stage: sft | dpo | orpo | simpo | kto`); the loop is the same for all.
 
 An objective says what a micro-batch is, which module computes its summed loss (the engine: what DDP and FSDP
 wrap), and what the step's summed loss is divided by:
@@ -69,8 +69,9 @@ class Objective(ABC):
         """The batch's units (supervised tokens, pairs)."""
 
     def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss, metric sums (len(metrics),)) of an engine's output."""
-        return output, output.new_zeros(0)
+        """(summed loss, metric sums (len(metrics),)) of an engine's output: an engine with metrics returns that
+        pair, one without returns the summed loss alone."""
+        return output if self.metrics else (output, output.new_zeros(0))
 
     def present(self, means: dict[str, float]) -> dict[str, float]:
         """The metrics to log from the per-unit means of `metrics` (the same, unless an objective derives others)."""
@@ -111,7 +112,7 @@ class DPO(Objective):
         return data.collate(indices, pad_id=pad_id, packed=self.config.data.packing)
 
     def empty_batch(self, pad_id: int) -> PairBatch:
-        example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
+        example = stand_in(pad_id)
         reference = None if not self.config.dpo.precompute_reference else [[0.0, 0.0]]
         batch = collate_pairs([(example, example)], pad_id=pad_id, packed=self.config.data.packing,
                               reference_logps=reference)
@@ -120,22 +121,15 @@ class DPO(Objective):
     def count(self, batch: PairBatch) -> int:
         return 0 if batch.padding else batch.num_pairs
 
-    def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return output
-
 
 class SimPO(DPO):
-    """Stage simpo: DPO's pairs, batches and metrics; the loss reference-free (train/preference.py)."""
+    """Stage simpo: DPO's pairs, batches and metrics; the loss reference-free (train/preference.py). Its stand-in
+    batch is DPO's: dpo.precompute_reference is never set outside stage dpo (the config refuses it)."""
     stage = "simpo"
 
     def engine(self, model: nn.Module, method: Any, *, reference_model: nn.Module | None = None) -> nn.Module:
         simpo = self.config.simpo
         return ReferenceFreeForward(model, method, loss="simpo", beta=simpo.beta, gamma=simpo.gamma)
-
-    def empty_batch(self, pad_id: int) -> PairBatch:
-        example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
-        return replace(collate_pairs([(example, example)], pad_id=pad_id, packed=self.config.data.packing),
-                       padding=True)
 
 
 class ORPO(SimPO):
@@ -153,7 +147,7 @@ class ORPO(SimPO):
 
     def empty_batch(self, pad_id: int) -> PairBatch:
         batch = super().empty_batch(pad_id)
-        return self._context(batch, [Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")])
+        return self._context(batch, [stand_in(pad_id)])
 
     def _context(self, batch: PairBatch, chosen: list[Example]) -> PairBatch:
         return with_chosen_context(batch, chosen) if self.config.orpo.nll == "sequence" else batch
@@ -176,7 +170,7 @@ class KTO(Objective):
         return data.collate(indices, pad_id=pad_id, packed=self._packed)
 
     def empty_batch(self, pad_id: int) -> Any:
-        example = Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
+        example = stand_in(pad_id)
         return replace(collate_feedback([example, example], [True, False], pad_id=pad_id, max_seq_len=None,
                                         packed=self._packed), padding=True)
 
@@ -188,11 +182,14 @@ class KTO(Objective):
     def count(self, batch: Any) -> int:
         return 0 if batch.padding else batch.num_examples
 
-    def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return output
-
     def present(self, means: dict[str, float]) -> dict[str, float]:
         return kto_metrics(means)
+
+
+def stand_in(pad_id: int) -> Example:
+    """Two pad tokens, the second scored: the sequence of an `empty_batch` of the preference stages (a scored token
+    keeps every log-prob defined; the batch's padding flag zeroes what it adds)."""
+    return Example([pad_id, pad_id], [IGNORE_INDEX, pad_id], "")
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
