@@ -4,16 +4,20 @@ ORPOTrainer / CPOTrainer(loss_type=simpo) on the same model and tokens, full and
 from __future__ import annotations
 
 import copy
+import io
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from rich.console import Console
 
 from sftlab.config import load_config
 from sftlab.data.encode import IGNORE_INDEX
 from sftlab.data.preference import collate_pairs, with_chosen_context
 from sftlab.models.attention import packed_attention
 from sftlab.train.preference import ReferenceFreeForward
+from sftlab.train.setup import prepare
 from test_dpo import config, held_while_training, metrics, pairs, run  # noqa: F401 - pairs is a fixture
 from test_preference import ROWS, encoded_pairs, load, model_dir, policy  # noqa: F401 - model_dir is a fixture
 
@@ -162,9 +166,14 @@ def test_a_reference_free_full_run_holds_the_parameter_bytes_of_sft(model_dir, p
     common = [f"model={model_dir}", "method=full", "data.cache=false", "train.max_steps=2", "train.micro_batch_size=8"]
     sft = held_while_training(load_config(overrides=[*common, f"data.train={pairs['sft']}",
                                                      f"output_dir={tmp_path / 'sft'}"]))
-    ours = held_while_training(config(model_dir, pairs["train"], tmp_path / stage, *common, f"stage={stage}"))
+    cfg = config(model_dir, pairs["train"], tmp_path / stage, *common, f"stage={stage}")
+    ours = held_while_training(cfg)
     print(f"{stage}: {ours:,} parameter bytes, SFT {sft:,} ({ours / sft:.3f}x)")
     assert ours / sft == pytest.approx(1.0, rel=0.02)
+    console = Console(record=True, width=200, file=io.StringIO())  # and the run says so where memory is reported
+    setup = prepare(replace(cfg, output_dir=str(tmp_path / "said")), console=console)
+    assert setup.reference_model is None
+    assert f"{stage}: no reference model (reference-free: no second copy of the weights" in console.export_text()
 
 
 @pytest.mark.parametrize("stage, extra", [("orpo", ["orpo.nll=sequence", "orpo.lambda=0.5"]),
@@ -183,7 +192,7 @@ def test_a_lora_run_learns_the_preference_and_logs_its_metrics(model_dir, pairs,
     assert saved.stage == stage and (saved.orpo.nll == "sequence" if stage == "orpo" else saved.simpo.gamma == 0.5)
 
 
-@pytest.mark.parametrize("name", ["orpo_lora", "simpo_lora", "kto_lora"])
+@pytest.mark.parametrize("name", ["orpo_lora", "simpo_lora", "kto_lora", "ipo_lora"])
 def test_the_example_configs_are_valid(name) -> None:
     from pathlib import Path
 
@@ -192,6 +201,8 @@ def test_the_example_configs_are_valid(name) -> None:
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "examples" / "configs" / f"{name}.yaml")
-    assert cfg.stage == name.split("_")[0] and cfg.method == "lora"
+    objective = name.split("_")[0]
+    assert cfg.stage == {"ipo": "dpo"}.get(objective, objective) and cfg.method == "lora"
+    assert cfg.dpo.loss == ("ipo" if objective == "ipo" else "sigmoid")
     reader = read_feedback if cfg.stage == "kto" else read_pairs
     assert len(list(reader(root / cfg.data.train))) >= 3
