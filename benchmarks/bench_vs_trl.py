@@ -963,9 +963,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             for tool in tools:
                 name, stem = f"{tool}/{method}", f"{tool}-{method}"
-                data = {"dpo": setup["prefs"], "orpo": setup["prefs"], "kto": setup.get("feedback")}.get(method,
-                                                                                                      setup["data"])
-                spec = RunSpec(tool, method, setup["model"], data, output_dir=str(scratch / stem),
+                data = {"dpo": "prefs", "orpo": "prefs", "kto": "feedback"}.get(method, "data")
+                spec = RunSpec(tool, method, setup["model"], setup[data], output_dir=str(scratch / stem),
                                result=str(scratch / f"{stem}.json"),
                                dtype=preset.dtype, device=preset.device, max_length=preset.max_length,
                                batch_size=preset.batch_size, warmup_steps=preset.warmup_steps,
