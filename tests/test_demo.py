@@ -30,7 +30,7 @@ def ran(tmp_path_factory) -> tuple[Path, Path, str]:
     model = tiny_model_dir(tmp_path / "model")
     out = tmp_path / "support-agent"
     done = subprocess.run([sys.executable, str(DEMO), "--model", str(model), "--out", str(out), "--steps", "2",
-                           "--heldout", "9", "--show", "2"], capture_output=True, text=True, timeout=600)
+                           "--heldout", "9", "--show", "2"], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return model, out, done.stdout
 
