@@ -31,9 +31,9 @@ from facts import (BY_NAME, CLOSINGS, FACTS, FOLLOW_UPS, GREETINGS, HELDOUT_PAIR
                    SYSTEM_PROMPT, Fact, reply)
 
 TRAIN_SHARES = {"single": 0.4, "combo": 0.4, "follow_up": 0.2}
-"""Two questions in one message are where a model trained mostly on single questions fails: asked about two
-facts it has never seen asked together, it answers one of them (SWEEP.md). Combos carry both facts' sentences,
-so they teach the facts as well as singles do, in fewer tokens per fact than a conversation of its own."""
+"""Two facts asked in one message, in a pairing never seen in training, is where the held-out misses were
+(issue 22), so combined questions are as common as single ones. A combo's reply carries both facts'
+sentences: it teaches the facts as often as singles do, in fewer tokens per fact (SWEEP.md)."""
 HELDOUT_SHARES = {"single": 0.5, "combo": 1 / 3, "follow_up": 1 / 6}
 MAX_DRAWS = 200
 """Draws per row before giving up on finding user messages no earlier row has."""
