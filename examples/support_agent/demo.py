@@ -43,7 +43,10 @@ SFTLAB = [sys.executable, "-m", "sftlab"]
 
 
 BATCH = 16
-"""Questions decoded together (measured on 2 cores: SWEEP.md)."""
+"""Questions decoded together. A decoding step reads all the weights whatever the batch, so on a CPU a batch
+costs little more than one question until the matrix products become compute-bound; 16 keeps two cores busy,
+and the 54 held-out questions, sorted by reference length, make four batches of like-length answers (a row
+that has stopped still costs its batch's steps)."""
 ANSWER_MARGIN = 8
 """Tokens a generated answer may run past its batch's longest reference answer."""
 
