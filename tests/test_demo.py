@@ -1,7 +1,9 @@
 """`make demo` in a reduced form: the whole pipeline on a tiny model for a few steps, so CI catches breakage.
 
 The numbers the real demo prints (SmolLM2-135M-Instruct, held-out accuracy before/after) need minutes of
-training and are quoted in the README; here every step must run and leave its files.
+training and are quoted in the README and examples/support_agent/SWEEP.md; here every step must run, leave
+its files and print its timing, and the batched evaluation must answer as the base model with the adapters
+off and stop at its length cap.
 """
 
 from __future__ import annotations
@@ -11,21 +13,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import tiny_model_dir
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "support_agent" / "demo.py"
+sys.path.insert(0, str(DEMO.parent))
+
+import demo  # noqa: E402
 
 
-def test_the_demo_pipeline_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(tiny base model dir, run dir, stdout) of one reduced demo run."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     model = tiny_model_dir(tmp_path / "model")
     out = tmp_path / "support-agent"
     done = subprocess.run([sys.executable, str(DEMO), "--model", str(model), "--out", str(out), "--steps", "2",
-                           "--heldout", "9", "--show", "2"], capture_output=True, text=True, timeout=600)
+                           "--heldout", "9", "--show", "2"], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return model, out, done.stdout
+
+
+def test_the_demo_pipeline_runs_end_to_end_on_a_tiny_model(ran) -> None:
+    _, out, stdout = ran
     for step in ("1. the model", "2. the data", "3. sftlab check", "4. sftlab train", "5. held-out", "6. sftlab merge",
-                 "7. sftlab chat"):
-        assert f"=== {step}" in done.stdout
-    assert "held-out accuracy (9 questions never seen in training" in done.stdout
+                 "7. sftlab chat", "8. sftlab export", "timing"):
+        assert f"=== {step}" in stdout
+    assert "held-out accuracy (9 questions never seen in training" in stdout
     result = json.loads((out / "demo.json").read_text())
     assert result["heldout"] == 9 and 0 <= result["accuracy_before"] <= 1 and 0 <= result["accuracy_after"] <= 1
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -33,3 +48,38 @@ def test_the_demo_pipeline_runs_end_to_end_on_a_tiny_model(tmp_path) -> None:
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "config.json").is_file()
     assert (out / "report.html").is_file()
+    # the held-out file is the run's eval split: its loss is in the metrics (and the report) next to the training loss
+    assert any("eval_loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_the_demo_prints_and_keeps_its_timing_per_phase(ran) -> None:
+    _, out, stdout = ran
+    phases = json.loads((out / "demo.json").read_text())["phases"]
+    assert list(phases) == ["set-up: the model (GGUF conversion, once) and the data", "sftlab check", "sftlab train",
+                            "evaluation: load the run", "evaluation: base model answers",
+                            "evaluation: fine-tuned answers", "sftlab merge", "sftlab chat", "sftlab export (GGUF)"]
+    assert all(p["seconds"] >= 0 and p["cpu_seconds"] >= 0 for p in phases.values())
+    assert phases["sftlab train"]["cpu_seconds"] > 0  # the child process's CPU time is counted
+    assert phases["sftlab train"]["note"].startswith("2 steps, ") and "tokens/s" in phases["sftlab train"]["note"]
+    table = stdout[stdout.index("=== timing"):]
+    assert all(name in table for name in phases) and "total" in table and "CPU-s" in table
+    assert json.loads((out / "demo.json").read_text())["final_loss"] > 0
+
+
+def test_base_answers_are_the_base_models_and_answers_stop_at_the_cap(ran) -> None:
+    """With the adapters switched off (one load of the run) the answers are exactly the base model's own
+    (loaded on its own); with them on they differ; no answer runs past its batch's cap."""
+    model, out, _ = ran
+    rows = [json.loads(line) for line in (Path(f"{out}-data") / "heldout.jsonl").read_text().splitlines()]
+    answerer = demo.Answerer(str(out))
+    with torch.no_grad():  # adapters that surely change the answers: B of every LoRA layer made large
+        for name, param in answerer.method.trainable_parameters(answerer.model).items():
+            if name.endswith(".B"):
+                param.copy_(torch.randn_like(param))
+    base = demo.Answerer(str(model)).answers(rows, batch=4)
+    assert answerer.answers(rows, base=True, batch=4) == base
+    assert answerer.answers(rows, batch=4) != base
+    cap = max(len(answerer.tokenizer.encode(r["messages"][-1]["content"], add_special_tokens=False))
+              for r in rows) + demo.ANSWER_MARGIN
+    ids = answerer.token_answers(rows, batch=4)
+    assert all(len(row) <= cap for row in ids) and max(map(len, ids)) == cap  # a random model never stops early

@@ -7,20 +7,29 @@ Steps, each with the command a user would type where there is one:
 1. the model: the .gguf file `make fixtures` fetched, converted once into a cached HF dir;
 2. the data: examples/support_agent/make_data.py (train + held-out questions never seen in training);
 3. `sftlab check` on the training data;
-4. `sftlab train examples/support_agent/config.yaml` (LoRA, packed rows, progress bar);
-5. held-out questions answered greedily by the base model and by the fine-tuned one, side by side, and the
-   share of answers that state the right facts (check_answers.py), before and after;
+4. `sftlab train examples/support_agent/config.yaml` (LoRA, packed rows, progress bar), the held-out
+   conversations as its eval split (their loss next to the training loss in report.html);
+5. held-out questions answered greedily by the base model and by the fine-tuned one (one model load, batched,
+   capped at the answers' length), side by side, and the share of answers that state the right facts
+   (check_answers.py), before and after; the answers go into the run's report.html;
 6. `sftlab merge` to a plain HF dir, with its fidelity check;
-7. `sftlab chat` driven by a script with one held-out question; the answers go into the run's report.html.
+7. `sftlab chat` driven by a script with one held-out question;
+8. `sftlab export` to one GGUF file.
+Then the wall and CPU seconds of each phase, and the tokens/s training ran at: on a shared or slow machine
+the CPU seconds say what the demo cost, the wall seconds what it took. Steps, learning rate and data size
+come from a measured sweep (SWEEP.md, sweep.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,100 +42,232 @@ GGUF = REPO / ".cache" / "fixtures" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SFTLAB = [sys.executable, "-m", "sftlab"]
 
 
+BATCH = 16
+"""Questions decoded together. A decoding step reads all the weights whatever the batch, so on a CPU a batch
+costs little more than one question until the matrix products become compute-bound; 16 keeps two cores busy,
+and the 54 held-out questions, sorted by reference length, make four batches of like-length answers (a row
+that has stopped still costs its batch's steps)."""
+ANSWER_MARGIN = 8
+"""Tokens a generated answer may run past its batch's longest reference answer."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
+    clock = PhaseClock()
     out, data = Path(args.out), Path(args.out + "-data")
-    model = args.model or str(GGUF)
+    with clock.phase("set-up: the model (GGUF conversion, once) and the data"):
+        model = prepare_model(args.model or str(GGUF))
+        heldout = prepare_data(data, args)
+    with clock.phase("sftlab check"):
+        banner("3. sftlab check")
+        run([*SFTLAB, "check", str(data / "train.jsonl"), "--model", model])
+    with clock.phase("sftlab train"):
+        train(model, out, data, args)
+    clock.note("sftlab train", training_speed(out))
+    before, after = evaluate(out, heldout, args.show, clock)
+    with clock.phase("sftlab merge"):
+        banner("6. sftlab merge")
+        run([*SFTLAB, "merge", str(out), "--output", str(out / "merged")])
+    with clock.phase("sftlab chat"):
+        chat(out, heldout[0])
+    with clock.phase("sftlab export (GGUF)"):
+        banner("8. sftlab export: one GGUF file for llama.cpp / Ollama / LM Studio")
+        run([*SFTLAB, "export", str(out), "--format", "gguf", "--quant", "q8_0", "--output",
+             str(out / "model.gguf"), "--overwrite"])
+    clock.report()
+    print(f"\ndone in {clock.total() / 60:.1f} min. The run: {out}/ (report.html, adapter/, merged/, model.gguf)")
+    print(f"talk to it:  .venv/bin/sftlab chat {out}")
+    print(f"elsewhere:   llama-cli -m {out / 'model.gguf'} -cnv   |   ollama create support-agent -f "
+          f"{out / 'model.Modelfile'} && ollama run support-agent")
+    result = {"heldout": len(heldout), "accuracy_before": before, "accuracy_after": after,
+              "final_loss": final_loss(out), "minutes": clock.total() / 60, "phases": clock.phases}
+    (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
 
+
+def prepare_model(model: str) -> str:
     banner("1. the model")
     if model.endswith(".gguf"):
         from sftlab.models.gguf import model_dir_for
 
         model = model_dir_for(model)
     print(f"model: {model}")
+    return model
 
+
+def prepare_data(data: Path, args: argparse.Namespace) -> list[dict]:
     banner("2. the data")
     run([sys.executable, str(HERE / "make_data.py"), "--out", str(data), "--train", str(args.train),
          "--heldout", str(args.heldout)])
-    heldout = [json.loads(line) for line in (data / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in (data / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
 
-    banner("3. sftlab check")
-    run([*SFTLAB, "check", str(data / "train.jsonl"), "--model", model])
 
+def train(model: str, out: Path, data: Path, args: argparse.Namespace) -> None:
     banner("4. sftlab train")
-    overrides = [f"model={model}", f"output_dir={out}", f"data.train={data / 'train.jsonl'}"]
+    overrides = [f"model={model}", f"output_dir={out}", f"data.train={data / 'train.jsonl'}",
+                 f"data.eval={data / 'heldout.jsonl'}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     run([*SFTLAB, "train", str(HERE / "config.yaml"), *overrides, "--overwrite"])
 
+
+def evaluate(out: Path, heldout: list[dict], show: int, clock: PhaseClock) -> tuple[float, float]:
+    """Step 5: the held-out questions answered by the base model and the fine-tuned one (one model load:
+    the run's adapters switched off for the base), scored, shown side by side, written to the report."""
     banner("5. held-out questions: base model vs fine-tuned")
-    base_answers = answer_all(model, heldout)
-    tuned_answers = answer_all(str(out), heldout)
+    with clock.phase("evaluation: load the run"):
+        answerer = Answerer(str(out))
+    with clock.phase("evaluation: base model answers"):
+        base_answers = answerer.answers(heldout, base=True)
+    with clock.phase("evaluation: fine-tuned answers"):
+        tuned_answers = answerer.answers(heldout)
     expects = [row["expect"] for row in heldout]
     before, after = accuracy(base_answers, expects), accuracy(tuned_answers, expects)
-    for row, base, tuned in list(zip(heldout, base_answers, tuned_answers))[:args.show]:
+    for row, base, tuned in list(zip(heldout, base_answers, tuned_answers))[:show]:
         print(f"\nQ: {row['messages'][-2]['content']}")
         print(f"  base       [{mark(base, row['expect'])}] {one_line(base)}")
         print(f"  fine-tuned [{mark(tuned, row['expect'])}] {one_line(tuned)}")
     print(f"\nheld-out accuracy ({len(heldout)} questions never seen in training; an answer counts when it states "
           f"every fact asked): base {before:.0%} -> fine-tuned {after:.0%}")
     write_samples(out, heldout, base_answers, tuned_answers)
+    return before, after
 
-    banner("6. sftlab merge")
-    run([*SFTLAB, "merge", str(out), "--output", str(out / "merged")])
 
+def chat(out: Path, row: dict) -> None:
     banner("7. sftlab chat, driven by a script")
-    question = heldout[0]["messages"][-2]["content"]
-    chat = subprocess.run([*SFTLAB, "chat", str(out)], input=f"{question}\n/exit\n", capture_output=True, text=True,
+    question = row["messages"][-2]["content"]
+    done = subprocess.run([*SFTLAB, "chat", str(out)], input=f"{question}\n/exit\n", capture_output=True, text=True,
                           timeout=300)
-    print(f"> {question}\n{chat.stdout.strip()}")
-    print(f"  (states the right fact: {'yes' if score(chat.stdout, heldout[0]['expect']) else 'no'})")
-
-    banner("8. sftlab export: one GGUF file for llama.cpp / Ollama / LM Studio")
-    run([*SFTLAB, "export", str(out), "--format", "gguf", "--quant", "q8_0", "--output", str(out / "model.gguf"),
-         "--overwrite"])
-
-    print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min. The run: {out}/ (report.html, adapter/, merged/, "
-          "model.gguf)")
-    print(f"talk to it:  .venv/bin/sftlab chat {out}")
-    print(f"elsewhere:   llama-cli -m {out / 'model.gguf'} -cnv   |   ollama create support-agent -f "
-          f"{out / 'model.Modelfile'} && ollama run support-agent")
-    result = {"heldout": len(heldout), "accuracy_before": before, "accuracy_after": after,
-              "minutes": (time.perf_counter() - started) / 60}
-    (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    return 0
+    print(f"> {question}\n{done.stdout.strip()}")
+    print(f"  (states the right fact: {'yes' if score(done.stdout, row['expect']) else 'no'})")
 
 
-def answer_all(source: str, rows: list[dict], *, batch: int = 32) -> list[str]:
-    """Greedy answers of the model (or run dir) `source` to each row's conversation without its last turn.
+class PhaseClock:
+    """Wall and CPU seconds per phase of the demo (CPU: this process and the commands it ran, which is
+    steadier than wall time on a shared machine), printed as a table at the end and kept in demo.json."""
 
-    Batched (left-padded, through transformers' generate): decoding on a CPU is bound by reading the
-    weights, so 32 questions at a time cost about what one does. Prompts go through the same chat template
-    sftlab trains with, and stop at its end-of-turn token."""
-    import torch
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.phases: dict[str, dict[str, float | str]] = {}
 
-    from sftlab.generate import prompt_ids, stop_token_ids
-    from sftlab.models.load import load_for_inference
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        try:
+            yield
+        finally:
+            self.phases[name] = {"seconds": round(time.perf_counter() - wall, 1),
+                                 "cpu_seconds": round(cpu_seconds() - cpu, 1)}
 
-    model, tokenizer, template, method = load_for_inference(source)
-    if method is not None and method.name in ("prompt", "ptuning", "prefix"):
-        raise SystemExit("the demo's batched evaluation is for LoRA runs")
-    stops = stop_token_ids(tokenizer, template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    answers = []
-    for start in range(0, len(rows), batch):
-        prompts = [prompt_ids(tokenizer, template, row["messages"][:-1]) for row in rows[start:start + batch]]
+    def note(self, name: str, text: str) -> None:
+        self.phases[name]["note"] = text
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+    def report(self) -> None:
+        banner("timing")
+        width = max(map(len, self.phases))
+        for name, phase in self.phases.items():
+            note = f"   {phase['note']}" if "note" in phase else ""
+            print(f"{name:<{width}}  {phase['seconds']:7.1f} s  ({phase['cpu_seconds']:7.1f} CPU-s){note}")
+        print(f"{'total':<{width}}  {self.total():7.1f} s  ({cpu_seconds():7.1f} CPU-s)")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def train_records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [record for record in map(json.loads, lines) if "loss" in record and "seconds" in record]
+
+
+def training_speed(out: Path) -> str:
+    """The tokens/s the run trained at (metrics.jsonl: tokens and seconds of its steps), with its steps."""
+    records = train_records(out)
+    tokens, seconds = sum(r["tokens"] for r in records), sum(r["seconds"] for r in records)
+    return f"{len(records)} steps, {tokens:,} tokens at {tokens / max(seconds, 1e-9):,.0f} tokens/s"
+
+
+def final_loss(out: Path) -> float | None:
+    records = train_records(out)
+    return records[-1]["loss"] if records else None
+
+
+class Answerer:
+    """One model (or run dir) loaded once, answering held-out questions greedily in batches.
+
+    Decoding on a CPU is bound by reading the weights, so a batch of questions costs little more than one;
+    BATCH is sized so that two cores stay busy without wasting steps on rows that have already stopped.
+    Each batch stops at ANSWER_MARGIN tokens past its longest reference answer: a reply is scored on the
+    facts it states, and the references are the longest replies the training data teaches. Prompts go
+    through the same chat template sftlab trains with and stop at its end-of-turn token. A LoRA run also
+    answers as its base model (`base=True`: the adapters' scaling set to 0 for the call), so the demo's
+    before/after comparison needs one model load, not two."""
+
+    def __init__(self, source: str) -> None:
+        from sftlab.generate import stop_token_ids
+        from sftlab.models.load import load_for_inference
+
+        self.model, self.tokenizer, self.template, self.method = load_for_inference(source)
+        self.stops = stop_token_ids(self.tokenizer, self.template)
+        pad = self.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else self.stops[0]
+
+    def answers(self, rows: list[dict], *, base: bool = False, batch: int = BATCH) -> list[str]:
+        """Greedy answers to each row's conversation without its last (reference) turn, in row order."""
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                for ids in self.token_answers(rows, base=base, batch=batch)]
+
+    def token_answers(self, rows: list[dict], *, base: bool = False, batch: int = BATCH) -> list[list[int]]:
+        """The answers' token ids (without the stop token), in row order. Rows are decoded in batches of
+        like reference length, each batch capped at its longest reference plus ANSWER_MARGIN."""
+        from sftlab.generate import prompt_ids
+
+        prompts = [prompt_ids(self.tokenizer, self.template, row["messages"][:-1]) for row in rows]
+        limits = [len(self.tokenizer.encode(row["messages"][-1]["content"], add_special_tokens=False))
+                  + ANSWER_MARGIN for row in rows]
+        order = sorted(range(len(rows)), key=lambda i: (limits[i], len(prompts[i])))
+        answers: list[list[int]] = [[] for _ in rows]
+        with self._base_only(base):
+            for start in range(0, len(order), batch):
+                chunk = order[start:start + batch]
+                for i, ids in zip(chunk, self._generate([prompts[i] for i in chunk], max(limits[i] for i in chunk))):
+                    answers[i] = ids
+        return answers
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        import torch
+
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=pad)
-        for row in out[:, width:].tolist():
-            row = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=self.stops, pad_token_id=self.pad)
+        rows = out[:, width:].tolist()
+        return [row[:next((i for i, t in enumerate(row) if t in self.stops), len(row))] for row in rows]
+
+    @contextmanager
+    def _base_only(self, base: bool) -> Iterator[None]:
+        """With base=True, the LoRA updates switched off (scaling 0: each layer returns its base output)."""
+        from sftlab.methods.lora import DoRALinear, lora_modules
+
+        modules = list(lora_modules(self.model).values()) if base else []
+        if base and (not modules or any(isinstance(module, DoRALinear) for module in modules)):
+            raise SystemExit("the demo compares base and fine-tuned answers through the run's LoRA adapters; "
+                             "this run has none, or DoRA ones (set method: lora in examples/support_agent/config.yaml)")
+        scalings = [module.scaling for module in modules]
+        for module in modules:
+            module.scaling = 0.0
+        try:
+            yield
+        finally:
+            for module, scaling in zip(modules, scalings):
+                module.scaling = scaling
 
 
 def write_samples(out: Path, rows: list[dict], before: list[str], after: list[str]) -> None:
@@ -166,7 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="model dir, hub id or .gguf (default: SmolLM2-135M-Instruct from the fixtures)")
     parser.add_argument("--out", default="runs/support-agent", help="the run dir (data goes to OUT-data)")
     parser.add_argument("--steps", type=int, help="override the config's train.max_steps (a reduced run)")
-    parser.add_argument("--train", type=int, default=600, help="training conversations")
+    parser.add_argument("--train", type=int, default=240, help="training conversations (SWEEP.md)")
     parser.add_argument("--heldout", type=int, default=54, help="held-out questions")
     parser.add_argument("--show", type=int, default=6, help="held-out answers printed side by side")
     return parser.parse_args(argv)
