@@ -135,10 +135,10 @@ class Prober:
     """The probe of one model: decoding and scoring the prompts, in batches of eval.probe_batch_size."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, method: Method | None, cfg: Config, *,
-                 device: torch.device, pad_id: int) -> None:
+                 device: torch.device, pad_id: int, template: ChatTemplate | None = None) -> None:
         self.model, self.tokenizer, self.method, self.cfg = model, tokenizer, method, cfg
         self.device, self.pad_id = device, pad_id
-        self.template: ChatTemplate = load_template(cfg.data.template, tokenizer)
+        self.template: ChatTemplate = template or load_template(cfg.data.template, tokenizer)
         self.stops = stop_ids(tokenizer, self.template)
 
     def encode(self, prompt: ProbePrompt) -> list[int]:
