@@ -173,3 +173,70 @@ def plain_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = original
+
+
+def forgetting_html(run_dir: Path) -> str:
+    """report.html's Forgetting section: eval loss against probe_kl step by step (the threshold marked), the
+    probe's numbers per eval point, the recommended checkpoint, and three probe answers base vs fine-tuned.
+    Empty when the run had no probe."""
+    import html
+
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return ""
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()] if (run_dir / "metrics.jsonl").is_file() else []
+    probed = {r["step"]: r for r in records if "probe_kl" in r}
+    rows = [[str(s), _fmt(r.get("eval_loss")), _fmt(r["probe_nll"]), _fmt(r["probe_kl"]),
+             _fmt(r.get("probe_distinct2")), _fmt(r.get("probe_repetition")), _fmt(r.get("probe_length"))]
+            for s, r in sorted(probed.items())]
+    base = summary["base"]
+    rows.insert(0, ["base", "—", _fmt(base.get("probe_nll")), "0", _fmt(base.get("probe_distinct2")),
+                    _fmt(base.get("probe_repetition")), _fmt(base.get("probe_length"))])
+    header = ["step", "eval loss", "probe_nll", "probe_kl", "distinct-2", "repetition", "length"]
+    table = "<table>" + "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    verdict = html.escape(summary["flagged"] or f"probe_kl stayed under eval.probe_kl_threshold {summary['threshold']:g} "
+                          "whenever the eval loss had stopped improving.")
+    recommended = summary.get("recommended_step")
+    advice = f"<p>Recommended checkpoint: <b>checkpoints/step-{recommended}</b> (kept).</p>" if recommended else ""
+    samples = "".join(f"<tr><td><pre class=\"sample\">{html.escape(s['prompt'])}</pre></td><td><pre class=\"sample\">"
+                      f"{html.escape(s['base'])}</pre></td><td><pre class=\"sample\">{html.escape(s['tuned'])}</pre></td></tr>"
+                      for s in summary.get("samples", [])[:3])
+    points = [(r["probe_kl"], r["eval_loss"], s) for s, r in sorted(probed.items()) if "eval_loss" in r]
+    return (trajectory_svg(points, summary["threshold"]) + f"<p>{verdict}</p>{advice}{table}"
+            + ("<h3>Probe answers, base vs fine-tuned (sampled, fixed seed)</h3><table class=\"samples\"><tr><th>prompt"
+               f"</th><th>base</th><th>fine-tuned</th></tr>{samples}</table>" if samples else ""))
+
+
+def trajectory_svg(points: list[tuple[float, float, int]], threshold: float) -> str:
+    """Eval loss (y) against probe_kl (x), one dot per eval point joined in step order, each labelled with its
+    step; the threshold as a dashed vertical line."""
+    if not points:
+        return ""
+    width, height, left, bottom, top, right = 760, 300, 64, 40, 20, 20
+    xs, ys = [p[0] for p in points] + [threshold], [p[1] for p in points]
+    x_hi, y_lo, y_hi = max(xs) * 1.05 or 1.0, min(ys), max(ys)
+    spread = (y_hi - y_lo) or 1.0
+
+    def at(kl: float, loss: float) -> tuple[float, float]:
+        return (left + kl / x_hi * (width - left - right),
+                top + (y_hi - loss) / spread * (height - top - bottom))
+
+    dots = [at(kl, loss) for kl, loss, _ in points]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in dots)
+    marks = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="#1f77b4"/><text x="{x + 5:.1f}" y="{y - 5:.1f}" '
+                    f'font-size="10">{step}</text>' for (x, y), (_, _, step) in zip(dots, points))
+    tx = at(threshold, y_lo)[0]
+    return (f'<svg id="forgetting-curve" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+            f'xmlns="http://www.w3.org/2000/svg"><polyline points="{line}" fill="none" stroke="#1f77b4"/>{marks}'
+            f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{top}" y2="{height - bottom}" stroke="#d62728" stroke-dasharray="4"/>'
+            f'<text x="{tx + 4:.1f}" y="{top + 10}" font-size="10" fill="#d62728">threshold {threshold:g}</text>'
+            f'<text x="{width / 2}" y="{height - 8}" font-size="11" text-anchor="middle">probe_kl (forgetting)</text>'
+            f'<text x="14" y="{height / 2}" font-size="11" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
+            f'eval loss ({y_lo:.3f} – {y_hi:.3f})</text></svg>')
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
