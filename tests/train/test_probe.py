@@ -122,7 +122,7 @@ def test_the_recommended_checkpoint_is_kept(model_dir, files, tmp_path) -> None:
     assert (out / "checkpoints" / f"step-{step}").is_dir() and (out / "checkpoints" / "step-6").is_dir()
     assert all(e["probe_kl"] <= 0.7 for e in metrics(out) if e["step"] == step and "probe_kl" in e)
     report = (out / "report.html").read_text(encoding="utf-8")
-    assert 'id="forgetting-curve"' in report and f"checkpoints/step-{step}</b> (kept)" in report
+    assert 'id="forgetting-curve"' in report and f"checkpoints/step-{step}</code> (kept)" in report
     assert "fine-tuned" in report and summary["samples"] and summary["samples"][0]["base"] in report
 
 

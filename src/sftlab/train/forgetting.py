@@ -200,7 +200,7 @@ def forgetting_html(run_dir: Path) -> str:
     verdict = html.escape(summary["flagged"] or f"probe_kl stayed under eval.probe_kl_threshold {summary['threshold']:g} "
                           "whenever the eval loss had stopped improving.")
     recommended = summary.get("recommended_step")
-    advice = f"<p>Recommended checkpoint: <b>checkpoints/step-{recommended}</b> (kept).</p>" if recommended else ""
+    advice = f"<p>Recommended checkpoint: <code>checkpoints/step-{recommended}</code> (kept).</p>" if recommended else ""
     samples = "".join(f"<tr><td><pre class=\"sample\">{html.escape(s['prompt'])}</pre></td><td><pre class=\"sample\">"
                       f"{html.escape(s['base'])}</pre></td><td><pre class=\"sample\">{html.escape(s['tuned'])}</pre></td></tr>"
                       for s in summary.get("samples", [])[:3])
