@@ -205,10 +205,11 @@ class Prober:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache_name = "cache" if _accepts(self.model, "cache") else "past_key_values"
+        keep = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}  # the prompt's last only
         if plain:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
         else:
-            out = self.method.prefill(self.model, ids)
+            out = self.method.prefill(self.model, ids, **keep)
         answers: list[list[int]] = [[] for _ in prompts]
         done = torch.zeros(len(prompts), dtype=torch.bool)
         for _ in range(self.cfg.eval.probe_max_new_tokens):
