@@ -30,8 +30,13 @@ def run(out: Path, name: str, data: Path, steps: int, *overrides: str) -> dict:
     last = summary["history"][-1]
     metrics = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in metrics if "probe_nll" in m][-1]
-    return {"run": name, "base": summary["base"], "final": final, "flagged": summary["flagged"],
-            "probe_seconds": summary["probe_seconds"], "run_seconds": summary["run_seconds"], "last": last}
+    step_seconds = [m["seconds"] for m in metrics if "loss" in m]
+    per_step = sum(step_seconds) / len(step_seconds)
+    return {"run": name, "steps": steps, "base": summary["base"], "final": final, "flagged": summary["flagged"],
+            "probe_seconds": summary["probe_seconds"], "run_seconds": summary["run_seconds"], "last": last,
+            "step_seconds": per_step,
+            # the probe's share of a run of the demo's 45 steps, both measured in this run (same machine load)
+            "overhead_at_45_steps": summary["probe_seconds"] / (45 * per_step)}
 
 
 def main() -> None:
@@ -40,14 +45,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=45)
     parser.add_argument("--full-lr", default="1e-3")
     parser.add_argument("--only", choices=["lora", "full"], default=None)
+    parser.add_argument("extra", nargs="*", help="config overrides for both runs, e.g. train.warmup_steps=1")
     args = parser.parse_args()
     data = args.out / "data"
     if not (data / "train.jsonl").is_file():
         subprocess.run([sys.executable, str(DEMO / "make_data.py"), "--out", str(data), "--train", "600"], check=True)
-    runs = {"lora": (), "full": ("method=full", f"train.lr={args.full_lr}", "lora.rank=16")}
+    runs = {"lora": tuple(args.extra), "full": ("method=full", f"train.lr={args.full_lr}", *args.extra)}
     for name, overrides in runs.items():
         if args.only in (None, name):
-            overrides = tuple(o for o in overrides if not o.startswith("lora.")) if name == "full" else overrides
             print(json.dumps(run(args.out, name, data / "train.jsonl", args.steps, *overrides)), flush=True)
 
 
