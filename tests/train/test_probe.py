@@ -70,8 +70,9 @@ def test_probe_kl_is_exactly_zero_at_step_0(model_dir, files, tmp_path, method) 
                                                                  "prefix.num_virtual_tokens=4"))
     setup = prepare(cfg, console=QUIET)
     probe = RunProbe.start(setup, tmp_path / method, QUIET, TrainState(), pad_id=_pad_id(setup.tokenizer))
-    found = probe.prober.measure(probe.reference, generate=False)
+    found = probe.prober.measure(probe.reference, generate=True)  # soft prompts decode through their prefill
     assert found["probe_kl"] == 0.0
+    assert len(found["samples"]) == 3 and 0 < found["probe_length"] <= 10
     assert found["probe_nll"] == probe.reference.base["probe_nll"]
     assert len(probe.reference.answer_ids) == len(PROMPTS) and all(probe.reference.answer_ids)
 
