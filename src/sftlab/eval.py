@@ -43,9 +43,10 @@ def evaluate(source: str, *, checkpoint: str | None = None, probe: str | None = 
     task_prompts = read_tasks(tasks) if tasks else []  # a bad task row fails before the model loads
     run = _run_dir(source)
     cfg = _config(run, probe)
+    weights = _checkpoint_file(run, source, checkpoint) if checkpoint else None  # before the model loads
     model, tokenizer, template, method = load_for_inference(source, base=base)
-    if checkpoint:
-        method = _load_checkpoint(run, source, checkpoint, model, method)
+    if weights is not None:
+        method = _load_checkpoint(run, weights, model, method)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else (tokenizer.eos_token_id or 0)
     prober = Prober(model, tokenizer, method, cfg, device=device, pad_id=pad, template=template)
@@ -92,16 +93,21 @@ def _reference(prober: Prober, cfg: Config, run: Path | None, source: str, given
     return prober.reference(read_prompts(cfg.eval.probe)), f"{source} (its own greedy answers)"
 
 
-def _load_checkpoint(run: Path | None, source: str, name: str, model: torch.nn.Module, method: Any) -> Any:
-    """The run's checkpoints/NAME trainable weights loaded over the model (a full run's method is applied first)."""
-    from safetensors.torch import load_file
-
+def _checkpoint_file(run: Path | None, source: str, name: str) -> Path:
+    """RUN/checkpoints/NAME/trainable.safetensors, or an error naming the checkpoints the run keeps."""
     if run is None:
         raise ConfigError(f"--checkpoint {name}: {source} is not a run dir; give the run dir, or leave it out.")
     weights = run / "checkpoints" / name / "trainable.safetensors"
     if not weights.is_file():
         kept = sorted(p.name for p in (run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
         raise ConfigError(f"--checkpoint {name}: {weights} does not exist; the run keeps {', '.join(kept) or 'none'}.")
+    return weights
+
+
+def _load_checkpoint(run: Path, weights: Path, model: torch.nn.Module, method: Any) -> Any:
+    """A checkpoint's trainable weights loaded over the model (a full run's method is applied first)."""
+    from safetensors.torch import load_file
+
     if method is None:  # full fine-tuning: every trained weight is in the checkpoint
         cfg = load_config(run / "config.yaml")
         method = METHODS[cfg.method](cfg)
