@@ -169,6 +169,8 @@ def test_a_run_dir_of_an_earlier_version_is_adopted_conservatively(world, tmp_pa
     out = tmp_path / "old"
     shutil.copytree(world["run"], out)
     (out / files.MANIFEST).unlink()
+    for name in ("probe_reference.safetensors", "probe.json"):  # an earlier sftlab ran no probe
+        (out / name).unlink(missing_ok=True)
     shutil.copytree(world["model"], out / "base-model")
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     kept = snapshot(out, skip=("adapter", "checkpoints", "config.yaml", "finished.json", "loss.png",

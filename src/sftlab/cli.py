@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--seed", type=int, help="makes sampling reproducible")
         command.set_defaults(run=_generate if name == "generate" else _chat)
 
+    _eval_parser(commands)
+
     inspect = commands.add_parser("inspect", help="show examples' tokens with the trained ones marked")
     _data_arguments(inspect)
     inspect.add_argument("-n", type=int, default=3, help="number of examples to show (default 3)")
@@ -119,6 +121,45 @@ def _parser() -> argparse.ArgumentParser:
                                           "existing file there is replaced only if it is an earlier rejects log")
     check.set_defaults(run=_check)
     return parser
+
+
+def _eval_parser(commands: "argparse._SubParsersAction") -> None:
+    evaluate = commands.add_parser("eval", help="the forgetting probe and your own generation tasks on a base model, "
+                                                "a run, an adapter dir or a merged dir: a table and eval.json")
+    evaluate.add_argument("model", help="a base model dir / hub id, a run dir, an adapter dir, or a merged dir")
+    evaluate.add_argument("--checkpoint", help="a run's kept checkpoint, e.g. step-200 (default: the final model)")
+    evaluate.add_argument("--probe", help="builtin, none, or a JSONL file of prompts (default: the run's eval.probe, "
+                                          "else builtin)")
+    evaluate.add_argument("--tasks", help="a JSONL file of {messages, check} rows; check is contains, regex, exact "
+                                          "or facts")
+    evaluate.add_argument("--reference", help="a run dir (or its probe_reference.safetensors) whose base answers "
+                                              "are the reference (default: the run's own, else the model's own)")
+    evaluate.add_argument("--base", help="the base model for an adapter dir (default: the one it names)")
+    evaluate.add_argument("--output", help="write eval.json here (default: into a run dir's own files; a model dir "
+                                           "is never written to)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    evaluate.set_defaults(run=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sftlab import eval as evaluation
+
+    found = evaluation.evaluate(args.model, checkpoint=args.checkpoint, probe=args.probe, tasks=args.tasks,
+                                reference=args.reference, base=args.base)
+    shown = Table(title=f"sftlab eval {args.model}" + (f" ({args.checkpoint})" if args.checkpoint else ""))
+    for column in ("metric", "this model", "base (reference)"):
+        shown.add_column(column)
+    for row in evaluation.table(found):
+        shown.add_row(*row)
+    Console().print(shown)
+    if "reference" in found:
+        print(f"reference answers: {found['reference']}")
+    saved = evaluation.save(found, args.model, output=args.output, overwrite=args.overwrite)
+    print(f"wrote {saved}" if saved else "eval.json not written (a model dir is never written to); pass --output FILE")
+    return 0
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -328,6 +328,49 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {shown(self.seed)}")
 
 
+PROBE_SETS = ("builtin", "none")
+"""eval.probe's named values; anything else is a JSONL file of conversations (train/probe.py)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    probe: str = "builtin"
+    """The forgetting probe (train/probe.py): `builtin` (~100 general prompts shipped with sftlab), `none` (off), or
+    a JSONL file of conversations without the final answer ({"messages": [...], "open": true|false}). Before
+    training the base answers each prompt greedily; probe_nll / probe_kl measure how far the model drifts from
+    those answers at every eval point and at the end."""
+    probe_generate: bool = False
+    """Also sample answers to the open-ended probe prompts at every eval point (probe_distinct2,
+    probe_repetition, probe_length); they are always sampled at the start and at the end."""
+    probe_max_new_tokens: int = 48
+    """The longest probe answer, in tokens (the base's reference answers and the sampled ones)."""
+    probe_top_k: int = 16
+    """The base's most likely next tokens kept per answer token for probe_kl (KL over them plus one bucket for
+    the rest of the vocabulary: exactly 0 for the same model, a lower bound of the full KL otherwise)."""
+    probe_batch_size: int = 16
+    """Probe prompts per forward (bounds the probe's memory)."""
+    probe_kl_threshold: float = 0.25
+    """Forgetting is flagged when probe_kl (nats per answer token) passes this while the eval loss has stopped
+    improving; the recommended checkpoint is the best eval loss whose probe_kl stays under it."""
+    probe_stop: bool = False
+    """Stop training (as early stopping does) when forgetting is flagged."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.probe, str) or not self.probe.strip():
+            raise ConfigError(f"eval.probe must be builtin, none or a JSONL file path, got {shown(self.probe)}")
+        for key in ("probe_max_new_tokens", "probe_top_k", "probe_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key} must be at least 1, got {shown(getattr(self, key))}")
+        if self.probe_max_new_tokens > 4096:
+            raise ConfigError(f"eval.probe_max_new_tokens must be at most 4096, got {shown(self.probe_max_new_tokens)}")
+        if not (math.isfinite(self.probe_kl_threshold) and self.probe_kl_threshold > 0):
+            raise ConfigError("eval.probe_kl_threshold must be positive and finite (nats per token, e.g. 0.25), got "
+                              f"{shown(self.probe_kl_threshold)}")
+        if self.probe_stop and self.probe == "none":
+            raise ConfigError("eval.probe_stop=true watches the probe, but eval.probe=none turns it off; set "
+                              "eval.probe=builtin (or a file), or remove eval.probe_stop.")
+
+
 @dataclass(frozen=True)
 class QLoRAConfig:
     block_size: int = 64
@@ -505,6 +548,8 @@ class Config:
     ptuning: PTuningConfig = field(default_factory=PTuningConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The forgetting probe (train/probe.py) and `sftlab eval`."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     simpo: SimPOConfig = field(default_factory=SimPOConfig)

@@ -14,6 +14,9 @@ from sftlab.methods.base import Method
 class Full(Method):
     name = "full"
     mergeable = True
+    has_base_view = False
+    """The trained weights are the base's own: no view of the base stays (the probe and the reference read the
+    model as it is before training)."""
 
     def apply(self, model: nn.Module) -> None:
         for param in model.parameters():

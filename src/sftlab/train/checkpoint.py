@@ -105,7 +105,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict[str, to
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if ctx.main:
-        _prune(directory, keep)
+        _prune(directory, keep, protect=state.extra.get("keep_steps", ()))
     ctx.barrier()
     return final
 
@@ -167,10 +167,14 @@ def _python_rng_from_json(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def _prune(directory: Path, keep: int) -> None:
+def _prune(directory: Path, keep: int, protect: Any = ()) -> None:
+    """Remove all but the `keep` newest checkpoints, and never the steps in `protect` (the probe's recommended
+    checkpoint, train/forgetting.py)."""
     steps = sorted((int(m.group(1)), child) for child in directory.iterdir()
                    if (m := _STEP_DIR.fullmatch(child.name)))
-    for _, child in steps[:-keep]:
+    for step, child in steps[:-keep]:
+        if step in protect:
+            continue
         # Renamed aside first: a kill during the delete leaves scratch (removed at the next start), never
         # a half-deleted step-N that looks like a checkpoint.
         trash = child.with_name(f".{child.name}.trash-{os.getpid()}")

@@ -31,6 +31,7 @@ from sftlab.methods import Method
 from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint, distributed, lock, rundir
 from sftlab.train.checkpoint import TrainState
+from sftlab.train.forgetting import RunProbe
 from sftlab.train.distributed import SINGLE, Dist
 from sftlab.train.trackers import open_trackers
 from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
@@ -246,6 +247,8 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
                      trackers=open_trackers(cfg, out)) if ctx.main else None
     timer = StepTimer(enabled=cfg.train.profile, device=setup.device)
+    probe = RunProbe.start(setup, out, console, state, pad_id=pad_id)  # the base's answers, before any step
+    run_started = time.perf_counter()
     last_loss = eval_loss = None
     streak = 0  # non-finite steps in a row
 
@@ -309,16 +312,23 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                              **_per_unit(objective, units, metric_sums),
                              "seconds": time.perf_counter() - started, **timer.seconds()})
                 early = False
-                if setup.eval_indices is not None and len(setup.eval_indices) and (
-                        state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)):
+                evaluated = bool(setup.eval_indices is not None and len(setup.eval_indices) and (
+                        state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)))
+                if evaluated:
                     eval_loss, eval_metrics = evaluate(setup, pad_id, engine)
+                probed = probe.at_step(state, steps, eval_loss, evaluated) if probe is not None else {}
+                if evaluated:
                     if log is not None:
                         log.log({"step": state.step, "eval_loss": eval_loss,
                                  **({"eval_perplexity": math.exp(min(eval_loss, 50))} if objective.stage == "sft"
                                     else {f"eval_{k}": v for k, v in eval_metrics.items()}),
-                                 **_eval_per_source(setup, pad_id, engine)})
+                                 **_eval_per_source(setup, pad_id, engine), **probed})
                     early = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
-                if state.step == steps or early or stops or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
+                elif probed and log is not None:
+                    log.log({"step": state.step, **probed})
+                early = early or (probe is not None and probe.should_stop())
+                kept = probe is not None and probe.wants_checkpoint(state)  # the recommended step so far
+                if state.step == steps or early or stops or kept or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
                     saved = save()
                     if stops:
                         raise TrainingInterrupted(
@@ -328,7 +338,8 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
                 if on_step is not None:
                     on_step(state.step)
                 if early:
-                    console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations")
+                    console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations"
+                                  if probe is None or not probe.should_stop() else "early stopping: eval.probe_stop=true")
                     break
         finally:
             if log is not None:
@@ -337,6 +348,8 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
     export_dir = report = None
     if ctx.main:
         plot_loss(out / "metrics.jsonl", files.owned(out, "loss.png"))
+        if probe is not None:
+            probe.finish(time.perf_counter() - run_started)
         export_dir = _export(setup, out)
         report = write_report(out, setup=setup)
         rundir.finish(out, steps=state.step, export=export_dir, final_loss=last_loss)

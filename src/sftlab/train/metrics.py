@@ -87,6 +87,8 @@ class MetricsLog:
             # sft: perplexity; dpo: preference accuracy and reward margin of the held-out pairs
             extra = (f"perplexity {record['eval_perplexity']:.2f}" if "eval_perplexity" in record else
                      f"accuracy {record.get('eval_accuracy', 0):.3f}, margin {record.get('eval_margin', 0):.3f}")
+            if "probe_kl" in record:  # the forgetting probe (train/forgetting.py)
+                extra += f", probe_nll {record['probe_nll']:.3f}, probe_kl {record['probe_kl']:.3f}"
             self._progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, {extra}")
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
 from sftlab import files
 from sftlab.files import write_text_atomic
+from sftlab.train.forgetting import SUMMARY_FILE, forgetting_html
 from sftlab.train.loss_curve import loss_svg
 from sftlab.train.metrics import PHASES, read_metrics
 
@@ -215,6 +216,8 @@ def render(facts: Mapping[str, Any], run_dir: Path) -> str:
         _cards(facts, train, evals),
         _section("loss", "Loss", loss_svg([(r["step"], r["loss"]) for r in train],
                                           [(r["step"], r["eval_loss"]) for r in evals])),
+        _section("forgetting", "Forgetting (the probe)", forgetting_html(run_dir))
+        if (run_dir / SUMMARY_FILE).is_file() else "",
         _section("data", "Data", _data_html(facts) + _eval_by_source_html(evals)),
         _section("method", "Method", _method_html(facts["method"])),
         _section("throughput", "Throughput and memory", _speed_html(train, facts["memory"])),

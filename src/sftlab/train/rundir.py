@@ -236,6 +236,8 @@ def planned(cfg: Config) -> list[str]:
              "report.html", "report.json", "rejects.jsonl", FINISHED]
     if cfg.data.eval:
         names.append("eval_rejects.jsonl")
+    if cfg.eval.probe != "none":
+        names += ["probe_reference.safetensors", "probe.json"]  # train/forgetting.py
     names += trackers.run_entries(cfg)
     if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and cfg.method != "full":
         names.append("base")

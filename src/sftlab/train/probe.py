@@ -1,0 +1,353 @@
+"""The forgetting probe: what fine-tuning cost the model's general behaviour, measured inside every run.
+
+Before training the base model answers a set of general prompts greedily (eval.probe: the ~100 built-in ones in
+probe_prompts.jsonl beside this file, or the user's JSONL). Those answers, and the base's top-k next-token
+log-probs along them, are the reference, saved once in OUTPUT/probe_reference.safetensors (a resumed run reads
+the same file back: same prompts, same answers, same numbers). At every eval point and at the end:
+
+- probe_nll: the current model's mean per-token negative log-likelihood of the base's answers (its step-0 value
+  is the floor; a rise is drift away from what the base would say);
+- probe_kl: the mean per-token KL(base || current) over the base's top-k tokens plus one bucket for the rest of
+  the vocabulary (a lower bound of the full KL, tight when the top k hold most of the mass). Stored log-probs
+  serve every method alike: full fine-tuning keeps no second model, adapter methods no extra forward, and the
+  value is exactly 0 at step 0 for every method, soft prompts included (their random start is the reference);
+- the instruction tax, at the start and the end (and at eval points with eval.probe_generate): sampled answers
+  (fixed seed) to the open-ended prompts give probe_distinct2 (distinct bigrams / bigrams, over all answers),
+  probe_repetition (share of repeated 4-grams within an answer) and probe_length (mean tokens).
+
+Decoding is a loop over the model's forward with a KV cache (as generate.py does), never HF generate(), which
+would skip prefix tuning's prefixes. Under torchrun only rank 0 probes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sftlab.config import Config
+from sftlab.data.batching import Batch, collate
+from sftlab.data.encode import IGNORE_INDEX, Example, prompt_token_ids
+from sftlab.data.formats import Row, conversations_from_rows, iter_rows
+from sftlab.data.schema import message_record
+from sftlab.data.templates import ChatTemplate, load_template
+from sftlab.errors import ConfigError, DataError
+from sftlab.methods.base import Method
+
+BUILTIN = Path(__file__).with_name("probe_prompts.jsonl")
+"""The built-in probe set: one JSON object a line, {"id", "kind", "open", "messages"}; `kind` is one of fact,
+instruction, writing, arithmetic, code, multilingual, advice; `open` marks prompts with many good answers (the
+instruction-tax prompts); `messages` ends with the user's turn, the answer to come."""
+REFERENCE_FILE = "probe_reference.safetensors"
+"""OUTPUT/<this>: the base's answers and top-k log-probs, written once before training."""
+TEMPERATURE, TOP_P = 0.7, 0.9
+"""The sampled (instruction-tax) answers: generate.py's defaults."""
+CHUNK = 512
+"""Answer positions whose logits are computed at once."""
+
+
+@dataclass(frozen=True)
+class ProbePrompt:
+    messages: tuple[dict[str, str], ...]
+    open: bool = False
+    id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The row's other fields (sftlab eval's tasks read their `check` here)."""
+
+
+def read_prompts(spec: str) -> list[ProbePrompt]:
+    """eval.probe's prompts: `builtin`, `none` (no prompts) or a JSONL file of conversations that end with the
+    user's turn. A bad row fails with its file:line and the fix."""
+    if spec == "none":
+        return []
+    path = BUILTIN if spec == "builtin" else Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"eval.probe: {spec} is not builtin, none or an existing JSONL file; give the path of a "
+                          "file of {\"messages\": [...]} rows that end with the user's turn.")
+    prompts = [_prompt(row) for row in iter_rows(path)]
+    if not prompts:
+        raise DataError(f"{path}: no prompts; expected one {{\"messages\": [...]}} object a line.")
+    return prompts
+
+
+def _prompt(row: Row) -> ProbePrompt:
+    """One row as a prompt: validated as a conversation whose assistant answer is still to come."""
+    if row.error is not None:
+        raise row.error
+    value = row.value
+    if not isinstance(value, dict) or not isinstance(value.get("messages"), list) or not value["messages"]:
+        raise DataError("expected an object with a non-empty \"messages\" list of {role, content}; fix the row.",
+                        where=row.where)
+    last = value["messages"][-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        raise DataError("the last message must be the user's (the probe asks the model for the answer); drop the "
+                        "final answer from the row.", where=row.where)
+    if not isinstance(value.get("open", False), bool):
+        raise DataError(f"\"open\" must be true or false, found {value['open']!r}.", where=row.where)
+    answered = {**value, "messages": [*value["messages"], {"role": "assistant", "content": "-"}]}
+    conversation = next(conversations_from_rows([Row(row.where, row.raw, answered)], format="messages"))
+    messages = tuple(message_record(m) for m in conversation.messages[:-1])
+    extra = {k: v for k, v in value.items() if k not in ("messages", "open", "id")}
+    return ProbePrompt(messages, bool(value.get("open", False)), str(value.get("id", row.where)), extra)
+
+
+@dataclass
+class Reference:
+    """What the base said: per prompt its token ids and greedy answer ids; per answer token the base's top-k."""
+    prompts: list[ProbePrompt]
+    prompt_ids: list[list[int]]
+    answer_ids: list[list[int]]
+    answers: list[str]
+    top_ids: torch.Tensor
+    """(N, k) int64: the base's k most likely next tokens at each of the N answer tokens, in answer order."""
+    top_logps: torch.Tensor
+    """(N, k) float32: their log-probs."""
+    base: dict[str, Any] = field(default_factory=dict)
+    """The base's own numbers: probe_nll at step 0, its instruction-tax values, its sampled answers."""
+
+
+def save_reference(reference: Reference, path: Path) -> None:
+    record = {"prompts": [{"id": p.id, "open": p.open, "messages": list(p.messages)} for p in reference.prompts],
+              "prompt_ids": reference.prompt_ids, "answer_ids": reference.answer_ids, "answers": reference.answers,
+              "base": reference.base}
+    save_file({"top_ids": reference.top_ids.contiguous(), "top_logps": reference.top_logps.contiguous()}, str(path),
+              metadata={"sftlab_probe": json.dumps(record, ensure_ascii=False)})
+
+
+def load_reference(path: Path) -> Reference:
+    with safe_open(str(path), framework="pt") as opened:
+        record = json.loads(opened.metadata()["sftlab_probe"])
+        top_ids, top_logps = opened.get_tensor("top_ids"), opened.get_tensor("top_logps")
+    prompts = [ProbePrompt(tuple(p["messages"]), p["open"], p["id"]) for p in record["prompts"]]
+    return Reference(prompts, record["prompt_ids"], record["answer_ids"], record["answers"], top_ids, top_logps,
+                     record["base"])
+
+
+class Prober:
+    """The probe of one model: decoding and scoring the prompts, in batches of eval.probe_batch_size."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, method: Method | None, cfg: Config, *,
+                 device: torch.device, pad_id: int, template: ChatTemplate | None = None) -> None:
+        self.model, self.tokenizer, self.method, self.cfg = model, tokenizer, method, cfg
+        self.device, self.pad_id = device, pad_id
+        self.template: ChatTemplate = template or load_template(cfg.data.template, tokenizer)
+        self.stops = stop_ids(tokenizer, self.template)
+
+    def encode(self, prompt: ProbePrompt) -> list[int]:
+        segments = self.template.render_prompt(prompt.messages)
+        return prompt_token_ids(self.tokenizer, segments, special_tokens_in_content=self.cfg.data.special_tokens_in_content)
+
+    def reference(self, prompts: list[ProbePrompt]) -> Reference:
+        """The base's greedy answers (the method's parts disabled), then the model's own top-k along them: at
+        step 0 the model as the run starts, so probe_kl starts at exactly 0."""
+        prompt_ids = [self.encode(p) for p in prompts]
+        with base_view(self.method, self.model):
+            answer_ids = self.decode(prompt_ids, sampled=False, plain=True)
+        nll, top_ids, top_logps = self.score(prompt_ids, answer_ids, keep_top=self.cfg.eval.probe_top_k)
+        answers = [self.text(a) for a in answer_ids]
+        reference = Reference(prompts, prompt_ids, answer_ids, answers, top_ids, top_logps)
+        with base_view(self.method, self.model):
+            reference.base = {"probe_nll": nll, **self.tax(reference, plain=True)}
+        return reference
+
+    def measure(self, reference: Reference, *, generate: bool) -> dict[str, Any]:
+        """probe_nll and probe_kl of the current model (and its instruction tax with `generate`)."""
+        nll, kl = self.score(reference.prompt_ids, reference.answer_ids, against=reference)
+        found: dict[str, Any] = {"probe_nll": nll, "probe_kl": kl}
+        if generate:
+            found.update(self.tax(reference))
+        return found
+
+    def tax(self, reference: Reference, *, plain: bool = False) -> dict[str, Any]:
+        """Sampled answers (seed train.seed) to the open-ended prompts and their diversity numbers."""
+        chosen = [i for i, p in enumerate(reference.prompts) if p.open]
+        if not chosen:
+            return {}
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        answers = self.decode([reference.prompt_ids[i] for i in chosen], sampled=True, plain=plain, generator=generator)
+        return {**tax_numbers(answers), "samples": [self.text(a) for a in answers]}
+
+    def text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.stops], skip_special_tokens=True)
+
+    def decode(self, prompt_ids: list[list[int]], *, sampled: bool, plain: bool,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """Answer ids (ending with the stop token when one came). A plain forward is the model itself unless the
+        method prepends virtual tokens or prefixes (then one prompt at a time through its prefill)."""
+        size = self.cfg.eval.probe_batch_size if plain or plain_forward(self.method) else 1
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return [answer for start in range(0, len(prompt_ids), size)
+                        for answer in self._decode_batch(prompt_ids[start:start + size], sampled=sampled,
+                                                         plain=plain or size > 1, generator=generator)]
+        finally:
+            self.model.train(was_training)
+
+    def _decode_batch(self, prompts: list[list[int]], *, sampled: bool, plain: bool,
+                      generator: torch.Generator | None) -> list[list[int]]:
+        """Left-padded prompts (B, T) decoded together against a KV cache, one token a step."""
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - len(prompt):] = torch.tensor(prompt)
+            mask[row, length - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache_name = "cache" if _accepts(self.model, "cache") else "past_key_values"
+        keep = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}  # the prompt's last only
+        if plain:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+        else:
+            out = self.method.prefill(self.model, ids, **keep)
+        answers: list[list[int]] = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        for _ in range(self.cfg.eval.probe_max_new_tokens):
+            tokens = pick(out.logits[:, -1], sampled=sampled, generator=generator)  # (B,)
+            for row, token in enumerate(tokens.tolist()):
+                if not done[row]:
+                    answers[row].append(token)
+                    done[row] = token in self.stops
+            if bool(done.all()):
+                break
+            cache = getattr(out, "cache", None) or out.past_key_values
+            step = {"attention_mask": (mask := torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)),
+                    "position_ids": (positions := positions[:, -1:] + 1)} if plain else {}
+            out = self.model(input_ids=tokens[:, None].to(self.device), use_cache=True, **{cache_name: cache}, **step)
+        return answers
+
+    def score(self, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, keep_top: int = 0,
+              against: Reference | None = None) -> tuple[Any, ...]:
+        """Mean NLL of the answers under the current model, and either its top-`keep_top` (ids, log-probs) per
+        answer token, or the mean KL from `against`'s stored top-k."""
+        size = self.cfg.eval.probe_batch_size
+        nll_sum, kl_sum, count, tops = 0.0, 0.0, 0, []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(prompt_ids), size):
+                    batch = answer_batch(prompt_ids[start:start + size], answer_ids[start:start + size], self.pad_id)
+                    for logps, targets in self._logps(batch.to(self.device)):  # (n, V) fp32, (n,)
+                        nll_sum += float(-logps.gather(1, targets[:, None]).sum())
+                        if against is not None:
+                            rows = slice(count, count + logps.shape[0])
+                            kl_sum += float(top_k_kl(against.top_ids[rows], against.top_logps[rows], logps).sum())
+                        else:
+                            values, indices = logps.topk(keep_top, dim=-1)
+                            tops.append((indices.cpu(), values.cpu()))
+                        count += logps.shape[0]
+        finally:
+            self.model.train(was_training)
+        if against is not None:
+            return nll_sum / max(count, 1), kl_sum / max(count, 1)
+        return nll_sum / max(count, 1), torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
+
+    def _logps(self, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Log-probs (n, V) over the vocabulary at the batch's supervised positions, in answer order, CHUNK
+        positions at a time (the logits' memory bounded whatever the vocabulary), with their targets (n,)."""
+        hidden = (self.method.hidden_states(self.model, batch) if self.method is not None
+                  else self.model.base_model(**batch.model_inputs(), use_cache=False)[0])
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)
+        head = self.model.get_output_embeddings()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        for part, targets in zip(hidden.split(CHUNK), batch.loss_targets.split(CHUNK)):
+            logits = head(part).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            yield torch.log_softmax(logits, dim=-1), targets
+
+
+def answer_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Batch:
+    """Right-padded prompt + answer rows, only the answer's tokens supervised (row-major = answer order)."""
+    examples = [Example(p + a, [IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers)]
+    return collate(examples, pad_id=pad_id)
+
+
+def top_k_kl(top_ids: torch.Tensor, top_logps: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+    """Per position KL(base || current) over the base's top-k tokens plus one bucket for all the others (n,).
+    Identical distributions give exactly 0: every term is computed the same way from the same numbers."""
+    top_ids, top_logps = top_ids.to(logps.device), top_logps.to(logps.device)
+    current = logps.gather(1, top_ids)  # (n, k)
+    head = (top_logps.exp() * (top_logps - current)).sum(-1)
+    rest_base = (1 - top_logps.exp().sum(-1)).clamp(min=0)
+    rest_current = (1 - current.exp().sum(-1)).clamp(min=1e-12)
+    tail = torch.where(rest_base > 0, rest_base * (rest_base.clamp(min=1e-12).log() - rest_current.log()),
+                       torch.zeros_like(rest_base))
+    return (head + tail).clamp(min=0)
+
+
+def tax_numbers(answers: list[list[int]]) -> dict[str, float]:
+    """probe_distinct2 (distinct bigrams / bigrams over all answers), probe_repetition (mean share of an answer's
+    4-grams that repeat an earlier one of the same answer), probe_length (mean tokens)."""
+    bigrams = [tuple(a[i:i + 2]) for a in answers for i in range(len(a) - 1)]
+    shares = []
+    for answer in answers:
+        grams = [tuple(answer[i:i + 4]) for i in range(len(answer) - 3)]
+        if grams:
+            shares.append(1 - len(set(grams)) / len(grams))
+    return {"probe_distinct2": len(set(bigrams)) / max(len(bigrams), 1),
+            "probe_repetition": sum(shares) / max(len(shares), 1),
+            "probe_length": sum(len(a) for a in answers) / max(len(answers), 1)}
+
+
+def pick(logits: torch.Tensor, *, sampled: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): argmax, or a top-p draw at temperature TEMPERATURE."""
+    logits = logits.float()
+    if not sampled:
+        return logits.argmax(-1).cpu()
+    probs = torch.softmax(logits / TEMPERATURE, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= TOP_P, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
+    return order.gather(1, choice)[:, 0].cpu()
+
+
+def stop_ids(tokenizer: Any, template: ChatTemplate) -> set[int]:
+    """The template's single-token end-of-turn markers and the eos (generate.py's rule, which this floor cannot
+    import)."""
+    found = set()
+    for marker in template.end_of_turn:
+        encoded = tokenizer.encode(marker, add_special_tokens=False)
+        if len(encoded) == 1 and tokenizer.convert_ids_to_tokens(encoded[0]) == marker:
+            found.add(int(encoded[0]))
+    if isinstance(getattr(tokenizer, "eos_token_id", None), int):
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+def plain_forward(method: Method | None) -> bool:
+    """Whether the model's plain forward is the trained model (no virtual tokens or prefixes to prepend)."""
+    return method is None or (type(method).prefill is Method.prefill and
+                              type(method).hidden_states is Method.hidden_states)
+
+
+def base_view(method: Method | None, model: torch.nn.Module) -> Any:
+    """The base model: the method's parts disabled, or (a method that trains the base weights themselves, or
+    none) the model as it is, which before training is the base."""
+    import contextlib
+
+    if method is None or not getattr(method, "has_base_view", True):
+        return contextlib.nullcontext()
+    return method.adapters_disabled(model)
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value)

@@ -1,0 +1,178 @@
+"""The forgetting probe: the reference is the base's, probe_kl starts at exactly 0 for every method family, a
+resumed run reads the same reference back, full fine-tuning at a high learning rate drifts far more than gentle
+LoRA, and bad probe files fail with file:line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import only_for, tiny_model_dir
+from rich.console import Console
+
+from sftlab.config import load_config
+from sftlab.errors import ConfigError, DataError
+from sftlab.train.checkpoint import TrainState
+from sftlab.train.forgetting import RunProbe, Watch
+from sftlab.train.loop import _pad_id, train
+from sftlab.train.probe import BUILTIN, read_prompts, tax_numbers, top_k_kl
+from sftlab.train.setup import prepare
+
+QUIET = Console(quiet=True)
+PROMPTS = [("What is the capital of France?", False), ("Say hello.", True), ("What is 2+2?", False),
+           ("Imagine two magic dice.", True), ("Explain quantum entanglement like I'm five.", True),
+           ("How can I help you today?", False)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("model"), init_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("data")
+    data, probe = root / "train.jsonl", root / "probe.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    probe.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "open": o}) + "\n"
+                             for q, o in PROMPTS), encoding="utf-8")
+    return data, probe
+
+
+def config(model_dir: Path, files: tuple[Path, Path], out: Path, *overrides: str):
+    data, probe = files
+    return load_config(overrides=[f"model={model_dir}", f"data.train={data}", f"output_dir={out}", "data.cache=false",
+                                  f"eval.probe={probe}", "eval.probe_max_new_tokens=10", *overrides])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_builtin_set_has_about_a_hundred_varied_prompts_ending_with_the_user() -> None:
+    prompts = read_prompts("builtin")
+    rows = [json.loads(line) for line in BUILTIN.read_text(encoding="utf-8").splitlines()]
+    assert 90 <= len(prompts) <= 120 and len({p.id for p in prompts}) == len(prompts)
+    assert {r["kind"] for r in rows} == {"fact", "instruction", "writing", "arithmetic", "code", "multilingual",
+                                         "advice"}
+    assert 25 <= sum(p.open for p in prompts) <= 60
+    assert all(p.messages[-1]["role"] == "user" for p in prompts)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "prompt", "prefix", "adapter"])
+def test_probe_kl_is_exactly_zero_at_step_0(model_dir, files, tmp_path, method) -> None:
+    cfg = config(model_dir, files, tmp_path / method, *only_for(method, f"method={method}", "train.max_steps=1",
+                                                                 "prompt.num_virtual_tokens=4",
+                                                                 "prefix.num_virtual_tokens=4"))
+    setup = prepare(cfg, console=QUIET)
+    probe = RunProbe.start(setup, tmp_path / method, QUIET, TrainState(), pad_id=_pad_id(setup.tokenizer))
+    found = probe.prober.measure(probe.reference, generate=True)  # soft prompts decode through their prefill
+    assert found["probe_kl"] == 0.0
+    assert len(found["samples"]) == 3 and 0 < found["probe_length"] <= 10
+    assert found["probe_nll"] == probe.reference.base["probe_nll"]
+    assert len(probe.reference.answer_ids) == len(PROMPTS) and all(probe.reference.answer_ids)
+
+
+def test_resume_reads_the_same_reference_back(model_dir, files, tmp_path) -> None:
+    common = ("method=lora", "train.max_steps=4", "train.save_every_steps=2", "train.lr=1e-2")
+    out = tmp_path / "run"
+
+    def kill_at_3(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(prepare(config(model_dir, files, out, *common), console=QUIET), console=QUIET, on_step=kill_at_3)
+    written = (out / "probe_reference.safetensors").read_bytes()
+    train(prepare(config(model_dir, files, out, *common), console=QUIET), console=QUIET)
+    assert (out / "probe_reference.safetensors").read_bytes() == written
+    summary = json.loads((out / "probe.json").read_text())
+    assert summary["base"]["probe_nll"] > 0 and summary["history"][-1][0] == 4
+    final = [m for m in metrics(out) if "probe_kl" in m]
+    assert [m["step"] for m in final] == [4] and final[0]["probe_kl"] > 0
+    assert {"probe_distinct2", "probe_repetition", "probe_length"} <= set(final[0])
+
+
+def test_full_fine_tuning_at_a_high_lr_drifts_far_more_than_gentle_lora(model_dir, files, tmp_path) -> None:
+    found = {}
+    for name, overrides in {"full": ("method=full", "train.lr=1e-2"),
+                            "lora": ("method=lora", "train.lr=1e-4", "lora.rank=4")}.items():
+        out = tmp_path / name
+        train(prepare(config(model_dir, files, out, "train.max_steps=12", "train.micro_batch_size=8", *overrides),
+                      console=QUIET), console=QUIET)
+        found[name] = (metrics(out)[-1], json.loads((out / "probe.json").read_text()))
+    (full, full_summary), (lora, _) = found["full"], found["lora"]
+    assert full["probe_kl"] > 0.5 and lora["probe_kl"] < 0.1 * full["probe_kl"]
+    assert full["probe_nll"] > full_summary["base"]["probe_nll"] + 1.0
+    assert full["probe_distinct2"] < full_summary["base"]["probe_distinct2"]
+    assert full_summary["flagged"] and "forgetting" in full_summary["flagged"]
+
+
+def test_the_recommended_checkpoint_is_kept(model_dir, files, tmp_path) -> None:
+    out = tmp_path / "run"
+    cfg = config(model_dir, files, out, "method=full", "train.lr=1e-2", "train.max_steps=6", "data.eval_fraction=0.25",
+                 "train.eval_every_steps=1", "train.keep_checkpoints=1", "eval.probe_kl_threshold=0.7")
+    train(prepare(cfg, console=QUIET), console=QUIET)
+    summary = json.loads((out / "probe.json").read_text())
+    step = summary["recommended_step"]
+    assert step is not None and step < 6  # the later steps drift past the tiny threshold
+    assert (out / "checkpoints" / f"step-{step}").is_dir() and (out / "checkpoints" / "step-6").is_dir()
+    assert all(e["probe_kl"] <= 0.7 for e in metrics(out) if e["step"] == step and "probe_kl" in e)
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="forgetting-curve"' in report and f"checkpoints/step-{step}</code> (kept)" in report
+    assert "fine-tuned" in report and summary["samples"] and summary["samples"][0]["base"] in report
+
+
+def test_watch_flags_drift_only_once_the_eval_loss_stops_improving() -> None:
+    watch = Watch(0.2)
+    assert watch.observe(1, 2.0, 0.1) is None
+    assert watch.observe(2, 1.5, 0.3) is None  # still improving on the task
+    assert "forgetting" in watch.observe(3, 1.6, 0.4)
+    assert watch.recommended() == 1
+    assert "forgetting" in Watch(0.2).observe(5, None, 0.3)  # no eval data: the threshold alone
+
+
+def test_top_k_kl_is_zero_for_the_same_distribution_and_a_lower_bound_otherwise() -> None:
+    torch.manual_seed(0)
+    base = torch.log_softmax(torch.randn(5, 50), -1)
+    other = torch.log_softmax(torch.randn(5, 50), -1)
+    values, ids = base.topk(8, dim=-1)
+    assert torch.equal(top_k_kl(ids, values, base), torch.zeros(5))
+    full = (base.exp() * (base - other)).sum(-1)
+    bounded = top_k_kl(ids, values, other)
+    assert (bounded > 0).all() and (bounded <= full + 1e-6).all()
+
+
+def test_tax_numbers_count_distinct_bigrams_and_repeated_4grams() -> None:
+    found = tax_numbers([[1, 2, 3, 4, 1, 2, 3, 4], [5, 6]])
+    assert found["probe_distinct2"] == pytest.approx(5 / 8)  # bigrams 12 23 34 41 12 23 34 | 56
+    assert found["probe_repetition"] == pytest.approx(1 / 5)  # 1234 234 341 412 1234: one repeat of five
+    assert found["probe_length"] == 5
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', "last message"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "open": "yes"}', '"open" must be'),
+    ('{"messages": [{"role": "usr", "content": "hi"}]}', "last message"),
+    ('{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, '
+     '{"role": "user", "content": "c"}]}', "system"),
+    ("{not json", "")])
+def test_a_bad_probe_row_names_its_file_and_line(tmp_path, row, message) -> None:
+    path = tmp_path / "probe.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "fine"}]}\n' + row + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=message or None) as caught:
+        read_prompts(str(path))
+    assert f"{path}:2" in str(caught.value)
+
+
+def test_probe_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="eval.probe_top_k must be at least 1"):
+        load_config(overrides=["eval.probe_top_k=0"])
+    with pytest.raises(ConfigError, match="eval.probe_kl_threshold must be positive"):
+        load_config(overrides=["eval.probe_kl_threshold=-1"])
+    with pytest.raises(ConfigError, match="eval.probe: missing.jsonl is not builtin"):
+        read_prompts("missing.jsonl")
