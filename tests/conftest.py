@@ -15,6 +15,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The forgetting probe is off by default in the suite (hundreds of tiny runs); tests/train/test_probe.py,
+# tests/test_eval.py and the demo turn it on in their configs.
+os.environ.setdefault("SFTLAB_PROBE", "none")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -330,11 +331,18 @@ class TrainConfig:
 
 PROBE_SETS = ("builtin", "none")
 """eval.probe's named values; anything else is a JSONL file of conversations (train/probe.py)."""
+PROBE_DEFAULT_ENV = "SFTLAB_PROBE"
+"""An environment variable that sets eval.probe's default (`none` in a CI job or a test suite that trains hundreds
+of tiny runs); a config's own eval.probe always wins."""
+
+
+def _probe_default() -> str:
+    return os.environ.get(PROBE_DEFAULT_ENV, "").strip() or "builtin"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    probe: str = "builtin"
+    probe: str = field(default_factory=_probe_default)
     """The forgetting probe (train/probe.py): `builtin` (~100 general prompts shipped with sftlab), `none` (off), or
     a JSONL file of conversations without the final answer ({"messages": [...], "open": true|false}). Before
     training the base answers each prompt greedily; probe_nll / probe_kl measure how far the model drifts from
