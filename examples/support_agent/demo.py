@@ -107,7 +107,7 @@ def answer_all(source: str, rows: list[dict], *, batch: int = 32) -> list[str]:
     import torch
 
     from sftlab.generate import prompt_ids, stop_token_ids
-    from sftlab.models.load import load_for_inference
+    from sftlab.runs import load_for_inference
 
     model, tokenizer, template, method = load_for_inference(source)
     if method is not None and method.name in ("prompt", "ptuning", "prefix"):

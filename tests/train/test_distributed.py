@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 
 from conftest import only_for, tiny_model_dir
 from sftlab.config import load_config
-from sftlab.train.loop import train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
 
 DRIVER = Path(__file__).resolve().parent / "dist_driver.py"
 QUIET = Console(quiet=True)
@@ -186,7 +185,7 @@ def test_sigterm_to_every_process_of_a_launch_saves_one_checkpoint_and_resumes(m
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_export_of_an_fsdp_run_loads_in_one_process_with_the_same_logits(model_dir, data, tmp_path_factory,
                                                                               method) -> None:
-    from sftlab.models.load import load_for_inference
+    from sftlab.runs import load_for_inference
 
     shared = only_for(method, f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", "data.packing=false",
                       "data.max_seq_len=120", "lora.rank=4", "train.distributed=fsdp")

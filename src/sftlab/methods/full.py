@@ -13,7 +13,10 @@ from sftlab.methods.base import Method
 
 class Full(Method):
     name = "full"
+    sections = ("full",)
     mergeable = True
+    export_format = "model_dir"
+    whole_model = True
 
     def apply(self, model: nn.Module) -> None:
         for param in model.parameters():
