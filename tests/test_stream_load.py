@@ -103,6 +103,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=8, intermediate_size=8, vocab_size=8,
                                                            num_hidden_layers=1, num_attention_heads=1))
     from sftlab.config import load_config
+    from sftlab.methods import method_class
     from sftlab.models.load import load_model
     from sftlab.train.memory import peak_rss, current_rss
     path, method = sys.argv[1], sys.argv[2]
