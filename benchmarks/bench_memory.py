@@ -127,8 +127,7 @@ import json, sys, time
 from rich.console import Console
 from sftlab.config import load_config
 from sftlab.errors import SftlabError
-from sftlab.train.setup import prepare
-from sftlab.train.loop import train
+from sftlab.runs import prepare, train
 from sftlab.train.memory import peak_rss
 model, data, out, method = sys.argv[1:5]
 cfg = load_config(overrides=[f"model={model}", f"data.train={data}", f"output_dir={out}", f"method={method}",

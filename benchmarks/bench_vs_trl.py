@@ -645,9 +645,8 @@ def run_sftlab(spec: RunSpec) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
-    from sftlab.train.loop import train
+    from sftlab.runs import prepare, train
     from sftlab.train.metrics import read_metrics
-    from sftlab.train.setup import prepare
 
     started = time.perf_counter()
     cfg = sftlab_config(spec)

@@ -30,14 +30,14 @@ def no_weights(monkeypatch):
     """Any attempt to load model weights fails the test."""
     import transformers
 
-    from sftlab.models import load
+    from sftlab import runs
     from sftlab.train import setup
 
     def trap(*args, **kwargs):
         raise AssertionError("model weights were read before the settings were checked")
 
     monkeypatch.setattr(setup, "load_model", trap)
-    monkeypatch.setattr(load, "load_for_inference", trap)
+    monkeypatch.setattr(runs, "load_for_inference", trap)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", trap)
 
 

@@ -18,7 +18,7 @@ from sftlab.data.templates import load_template
 from sftlab.export import gguf as gguf_export
 from sftlab.export.gguf import GGUFExportError, write_gguf
 from sftlab.export.ollama import chat_pieces, modelfile
-from sftlab.models.load import load_for_inference
+from sftlab.runs import export_gguf, load_for_inference
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
 Q8_MEAN_KL = 1e-2
@@ -128,7 +128,7 @@ def test_an_unmapped_architecture_is_refused_by_name_and_nothing_is_written(tmp_
     out = tmp_path / "out" / "model.gguf"
     with pytest.raises(GGUFExportError, match=r"maps the architectures llama, mistral, qwen2, qwen3; this model "
                                               r"is 'gpt2'"):
-        gguf_export.export_run(str(base), out)
+        export_gguf(str(base), out)
     assert not out.parent.exists() or not list(out.parent.iterdir())
 
 

@@ -17,7 +17,7 @@ from conftest import fixture_path
 from test_gguf_export import Q8_MEAN_KL, _mean_kl, _metadata, _rounded
 
 from sftlab.cli import main
-from sftlab.models.load import load_for_inference
+from sftlab.runs import load_for_inference
 
 ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in [("Where is my order?", "Let me check your order status."), ("Hi!", "Hello! How can I help?"),

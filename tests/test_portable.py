@@ -15,7 +15,7 @@ from conftest import tiny_model_dir
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
-from sftlab.models.load import load_for_inference
+from sftlab.runs import load_for_inference
 from sftlab.models.portable import locate, portable
 
 ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}

@@ -17,10 +17,9 @@ from rich.console import Console
 from sftlab.config import load_config
 from sftlab.data.encode import IGNORE_INDEX
 from sftlab.errors import SftlabError
-from sftlab.train.loop import train
+from sftlab.runs import prepare, train
 from sftlab.train.loss_curve import MAX_CURVE_POINTS, WIDTH, loss_svg
 from sftlab.train.report import write_report
-from sftlab.train.setup import prepare
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),

@@ -19,7 +19,8 @@ from sftlab.config import ModelConfig
 from sftlab.errors import ConfigError
 from sftlab.models import gguf
 from sftlab.models import load as load_module
-from sftlab.models.load import load_for_inference, load_model, load_tokenizer
+from sftlab.models.load import load_model, load_tokenizer
+from sftlab.runs import load_for_inference
 
 CPU = torch.device("cpu")
 SRC = Path(__file__).resolve().parent.parent / "src" / "sftlab"

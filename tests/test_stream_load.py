@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, tiny_model_dir
 from sftlab.config import load_config
-from sftlab.methods import QLoRA
-from sftlab.models.load import _from_pretrained, load_model, nf4_spec
+from sftlab.methods import QLoRA, method_class
+from sftlab.models.load import _from_pretrained, load_model
 from sftlab.models.quant import QUANTIZER_CHUNK, nf4_modules
 from sftlab.models.stream import checkpoint_tensors, weight_files
 
@@ -67,7 +67,7 @@ def test_qlora_weights_quantised_as_read_equal_quantise_after_load(tmp_path: Pat
     path = tiny_model_dir(tmp_path / arch, arch=arch, hidden=64)
     cfg = load_config(overrides=[f"model={path}", "model.dtype=float32", "method=qlora", "lora.rank=4"])
     models = []
-    for spec in (None, nf4_spec(cfg)):  # today's order (load, then quantise) and the streamed one
+    for spec in (None, method_class(cfg.method).nf4(cfg)):  # today's order (load, then quantise) and the streamed one
         model = load_model(cfg.model, device=torch.device("cpu"), nf4=spec)
         torch.manual_seed(0)
         QLoRA(cfg).apply(model)
@@ -103,12 +103,13 @@ PEAK_SCRIPT = textwrap.dedent("""
     transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=8, intermediate_size=8, vocab_size=8,
                                                            num_hidden_layers=1, num_attention_heads=1))
     from sftlab.config import load_config
-    from sftlab.models.load import load_model, nf4_spec
+    from sftlab.methods import method_class
+    from sftlab.models.load import load_model
     from sftlab.train.memory import peak_rss, current_rss
     path, method = sys.argv[1], sys.argv[2]
     cfg = load_config(overrides=[f"model={path}", "model.dtype=float32", f"method={method}"])
     before = peak_rss()
-    model = load_model(cfg.model, device=torch.device("cpu"), nf4=nf4_spec(cfg))
+    model = load_model(cfg.model, device=torch.device("cpu"), nf4=method_class(cfg.method).nf4(cfg))
     after = peak_rss()
     seen, final = set(), 0
     for t in [*model.parameters(), *model.buffers()]:

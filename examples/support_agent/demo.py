@@ -210,7 +210,7 @@ class Answerer:
 
     def __init__(self, source: str) -> None:
         from sftlab.generate import stop_token_ids
-        from sftlab.models.load import load_for_inference
+        from sftlab.runs import load_for_inference
 
         self.model, self.tokenizer, self.template, self.method = load_for_inference(source)
         self.stops = stop_token_ids(self.tokenizer, self.template)

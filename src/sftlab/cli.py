@@ -1,4 +1,5 @@
-"""`sftlab train|inspect|check|merge|generate|chat`: argv -> config -> one call. No logic lives here."""
+"""`sftlab train|inspect|check|merge|export|generate|chat`: argv -> config -> one call (into runs.py for the run
+lifecycle, generate.py, data/). No logic lives here."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from sftlab import __version__
 from sftlab.config import PAIR_STAGES, Config, load_config
@@ -45,7 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning, exact from template to adapter.")
     parser.add_argument("--version", action="version", version=f"sftlab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(commands)
+    _merge_parser(commands)
+    _export_parser(commands)
+    _chat_parsers(commands)
+    _data_parsers(commands)
+    _eval_parser(commands)
+    return parser
 
+
+def _train_parser(commands: Any) -> None:
     train = commands.add_parser("train", help="fine-tune a model as the config says")
     train.add_argument("config", help="a YAML config (see examples/)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (the default, train.resume=auto)")
@@ -55,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     train.epilog = "Config overrides may follow as key=value, e.g. train.max_steps=100 lora.rank=8."
     train.set_defaults(run=_train)
 
+
+def _merge_parser(commands: Any) -> None:
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base weights: a plain HF model dir")
     merge.add_argument("source", help="a run dir (with adapter/) or a PEFT-format adapter dir")
     merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty; never the run "
@@ -69,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                             "bf16 release; the merge itself is computed in the loaded model's dtype)")
     merge.set_defaults(run=_merge)
 
+
+def _export_parser(commands: Any) -> None:
     export = commands.add_parser("export", help="write a run's model where models run: one GGUF file (llama.cpp, "
                                                 "Ollama, LM Studio) with an Ollama Modelfile beside it")
     export.add_argument("source", help="a run dir, an adapter dir, or a plain HF model dir")
@@ -86,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-modelfile", action="store_true", help="write the .gguf file only")
     export.set_defaults(run=_export)
 
+
+def _chat_parsers(commands: Any) -> None:
     for name, help_text in (("generate", "answer one prompt with a model, a run dir or a merged dir"),
                             ("chat", "talk to a model, a run dir or a merged dir (/reset, /exit)")):
         command = commands.add_parser(name, help=help_text)
@@ -102,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--seed", type=int, help="makes sampling reproducible")
         command.set_defaults(run=_generate if name == "generate" else _chat)
 
-    _eval_parser(commands)
 
+def _data_parsers(commands: Any) -> None:
     inspect = commands.add_parser("inspect", help="show examples' tokens with the trained ones marked")
     _data_arguments(inspect)
     inspect.add_argument("-n", type=int, default=3, help="number of examples to show (default 3)")
@@ -120,10 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--rejects", help="where to write rejected rows (default: DATA's name + .rejects.jsonl); an "
                                           "existing file there is replaced only if it is an earlier rejects log")
     check.set_defaults(run=_check)
-    return parser
 
 
-def _eval_parser(commands: "argparse._SubParsersAction") -> None:
+def _eval_parser(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="the forgetting probe and your own generation tasks on a base model, "
                                                 "a run, an adapter dir or a merged dir: a table and eval.json")
     evaluate.add_argument("model", help="a base model dir / hub id, a run dir, an adapter dir, or a merged dir")
@@ -203,9 +219,8 @@ def _encoder(cfg: Config):  # -> sftlab.data.encode.Encoder
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sftlab.train.loop import train
+    from sftlab import runs
     from sftlab.train.rundir import RunFinishedError
-    from sftlab.train.setup import prepare
     from sftlab.train.signals import TrainingInterrupted
 
     overrides = list(args.overrides)
@@ -213,14 +228,14 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("train.resume=never")
     cfg = load_config(args.config, overrides)
     try:
-        setup = prepare(cfg, overwrite=args.overwrite)
+        setup = runs.prepare(cfg, overwrite=args.overwrite)
     except RunFinishedError as exc:
         if not exc.same_config:
             raise
         print(f"nothing to do: {exc.nothing_to_do}", file=sys.stderr)
         return 0
     try:
-        result = train(setup)
+        result = runs.train(setup)
     except TrainingInterrupted as exc:
         again = " ".join(["sftlab train", args.config, *args.overrides])
         raise TrainingInterrupted(f"{exc} That is: {again}", signum=exc.signum) from None
@@ -234,115 +249,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import math
-    import shutil
+    from sftlab.runs import MERGE_PROMPTS, merge
 
-    from sftlab import export
-    from sftlab.files import atomic_dir, remove_stale_scratch
-    from sftlab.generate import prompt_ids
-    from sftlab.models.load import load_for_inference
-
-    out = Path(args.output)
-    run_entry_of = _run_entry_of(out, args.source)
-    export.refuse_merge_output(out, [("the source", args.source), ("--base", args.base)], run_entry_of=run_entry_of)
-    if out.is_symlink():
-        raise SftlabError(f"--output {out} is a symlink (to {out.readlink()}); it is never written through. Give "
-                          "--output the real path.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise SftlabError(f"--output {out} already exists and is not empty; choose another dir, or pass --overwrite "
-                          "to replace it (the new dir replaces it whole, once complete).")
-    for name in remove_stale_scratch(out):  # a merge killed mid-write left it (about the model's size)
-        print(f"removed {out.parent / name}, left by an interrupted merge", file=sys.stderr)
-    # The adapter model, loaded before anything is written, is what the merged dir is compared with.
-    adapter_model = load_for_inference(args.source, base=args.base)[0]
-    model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
-    if method is None:
-        raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
-    if args.onto and method.name != "qlora":
-        raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {method.name} adapter, which "
-                          "merges onto its base weights as they are. Leave --onto out.")
-    export.refuse_merge_output(out, [("the base model", method.config.model.path)])
-    if out.exists() and not out.is_dir():
-        out.unlink()  # --overwrite of a file
-    out_dtype = _merge_dtype(args.dtype, method.config.model)
-    if run_entry_of is not None:
-        from sftlab.files import owned
-
-        owned(run_entry_of, out.name)  # the run's manifest names it first: a user's file there is refused
-    with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
-        if method.name == "qlora":
-            merged_model = method.merge(model, onto=args.onto or "dequantized")
-        else:
-            merged_model = method.merge(model)
-        export.save_model(merged_model.to(out_dtype), tokenizer, scratch)
-    del model
-    # Fidelity: the written dir, loaded by plain transformers, against the adapter model.
-    from sftlab.config import ModelConfig
-    from sftlab.models.load import load_model
-
-    dtype = str(adapter_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    merged = load_model(ModelConfig(path=str(out), dtype=dtype), device=adapter_model.device)
-    samples = [[{"role": "user", "content": text}] for text in
-               ("Hello! What can you do?", "Explain your last answer in one sentence.", "List three colours.")]
-    inputs = [prompt_ids(tokenizer, template, messages) for messages in samples]
-    check = export.fidelity(adapter_model, merged, inputs)
-    if not all(math.isfinite(value) for value in check.values()):
-        shutil.rmtree(out)
-        raise SftlabError(f"the merged model's logits differ from the adapter model's by a non-finite amount (max "
-                          f"|Δlogit| {check['max_abs_logit_diff']}, mean KL {check['mean_kl']}): the merge is "
-                          f"broken, and {out} was removed. Check the adapter's and the base's weights, or merge "
-                          "in float32 (model.dtype=float32).")
-    print(f"merged into {out}\nfidelity (adapter model vs merged dir, {len(inputs)} prompts): "
+    result = merge(args.source, args.output, base=args.base, onto=args.onto, dtype=args.dtype,
+                   overwrite=args.overwrite)
+    check = result.fidelity
+    print(f"merged into {result.output}\nfidelity (adapter model vs merged dir, {len(MERGE_PROMPTS)} prompts): "
           f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
-    if method.name == "qlora":
-        _compare_qlora_merges(args, adapter_model, inputs, check)
+    if result.other is not None:  # a quantised base: the merge not written, measured too
+        other = "original" if result.onto == "dequantized" else "dequantized"
+        closer = result.onto if check["mean_kl"] <= result.other["mean_kl"] else other
+        print(f"onto {other} (not written): max |Δlogit| {result.other['max_abs_logit_diff']:.2e}, mean KL "
+              f"{result.other['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
     return 0
-
-
-def _run_entry_of(out: Path, source: str) -> Path | None:
-    """The run dir when --output is a new entry of the run being merged (runs/mine/merged): a name that is
-    not one of the run's own files (adapter/, checkpoints/, config.yaml, ...); else None."""
-    from sftlab import files
-    from sftlab.train.rundir import RUN_FILES
-
-    run = Path(source).expanduser()
-    if files.manifest(run) is None or out.name in RUN_FILES or out.name in files.CONTROL_NAMES:
-        return None
-    return run if out.expanduser().resolve().parent == run.resolve() else None
-
-
-def _merge_dtype(name: str | None, model: object) -> "torch.dtype":
-    """--dtype, or the dtype the base model's weights are stored in (the most common floating dtype of its
-    checkpoint's tensors; fp32 when it cannot be read): a bf16 base gives a bf16 merged dir, not fp32."""
-    import torch
-
-    if name is not None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    from collections import Counter
-
-    from sftlab.models.load import model_source
-    from sftlab.models.stream import DTYPES, checkpoint_tensors, weight_files
-
-    source, _ = model_source(model)
-    if source is None:
-        return torch.float32
-    stored = Counter(info.dtype for info in checkpoint_tensors(weight_files(source)).values()
-                     if DTYPES.get(info.dtype, torch.uint8).is_floating_point)
-    return DTYPES[stored.most_common(1)[0][0]] if stored else torch.float32
-
-
-def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, inputs: list, written: dict) -> None:
-    """Measure the QLoRA merge that was not written too, and say which is closer to the trained model."""
-    from sftlab import export
-    from sftlab.models.load import load_for_inference
-
-    onto = args.onto or "dequantized"
-    other = "original" if onto == "dequantized" else "dequantized"
-    model, _, _, method = load_for_inference(args.source, base=args.base)
-    check = export.fidelity(adapter_model, method.merge(model, onto=other), inputs)
-    closer = onto if written["mean_kl"] <= check["mean_kl"] else other
-    print(f"onto {other} (not written): max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL "
-          f"{check['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -355,10 +274,10 @@ def _export(args: argparse.Namespace) -> int:
     if args.dtype is not None:
         raise SftlabError(f"--dtype applies to --format hf; a GGUF file's weights are set by --quant "
                           f"({', '.join(GGUF_QUANTS)}).")
-    from sftlab.export.gguf import export_run
+    from sftlab.runs import export_gguf
 
     args.quant = args.quant or "f16"
-    info = export_run(args.source, args.output, quant=args.quant, base=args.base, overwrite=args.overwrite,
+    info = export_gguf(args.source, args.output, quant=args.quant, base=args.base, overwrite=args.overwrite,
                       with_modelfile=not args.no_modelfile)
     print(f"wrote {info['output']} ({info['architecture']}, {args.quant}, {info['tensors']} tensors; generation stops "
           f"at {info['eos_token']})")
@@ -370,7 +289,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _load_chat(args: argparse.Namespace):  # -> (model, tokenizer, template, method)
     from sftlab.generate import check_sampling
-    from sftlab.models.load import load_for_inference
+    from sftlab.runs import load_for_inference
 
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)  # before the model loads

@@ -30,7 +30,7 @@ from sftlab.config import Config, load_config
 from sftlab.errors import ConfigError, DataError, SftlabError
 from sftlab.files import write_text_atomic
 from sftlab.methods import METHODS
-from sftlab.models.load import load_for_inference
+from sftlab.runs import load_for_inference
 from sftlab.train.forgetting import plain_attention
 from sftlab.train.probe import REFERENCE_FILE, Prober, ProbePrompt, Reference, load_reference, read_prompts
 
@@ -71,11 +71,13 @@ def _run_dir(source: str) -> Path | None:
 
 
 def _config(run: Path | None, probe: str | None) -> Config:
-    """The run's settings (so its probe numbers compare), else the defaults; --probe replaces eval.probe."""
-    overrides = [f"eval.probe={probe}"] if probe else []
-    if run is None:
-        return load_config(overrides=overrides)
-    return load_config(run / "config.yaml", overrides)
+    """The run's settings (so its probe numbers compare), else the defaults; --probe replaces eval.probe, and
+    without it a model, or a run trained with eval.probe=none, gets the builtin probe (whatever SFTLAB_PROBE says:
+    that variable sets training's default, and `sftlab eval` is asked for a probe)."""
+    cfg = load_config(run / "config.yaml", [f"eval.probe={probe}"] if probe else []) if run is not None else None
+    if cfg is None or (not probe and cfg.eval.probe == "none"):
+        cfg = load_config(run / "config.yaml" if run is not None else None, [f"eval.probe={probe or 'builtin'}"])
+    return cfg
 
 
 def _reference(prober: Prober, cfg: Config, run: Path | None, source: str, given: str | None, *,

@@ -213,8 +213,7 @@ def test_a_hub_dataset_and_a_saved_dataset_train_together(tmp_path, hub_cache) -
     from rich.console import Console
 
     from conftest import tiny_model_dir
-    from sftlab.train.loop import train
-    from sftlab.train.setup import prepare
+    from sftlab.runs import prepare, train
 
     datasets.Dataset.from_list(ROWS[:3]).save_to_disk(str(tmp_path / "saved"))
     listed = f"[{{path: org/chat, name: chat, columns: {{messages: conversation}}}}, {tmp_path / 'saved'}]"

@@ -20,9 +20,8 @@ from sftlab.config import load_config
 from sftlab.errors import SftlabError
 from sftlab.methods import METHODS, Bottleneck, LoRA, MergeError
 from sftlab.methods.bottleneck import BottleneckAdapter, bottleneck_modules
-from sftlab.models.load import load_for_inference, load_model
-from sftlab.train.loop import train
-from sftlab.train.setup import prepare
+from sftlab.models.load import load_model
+from sftlab.runs import load_for_inference, prepare, train
 
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),
       ("Who wrote Hamlet?", "Shakespeare wrote it."), ("Color of the sky?", "Blue, on a clear day."),

@@ -191,8 +191,7 @@ def test_load_adapter_refuses_dora_mismatch(base_dirs: dict[str, Path], tmp_path
 
 
 def test_dora_drives_the_loss_down(tmp_path: Path) -> None:
-    from sftlab.train.loop import train
-    from sftlab.train.setup import prepare
+    from sftlab.runs import prepare, train
 
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),

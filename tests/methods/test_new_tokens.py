@@ -20,9 +20,9 @@ from sftlab.config import load_config
 from sftlab.errors import ConfigError
 from sftlab.methods import LoRA
 from sftlab.methods.token_rows import token_rows_modules
-from sftlab.models.load import load_for_inference, load_model
-from sftlab.train.loop import RunResult, Setup, train
-from sftlab.train.setup import prepare
+from sftlab.models.load import load_model
+from sftlab.runs import RunResult, load_for_inference, prepare, train
+from sftlab.train.setup import Setup
 
 peft = pytest.importorskip("peft")  # a test-only dependency
 

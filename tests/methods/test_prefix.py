@@ -26,9 +26,9 @@ from sftlab.generate import generate, prompt_ids, sample, stop_token_ids
 from sftlab.methods import METHODS, MergeError
 from sftlab.methods.prefix import Prefix, prefix_encoder
 from sftlab.methods.token_rows import token_rows_modules
-from sftlab.models.load import load_for_inference, load_model
-from sftlab.train.loop import Setup, train
-from sftlab.train.setup import prepare
+from sftlab.models.load import load_model
+from sftlab.runs import load_for_inference, prepare, train
+from sftlab.train.setup import Setup
 
 peft = pytest.importorskip("peft")  # a test-only dependency
 

@@ -24,10 +24,10 @@ from sftlab.data.templates import load_template
 from sftlab.generate import generate, prompt_ids, sample, stop_token_ids
 from sftlab.methods import METHODS, MergeError
 from sftlab.methods.prompt import soft_prompt
-from sftlab.models.load import load_for_inference, load_model
-from sftlab.train.loop import RunResult, Setup, train
+from sftlab.models.load import load_model
+from sftlab.runs import RunResult, load_for_inference, prepare, train
 from sftlab.train.loss import loss_sum
-from sftlab.train.setup import prepare
+from sftlab.train.setup import Setup
 
 peft = pytest.importorskip("peft")  # a test-only dependency
 

@@ -34,8 +34,7 @@ from sftlab.models.quant import (
     to_nf4,
 )
 from sftlab.models.targets import find_targets, is_linear
-from sftlab.train.loop import train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
 
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),
       ("Who wrote Hamlet?", "Shakespeare wrote it."), ("Say hi.", "Hi there!")]

@@ -20,10 +20,11 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 import sftlab.train.loop as loop
+from sftlab import runs
 from sftlab.config import load_config
 from sftlab.data.batching import collate_packed
 from sftlab.data.encode import Example
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare
 
 
 def main() -> None:
@@ -68,7 +69,7 @@ def main() -> None:
             with torch.no_grad():
                 logits.append(setup.model(**inputs).logits.float().cpu())
 
-    loop.train(setup, console=Console(quiet=True), on_step=on_step)
+    runs.train(setup, console=Console(quiet=True), on_step=on_step)
     rank = setup.dist.rank
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"seen-{rank}.json").write_text(json.dumps(seen))

@@ -42,7 +42,8 @@ def main() -> int:
 
     from sftlab import export
     from sftlab.cli import main as cli
-    from sftlab.train import checkpoint, loop
+    from sftlab import runs
+    from sftlab.train import checkpoint
 
     point, _, at = (args.kill or "").partition(":")
     at = int(at) if at else None
@@ -54,8 +55,8 @@ def main() -> int:
             die()
         time.sleep(args.step_sleep)
 
-    real_train = loop.train
-    loop.train = lambda setup, **kwargs: real_train(setup, on_step=on_step, **kwargs)
+    real_fit = runs.fit
+    runs.fit = lambda setup, **kwargs: real_fit(setup, **{**kwargs, "on_step": on_step})
 
     real_save_checkpoint = checkpoint.save_checkpoint
 

@@ -18,8 +18,7 @@ from sftlab.config import load_config
 from sftlab.data.cache import fingerprint
 from sftlab.errors import ConfigError
 from sftlab.train.checkpoint import latest_checkpoint
-from sftlab.train.loop import train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
 
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."), ("Who wrote Hamlet?", "Shakespeare."),
       ("Color of the sky?", "Blue."), ("Name a prime number.", "Seven."), ("Say hi.", "Hi there!")]

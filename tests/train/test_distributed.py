@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 
 from conftest import only_for, tiny_model_dir
 from sftlab.config import load_config
-from sftlab.train.loop import train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
 
 DRIVER = Path(__file__).resolve().parent / "dist_driver.py"
 QUIET = Console(quiet=True)
@@ -121,18 +120,16 @@ def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_
 
 @pytest.mark.parametrize("packing", ["false", "true"])
 def test_an_epoch_is_split_between_the_ranks_without_repeats_or_gaps(model_dir, data, tmp_path, packing) -> None:
-    # 11 examples in micro-batches of 4 (or packed rows): an odd number of micro-batches per epoch, so the
-    # last step reaches into the next epoch, as one process with the same global batch does.
+    # 11 examples in micro-batches of 4 (or packed rows): train.epochs=1 trains exactly that epoch, each row once.
+    # With an odd number of micro-batches the last round gives rank 1 a batch that adds nothing (not one of the
+    # next epoch), so rank 0 has one more micro-batch of rows than rank 1.
     out = tmp_path / "epoch"
     launch(out, common(model_dir, data, out, "method=lora", "train.epochs=1", "train.micro_batch_size=4",
                        f"data.packing={packing}", "data.max_seq_len=60", "train.distributed=ddp"))
     seen = [json.loads((out / "driver" / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
-    assert len(seen[0]) == len(seen[1])  # the same number of micro-batches on each rank, none empty
-    stream = [rows for pair in zip(*seen) for rows in pair]  # round by round: rank 0's, then rank 1's
-    flat = [where for rows in stream for where in rows]
-    assert sorted(flat[:11]) == sorted(f"{data}:{i}" for i in range(1, 12))  # the epoch: each row once
-    ends = [sum(len(rows) for rows in stream[:k]) for k in range(len(stream) + 1)]
-    assert 11 in ends  # the epoch ends between micro-batches: no example is split or shared
+    assert len(seen[0]) - len(seen[1]) in (0, 1) and all(seen[0] + seen[1])  # none empty among the real ones
+    flat = [where for rows in seen[0] + seen[1] for where in rows]
+    assert sorted(flat) == sorted(f"{data}:{i}" for i in range(1, 12))  # the epoch: each row once, no more
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
@@ -186,7 +183,7 @@ def test_sigterm_to_every_process_of_a_launch_saves_one_checkpoint_and_resumes(m
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_export_of_an_fsdp_run_loads_in_one_process_with_the_same_logits(model_dir, data, tmp_path_factory,
                                                                               method) -> None:
-    from sftlab.models.load import load_for_inference
+    from sftlab.runs import load_for_inference
 
     shared = only_for(method, f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", "data.packing=false",
                       "data.max_seq_len=120", "lora.rank=4", "train.distributed=fsdp")

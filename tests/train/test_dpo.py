@@ -20,8 +20,7 @@ from sftlab.data.encode import IGNORE_INDEX, Encoder
 from sftlab.data.preference import PairEncoder, read_pairs
 from sftlab.data.templates import load_template
 from sftlab.train.checkpoint import latest_checkpoint
-from sftlab.train.loop import train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
 
 QUIET = Console(quiet=True)
 FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
@@ -91,7 +90,7 @@ def preference_accuracy(policy: torch.nn.Module, reference: torch.nn.Module, tok
 def test_dpo_with_lora_through_the_cli_learns_the_preference_on_held_out_pairs(model_dir, pairs, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from sftlab.models.load import load_for_inference
+    from sftlab.runs import load_for_inference
 
     out = tmp_path / "run"
     config_file = tmp_path / "dpo.yaml"
@@ -201,7 +200,7 @@ def test_a_precomputed_reference_gives_the_per_step_reference_s_losses(model_dir
 
 @pytest.mark.parametrize("init", ["continue", "merge"])
 def test_dpo_starts_from_an_sft_run(model_dir, pairs, tmp_path, init) -> None:
-    from sftlab.models.load import load_for_inference
+    from sftlab.runs import load_for_inference
 
     sft = tmp_path / "sft"
     run(load_config(overrides=[f"model={model_dir}", f"data.train={pairs['sft']}", f"output_dir={sft}",

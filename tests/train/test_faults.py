@@ -25,8 +25,8 @@ from sftlab.errors import ConfigError
 from sftlab.files import CONTROL_NAMES, WriteError
 from sftlab.train import rundir
 from sftlab.train.checkpoint import latest_checkpoint
-from sftlab.train.loop import TrainingError, train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
+from sftlab.train.loop import TrainingError
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 QUIET = Console(quiet=True)

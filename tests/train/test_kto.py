@@ -223,8 +223,7 @@ def test_kto_trains_on_two_sources_each_with_its_labels_and_eval_per_source(mode
     """data.train as a list: the sources' examples and labels laid end to end, an eval loss per source."""
     from rich.console import Console
 
-    from sftlab.train.loop import train
-    from sftlab.train.setup import prepare
+    from sftlab.runs import prepare, train
 
     rows = feedback_file.read_text(encoding="utf-8").splitlines(keepends=True)
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"

@@ -16,8 +16,8 @@ from sftlab.data.templates import load_template
 from sftlab.generate import generate
 from sftlab.models.attention import packed_attention
 from sftlab.train.checkpoint import latest_checkpoint
-from sftlab.train.loop import TrainingError, train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
+from sftlab.train.loop import TrainingError
 
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),
       ("Who wrote Hamlet?", "Shakespeare wrote it."), ("Color of the sky?", "Blue, on a clear day."),

@@ -15,8 +15,8 @@ from rich.console import Console
 from conftest import tiny_model_dir
 from sftlab.config import load_config
 from sftlab.data.mixture import Mixture
-from sftlab.train.loop import epoch_plan, total_steps, train
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
+from sftlab.train.loop import epoch_plan, total_steps
 
 SIZES = {"a": 10, "b": 20, "c": 10}
 WEIGHTS = {"a": 0.5, "b": 0.3, "c": 0.2}

@@ -16,9 +16,9 @@ from sftlab.config import load_config
 from sftlab.errors import ConfigError, DataError
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.forgetting import RunProbe, Watch
-from sftlab.train.loop import _pad_id, train
 from sftlab.train.probe import BUILTIN, read_prompts, tax_numbers, top_k_kl
-from sftlab.train.setup import prepare
+from sftlab.runs import prepare, train
+from sftlab.train.setup import pad_id
 
 QUIET = Console(quiet=True)
 PROMPTS = [("What is the capital of France?", False), ("Say hello.", True), ("What is 2+2?", False),
@@ -69,7 +69,7 @@ def test_probe_kl_is_exactly_zero_at_step_0(model_dir, files, tmp_path, method) 
                                                                  "prompt.num_virtual_tokens=4",
                                                                  "prefix.num_virtual_tokens=4"))
     setup = prepare(cfg, console=QUIET)
-    probe = RunProbe.start(setup, tmp_path / method, QUIET, TrainState(), pad_id=_pad_id(setup.tokenizer))
+    probe = RunProbe.start(setup, tmp_path / method, QUIET, TrainState(), pad_id=pad_id(setup.tokenizer))
     found = probe.prober.measure(probe.reference, generate=True)  # soft prompts decode through their prefill
     assert found["probe_kl"] == 0.0
     assert len(found["samples"]) == 3 and 0 < found["probe_length"] <= 10

@@ -54,7 +54,7 @@ class Batch:
 
 
 def collate(examples: Sequence[Example], *, pad_id: int) -> Batch:
-    from sftlab.train.loss import supervised_positions
+    from sftlab.data.shift import supervised_positions
 
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -78,7 +78,7 @@ def collate_packed(examples: Sequence[Example]) -> Batch:
     example's last token is trained to predict the next example's first — as unpacked, where a first token
     is never a target. Attention is kept inside each example by the packed attention (models/attention.py).
     """
-    from sftlab.train.loss import supervised_positions
+    from sftlab.data.shift import supervised_positions
 
     lengths = [len(e.input_ids) for e in examples]
     input_ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long).unsqueeze(0)

@@ -146,7 +146,7 @@ def _settings(modules: dict[str, BottleneckAdapter]) -> dict[str, Any]:
 
 
 def _modules_of(model: nn.Module, method: Method) -> dict[str, BottleneckAdapter]:
-    if method.name != "adapter":
+    if method.export_format != "bottleneck":
         raise SftlabError(f"a bottleneck adapter dir holds method=adapter weights, but the method is {method.name!r}.")
     modules = bottleneck_modules(model)
     if not modules:

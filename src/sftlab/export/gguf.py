@@ -119,7 +119,7 @@ def end_of_turn_id(tokenizer: Any, template: Any) -> int:
     """The token at which a client must stop generating: the end-of-turn marker the template writes right
     after an assistant message (a single token of the tokenizer), else the tokenizer's eos. A template's
     candidates may include others (`<|endoftext|>` beside `<|im_end|>`); the one that ends the answer wins."""
-    from sftlab.generate import stop_token_ids
+    from sftlab.data.stop_tokens import stop_token_ids
 
     ids = stop_token_ids(tokenizer, template)
     text = template.render_text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER}])
@@ -294,16 +294,11 @@ def _file_type(quant: str) -> int:
             "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q5_0": F.MOSTLY_Q5_0, "q5_1": F.MOSTLY_Q5_1}[quant]
 
 
-def export_run(source: str, output: str | Path, *, quant: str = "f16", base: str | None = None,
-               overwrite: bool = False, with_modelfile: bool = True) -> dict[str, Any]:
-    """`sftlab export SOURCE --format gguf`: the run's (or adapter dir's, or model dir's) model, merged,
-    written to `output` (a .gguf file), and an Ollama Modelfile beside it (NAME.Modelfile). Nothing is
-    written before every check has passed; an existing file is replaced only with `overwrite`, and in a run
-    dir only a file the run wrote (its manifest) is ever replaced."""
-    from sftlab import files
-    from sftlab.export.ollama import modelfile
-    from sftlab.models.load import load_for_inference
-
+def check_targets(output: str | Path, *, quant: str = "f16", overwrite: bool = False,
+                  with_modelfile: bool = True) -> list[Path]:
+    """The files `sftlab export --format gguf` will write (the .gguf file, then its Modelfile), checked before
+    any model is loaded: an existing file is replaced only with `overwrite`, and in a run dir only a file the
+    run wrote (its manifest) is ever replaced."""
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r} is not one sftlab writes; use one of {', '.join(QUANTS)}.")
     out = Path(output).expanduser()
@@ -312,20 +307,28 @@ def export_run(source: str, output: str | Path, *, quant: str = "f16", base: str
     targets = [out, out.with_suffix(".Modelfile")] if with_modelfile else [out]
     for target in targets:
         _check_target(target, overwrite=overwrite)
-    model, tokenizer, template, method = load_for_inference(source, base=base)
+    return targets
+
+
+def write_model(model: Any, tokenizer: Any, template: Any, method: Any, targets: list[Path], *, quant: str,
+                name: str) -> dict[str, Any]:
+    """The loaded model (merged first when `method` holds an adapter) written to targets[0], a GGUF file, and an
+    Ollama Modelfile to targets[1] when given (check_targets made the list)."""
+    from sftlab import files
+    from sftlab.export.ollama import modelfile
+
+    out = targets[0]
     if method is not None:
         if method.config.model.path and out.resolve() == Path(method.config.model.path).expanduser().resolve():
-            raise GGUFExportError(f"--output {output} is the run's base model file; give --output a new path.")
+            raise GGUFExportError(f"--output {out} is the run's base model file; give --output a new path.")
         model = method.merge(model)  # a method that cannot merge says why (MergeError); a GGUF holds one model
     architecture_of(model.config)  # refused by name before anything is written
-    name = Path(source).expanduser().resolve().name
     pre = _source_pre(method.config.model.path if method is not None else None)
     with files.atomic_file(_writable(out), what="the GGUF file") as scratch:
         info = write_gguf(model, tokenizer, template, scratch, quant=quant, name=name, pre=pre)
     info["output"] = str(out)
-    if with_modelfile:
-        text = modelfile(out.name, template, info["eos_token"])
-        files.write_text_atomic(_writable(targets[1]), text)
+    if len(targets) > 1:
+        files.write_text_atomic(_writable(targets[1]), modelfile(out.name, template, info["eos_token"]))
         info["modelfile"] = str(targets[1])
     return info
 

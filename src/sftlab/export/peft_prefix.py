@@ -192,7 +192,7 @@ def _peft_key(module_name: str) -> str:
 
 
 def _encoder_of(model: nn.Module, method: Method) -> PrefixEncoder:
-    if method.name != "prefix":
+    if method.export_format != "peft_prefix":
         raise SftlabError(f"a PEFT prefix-tuning adapter holds key/value prefixes, but the method is {method.name!r}.")
     return prefix_encoder(model)
 

@@ -107,7 +107,7 @@ def load_prompt_adapter(model: nn.Module, method: Method, adapter_dir: str | Pat
         found = "no such key" if embeddings is None else f"shape {tuple(embeddings.shape)}"
         raise SftlabError(f"{adapter / ADAPTER_WEIGHTS}: expected {EMBEDDINGS_KEY} of shape ({count}, {dim}), found "
                           f"{found}; was it trained on another base model?")
-    if method.name == "ptuning":
+    if method.folds_encoder:  # P-tuning: the saved table is what its encoder made
         prompt.fold(embeddings)
     else:
         with torch.no_grad():
@@ -177,7 +177,7 @@ def _peft_config(model: nn.Module, method: Method, config: Config, count: int) -
         "num_layers": _first(text, "num_hidden_layers", "num_layers", "n_layer"),
         "modules_to_save": None,
     }
-    if method.name == "prompt":
+    if not method.folds_encoder:  # prompt tuning: PROMPT_TUNING's own fields
         init_text = config.prompt.init_text
         return {**common, "prompt_tuning_init": "TEXT" if init_text else "SAMPLE_VOCAB",
                 "prompt_tuning_init_text": init_text or None, "tokenizer_name_or_path": base if init_text else None}

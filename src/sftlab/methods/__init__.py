@@ -1,4 +1,5 @@
-"""Fine-tuning methods: what is inserted into the model, what trains, what is saved, how it merges."""
+"""Fine-tuning methods: what is inserted into the model, what trains, what is saved, how it merges; one
+registry entry per method (registry.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from sftlab.methods.lora import LoRA
 from sftlab.methods.prefix import Prefix
 from sftlab.methods.prompt import PromptTuning, PTuning
 from sftlab.methods.qlora import QLoRA
-
-METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA, "qlora": QLoRA, "adapter": Bottleneck,
-                                  "prompt": PromptTuning, "ptuning": PTuning, "prefix": Prefix}
+from sftlab.methods.registry import METHODS, method_class
 
 __all__ = ["METHODS", "Bottleneck", "Full", "LoRA", "MergeError", "Method", "PTuning", "Prefix", "PromptTuning",
-           "QLoRA"]
+           "QLoRA", "method_class"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sftlab.errors import SftlabError
+from sftlab.models.swap import parent_of
 
 
 class MergeError(SftlabError):
@@ -18,11 +19,36 @@ class MergeError(SftlabError):
 
 
 class Method(ABC):
+    """A method class is its registry entry (methods/registry.py): what it is called, what it reads, needs and
+    writes are class attributes, so that the rest of sftlab asks the entry instead of comparing names."""
+
     name: ClassVar[str]
+    """`method` in the config."""
+    sections: ClassVar[tuple[str, ...]]
+    """The config sections it reads (config.METHOD_SECTIONS says the same: config.py cannot import methods)."""
     mergeable: ClassVar[bool]
-    packed_rows: ClassVar[bool] = True
-    """Whether its forward can run a padding-free packed row (several sequences side by side); soft-prompt
-    methods cannot: their virtual tokens / prefixes belong at the start of every sequence."""
+    """`merge` folds it into plain base weights; when False, `merge` raises MergeError saying why it cannot."""
+    export_format: ClassVar[str]
+    """The export/registry.py format its run writes and reads back (FORMATS key)."""
+    whole_model: ClassVar[bool] = False
+    """It trains every weight: the run exports model/ (a plain model dir), not adapter/; a preference stage's
+    reference is a frozen copy (it has no adapter to disable); a later stage starts from that model/."""
+    packing: ClassVar[bool] = True
+    """data.packing may be used (soft prompts prepend to each sequence: a packed row is one sequence)."""
+    quantized_base: ClassVar[bool] = False
+    """The base is quantised to NF4 as it loads (`nf4`), and merge can fold onto either precision."""
+    smaller_sibling: ClassVar[str | None] = None
+    """A method that trains the same parts with less memory (LoRA -> QLoRA): the memory plan suggests it."""
+
+    @classmethod
+    def nf4(cls, config: Any) -> Any:
+        """The NF4 settings the base model loads with (models/stream.Nf4Spec), None: loaded as stored."""
+        return None
+
+    @classmethod
+    def export_dir(cls) -> str:
+        """The run dir's entry its export is written to."""
+        return "model" if cls.whole_model else "adapter"
 
     def __init__(self, config: Any, *, trainable_token_ids: Sequence[int] = ()) -> None:
         self.config = config
@@ -67,7 +93,7 @@ class Method(ABC):
     def hidden_states(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The decoder's last hidden states (B, T, H) at the batch's own token positions. Soft-prompt
         methods override this to run with their virtual tokens / prefixes and drop those positions."""
-        from sftlab.train.loss import hidden_states
+        from sftlab.models.forward import hidden_states
 
         return hidden_states(model, batch)
 
@@ -101,8 +127,7 @@ def base_modules_in_place(model: nn.Module, wrappers: Iterable[nn.Module]) -> It
     places = []
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in wanted:
-            parent_name, _, child = name.rpartition(".")
-            places.append((model.get_submodule(parent_name) if parent_name else model, child, module))
+            places.append((*parent_of(model, name), module))
     for parent, child, module in places:
         setattr(parent, child, module.base)
     try:

@@ -24,6 +24,7 @@ from torch import nn
 from sftlab.errors import SftlabError
 from sftlab.methods.base import MergeError, Method
 from sftlab.methods.token_rows import add_token_rows, token_rows_modules, token_rows_parameters
+from sftlab.models.swap import swap_module
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 """Child names of a decoder layer's attention block (Llama/Qwen2/Mistral/Gemma, GPT-2/GPT-J, ...)."""
@@ -85,7 +86,9 @@ class BottleneckAdapter(nn.Module):
 
 class Bottleneck(Method):
     name = "adapter"
+    sections = ("adapter",)
     mergeable = False
+    export_format = "bottleneck"
 
     def apply(self, model: nn.Module) -> None:
         adapter = self.config.adapter
@@ -95,12 +98,9 @@ class Bottleneck(Method):
             param.requires_grad_(False)
         hidden_size = model.config.get_text_config().hidden_size
         for name in adapter_targets(model, adapter.placement):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            wrapped = BottleneckAdapter(getattr(parent, child), hidden_size=hidden_size,
-                                        bottleneck_dim=adapter.bottleneck_dim, activation=adapter.activation,
-                                        dropout=adapter.dropout)
-            setattr(parent, child, wrapped)
+            swap_module(model, name, BottleneckAdapter(model.get_submodule(name), hidden_size=hidden_size,
+                                                       bottleneck_dim=adapter.bottleneck_dim,
+                                                       activation=adapter.activation, dropout=adapter.dropout))
         if self.trainable_token_ids:
             add_token_rows(model, self.trainable_token_ids)
 

@@ -13,10 +13,10 @@ from sftlab.methods.base import Method
 
 class Full(Method):
     name = "full"
+    sections = ("full",)
     mergeable = True
-    has_base_view = False
-    """The trained weights are the base's own: no view of the base stays (the probe and the reference read the
-    model as it is before training)."""
+    export_format = "model_dir"
+    whole_model = True
 
     def apply(self, model: nn.Module) -> None:
         for param in model.parameters():

@@ -18,6 +18,7 @@ from torch import nn
 from sftlab.errors import ConfigError, SftlabError
 from sftlab.methods.base import Method
 from sftlab.methods.token_rows import add_token_rows, merge_token_rows, token_rows_modules, token_rows_parameters
+from sftlab.models.swap import swap_module
 from sftlab.models.targets import find_targets
 
 
@@ -173,7 +174,10 @@ def _features(layer: nn.Module) -> tuple[int, int]:
 
 class LoRA(Method):
     name = "lora"
+    sections = ("lora",)
     mergeable = True
+    export_format = "peft_lora"
+    smaller_sibling = "qlora"
 
     def check_layers(self, model: nn.Module) -> None:
         check_rank(model, find_targets(model, self.config.lora.targets), self.config.lora.rank)
@@ -187,12 +191,9 @@ class LoRA(Method):
         for param in model.parameters():
             param.requires_grad_(False)
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             wrapper = DoRALinear if lora.dora else LoRALinear
-            wrapped = wrapper(getattr(parent, child), rank=lora.rank, alpha=lora.alpha,
-                              dropout=lora.dropout, rslora=lora.rslora)
-            setattr(parent, child, wrapped)
+            swap_module(model, name, wrapper(model.get_submodule(name), rank=lora.rank, alpha=lora.alpha,
+                                             dropout=lora.dropout, rslora=lora.rslora))
         if self.trainable_token_ids:  # after the targets: the head is never a LoRA target
             add_token_rows(model, self.trainable_token_ids)
 
@@ -211,9 +212,7 @@ class LoRA(Method):
         for name, module in list(model.named_modules()):
             if isinstance(module, LoRALinear):
                 module.merge()
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, module.base)
+                swap_module(model, name, module.base)
         merge_token_rows(model)
         return model
 

@@ -120,8 +120,10 @@ class PrefixEncoder(nn.Module):
 
 class Prefix(Method):
     name = "prefix"
+    sections = ("prefix",)
     mergeable = False
-    packed_rows = False
+    export_format = "peft_prefix"
+    packing = False
 
     def apply(self, model: nn.Module) -> None:
         prefix = self.config.prefix

@@ -86,8 +86,12 @@ class SoftPrompt(nn.Module):
 
 class PromptTuning(Method):
     name = "prompt"
+    sections = ("prompt",)
     mergeable = False
-    packed_rows = False
+    export_format = "peft_prompt"
+    packing = False
+    folds_encoder = False
+    """P-tuning trains an encoder over its table; its export holds the table the encoder makes (folded)."""
 
     def apply(self, model: nn.Module) -> None:
         if soft_prompt(model, required=False) is not None or token_rows_modules(model):
@@ -152,6 +156,8 @@ class PromptTuning(Method):
 
 class PTuning(PromptTuning):
     name = "ptuning"
+    sections = ("ptuning",)
+    folds_encoder = True
 
     def _initial_table(self, embedding: nn.Module) -> torch.Tensor:
         weight = embedding.weight

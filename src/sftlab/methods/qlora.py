@@ -19,7 +19,7 @@ Merging gives a plain model (nn.Linear everywhere) in one of two ways:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ from torch import nn
 from sftlab.errors import ConfigError, SftlabError
 from sftlab.methods.lora import DoRALinear, LoRA, LoRALinear, lora_modules
 from sftlab.models.quant import dequantize, fits_nf4, nf4_modules, quantize
+from sftlab.models.stream import Nf4Spec
+from sftlab.models.swap import parent_of
 from sftlab.models.targets import find_targets
 
 MergeOnto = Literal["dequantized", "original"]
@@ -34,7 +36,14 @@ MergeOnto = Literal["dequantized", "original"]
 
 class QLoRA(LoRA):
     name = "qlora"
+    sections = ("qlora", "lora")
     mergeable = True
+    quantized_base = True
+    smaller_sibling = None
+
+    @classmethod
+    def nf4(cls, config: Any) -> Nf4Spec:
+        return Nf4Spec(config.qlora.block_size, config.qlora.double_quant)
 
     def apply(self, model: nn.Module) -> None:
         if nf4_modules(model) or lora_modules(model):
@@ -94,5 +103,4 @@ def original_weights(model: nn.Module, original_state_dict: Mapping[str, torch.T
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:
-    parent_name = name.rpartition(".")[0]
-    return model.get_submodule(parent_name) if parent_name else model
+    return parent_of(model, name)[0]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sftlab.errors import SftlabError
+from sftlab.models.swap import swap_module
 
 
 class TokenRows(nn.Module):
@@ -121,15 +122,11 @@ def merge_token_rows(model: nn.Module) -> None:
     """Write the trained rows into the base weights and put the plain base layers back in place."""
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, TokenRows):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.merged_base())
+            swap_module(model, name, module.merged_base())
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put `new` wherever `old` is registered (a shared embedding may sit in several places)."""
     places = [name for name, module in model.named_modules(remove_duplicate=False) if module is old]
     for name in places:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        swap_module(model, name, new)

@@ -323,13 +323,6 @@ def _load_streaming(model: "ModelConfig", source: Path | None, *, dtype: "torch.
         return stream.fill(skeleton, tensors, device=device, nf4=nf4), None
 
 
-def nf4_spec(cfg: Any) -> "Nf4Spec | None":
-    """How a run's config wants its base loaded: QLoRA's decoder layers straight to NF4, else None."""
-    from sftlab.models.stream import Nf4Spec
-
-    return Nf4Spec(cfg.qlora.block_size, cfg.qlora.double_quant) if cfg.method == "qlora" else None
-
-
 def _hub_snapshot(repo_id: str) -> Path | None:
     """The local snapshot dir of a hub model's config and safetensors files (downloaded once, as
     from_pretrained would; from the cache when offline), or None when it cannot be had."""
@@ -428,73 +421,6 @@ def _from_pretrained(cls: Any, name: str, kwargs: dict[str, Any]) -> Any:
         kwargs = dict(kwargs)
         kwargs["torch_dtype"] = kwargs.pop("dtype")
     return cls.from_pretrained(name, **kwargs)
-
-
-def load_for_inference(path: str, *, device: "torch.device | None" = None, base: str | None = None,
-                       trust_remote_code: bool = False) -> tuple[Any, Any, Any, Any]:
-    """(model, tokenizer, chat template, method or None) from a run dir (its adapter/ or model/), a
-    PEFT-format adapter dir (on its base model, or `base`), or a plain HF model dir / hub id. A run dir's
-    config.yaml decides trust_remote_code for it; everything else gets the argument (default False)."""
-    from sftlab import export
-    from sftlab.config import load_config
-    from sftlab.data.templates import load_template
-    from sftlab.methods import METHODS
-    from sftlab.models.portable import locate
-
-    root = Path(path).expanduser()
-    cfg, adapter = None, None
-    if (root / "config.yaml").is_file() and ((root / "adapter").is_dir() or (root / "model").is_dir()):
-        cfg = locate(load_config(root / "config.yaml", [f"model={base}"] if base else []), root)
-        if (root / "model").is_dir():  # full fine-tuning: a plain model dir
-            return load_for_inference(str(root / "model"), device=device,
-                                      trust_remote_code=cfg.model.trust_remote_code)
-        adapter = root / "adapter"
-        _check_adapter_weights(adapter)
-    elif (root / export.ADAPTER_CONFIG).is_file():
-        _check_adapter_weights(root)
-        base_path, overrides = export.adapter_settings(root)
-        if not (base or base_path):
-            raise ConfigError(f"{root} names no base model; pass --base PATH.")
-        cfg = load_config(overrides=[*overrides, f"model={base or base_path}",
-                                     f"model.trust_remote_code={str(trust_remote_code).lower()}"])
-        adapter = root
-    if cfg is None:
-        from sftlab.config import ModelConfig
-
-        model = load_model(ModelConfig(path=path, trust_remote_code=trust_remote_code), device=device)
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        return model, tokenizer, load_template("auto", tokenizer), None
-    # The adapter dir's tokenizer was saved with the run: it holds any added tokens and the template.
-    tokenizer = load_tokenizer(str(adapter), trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg))
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    # Rows of tokens added for training (from the adapter's trainable_token_indices) are loaded too.
-    method = METHODS[cfg.method](cfg, trainable_token_ids=export.adapter_token_ids(adapter))
-    method.apply(model)
-    export.load_trained(model, method, adapter)
-    model.eval()
-    return model, tokenizer, load_template("auto", tokenizer), method
-
-
-def _check_adapter_weights(adapter: Path) -> None:
-    """An adapter dir's weights must be a whole adapter_model.safetensors; pickled ones are refused."""
-    from sftlab.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
-    weights = adapter / ADAPTER_WEIGHTS
-    if weights.is_file():
-        check_safetensors(weights)
-        return
-    pickled = sorted({p.name for pattern in PICKLED_WEIGHTS for p in adapter.glob(pattern)})
-    if pickled:
-        source = adapter / pickled[0]
-        raise ConfigError(f"{adapter} holds its adapter weights as pickles ({', '.join(pickled)}), not "
-                          f"{ADAPTER_WEIGHTS}; sftlab never unpickles weights (a pickle can run any code when "
-                          "loaded). If you trust where it came from, convert it once: python -c \"import torch; "
-                          "from safetensors.torch import save_file; "
-                          f"save_file(torch.load('{source}', weights_only=True), '{weights}')\"")
-    raise ConfigError(f"{adapter} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; the adapter was not saved "
-                      "completely. Export it again, or point at a run dir's adapter/.")
 
 
 def skeleton(model: "ModelConfig") -> Any:

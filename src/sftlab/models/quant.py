@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sftlab.models.swap import swap_module
+
 WEIGHT_REL_RMS_ERROR = 0.10
 """Bound on ‖dequant(NF4(W)) - W‖ / ‖W‖ for a Gaussian weight (measured: 0.092, block size 64)."""
 FORWARD_MAX_REL_ERROR = 0.20
@@ -230,8 +232,7 @@ def _storage_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    swap_module(model, name, module)
 
 
 def _torchao_nf4() -> Any:

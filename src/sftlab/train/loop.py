@@ -1,6 +1,7 @@
 """THE training loop, the same for every method and stage: methods differ only in what trains and what is
 saved, stages (sft, dpo) only in their objective (train/objective.py): what a micro-batch is, which module sums
-its loss, and what the step's summed loss is divided by."""
+its loss, and what the step's summed loss is divided by. The loop runs the steps (with eval and checkpoints);
+the run around it (the output dir's lock, export, report, finished.json) is runs.py's."""
 
 from __future__ import annotations
 
@@ -9,36 +10,34 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.text import Text
 
-from sftlab.config import PAIR_STAGES, Config, to_yaml
+from sftlab.config import PAIR_STAGES, to_yaml
 from sftlab.data import packing
 from sftlab.data.batching import Batch
 from sftlab.data.dataset import EncodedDataset
-from sftlab.data.mixture import Mixture
 from sftlab.data.preference import PairDataset
 from sftlab.errors import SftlabError
 from sftlab import files
-from sftlab.files import DISK_ERRORS, WriteError, atomic_dir, describe, write_text_atomic
-from sftlab.methods import Method
+from sftlab.files import write_text_atomic
 from sftlab.models.attention import packed_attention
-from sftlab.train import checkpoint, distributed, lock, rundir
+from sftlab.train import checkpoint, distributed, rundir
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.forgetting import RunProbe
-from sftlab.train.distributed import SINGLE, Dist
-from sftlab.train.trackers import open_trackers
-from sftlab.train.metrics import MetricsLog, StepTimer, plot_loss
+from sftlab.train.metrics import MetricsLog, StepTimer
 from sftlab.train.objective import Objective, objective_for
 from sftlab.train.optim import build_optimizer, build_scheduler
-from sftlab.train.report import write_report
+from sftlab.train.setup import Setup, pad_id
 from sftlab.train.signals import StopRequest, TrainingInterrupted
+from sftlab.train.trackers import open_trackers
 
 
 class TrainingError(SftlabError):
@@ -46,37 +45,11 @@ class TrainingError(SftlabError):
 
 
 @dataclass
-class RunResult:
-    output_dir: Path
+class Progress:
+    """What the steps did; runs.finish reads it."""
     steps: int
-    final_loss: float | None
-    eval_loss: float | None
-    export_dir: Path | None
-    report: Path | None = None
-    """OUTPUT/report.html (rank 0)."""
-
-
-@dataclass
-class Setup:
-    """Everything the loop needs, prepared by `sftlab.train.setup.prepare` (or a test)."""
-    config: Config
-    model: torch.nn.Module
-    tokenizer: object
-    method: Method
-    train_data: EncodedDataset | PairDataset
-    """Examples (stage sft) or preference pairs (stage dpo)."""
-    train_indices: np.ndarray
-    eval_data: EncodedDataset | PairDataset | None
-    eval_indices: np.ndarray | None
-    device: torch.device
-    dist: Dist = SINGLE
-    """This process's place in a torchrun launch (train/distributed.py); a single process by default."""
-    reference_model: torch.nn.Module | None = None
-    """Stage dpo with full fine-tuning: the frozen reference copy (None: precomputed, or adapters disabled)."""
-    mixture: Mixture | None = None
-    """Several sources, weights or max_samples: which items each epoch trains (data/mixture.py)."""
-    eval_groups: dict[str, np.ndarray] | None = None
-    """Several eval sources: each one's eval indices, logged as eval_loss/<source>."""
+    final_loss: float | None = None
+    eval_loss: float | None = None
 
 
 def epoch_plan(setup: Setup, epoch: int) -> list[np.ndarray]:
@@ -120,36 +93,78 @@ def grad_accum_steps(setup: Setup, per_epoch: int | None = None) -> int:
 
 
 def total_steps(setup: Setup) -> int:
+    """train.max_steps, else the steps that train.epochs passes over the data take: the micro-batches of those
+    passes (epoch_limits) in steps of grad_accum_steps x ranks, the last step taking what is left."""
     cfg = setup.config
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    per_epoch = epoch_length(setup)
-    per_step = grad_accum_steps(setup, per_epoch) * setup.dist.world  # micro-batches of one global step
-    return max(1, math.ceil(cfg.train.epochs * per_epoch / per_step))
+    per_step = grad_accum_steps(setup) * setup.dist.world  # micro-batches of one global step
+    return max(1, math.ceil(sum(epoch_limits(setup)) / per_step))
+
+
+def epoch_limits(setup: Setup) -> list[int]:
+    """The micro-batches each epoch trains with train.epochs (a fraction of a pass trains that share of the
+    last epoch's plan, rounded up); [] with train.max_steps (the data then repeats until the steps are done).
+    Plans keep their length from epoch to epoch except with a mixture and packing, where each is measured."""
+    cfg = setup.config
+    if cfg.train.max_steps is not None:
+        return []
+    passes = math.ceil(cfg.train.epochs)
+    varies = setup.mixture is not None and cfg.data.packing
+    lengths = [len(epoch_plan(setup, e)) for e in range(passes)] if varies else [epoch_length(setup)] * passes
+    return [length if e + 1 <= cfg.train.epochs else math.ceil((cfg.train.epochs - e) * length)
+            for e, length in enumerate(lengths)]
 
 
 def make_batch(setup: Setup, data: EncodedDataset | PairDataset, chosen: np.ndarray, pad_id: int) -> Batch:
     return objective_for(setup.config).batch(data, chosen, pad_id)
 
 
-def micro_batches(setup: Setup, state: TrainState, pad_id: int) -> Iterator[Batch]:
-    """An endless stream of this rank's micro-batches. The run's global stream is the epoch plans one after
-    the other; each round of `world` entries gives rank r its r-th, so the ranks together train exactly
-    the micro-batches (and steps) one process would, each entry once. state.epoch / state.position is the
-    global cursor, the same on every rank."""
-    rank, world = setup.dist.rank, setup.dist.world
-    plans: dict[int, list[np.ndarray]] = {}
-    while True:
-        entries = []
-        while len(entries) < world:
-            if state.epoch not in plans:
-                plans = {state.epoch: epoch_plan(setup, state.epoch)}
-            if state.position >= len(plans[state.epoch]):
+class MicroBatches:
+    """This rank's micro-batches. The run's global stream is the epoch plans one after the other (each cut at
+    its epoch_limits entry, and ended after the last, when train.epochs sets the length; endless with
+    train.max_steps); each round of `world` entries gives rank r its r-th, so the ranks together train exactly
+    the micro-batches (and steps) one process would, each entry once. A last round with fewer entries than
+    ranks gives the others a batch that adds nothing (the objective's empty batch), so their collectives meet.
+    state.epoch / state.position is the global cursor, the same on every rank (and in each checkpoint)."""
+
+    def __init__(self, setup: Setup, state: TrainState, pad_id: int) -> None:
+        self.setup, self.state, self.pad_id = setup, state, pad_id
+        self.limits = epoch_limits(setup)
+        self.plans: dict[int, list[np.ndarray]] = {}
+
+    def take(self, rounds: int) -> list[Batch]:
+        """Up to `rounds` micro-batches of this rank; fewer only at the end of the last epoch."""
+        batches = []
+        for _ in range(rounds):
+            entries = self._round()
+            if not entries:
+                break
+            rank = self.setup.dist.rank
+            batches.append(make_batch(self.setup, self.setup.train_data, entries[rank], self.pad_id)
+                           if rank < len(entries) else objective_for(self.setup.config).empty_batch(self.pad_id))
+        return batches
+
+    def _round(self) -> list[np.ndarray]:
+        state, entries = self.state, []
+        while len(entries) < self.setup.dist.world:
+            if self.limits and state.epoch >= len(self.limits):
+                break  # every epoch trained
+            if state.epoch not in self.plans:
+                self.plans = {state.epoch: epoch_plan(self.setup, state.epoch)}
+            plan = self.plans[state.epoch]
+            end = self.limits[state.epoch] if self.limits else len(plan)
+            if state.position >= end:
                 state.epoch, state.position = state.epoch + 1, 0
                 continue
-            entries.append(plans[state.epoch][state.position])
+            entries.append(plan[state.position])
             state.position += 1
-        yield make_batch(setup, setup.train_data, entries[rank], pad_id)
+        return entries
+
+    def epochs_done(self) -> float:
+        """Passes over the data so far: whole epochs plus the share of the current one's plan consumed."""
+        plan = self.plans.get(self.state.epoch)
+        return self.state.epoch + (self.state.position / len(plan) if plan else 0.0)
 
 
 def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None,
@@ -190,39 +205,80 @@ NONFINITE_STREAK = 10
 """With train.on_nonfinite=skip, the run stops after this many non-finite steps in a row."""
 
 
-def train(setup: Setup, *, console: Console | None = None,
-          on_step: Callable[[int], None] | None = None) -> RunResult:
-    """Train as the config says, from the newest checkpoint when train.resume=auto finds one; export,
-    report, and mark the run finished. SIGINT/SIGTERM end it after the current step with a checkpoint
-    (TrainingInterrupted); a non-finite step stops or is skipped (train.on_nonfinite); the output dir's
-    lock is released however it ends."""
-    cfg, ctx = setup.config, setup.dist
-    out = Path(cfg.output_dir)
-    if ctx.main:
-        lock.acquire(out)  # one run per output dir (taken already if prepare() ran in this process)
-    try:
-        with StopRequest() as stop:
-            return _train(setup, out, console, on_step, stop)
-    except OSError as exc:
-        if exc.errno not in DISK_ERRORS:
-            raise
-        # A write the loop makes itself (metrics, config, plot) on a full disk; checkpoints and the export
-        # say so themselves (WriteError).
-        raise WriteError(f"writing into {out} failed: {describe(exc)}. The last complete checkpoint is "
-                         f"{checkpoint.latest_checkpoint(out)}.") from None
-    finally:
-        if ctx.main:
-            lock.release(out)
+@dataclass
+class Loop:
+    """One training run's moving parts, made by `_start` and shared by the step's functions."""
+    setup: Setup
+    out: Path
+    console: Console
+    objective: Objective
+    engine: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainState
+    batches: MicroBatches
+    log: MetricsLog | None
+    timer: StepTimer
+    steps: int
+    accum: int
+    pad_id: int
+    stop: StopRequest
+    probe: RunProbe | None = None
+    """The forgetting probe (train/forgetting.py); None when eval.probe=none or on ranks other than 0."""
+    started: float = 0.0
+    streak: int = 0
+    """Non-finite steps in a row."""
+
+    def save(self) -> Path:
+        cfg, model = self.setup.config, self.setup.model
+        return checkpoint.save_checkpoint(self.out, self.state, trainable=self.setup.method.state_dict(model),
+                                          optimizer=self.optimizer, scheduler=self.scheduler,
+                                          keep=cfg.train.keep_checkpoints, ctx=self.setup.dist, model=model)
 
 
-def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[int], None] | None,
-           stop: StopRequest) -> RunResult:
+def train(setup: Setup, *, console: Console | None = None, on_step: Callable[[int], None] | None = None) -> Progress:
+    """The optimizer steps as the config says, from the newest checkpoint when train.resume=auto finds one; the
+    metrics logged, eval run and checkpoints saved on the way. SIGINT/SIGTERM end it after the current step
+    with a checkpoint (TrainingInterrupted); a non-finite step stops or is skipped (train.on_nonfinite). The
+    run's end (export, report, finished.json) is runs.finish's."""
+    with StopRequest() as stop:
+        run = _start(setup, console, stop)
+        progress = Progress(run.state.step)
+        attention = packed_attention(setup.model) if setup.config.data.packing else contextlib.nullcontext()
+        with attention:
+            try:
+                while run.state.step < run.steps:
+                    batches = run.batches.take(run.accum)
+                    if not batches:
+                        break  # a mixture's packed epochs came out shorter than planned
+                    progress.final_loss, stops = _step(run, batches)
+                    early = _after_step(run, progress, stops)
+                    if on_step is not None:
+                        on_step(run.state.step)
+                    if early:
+                        run.console.print("early stopping: eval.probe_stop=true" if run.probe is not None and
+                                          run.probe.should_stop() else "early stopping: no better eval loss in "
+                                          f"{setup.config.train.early_stopping_patience} evaluations")
+                        break
+            finally:
+                if run.log is not None:
+                    run.log.close()
+    progress.steps = run.state.step
+    if run.probe is not None:
+        run.probe.finish(time.perf_counter() - run.started)
+    return progress
+
+
+def _start(setup: Setup, console: Console | None, stop: StopRequest) -> Loop:
+    """The run's config recorded, the model made ready (recompute, compile, the distributed wrapper), the
+    optimizer and schedule built, and the newest checkpoint loaded when train.resume=auto finds one."""
     cfg, model, method, ctx = setup.config, setup.model, setup.method, setup.dist
+    out = Path(cfg.output_dir)
     if ctx.main:
         write_text_atomic(files.owned(out, "config.yaml"), to_yaml(cfg))
         files.owned(out, "checkpoints")  # recorded before the first checkpoint (every rank writes into it)
     console = console if ctx.main and console is not None else Console(stderr=True, quiet=not ctx.main)
-    pad_id = _pad_id(setup.tokenizer)
     if cfg.train.gradient_checkpointing:
         _enable_recompute(model)
     if cfg.train.compile:
@@ -243,119 +299,114 @@ def _train(setup: Setup, out: Path, console: Console | None, on_step: Callable[[
         console.print(f"resuming from {latest} (step {state.step} of {steps})", markup=False)
     state.extra["data"] = rundir.data_fingerprints(cfg)  # what this run's checkpoints were trained on
     model.train()
-    stream = micro_batches(setup, state, pad_id)
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
                      trackers=open_trackers(cfg, out)) if ctx.main else None
-    timer = StepTimer(enabled=cfg.train.profile, device=setup.device)
-    probe = RunProbe.start(setup, out, console, state, pad_id=pad_id)  # the base's answers, before any step
-    run_started = time.perf_counter()
-    last_loss = eval_loss = None
-    streak = 0  # non-finite steps in a row
+    pad = pad_id(setup.tokenizer)
+    probe = RunProbe.start(setup, out, console, state, pad_id=pad)  # the base's answers, before any step
+    return Loop(setup, out, console, objective, engine, params, optimizer, scheduler, state,
+                MicroBatches(setup, state, pad), log, StepTimer(enabled=cfg.train.profile, device=setup.device),
+                steps, accum, pad, stop, probe, time.perf_counter())
 
-    def save() -> Path:
-        return checkpoint.save_checkpoint(out, state, trainable=method.state_dict(model), optimizer=optimizer,
-                                          scheduler=scheduler, keep=cfg.train.keep_checkpoints, ctx=ctx, model=model)
 
-    attention = packed_attention(model) if cfg.data.packing else contextlib.nullcontext()
-    with attention:
-        try:
-            while state.step < steps:
-                started = time.perf_counter()
-                timer.start()
-                batches = [next(stream) for _ in range(accum)]
-                # Counted on the host before the move, then over all ranks: the step's loss is the mean
-                # over every unit (supervised token, or pair) of the global batch.
-                units, supervised, tokens = (int(n) for n in ctx.sum([sum(objective.count(b) for b in batches),
-                                                                      sum(b.num_supervised for b in batches),
-                                                                      sum(b.num_tokens for b in batches)]))
-                timer.mark("data")
-                step_loss = torch.zeros((), device=setup.device)
-                step_sums = torch.zeros(len(objective.metrics), device=setup.device)
-                for index, batch in enumerate(batches):
-                    with distributed.gradient_sync(engine, ctx, last=index == len(batches) - 1):
-                        share, sums = _forward_backward(engine, objective, batch.to(setup.device), units, ctx.world,
-                                                        timer)
-                    step_loss += share
-                    step_sums += sums
-                grad_norm = distributed.full_tensor(_clip(params, cfg.train.max_grad_norm))
-                # The one host sync of the step, for the log and the NaN check (plus one sum over ranks,
-                # which also tells every rank whether any was asked to stop).
-                local_loss, norm, *local_sums = torch.cat([torch.stack([step_loss, grad_norm.to(step_loss)]),
-                                                           step_sums]).tolist()
-                last_loss, stops, *metric_sums = ctx.sum([local_loss, float(stop.signum is not None), *local_sums])
-                lr = scheduler.get_last_lr()[0]
-                if math.isfinite(last_loss) and math.isfinite(norm):
-                    streak = 0
-                    optimizer.step()
-                else:
-                    streak += 1
-                    problem = _nonfinite(state, last_loss, norm, batches, out)
-                    if cfg.train.on_nonfinite == "stop" or streak >= NONFINITE_STREAK:
-                        again = f" ({streak} such steps in a row)" if streak > 1 else ""
-                        raise TrainingError(f"{problem}{again}. Nothing of this step was applied; the last "
-                                            f"complete checkpoint is {checkpoint.latest_checkpoint(out)}. Lower "
-                                            "train.lr, check those rows, or set train.on_nonfinite=skip.")
-                    console.print(Text(f"{problem}: step skipped (train.on_nonfinite=skip)", style="yellow"))
-                    state.skipped_steps += 1
-                    if log is not None:
-                        log.log({"step": state.step + 1, "skipped": problem,
-                                 "rows": [w for b in batches for w in b.where]})
-                with warnings.catch_warnings():  # a skipped first step: torch warns the order looks wrong
-                    warnings.simplefilter("ignore", UserWarning)
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                timer.mark("optimizer")
-                state.step += 1
-                if log is not None and streak == 0 and (state.step % cfg.train.log_every_steps == 0 or state.step == steps):
-                    log.log({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
-                             "grad_norm": norm, "tokens": tokens, "supervised_tokens": supervised,
-                             **_per_unit(objective, units, metric_sums),
-                             "seconds": time.perf_counter() - started, **timer.seconds()})
-                early = False
-                evaluated = bool(setup.eval_indices is not None and len(setup.eval_indices) and (
-                        state.step == steps or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)))
-                if evaluated:
-                    eval_loss, eval_metrics = evaluate(setup, pad_id, engine)
-                probed = probe.at_step(state, steps, eval_loss, evaluated) if probe is not None else {}
-                if evaluated:
-                    if log is not None:
-                        log.log({"step": state.step, "eval_loss": eval_loss,
-                                 **({"eval_perplexity": math.exp(min(eval_loss, 50))} if objective.stage == "sft"
-                                    else {f"eval_{k}": v for k, v in eval_metrics.items()}),
-                                 **_eval_per_source(setup, pad_id, engine), **probed})
-                    early = _early_stop(state, eval_loss, cfg.train.early_stopping_patience)
-                elif probed and log is not None:
-                    log.log({"step": state.step, **probed})
-                early = early or (probe is not None and probe.should_stop())
-                kept = probe is not None and probe.wants_checkpoint(state)  # the recommended step so far
-                if state.step == steps or early or stops or kept or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
-                    saved = save()
-                    if stops:
-                        raise TrainingInterrupted(
-                            f"stopped by {stop.name or 'a signal on another rank'} after step {state.step} of {steps}; "
-                            f"saved checkpoint {saved}. To continue, run the same command again: train.resume=auto "
-                            "resumes from it.", signum=stop.signum or signal.SIGTERM)
-                if on_step is not None:
-                    on_step(state.step)
-                if early:
-                    console.print(f"early stopping: no better eval loss in {cfg.train.early_stopping_patience} evaluations"
-                                  if probe is None or not probe.should_stop() else "early stopping: eval.probe_stop=true")
-                    break
-        finally:
-            if log is not None:
-                log.close()
-    distributed.consolidate(model, ctx)  # FSDP: the whole parameters on rank 0, for the export
-    export_dir = report = None
-    if ctx.main:
-        plot_loss(out / "metrics.jsonl", files.owned(out, "loss.png"))
-        if probe is not None:
-            probe.finish(time.perf_counter() - run_started)
-        export_dir = _export(setup, out)
-        report = write_report(out, setup=setup)
-        rundir.finish(out, steps=state.step, export=export_dir, final_loss=last_loss)
-    ctx.barrier()
-    return RunResult(out, state.step, last_loss, eval_loss, export_dir or out / ("model" if method.name == "full" else "adapter"),
-                     report)
+def _step(run: Loop, batches: list[Batch]) -> tuple[float, float]:
+    """One optimizer step over `batches` (this rank's micro-batches of it): (the step's loss, whether any rank
+    was asked to stop). The loss is the mean over every unit (supervised token, or pair) of the global batch."""
+    setup, objective, ctx, timer = run.setup, run.objective, run.setup.dist, run.timer
+    started = time.perf_counter()
+    timer.start()
+    # Counted on the host before the move, then over all ranks.
+    units, supervised, tokens = (int(n) for n in ctx.sum([sum(objective.count(b) for b in batches),
+                                                          sum(b.num_supervised for b in batches),
+                                                          sum(b.num_tokens for b in batches)]))
+    timer.mark("data")
+    step_loss = torch.zeros((), device=setup.device)
+    step_sums = torch.zeros(len(objective.metrics), device=setup.device)
+    for index, batch in enumerate(batches):
+        with distributed.gradient_sync(run.engine, ctx, last=index == len(batches) - 1):
+            share, sums = _forward_backward(run.engine, objective, batch.to(setup.device), units, ctx.world, timer)
+        step_loss += share
+        step_sums += sums
+    grad_norm = distributed.full_tensor(_clip(run.params, setup.config.train.max_grad_norm))
+    # The one host sync of the step, for the log and the NaN check (plus one sum over ranks, which also tells
+    # every rank whether any was asked to stop).
+    local_loss, norm, *local_sums = torch.cat([torch.stack([step_loss, grad_norm.to(step_loss)]),
+                                               step_sums]).tolist()
+    loss, stops, *metric_sums = ctx.sum([local_loss, float(run.stop.signum is not None), *local_sums])
+    lr = run.scheduler.get_last_lr()[0]
+    applied = _apply_or_skip(run, loss, norm, batches)
+    run.state.step += 1
+    cfg = setup.config
+    if run.log is not None and applied and (run.state.step % cfg.train.log_every_steps == 0
+                                            or run.state.step == run.steps):
+        run.log.log({"step": run.state.step, "epoch": round(run.batches.epochs_done(), 4), "loss": loss, "lr": lr,
+                     "grad_norm": norm, "tokens": tokens, "supervised_tokens": supervised,
+                     **_per_unit(objective, units, metric_sums),
+                     "seconds": time.perf_counter() - started, **timer.seconds()})
+    return loss, stops
+
+
+def _apply_or_skip(run: Loop, loss: float, norm: float, batches: list[Batch]) -> bool:
+    """The optimizer step when loss and gradient norm are finite; else the step is skipped (or the run stopped,
+    train.on_nonfinite). The schedule advances either way. True when the step was applied."""
+    cfg, state = run.setup.config, run.state
+    if math.isfinite(loss) and math.isfinite(norm):
+        run.streak = 0
+        run.optimizer.step()
+    else:
+        run.streak += 1
+        problem = _nonfinite(state, loss, norm, batches, run.out)
+        if cfg.train.on_nonfinite == "stop" or run.streak >= NONFINITE_STREAK:
+            again = f" ({run.streak} such steps in a row)" if run.streak > 1 else ""
+            raise TrainingError(f"{problem}{again}. Nothing of this step was applied; the last complete checkpoint "
+                                f"is {checkpoint.latest_checkpoint(run.out)}. Lower train.lr, check those rows, or "
+                                "set train.on_nonfinite=skip.")
+        run.console.print(Text(f"{problem}: step skipped (train.on_nonfinite=skip)", style="yellow"))
+        state.skipped_steps += 1
+        if run.log is not None:
+            run.log.log({"step": state.step + 1, "skipped": problem, "rows": [w for b in batches for w in b.where]})
+    with warnings.catch_warnings():  # a skipped first step: torch warns the order looks wrong
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.timer.mark("optimizer")
+    return run.streak == 0
+
+
+def _after_step(run: Loop, progress: Progress, stops: float) -> bool:
+    """Eval when due (logged; early stopping decided), a checkpoint when due, and the stop a signal asked for.
+    True when early stopping ends the run."""
+    cfg, state, setup = run.setup.config, run.state, run.setup
+    early = False
+    last = state.step == run.steps
+    evaluated = bool(setup.eval_indices is not None and len(setup.eval_indices) and (
+        last or (cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0)))
+    metrics = eval_metrics(setup, run.pad_id, run.engine) if evaluated else {}
+    if evaluated:
+        progress.eval_loss = metrics["eval_loss"]
+    probed = run.probe.at_step(state, run.steps, progress.eval_loss, evaluated) if run.probe is not None else {}
+    if run.log is not None and (metrics or probed):
+        run.log.log({"step": state.step, **metrics, **probed})
+    if evaluated:
+        early = _early_stop(state, progress.eval_loss, cfg.train.early_stopping_patience)
+    early = early or (run.probe is not None and run.probe.should_stop())
+    kept = run.probe is not None and run.probe.wants_checkpoint(state)  # the recommended step so far
+    if last or early or stops or kept or (cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0):
+        saved = run.save()
+        if stops:
+            raise TrainingInterrupted(
+                f"stopped by {run.stop.name or 'a signal on another rank'} after step {state.step} of {run.steps}; "
+                f"saved checkpoint {saved}. To continue, run the same command again: train.resume=auto resumes "
+                "from it.", signum=run.stop.signum or signal.SIGTERM)
+    return early
+
+
+def eval_metrics(setup: Setup, pad_id: int, engine: torch.nn.Module) -> dict[str, float]:
+    """Everything logged at an eval point, as one dict: eval_loss, eval_perplexity (sft) or the stage's eval_
+    metrics, and eval_loss/<source> for several eval sources. Every rank runs it (the sums are across ranks)."""
+    eval_loss, metrics = evaluate(setup, pad_id, engine)
+    stage_metrics = {"eval_perplexity": math.exp(min(eval_loss, 50))} if objective_for(setup.config).stage == "sft" \
+        else {f"eval_{k}": v for k, v in metrics.items()}
+    return {"eval_loss": eval_loss, **stage_metrics, **_eval_per_source(setup, pad_id, engine)}
 
 
 def _clamped_accum(setup: Setup, console: Console) -> int:
@@ -438,21 +489,3 @@ def _early_stop(state: TrainState, eval_loss: float, patience: int | None) -> bo
         return False
     state.evals_without_improvement += 1
     return patience is not None and state.evals_without_improvement >= patience
-
-
-def _pad_id(tokenizer: object) -> int:
-    for attribute in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attribute, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _export(setup: Setup, out: Path) -> Path:
-    """adapter/ or model/, written beside and renamed into place: a failed export leaves no partial dir."""
-    from sftlab import export
-
-    final = files.owned(out, "model" if setup.method.name == "full" else "adapter")
-    with atomic_dir(final, what="the export") as tmp:
-        export.save_trained(setup.model, setup.method, setup.config, setup.tokenizer, out, into=tmp)
-    return final

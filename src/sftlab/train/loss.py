@@ -1,7 +1,8 @@
-"""The loss: the LM head only at supervised positions, chunked fp32 cross-entropy. The one place labels shift.
+"""The loss: the LM head only at supervised positions, chunked fp32 cross-entropy.
 
 Position t of the hidden states predicts token t+1, so the targets are labels[:, 1:] and a position is
-supervised when its target is not IGNORE_INDEX. Only those hidden states go through the output head,
+supervised when its target is not IGNORE_INDEX (the one place labels shift: data/shift.py, run when a batch
+is made). Only those hidden states go through the output head,
 chunk by chunk: full (B, T, V) logits never exist, and ignored positions (prompts, often half of SFT
 tokens) cost no head FLOPs. For a plain linear head each chunk's gradients (into the hidden states, and
 into the head weight when it trains) are computed in the forward pass, right after its loss, so no
@@ -22,28 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sftlab.data.encode import IGNORE_INDEX
+from sftlab.data.shift import supervised_positions as supervised_positions  # re-exported: read with the loss
+from sftlab.models.forward import hidden_states
 
 CHUNK_TOKENS = 2048
 """Supervised positions per head chunk at most; fewer for big vocabularies (LOGITS_BYTES)."""
 LOGITS_BYTES = 256 * 2**20
 """Memory for one chunk's fp32 logits: 256 MiB is 440 positions of a 151k vocabulary, 2048 of ≤ 32k."""
-
-
-def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat hidden-state indices into B*T, their target ids) for every supervised position.
-
-    Computed where `labels` lives (the CPU, before the batch moves), so the step needs no host sync.
-    """
-    _, length = labels.shape
-    targets = labels[:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows * length + cols, targets[rows, cols]
-
-
-def hidden_states(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The decoder's last hidden states (B, T, H), without the output head (a packed batch is one row)."""
-    return model.base_model(**batch.model_inputs(), use_cache=False)[0]
 
 
 def _head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:

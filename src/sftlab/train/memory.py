@@ -32,6 +32,7 @@ from torch import nn
 
 from sftlab.config import PAIR_STAGES
 from sftlab.errors import ConfigError
+from sftlab.methods.registry import METHODS
 
 GIB = 2**30
 ACT_HIDDEN = 18
@@ -101,7 +102,6 @@ class MemoryPlan:
 
 def model_shape(cfg: Any, source: Path, device: torch.device) -> ModelShape:
     """Count the model of `source` (config.json only: a meta skeleton) as `cfg`'s run will hold it."""
-    from sftlab.methods import METHODS
     from sftlab.methods.lora import LoRA
     from sftlab.models import stream
     from sftlab.models.load import resolve_dtype
@@ -130,7 +130,7 @@ def model_shape(cfg: Any, source: Path, device: torch.device) -> ModelShape:
     layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0))
     lora_trainable = _trainable_bytes(LoRA(cfg), model)
     method = METHODS[cfg.method](cfg)
-    method_trainable = lora_trainable if cfg.method in ("lora", "qlora") else _trainable_bytes(method, model)
+    method_trainable = lora_trainable if isinstance(method, LoRA) else _trainable_bytes(method, model)
     stored = stream.checkpoint_tensors(stream.weight_files(source))  # headers only
     return ModelShape(dense, nf4, lora_trainable, method_trainable, layers, hidden, intermediate,
                       int(model.get_input_embeddings().weight.shape[0]),
@@ -151,7 +151,7 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
          where: str) -> MemoryPlan:
     """The plan for `cfg` on a model of `shape`, micro-batches of train.micro_batch_size rows of
     `row_tokens` tokens."""
-    qlora = cfg.method == "qlora"
+    qlora = METHODS[cfg.method].quantized_base
     trainable = shape.method_trainable
     checkpointing = bool(cfg.train.gradient_checkpointing)
     tokens = cfg.train.micro_batch_size * row_tokens * (2 if cfg.stage in PAIR_STAGES else 1)  # a pair: two rows
@@ -170,8 +170,9 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
 def fixes(cfg: Any, shape: ModelShape, current: MemoryPlan, row_tokens: int) -> list[str]:
     """Single changes to `cfg` whose plan fits, each with its estimate, cheapest change first."""
     options: list[tuple[str, Any, int]] = []
-    if cfg.method == "lora":
-        options.append(("method=qlora", replace(cfg, method="qlora"), row_tokens))
+    smaller = METHODS[cfg.method].smaller_sibling  # LoRA -> QLoRA
+    if smaller is not None:
+        options.append((f"method={smaller}", replace(cfg, method=smaller), row_tokens))
     if not cfg.train.gradient_checkpointing:
         options.append(("train.gradient_checkpointing=true",
                         replace(cfg, train=replace(cfg.train, gradient_checkpointing=True)), row_tokens))

@@ -177,7 +177,7 @@ class KTO(Objective):
     @property
     def _packed(self) -> bool:
         """The policy's rows padding-free, unless the method cannot run packed rows (soft prompts, prefixes)."""
-        return METHODS[self.config.method].packed_rows
+        return METHODS[self.config.method].packing
 
     def count(self, batch: Any) -> int:
         return 0 if batch.padding else batch.num_examples

@@ -337,7 +337,7 @@ def base_view(method: Method | None, model: torch.nn.Module) -> Any:
     none) the model as it is, which before training is the base."""
     import contextlib
 
-    if method is None or not getattr(method, "has_base_view", True):
+    if method is None or type(method).whole_model:
         return contextlib.nullcontext()
     return method.adapters_disabled(model)
 

@@ -37,7 +37,7 @@ from sftlab.train.loss_curve import loss_svg
 from sftlab.train.metrics import PHASES, read_metrics
 
 if TYPE_CHECKING:
-    from sftlab.train.loop import Setup
+    from sftlab.train.setup import Setup
 
 REPORT_DATA, REPORT_PAGE = "report.json", "report.html"
 NUM_EXAMPLES = 3

@@ -43,6 +43,7 @@ from sftlab.config import Config, ConfigError, load_config, sources_of, to_dict
 from sftlab.errors import SftlabError
 from sftlab.export.model_dir import ADAPTER_CONFIG
 from sftlab.files import CONTROL_NAMES, ForeignPathError, remove_scratch, write_text_atomic
+from sftlab.methods import method_class
 from sftlab.models.portable import portable
 from sftlab.train import lock, trackers
 from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
@@ -188,7 +189,7 @@ def as_saved(cfg: Config) -> Config:
     the user's own command compares equal. An SFT adapter that trains on (dpo.init=continue) stays named."""
     if cfg.stage != "dpo" or not cfg.dpo.init_from:
         return cfg
-    if cfg.method == "full":
+    if method_class(cfg.method).whole_model:
         start = init_dir(cfg, "model")
     elif cfg.dpo.init == "merge":
         start = Path(cfg.output_dir) / "base"
@@ -232,14 +233,14 @@ def _refuse_foreign(out: Path) -> None:
 
 def planned(cfg: Config) -> list[str]:
     """The entries this config's run writes in its output dir."""
-    names = ["config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "model" if cfg.method == "full" else "adapter",
+    names = ["config.yaml", "metrics.jsonl", "loss.png", "checkpoints", method_class(cfg.method).export_dir(),
              "report.html", "report.json", "rejects.jsonl", FINISHED]
     if cfg.data.eval:
         names.append("eval_rejects.jsonl")
     if cfg.eval.probe != "none":
         names += ["probe_reference.safetensors", "probe.json"]  # train/forgetting.py
     names += trackers.run_entries(cfg)
-    if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and cfg.method != "full":
+    if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and not method_class(cfg.method).whole_model:
         names.append("base")
     return names
 
@@ -306,7 +307,7 @@ def _legacy_run(out: Path, cfg: Config) -> list[str] | None:
     except SftlabError:
         saved = None
     reads = [path.resolve() for key, path in inputs(cfg) + (inputs(saved) if saved else [])]
-    wrote = {"model": saved is not None and saved.method == "full",
+    wrote = {"model": saved is not None and method_class(saved.method).whole_model,
              "adapter": (out / "adapter" / ADAPTER_CONFIG).is_file(),
              "base": saved is not None and saved.stage == "dpo" and saved.dpo.init == "merge",
              "checkpoints": has_checkpoints, "config.yaml": saved is not None}

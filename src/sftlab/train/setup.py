@@ -1,11 +1,12 @@
-"""Prepare a run: tokenizer, template, encoded datasets, model, method — everything the loop consumes."""
+"""Build a run's Setup: tokenizer, template, encoded datasets, model, method — everything the loop consumes.
+runs.prepare checks the config and claims the output dir, then calls `build`."""
 
 from __future__ import annotations
 
 import copy
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,64 +23,69 @@ from sftlab.data.mixture import MixedDataset, Mixture, hold_out, make_mixture, m
 from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
 from sftlab.data.sources import Source, describe, resolve_all
 from sftlab.data.templates import load_template
-from sftlab.errors import ConfigError, DataError, SftlabError
+from sftlab.errors import ConfigError, DataError
 from sftlab import files
 from sftlab.files import atomic_dir
-from sftlab.methods import METHODS
+from sftlab.methods import method_class
 from sftlab.methods.base import Method
 from sftlab.models.fused import fuse
 from sftlab.models.gguf import is_gguf
-from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, nf4_spec, skeleton
-from sftlab.models.portable import portable
-from sftlab.models.positions import with_max_seq_len
+from sftlab.models.load import check_model, default_device, load_model, load_tokenizer, skeleton
 from sftlab.models.quant import base_memory_line
-from sftlab.train import lock, rundir, trackers
-from sftlab.train.distributed import Dist, choose_mode
-from sftlab.train.loop import Setup, _pad_id
+from sftlab.train import rundir
+from sftlab.train.distributed import SINGLE, Dist, choose_mode
 from sftlab.train.memory import plan_run
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
 
 
-def prepare(cfg: Config, *, console: Console | None = None, device: torch.device | None = None,
-            overwrite: bool = False) -> Setup:
-    """Check the config's files and the output dir, read and validate all the data, then load the model:
-    a bad row or setting fails in seconds, before any model weights are read. `overwrite` lets the run
-    replace a finished run in output_dir (train/rundir.py)."""
-    ctx = Dist.from_env()  # under torchrun: joins the other processes
-    console = console or Console(stderr=True)
-    if not ctx.main:
-        console = Console(stderr=True, quiet=True)
-    if not cfg.data.train:
-        raise ConfigError("no training data: set data.train (a data file, glob, dataset directory or hub dataset "
-                          "id, or a list of them).")
-    if not cfg.model.path:
-        raise ConfigError("no model: set model (a Hugging Face model dir, hub id or .gguf file).")
-    train_sources, eval_sources = (_resolve(key, getattr(cfg.data, key)) for key in ("train", "eval"))
-    trackers.check(cfg)  # a tracker's missing package, before any data or weights are read
-    cfg = with_max_seq_len(cfg, console)  # before the claim: the run's config.yaml records the number
-    cfg = portable(cfg)  # the base recorded so that the run loads from any working directory
-    out = Path(cfg.output_dir)
-    refused: SftlabError | None = None
-    if ctx.main:
-        try:
-            rundir.claim(cfg, overwrite=overwrite, console=console)  # before anything is written; train() releases it
-        except SftlabError as exc:
-            refused = exc
-    if ctx.sum([float(refused is not None)])[0]:  # every rank stops, not only rank 0
-        raise refused or SftlabError(f"rank 0 refused output_dir {out}; its message says why.")
-    try:
-        return _prepare_claimed(cfg, ctx=ctx, console=console, device=device, out=out,
-                                sources=(train_sources, eval_sources))
-    except BaseException:
-        if ctx.main:
-            lock.release(out)  # a start that fails leaves no lock behind
-        raise
+@dataclass
+class Setup:
+    """Everything the loop needs: built by `build` (runs.prepare calls it once the output dir is claimed), or
+    by a test."""
+    config: Config
+    model: torch.nn.Module
+    tokenizer: object
+    method: Method
+    train_data: EncodedDataset | PairDataset
+    """Examples (stage sft) or preference pairs (stage dpo)."""
+    train_indices: np.ndarray
+    eval_data: EncodedDataset | PairDataset | None
+    eval_indices: np.ndarray | None
+    device: torch.device
+    dist: Dist = SINGLE
+    """This process's place in a torchrun launch (train/distributed.py); a single process by default."""
+    reference_model: torch.nn.Module | None = None
+    """Stage dpo with full fine-tuning: the frozen reference copy (None: precomputed, or adapters disabled)."""
+    mixture: Mixture | None = None
+    """Several sources, weights or max_samples: which items each epoch trains (data/mixture.py)."""
+    eval_groups: dict[str, np.ndarray] | None = None
+    """Several eval sources: each one's eval indices, logged as eval_loss/<source>."""
 
 
-def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path,
-                     sources: tuple[list[Source], list[Source]]) -> Setup:
-    """The rest of prepare(), once this process holds the output dir (`sources`: data.train's and data.eval's)."""
-    train_sources, eval_sources = sources
+@dataclass
+class Data:
+    """The encoded data of a run: what trains, what is held out for eval, and how an epoch picks its items."""
+    train: EncodedDataset | PairDataset
+    indices: np.ndarray
+    eval: EncodedDataset | PairDataset | None = None
+    eval_indices: np.ndarray | None = None
+    eval_groups: dict[str, np.ndarray] | None = None
+    mixture: Mixture | None = None
+
+
+def pad_id(tokenizer: object) -> int:
+    """The id padding uses: the tokenizer's pad token, else its eos, else 0 (padding is never trained)."""
+    for attribute in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attribute, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def build(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | None, out: Path,
+          sources: tuple[list[Source], list[Source]]) -> Setup:
+    """What runs.prepare does once this process holds the output dir (`sources`: data.train's and
+    data.eval's): read and validate all the data, then load the model and apply the method."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = _full_init(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -90,47 +96,66 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
                       max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation,
                       add_special_tokens=cfg.data.add_special_tokens, max_row_bytes=cfg.data.max_row_bytes,
                       special_tokens_in_content=cfg.data.special_tokens_in_content)
+    data = build_data(cfg, ctx=ctx, console=console, out=out, sources=sources, encoder=encoder)
+    device = device or (ctx.device() if ctx.enabled else default_device())
+    if not ctx.enabled:  # under torchrun each rank holds a share (FSDP) or a replica (DDP): not planned yet
+        plan_run(cfg, data.train, device, console)  # exit 2 before any weight is read when it cannot fit
+    model, method, cfg, continued = build_model(cfg, ctx=ctx, console=console, device=device, tokenizer=tokenizer,
+                                                encoder=encoder, data=data)
+    if ctx.enabled:
+        ctx = replace(ctx, mode=choose_mode(cfg.train.distributed, cfg.method, model, device, ctx.world))
+        console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
+    reference = _stage_reference(cfg, model, method, data, tokenizer, device, continued, console)
+    return Setup(cfg, model, tokenizer, method, data.train, data.indices, data.eval, data.eval_indices, device, ctx,
+                 reference_model=reference, mixture=data.mixture, eval_groups=data.eval_groups)
+
+
+def build_data(cfg: Config, *, ctx: Dist, console: Console, out: Path, sources: tuple[list[Source], list[Source]],
+               encoder: Encoder) -> Data:
+    """The training data encoded (and cached), its rejects logged; the eval data from data.eval or held out."""
+    train_sources, eval_sources = sources
+    pairs = cfg.stage in PAIR_STAGES
     train_data = _build_all(ctx, train_sources, cfg, encoder, _run_file(ctx, out, "rejects.jsonl"))
-    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=cfg.stage in PAIR_STAGES,
+    _report_data(console, "train", train_data.stats, out / "rejects.jsonl", pairs=pairs,
                  special_tokens_in_content=cfg.data.special_tokens_in_content)
-    indices = np.arange(len(train_data))
-    eval_data, eval_indices, eval_groups = None, None, None
+    data = Data(train_data, np.arange(len(train_data)))
     if eval_sources:
-        eval_data = _build_all(ctx, eval_sources, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
-        _report_data(console, "eval", eval_data.stats, out / "eval_rejects.jsonl", pairs=cfg.stage in PAIR_STAGES,
+        data.eval = _build_all(ctx, eval_sources, cfg, encoder, _run_file(ctx, out, "eval_rejects.jsonl"))
+        _report_data(console, "eval", data.eval.stats, out / "eval_rejects.jsonl", pairs=pairs,
                      special_tokens_in_content=cfg.data.special_tokens_in_content)
-        eval_indices = np.arange(len(eval_data))
-        eval_groups = _groups(eval_data, eval_sources, eval_indices)
+        data.eval_indices = np.arange(len(data.eval))
+        data.eval_groups = _groups(data.eval, eval_sources, data.eval_indices)
     elif cfg.data.eval_fraction > 0 and len(train_sources) > 1:  # every source held out from, so each is evaluated
-        indices, eval_indices = hold_out(_item_starts(train_data), cfg.data.eval_fraction, cfg.train.seed)
-        eval_data, eval_groups = train_data, _groups(train_data, train_sources, eval_indices)
+        data.indices, data.eval_indices = hold_out(_item_starts(train_data), cfg.data.eval_fraction, cfg.train.seed)
+        data.eval, data.eval_groups = train_data, _groups(train_data, train_sources, data.eval_indices)
     elif cfg.data.eval_fraction > 0:
         shuffled = np.random.default_rng([cfg.train.seed, 1 << 20]).permutation(len(train_data))
         held = max(1, round(cfg.data.eval_fraction * len(train_data)))
-        eval_data, eval_indices, indices = train_data, np.sort(shuffled[:held]), np.sort(shuffled[held:])
-    if len(indices) == 0:
+        data.eval, data.eval_indices, data.indices = train_data, np.sort(shuffled[:held]), np.sort(shuffled[held:])
+    if len(data.indices) == 0:
         raise ConfigError(f"no training examples left from {describe(cfg.data.train)} (see {out / 'rejects.jsonl'}).")
-    mixture = _mixture(train_sources, train_data, indices, cfg, console)
+    data.mixture = _mixture(train_sources, train_data, data.indices, cfg, console)
+    return data
 
-    device = device or (ctx.device() if ctx.enabled else default_device())
-    if not ctx.enabled:  # under torchrun each rank holds a share (FSDP) or a replica (DDP): not planned yet
-        plan_run(cfg, train_data, device, console)  # exit 2 before any weight is read when it cannot fit
+
+def build_model(cfg: Config, *, ctx: Dist, console: Console, device: torch.device, tokenizer: object,
+                encoder: Encoder, data: Data) -> tuple[torch.nn.Module, Method, Config, bool]:
+    """The model loaded (NF4 as read for a quantised base), the data's added token rows made, the method applied
+    (onto an SFT adapter merged or continued, for dpo.init_from): (model, method, config, continued)."""
+    entry = method_class(cfg.method)
     notes: list[str] = []
-    model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg), notes=notes)
+    model = load_model(cfg.model, device=device, nf4=entry.nf4(cfg), notes=notes)
     for note in notes:
         console.print(note)
     torch.manual_seed(cfg.train.seed)  # the new embedding rows and the adapter's initialisation
     new_token_ids = _add_token_rows(cfg, model, tokenizer, encoder.added_tokens, console)
-    _check_vocab(model, train_data, cfg.model.path)
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method {cfg.method!r} is not available in this version of sftlab; use one of "
-                          f"{', '.join(METHODS)}.")
+    _check_vocab(model, data.train, cfg.model.path)
     if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge":
         model, cfg = _merge_init(cfg, model, tokenizer, new_token_ids, ctx, console)
     continued = _init_adapter(cfg)  # dpo.init_from, init=continue: the SFT adapter trains on
     if continued is not None:
         new_token_ids = sorted({*new_token_ids, *export.adapter_token_ids(continued)})
-    method = METHODS[cfg.method](cfg, trainable_token_ids=new_token_ids)
+    method = entry(cfg, trainable_token_ids=new_token_ids)
     if cfg.train.fused_ops:  # on the plain model, before the method wraps its modules
         fused = fuse(model)
         if fused:
@@ -139,32 +164,35 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
     if continued is not None:
         export.load_trained(model, method, continued)
         console.print(f"dpo: training on the SFT adapter {continued}", markup=False)
-    if cfg.method == "qlora":
+    if entry.quantized_base:
         console.print(base_memory_line(model))
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
     console.print(f"method {cfg.method}: trainable {100 * trainable / total:.2f}% — "
                   f"{_millions(trainable)} of {_millions(total)}")
-    if ctx.enabled:
-        ctx = replace(ctx, mode=choose_mode(cfg.train.distributed, cfg.method, model, device, ctx.world))
-        console.print(f"{ctx.mode.upper()} over {ctx.world} processes (this is rank {ctx.rank})")
-    reference = _reference(cfg, model, method, [train_data, eval_data], pad_id=_pad_id(tokenizer), device=device,
-                           continued=continued is not None, console=console) if cfg.stage == "dpo" else None
+    return model, method, cfg, continued is not None
+
+
+def _stage_reference(cfg: Config, model: torch.nn.Module, method: Method, data: Data, tokenizer: object,
+                     device: torch.device, continued: bool, console: Console) -> torch.nn.Module | None:
+    """The preference stage's reference (dpo, kto), or None; orpo and simpo need none."""
+    if cfg.stage == "dpo":
+        return _reference(cfg, model, method, [data.train, data.eval], pad_id=pad_id(tokenizer), device=device,
+                          continued=continued, console=console)
     if cfg.stage == "kto":
-        reference = _reference(cfg, model, method, [], pad_id=_pad_id(tokenizer), device=device, continued=False,
-                               console=console)
+        return _reference(cfg, model, method, [], pad_id=pad_id(tokenizer), device=device, continued=False,
+                          console=console)
     if cfg.stage in ("orpo", "simpo"):
         console.print(f"{cfg.stage}: no reference model (reference-free: no second copy of the weights, no "
                       "reference forward)")
-    return Setup(cfg, model, tokenizer, method, train_data, indices, eval_data, eval_indices, device, ctx,
-                 reference_model=reference, mixture=mixture, eval_groups=eval_groups)
+    return None
 
 
 def _check_layers(cfg: Config) -> None:
     """The method's settings against the model's layer shapes (lora.targets, lora.rank), on a skeleton
     built from config.json: a mistake is named before the data work and the weight load."""
-    method = METHODS.get(cfg.method)
-    if method is None or method.check_layers is Method.check_layers:  # nothing to check: build no skeleton
+    method = method_class(cfg.method)
+    if method.check_layers is Method.check_layers:  # nothing to check: build no skeleton
         return
     model = skeleton(cfg.model)
     if model is not None:
@@ -173,11 +201,12 @@ def _check_layers(cfg: Config) -> None:
 
 def _full_init(cfg: Config) -> Config:
     """Full fine-tuning from an SFT run: its model/ is the model this run starts from (as its config says)."""
-    return rundir.as_saved(cfg) if cfg.method == "full" else cfg
+    return rundir.as_saved(cfg) if method_class(cfg.method).whole_model else cfg
 
 
 def _init_adapter(cfg: Config) -> Path | None:
-    if cfg.stage != "dpo" or not cfg.dpo.init_from or cfg.dpo.init != "continue" or cfg.method == "full":
+    if cfg.stage != "dpo" or not cfg.dpo.init_from or cfg.dpo.init != "continue" or \
+            method_class(cfg.method).whole_model:
         return None
     return rundir.init_dir(cfg, "adapter")
 
@@ -186,11 +215,11 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
                 console: Console) -> tuple[torch.nn.Module, Config]:
     """dpo.init=merge: fold the SFT adapter into the base, write the result to OUTPUT/base (the base of this
     run's adapter, and the model its config.yaml names from now on: resuming from it does not merge again)."""
-    if not METHODS[cfg.method].mergeable:
+    if not method_class(cfg.method).mergeable:
         raise ConfigError(f"dpo.init=merge: method {cfg.method} cannot merge into the base weights; set "
                           "dpo.init=continue to train its SFT adapter on.")
     adapter = rundir.init_dir(cfg, "adapter")
-    sft = METHODS[cfg.method](cfg, trainable_token_ids=sorted({*token_ids, *export.adapter_token_ids(adapter)}))
+    sft = method_class(cfg.method)(cfg, trainable_token_ids=sorted({*token_ids, *export.adapter_token_ids(adapter)}))
     sft.apply(model)
     export.load_trained(model, sft, adapter)
     model = sft.merge(model)
@@ -204,20 +233,20 @@ def _merge_init(cfg: Config, model: torch.nn.Module, tokenizer: object, token_id
     return model, saved
 
 
-def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: list[PairDataset | None], *,
+def _reference(cfg: Config, model: torch.nn.Module, method: Method, datasets: list[PairDataset | None], *,
                pad_id: int, device: torch.device, continued: bool, console: Console) -> torch.nn.Module | None:
     """Stage dpo's reference: log-probs precomputed into the datasets (dpo.precompute_reference, or a continued
     SFT adapter: the SFT model is the policy before training), a frozen copy (full fine-tuning), or None: the
     trained model with its adapters disabled, computed at each step."""
     if not (cfg.dpo.precompute_reference or continued):
-        if cfg.method == "full":
+        if method.whole_model:
             kept = " (dpo.precompute_reference=true keeps none)" if cfg.stage == "dpo" else ""
             console.print(f"{cfg.stage} reference: a frozen copy of the model{kept}")
             return copy.deepcopy(model).requires_grad_(False).eval()
         console.print(f"{cfg.stage} reference: the base model, its adapter disabled (no second copy of the weights)")
         return None
     # The model as it starts (full fine-tuning, a continued adapter), or the base under a fresh adapter.
-    as_policy = continued or cfg.method == "full"
+    as_policy = continued or method.whole_model
     logps: Callable[[PairBatch], torch.Tensor] = (lambda b: sequence_logps(model, b, method)) if as_policy \
         else (lambda b: reference_logps(model, b, method))
     model.eval()
@@ -234,7 +263,7 @@ def _reference(cfg: Config, model: torch.nn.Module, method: object, datasets: li
     return None
 
 
-def _resolve(key: str, value: object) -> list[Source]:
+def resolve_sources(key: str, value: object) -> list[Source]:
     """data.train / data.eval resolved (files found, hub ids looked up): a missing path fails before any work."""
     try:
         return resolve_all(value)
@@ -327,7 +356,7 @@ def _add_token_rows(cfg: Config, model: torch.nn.Module, tokenizer: object, adde
     (a model whose vocabulary is padded beyond the tokenizer may already have the rows)."""
     if not added:
         return []
-    if cfg.method == "full" and cfg.full.freeze_embeddings:
+    if method_class(cfg.method).whole_model and cfg.full.freeze_embeddings:
         raise ConfigError(f"the data step added special tokens {', '.join(added)}, whose embedding rows start "
                           "random and must train, but full.freeze_embeddings=true freezes them. Set "
                           "full.freeze_embeddings=false, or use a template the tokenizer already has tokens for.")
