@@ -544,20 +544,40 @@ def field_usage(value: Any, format: str) -> dict[str, bool]:
     return usage
 
 
+class FieldTally:
+    """Counts, row by row as a reader streams them, how many rows hold each field and whether `format` (auto:
+    detected from the first readable row) reads it, so the pass that encodes the rows reports them too."""
+
+    def __init__(self, format: str = "auto") -> None:
+        self.counts: dict[str, list[Any]] = {}
+        self.chosen = None if format == "auto" else format
+
+    def add(self, row: Row) -> None:
+        if row.error is not None:
+            return
+        self.chosen = self.chosen or detect_format(row.value)
+        if self.chosen is None:
+            return
+        for name, used in field_usage(row.value, self.chosen).items():
+            self.counts.setdefault(name, [0, used])[0] += 1
+
+    def tallied(self, rows: Iterable[Row]) -> Iterator[Row]:
+        """The rows unchanged, each counted as it passes."""
+        for row in rows:
+            self.add(row)
+            yield row
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return {name: {"rows": rows, "used": used} for name, (rows, used) in sorted(self.counts.items())}
+
+
 def field_report(source: str | Path | Iterable[Row], format: str = "auto", *,
                  max_row_bytes: int | None = None) -> dict[str, dict[str, Any]]:
     """How many rows of a file (or of a stream of rows) hold each field, and whether the reader uses it:
     {"tools": {"rows": 1200, "used": True}, "metadata": {"rows": 50, "used": False}}. Unreadable rows and
     rows over `max_row_bytes` are skipped (they are rejected, and counted, by the reader)."""
-    counts: dict[str, list[Any]] = {}
-    chosen = None if format == "auto" else format
+    tally = FieldTally(format)
     rows = iter_rows(source, max_row_bytes=max_row_bytes) if isinstance(source, (str, Path)) else source
     for row in rows:
-        if row.error is not None:
-            continue
-        chosen = chosen or detect_format(row.value)
-        if chosen is None:
-            continue
-        for name, used in field_usage(row.value, chosen).items():
-            counts.setdefault(name, [0, used])[0] += 1
-    return {name: {"rows": rows, "used": used} for name, (rows, used) in sorted(counts.items())}
+        tally.add(row)
+    return tally.report()

@@ -241,7 +241,7 @@ def _join(chosen: Encoded | DataError, rejected: Encoded | DataError) -> Encoded
     for side in (chosen, rejected):
         if isinstance(side, DataError):
             return side
-    where = chosen.example.where
+    where = chosen.where
     starts = [int(np.argmax(side.trained)) for side in (chosen, rejected)]
     if starts[0] != starts[1] or not np.array_equal(chosen.ids[:starts[0]], rejected.ids[:starts[1]]):
         return DataError("the chat template renders the prompt differently before the chosen answer than before "

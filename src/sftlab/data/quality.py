@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sftlab.config import DataConfig
-from sftlab.data.encode import (IGNORE_INDEX, NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped,
+from sftlab.data.encode import (NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped,
                                 Encoded, Encoder)
 from sftlab.data.formats import field_report, tool_names
 from sftlab.data.reasoning import prepare
@@ -234,12 +234,10 @@ class _Tally:
         if isinstance(error, Dropped):
             self.dropped[error.reason] += 1
         if whole is not None:  # dropped as too long: its length still describes the data
-            self.lengths.append(len(whole.example.labels))
+            self.lengths.append(len(whole.trained))
 
     def example(self, encoded: Encoded, whole: Encoded | None) -> None:
-        labels = np.asarray(encoded.example.labels, dtype=np.int64)
-        roles = np.asarray(encoded.roles, dtype=np.int64)
-        trained = labels != IGNORE_INDEX
+        roles, trained = encoded.role_codes, encoded.trained
         self.role_tokens += np.bincount(roles, minlength=len(ROLE_NAMES))
         self.role_trained += np.bincount(roles[trained], minlength=len(ROLE_NAMES))
         self.counts["examples"] += 1
@@ -247,13 +245,13 @@ class _Tally:
         self.counts["turns_missing_end_of_turn"] += turns_missing_end_of_turn(
             encoded.segments, self.encoder.template.end_of_turn)
         if not encoded.truncated:
-            self.lengths.append(len(labels))
+            self.lengths.append(len(trained))
             return
         self.counts["truncated"] += 1
         if whole is not None:
-            self.lengths.append(len(whole.example.labels))
-            cut = len(labels)  # the first token cut off; a trained run across the cut loses its end
-            if trained[-1] and whole.example.labels[cut] != IGNORE_INDEX:
+            self.lengths.append(len(whole.trained))
+            cut = len(trained)  # the first token cut off; a trained run across the cut loses its end
+            if trained[-1] and whole.trained[cut]:
                 self.counts["truncated_inside_trained_turn"] += 1
 
     def report(self, data_path: str, data: DataConfig, rejects: dict[str, int], read_rejects: int) -> QualityReport:
