@@ -298,6 +298,31 @@ def conversations_from_rows(rows: Iterable[Row], *, format: str = "auto", role_m
             log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
 
 
+def items_from_rows(rows: Iterable[Row], convert: Callable[[Any, str], Any], *, accepts: Callable[[Any], bool],
+                    kind: str, expected: str, reason: str, on_bad_row: str = "error",
+                    rejects: RejectLog | None = None) -> Iterator[Any]:
+    """Rows of one kind other than conversations (preference pairs, feedback) converted by `convert(value, where)`:
+    a row `accepts` refuses is "not {kind}; expected {expected}". A bad row raises DataError (`error`) or goes to
+    `rejects` (`skip`; with no RejectLog given, to a private one that still counts it)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
+    log = rejects if rejects is not None else RejectLog()
+    for row in rows:
+        try:
+            if row.error is not None:
+                raise row.error
+            if not accepts(row.value):
+                found = (f"an object with keys {', '.join(repr(k)[:40] for k in list(row.value)[:6])}"
+                         if isinstance(row.value, Mapping) else f"a JSON {type(row.value).__name__}")
+                raise DataError(f"the row is {found}, not {kind}; expected {expected}.", where=row.where,
+                                reason=reason)
+            yield convert(row.value, row.where)
+        except DataError as exc:
+            if on_bad_row == "error":
+                raise
+            log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+
+
 def _undetected(value: Any) -> str:
     if not isinstance(value, Mapping):
         return f"the row is a JSON {type(value).__name__}; expected an object such as {{\"messages\": [...]}}."
