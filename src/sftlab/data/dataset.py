@@ -29,6 +29,7 @@ from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import FieldTally
+from sftlab.data.quality import WriterQuality
 from sftlab.data.reasoning import prepare
 from sftlab.data.schema import Conversation
 from sftlab.data.sources import Source, encoder_for, read, resolve, source_settings
@@ -97,6 +98,12 @@ class EncodedDataset:
     @property
     def rejects_path(self) -> Path:
         return self.directory / "rejects.jsonl"
+
+    def quality(self) -> dict[str, Any] | None:
+        """The `sftlab check` report the writer tallied ({"report": dict, "text": str}), or None (too many rows,
+        or not conversations)."""
+        path = self.directory / "quality.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def close(self) -> None:
         """Release the arrays, and delete the directory of an uncached build."""
@@ -189,11 +196,10 @@ class Written:
 
 
 def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: dict[str, Any],
-                   added_tokens: list[str], *, fields: FieldTally | None = None,
-                   report: Callable[[Sequence[Any], list[Any]], None] | None = None) -> None:
+                   added_tokens: list[str], *, fields: FieldTally | None = None) -> None:
     """Fill `directory` (the layout above) from a kind's items in one encoding pass: examples, rejects, stats,
-    the fields the rows hold (counted as they stream by), meta.json. `report` sees every encoded batch (the
-    quality tally a run's report reads, so the report never encodes the data again)."""
+    the fields the rows hold (counted as they stream by), the kind's own files (conversations: the quality
+    report a run's report shows, so it never encodes the data again), meta.json."""
     if data.on_bad_row == "error":
         # Every row read and validated first (no tokenising: ~1 s per 100k rows), so a bad row deep in the
         # file fails at once instead of after encoding all the rows before it.
@@ -212,8 +218,6 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
                 else:
                     sink.reject(result, kind.reject_row(item))
             sink.add(kept)
-            if report is not None:
-                report(batch, results)
     stats = sink.stats
     stats.ignored_fields = {} if fields is None else {name: n["rows"] for name, n in fields.report().items()
                                                         if not n["used"]}
@@ -280,6 +284,8 @@ class Conversations:
 
     def __init__(self, source: Source, data: DataConfig, encoder: Encoder) -> None:
         self.source, self.data, self.encoder = source, data, encoder
+        self.fields = FieldTally(_format_of(source, data))
+        self.quality = WriterQuality(source, data, encoder)
 
     def read(self, on_bad_row: str, rejects: RejectLog | None, fields: FieldTally | None) -> Iterator[Conversation]:
         data = self.data
@@ -287,11 +293,13 @@ class Conversations:
                              max_row_bytes=self.encoder.row_limit, fields=fields)
         if rejects is None:  # the validation pass: nothing is rendered
             return conversations
-        return prepare(conversations, self.encoder.template, reasoning=data.reasoning,
+        return prepare(self.quality.conversations(conversations), self.encoder.template, reasoning=data.reasoning,
                        reasoning_turns=data.reasoning_turns)
 
     def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
-        return self.encoder.encode_stream(batches)
+        for batch, results in self.encoder.encode_stream(batches):
+            self.quality.batch(batch, results)
+            yield batch, results
 
     def written(self, item: Conversation, result: Encoded) -> Written:
         return Written([(result.ids, result.trained, result.where)], result.truncated,
@@ -301,13 +309,14 @@ class Conversations:
         return conversation_row(item)
 
     def finish(self, directory: Path, stats: DatasetStats) -> dict[str, Any]:
+        self.quality.save(directory, stats.rejected, self.fields.report())
         return {}
 
 
 def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
-    write_examples(Conversations(data_path, data, encoder), data, directory, settings, encoder.added_tokens,
-                   fields=FieldTally(_format_of(data_path, data)))
+    kind = Conversations(data_path, data, encoder)
+    write_examples(kind, data, directory, settings, encoder.added_tokens, fields=kind.fields)
 
 
 def _format_of(data_path: Source | str | Path, data: DataConfig) -> str:

@@ -13,6 +13,7 @@ dropped (valid, but the Encoder's policy keeps it out: too long, nothing trained
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from array import array
@@ -20,7 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from itertools import groupby, islice
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,6 +37,11 @@ from sftlab.data.templates import Segment
 from sftlab.errors import DataError
 
 BATCH_ROWS = 512
+QUALITY_MAX_ROWS = 20_000
+"""The dataset writer tallies this report for data of up to this many rows, so a run's report shows it without
+reading the data again; past it (a second's worth of tallying per 20k rows) a run's report leaves it out."""
+QUALITY_FILE = "quality.json"
+"""In a dataset directory: {"report": QualityReport.to_dict(), "text": the report as `sftlab check` prints it}."""
 REJECTED_SHARE_WARNING = 0.10
 """Warn when more than this share of the rows is rejected."""
 
@@ -169,6 +175,50 @@ def analyze(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, 
     report.rejects_path = str(written) if written is not None else None
     report.problems, report.warnings = _problems(report), _warnings(report)
     return report
+
+
+class WriterQuality:
+    """The report `analyze` gives, tallied from the dataset writer's own encoding pass (the rows it reads, the
+    results it writes), for at most QUALITY_MAX_ROWS conversations; saved to the dataset directory."""
+
+    def __init__(self, source: Source, data: DataConfig, encoder: Encoder) -> None:
+        self.source, self.data, self.tally = source, data, _Tally(encoder)
+        self.active = True
+
+    def conversations(self, conversations: Iterable[Conversation]) -> Iterator[Conversation]:
+        """The conversations unchanged, each tallied as it passes (before data.reasoning_turns splits it)."""
+        for conversation in conversations:
+            if self.active:
+                self.tally.conversation(conversation)
+                self.active = self.tally.counts["conversations"] <= QUALITY_MAX_ROWS
+            yield conversation
+
+    def batch(self, pieces: Sequence[Conversation], results: Sequence[Encoded | DataError]) -> None:
+        if not self.active:
+            return
+        template = self.tally.encoder.template
+        for conversation, result, whole in zip(pieces, results, self.tally.untruncated(pieces, results)):
+            if isinstance(result, DataError):
+                self.tally.refused(result, whole)
+            else:
+                self.tally.example(result, whole)
+                self.tally.counts["reasoning_not_rendered"] += reasoning_not_rendered(
+                    template.with_inline_reasoning(conversation), result.segments)
+
+    def save(self, directory: Path, rejected: dict[str, int], fields: dict[str, dict[str, Any]]) -> None:
+        """Write QUALITY_FILE (nothing when the data had more rows than the tally takes)."""
+        if not self.active:
+            return
+        from rich.console import Console
+
+        read_rejects = sum(rejected.values()) - self.tally.refused_rows
+        report = self.tally.report(path_of(self.source), self.data, rejected, read_rejects)
+        report.fields = fields
+        report.problems, report.warnings = _problems(report), _warnings(report)
+        text = io.StringIO()
+        write(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+        (directory / QUALITY_FILE).write_text(json.dumps({"report": report.to_dict(), "text": text.getvalue()},
+                                                         ensure_ascii=False), encoding="utf-8")
 
 
 class _Tally:

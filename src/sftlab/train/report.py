@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sftlab import __version__
 from sftlab.config import PAIR_STAGES, sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
+from sftlab.data.quality import QUALITY_MAX_ROWS
 from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
 from sftlab import files
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 REPORT_DATA, REPORT_PAGE = "report.json", "report.html"
 NUM_EXAMPLES = 3
 """Training examples shown with their trained tokens highlighted."""
-QUALITY_MAX_ROWS = 20_000
-"""The `sftlab check` summary re-reads the training file: done for files up to this many rows (seconds)."""
 SAMPLE_FIELDS = ("prompt", "reference", "before", "after")
 
 
@@ -130,6 +129,8 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     preference pairs (stages dpo, orpo, simpo), of feedback (stage kto) — or (None, None) if the file is too big."""
     if setup.train_data.stats.rows > QUALITY_MAX_ROWS or len(sources_of(setup.config.data.train)) != 1:
         return None, None  # several sources: `sftlab check` reports on each
+    if setup.config.stage not in PAIR_STAGES and setup.config.stage != "kto":
+        return _saved_quality(setup.train_data)
     from rich.console import Console
 
     from sftlab.data import pair_quality, quality
@@ -155,6 +156,14 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     writer = pair_quality.write if setup.config.stage in PAIR_STAGES else quality.write
     writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
     return report.to_dict(), text.getvalue()
+
+
+def _saved_quality(data: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The conversations' report the dataset writer tallied while encoding them (data/quality.py WriterQuality):
+    the report reads it and never encodes the training data again."""
+    parts = getattr(data, "parts", [data])
+    saved = parts[0].quality() if len(parts) == 1 and hasattr(parts[0], "quality") else None
+    return (None, None) if saved is None else (saved["report"], saved["text"])
 
 
 def peak_memory(device: Any) -> dict[str, int]:
