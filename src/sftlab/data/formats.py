@@ -552,21 +552,29 @@ CONVERTERS: dict[str, Callable[[Any, str, Mapping[str, str]], Conversation]] = {
 }
 
 
+MESSAGE_LISTS = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
+"""The fields of each format that hold a list of messages."""
+
+
 def field_usage(value: Any, format: str) -> dict[str, bool]:
     """Each field of a row, and of its messages (as `messages[].KEY`), mapped to whether `format` reads
     it: what `check` counts so that nothing a row holds is dropped without a word."""
     if not isinstance(value, Mapping) or format not in ROW_KEYS:
         return {}
     usage = {str(key): key in ROW_KEYS[format] for key in value}
-    lists = {"messages": ("messages",), "sharegpt": ("conversations",),
-             "prompt_completion": ("prompt", "completion")}.get(format, ())
     known = MESSAGE_KEYS | ({"from", "value"} if format == "sharegpt" else set())
-    for name in lists:
-        items = value.get(name)
-        keys = {key for item in (items if isinstance(items, list) else ()) if isinstance(item, Mapping)
-                for key in item}  # a row counts once per key, however many of its messages hold it
-        usage.update({f"{name}[].{key}": key in known for key in keys})
+    for name in MESSAGE_LISTS.get(format, ()):
+        usage.update({f"{name}[].{key}": key in known for key in _message_keys(value.get(name))})
     return usage
+
+
+def _message_keys(items: Any) -> set[Any]:
+    """The keys any message of a list holds (a row counts once per key, however many of its messages hold it)."""
+    if not isinstance(items, list):
+        return set()
+    if all(type(item) is dict for item in items):  # the JSON readers' messages: no ABC check per message
+        return set().union(*items)
+    return {key for item in items if isinstance(item, Mapping) for key in item}
 
 
 class FieldTally:

@@ -374,7 +374,7 @@ def length_spread(lengths: np.ndarray) -> tuple[int, int, int, int, int]:
 def digest(value: Any) -> int:
     """A 64-bit hash of a JSON-able value (e.g. (role, content) pairs): a Python int costs about half a bytes
     digest in a set, and a collision among even 10^7 distinct values has odds of about 3 in a million."""
-    text = json.dumps(value, ensure_ascii=False)
+    text = repr(value)  # as exact as JSON for strings, numbers, lists and tuples (equal iff equal), and 5x cheaper
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
