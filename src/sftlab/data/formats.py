@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, ToolCall, shown, validate
-from sftlab.errors import ConfigError, DataError
+from sftlab.data.schema import Conversation, Message, ToolCall, validate
+from sftlab.errors import ConfigError, DataError, shown
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                   "assistant": "assistant", "observation": "tool", "tool": "tool"}

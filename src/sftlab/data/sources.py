@@ -26,8 +26,8 @@ from typing import Any
 from sftlab.config import DataConfig, SourceConfig, sources_of
 from sftlab.data.formats import FieldTally, Row, _too_large, conversations_from_rows, iter_rows
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, shown
-from sftlab.errors import DataError
+from sftlab.data.schema import Conversation, Message
+from sftlab.errors import DataError, shown
 
 OWN_SUFFIXES = (".jsonl", ".json", ".parquet")
 """Files sftlab's own readers stream (faster than a `datasets` round trip, with file:line provenance)."""
