@@ -13,8 +13,6 @@ Every input row ends up in exactly one of: rejected (cannot be read, validated, 
 
 from __future__ import annotations
 
-import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
@@ -26,7 +24,7 @@ from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import SPECIAL_IN_CONTENT, Dropped, Encoder
 from sftlab.data.feedback import FeedbackEncoder, feedback_row, read_feedback
 from sftlab.data.preference import _role_map
-from sftlab.data.quality import SPECIAL_TOKEN_ROWS
+from sftlab.data.quality import SPECIAL_TOKEN_ROWS, print_report
 from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
@@ -139,18 +137,15 @@ def _report(file: str, rows: int, desirable: int, undesirable: int, rejected: di
 
 def write(report: FeedbackReport, fmt: str = "text", console: Any = None) -> None:
     """Print the report: `text` as a rich table, `json` as one JSON object (to `console.file` or stdout)."""
-    if fmt == "json":
-        file = console.file if console is not None else sys.stdout
-        file.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
-        return
-    if fmt != "text":
-        raise ValueError(f"unknown report format {fmt!r}; expected text or json")
-    from rich.console import Console
+    print_report(report, lambda: (_table(report),), fmt=fmt, console=console,
+                 trains=f"{report.examples} examples train")
+
+
+def _table(report: FeedbackReport) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    # Text, never markup: problems and paths quote the user's data, which may hold `[...]`.
-    console = console if console is not None else Console(highlight=False)
+    # Text, never markup: the path quotes the user's data, which may hold `[...]`.
     table = Table(title=Text(f"sftlab check (feedback): {report.file}"))
     table.add_column("")
     table.add_column("count", justify="right")
@@ -162,10 +157,4 @@ def write(report: FeedbackReport, fmt: str = "text", console: Any = None) -> Non
         table.add_row(Text(name), Text(str(value)))
     if report.ratio is not None:
         table.add_row("λ_D·n_D / (λ_U·n_U)", f"{report.ratio:.3g}")
-    console.print(table)
-    for problem in report.problems:
-        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
-    for warning in report.warnings:
-        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
-    verdict = (("ok", "bold green"), f": {report.examples} examples train") if report.ok else (("not ok", "bold red"),)
-    console.print(Text.assemble(*verdict))
+    return table

@@ -552,7 +552,8 @@ CONVERTERS: dict[str, Callable[[Any, str, Mapping[str, str]], Conversation]] = {
 }
 
 
-MESSAGE_LISTS = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion")}
+MESSAGE_LISTS = {"messages": ("messages",), "sharegpt": ("conversations",),
+                 "prompt_completion": ("prompt", "completion")}
 """The fields of each format that hold a list of messages."""
 
 

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from itertools import groupby, islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -437,6 +437,13 @@ def _warnings(r: QualityReport) -> list[str]:
 
 def write(report: QualityReport, fmt: str = "text", console: Any = None) -> None:
     """Print the report: `text` as rich tables, `json` as one JSON object (to `console.file` or stdout)."""
+    print_report(report, lambda: _tables(report), fmt=fmt, console=console, trains="the data trains something")
+
+
+def print_report(report: Any, tables: Callable[[], Sequence[Any]], *, fmt: str, console: Any, trains: str) -> None:
+    """Print a check report of any kind of example (conversations, pairs, feedback): `json` as its `to_dict()` in
+    one JSON object (to `console.file` or stdout); `text` as its rich `tables()`, problems, warnings and verdict
+    (`ok: {trains}` or `not ok`)."""
     if fmt == "json":
         file = console.file if console is not None else sys.stdout
         file.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
@@ -448,13 +455,13 @@ def write(report: QualityReport, fmt: str = "text", console: Any = None) -> None
 
     # Text, never markup: problems, roles and paths quote the user's data, which may hold `[...]`.
     console = console if console is not None else Console(highlight=False)
-    for table in _tables(report):
+    for table in tables():
         console.print(table)
     for problem in report.problems:
         console.print(Text.assemble(("problem:", "bold red"), " ", problem))
     for warning in report.warnings:
         console.print(Text.assemble(("warning:", "yellow"), " ", warning))
-    verdict = (("ok", "bold green"), ": the data trains something") if report.ok else (("not ok", "bold red"),)
+    verdict = (("ok", "bold green"), f": {trains}") if report.ok else (("not ok", "bold red"),)
     console.print(Text.assemble(*verdict))
 
 
