@@ -21,8 +21,8 @@ from typing import Any
 
 from sftlab.config import DataConfig, KTOConfig
 from sftlab.data.dataset import BATCH_ROWS
-from sftlab.data.encode import SPECIAL_IN_CONTENT, Dropped, Encoder
-from sftlab.data.feedback import FeedbackEncoder, feedback_row, read_feedback
+from sftlab.data.encode import NOTHING_TRAINED, SPECIAL_IN_CONTENT, TOO_LONG, Dropped, Encoder
+from sftlab.data.feedback import FeedbackDataset, FeedbackEncoder, feedback_row, read_feedback
 from sftlab.data.preference import _role_map
 from sftlab.data.quality import SPECIAL_TOKEN_ROWS, print_report
 from sftlab.data.sources import Source, path_of
@@ -92,13 +92,30 @@ def analyze_feedback(data_path: str | Path | Source, data: DataConfig, encoder: 
                     log.add(where=result.where, reason=result.reason, message=result.detail, row=feedback_row(row))
                     continue
                 counts[row.desirable] += 1
-        # the rows max_seq_len keeps out count as dropped, not rejected (the rejects file lists both)
-        rejected = {reason: n - dropped[reason] for reason, n in log.counts.items() if n > dropped[reason]}
         rows_total = read + log.total - encode_rejects  # rows read as feedback, and the reader's rejects
-    report = _report(path_of(data_path), rows_total, counts[True], counts[False], rejected, sum(dropped.values()), kto,
-                     on_bad_row=data.on_bad_row)
-    special = feedback_encoder.special_token_rows + refused_special
-    mode = encoder.special_tokens_in_content
+        logged = dict(log.counts)
+    return _finished(path_of(data_path), rows_total, (counts[True], counts[False]), logged, dropped, kto, data,
+                     feedback_encoder.special_token_rows + refused_special, encoder.special_tokens_in_content)
+
+
+def from_dataset(dataset: FeedbackDataset, data_path: str | Path | Source, data: DataConfig, kto: KTOConfig,
+                 special_tokens_in_content: str) -> FeedbackReport:
+    """The report `analyze_feedback` gives, read from the encoded dataset training built (its stats and labels:
+    everything the report counts), so a run's report never encodes the rows again."""
+    stats, desirable = dataset.stats, int(dataset.desirable.sum())
+    dropped = Counter({reason: stats.rejected[reason] for reason in (TOO_LONG, NOTHING_TRAINED)
+                       if reason in stats.rejected})
+    special = stats.special_token_rows + stats.rejected.get(SPECIAL_IN_CONTENT, 0)
+    return _finished(path_of(data_path), stats.rows, (desirable, len(dataset) - desirable), stats.rejected, dropped,
+                     kto, data, special, special_tokens_in_content)
+
+
+def _finished(file: str, rows: int, labels: tuple[int, int], logged: dict[str, int], dropped: Counter[str],
+              kto: KTOConfig, data: DataConfig, special: int, mode: str) -> FeedbackReport:
+    """The report from its counts: `logged` every row of the rejects file by reason, `dropped` those max_seq_len
+    kept out (counted as dropped, not rejected)."""
+    rejected = {reason: n - dropped[reason] for reason, n in logged.items() if n > dropped[reason]}
+    report = _report(file, rows, *labels, rejected, sum(dropped.values()), kto, on_bad_row=data.on_bad_row)
     warnings = report.warnings + ([f"rows whose message contents hold special-token strings "
                                    f"{SPECIAL_TOKEN_ROWS[mode]}: {special}."] if special else [])
     return replace(report, special_token_rows=special, special_tokens_in_content=mode, warnings=warnings)

@@ -133,28 +133,25 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
         return _saved_quality(setup.train_data)
     from rich.console import Console
 
-    from sftlab.data import pair_quality, quality
+    data = setup.config.data
+    text = io.StringIO()
+    if setup.config.stage == "kto":  # counted from the encoded rows and their labels
+        from sftlab.data import feedback_quality
+
+        report = feedback_quality.from_dataset(setup.train_data, sources_of(data.train)[0], data, setup.config.kto,
+                                               data.special_tokens_in_content)
+        feedback_quality.write(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+        return report.to_dict(), text.getvalue()
+    from sftlab.data import pair_quality
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
 
-    data = setup.config.data
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
                       add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes,
                       special_tokens_in_content=data.special_tokens_in_content)
-    if setup.config.stage == "kto":
-        from sftlab.data import feedback_quality
-
-        report, writer = feedback_quality.analyze_feedback(sources_of(data.train)[0], data, encoder,
-                                                           setup.config.kto), feedback_quality.write
-        text = io.StringIO()
-        writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
-        return report.to_dict(), text.getvalue()
-    checker = pair_quality.analyze_pairs if setup.config.stage in PAIR_STAGES else quality.analyze
-    report = checker(sources_of(data.train)[0], data, encoder)
-    text = io.StringIO()
-    writer = pair_quality.write if setup.config.stage in PAIR_STAGES else quality.write
-    writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+    report = pair_quality.analyze_pairs(sources_of(data.train)[0], data, encoder)  # pairs: encoded again (<= 20k rows)
+    pair_quality.write(report, console=Console(file=text, width=100, color_system=None, highlight=False))
     return report.to_dict(), text.getvalue()
 
 
