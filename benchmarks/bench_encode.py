@@ -14,6 +14,8 @@ across runs, and wall rates only between runs made at a similar load.
     python benchmarks/bench_encode.py --size-gb 1       # a ~1 GB file: peak RSS must not grow with size
     python benchmarks/bench_encode.py --stages 20000    # also time each stage on the first 20k rows
     python benchmarks/bench_encode.py --kind tools -n 20000   # tool-calling conversations (issue 15)
+    git archive main src | tar -x -C /tmp/main          # then, old vs new alternately on one file:
+    python benchmarks/bench_encode.py --baseline /tmp/main/src --rounds 3
 
 Targets (issue 2): >= 2,000 conversations/s on a 2-core machine; a 1 GB JSONL encodes within 2 GB RSS.
 Issue 15: >= 1,500 tool-calling conversations/s on 2 cores with the tokenizer's own template (`--kind
@@ -30,6 +32,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -197,6 +200,8 @@ class BuildSpec:
     """None: build uncached (a scratch dir); else a fresh cache dir, so the key's file hash is timed too."""
     stages: int
     profile: str | None
+    src: str | None = None
+    """Another sftlab source tree (its `src` dir) to time instead of this checkout's (--baseline)."""
 
 
 def _memory_mib() -> dict[str, float]:
@@ -246,13 +251,15 @@ def _cpu_s() -> float:
 
 def run_build(spec: BuildSpec) -> dict[str, Any]:
     """In this (fresh) process: load the tokenizer, build the dataset, report time, sizes and memory."""
+    if spec.src:
+        sys.path.insert(0, spec.src)
     from sftlab.config import DataConfig
     from sftlab.data.dataset import build_dataset
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
     from sftlab.models.load import load_tokenizer
 
-    source = source_digest()  # before the build: src/ may change while it runs
+    source = source_digest(Path(spec.src) if spec.src else None)  # before the build: src/ may change meanwhile
     started = time.perf_counter()
     tokenizer = load_tokenizer(spec.tokenizer)
     baseline = _memory_mib()["rss"]
@@ -401,13 +408,14 @@ def machine() -> dict[str, Any]:
             "cpu": cpu, "python": platform.python_version(), **versions}
 
 
-def source_digest() -> str:
+def source_digest(src: Path | None = None) -> str:
     """Digest of sftlab's source: src/ changes between runs, and a number belongs to the code it timed."""
     import hashlib
 
+    src = src or REPO / "src"
     digest = hashlib.blake2b(digest_size=8)
-    for path in sorted((REPO / "src" / "sftlab").rglob("*.py")):
-        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted((src / "sftlab").rglob("*.py")):
+        digest.update(path.relative_to(src.parent).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -497,6 +505,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time each pipeline stage on the first ROWS rows")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the build to this .prof file")
     parser.add_argument("--label", help="name of this run in the results file (default from the size)")
+    parser.add_argument("--baseline", type=Path, metavar="SRC",
+                        help="also time another sftlab source tree (e.g. main's src, from `git archive main src`), "
+                             "alternately with this one on the same file: on a shared machine only a comparison "
+                             "made in one run means anything")
+    parser.add_argument("--rounds", type=int, default=1, help="with --baseline: baseline/this pairs to run (default 1)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     return parser.parse_args(argv)
 
@@ -579,19 +592,36 @@ def main(argv: list[str] | None = None) -> None:
     label += "" if args.reader == "jsonl" else f" / {args.reader}"
     if args.reader != "jsonl":
         data = convert(data, args.reader, keep_jsonl=args.data is not None or args.keep)
+    trees = [None] if args.baseline is None else [str(args.baseline.resolve()), None] * args.rounds
+    results = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-encode-cache-") as cache_dir:
-            spec = BuildSpec(str(data["path"]), tokenizer, args.template, args.max_seq_len,
-                             cache_dir if args.cache else None, args.stages,
-                             str(args.profile) if args.profile else None)
-            build = build_in_fresh_process(spec)
+        for number, src in enumerate(trees):
+            with tempfile.TemporaryDirectory(prefix="bench-encode-cache-") as cache_dir:
+                spec = BuildSpec(str(data["path"]), tokenizer, args.template, args.max_seq_len,
+                                 cache_dir if args.cache else None, args.stages,
+                                 str(args.profile) if args.profile else None, src)
+                result = summarize(args, data, build_in_fresh_process(spec))
+            name = label if args.baseline is None else f"{label} / {'baseline' if src else 'this'} {number // 2 + 1}"
+            print_table(name, result)
+            save(name, result, args.output)
+            results.append((src, result))
     finally:
         if args.data is None and not args.keep:
             remove(data["path"])
-    result = summarize(args, data, build)
-    print_table(label, result)
-    save(label, result, args.output)
+    if args.baseline is not None:
+        print_comparison(results)
     print(f"saved to {args.output}")
+
+
+def print_comparison(results: list[tuple[str | None, dict[str, Any]]]) -> None:
+    """Median conversations/s (wall and per CPU-second) and peak RSS of the baseline and of this tree."""
+    for name, tree in (("baseline", True), ("this tree", False)):
+        runs = [r for src, r in results if bool(src) == tree]
+        wall = statistics.median(r["conversations_per_s"] for r in runs)
+        cpu = statistics.median(r["rows"] / r["build_cpu_s"] for r in runs)
+        peak = max(r["peak_rss_mib"] for r in runs)
+        print(f"{name:<10} {wall:,.0f} conversations/s, {cpu:,.0f} per CPU-second, peak RSS {peak:,.0f} MiB "
+              f"(median of {len(runs)})")
 
 
 if __name__ == "__main__":

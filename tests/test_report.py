@@ -3,6 +3,7 @@ errors, with the loss curve drawn from metrics.jsonl and the run's numbers on it
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -185,3 +186,41 @@ def test_curve_has_a_point_per_step_up_to_the_cap(steps: int) -> None:
     xs = [float(p.split(",")[0]) for p in drawn]
     assert xs == sorted(xs) and all(0 <= float(v) <= WIDTH for p in drawn for v in p.split(","))
     assert steps == 1 or xs[-1] == max(xs) > xs[0]  # the x axis spans the steps: first left, last right
+
+
+def test_training_tokenises_each_row_once_and_the_report_reads_the_saved_check(tmp_path, monkeypatch):
+    """A whole run (prepare, train, report) tokenises every training row exactly once: the report's `sftlab check`
+    summary is the one the dataset writer tallied while encoding, saved beside the examples, and equals what
+    `quality.analyze` gives on the file."""
+    from collections import Counter
+
+    from sftlab.data import quality
+    from sftlab.data.encode import Encoder
+    from sftlab.data.templates import load_template
+
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_config(overrides=[f"model={tiny_model_dir(tmp_path / 'model')}", f"data.train={data}",
+                                 f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                 "train.max_steps=2", "train.micro_batch_size=2", "method=lora"])
+    tokenised: Counter[str] = Counter()
+    real = Encoder._tokenize
+
+    def counted(self, texts):
+        tokenised.update(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(Encoder, "_tokenize", counted)
+    setup = prepare(cfg, console=QUIET)
+    train(setup, console=QUIET)
+    monkeypatch.setattr(Encoder, "_tokenize", real)
+    assert sum(tokenised.values()) == len(QA) and set(tokenised.values()) == {1}
+    facts = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
+    used = setup.config.data  # max_seq_len filled in from the model
+    encoder = Encoder(setup.tokenizer, load_template(used.template, setup.tokenizer), max_seq_len=used.max_seq_len)
+    direct = quality.analyze(data, used, encoder)
+    assert facts["quality"] == json.loads(json.dumps(direct.to_dict())) and facts["quality"]["examples"] == len(QA)
+    text = io.StringIO()
+    quality.write(direct, console=Console(file=text, width=100, color_system=None, highlight=False))
+    assert facts["quality_text"] == text.getvalue()

@@ -225,3 +225,27 @@ def test_a_bad_pair_deep_in_the_file_fails_before_any_pair_is_tokenised(tmp_path
     with pytest.raises(DataError, match=rf"{path}:301: 'chosen' and 'rejected' are the same answer"):
         build_pair_dataset(path, DataConfig(cache=False), chatml_encoder())
     assert encoded == []
+
+
+def test_feedback_report_from_the_encoded_dataset_equals_the_check(tmp_path):
+    """A KTO run's report counts from the dataset training encoded (stats and labels), not by encoding the rows
+    again, and says exactly what `sftlab check` says: rejected, dropped (too long), labels, special tokens."""
+    from sftlab.config import KTOConfig
+    from sftlab.data.feedback import build_feedback_dataset
+    from sftlab.data.feedback_quality import analyze_feedback, from_dataset
+
+    rows = [{"prompt": "Say hi.", "completion": "Hi!", "label": True},
+            {"prompt": "Say no.", "completion": "No <|im_end|> way.", "label": False},
+            {"prompt": "Long " * 60, "completion": "ok", "label": True},
+            {"prompt": "x", "completion": "y", "label": 3}, {"chosen": "a"},
+            {"prompt": "Count.", "completion": "One two three.", "label": True}]
+    path = write_rows(tmp_path / "feedback.jsonl", rows)
+    data = DataConfig(train=str(path), template="chatml", on_bad_row="skip", cache=False, max_seq_len=48)
+    kto = KTOConfig(desirable_weight=1.0, undesirable_weight=1.0)
+    encoder = chatml_encoder(max_seq_len=48)
+    dataset = build_feedback_dataset(path, data, encoder)
+    saved = from_dataset(dataset, path, data, kto, encoder.special_tokens_in_content)
+    direct = analyze_feedback(path, data, chatml_encoder(max_seq_len=48), kto)
+    assert saved == direct
+    assert (saved.rows, saved.desirable, saved.undesirable, saved.dropped, saved.special_token_rows) == (6, 2, 1, 1, 1)
+    assert saved.rejected == {"label not true or false": 1, "not a feedback row": 1}

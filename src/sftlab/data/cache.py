@@ -108,7 +108,7 @@ def dataset_key(data_path: str | Path, *, tokenizer: Any, template_source: str,
         "template": hashlib.blake2b(template_source.encode("utf-8"), digest_size=20).hexdigest(),
         "settings": dict(settings),
         "sftlab": sftlab.__version__,
-        "layout": 2,  # 2: entries carry entry.json
+        "layout": 3,  # 2: entries carry entry.json; 3: and quality.json (conversations of up to 20k rows)
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode("utf-8")
     return hashlib.blake2b(blob, digest_size=16).hexdigest()

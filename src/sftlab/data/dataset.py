@@ -17,20 +17,22 @@ import json
 import shutil
 import tempfile
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from sftlab.config import DataConfig
 from sftlab.data import cache
-from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder, Example
-from sftlab.data.formats import field_report
+from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
+from sftlab.data.formats import FieldTally
+from sftlab.data.quality import WriterQuality
 from sftlab.data.reasoning import prepare
-from sftlab.data.sources import Source, encoder_for, read, resolve, source_rows, source_settings
+from sftlab.data.schema import Conversation
+from sftlab.data.sources import Source, encoder_for, read, resolve, source_settings
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.errors import DataError
 
@@ -97,6 +99,12 @@ class EncodedDataset:
     def rejects_path(self) -> Path:
         return self.directory / "rejects.jsonl"
 
+    def quality(self) -> dict[str, Any] | None:
+        """The `sftlab check` report the writer tallied ({"report": dict, "text": str}), or None (too many rows,
+        or not conversations)."""
+        path = self.directory / "quality.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     def close(self) -> None:
         """Release the arrays, and delete the directory of an uncached build."""
         self._ids = self._trained = np.zeros(0)
@@ -159,57 +167,156 @@ def build_dataset(data_path: str | Path | Source, data: DataConfig, encoder: Enc
     return dataset
 
 
-def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Path,
-           settings: dict[str, Any]) -> None:
+class RowKind(Protocol):
+    """What a dataset is written from — conversations (SFT), preference pairs, feedback rows: how its items are
+    read and encoded, and what each encoded item adds. `write_examples` does the rest, the same for all."""
+
+    def read(self, on_bad_row: str, rejects: RejectLog | None, fields: FieldTally | None) -> Iterator[Any]:
+        """The valid items, in order; `fields` (when given, and the kind reports fields) counts each row's."""
+
+    def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
+        """Each batch with its results (an encoded item, or the DataError / Dropped of that item)."""
+
+    def written(self, item: Any, result: Any) -> Written:
+        """The examples an encoded item adds, and its flags."""
+
+    def reject_row(self, item: Any) -> Any:
+        """The item as a row for rejects.jsonl."""
+
+    def finish(self, directory: Path, stats: DatasetStats) -> dict[str, Any]:
+        """Write the kind's own files and fix its stats; the extra keys of meta.json."""
+
+
+@dataclass(frozen=True)
+class Written:
+    examples: list[tuple[np.ndarray, np.ndarray, str]]
+    """(input ids, trained flags, `file:line`) of each example an item gives (a pair: its two sides)."""
+    truncated: bool = False
+    special_tokens: bool = False
+
+
+def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: dict[str, Any],
+                   added_tokens: list[str], *, fields: FieldTally | None = None) -> None:
+    """Fill `directory` (the layout above) from a kind's items in one encoding pass: examples, rejects, stats,
+    the fields the rows hold (counted as they stream by), the kind's own files (conversations: the quality
+    report a run's report shows, so it never encodes the data again), meta.json."""
     if data.on_bad_row == "error":
         # Every row read and validated first (no tokenising: ~1 s per 100k rows), so a bad row deep in the
         # file fails at once instead of after encoding all the rows before it.
-        for _ in read(data_path, data, on_bad_row="error", max_row_bytes=encoder.row_limit):
+        for _ in kind.read("error", None, None):
             pass
-    stats = DatasetStats()
-    offsets = array("q", [0])  # 8 bytes per example, not a Python int object each
-    encode_rejects = 0
-    with RejectLog(directory / "rejects.jsonl") as log, \
-            (directory / "input_ids.bin").open("wb") as ids_file, \
-            (directory / "trained.bin").open("wb") as trained_file, \
-            (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        conversations = prepare(read(data_path, data, on_bad_row=data.on_bad_row, rejects=log,
-                                     max_row_bytes=encoder.row_limit),
-                                encoder.template, reasoning=data.reasoning, reasoning_turns=data.reasoning_turns)
-        encoded_rows, last_where = 0, None
-        batches = iter(lambda: list(islice(conversations, BATCH_ROWS)), [])
-        for batch, results in encoder.encode_stream(batches):
-            for conversation in batch:  # split reasoning turns: several examples of one row, one after another
-                encoded_rows += conversation.where != last_where
-                last_where = conversation.where
+    with _Sink(directory) as sink:
+        items = kind.read(data.on_bad_row, sink.log, fields)
+        for batch, results in kind.encode_stream(iter(lambda: list(islice(items, BATCH_ROWS)), [])):
+            sink.count_rows(batch)
             kept = []
-            for conversation, result in zip(batch, results):
-                if isinstance(result, DataError):
-                    if data.on_bad_row == "error" and not isinstance(result, Dropped):
-                        raise result
-                    log.add(where=result.where, reason=result.reason, message=result.detail,
-                            row=conversation_row(conversation))
-                    encode_rejects += 1
-                    continue
-                kept.append(result)
-                offsets.append(offsets[-1] + len(result.ids))
-                stats.truncated += int(result.truncated)
-                stats.special_token_rows += int(result.special_tokens_in_content > 0)
-            if kept:  # one write per batch, not per example
-                trained = np.concatenate([r.trained for r in kept])
-                np.concatenate([r.ids for r in kept]).astype(np.int32).tofile(ids_file)
-                trained.astype(np.uint8).tofile(trained_file)
-                where_file.write("".join(r.example.where + "\n" for r in kept))
-                stats.examples += len(kept)
-                stats.trained_tokens += int(trained.sum())
-        stats.rows = encoded_rows + log.total - encode_rejects  # rows rejected while reading never reached a batch
-        stats.rejected = dict(log.counts)
-    fields = field_report(source_rows(data_path, max_row_bytes=encoder.row_limit), _format_of(data_path, data))
-    stats.ignored_fields = {name: n["rows"] for name, n in fields.items() if not n["used"]}
-    np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
-    stats.tokens = offsets[-1]
-    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens}
+            for item, result in zip(batch, results):
+                if not isinstance(result, DataError):
+                    kept.append(kind.written(item, result))
+                elif data.on_bad_row == "error" and not isinstance(result, Dropped):
+                    raise result
+                else:
+                    sink.reject(result, kind.reject_row(item))
+            sink.add(kept)
+    stats = sink.stats
+    stats.ignored_fields = {} if fields is None else {name: n["rows"] for name, n in fields.report().items()
+                                                        if not n["used"]}
+    extra = kind.finish(directory, stats)
+    np.frombuffer(sink.offsets, dtype=np.int64).tofile(directory / "offsets.bin")
+    stats.tokens = sink.offsets[-1]
+    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": added_tokens, **extra}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+class _Sink:
+    """The open files of a dataset being written, its offsets and running stats."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.stats = DatasetStats()
+        self.offsets = array("q", [0])  # 8 bytes per example, not a Python int object each
+        self.rows = self.encode_rejects = 0
+        self._last_where: str | None = None
+
+    def __enter__(self) -> _Sink:
+        self.log = RejectLog(self.directory / "rejects.jsonl").__enter__()
+        self._ids = (self.directory / "input_ids.bin").open("wb")
+        self._trained = (self.directory / "trained.bin").open("wb")
+        self._where = (self.directory / "where.txt").open("w", encoding="utf-8")
+        return self
+
+    def count_rows(self, batch: Sequence[Any]) -> None:
+        for item in batch:  # split reasoning turns: several examples of one row, one after another
+            self.rows += item.where != self._last_where
+            self._last_where = item.where
+
+    def reject(self, error: DataError, row: Any) -> None:
+        self.log.add(where=error.where, reason=error.reason, message=error.detail, row=row)
+        self.encode_rejects += 1
+
+    def add(self, kept: list[Written]) -> None:
+        """One write per batch, not per example."""
+        examples = [example for written in kept for example in written.examples]
+        for written in kept:
+            self.stats.truncated += int(written.truncated)
+            self.stats.special_token_rows += int(written.special_tokens)
+        if not examples:
+            return
+        for ids, _, _ in examples:
+            self.offsets.append(self.offsets[-1] + len(ids))
+        trained = np.concatenate([t for _, t, _ in examples])
+        np.concatenate([ids for ids, _, _ in examples]).astype(np.int32).tofile(self._ids)
+        trained.astype(np.uint8).tofile(self._trained)
+        self._where.write("".join(where + "\n" for _, _, where in examples))
+        self.stats.examples += len(examples)
+        self.stats.trained_tokens += int(trained.sum())
+
+    def __exit__(self, *exc: object) -> None:
+        for file in (self._ids, self._trained, self._where):
+            file.close()
+        self.stats.rows = self.rows + self.log.total - self.encode_rejects  # rows rejected while reading never
+        self.stats.rejected = dict(self.log.counts)                         # reached a batch
+        self.log.__exit__(*exc)
+
+
+class Conversations:
+    """The rows of a source as conversations (SFT): prepared as data.reasoning / reasoning_turns say."""
+
+    def __init__(self, source: Source, data: DataConfig, encoder: Encoder) -> None:
+        self.source, self.data, self.encoder = source, data, encoder
+        self.fields = FieldTally(_format_of(source, data))
+        self.quality = WriterQuality(source, data, encoder)
+
+    def read(self, on_bad_row: str, rejects: RejectLog | None, fields: FieldTally | None) -> Iterator[Conversation]:
+        data = self.data
+        conversations = read(self.source, data, on_bad_row=on_bad_row, rejects=rejects,
+                             max_row_bytes=self.encoder.row_limit, fields=fields)
+        if rejects is None:  # the validation pass: nothing is rendered
+            return conversations
+        return prepare(self.quality.conversations(conversations), self.encoder.template, reasoning=data.reasoning,
+                       reasoning_turns=data.reasoning_turns)
+
+    def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
+        for batch, results in self.encoder.encode_stream(batches):
+            self.quality.batch(batch, results)
+            yield batch, results
+
+    def written(self, item: Conversation, result: Encoded) -> Written:
+        return Written([(result.ids, result.trained, result.where)], result.truncated,
+                       result.special_tokens_in_content > 0)
+
+    def reject_row(self, item: Conversation) -> Any:
+        return conversation_row(item)
+
+    def finish(self, directory: Path, stats: DatasetStats) -> dict[str, Any]:
+        self.quality.save(directory, stats.rejected, self.fields.report())
+        return {}
+
+
+def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Path,
+           settings: dict[str, Any]) -> None:
+    kind = Conversations(data_path, data, encoder)
+    write_examples(kind, data, directory, settings, encoder.added_tokens, fields=kind.fields)
 
 
 def _format_of(data_path: Source | str | Path, data: DataConfig) -> str:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import copy
 import json
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from itertools import islice
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 
 from sftlab.config import DataConfig
-from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
+from sftlab.data.dataset import DatasetStats, EncodedDataset, Written, build_dataset, write_examples
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
-from sftlab.data.formats import _require, _tools
+from sftlab.data.formats import _require, _tools, items_from_rows
 from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.preference import _answer, _cut, _prompt_messages, _role_map
 from sftlab.data.rejects import RejectLog
@@ -76,23 +75,10 @@ def read_feedback(path: str | Path | Source, *, role_map: Mapping[str, str] | No
                   rejects: RejectLog | None = None, max_row_bytes: int | None = None) -> Iterator[Feedback]:
     """Stream valid feedback rows from a source (a file, glob, dataset dir or hub id). A bad row, or one of more
     than `max_row_bytes` bytes (never parsed), raises DataError (`error`) or goes to `rejects` (`skip`)."""
-    if on_bad_row not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
-    log = rejects if rejects is not None else RejectLog()
-    for row in source_rows(path, max_row_bytes=max_row_bytes):
-        try:
-            if row.error is not None:
-                raise row.error
-            if not is_feedback_row(row.value):
-                found = (f"an object with keys {', '.join(repr(k)[:40] for k in list(row.value)[:6])}"
-                         if isinstance(row.value, Mapping) else f"a JSON {type(row.value).__name__}")
-                raise DataError(f"the row is {found}, not a feedback row; expected 'prompt', 'completion' and "
-                                "'label' (true or false).", where=row.where, reason="not a feedback row")
-            yield to_feedback(row.value, row.where, role_map)
-        except DataError as exc:
-            if on_bad_row == "error":
-                raise
-            log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+    return items_from_rows(source_rows(path, max_row_bytes=max_row_bytes),
+                           lambda value, where: to_feedback(value, where, role_map), accepts=is_feedback_row,
+                           kind="a feedback row", expected="'prompt', 'completion' and 'label' (true or false)",
+                           reason="not a feedback row", on_bad_row=on_bad_row, rejects=rejects)
 
 
 class FeedbackEncoder:
@@ -284,50 +270,39 @@ def build_feedback_dataset(data_path: str | Path | Source, data: DataConfig, enc
 
 def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
-    if data.on_bad_row == "error":  # every row validated before any is tokenised
-        for _ in read_feedback(data_path, role_map=_role_map(data_path, data), on_bad_row="error",
-                               max_row_bytes=encoder.row_limit):
-            pass
-    feedback_encoder = FeedbackEncoder(encoder)
-    stats = DatasetStats()
-    offsets = array("q", [0])
-    labels = array("B")
-    encode_rejects = 0
-    with RejectLog(directory / "rejects.jsonl") as log, \
-            (directory / "input_ids.bin").open("wb") as ids_file, \
-            (directory / "trained.bin").open("wb") as trained_file, \
-            (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        rows = read_feedback(data_path, role_map=_role_map(data_path, data), on_bad_row=data.on_bad_row, rejects=log,
-                             max_row_bytes=encoder.row_limit)
-        encoded_rows = 0
-        for batch in iter(lambda: list(islice(rows, BATCH_ROWS)), []):
-            encoded_rows += len(batch)
-            for row, result in zip(batch, feedback_encoder.encode_batch(batch)):
-                if isinstance(result, DataError):
-                    if data.on_bad_row == "error" and not isinstance(result, Dropped):
-                        raise result
-                    log.add(where=result.where, reason=result.reason, message=result.detail, row=feedback_row(row))
-                    encode_rejects += 1
-                    continue
-                ids = np.asarray(result.input_ids, dtype=np.int32)
-                trained = np.asarray(result.labels) != IGNORE_INDEX
-                ids.tofile(ids_file)
-                trained.astype(np.uint8).tofile(trained_file)
-                where_file.write(result.where + "\n")
-                offsets.append(offsets[-1] + len(ids))
-                labels.append(int(row.desirable))
-                stats.examples += 1
-                stats.trained_tokens += int(trained.sum())
-        stats.truncated = feedback_encoder.truncated
-        stats.special_token_rows = feedback_encoder.special_token_rows
-        stats.rows = encoded_rows + log.total - encode_rejects
-        stats.rejected = dict(log.counts)
-    np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
-    np.frombuffer(labels, dtype=np.uint8).tofile(directory / "desirable.bin")
-    stats.tokens = offsets[-1]
-    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens,
-            "desirable": int(sum(labels))}
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    """The encoded-dataset layout (data/dataset.py) plus desirable.bin, each example's label."""
+    write_examples(_FeedbackRows(data_path, data, encoder), data, directory, settings, encoder.added_tokens)
+
+
+class _FeedbackRows:
+    """Feedback rows as dataset.write_examples reads them (a RowKind)."""
+
+    def __init__(self, data_path: str | Path | Source, data: DataConfig, encoder: Encoder) -> None:
+        self.data_path, self.data, self.encoder = data_path, data, FeedbackEncoder(encoder)
+        self.row_limit = encoder.row_limit
+        self.labels = array("B")
+
+    def read(self, on_bad_row: str, rejects: RejectLog | None, fields: Any = None) -> Iterator[Feedback]:
+        return read_feedback(self.data_path, role_map=_role_map(self.data_path, self.data), on_bad_row=on_bad_row,
+                             rejects=rejects, max_row_bytes=self.row_limit)
+
+    def encode_stream(self, batches: Iterable[Sequence[Feedback]]) -> Iterator[tuple[Sequence[Feedback], list[Any]]]:
+        return ((batch, self.encoder.encode_batch(batch)) for batch in batches)
+
+    def written(self, item: Feedback, result: Example) -> Written:
+        self.labels.append(int(item.desirable))
+        return Written([(np.asarray(result.input_ids, dtype=np.int32), np.asarray(result.labels) != IGNORE_INDEX,
+                         result.where)])
+
+    def reject_row(self, item: Feedback) -> str:
+        return feedback_row(item)
+
+    def finish(self, directory: Path, stats: DatasetStats) -> dict[str, Any]:
+        """The encoder counted truncation and special tokens (its results are plain examples)."""
+        stats.truncated = self.encoder.truncated
+        stats.special_token_rows = self.encoder.special_token_rows
+        np.frombuffer(self.labels, dtype=np.uint8).tofile(directory / "desirable.bin")
+        return {"desirable": int(sum(self.labels))}
 
 
 def feedback_row(row: Feedback) -> str:

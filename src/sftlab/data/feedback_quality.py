@@ -13,8 +13,6 @@ Every input row ends up in exactly one of: rejected (cannot be read, validated, 
 
 from __future__ import annotations
 
-import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
@@ -23,10 +21,10 @@ from typing import Any
 
 from sftlab.config import DataConfig, KTOConfig
 from sftlab.data.dataset import BATCH_ROWS
-from sftlab.data.encode import SPECIAL_IN_CONTENT, Dropped, Encoder
-from sftlab.data.feedback import FeedbackEncoder, feedback_row, read_feedback
+from sftlab.data.encode import NOTHING_TRAINED, SPECIAL_IN_CONTENT, TOO_LONG, Dropped, Encoder
+from sftlab.data.feedback import FeedbackDataset, FeedbackEncoder, feedback_row, read_feedback
 from sftlab.data.preference import _role_map
-from sftlab.data.quality import SPECIAL_TOKEN_ROWS
+from sftlab.data.quality import SPECIAL_TOKEN_ROWS, print_report
 from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
@@ -94,13 +92,30 @@ def analyze_feedback(data_path: str | Path | Source, data: DataConfig, encoder: 
                     log.add(where=result.where, reason=result.reason, message=result.detail, row=feedback_row(row))
                     continue
                 counts[row.desirable] += 1
-        # the rows max_seq_len keeps out count as dropped, not rejected (the rejects file lists both)
-        rejected = {reason: n - dropped[reason] for reason, n in log.counts.items() if n > dropped[reason]}
         rows_total = read + log.total - encode_rejects  # rows read as feedback, and the reader's rejects
-    report = _report(path_of(data_path), rows_total, counts[True], counts[False], rejected, sum(dropped.values()), kto,
-                     on_bad_row=data.on_bad_row)
-    special = feedback_encoder.special_token_rows + refused_special
-    mode = encoder.special_tokens_in_content
+        logged = dict(log.counts)
+    return _finished(path_of(data_path), rows_total, (counts[True], counts[False]), logged, dropped, kto, data,
+                     feedback_encoder.special_token_rows + refused_special, encoder.special_tokens_in_content)
+
+
+def from_dataset(dataset: FeedbackDataset, data_path: str | Path | Source, data: DataConfig, kto: KTOConfig,
+                 special_tokens_in_content: str) -> FeedbackReport:
+    """The report `analyze_feedback` gives, read from the encoded dataset training built (its stats and labels:
+    everything the report counts), so a run's report never encodes the rows again."""
+    stats, desirable = dataset.stats, int(dataset.desirable.sum())
+    dropped = Counter({reason: stats.rejected[reason] for reason in (TOO_LONG, NOTHING_TRAINED)
+                       if reason in stats.rejected})
+    special = stats.special_token_rows + stats.rejected.get(SPECIAL_IN_CONTENT, 0)
+    return _finished(path_of(data_path), stats.rows, (desirable, len(dataset) - desirable), stats.rejected, dropped,
+                     kto, data, special, special_tokens_in_content)
+
+
+def _finished(file: str, rows: int, labels: tuple[int, int], logged: dict[str, int], dropped: Counter[str],
+              kto: KTOConfig, data: DataConfig, special: int, mode: str) -> FeedbackReport:
+    """The report from its counts: `logged` every row of the rejects file by reason, `dropped` those max_seq_len
+    kept out (counted as dropped, not rejected)."""
+    rejected = {reason: n - dropped[reason] for reason, n in logged.items() if n > dropped[reason]}
+    report = _report(file, rows, *labels, rejected, sum(dropped.values()), kto, on_bad_row=data.on_bad_row)
     warnings = report.warnings + ([f"rows whose message contents hold special-token strings "
                                    f"{SPECIAL_TOKEN_ROWS[mode]}: {special}."] if special else [])
     return replace(report, special_token_rows=special, special_tokens_in_content=mode, warnings=warnings)
@@ -139,18 +154,15 @@ def _report(file: str, rows: int, desirable: int, undesirable: int, rejected: di
 
 def write(report: FeedbackReport, fmt: str = "text", console: Any = None) -> None:
     """Print the report: `text` as a rich table, `json` as one JSON object (to `console.file` or stdout)."""
-    if fmt == "json":
-        file = console.file if console is not None else sys.stdout
-        file.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
-        return
-    if fmt != "text":
-        raise ValueError(f"unknown report format {fmt!r}; expected text or json")
-    from rich.console import Console
+    print_report(report, lambda: (_table(report),), fmt=fmt, console=console,
+                 trains=f"{report.examples} examples train")
+
+
+def _table(report: FeedbackReport) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    # Text, never markup: problems and paths quote the user's data, which may hold `[...]`.
-    console = console if console is not None else Console(highlight=False)
+    # Text, never markup: the path quotes the user's data, which may hold `[...]`.
     table = Table(title=Text(f"sftlab check (feedback): {report.file}"))
     table.add_column("")
     table.add_column("count", justify="right")
@@ -162,10 +174,4 @@ def write(report: FeedbackReport, fmt: str = "text", console: Any = None) -> Non
         table.add_row(Text(name), Text(str(value)))
     if report.ratio is not None:
         table.add_row("λ_D·n_D / (λ_U·n_U)", f"{report.ratio:.3g}")
-    console.print(table)
-    for problem in report.problems:
-        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
-    for warning in report.warnings:
-        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
-    verdict = (("ok", "bold green"), f": {report.examples} examples train") if report.ok else (("not ok", "bold red"),)
-    console.print(Text.assemble(*verdict))
+    return table

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, ToolCall, shown, validate
-from sftlab.errors import ConfigError, DataError
+from sftlab.data.schema import Conversation, Message, ToolCall, validate
+from sftlab.errors import ConfigError, DataError, shown
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                   "assistant": "assistant", "observation": "tool", "tool": "tool"}
@@ -298,6 +298,31 @@ def conversations_from_rows(rows: Iterable[Row], *, format: str = "auto", role_m
             log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
 
 
+def items_from_rows(rows: Iterable[Row], convert: Callable[[Any, str], Any], *, accepts: Callable[[Any], bool],
+                    kind: str, expected: str, reason: str, on_bad_row: str = "error",
+                    rejects: RejectLog | None = None) -> Iterator[Any]:
+    """Rows of one kind other than conversations (preference pairs, feedback) converted by `convert(value, where)`:
+    a row `accepts` refuses is "not {kind}; expected {expected}". A bad row raises DataError (`error`) or goes to
+    `rejects` (`skip`; with no RejectLog given, to a private one that still counts it)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
+    log = rejects if rejects is not None else RejectLog()
+    for row in rows:
+        try:
+            if row.error is not None:
+                raise row.error
+            if not accepts(row.value):
+                found = (f"an object with keys {', '.join(repr(k)[:40] for k in list(row.value)[:6])}"
+                         if isinstance(row.value, Mapping) else f"a JSON {type(row.value).__name__}")
+                raise DataError(f"the row is {found}, not {kind}; expected {expected}.", where=row.where,
+                                reason=reason)
+            yield convert(row.value, row.where)
+        except DataError as exc:
+            if on_bad_row == "error":
+                raise
+            log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+
+
 def _undetected(value: Any) -> str:
     if not isinstance(value, Mapping):
         return f"the row is a JSON {type(value).__name__}; expected an object such as {{\"messages\": [...]}}."
@@ -527,21 +552,57 @@ CONVERTERS: dict[str, Callable[[Any, str, Mapping[str, str]], Conversation]] = {
 }
 
 
+MESSAGE_LISTS = {"messages": ("messages",), "sharegpt": ("conversations",),
+                 "prompt_completion": ("prompt", "completion")}
+"""The fields of each format that hold a list of messages."""
+
+
 def field_usage(value: Any, format: str) -> dict[str, bool]:
     """Each field of a row, and of its messages (as `messages[].KEY`), mapped to whether `format` reads
     it: what `check` counts so that nothing a row holds is dropped without a word."""
     if not isinstance(value, Mapping) or format not in ROW_KEYS:
         return {}
     usage = {str(key): key in ROW_KEYS[format] for key in value}
-    lists = {"messages": ("messages",), "sharegpt": ("conversations",),
-             "prompt_completion": ("prompt", "completion")}.get(format, ())
     known = MESSAGE_KEYS | ({"from", "value"} if format == "sharegpt" else set())
-    for name in lists:
-        items = value.get(name)
-        keys = {key for item in (items if isinstance(items, list) else ()) if isinstance(item, Mapping)
-                for key in item}  # a row counts once per key, however many of its messages hold it
-        usage.update({f"{name}[].{key}": key in known for key in keys})
+    for name in MESSAGE_LISTS.get(format, ()):
+        usage.update({f"{name}[].{key}": key in known for key in _message_keys(value.get(name))})
     return usage
+
+
+def _message_keys(items: Any) -> set[Any]:
+    """The keys any message of a list holds (a row counts once per key, however many of its messages hold it)."""
+    if not isinstance(items, list):
+        return set()
+    if all(type(item) is dict for item in items):  # the JSON readers' messages: no ABC check per message
+        return set().union(*items)
+    return {key for item in items if isinstance(item, Mapping) for key in item}
+
+
+class FieldTally:
+    """Counts, row by row as a reader streams them, how many rows hold each field and whether `format` (auto:
+    detected from the first readable row) reads it, so the pass that encodes the rows reports them too."""
+
+    def __init__(self, format: str = "auto") -> None:
+        self.counts: dict[str, list[Any]] = {}
+        self.chosen = None if format == "auto" else format
+
+    def add(self, row: Row) -> None:
+        if row.error is not None:
+            return
+        self.chosen = self.chosen or detect_format(row.value)
+        if self.chosen is None:
+            return
+        for name, used in field_usage(row.value, self.chosen).items():
+            self.counts.setdefault(name, [0, used])[0] += 1
+
+    def tallied(self, rows: Iterable[Row]) -> Iterator[Row]:
+        """The rows unchanged, each counted as it passes."""
+        for row in rows:
+            self.add(row)
+            yield row
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return {name: {"rows": rows, "used": used} for name, (rows, used) in sorted(self.counts.items())}
 
 
 def field_report(source: str | Path | Iterable[Row], format: str = "auto", *,
@@ -549,15 +610,8 @@ def field_report(source: str | Path | Iterable[Row], format: str = "auto", *,
     """How many rows of a file (or of a stream of rows) hold each field, and whether the reader uses it:
     {"tools": {"rows": 1200, "used": True}, "metadata": {"rows": 50, "used": False}}. Unreadable rows and
     rows over `max_row_bytes` are skipped (they are rejected, and counted, by the reader)."""
-    counts: dict[str, list[Any]] = {}
-    chosen = None if format == "auto" else format
+    tally = FieldTally(format)
     rows = iter_rows(source, max_row_bytes=max_row_bytes) if isinstance(source, (str, Path)) else source
     for row in rows:
-        if row.error is not None:
-            continue
-        chosen = chosen or detect_format(row.value)
-        if chosen is None:
-            continue
-        for name, used in field_usage(row.value, chosen).items():
-            counts.setdefault(name, [0, used])[0] += 1
-    return {name: {"rows": rows, "used": used} for name, (rows, used) in sorted(counts.items())}
+        tally.add(row)
+    return tally.report()

@@ -15,9 +15,7 @@ states no preference), dropped (valid, but max_seq_len keeps it out) or pairs.
 from __future__ import annotations
 
 import copy
-import json
 import re
-import sys
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,7 +29,7 @@ from sftlab.config import DataConfig
 from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import IGNORE_INDEX, SPECIAL_IN_CONTENT, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
-from sftlab.data.quality import REJECTED_SHARE_WARNING, SPECIAL_TOKEN_ROWS, digest, length_spread
+from sftlab.data.quality import REJECTED_SHARE_WARNING, SPECIAL_TOKEN_ROWS, digest, length_spread, print_report
 from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
 from sftlab.errors import DataError
@@ -341,25 +339,8 @@ def _bias_warnings(bias: LengthBias) -> list[str]:
 
 def write(report: PairReport, fmt: str = "text", console: Any = None) -> None:
     """Print the report: `text` as rich tables, `json` as one JSON object (to `console.file` or stdout)."""
-    if fmt == "json":
-        file = console.file if console is not None else sys.stdout
-        file.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
-        return
-    if fmt != "text":
-        raise ValueError(f"unknown report format {fmt!r}; expected text or json")
-    from rich.console import Console
-    from rich.text import Text
-
-    # Text, never markup: problems, roles and paths quote the user's data, which may hold `[...]`.
-    console = console if console is not None else Console(highlight=False)
-    for table in (_summary_table(report), _lengths_table(report), _bias_table(report)):
-        console.print(table)
-    for problem in report.problems:
-        console.print(Text.assemble(("problem:", "bold red"), " ", problem))
-    for warning in report.warnings:
-        console.print(Text.assemble(("warning:", "yellow"), " ", warning))
-    verdict = (("ok", "bold green"), f": {report.pairs} pairs train") if report.ok else (("not ok", "bold red"),)
-    console.print(Text.assemble(*verdict))
+    print_report(report, lambda: (_summary_table(report), _lengths_table(report), _bias_table(report)), fmt=fmt,
+                 console=console, trains=f"{report.pairs} pairs train")
 
 
 def _summary_table(r: PairReport) -> Any:

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
-from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from itertools import islice
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +32,13 @@ import torch
 
 from sftlab.config import DataConfig
 from sftlab.data.batching import Batch, collate, collate_packed
-from sftlab.data.dataset import BATCH_ROWS, DatasetStats, EncodedDataset, build_dataset
+from sftlab.data.dataset import DatasetStats, EncodedDataset, Written, build_dataset, write_examples
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
-from sftlab.data.formats import _message_list, _require, _tools
+from sftlab.data.formats import _message_list, _require, _tools, items_from_rows
 from sftlab.data.sources import Source, source_rows
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, message_record, validate
-from sftlab.errors import ConfigError, DataError
+from sftlab.errors import DataError
 
 PROMPTS_DIFFER = "prompts differ"
 
@@ -141,24 +139,11 @@ def read_pairs(path: str | Path | Source, *, role_map: Mapping[str, str] | None 
     """Stream valid pairs from a source (a file, glob, dataset dir or hub id). A bad row, or one of more than
     `max_row_bytes` bytes (never parsed; see `pair_row_limit`), raises DataError (`error`) or goes to `rejects`
     (`skip`)."""
-    if on_bad_row not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_row must be error or skip; found {on_bad_row!r}")
-    log = rejects if rejects is not None else RejectLog()
-    for row in source_rows(path, max_row_bytes=max_row_bytes):
-        try:
-            if row.error is not None:
-                raise row.error
-            if not is_preference_row(row.value):
-                found = (f"an object with keys {', '.join(repr(k)[:40] for k in list(row.value)[:6])}"
-                         if isinstance(row.value, Mapping) else f"a JSON {type(row.value).__name__}")
-                raise DataError(f"the row is {found}, not a preference pair; expected 'chosen' and 'rejected' "
-                                "(and 'prompt', unless both are whole conversations).", where=row.where,
-                                reason="not a preference row")
-            yield to_pair(row.value, row.where, role_map)
-        except DataError as exc:
-            if on_bad_row == "error":
-                raise
-            log.add(where=row.where, reason=exc.reason, message=exc.detail, row=row.raw)
+    return items_from_rows(source_rows(path, max_row_bytes=max_row_bytes),
+                           lambda value, where: to_pair(value, where, role_map), accepts=is_preference_row,
+                           kind="a preference pair", expected="'chosen' and 'rejected' (and 'prompt', unless both "
+                           "are whole conversations)", reason="not a preference row", on_bad_row=on_bad_row,
+                           rejects=rejects)
 
 
 def pair_row_limit(encoder: Encoder) -> int | None:
@@ -241,7 +226,7 @@ def _join(chosen: Encoded | DataError, rejected: Encoded | DataError) -> Encoded
     for side in (chosen, rejected):
         if isinstance(side, DataError):
             return side
-    where = chosen.example.where
+    where = chosen.where
     starts = [int(np.argmax(side.trained)) for side in (chosen, rejected)]
     if starts[0] != starts[1] or not np.array_equal(chosen.ids[:starts[0]], rejected.ids[:starts[1]]):
         return DataError("the chat template renders the prompt differently before the chosen answer than before "
@@ -389,48 +374,33 @@ def build_pair_dataset(data_path: str | Path | Source, data: DataConfig, encoder
 def _write(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, directory: Path,
            settings: dict[str, Any]) -> None:
     """The encoded-dataset layout (data/dataset.py), two examples per pair; stats count examples (sides)."""
-    if data.on_bad_row == "error":  # every pair validated before any is tokenised, as for conversations
-        for _ in read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row="error",
-                            max_row_bytes=pair_row_limit(encoder)):
-            pass
-    pair_encoder = PairEncoder(encoder)
-    stats = DatasetStats()
-    offsets = array("q", [0])
-    encode_rejects = 0
-    with RejectLog(directory / "rejects.jsonl") as log, \
-            (directory / "input_ids.bin").open("wb") as ids_file, \
-            (directory / "trained.bin").open("wb") as trained_file, \
-            (directory / "where.txt").open("w", encoding="utf-8") as where_file:
-        pairs = read_pairs(data_path, role_map=_role_map(data_path, data), on_bad_row=data.on_bad_row, rejects=log,
-                           max_row_bytes=pair_row_limit(encoder))
-        encoded_rows = 0
-        for batch, results in pair_encoder.encode_stream(iter(lambda: list(islice(pairs, BATCH_ROWS)), [])):
-            encoded_rows += len(batch)
-            for pair, result in zip(batch, results):
-                if isinstance(result, DataError):
-                    if data.on_bad_row == "error" and not isinstance(result, Dropped):
-                        raise result
-                    log.add(where=result.where, reason=result.reason, message=result.detail, row=pair_row(pair))
-                    encode_rejects += 1
-                    continue
-                for side in (result.chosen, result.rejected):
-                    ids = np.asarray(side.input_ids, dtype=np.int32)
-                    trained = np.asarray(side.labels) != IGNORE_INDEX
-                    ids.tofile(ids_file)
-                    trained.astype(np.uint8).tofile(trained_file)
-                    where_file.write(side.where + "\n")
-                    offsets.append(offsets[-1] + len(ids))
-                    stats.examples += 1
-                    stats.trained_tokens += int(trained.sum())
-                stats.truncated += int(result.truncated)
-                stats.special_token_rows += int(result.special_tokens_in_content > 0)
-        stats.rows = encoded_rows + log.total - encode_rejects
-        stats.rejected = dict(log.counts)
-    np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
-    stats.tokens = offsets[-1]
-    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": encoder.added_tokens,
-            "pairs": stats.examples // 2}
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    write_examples(_Pairs(data_path, data, encoder), data, directory, settings, encoder.added_tokens)
+
+
+class _Pairs:
+    """Preference pairs as dataset.write_examples reads them (a RowKind)."""
+
+    def __init__(self, data_path: str | Path | Source, data: DataConfig, encoder: Encoder) -> None:
+        self.data_path, self.data, self.encoder = data_path, data, PairEncoder(encoder)
+        self.row_limit = pair_row_limit(encoder)
+
+    def read(self, on_bad_row: str, rejects: RejectLog | None, fields: Any = None) -> Iterator[Pair]:
+        return read_pairs(self.data_path, role_map=_role_map(self.data_path, self.data), on_bad_row=on_bad_row,
+                          rejects=rejects, max_row_bytes=self.row_limit)
+
+    def encode_stream(self, batches: Iterable[Sequence[Pair]]) -> Iterator[tuple[Sequence[Pair], list[Any]]]:
+        return self.encoder.encode_stream(batches)
+
+    def written(self, item: Pair, result: EncodedPair) -> Written:
+        sides = [(np.asarray(side.input_ids, dtype=np.int32), np.asarray(side.labels) != IGNORE_INDEX, side.where)
+                 for side in (result.chosen, result.rejected)]
+        return Written(sides, result.truncated, result.special_tokens_in_content > 0)
+
+    def reject_row(self, item: Pair) -> str:
+        return pair_row(item)
+
+    def finish(self, directory: Path, stats: DatasetStats) -> dict[str, Any]:
+        return {"pairs": stats.examples // 2}
 
 
 def pair_row(pair: Pair) -> str:

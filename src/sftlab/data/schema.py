@@ -11,28 +11,14 @@ from __future__ import annotations
 
 import difflib
 import re
-import reprlib
 from dataclasses import dataclass
 from typing import Any
 
-from sftlab.errors import DataError
+from sftlab.errors import DataError, shown
 
 ROLES = ("system", "user", "assistant", "tool")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ROLE_NAME = re.compile(r"[\w-]{1,40}")
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60
-_SHORT.maxlevel = 3
-
-
-def shown(value: Any) -> str:
-    """A row's value as an error message quotes it: a repr cut to about 60 characters and 3 levels of
-    nesting, so a huge or deeply nested value cannot swamp (or crash) the message; non-printable
-    characters, lone surrogates included, come out escaped."""
-    try:
-        return _SHORT.repr(value)
-    except ValueError:  # an int of more digits than Python converts to text
-        return f"(a {type(value).__name__} too large to show)"
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.config import DataConfig, SourceConfig, sources_of
-from sftlab.data.formats import Row, _too_large, conversations_from_rows, iter_rows
+from sftlab.data.formats import FieldTally, Row, _too_large, conversations_from_rows, iter_rows
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, shown
-from sftlab.errors import DataError
+from sftlab.data.schema import Conversation, Message
+from sftlab.errors import DataError, shown
 
 OWN_SUFFIXES = (".jsonl", ".json", ".parquet")
 """Files sftlab's own readers stream (faster than a `datasets` round trip, with file:line provenance)."""
@@ -260,11 +260,13 @@ def _mapped(row: Row, columns: Mapping[str, str], label: str) -> Row:
 
 
 def read(data_path: Source | str | Path, data: DataConfig, *, on_bad_row: str, rejects: RejectLog | None = None,
-         max_row_bytes: int | None = None) -> Iterator[Conversation]:
-    """A source's valid conversations (its format, role_map and system_prompt over data's)."""
+         max_row_bytes: int | None = None, fields: FieldTally | None = None) -> Iterator[Conversation]:
+    """A source's valid conversations (its format, role_map and system_prompt over data's); `fields` counts
+    the fields of every row read, in the same pass."""
     source = data_path if isinstance(data_path, Source) else resolve(data_path)
     spec = source.spec
-    conversations = conversations_from_rows(rows(source, max_row_bytes=max_row_bytes),
+    raw = rows(source, max_row_bytes=max_row_bytes)
+    conversations = conversations_from_rows(raw if fields is None else fields.tallied(raw),
                                             format=spec.format or data.format,
                                             role_map={**data.role_map, **spec.role_map}, on_bad_row=on_bad_row,
                                             rejects=rejects)

@@ -49,6 +49,7 @@ from jinja2 import nodes
 from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaTemplateError
 from jinja2.ext import Extension, loopcontrols
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sftlab.data.schema import Conversation, Message, validate
@@ -150,6 +151,27 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             _check_format_string(getattr(value, "__self__", ""))
         return wrapped
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        """jinja2's lookup, with a shortcut for `message.role` on a plain dict (the commonest lookup of a chat
+        template): a name that is no attribute of dict is the key or undefined, exactly as jinja2 ends up after
+        raising and catching AttributeError."""
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            return obj[attribute] if attribute in obj else self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        """jinja2's answer, remembered per (type, attribute) for the plain types templates read: it depends on
+        nothing else (the attribute's name, and the object's type against jinja2's type lists and the
+        mutable ABCs), and computing it each time was a fifth of a tool template's render."""
+        kind = type(obj)
+        if kind not in _PLAIN_TYPES:
+            return super().is_safe_attribute(obj, attr, value)
+        key = (kind, attr)
+        known = _SAFE_ATTRIBUTES.get(key)
+        if known is None:
+            known = _SAFE_ATTRIBUTES[key] = super().is_safe_attribute(obj, attr, value)
+        return known
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise SecurityError(f"access to attribute {attribute!r} of an object of type {type(obj).__name__!r} is "
                             "unsafe")
@@ -168,6 +190,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+_PLAIN_TYPES = frozenset({str, dict, list, tuple, int, float, bool, type(None), LoopContext})
+_SAFE_ATTRIBUTES: dict[tuple[type, str], bool] = {}
+"""_Sandbox.is_safe_attribute's answers for _PLAIN_TYPES."""
 SIZED_FILTERS = ("center", "indent", "wordwrap", "batch", "slice", "format")
 """Filters whose arguments say how big a result to build (a width, a line or slice count, a format string)."""
 _HUGE_WIDTH = re.compile(r"[%:][^a-zA-Z%{}]*?\d{8,}")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sftlab import __version__
 from sftlab.config import PAIR_STAGES, sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
+from sftlab.data.quality import QUALITY_MAX_ROWS
 from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
 from sftlab import files
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 REPORT_DATA, REPORT_PAGE = "report.json", "report.html"
 NUM_EXAMPLES = 3
 """Training examples shown with their trained tokens highlighted."""
-QUALITY_MAX_ROWS = 20_000
-"""The `sftlab check` summary re-reads the training file: done for files up to this many rows (seconds)."""
 SAMPLE_FIELDS = ("prompt", "reference", "before", "after")
 
 
@@ -131,31 +130,38 @@ def _quality(setup: Setup) -> tuple[dict[str, Any] | None, str | None]:
     preference pairs (stages dpo, orpo, simpo), of feedback (stage kto) — or (None, None) if the file is too big."""
     if setup.train_data.stats.rows > QUALITY_MAX_ROWS or len(sources_of(setup.config.data.train)) != 1:
         return None, None  # several sources: `sftlab check` reports on each
+    if setup.config.stage not in PAIR_STAGES and setup.config.stage != "kto":
+        return _saved_quality(setup.train_data)
     from rich.console import Console
 
-    from sftlab.data import pair_quality, quality
+    data = setup.config.data
+    text = io.StringIO()
+    if setup.config.stage == "kto":  # counted from the encoded rows and their labels
+        from sftlab.data import feedback_quality
+
+        report = feedback_quality.from_dataset(setup.train_data, sources_of(data.train)[0], data, setup.config.kto,
+                                               data.special_tokens_in_content)
+        feedback_quality.write(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+        return report.to_dict(), text.getvalue()
+    from sftlab.data import pair_quality
     from sftlab.data.encode import Encoder
     from sftlab.data.templates import load_template
 
-    data = setup.config.data
     encoder = Encoder(setup.tokenizer, load_template(data.template, setup.tokenizer), train_on=data.train_on,
                       max_seq_len=data.max_seq_len, truncation=data.truncation,
                       add_special_tokens=data.add_special_tokens, max_row_bytes=data.max_row_bytes,
                       special_tokens_in_content=data.special_tokens_in_content)
-    if setup.config.stage == "kto":
-        from sftlab.data import feedback_quality
-
-        report, writer = feedback_quality.analyze_feedback(sources_of(data.train)[0], data, encoder,
-                                                           setup.config.kto), feedback_quality.write
-        text = io.StringIO()
-        writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
-        return report.to_dict(), text.getvalue()
-    checker = pair_quality.analyze_pairs if setup.config.stage in PAIR_STAGES else quality.analyze
-    report = checker(sources_of(data.train)[0], data, encoder)
-    text = io.StringIO()
-    writer = pair_quality.write if setup.config.stage in PAIR_STAGES else quality.write
-    writer(report, console=Console(file=text, width=100, color_system=None, highlight=False))
+    report = pair_quality.analyze_pairs(sources_of(data.train)[0], data, encoder)  # pairs: encoded again (<= 20k rows)
+    pair_quality.write(report, console=Console(file=text, width=100, color_system=None, highlight=False))
     return report.to_dict(), text.getvalue()
+
+
+def _saved_quality(data: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The conversations' report the dataset writer tallied while encoding them (data/quality.py WriterQuality):
+    the report reads it and never encodes the training data again."""
+    parts = getattr(data, "parts", [data])
+    saved = parts[0].quality() if len(parts) == 1 and hasattr(parts[0], "quality") else None
+    return (None, None) if saved is None else (saved["report"], saved["text"])
 
 
 def peak_memory(device: Any) -> dict[str, int]:
