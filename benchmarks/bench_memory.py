@@ -1,7 +1,8 @@
 """Big models on small machines: peak RSS of short CPU training runs against the memory plan and the ideal.
 
 Not a unit test. For Llama shapes of 135M (SmolLM), 1B and 3B (Llama-3.2) and 7B (Llama-2), a random-weight
-model is written once as bf16 safetensors shards under benchmarks/results/models/ (git-ignored), one shard
+model is written once as bf16 safetensors shards under $SFTLAB_BENCH_CACHE (default benchmarks/results/models/,
+git-ignored), one shard
 at a time — never the whole model in memory. Each (shape, method) then runs in a fresh process: `sftlab`'s
 prepare + train, 2 steps, rows of 256 tokens, micro-batch 1, gradient checkpointing on, on the CPU (fp32
 compute). Per run it reports the process's peak RSS (VmHWM), the memory plan's estimate (train/memory.py,
@@ -26,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = RESULTS / "models"
+MODELS = Path(os.environ.get("SFTLAB_BENCH_CACHE") or RESULTS / "models")
+"""Where the random models are written once (GBs: set SFTLAB_BENCH_CACHE to a dir outside the repo)."""
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied head
     "135M": (576, 1536, 30, 9, 3, 49152, True),
     "1B": (2048, 8192, 16, 32, 8, 128256, True),

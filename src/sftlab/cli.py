@@ -193,13 +193,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import math
-    import shutil
-
     from sftlab import export
-    from sftlab.files import atomic_dir, remove_stale_scratch
+    from sftlab.export import merge_stream
+    from sftlab.files import remove_stale_scratch
     from sftlab.generate import prompt_ids
-    from sftlab.models.load import load_for_inference
 
     out = Path(args.output)
     run_entry_of = _run_entry_of(out, args.source)
@@ -212,49 +209,25 @@ def _merge(args: argparse.Namespace) -> int:
                           "to replace it (the new dir replaces it whole, once complete).")
     for name in remove_stale_scratch(out):  # a merge killed mid-write left it (about the model's size)
         print(f"removed {out.parent / name}, left by an interrupted merge", file=sys.stderr)
-    # The adapter model, loaded before anything is written, is what the merged dir is compared with.
-    adapter_model = load_for_inference(args.source, base=args.base)[0]
-    model, tokenizer, template, method = load_for_inference(args.source, base=args.base)
-    if method is None:
+    job = merge_stream.merge_job(args.source, base=args.base)  # no weights read yet
+    if job is None:
         raise SftlabError(f"{args.source} is not a run dir with an adapter/ nor an adapter dir; nothing to merge.")
-    if args.onto and method.name != "qlora":
-        raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {method.name} adapter, which "
+    if args.onto and not getattr(job.method, "nf4_base", False):
+        raise SftlabError(f"--onto applies to QLoRA runs; {args.source} holds a {job.method.name} adapter, which "
                           "merges onto its base weights as they are. Leave --onto out.")
-    export.refuse_merge_output(out, [("the base model", method.config.model.path)])
+    export.refuse_merge_output(out, [("the base model", job.config.model.path)])
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
-    out_dtype = _merge_dtype(args.dtype, method.config.model)
     if run_entry_of is not None:
         from sftlab.files import owned
 
         owned(run_entry_of, out.name)  # the run's manifest names it first: a user's file there is refused
-    with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
-        if method.name == "qlora":
-            merged_model = method.merge(model, onto=args.onto or "dequantized")
-        else:
-            merged_model = method.merge(model)
-        export.save_model(merged_model.to(out_dtype), tokenizer, scratch)
-    del model
-    # Fidelity: the written dir, loaded by plain transformers, against the adapter model.
-    from sftlab.config import ModelConfig
-    from sftlab.models.load import load_model
-
-    dtype = str(adapter_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    merged = load_model(ModelConfig(path=str(out), dtype=dtype), device=adapter_model.device)
     samples = [[{"role": "user", "content": text}] for text in
                ("Hello! What can you do?", "Explain your last answer in one sentence.", "List three colours.")]
-    inputs = [prompt_ids(tokenizer, template, messages) for messages in samples]
-    check = export.fidelity(adapter_model, merged, inputs)
-    if not all(math.isfinite(value) for value in check.values()):
-        shutil.rmtree(out)
-        raise SftlabError(f"the merged model's logits differ from the adapter model's by a non-finite amount (max "
-                          f"|Δlogit| {check['max_abs_logit_diff']}, mean KL {check['mean_kl']}): the merge is "
-                          f"broken, and {out} was removed. Check the adapter's and the base's weights, or merge "
-                          "in float32 (model.dtype=float32).")
-    print(f"merged into {out}\nfidelity (adapter model vs merged dir, {len(inputs)} prompts): "
-          f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
-    if method.name == "qlora":
-        _compare_qlora_merges(args, adapter_model, inputs, check)
+    inputs = [prompt_ids(job.tokenizer, job.template, messages) for messages in samples]
+    for line in merge_stream.merge_and_check(job, out, dtype=_merge_dtype(args.dtype, job.config.model),
+                                             onto=args.onto, inputs=inputs):
+        print(line)
     return 0
 
 
@@ -288,20 +261,6 @@ def _merge_dtype(name: str | None, model: object) -> "torch.dtype":
     stored = Counter(info.dtype for info in checkpoint_tensors(weight_files(source)).values()
                      if DTYPES.get(info.dtype, torch.uint8).is_floating_point)
     return DTYPES[stored.most_common(1)[0][0]] if stored else torch.float32
-
-
-def _compare_qlora_merges(args: argparse.Namespace, adapter_model: object, inputs: list, written: dict) -> None:
-    """Measure the QLoRA merge that was not written too, and say which is closer to the trained model."""
-    from sftlab import export
-    from sftlab.models.load import load_for_inference
-
-    onto = args.onto or "dequantized"
-    other = "original" if onto == "dequantized" else "dequantized"
-    model, _, _, method = load_for_inference(args.source, base=args.base)
-    check = export.fidelity(adapter_model, method.merge(model, onto=other), inputs)
-    closer = onto if written["mean_kl"] <= check["mean_kl"] else other
-    print(f"onto {other} (not written): max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL "
-          f"{check['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
 
 
 def _export(args: argparse.Namespace) -> int:

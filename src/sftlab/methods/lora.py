@@ -174,6 +174,8 @@ def _features(layer: nn.Module) -> tuple[int, int]:
 class LoRA(Method):
     name = "lora"
     mergeable = True
+    nf4_base = False
+    """Whether the frozen base is held in NF4 (QLoRA): its merge takes `onto` (dequantized or original)."""
 
     def check_layers(self, model: nn.Module) -> None:
         check_rank(model, find_targets(model, self.config.lora.targets), self.config.lora.rank)

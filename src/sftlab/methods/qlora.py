@@ -35,6 +35,7 @@ MergeOnto = Literal["dequantized", "original"]
 class QLoRA(LoRA):
     name = "qlora"
     mergeable = True
+    nf4_base = True
 
     def apply(self, model: nn.Module) -> None:
         if nf4_modules(model) or lora_modules(model):
