@@ -113,8 +113,9 @@ def _prepare_claimed(cfg: Config, *, ctx: Dist, console: Console, device: torch.
     mixture = _mixture(train_sources, train_data, indices, cfg, console)
 
     device = device or (ctx.device() if ctx.enabled else default_device())
-    if not ctx.enabled:  # under torchrun each rank holds a share (FSDP) or a replica (DDP): not planned yet
-        plan_run(cfg, train_data, device, console)  # exit 2 before any weight is read when it cannot fit
+    # Exit 2 before any weight is read when it cannot fit (per rank under torchrun); resolves
+    # train.gradient_checkpointing=auto.
+    cfg = plan_run(cfg, train_data, device, console)
     notes: list[str] = []
     model = load_model(cfg.model, device=device, nf4=nf4_spec(cfg), notes=notes)
     for note in notes:
