@@ -163,12 +163,13 @@ def test_merge_raises_peak_rss_by_about_one_tensor_plus_the_adapter(tmp_path: Pa
     model_fp32 = 2 * sum(f.stat().st_size for f in shards)
     print(f"{method}: merge raised peak RSS by {rise / 2**20:.1f} MiB; one shard {largest_shard / 2**20:.1f} MiB, "
           f"adapter {adapter / 2**20:.1f} MiB, the model in fp32 {model_fp32 / 2**20:.0f} MiB")
-    # Merging one weight holds it as stored, in fp32, B·A, s·B·A and their sum (LoRALinear.merge), and
-    # under QLoRA its NF4 round trip; plus the allocator's and the skeleton's overheads.
+    # Merging one weight holds it as stored, in fp32, B·A, s·B·A and their sum (LoRALinear.merge), under QLoRA
+    # its dequantised NF4 round trip too, and for a sampled layer the other merge's copy and temporaries: up to
+    # ten fp32 copies of the largest layer; plus the allocator's and the skeleton's overheads.
     largest_fp32 = 4 * 512 * 1024
-    slack = 6 * largest_fp32 + 16 * 2**20
+    slack = 10 * largest_fp32 + 16 * 2**20
     if method == "qlora":  # the NF4 quantiser's working set (as in test_stream_load)
-        slack += 2 * QUANTIZER_CHUNK * 16 * 4 + 3 * largest_fp32
+        slack += 2 * QUANTIZER_CHUNK * 16 * 4
     assert rise <= largest_shard + adapter + slack
     # Never a model's worth: at this small shape the NF4 quantiser's fixed working set (32 MiB) is most of QLoRA's.
     assert rise < (model_fp32 / 3 if method == "lora" else model_fp32)

@@ -130,7 +130,7 @@ def model_shape(cfg: Any, source: Path, device: torch.device) -> ModelShape:
     layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0))
     lora_trainable = _trainable_bytes(LoRA(cfg), model)
     method = METHODS[cfg.method](cfg)
-    method_trainable = lora_trainable if cfg.method in ("lora", "qlora") else _trainable_bytes(method, model)
+    method_trainable = lora_trainable if isinstance(method, LoRA) else _trainable_bytes(method, model)
     stored = stream.checkpoint_tensors(stream.weight_files(source))  # headers only
     return ModelShape(dense, nf4, lora_trainable, method_trainable, layers, hidden, intermediate,
                       int(model.get_input_embeddings().weight.shape[0]),
@@ -151,7 +151,7 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
          where: str) -> MemoryPlan:
     """The plan for `cfg` on a model of `shape`, micro-batches of train.micro_batch_size rows of
     `row_tokens` tokens."""
-    qlora = cfg.method == "qlora"
+    qlora = _nf4_base(cfg)
     trainable = shape.method_trainable
     checkpointing = bool(cfg.train.gradient_checkpointing)
     tokens = cfg.train.micro_batch_size * row_tokens * (2 if cfg.stage in PAIR_STAGES else 1)  # a pair: two rows
@@ -170,7 +170,7 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
 def fixes(cfg: Any, shape: ModelShape, current: MemoryPlan, row_tokens: int) -> list[str]:
     """Single changes to `cfg` whose plan fits, each with its estimate, cheapest change first."""
     options: list[tuple[str, Any, int]] = []
-    if cfg.method == "lora":
+    if _lora_dense_base(cfg):
         options.append(("method=qlora", replace(cfg, method="qlora"), row_tokens))
     if not cfg.train.gradient_checkpointing:
         options.append(("train.gradient_checkpointing=true",
@@ -259,6 +259,22 @@ def max_row_tokens(cfg: Any, data: Any) -> int:
         return int(cfg.data.max_seq_len)
     lengths = data.lengths() if callable(getattr(data, "lengths", None)) else getattr(data, "lengths", None)
     return int(max(lengths)) if lengths is not None and len(lengths) else int(cfg.data.max_seq_len or 2048)
+
+
+def _nf4_base(cfg: Any) -> bool:
+    """Whether the config's method holds its frozen base in NF4 (QLoRA)."""
+    from sftlab.methods import METHODS
+
+    return bool(getattr(METHODS.get(cfg.method), "nf4_base", False))
+
+
+def _lora_dense_base(cfg: Any) -> bool:
+    """Whether the config's method is LoRA over a dense base (QLoRA is the same adapter over an NF4 one)."""
+    from sftlab.methods import METHODS
+    from sftlab.methods.lora import LoRA
+
+    method = METHODS.get(cfg.method)
+    return isinstance(method, type) and issubclass(method, LoRA) and not method.nf4_base
 
 
 def _dtype_name(element: int) -> str:
