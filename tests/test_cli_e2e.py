@@ -74,7 +74,7 @@ def test_merge_writes_a_plain_model_with_a_fidelity_check(run, capsys) -> None:
 def test_merge_never_replaces_a_dir_without_overwrite_nor_leaves_a_partial_one(run, capsys, monkeypatch) -> None:
     import errno
 
-    from sftlab import export
+    from sftlab.export import merge_stream
 
     target = run["root"] / "merged-again"
     target.mkdir()
@@ -83,11 +83,11 @@ def test_merge_never_replaces_a_dir_without_overwrite_nor_leaves_a_partial_one(r
     assert "already exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in target.iterdir()) == ["mine.txt"]
 
-    def full_disk(model, tokenizer, out):  # half a model written, then no space
-        (Path(out) / "model.safetensors").write_bytes(b"\0" * 64)
+    def full_disk(self, name, tensor):  # part of the weights written (the merge streams them), then no space
+        self.handle.write(b"\0" * 64)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export, "save_model", full_disk)
+    monkeypatch.setattr(merge_stream.ShardWriter, "write", full_disk)
     assert main(["merge", str(run["run"]), "--output", str(target), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "the disk is full" in err and "keeps its previous contents" in err.replace("\n", "")

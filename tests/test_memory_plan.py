@@ -65,3 +65,42 @@ def test_the_plan_line_is_printed_and_a_run_that_fits_trains(tmp_path: Path, cap
     assert re.search(r"memory plan: base [\d.]+ MiB \(nf4\) \+ trainable [\d.]+ MiB \+ gradients [\d.]+ MiB \+ "
                      r"optimizer [\d.]+ MiB \+ activations ~[\d.]+ [MG]iB \(gradient checkpointing off\) \+ "
                      r"runtime [\d.]+ [MG]iB ≈ [\d.]+ [MG]iB of [\d.]+ GiB free \(host\)", text), text
+
+
+def test_gradient_checkpointing_auto_turns_on_only_when_the_plan_needs_it(tmp_path: Path, monkeypatch) -> None:
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from sftlab.config import load_config
+    from sftlab.train import memory
+
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=64)
+    cfg = load_config(overrides=[f"model={model_dir}", "train.gradient_checkpointing=auto", "train.micro_batch_size=8"])
+    data = SimpleNamespace(lengths=[512])
+    cpu = torch.device("cpu")
+    shape = memory.model_shape(cfg, model_dir, cpu)
+    totals = {on: memory.plan(replace(cfg, train=replace(cfg.train, gradient_checkpointing=on)), shape, row_tokens=512,
+                              runtime=0, available=None, where="host").total for on in (False, True)}
+    assert totals[True] < totals[False]
+    for available, expected in ((totals[False], False), ((totals[False] + totals[True]) // 2, True)):
+        monkeypatch.setattr(memory, "available_memory", lambda device, ranks=1, free=available: (free, 0, "host"))
+        console = Console(record=True, width=300)
+        resolved = memory.plan_run(cfg, data, cpu, console)
+        text = console.export_text()
+        assert resolved.train.gradient_checkpointing is expected, text
+        assert f"gradient checkpointing: auto -> {'on' if expected else 'off'} (without it the plan is" in text
+        assert f"(gradient checkpointing {'on' if expected else 'off'})" in text
+    monkeypatch.undo()
+    off = memory.plan_run(replace(cfg, train=replace(cfg.train, memory_check="off")), data, cpu, Console(quiet=True))
+    assert off.train.gradient_checkpointing is False  # no plan: auto stays off
+    explicit = replace(cfg, train=replace(cfg.train, gradient_checkpointing=False))
+    assert memory.plan_run(explicit, data, cpu, Console(quiet=True)).train.gradient_checkpointing is False
+
+
+def test_under_torchrun_each_process_plans_with_its_share_of_the_host() -> None:
+    one, rss, _ = available_memory(torch.device("cpu"))
+    two, _, where = available_memory(torch.device("cpu"), ranks=2)
+    assert where == "host, per process of 2"
+    assert abs(two - (one - rss) / 2 - rss) < 0.05 * one  # MemAvailable moves a little between the two reads

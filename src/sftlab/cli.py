@@ -249,18 +249,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from sftlab.runs import MERGE_PROMPTS, merge
+    from sftlab.runs import merge
 
-    result = merge(args.source, args.output, base=args.base, onto=args.onto, dtype=args.dtype,
-                   overwrite=args.overwrite)
-    check = result.fidelity
-    print(f"merged into {result.output}\nfidelity (adapter model vs merged dir, {len(MERGE_PROMPTS)} prompts): "
-          f"max |Δlogit| {check['max_abs_logit_diff']:.2e}, mean KL {check['mean_kl']:.2e}")
-    if result.other is not None:  # a quantised base: the merge not written, measured too
-        other = "original" if result.onto == "dequantized" else "dequantized"
-        closer = result.onto if check["mean_kl"] <= result.other["mean_kl"] else other
-        print(f"onto {other} (not written): max |Δlogit| {result.other['max_abs_logit_diff']:.2e}, mean KL "
-              f"{result.other['mean_kl']:.2e}\ncloser to the trained adapter model: onto {closer}")
+    for line in merge(args.source, args.output, base=args.base, onto=args.onto, dtype=args.dtype,
+                      overwrite=args.overwrite):
+        print(line)
     return 0
 
 

@@ -266,8 +266,9 @@ class TrainConfig:
     """Evaluate on data.eval / the held-out fraction every N steps (and at the end)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a better eval loss."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, about a third slower."""
+    gradient_checkpointing: bool | Literal["auto"] = False
+    """Recompute activations in backward: less memory, about a third slower. `auto`: on only when the
+    memory plan (train/memory.py) does not fit without it (off when no plan is made)."""
     memory_check: Literal["refuse", "warn", "off"] = "refuse"
     """Before the weights are read, estimate the run's peak memory (train/memory.py; one `memory plan:` line)
     and `refuse` to start when it exceeds the free memory, naming the change that makes it fit; `warn`: say

@@ -225,62 +225,36 @@ MERGE_PROMPTS = ("Hello! What can you do?", "Explain your last answer in one sen
 """The prompts on which a merged dir's logits are compared with the adapter model's."""
 
 
-@dataclass
-class MergeResult:
-    output: Path
-    fidelity: dict[str, float]
-    """max_abs_logit_diff, mean_kl of the written dir against the adapter model, over MERGE_PROMPTS."""
-    onto: str | None = None
-    """A quantised base: what the adapter was folded onto (dequantized | original)."""
-    other: dict[str, float] | None = None
-    """A quantised base: the fidelity of folding onto the other one (measured, not written)."""
-
-
 def merge(source: str, output: str | Path, *, base: str | None = None, onto: str | None = None,
-          dtype: str | None = None, overwrite: bool = False, say: Callable[[str], None] | None = None) -> MergeResult:
+          dtype: str | None = None, overwrite: bool = False, say: Callable[[str], None] | None = None) -> list[str]:
     """`sftlab merge` (and `export --format hf`): the adapter of a run dir or adapter dir folded into its base,
-    written to `output` as a plain HF model dir (in the base's stored dtype unless `dtype`), then loaded back
-    by plain transformers and compared with the adapter model. Nothing of the user's is written over: the
-    output must be new, empty or `overwrite`n, and never the source, the base, or a run's own entry. `say`
-    (default: stderr) hears of scratch an interrupted merge left there, removed first."""
-    import math
-    import shutil
+    streamed shard by shard into `output` as a plain HF model dir (in the base's stored dtype unless `dtype`;
+    export/merge_stream.py), then checked against the adapter model without two full models in memory. Nothing
+    of the user's is written over: the output must be new, empty or `overwrite`n, and never the source, the
+    base, or a run's own entry. `say` (default: stderr) hears of scratch an interrupted merge left there,
+    removed first. Returns the lines to print (where it went, the fidelity check)."""
     import sys
 
     from sftlab import export
-    from sftlab.files import atomic_dir
+    from sftlab.export import merge_stream
 
     out = Path(output)
     run_entry_of = _run_entry_of(out, source)
     for name in _check_merge_output(out, source, base, overwrite, run_entry_of):
         (say or (lambda text: print(text, file=sys.stderr)))(f"removed {out.parent / name}, left by an interrupted merge")
-    # The adapter model, loaded before anything is written, is what the merged dir is compared with.
-    adapter_model = load_for_inference(source, base=base)[0]
-    model, tokenizer, template, method = load_for_inference(source, base=base)
-    _check_merge_method(source, method, onto)
-    export.refuse_merge_output(out, [("the base model", method.config.model.path)])
+    job = merge_stream.merge_job(source, base=base)  # no weights read yet
+    _check_merge_method(source, job.method if job is not None else None, onto)
+    job.load = lambda: load_for_inference(source, base=base)
+    export.refuse_merge_output(out, [("the base model", job.config.model.path)])
     if out.exists() and not out.is_dir():
         out.unlink()  # --overwrite of a file
-    out_dtype = _merge_dtype(dtype, method.config.model)
     if run_entry_of is not None:
         from sftlab.files import owned
 
         owned(run_entry_of, out.name)  # the run's manifest names it first: a user's file there is refused
-    onto = (onto or "dequantized") if method.quantized_base else None
-    with atomic_dir(out, what="the merged model") as scratch:  # a failed write leaves no half model dir
-        merged_model = method.merge(model, onto=onto) if onto else method.merge(model)
-        export.save_model(merged_model.to(out_dtype), tokenizer, scratch)
-    del model
-    inputs = _merge_prompts(tokenizer, template)
-    check = _written_fidelity(out, adapter_model, inputs)
-    if not all(math.isfinite(value) for value in check.values()):
-        shutil.rmtree(out)
-        raise SftlabError(f"the merged model's logits differ from the adapter model's by a non-finite amount (max "
-                          f"|Δlogit| {check['max_abs_logit_diff']}, mean KL {check['mean_kl']}): the merge is "
-                          f"broken, and {out} was removed. Check the adapter's and the base's weights, or merge "
-                          "in float32 (model.dtype=float32).")
-    other = _other_merge(source, base, onto, adapter_model, inputs) if onto else None
-    return MergeResult(out, check, onto, other)
+    inputs = _merge_prompts(job.tokenizer, job.template)
+    return merge_stream.merge_and_check(job, out, dtype=_merge_dtype(dtype, job.config.model), onto=onto,
+                                        inputs=inputs)
 
 
 def _check_merge_output(out: Path, source: str, base: str | None, overwrite: bool,
@@ -312,27 +286,6 @@ def _merge_prompts(tokenizer: Any, template: Any) -> list[list[int]]:
     from sftlab.generate import prompt_ids
 
     return [prompt_ids(tokenizer, template, [{"role": "user", "content": text}]) for text in MERGE_PROMPTS]
-
-
-def _written_fidelity(out: Path, adapter_model: Any, inputs: list[list[int]]) -> dict[str, float]:
-    """The written dir, loaded by plain transformers, against the adapter model."""
-    from sftlab import export
-    from sftlab.config import ModelConfig
-    from sftlab.models.load import load_model
-
-    dtype = str(adapter_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    merged = load_model(ModelConfig(path=str(out), dtype=dtype), device=adapter_model.device)
-    return export.fidelity(adapter_model, merged, inputs)
-
-
-def _other_merge(source: str, base: str | None, onto: str, adapter_model: Any,
-                 inputs: list[list[int]]) -> dict[str, float]:
-    """A quantised base: the fidelity of the merge that was not written (onto the other precision)."""
-    from sftlab import export
-
-    other = "original" if onto == "dequantized" else "dequantized"
-    model, _, _, method = load_for_inference(source, base=base)
-    return export.fidelity(adapter_model, method.merge(model, onto=other), inputs)
 
 
 def _run_entry_of(out: Path, source: str) -> Path | None:

@@ -150,18 +150,33 @@ def fidelity(adapter_model: nn.Module, merged_model: nn.Module,
     KL(adapter || merged) per token, in fp32, over `inputs` — a (B, T) or (T,) tensor of input_ids, or an
     iterable of such tensors, token-id lists, {"input_ids", "attention_mask"} mappings or Batches. A NaN in
     either model's logits gives NaN (a failure the caller reports), never a difference of 0."""
+    inputs = [{"input_ids": ids, "attention_mask": mask} for ids, mask in _input_batches(inputs)]  # read once
+    return fidelity_to(reference_logits(adapter_model, inputs), merged_model, inputs)
+
+
+@torch.no_grad()
+def reference_logits(model: nn.Module, inputs: torch.Tensor | Iterable[Any]) -> list[torch.Tensor]:
+    """The logits (N, V) fp32 of the real tokens of each of `inputs` (the forms fidelity() takes): what a
+    merged model is compared with after `model` is freed (fidelity_to), so the two never share memory."""
+    with _eval_mode(model):
+        return [_logits(model, input_ids, attention_mask)[attention_mask.bool()]
+                for input_ids, attention_mask in _input_batches(inputs)]
+
+
+@torch.no_grad()
+def fidelity_to(reference: list[torch.Tensor], merged_model: nn.Module,
+                inputs: torch.Tensor | Iterable[Any]) -> dict[str, float]:
+    """fidelity() against the adapter model's `reference` logits (reference_logits on the same inputs)."""
     max_diff, kl_sum, tokens = 0.0, 0.0, 0
-    with _eval_mode(adapter_model), _eval_mode(merged_model):
-        for input_ids, attention_mask in _input_batches(inputs):
-            keep = attention_mask.bool()
-            reference = _logits(adapter_model, input_ids, attention_mask)[keep]  # (N, V) fp32
-            merged = _logits(merged_model, input_ids, attention_mask)[keep]
-            diff = (reference - merged).abs().max().item()
+    with _eval_mode(merged_model):
+        for expected, (input_ids, attention_mask) in zip(reference, _input_batches(inputs), strict=True):
+            merged = _logits(merged_model, input_ids, attention_mask)[attention_mask.bool()]
+            diff = (expected - merged).abs().max().item()
             max_diff = diff if math.isnan(diff) or math.isnan(max_diff) else max(max_diff, diff)  # NaN is kept
             # KL in float64: in fp32 its own rounding (~1e-8) would hide the difference being measured.
-            kl_sum += F.kl_div(merged.double().log_softmax(-1), reference.double().log_softmax(-1),
+            kl_sum += F.kl_div(merged.double().log_softmax(-1), expected.double().log_softmax(-1),
                                log_target=True, reduction="sum").item()
-            tokens += reference.shape[0]
+            tokens += expected.shape[0]
     if tokens == 0:
         raise SftlabError("fidelity check got no tokens to compare; give it at least one non-empty input.")
     return {"max_abs_logit_diff": max_diff, "mean_kl": kl_sum / tokens}

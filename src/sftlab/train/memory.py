@@ -203,10 +203,10 @@ def check(cfg: Any, shape: ModelShape, memory_plan: MemoryPlan, row_tokens: int)
             "To try anyway, set train.memory_check=warn.")
 
 
-def available_memory(device: torch.device) -> tuple[int | None, int, str]:
+def available_memory(device: torch.device, *, ranks: int = 1) -> tuple[int | None, int, str]:
     """(bytes this process can still use, bytes it holds now, where): the host's MemAvailable (and the
-    cgroup's limit) plus this process's RSS on a CPU; the device's free memory plus what torch holds on
-    it on a GPU. None when it cannot be read."""
+    cgroup's limit) shared by the `ranks` processes of this host, plus this process's RSS, on a CPU; the
+    device's free memory plus what torch holds on it on a GPU. None when it cannot be read."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         held = torch.cuda.memory_allocated(device)
@@ -225,6 +225,8 @@ def available_memory(device: torch.device) -> tuple[int | None, int, str]:
             limits.append(int(limit) - used + rss)
     except (OSError, ValueError):
         pass
+    if ranks > 1 and limits:  # each process of this host gets its share of what is free
+        return min(limits) // ranks + rss * (ranks - 1) // ranks, rss, f"host, per process of {ranks}"
     return (min(limits) if limits else None), rss, "host"
 
 
@@ -270,26 +272,31 @@ def _gib(count: int | None) -> str:
     return f"{count / GIB:.2f} GiB" if count >= GIB // 10 else f"{count / 2**20:.1f} MiB"
 
 
-def plan_run(cfg: Any, data: Any, device: torch.device, console: Any) -> MemoryPlan | None:
+def plan_run(cfg: Any, data: Any, device: torch.device, console: Any) -> Any:
     """Print the run's memory plan; raise ConfigError (exit 2) when it does not fit and train.memory_check
-    is refuse (warn: say so and go on; off: no plan). None when there is no plan to make (a hub id not
-    downloaded yet: the load fetches it)."""
+    is refuse (warn: say so and go on; off: no plan). Returns `cfg` with train.gradient_checkpointing=auto
+    resolved: on only when the plan without it does not fit (off when no plan is made: a hub id not
+    downloaded yet, memory_check=off). Under torchrun each process plans for itself: a whole replica (DDP's
+    case; FSDP's shards need less) in its share of the host's memory, or its own GPU's."""
     if cfg.train.memory_check == "off":
-        return None
+        return resolve_checkpointing(cfg, None, console)
     from sftlab.models.load import model_source
 
     source, why = model_source(cfg.model)
     if source is None:
         console.print(f"memory plan: not made ({why})")
-        return None
+        return resolve_checkpointing(cfg, None, console)
     try:
         shape = model_shape(cfg, source, device)
     except Exception as exc:  # noqa: BLE001 — a method that needs real weights to apply (e.g. a soft prompt
         # initialised from text) cannot be counted on meta; the plan is advice, the load reports real errors
         console.print(f"memory plan: not made ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-        return None
+        return resolve_checkpointing(cfg, None, console)
     rows = max_row_tokens(cfg, data)
-    available, runtime, where = available_memory(device)
+    available, runtime, where = available_memory(device, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    without = plan(resolve_checkpointing(cfg, False, None), shape, row_tokens=rows, runtime=runtime,
+                   available=available, where=where)
+    cfg = resolve_checkpointing(cfg, not without.fits, console, without)
     memory_plan = plan(cfg, shape, row_tokens=rows, runtime=runtime, available=available, where=where)
     refusal = check(cfg, shape, memory_plan, rows)
     if refusal is not None and cfg.train.memory_check == "refuse":
@@ -297,4 +304,17 @@ def plan_run(cfg: Any, data: Any, device: torch.device, console: Any) -> MemoryP
     console.print(memory_plan.line())
     if refusal is not None:
         console.print(f"[yellow]memory plan does not fit (train.memory_check=warn): {refusal}[/]")
-    return memory_plan
+    return cfg
+
+
+def resolve_checkpointing(cfg: Any, needed: bool | None, console: Any, without: MemoryPlan | None = None) -> Any:
+    """`cfg` with train.gradient_checkpointing=auto made `needed` (None: no plan, so off), said on `console`;
+    any other setting is returned as it is."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return cfg
+    on = bool(needed)
+    if console is not None:
+        why = "no memory plan" if without is None else \
+            f"without it the plan is {_gib(without.total)} of {_gib(without.available)} free"
+        console.print(f"gradient checkpointing: auto -> {'on' if on else 'off'} ({why})")
+    return replace(cfg, train=replace(cfg.train, gradient_checkpointing=on))

@@ -56,7 +56,8 @@ manifest names, and only that is ever removed."""
 FREE_TO_CHANGE = ("output_dir", "model.gguf_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
                   "train.report_to",
                   "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
-                  "train.on_nonfinite", "train.fused_ops", "train.compile", "train.resume_on_new_data")
+                  "train.on_nonfinite", "train.fused_ops", "train.compile", "train.resume_on_new_data",
+                  "train.gradient_checkpointing")
 """Settings a resumed run may change: they do not change what is trained."""
 
 

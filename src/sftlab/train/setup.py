@@ -98,8 +98,9 @@ def build(cfg: Config, *, ctx: Dist, console: Console, device: torch.device | No
                       special_tokens_in_content=cfg.data.special_tokens_in_content)
     data = build_data(cfg, ctx=ctx, console=console, out=out, sources=sources, encoder=encoder)
     device = device or (ctx.device() if ctx.enabled else default_device())
-    if not ctx.enabled:  # under torchrun each rank holds a share (FSDP) or a replica (DDP): not planned yet
-        plan_run(cfg, data.train, device, console)  # exit 2 before any weight is read when it cannot fit
+    # Exit 2 before any weight is read when it cannot fit (each process plans for itself under torchrun);
+    # resolves train.gradient_checkpointing=auto.
+    cfg = plan_run(cfg, data.train, device, console)
     model, method, cfg, continued = build_model(cfg, ctx=ctx, console=console, device=device, tokenizer=tokenizer,
                                                 encoder=encoder, data=data)
     if ctx.enabled:
