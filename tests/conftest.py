@@ -41,7 +41,7 @@ def fixture_path(*parts: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_real(name: str):
     from transformers import AutoTokenizer
 
@@ -58,7 +58,7 @@ def real_tokenizer(name: str):
     return copy.deepcopy(_load_real(name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_tiny():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

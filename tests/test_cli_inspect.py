@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path
 
+from conftest import fixture_path
 from sftlab.cli import main
 from sftlab.data.encode import IGNORE_INDEX
 

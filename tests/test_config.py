@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +34,7 @@ def test_defaults() -> None:
 def test_formats_match_the_literal_and_the_readers() -> None:
     from sftlab.data.formats import CONVERTERS
 
-    assert FORMATS == ("auto", *CONVERTERS)
+    assert ("auto", *CONVERTERS) == FORMATS
     assert typing_args(DataConfig, "format") == FORMATS
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import real_tokenizer, tiny_chat_tokenizer, tiny_model_dir
 
+from conftest import real_tokenizer, tiny_chat_tokenizer, tiny_model_dir
 from sftlab import cli
 from sftlab.cli import main
 from sftlab.data.templates import load_template

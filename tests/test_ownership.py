@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_model_dir
 from sftlab import export, files
 from sftlab.cli import main
 from sftlab.data.rejects import RejectLog

@@ -32,7 +32,7 @@ from sftlab.files import write_text_atomic
 from sftlab.methods import METHODS
 from sftlab.runs import load_for_inference
 from sftlab.train.forgetting import plain_attention
-from sftlab.train.probe import REFERENCE_FILE, Prober, ProbePrompt, Reference, load_reference, read_prompts
+from sftlab.train.probe import REFERENCE_FILE, ProbePrompt, Prober, Reference, load_reference, read_prompts
 
 CHECKS = ("contains", "regex", "exact", "facts")
 

@@ -11,9 +11,10 @@ these; the loop knows nothing of exports and reports, and the lower floors nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sftlab.config import Config, load_config
 from sftlab.errors import ConfigError, SftlabError

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import tiny_tokenizer
 
+from conftest import tiny_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import Encoder

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_chat_tokenizer
 
+from conftest import tiny_chat_tokenizer
 from sftlab.config import DataConfig, SourceConfig, load_config
 from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import IGNORE_INDEX, Encoder

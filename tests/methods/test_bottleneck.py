@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir, tiny_tokenizer
 from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from conftest import tiny_model_dir, tiny_tokenizer
 from sftlab import export
 from sftlab.cli import main
 from sftlab.config import load_config

@@ -19,8 +19,8 @@ from sftlab.config import load_config
 from sftlab.data.encode import IGNORE_INDEX, Encoder
 from sftlab.data.preference import PairEncoder, read_pairs
 from sftlab.data.templates import load_template
-from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.runs import prepare, train
+from sftlab.train.checkpoint import latest_checkpoint
 
 QUIET = Console(quiet=True)
 FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]

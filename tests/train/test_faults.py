@@ -23,9 +23,9 @@ from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
 from sftlab.files import CONTROL_NAMES, WriteError
+from sftlab.runs import prepare, train
 from sftlab.train import rundir
 from sftlab.train.checkpoint import latest_checkpoint
-from sftlab.runs import prepare, train
 from sftlab.train.loop import TrainingError
 
 DRIVER = Path(__file__).with_name("fault_driver.py")

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.train import lock
 
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import only_for, tiny_model_dir
 from rich.console import Console
 
+from conftest import only_for, tiny_model_dir
 from sftlab.config import load_config
 from sftlab.data.templates import load_template
 from sftlab.generate import generate
 from sftlab.models.attention import packed_attention
-from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.runs import prepare, train
+from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.train.loop import TrainingError
 
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),

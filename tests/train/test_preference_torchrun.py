@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from sftlab.config import load_config
-from sftlab.train.checkpoint import latest_checkpoint
 from test_distributed import dist_weights, launch
 from test_dpo import load_file_of, metrics, model_dir, pairs, run  # noqa: F401 - model_dir, pairs are fixtures
 from test_kto import feedback_file  # noqa: F401 - a fixture
+
+from sftlab.config import load_config
+from sftlab.train.checkpoint import latest_checkpoint
 
 STAGE_METRICS = {"orpo": ("accuracy", "log_odds_ratio", "nll", "eval_accuracy"),
                  "simpo": ("accuracy", "margin", "eval_accuracy", "eval_margin"),

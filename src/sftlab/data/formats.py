@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, ToolCall, validate

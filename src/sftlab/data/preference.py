@@ -35,9 +35,9 @@ from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.dataset import DatasetStats, EncodedDataset, Written, build_dataset, write_examples
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _message_list, _require, _tools, items_from_rows
-from sftlab.data.sources import Source, source_rows
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, message_record, validate
+from sftlab.data.sources import Source, source_rows
 from sftlab.errors import DataError
 
 PROMPTS_DIFFER = "prompts differ"

@@ -40,10 +40,11 @@ import json
 import re
 import secrets
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError
@@ -305,7 +306,7 @@ class ChatTemplate:
         except RecursionError:
             raise TemplateError(f"chat template {self.name!r} recursed too deeply (a macro or a recursive loop "
                                 "that does not end?). Fix the template's recursion.") from None
-        except Exception as exc:  # noqa: BLE001 - a template is user code: what it raises is reported, no traceback
+        except Exception as exc:  # broad on purpose: a template is user code: what it raises is reported, no traceback
             raise DataError(f"chat template {self.name!r} failed on the conversation with "
                             f"{type(exc).__name__}: {_brief(exc)}; expected it to render every valid conversation. Fix "
                             "the template or use data.template=chatml or llama3.",

@@ -25,13 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftlab import __version__
+from sftlab import __version__, files
 from sftlab.config import PAIR_STAGES, sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
 from sftlab.data.quality import QUALITY_MAX_ROWS
 from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
-from sftlab import files
 from sftlab.files import write_text_atomic
 from sftlab.train.forgetting import SUMMARY_FILE, forgetting_html
 from sftlab.train.loss_curve import loss_svg

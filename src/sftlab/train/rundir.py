@@ -338,7 +338,7 @@ def data_fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
         elif prints:
             digest = hashlib.blake2b(digest_size=20)
             for one in prints:
-                digest.update(f"{one['path']}\0{one.get('blake2b', '')}\0".encode("utf-8"))
+                digest.update(f"{one['path']}\0{one.get('blake2b', '')}\0".encode())
             found[key] = {"path": ", ".join(p["path"] for p in prints), "sources": len(prints),
                           "blake2b": digest.hexdigest()}
     return found
