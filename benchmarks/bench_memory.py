@@ -158,7 +158,8 @@ def run(name: str, method: str, extra: list[str]) -> dict:
     if done.returncode != 0 or not done.stdout.strip():
         return {"shape": name, "method": method, "status": f"failed: {done.stderr.strip()[-600:]}"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    plan_line = result["plan"][-1] if result["plan"] else (result["status"] if "memory plan" in result["status"] else "")
+    plan_line = (result["plan"][-1] if result["plan"]
+                 else (result["status"] if "memory plan" in result["status"] else ""))
     terms = dict(re.findall(r"(base|trainable|gradients|optimizer|activations ~|runtime) ([\d.]+ [MG]iB)", plan_line))
     total = re.search(r"≈ ([\d.]+ [MG]iB)", plan_line)
     ideal = sum(_bytes(terms[k]) for k in ("base", "trainable", "gradients", "optimizer") if k in terms)

@@ -102,7 +102,8 @@ def tiny_model_dir(path: Path, *, arch: str = "llama", seed: int = 0, hidden: in
 
     tokenizer = tiny_chat_tokenizer()
     vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, initializer_range=init_range, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    common = dict(vocab_size=vocab, initializer_range=init_range, bos_token_id=None,
+                  eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                   pad_token_id=tokenizer.pad_token_id)
     configs = {
         "llama": lambda: transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,

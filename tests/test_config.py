@@ -263,7 +263,8 @@ def test_packing_combinations_that_cannot_work_are_refused(overrides: list[str],
     assert load_config(overrides=["data.packing=true", "method=adapter"]).data.packing
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples" / "configs").glob("*.yaml")),
+@pytest.mark.parametrize("path",
+                         sorted((Path(__file__).resolve().parent.parent / "examples" / "configs").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_example_config_loads(path: Path) -> None:
     from sftlab.methods import METHODS

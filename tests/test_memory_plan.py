@@ -58,7 +58,8 @@ def test_a_plan_that_does_not_fit_exits_2_before_reading_weights_naming_the_fix(
 def test_the_plan_line_is_printed_and_a_run_that_fits_trains(tmp_path: Path, capsys) -> None:
     model = tiny_model_dir(tmp_path / "m", hidden=64)
     (tmp_path / "run.yaml").write_text("method: qlora\n", encoding="utf-8")
-    assert main(["train", str(tmp_path / "run.yaml"), f"model={model}", f"data.train={write_rows(tmp_path / 'rows.jsonl')}",
+    assert main(["train", str(tmp_path / "run.yaml"), f"model={model}",
+                 f"data.train={write_rows(tmp_path / 'rows.jsonl')}",
                  f"output_dir={tmp_path / 'run'}", "data.cache=false", "train.max_steps=1"]) == 0
     printed = capsys.readouterr()
     text = " ".join((printed.out + printed.err).split())

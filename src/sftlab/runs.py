@@ -253,8 +253,9 @@ def merge(source: str, output: str | Path, *, base: str | None = None, onto: str
 
     out = Path(output)
     run_entry_of = _run_entry_of(out, source)
+    emit = say or (lambda text: print(text, file=sys.stderr))
     for name in _check_merge_output(out, source, base, overwrite, run_entry_of):
-        (say or (lambda text: print(text, file=sys.stderr)))(f"removed {out.parent / name}, left by an interrupted merge")
+        emit(f"removed {out.parent / name}, left by an interrupted merge")
     # The adapter model, loaded before anything is written, is what the merged dir is compared with.
     adapter_model = load_for_inference(source, base=base)[0]
     model, tokenizer, template, method = load_for_inference(source, base=base)

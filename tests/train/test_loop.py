@@ -88,7 +88,8 @@ def test_grad_accumulation_equals_one_big_batch(model_dir, data, tmp_path) -> No
         moved += int(not torch.equal(value, a[name]))
     assert moved > 0 and len(first) == len(QA)
     records = [json.loads(x) for x in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["supervised_tokens"] == json.loads((tmp_path / "big" / "metrics.jsonl").read_text())["supervised_tokens"]
+    big = json.loads((tmp_path / "big" / "metrics.jsonl").read_text())
+    assert records[0]["supervised_tokens"] == big["supervised_tokens"]
 
 
 class Kill(Exception):

@@ -177,7 +177,8 @@ def new_entry(root: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=".building-", dir=base))
     except PermissionError:
         raise ConfigError(f"the data cache dir {root} is not writable (permission denied in {base}). Set "
-                          "data.cache_dir (or $SFTLAB_CACHE) to a directory you can write, or data.cache=false.") from None
+                          "data.cache_dir (or $SFTLAB_CACHE) to a directory you can write, or data.cache=false."
+                          ) from None
 
 
 def seal(building: Path) -> None:

@@ -48,8 +48,8 @@ class Feedback:
 
     def conversation(self) -> Conversation:
         """prompt + completion, only the completion trained whatever the row's own flags."""
-        return Conversation(tuple(replace(m, train=False) for m in self.prompt) + (replace(self.completion, train=True),),
-                            self.where, self.tools)
+        prompt = tuple(replace(m, train=False) for m in self.prompt)
+        return Conversation(prompt + (replace(self.completion, train=True),), self.where, self.tools)
 
 
 def is_feedback_row(value: Any) -> bool:

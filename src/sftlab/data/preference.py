@@ -203,7 +203,8 @@ class PairEncoder:
         if pair.prompt_tokens >= limit:
             return Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. Raise "
                            "max_seq_len or shorten the prompt.", where=pair.where, reason=NOTHING_TRAINED)
-        sides = [Example(side.input_ids[:limit], side.labels[:limit], side.where) for side in (pair.chosen, pair.rejected)]
+        sides = [Example(side.input_ids[:limit], side.labels[:limit], side.where)
+                 for side in (pair.chosen, pair.rejected)]
         return EncodedPair(*sides, pair.prompt_tokens, truncated=True,
                            special_tokens_in_content=pair.special_tokens_in_content)
 

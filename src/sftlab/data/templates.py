@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError
@@ -110,7 +110,7 @@ class _GenerationTag(Extension):
     """Accepts `{% generation %}...{% endgeneration %}` blocks (TRL/transformers markers) and renders their
     body unchanged: sftlab finds assistant spans itself and needs no markers."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Any) -> list[nodes.Node]:
         next(parser.stream)
@@ -203,7 +203,8 @@ _HUGE_WIDTH = re.compile(r"[%:][^a-zA-Z%{}]*?\d{8,}")
 
 def _check_format_string(text: Any) -> None:
     if isinstance(text, str) and _HUGE_WIDTH.search(text):
-        raise SecurityError(f"the format string {text[:40]!r} asks for a field of more than {MAX_VALUE_SIZE} characters")
+        raise SecurityError(f"the format string {text[:40]!r} asks for a field of more than {MAX_VALUE_SIZE} "
+                            "characters")
 
 
 def _bounded_filter(function: Any) -> Any:

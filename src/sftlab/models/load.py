@@ -405,7 +405,7 @@ def _layer_hint(source: Path | None, missing: list[str]) -> str:
     held: set[int] = set()
     for file in check_model_dir(source):
         with safe_open(str(file), framework="pt") as handle:
-            held |= {int(m.group(1)) for key in handle.keys() if (m := _LAYER.search(key))}
+            held |= {int(m.group(1)) for key in handle.keys() if (m := _LAYER.search(key))}  # noqa: SIM118 - a safe_open handle is no mapping
     if not held or min(wanted) <= max(held):
         return ""
     return (f" The weights hold {max(held) + 1} layers (0-{max(held)}); the config describes "
