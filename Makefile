@@ -26,7 +26,9 @@ fixtures: $(FIXTURES)
 chromium:
 	@bash scripts/install_chromium.sh
 
+# Lint first (ruff's rules are in pyproject.toml; any finding fails the target), then the suite.
 test: $(STAMP) $(FIXTURES) chromium
+	$(PY) -m ruff check src tests benchmarks examples scripts
 	$(PY) -m pytest -q
 
 demo: $(STAMP) $(FIXTURES)

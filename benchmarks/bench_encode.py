@@ -47,18 +47,26 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENIZERS = REPO / ".cache" / "fixtures" / "tokenizers"
 RESULTS = REPO / "benchmarks" / "results" / "bench_encode.json"
 
-COMMON_WORDS = (
-    "the of and to a in is that it for as with was on be by this are or from at which an have not but "
-    "they you we can all one their there has been if more when will would who so no about what up out "
-    "into than them only other new some could time these two may then first any like my now over such "
-    "our made after also did many before must through back years where much your way well down should "
-    "because each just those how too little state good very make world still own see men work long get "
-    "here between both life being under never day same another know while last might us great old year "
-    "off come since against go came right used take three model data training loss gradient tokenizer "
-    "function value error result example python memory layer batch sequence token learning rate"
-).split()
-UNICODE_WORDS = ("café naïve über façade Zürich São Paulo 東京 日本語 中文 数据 模型 训练 Привет данные "
-                 "обучение Ελληνικά αβγ שלום مرحبا हिन्दी 😀 🚀 ✓ → — … € ½ µs ∑ ℕ Ä ø").split()
+COMMON_WORDS = ["the", "of", "and", "to", "a", "in", "is", "that", "it", "for", "as", "with", "was",
+                "on", "be", "by", "this", "are", "or", "from", "at", "which", "an", "have", "not",
+                "but", "they", "you", "we", "can", "all", "one", "their", "there", "has", "been",
+                "if", "more", "when", "will", "would", "who", "so", "no", "about", "what", "up",
+                "out", "into", "than", "them", "only", "other", "new", "some", "could", "time",
+                "these", "two", "may", "then", "first", "any", "like", "my", "now", "over", "such",
+                "our", "made", "after", "also", "did", "many", "before", "must", "through", "back",
+                "years", "where", "much", "your", "way", "well", "down", "should", "because",
+                "each", "just", "those", "how", "too", "little", "state", "good", "very", "make",
+                "world", "still", "own", "see", "men", "work", "long", "get", "here", "between",
+                "both", "life", "being", "under", "never", "day", "same", "another", "know",
+                "while", "last", "might", "us", "great", "old", "year", "off", "come", "since",
+                "against", "go", "came", "right", "used", "take", "three", "model", "data",
+                "training", "loss", "gradient", "tokenizer", "function", "value", "error", "result",
+                "example", "python", "memory", "layer", "batch", "sequence", "token", "learning",
+                "rate"]
+UNICODE_WORDS = ["café", "naïve", "über", "façade", "Zürich", "São", "Paulo",
+                 "東京", "日本語", "中文", "数据", "模型", "训练", "Привет", "данные",
+                 "обучение", "Ελληνικά", "αβγ", "שלום", "مرحبا", "हिन्दी", "😀",
+                 "🚀", "✓", "→", "—", "…", "€", "½", "µs", "∑", "ℕ", "Ä", "ø"]
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a concise assistant. Answer in as few words as the question allows, and say when unsure.",
@@ -422,7 +430,8 @@ def source_digest(src: Path | None = None) -> str:
 def summarize(args: argparse.Namespace, data: dict[str, Any], build: dict[str, Any]) -> dict[str, Any]:
     seconds = build["build_s"]
     return {
-        "tokenizer": args.tokenizer, "template": args.template, "source_kind": args.reader, "conversations_kind": args.kind,
+        "tokenizer": args.tokenizer, "template": args.template, "source_kind": args.reader,
+        "conversations_kind": args.kind,
         "cached_build": args.cache, "file_bytes": data["bytes"], "file_conversations": data["rows"],
         "generate_s": data["generate_s"], **build,
         "conversations_per_s": build["rows"] / seconds, "tokens_per_s": build["tokens"] / seconds,

@@ -100,8 +100,8 @@ def giant_row(root: Path, model: Path, megabytes: int, good_rows: int = 2000) ->
 
 
 def print_giant(result: dict[str, object]) -> None:
-    print(f"\none {result['row_mb']} MB row among {result['good_rows']:,} good rows ({result['giant_file_mb']} MB file), "
-          "sftlab train, 1 step:")
+    print(f"\none {result['row_mb']} MB row among {result['good_rows']:,} good rows "
+          f"({result['giant_file_mb']} MB file), sftlab train, 1 step:")
     print(f"{'run':<28} {'exit':>5} {'peak RSS MB':>12} {'above without':>14} {'s':>7}  message")
     for name, run in result["runs"].items():
         print(f"{name:<28} {run['exit']:>5} {run['peak_rss_mb']:>12.1f} "
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  f"data.train={good}"),
         }
         # What a late error wastes: the whole file encoded, and the weights loaded.
-        encode, done = timed([sys.executable, "-c", (
+        _, done = timed([sys.executable, "-c", (
             "import sys, time; sys.argv=['x']; from sftlab.config import load_config; "
             "from sftlab.data.dataset import build_dataset; from sftlab.data.encode import Encoder; "
             "from sftlab.data.templates import load_template; from sftlab.models.load import load_tokenizer; "
@@ -158,17 +158,20 @@ def main(argv: list[str] | None = None) -> None:
             "tok = load_tokenizer(cfg.model.path); t = time.perf_counter(); "
             "build_dataset(" + repr(str(good)) + ", cfg.data, Encoder(tok, load_template('auto', tok), "
             "max_seq_len=2048)); print(time.perf_counter() - t)")])
-        load, loaded = timed([sys.executable, "-c", (
+        _, loaded = timed([sys.executable, "-c", (
             "import time; from sftlab.config import ModelConfig; from sftlab.models.load import load_model; "
-            f"t = time.perf_counter(); import torch; load_model(ModelConfig(path={str(model)!r}), device=torch.device('cpu')); "
+            f"t = time.perf_counter(); import torch; "
+            f"load_model(ModelConfig(path={str(model)!r}), device=torch.device('cpu')); "
             "print(time.perf_counter() - t)")])
         if args.giant_mb:
             results["giant_row"] = giant_row(root, model, args.giant_mb)
     results["startup_s"] = round(startup, 2)
     results["cases"] = {name: {"seconds": round(s, 2), "exit": code, "message": message[:160]}
                         for name, (s, message, code) in cases.items()}
-    results["encode_good_file_s"] = round(float(done.stdout.strip().splitlines()[-1]), 2) if done.returncode == 0 else None
-    results["load_weights_s"] = round(float(loaded.stdout.strip().splitlines()[-1]), 2) if loaded.returncode == 0 else None
+    results["encode_good_file_s"] = (round(float(done.stdout.strip().splitlines()[-1]), 2)
+                                     if done.returncode == 0 else None)
+    results["load_weights_s"] = (round(float(loaded.stdout.strip().splitlines()[-1]), 2)
+                                 if loaded.returncode == 0 else None)
     print(f"{'case':<40} {'s to exit':>10} {'exit':>5}  message")
     for name, case in results["cases"].items():
         print(f"{name:<40} {case['seconds']:>10.2f} {case['exit']:>5}  {case['message'][:90]}")

@@ -201,7 +201,8 @@ except SftlabError as exc:
 text = console.export_text()
 import torch
 cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-print(json.dumps({"peak": peak_rss(), "after_load": loaded, "status": status, "seconds": time.time() - start, "cuda_peak": cuda,
+print(json.dumps({"peak": peak_rss(), "after_load": loaded, "status": status, "seconds": time.time() - start,
+                  "cuda_peak": cuda,
                   "plan": [l for l in text.splitlines() if l.startswith("memory plan")]}))
 """
 
@@ -215,7 +216,8 @@ def run(name: str, method: str, extra: list[str], repeat: int = 40) -> dict:
     if done.returncode != 0 or not done.stdout.strip():
         return {"shape": name, "method": method, "status": f"failed: {done.stderr.strip()[-600:]}"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    plan_line = result["plan"][-1] if result["plan"] else (result["status"] if "memory plan" in result["status"] else "")
+    plan_line = (result["plan"][-1] if result["plan"]
+                 else (result["status"] if "memory plan" in result["status"] else ""))
     terms = dict(re.findall(r"(base|trainable|gradients|optimizer|activations ~|runtime) ([\d.]+ [MG]iB)", plan_line))
     total = re.search(r"≈ ([\d.]+ [MG]iB)", plan_line)
     ideal = sum(_bytes(terms[k]) for k in ("base", "trainable", "gradients", "optimizer") if k in terms)
@@ -324,7 +326,8 @@ def merge_row(name: str, method: str) -> dict:
     if done.returncode != 0 or not done.stdout.strip():
         return {"shape": name, "method": f"merge {method}", "status": f"failed: {done.stderr.strip()[-600:]}"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    printed = [line for line in done.stdout.splitlines() if line.startswith(("merged into", "fidelity", "onto", "closer"))]
+    printed = [line for line in done.stdout.splitlines()
+               if line.startswith(("merged into", "fidelity", "onto", "closer"))]
     return {"shape": name, "method": f"merge {method}", "status": "ok" if result["code"] == 0 else "failed",
             "peak": result["peak"], "bound": shard + adapter + GIB, "shard": shard, "adapter": adapter,
             "seconds": round(result["seconds"], 1), "printed": printed}
@@ -370,7 +373,8 @@ def main() -> None:
                 rows.append(merge_row(name, method))
                 print(json.dumps(rows[-1]), file=sys.stderr)
         print("\n".join(f"| {r['shape']} | {r['method']} | {_gib(r.get('peak'))} | ≤ {_gib(r.get('bound'))} "
-                        f"(shard {_gib(r.get('shard'))} + adapter + 1 GiB) | {r.get('seconds', '–')} s | {r['status'][:80]} |"
+                        f"(shard {_gib(r.get('shard'))} + adapter + 1 GiB) | {r.get('seconds', '–')} s | "
+                        f"{r['status'][:80]} |"
                         for r in rows))
         return
     for name in args.shapes:

@@ -630,7 +630,8 @@ def sftlab_config(spec: RunSpec) -> Any:
                                               "lora.dropout=0.0", "lora.targets=all-linear"]
     return load_config(overrides=[
         f"model={spec.model}", f"model.dtype={spec.dtype}", "model.attn_implementation=sdpa",
-        f"method={'lora' if spec.method in PREFERENCE_STAGES else spec.method}", f"output_dir={spec.output_dir}", *stage,
+        f"method={'lora' if spec.method in PREFERENCE_STAGES else spec.method}", f"output_dir={spec.output_dir}",
+        *stage,
         f"data.train={spec.data}", "data.template=chatml",
         f"data.max_seq_len={spec.max_length}", "data.cache=false", *lora,
         f"train.micro_batch_size={spec.batch_size}", "train.grad_accum_steps=1",
@@ -773,7 +774,8 @@ def table(result: dict[str, Any]) -> list[list[str]]:
         others = run.get("other_cores_busy")
         row = [method, tool, f"{run['tokens_per_s']:,.0f}", f"{run['supervised_tokens_per_s']:,.0f}",
                f"{run['tokens_per_s_median_step']:,.0f} / {run['supervised_tokens_per_s_median_step']:,.0f}",
-               f"{run.get('tokens_per_cpu_s', 0):,.0f}", f"{run['tokens_per_step']:,.0f}", f"{run['seconds'] / len(run['step_s']):.2f}",
+               f"{run.get('tokens_per_cpu_s', 0):,.0f}", f"{run['tokens_per_step']:,.0f}",
+               f"{run['seconds'] / len(run['step_s']):.2f}",
                f"{run['peak_rss_mib']:,.0f}", "" if others is None else f"{others:.2f}{' !' if others > BUSY else ''}"]
         if gpu:
             row += [f"{run['peak_gpu_mib']:,.0f}" if "peak_gpu_mib" in run else "-", f"{100 * run['mfu']:.1f}%"]

@@ -41,7 +41,7 @@ def fixture_path(*parts: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_real(name: str):
     from transformers import AutoTokenizer
 
@@ -58,7 +58,7 @@ def real_tokenizer(name: str):
     return copy.deepcopy(_load_real(name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_tiny():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -102,7 +102,8 @@ def tiny_model_dir(path: Path, *, arch: str = "llama", seed: int = 0, hidden: in
 
     tokenizer = tiny_chat_tokenizer()
     vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, initializer_range=init_range, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    common = dict(vocab_size=vocab, initializer_range=init_range, bos_token_id=None,
+                  eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                   pad_token_id=tokenizer.pad_token_id)
     configs = {
         "llama": lambda: transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path
 
+from conftest import fixture_path
 from sftlab.cli import main
 
 QA = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]

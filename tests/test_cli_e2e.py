@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.cli import main
 
 ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}

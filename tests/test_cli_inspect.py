@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path
 
+from conftest import fixture_path
 from sftlab.cli import main
 from sftlab.data.encode import IGNORE_INDEX
 
@@ -67,7 +67,8 @@ def test_html_view_is_a_page(data: Path, model: str, tmp_path: Path) -> None:
 def test_errors_are_messages_not_tracebacks(data: Path, tmp_path: Path, capsys) -> None:
     assert main(["inspect", str(data)]) == 2
     assert "pass --model" in capsys.readouterr().err
-    assert main(["inspect", str(tmp_path / "missing.jsonl"), "--model", str(fixture_path("tokenizers", "qwen2_5"))]) == 2
+    assert main(["inspect", str(tmp_path / "missing.jsonl"),
+                 "--model", str(fixture_path("tokenizers", "qwen2_5"))]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["inspect", str(data), "--model", str(tmp_path)]) == 2
     assert "holds no tokenizer files" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import only_for, tiny_model_dir
 
+from conftest import only_for, tiny_model_dir
 from sftlab.cli import main
 from sftlab.methods import METHODS
 

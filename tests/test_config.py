@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +34,7 @@ def test_defaults() -> None:
 def test_formats_match_the_literal_and_the_readers() -> None:
     from sftlab.data.formats import CONVERTERS
 
-    assert FORMATS == ("auto", *CONVERTERS)
+    assert ("auto", *CONVERTERS) == FORMATS
     assert typing_args(DataConfig, "format") == FORMATS
 
 
@@ -264,7 +263,8 @@ def test_packing_combinations_that_cannot_work_are_refused(overrides: list[str],
     assert load_config(overrides=["data.packing=true", "method=adapter"]).data.packing
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples" / "configs").glob("*.yaml")),
+@pytest.mark.parametrize("path",
+                         sorted((Path(__file__).resolve().parent.parent / "examples" / "configs").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_example_config_loads(path: Path) -> None:
     from sftlab.methods import METHODS

@@ -110,7 +110,7 @@ def test_any_value_for_any_key_loads_or_is_a_config_error_naming_it(key, value, 
     if how == "data":  # plain Python data, as a YAML file would have loaded it
         check(lambda: build(Config, nested(key, value), prefix=""), [key])
     elif how == "override":
-        check(lambda: load_config(overrides=[f"{key}={yaml_text(value)}"]), [key])
+        check(lambda value=value: load_config(overrides=[f"{key}={yaml_text(value)}"]), [key])
     else:
         path = Path(tmp_path_factory.mktemp("cfg")) / "config.yaml"
         path.write_text(yaml.safe_dump(nested(key, value), allow_unicode=True), encoding="utf-8")
@@ -137,4 +137,4 @@ def test_several_keys_at_once_fail_naming_one_of_them(assignments) -> None:
 @pytest.mark.parametrize("key", KEYS)
 def test_every_key_refuses_markup_nan_and_a_huge_integer_or_takes_them(key) -> None:
     for value in (*MARKUP, math.nan, -math.inf, 10**400, [math.nan], {"[/]": "[bold]"}):
-        check(lambda: load_config(overrides=[f"{key}={yaml_text(value)}"]), [key])
+        check(lambda value=value: load_config(overrides=[f"{key}={yaml_text(value)}"]), [key])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.cli import main
 from sftlab.config import MAX_YAML_VALUES, load_config
 from sftlab.errors import ConfigError

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import tiny_model_dir
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "support_agent" / "demo.py"

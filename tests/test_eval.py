@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.cli import main
 from sftlab.errors import DataError
 from sftlab.eval import evaluate, passes, read_tasks
@@ -36,7 +36,8 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     config = root / "config.yaml"
     config.write_text("train:\n  seed: 3\n", encoding="utf-8")
     for method in ("lora", "full"):
-        assert main(["train", str(config), f"model={model}", f"output_dir={root / method}", f"method={method}", *common]) == 0
+        assert main(["train", str(config), f"model={model}", f"output_dir={root / method}", f"method={method}",
+                     *common]) == 0
     assert main(["merge", str(root / "lora"), "--output", str(root / "merged")]) == 0
     return {"root": root, "probe": probe, "tasks": tasks, "lora": root / "lora", "full": root / "full",
             "merged": root / "merged"}
@@ -80,7 +81,8 @@ def test_a_base_model_is_its_own_reference(trained) -> None:
 def test_tasks_are_answered_and_checked(trained) -> None:
     found = evaluate(str(trained["lora"]), tasks=str(trained["tasks"]))
     assert found["tasks"]["total"] == 3 and len(found["tasks"]["rows"]) == 3
-    for row, check in zip(found["tasks"]["rows"], ({"contains": "It"}, {"regex": r"\d"}, {"facts": ["is", ["6", "six"]]})):
+    checks = ({"contains": "It"}, {"regex": r"\d"}, {"facts": ["is", ["6", "six"]]})
+    for row, check in zip(found["tasks"]["rows"], checks):
         assert row["passed"] == passes(row["answer"], check)
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import tiny_model_dir
 from sftlab import export
 from sftlab.config import load_config
 from sftlab.data.templates import CHATML, LLAMA3

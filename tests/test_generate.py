@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
 from torch import nn
 
+from conftest import tiny_tokenizer
 from sftlab.data.encode import Encoder
 from sftlab.data.schema import Conversation, Message
 from sftlab.data.templates import load_template

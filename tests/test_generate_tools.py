@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import shared_real_tokenizer
 
+from conftest import shared_real_tokenizer
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError
 from sftlab.generate import load_tools, parse_tool_calls, prompt_ids, show_reply

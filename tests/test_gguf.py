@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-from conftest import fixture_path
 
+from conftest import fixture_path
 from sftlab.config import ModelConfig
 from sftlab.errors import ConfigError
 from sftlab.models import gguf

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import real_tokenizer, tiny_chat_tokenizer, tiny_model_dir
 
+from conftest import real_tokenizer, tiny_chat_tokenizer, tiny_model_dir
 from sftlab import cli
 from sftlab.cli import main
 from sftlab.data.templates import load_template
@@ -173,7 +173,8 @@ def test_export_from_a_lora_run_into_its_run_dir_with_a_modelfile(run, capsys) -
     prompt = read_tokenizer.apply_chat_template([{"role": "user", "content": "Ping?"}], add_generation_prompt=True,
                                                 tokenize=False)
     ids = read_tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    new = read.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=read_tokenizer.eos_token_id)[0, ids.shape[1]:]
+    new = read.generate(ids, max_new_tokens=10, do_sample=False,
+                        eos_token_id=read_tokenizer.eos_token_id)[0, ids.shape[1]:]
     assert read_tokenizer.decode(new, skip_special_tokens=True) == "Pong."
     assert int(new[-1]) == read_tokenizer.convert_tokens_to_ids("<|im_end|>")  # stopped at the end of turn
 

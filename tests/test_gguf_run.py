@@ -13,11 +13,11 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import fixture_path
-from test_gguf_export import Q8_MEAN_KL, _mean_kl, _metadata, _rounded
 
+from conftest import fixture_path
 from sftlab.cli import main
 from sftlab.runs import load_for_inference
+from test_gguf_export import Q8_MEAN_KL, _mean_kl, _metadata, _rounded
 
 ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in [("Where is my order?", "Let me check your order status."), ("Hi!", "Hello! How can I help?"),

@@ -6,6 +6,7 @@ one under `if TYPE_CHECKING:` counts as upward (the type belongs to a higher flo
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "sftlab"
@@ -148,7 +149,7 @@ def circle(edges: dict[str, dict[str, int]], group: set[str]) -> list[str]:
 
 def test_no_import_circles() -> None:
     edges = graph(runtime=True)
-    found = [" -> ".join(f"{a} (line {edges[a][b]})" for a, b in zip(path, path[1:])) + f" -> {path[-1]}"
+    found = [" -> ".join(f"{a} (line {edges[a][b]})" for a, b in itertools.pairwise(path)) + f" -> {path[-1]}"
              for path in cycles(edges)]
     assert not found, "import circles (each module imports the next; line numbers are in the importer):\n" + \
         "\n".join(found)
@@ -161,5 +162,6 @@ def test_the_checks_see_a_circle_and_an_upward_import() -> None:
     made_up = {"a": {"b": 1}, "b": {"c": 2}, "c": {"a": 3}, "d": {"a": 4}}
     assert cycles(made_up) == [["a", "b", "c", "a"]]
     assert floor("sftlab.train.loop") == 4 and floor("sftlab.data.encode") == 1
-    typed = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sftlab.cli\nimport sftlab.errors\n")
+    typed = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sftlab.cli\n"
+                      "import sftlab.errors\n")
     assert len(typing_only(typed)) == 2  # the Import node and its alias

@@ -188,7 +188,8 @@ MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:])
 def peak_train(model_dir: Path, data: Path, out: Path, *overrides: str) -> tuple[int, int, str]:
     """(exit status, peak RSS in bytes, stderr) of `sftlab train` in a fresh process."""
     done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "sftlab", "train",
-                           str(config_file(out.parent)), f"model={model_dir}", f"data.train={data}", f"output_dir={out}",
+                           str(config_file(out.parent)), f"model={model_dir}", f"data.train={data}",
+                           f"output_dir={out}",
                            "train.max_steps=1", "data.cache=false", *overrides],
                           capture_output=True, text=True, timeout=600, check=False)
     peak = int(done.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) * 1024

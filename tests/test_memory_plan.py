@@ -45,7 +45,7 @@ def test_a_plan_that_does_not_fit_exits_2_before_reading_weights_naming_the_fix(
     free, _, _ = available_memory(torch.device("cpu"))
     model = llama7b_shaped_dir(tmp_path / "big", free)
     (tmp_path / "run.yaml").write_text("method: lora\n", encoding="utf-8")
-    args = ["train", str(tmp_path / "run.yaml"), f"model={model}", f"data.train={write_rows(tmp_path / 'rows.jsonl')}", 
+    args = ["train", str(tmp_path / "run.yaml"), f"model={model}", f"data.train={write_rows(tmp_path / 'rows.jsonl')}",
             f"output_dir={tmp_path / 'run'}", "data.cache=false", "data.template=chatml", "train.max_steps=1"]
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -58,7 +58,8 @@ def test_a_plan_that_does_not_fit_exits_2_before_reading_weights_naming_the_fix(
 def test_the_plan_line_is_printed_and_a_run_that_fits_trains(tmp_path: Path, capsys) -> None:
     model = tiny_model_dir(tmp_path / "m", hidden=64)
     (tmp_path / "run.yaml").write_text("method: qlora\n", encoding="utf-8")
-    assert main(["train", str(tmp_path / "run.yaml"), f"model={model}", f"data.train={write_rows(tmp_path / 'rows.jsonl')}",
+    assert main(["train", str(tmp_path / "run.yaml"), f"model={model}",
+                 f"data.train={write_rows(tmp_path / 'rows.jsonl')}",
                  f"output_dir={tmp_path / 'run'}", "data.cache=false", "train.max_steps=1"]) == 0
     printed = capsys.readouterr()
     text = " ".join((printed.out + printed.err).split())

@@ -20,12 +20,11 @@ from conftest import ROOT, tiny_chat_tokenizer
 from sftlab import export
 from sftlab.config import load_config
 from sftlab.export import merge_stream
-from sftlab.methods import METHODS
-from sftlab.methods import method_class
+from sftlab.methods import METHODS, method_class
 from sftlab.models.load import load_model
-from sftlab.runs import load_for_inference
 from sftlab.models.quant import QUANTIZER_CHUNK
 from sftlab.models.stream import weight_files
+from sftlab.runs import load_for_inference
 
 
 def base_dir(path: Path, *, arch: str = "llama", hidden: int = 64, layers: int = 2, shard: str | None = "40KB",
@@ -73,7 +72,7 @@ def written(out: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in weight_files(out):
         with safe_open(str(file), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118 - a safe_open handle is no mapping
     return tensors
 
 

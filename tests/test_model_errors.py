@@ -87,7 +87,8 @@ def test_the_tokenizer_loader_reports_the_same_problems(base, tmp_path, damage) 
 
 
 def test_a_file_given_as_the_model_says_to_point_at_its_directory(base) -> None:
-    with pytest.raises(ConfigError, match=f"is a file; expected a Hugging Face model directory .*{re.escape(str(base))}"):
+    with pytest.raises(ConfigError,
+                       match=f"is a file; expected a Hugging Face model directory .*{re.escape(str(base))}"):
         load_model(ModelConfig(path=str(base / "model.safetensors")), device=CPU)
 
 
@@ -100,7 +101,8 @@ def test_an_unreachable_hub_id_says_there_is_no_local_dir_either(monkeypatch, tm
 
 
 def test_a_tokenizer_without_a_chat_template_under_template_auto() -> None:
-    with pytest.raises(TemplateError, match="data.template=auto but .* has no chat template .* Set data.template=chatml"):
+    with pytest.raises(TemplateError,
+                       match="data.template=auto but .* has no chat template .* Set data.template=chatml"):
         load_template("auto", tiny_tokenizer())
 
 

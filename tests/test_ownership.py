@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_model_dir
 from sftlab import export, files
 from sftlab.cli import main
 from sftlab.data.rejects import RejectLog
@@ -261,7 +261,8 @@ def test_merge_output_is_never_the_run_dir_nor_an_input(world, tmp_path, capsys,
     monkeypatch.chdir(tmp_path / "runs")
     cases = {str(run): "is or holds the source", str(run.parent): "is the working directory",
              ".": "is the working directory", str(tmp_path): "is the working directory or one of its parents",
-             str(run / "adapter" / "merged"): "lies inside the source", str(run / "checkpoints"): "lies inside the source",
+             str(run / "adapter" / "merged"): "lies inside the source",
+             str(run / "checkpoints"): "lies inside the source",
              str(world["model"]): "is or holds the base model",
              str(world["model"] / "sub"): "lies inside the base model"}
     for output, message in cases.items():
@@ -307,9 +308,9 @@ def test_an_export_with_non_finite_weights_fails_and_leaves_nothing(world, tmp_p
     with torch.no_grad():
         model.get_input_embeddings().weight[3, 0] = float("inf")
     final = tmp_path / "model"
-    with pytest.raises(export.NonFiniteWeightsError, match="non-finite"):
-        with files.atomic_dir(final, what="the export") as scratch:
-            export.save_model(model, tokenizer, scratch)
+    with (pytest.raises(export.NonFiniteWeightsError, match="non-finite"),
+          files.atomic_dir(final, what="the export") as scratch):
+        export.save_model(model, tokenizer, scratch)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -335,9 +336,11 @@ def test_export_format_hf_is_the_merge_with_its_checks(world, tmp_path, capsys) 
     a, b = load_file(merged / "model.safetensors"), load_file(exported / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["export", str(world["run"]), "--format", "hf", "--output", str(world["run"])]) == 2
-    assert main(["export", str(world["run"]), "--format", "hf", "--quant", "q8_0", "--output", str(tmp_path / "x")]) == 2
+    assert main(["export", str(world["run"]), "--format", "hf", "--quant", "q8_0",
+                 "--output", str(tmp_path / "x")]) == 2
     assert "apply to --format gguf" in capsys.readouterr().err
-    assert main(["export", str(world["run"]), "--format", "gguf", "--dtype", "bf16", "--output", str(tmp_path / "y.gguf")]) == 2
+    assert main(["export", str(world["run"]), "--format", "gguf", "--dtype", "bf16",
+                 "--output", str(tmp_path / "y.gguf")]) == 2
     assert "--dtype applies to --format hf" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.gguf").exists()
 

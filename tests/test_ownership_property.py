@@ -16,12 +16,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_ownership import snapshot
 
+from conftest import tiny_model_dir
 from sftlab.cli import main
+from test_ownership import snapshot
 
 EXAMPLES = int(os.environ.get("SFTLAB_PROPERTY_EXAMPLES", "3"))
 ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path, tiny_model_dir
 
+from conftest import fixture_path, tiny_model_dir
 from sftlab.cli import main
 
 TOKENIZER = str(fixture_path("tokenizers", "qwen2_5"))

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
-from sftlab.runs import load_for_inference
 from sftlab.models.portable import locate, portable
+from sftlab.runs import load_for_inference
 
 ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in [("Ping?", "Pong."), ("Hi!", "Hello there."), ("2+2?", "Four."), ("Sky?", "Blue.")]]

@@ -12,9 +12,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 from rich.console import Console
 
+from conftest import tiny_model_dir
 from sftlab.config import load_config
 from sftlab.data.encode import IGNORE_INDEX
 from sftlab.errors import SftlabError

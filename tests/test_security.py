@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -98,7 +97,8 @@ def test_a_config_naming_a_pickled_weights_file_is_refused(base, tmp_path, marke
 
 def test_the_gguf_conversion_cache_is_read_as_safetensors_only(base, tmp_path, marker, monkeypatch) -> None:
     monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(gguf, "_convert", lambda source, target, trust_remote_code: pickled_model_dir(base, target, marker))
+    monkeypatch.setattr(gguf, "_convert",
+                        lambda source, target, trust_remote_code: pickled_model_dir(base, target, marker))
     source = tmp_path / "model.gguf"
     source.write_bytes(b"GGUF")
     with pytest.raises(ConfigError, match="holds its weights as pickles"):
@@ -291,7 +291,8 @@ def unsafe_calls(source: str) -> list[str]:
         where = f"line {call.lineno}: {name}"
         if name in FORBIDDEN:
             problems.append(where)
-        elif name.startswith("subprocess.") and not (keyword(call, "shell") is None or is_literal(keyword(call, "shell"), False)):
+        elif name.startswith("subprocess.") and not (keyword(call, "shell") is None
+                                                      or is_literal(keyword(call, "shell"), False)):
             problems.append(f"{where} with shell=")
         elif name in ("eval", "exec", "builtins.eval", "builtins.exec", "compile") and not (
                 call.args and isinstance(call.args[0], ast.Constant)):

@@ -163,7 +163,7 @@ def test_merge_writes_the_base_models_dtype_and_keeps_its_logits(tmp_path: Path,
     assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
     printed = capsys.readouterr().out
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as merged:
-        dtypes = {merged.get_tensor(name).dtype for name in merged.keys()}
+        dtypes = {merged.get_tensor(name).dtype for name in merged.keys()}  # noqa: SIM118 - a safe_open handle is no mapping
     assert dtypes == {stored}
     diff, kl = (float(x) for x in re.search(r"max \|Δlogit\| ([\d.e+-]+), mean KL ([\d.e+-]+)", printed).groups())
     # The adapter model computes in fp32 over the stored weights; the merged dir holds W0 + s·B·A rounded to

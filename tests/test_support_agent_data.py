@@ -12,6 +12,7 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT, shared_real_tokenizer
 
 sys.path.insert(0, str(ROOT / "examples" / "support_agent"))

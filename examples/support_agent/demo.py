@@ -278,7 +278,8 @@ def write_samples(out: Path, rows: list[dict], before: list[str], after: list[st
                 "before": b, "after": a} for row, b, a in zip(rows, before, after)]
     with (out / "samples.jsonl").open("w", encoding="utf-8") as file:
         for sample, row in zip(samples, rows):
-            verdicts = {"before_ok": score(sample["before"], row["expect"]), "after_ok": score(sample["after"], row["expect"])}
+            verdicts = {"before_ok": score(sample["before"], row["expect"]),
+                        "after_ok": score(sample["after"], row["expect"])}
             file.write(json.dumps({**sample, **verdicts}, ensure_ascii=False) + "\n")
     write_report(out, samples=samples)
 

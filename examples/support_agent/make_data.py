@@ -27,8 +27,19 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from facts import (BY_NAME, CLOSINGS, FACTS, FOLLOW_UPS, GREETINGS, HELDOUT_PAIRS, JOINERS, SLOTS,
-                   SYSTEM_PROMPT, Fact, reply)
+from facts import (
+    BY_NAME,
+    CLOSINGS,
+    FACTS,
+    FOLLOW_UPS,
+    GREETINGS,
+    HELDOUT_PAIRS,
+    JOINERS,
+    SLOTS,
+    SYSTEM_PROMPT,
+    Fact,
+    reply,
+)
 
 TRAIN_SHARES = {"single": 0.4, "combo": 0.4, "follow_up": 0.2}
 """Two facts asked in one message, in a pairing never seen in training, is where the held-out misses were

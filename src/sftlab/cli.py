@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning, exact from template to adapter.")
+    parser = argparse.ArgumentParser(prog="sftlab",
+                                     description="Supervised fine-tuning, exact from template to adapter.")
     parser.add_argument("--version", action="version", version=f"sftlab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(commands)
@@ -59,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
 def _train_parser(commands: Any) -> None:
     train = commands.add_parser("train", help="fine-tune a model as the config says")
     train.add_argument("config", help="a YAML config (see examples/)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (the default, train.resume=auto)")
-    train.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist (they are removed)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint (the default, train.resume=auto)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start over even if checkpoints exist (they are removed)")
     train.add_argument("--overwrite", action="store_true",
                        help="output_dir holds a finished run: delete its files and train again")
     train.epilog = "Config overrides may follow as key=value, e.g. train.max_steps=100 lora.rank=8."
@@ -73,7 +76,8 @@ def _merge_parser(commands: Any) -> None:
     merge.add_argument("--output", required=True, help="the merged model dir to write (new or empty; never the run "
                                                         "dir, the base model or a dir holding them)")
     merge.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
-    merge.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
+    merge.add_argument("--base",
+                       help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     merge.add_argument("--onto", choices=("dequantized", "original"),
                        help="QLoRA runs: fold the adapter onto the dequantised NF4 base it trained against "
                             "(default) or onto the base's original-precision weights")
@@ -95,8 +99,10 @@ def _export_parser(commands: Any) -> None:
     export.add_argument("--output", required=True, help="gguf: the .gguf file to write (NAME.Modelfile is written "
                                                          "beside it); hf: the model dir to write")
     export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                        help="hf: dtype of the merged weights (default: the base model's stored dtype); gguf: use --quant")
-    export.add_argument("--base", help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
+                        help="hf: dtype of the merged weights (default: the base model's stored dtype); "
+                             "gguf: use --quant")
+    export.add_argument("--base",
+                        help="the base model (default: the run's model / the adapter's base_model_name_or_path)")
     export.add_argument("--overwrite", action="store_true", help="replace --output (and its Modelfile) if they exist")
     export.add_argument("--no-modelfile", action="store_true", help="write the .gguf file only")
     export.set_defaults(run=_export)

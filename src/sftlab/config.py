@@ -632,7 +632,8 @@ def _check_method_sections(cfg: Config) -> None:
         if changed:
             readers = ", ".join(m for m, sections in METHOD_SECTIONS.items() if section in sections)
             raise ConfigError(f"{section}.{changed[0]} is set, but method is {cfg.method}, which does not read the "
-                              f"{section} section (method {readers} does); remove it, or set method={readers.split(',')[0]}.")
+                              f"{section} section (method {readers} does); remove it, or set "
+                              f"method={readers.split(',')[0]}.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

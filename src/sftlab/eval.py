@@ -32,7 +32,7 @@ from sftlab.files import write_text_atomic
 from sftlab.methods import METHODS
 from sftlab.runs import load_for_inference
 from sftlab.train.forgetting import plain_attention
-from sftlab.train.probe import REFERENCE_FILE, Prober, ProbePrompt, Reference, load_reference, read_prompts
+from sftlab.train.probe import REFERENCE_FILE, ProbePrompt, Prober, Reference, load_reference, read_prompts
 
 CHECKS = ("contains", "regex", "exact", "facts")
 
@@ -145,7 +145,8 @@ def _check_spec(check: Any, where: str) -> None:
         try:
             re.compile(value)
         except re.error as exc:
-            raise DataError(f"\"check\": regex {value!r} does not compile ({exc}); fix the pattern.", where=where) from None
+            raise DataError(f"\"check\": regex {value!r} does not compile ({exc}); fix the pattern.",
+                            where=where) from None
 
 
 def passes(answer: str, check: dict[str, Any]) -> bool:
@@ -200,7 +201,8 @@ def table(found: dict[str, Any]) -> list[tuple[str, str, str]]:
     base = found.get("base", {})
     for key in ("probe_nll", "probe_kl", "probe_distinct2", "probe_repetition", "probe_length"):
         if key in found:
-            rows.append((key, f"{found[key]:.4f}", f"{base[key]:.4f}" if key in base else "0" if key == "probe_kl" else ""))
+            of_base = f"{base[key]:.4f}" if key in base else "0" if key == "probe_kl" else ""
+            rows.append((key, f"{found[key]:.4f}", of_base))
     if "tasks" in found:
         tasks = found["tasks"]
         rows.append(("tasks passed", f"{tasks['passed']}/{tasks['total']} ({tasks['accuracy']:.1%})", ""))

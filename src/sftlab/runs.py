@@ -11,9 +11,10 @@ these; the loop knows nothing of exports and reports, and the lower floors nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sftlab.config import Config, load_config
 from sftlab.errors import ConfigError, SftlabError
@@ -240,8 +241,9 @@ def merge(source: str, output: str | Path, *, base: str | None = None, onto: str
 
     out = Path(output)
     run_entry_of = _run_entry_of(out, source)
+    emit = say or (lambda text: print(text, file=sys.stderr))
     for name in _check_merge_output(out, source, base, overwrite, run_entry_of):
-        (say or (lambda text: print(text, file=sys.stderr)))(f"removed {out.parent / name}, left by an interrupted merge")
+        emit(f"removed {out.parent / name}, left by an interrupted merge")
     job = merge_stream.merge_job(source, base=base)  # no weights read yet
     _check_merge_method(source, job.method if job is not None else None, onto)
     job.load = lambda: load_for_inference(source, base=base)

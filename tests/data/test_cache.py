@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import tiny_tokenizer
 
+from conftest import tiny_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.dataset import build_dataset
@@ -188,7 +188,6 @@ def test_a_cache_dir_that_is_a_file_is_a_config_error(setup, tmp_path: Path, whe
 
 def test_sftlab_train_with_a_file_as_cache_dir_exits_with_the_message(tmp_path: Path, capsys) -> None:
     from conftest import tiny_model_dir
-
     from sftlab.cli import main
 
     model = tiny_model_dir(tmp_path / "model")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import tiny_tokenizer
 
+from conftest import tiny_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import Encoder
@@ -255,7 +255,7 @@ def test_skip_keeps_good_rows_and_logs_every_bad_one(tmp_path: Path, fmt: str) -
         assert case.fragments[0] in record["message"]
         assert not record["message"].startswith(str(path))  # `where` is its own field
     assert log.counts == Counter(c.reason for _, c in expected_rejects)
-    non_blank = sum(1 for x in lines if (x.strip() if isinstance(x, str) else x.strip()))
+    non_blank = sum(1 for x in lines if x.strip())
     assert len(read) + log.total == non_blank  # no row lost
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import real_tokenizer, tiny_chat_tokenizer, tiny_tokenizer
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import real_tokenizer, tiny_chat_tokenizer, tiny_tokenizer
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
 from sftlab.data.formats import read_conversations
 from sftlab.data.rejects import RejectLog
@@ -326,7 +326,7 @@ def test_parquet_reader_gives_conversations_or_data_errors_naming_the_row(workdi
     path = workdir / "data.parquet"
     try:
         pq.write_table(pa.Table.from_pylist([_plain(v) for v in values]), path)
-    except Exception:  # noqa: BLE001 - a row set pyarrow cannot store (mixed types) is no parquet file
+    except Exception:  # broad on purpose: a row set pyarrow cannot store (mixed types) is no parquet file
         assume(False)
     skipped = read(path, fmt, "skip")
     assert skipped.error is None

@@ -87,9 +87,9 @@ def test_grouped_batches_pad_less_than_random_ones() -> None:
     assert not np.array_equal(np.concatenate(plan), np.sort(np.concatenate(plan)))  # still shuffled
 
 
-I = IGNORE_INDEX
-EXAMPLES = [Example([1, 5, 6, 7], [I, 5, 6, 7], "a:1"), Example([8, 9, 10], [8, 9, 10], "a:2"),
-            Example([11, 12], [11, I], "a:3")]
+X = IGNORE_INDEX  # X: a label that does not train
+EXAMPLES = [Example([1, 5, 6, 7], [X, 5, 6, 7], "a:1"), Example([8, 9, 10], [8, 9, 10], "a:2"),
+            Example([11, 12], [11, X], "a:3")]
 
 
 def test_packed_row_restarts_positions_and_never_targets_a_first_token() -> None:
@@ -101,7 +101,7 @@ def test_packed_row_restarts_positions_and_never_targets_a_first_token() -> None
     # Example 2's first token (8) is trained in its own labels, but only as an unpacked first token is:
     # never. Position 3 (example 1's last) predicts nothing; the supervised targets are those of the
     # examples run one by one.
-    assert batch.labels[0, [0, 4, 7]].tolist() == [I, I, I]
+    assert batch.labels[0, [0, 4, 7]].tolist() == [X, X, X]
     assert 3 not in batch.loss_index.tolist() and 6 not in batch.loss_index.tolist()
     one_by_one = [supervised_positions(collate([e], pad_id=0).labels)[1] for e in EXAMPLES]
     assert batch.loss_targets.tolist() == torch.cat(one_by_one).tolist()

@@ -221,7 +221,8 @@ def test_a_bad_pair_deep_in_the_file_fails_before_any_pair_is_tokenised(tmp_path
     path = write_rows(tmp_path / "pairs.jsonl", rows)
     encoded = []
     real = PairEncoder.encode_batch
-    monkeypatch.setattr(PairEncoder, "encode_batch", lambda self, pairs: encoded.append(len(pairs)) or real(self, pairs))
+    monkeypatch.setattr(PairEncoder, "encode_batch",
+                        lambda self, pairs: encoded.append(len(pairs)) or real(self, pairs))
     with pytest.raises(DataError, match=rf"{path}:301: 'chosen' and 'rejected' are the same answer"):
         build_pair_dataset(path, DataConfig(cache=False), chatml_encoder())
     assert encoded == []

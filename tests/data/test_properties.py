@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import real_tokenizer, tiny_tokenizer
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from conftest import real_tokenizer, tiny_tokenizer
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoder
 from sftlab.data.schema import Conversation, Message, validate
 from sftlab.data.templates import load_template

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_tokenizer
 from rich.console import Console
 
+from conftest import tiny_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data import quality
 from sftlab.data.encode import IGNORE_INDEX, ROLE_CODES, Encoder

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import fixture_path, shared_real_tokenizer
 
+from conftest import fixture_path, shared_real_tokenizer
 from sftlab.data.encode import IGNORE_INDEX, Encoder
 from sftlab.data.inspect import runs
 from sftlab.data.schema import Conversation, Message
@@ -142,9 +142,9 @@ def test_llama3_2_date_and_gemma_system_folding_are_never_trained() -> None:
 
 
 def test_a_tokenizer_that_trims_offsets_is_encoded_through_a_private_copy(tmp_path) -> None:
-    from conftest import tiny_chat_tokenizer
     from tokenizers import processors
 
+    from conftest import tiny_chat_tokenizer
     from sftlab.errors import DataError
 
     tokenizer = tiny_chat_tokenizer()

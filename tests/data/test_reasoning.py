@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path, shared_real_tokenizer
 
+from conftest import fixture_path, shared_real_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import Encoder

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_chat_tokenizer
 
+from conftest import tiny_chat_tokenizer
 from sftlab.config import DataConfig, SourceConfig, load_config
 from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import IGNORE_INDEX, Encoder
@@ -122,7 +122,7 @@ def test_a_source_system_prompt_is_added_where_a_conversation_has_none(tmp_path)
     path = write_jsonl(tmp_path / "rows.jsonl", [ROWS[1], own])
     got = list(read(resolve(SourceConfig(path=str(path), system_prompt="You add numbers.")), DataConfig(),
                     on_bad_row="error"))
-    assert [m.content for m in got[0].messages][0] == "You add numbers."
+    assert got[0].messages[0].content == "You add numbers."
     assert [m.content for m in got[1].messages] == ["Be terse.", *[m["content"] for m in ROWS[0]["messages"]]]
     with_prompt = write_jsonl(tmp_path / "explicit.jsonl", [
         {"messages": [{"role": "system", "content": "You add numbers."}, *ROWS[1]["messages"]]}])

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path, shared_real_tokenizer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from conftest import fixture_path, shared_real_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import IGNORE_INDEX, SPECIAL_IN_CONTENT, Encoder

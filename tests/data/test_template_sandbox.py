@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_chat_tokenizer
 
+from conftest import tiny_chat_tokenizer
 from sftlab.data.encode import Encoder
 from sftlab.data.schema import Conversation, Message
 from sftlab.data.templates import MAX_LOOP_STEPS, load_template

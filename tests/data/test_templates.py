@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_tokenizer
 
+from conftest import tiny_tokenizer
 from sftlab.data.encode import Encoder
 from sftlab.data.inspect import marked_text
 from sftlab.data.schema import Conversation, Message

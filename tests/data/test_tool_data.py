@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import shared_real_tokenizer
 
+from conftest import shared_real_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data import quality
 from sftlab.data.encode import Encoder

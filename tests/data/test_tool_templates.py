@@ -15,10 +15,10 @@ import unicodedata
 from unittest import mock
 
 import pytest
-from conftest import fixture_path, shared_real_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import fixture_path, shared_real_tokenizer
 from sftlab.data import turns
 from sftlab.data.encode import IGNORE_INDEX, Encoder
 from sftlab.data.inspect import runs

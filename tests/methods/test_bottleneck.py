@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir, tiny_tokenizer
 from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from conftest import tiny_model_dir, tiny_tokenizer
 from sftlab import export
 from sftlab.cli import main
 from sftlab.config import load_config
@@ -109,7 +109,8 @@ def test_save_load_round_trip_gives_identical_logits(arch: str, base_dirs, tmp_p
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (("adapter.bottleneck_dim=4",), r"bottleneck_dim is 8, the model's adapters have 4; set .*adapter.bottleneck_dim=8"),
+    (("adapter.bottleneck_dim=4",),
+     r"bottleneck_dim is 8, the model's adapters have 4; set .*adapter.bottleneck_dim=8"),
     (("adapter.activation=gelu",), r"activation is 'relu', the model's adapters have 'gelu'"),
     (("adapter.placement=pfeiffer",), r"wraps other blocks .*adapter only: \['model.layers.0.self_attn'"),
 ])
@@ -161,8 +162,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
                                                      {"role": "assistant", "content": a}]}) + "\n"
                             for q, a in QA), encoding="utf-8")
     cfg = load_config(overrides=[f"model={root / 'base'}", f"data.train={data}", f"output_dir={root / 'out'}",
-                                 "data.cache=false", "data.template=chatml", "data.add_special_tokens=true", "model.dtype=float32",
-                                 "method=adapter",
+                                 "data.cache=false", "data.template=chatml", "data.add_special_tokens=true",
+                                 "model.dtype=float32", "method=adapter",
                                  "adapter.bottleneck_dim=16", "train.lr=3e-2", "train.max_steps=20",
                                  "train.micro_batch_size=6", "train.warmup_steps=2"])
     console = Console(record=True, width=200)

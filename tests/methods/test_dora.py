@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
-from test_lora import assert_merge_round_trip
 from rich.console import Console
 from safetensors import safe_open
+from test_lora import assert_merge_round_trip
 from transformers import AutoModelForCausalLM
 
+from conftest import tiny_model_dir
 from sftlab import export
 from sftlab.config import load_config
 from sftlab.errors import SftlabError

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.config import load_config
 from sftlab.methods import LoRA
 from sftlab.methods.lora import LoRALinear, lora_modules

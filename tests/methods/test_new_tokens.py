@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import only_for, tiny_tokenizer
 from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from conftest import only_for, tiny_tokenizer
 from sftlab import export
 from sftlab.config import load_config
 from sftlab.errors import ConfigError

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model_dir, tiny_tokenizer
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from conftest import tiny_model_dir, tiny_tokenizer
 from sftlab import export
 from sftlab.config import load_config
 from sftlab.data.batching import Batch, collate

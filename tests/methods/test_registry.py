@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from sftlab.config import METHOD_SECTIONS, METHODS as CONFIG_METHODS, SOFT_PROMPT_METHODS
+from sftlab.config import METHOD_SECTIONS, SOFT_PROMPT_METHODS
+from sftlab.config import METHODS as CONFIG_METHODS
 from sftlab.errors import ConfigError
 from sftlab.export import FORMATS
 from sftlab.methods import METHODS, method_class

@@ -40,9 +40,8 @@ def main() -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    from sftlab import export
+    from sftlab import export, runs
     from sftlab.cli import main as cli
-    from sftlab import runs
     from sftlab.train import checkpoint
 
     point, _, at = (args.kill or "").partition(":")

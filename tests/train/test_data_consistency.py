@@ -11,14 +11,14 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 from rich.console import Console
 
+from conftest import tiny_model_dir
 from sftlab.config import load_config
 from sftlab.data.cache import fingerprint
 from sftlab.errors import ConfigError
-from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.runs import prepare, train
+from sftlab.train.checkpoint import latest_checkpoint
 
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."), ("Who wrote Hamlet?", "Shakespeare."),
       ("Color of the sky?", "Blue."), ("Name a prime number.", "Seven."), ("Say hi.", "Hi there!")]

@@ -19,8 +19,8 @@ from sftlab.config import load_config
 from sftlab.data.encode import IGNORE_INDEX, Encoder
 from sftlab.data.preference import PairEncoder, read_pairs
 from sftlab.data.templates import load_template
-from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.runs import prepare, train
+from sftlab.train.checkpoint import latest_checkpoint
 
 QUIET = Console(quiet=True)
 FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
@@ -142,7 +142,8 @@ def held_while_training(cfg) -> int:
 
 
 @pytest.mark.parametrize("method, precompute, ratio", [("lora", False, 1.0), ("full", False, 2.0), ("full", True, 1.0)])
-def test_parameter_memory_of_a_dpo_run_against_the_sft_run(model_dir, pairs, tmp_path, method, precompute, ratio) -> None:
+def test_parameter_memory_of_a_dpo_run_against_the_sft_run(model_dir, pairs, tmp_path, method, precompute,
+                                                             ratio) -> None:
     # An adapter run takes its reference from the same weights (adapters disabled); full fine-tuning holds a frozen
     # copy unless the reference is precomputed. The measurement sees the copy, so it would see any other.
     common = [f"model={model_dir}", f"method={method}", "data.cache=false", "train.max_steps=2",
@@ -275,7 +276,8 @@ def test_check_reports_on_pairs(model_dir, pairs, tmp_path, capsys) -> None:
 @pytest.mark.parametrize("method, mode", [("lora", "ddp"), ("lora", "fsdp"), ("full", "ddp"), ("full", "fsdp")])
 def test_two_processes_end_with_the_single_process_weights(model_dir, pairs, tmp_path, method, mode) -> None:
     # 2 processes x 2 pairs = one process x 2 pairs x accumulation 2. Five held-out pairs make three eval batches:
-    # the second rank's last is a stand-in that must add nothing. Full fine-tuning: the frozen copy, replicated under DDP, sharded like the policy under FSDP.
+    # the second rank's last is a stand-in that must add nothing. Full fine-tuning: the frozen copy, replicated
+    # under DDP, sharded like the policy under FSDP.
     from test_distributed import dist_weights, launch
 
     held_out = tmp_path / "held_out.jsonl"

@@ -9,10 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 from rich.console import Console
 
 import sftlab.train.loop as loop
+from conftest import tiny_model_dir
 from sftlab.config import load_config
 from sftlab.runs import prepare, train
 

@@ -23,9 +23,9 @@ from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
 from sftlab.files import CONTROL_NAMES, WriteError
+from sftlab.runs import prepare, train
 from sftlab.train import rundir
 from sftlab.train.checkpoint import latest_checkpoint
-from sftlab.runs import prepare, train
 from sftlab.train.loop import TrainingError
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
@@ -309,7 +309,8 @@ def test_skip_mode_skips_nonfinite_steps_without_touching_the_weights(model_dir,
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in records if "skipped" in r]
     assert [r["step"] for r in skipped] == [3, 6]
-    assert skipped[0]["skipped"].startswith("the loss became nan at step 3") and skipped[0]["rows"][0].startswith(str(data))
+    assert skipped[0]["skipped"].startswith("the loss became nan at step 3")
+    assert skipped[0]["rows"][0].startswith(str(data))
     weights = {n: load_file(out / "checkpoints" / f"step-{n}" / "trainable.safetensors") for n in (2, 3, 4)}
     assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # step 3 changed nothing
     assert not all(torch.equal(weights[3][k], weights[4][k]) for k in weights[3])  # step 4 trained

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults import assert_same_weights, drive, finish, logged_steps
+from test_preference import load, policy
+from test_reference_free import copy_lora_into_peft
 
 from conftest import tiny_model_dir
 from sftlab.cli import main
@@ -22,9 +25,6 @@ from sftlab.data.feedback import FeedbackEncoder, collate_feedback, read_feedbac
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError, DataError
 from sftlab.train.preference import KTOForward
-from test_faults import assert_same_weights, drive, finish, logged_steps
-from test_preference import load, policy
-from test_reference_free import copy_lora_into_peft
 
 ROWS = [
     {"prompt": "What is 2+2?", "completion": "It is 4.", "label": True},

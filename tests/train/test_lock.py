@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.train import lock
 
 
@@ -37,7 +37,8 @@ def test_a_live_holder_is_named_and_a_dead_one_is_taken_over(tmp_path) -> None:
 def test_a_second_run_on_a_dir_in_use_is_refused_and_the_first_is_unharmed(tmp_path) -> None:
     model = tiny_model_dir(tmp_path / "model")
     data = tmp_path / "qa.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}."}]}
             for i in range(8)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "run"
@@ -54,7 +55,7 @@ def test_a_second_run_on_a_dir_in_use_is_refused_and_the_first_is_unharmed(tmp_p
         second = subprocess.run([*args, "train.max_steps=2"], capture_output=True, text=True, timeout=300)
         assert first.poll() is None, "the first run ended before the second started; make it longer"
     finally:
-        stdout, stderr = first.communicate(timeout=300)
+        _, stderr = first.communicate(timeout=300)
     assert second.returncode != 0
     assert f"is in use by another sftlab run (pid {first.pid}" in second.stderr
     assert first.returncode == 0, stderr[-2000:]

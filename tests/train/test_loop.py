@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import only_for, tiny_model_dir
 from rich.console import Console
 
+from conftest import only_for, tiny_model_dir
 from sftlab.config import load_config
 from sftlab.data.templates import load_template
 from sftlab.generate import generate
 from sftlab.models.attention import packed_attention
-from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.runs import prepare, train
+from sftlab.train.checkpoint import latest_checkpoint
 from sftlab.train.loop import TrainingError
 
 QA = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."),
@@ -88,7 +88,8 @@ def test_grad_accumulation_equals_one_big_batch(model_dir, data, tmp_path) -> No
         moved += int(not torch.equal(value, a[name]))
     assert moved > 0 and len(first) == len(QA)
     records = [json.loads(x) for x in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["supervised_tokens"] == json.loads((tmp_path / "big" / "metrics.jsonl").read_text())["supervised_tokens"]
+    big = json.loads((tmp_path / "big" / "metrics.jsonl").read_text())
+    assert records[0]["supervised_tokens"] == big["supervised_tokens"]
 
 
 class Kill(Exception):

@@ -11,9 +11,9 @@ from sftlab.data.encode import IGNORE_INDEX, Example
 from sftlab.train import loss as loss_module
 from sftlab.train.loss import loss_sum, supervised_positions
 
-I = IGNORE_INDEX
-EXAMPLES = [Example([1, 5, 6, 7, 8, 9, 10], [I, I, 6, 7, I, 9, 10]), Example([3, 4, 5], [I, 4, 5]),
-            Example([2, 2, 2, 2], [I, I, I, 2])]
+X = IGNORE_INDEX  # X: a label that does not train
+EXAMPLES = [Example([1, 5, 6, 7, 8, 9, 10], [X, X, 6, 7, X, 9, 10]), Example([3, 4, 5], [X, 4, 5]),
+            Example([2, 2, 2, 2], [X, X, X, 2])]
 
 
 def tiny(arch: str) -> torch.nn.Module:
@@ -67,7 +67,8 @@ def test_head_runs_only_on_supervised_positions(monkeypatch) -> None:
     fused = []  # training: the fused head loss gets the same 7 positions
     real = loss_module.FusedHeadLoss.forward
     monkeypatch.setattr(loss_module.FusedHeadLoss, "forward",
-                        staticmethod(lambda ctx, hidden, *rest: fused.append(hidden.shape[0]) or real(ctx, hidden, *rest)))
+                        staticmethod(lambda ctx, hidden, *rest:
+                                     fused.append(hidden.shape[0]) or real(ctx, hidden, *rest)))
     loss_sum(model, batch).backward()
     assert fused == [7]
 
@@ -101,6 +102,6 @@ def test_fused_head_loss_equals_autograd_in_value_and_gradients(softcap, bias, d
 
 
 def test_supervised_positions_shift_once() -> None:
-    labels = torch.tensor([[I, 5, I, 7], [I, I, 3, I]])
+    labels = torch.tensor([[X, 5, X, 7], [X, X, 3, X]])
     index, targets = supervised_positions(labels)
     assert index.tolist() == [0, 2, 5] and targets.tolist() == [5, 7, 3]

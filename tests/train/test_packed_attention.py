@@ -7,6 +7,8 @@ examples, or positions did not restart, the later examples' losses would differ.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from sftlab.data.encode import IGNORE_INDEX, Example
 from sftlab.models.attention import PACKED_EAGER, PACKED_SDPA, packed_attention
 from sftlab.train.loss import hidden_states
 
-I = IGNORE_INDEX
+X = IGNORE_INDEX  # X: a label that does not train
 
 
 def examples(vocab: int) -> list[Example]:
@@ -25,7 +27,7 @@ def examples(vocab: int) -> list[Example]:
     out = []
     for n, length in enumerate((9, 5, 12, 3, 7)):
         ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
-        labels = [I] * 2 + ids[2:] if n % 2 else [I] * (length // 2) + ids[length // 2:]
+        labels = [X] * 2 + ids[2:] if n % 2 else [X] * (length // 2) + ids[length // 2:]
         out.append(Example(ids, labels, f"x:{n}"))
     return out
 
@@ -106,9 +108,8 @@ def test_packed_attention_without_boundaries_is_an_error() -> None:
 def test_an_unsupported_attention_is_refused_with_the_fix() -> None:
     net = model("llama", "sdpa")
     net.config._attn_implementation = "paged_attention"
-    with pytest.raises(Exception, match="model.attn_implementation=sdpa, or data.packing=false"):
-        with packed_attention(net):
-            pass
+    with pytest.raises(Exception, match="model.attn_implementation=sdpa, or data.packing=false"), packed_attention(net):
+        pass
 
 
 def _stand_in_varlen(wrong: bool = False):
@@ -121,7 +122,7 @@ def _stand_in_varlen(wrong: bool = False):
         calls.append({"shape": tuple(query.shape), "window": tuple(window_size), "gqa": enable_gqa, "max": max_q})
         bounds = cu_seq_q.tolist()
         outs = []
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             q, k, v = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
             outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=window_size == (-1, 0), scale=scale,
                                                        enable_gqa=enable_gqa)[0].transpose(0, 1))
@@ -169,5 +170,6 @@ def test_flash_attention_keeps_its_own_varlen_path_and_gets_the_boundaries() -> 
     with packed_attention(net) as used:
         assert used == "flash_attention_2" and net.config._attn_implementation == "flash_attention_2"
     inputs = collate_packed(examples(64)).model_inputs()
-    assert set(inputs) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    assert set(inputs) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                           "max_length_q", "max_length_k"}
     assert inputs["cu_seq_lens_q"].dtype == torch.int32 and isinstance(inputs["max_length_q"], int)

@@ -73,7 +73,8 @@ def formula_logps(model: torch.nn.Module, example) -> torch.Tensor:
                if label != IGNORE_INDEX)
 
 
-def formula_loss(policy_model, reference_model, pairs, *, beta: float, loss: str, label_smoothing: float) -> torch.Tensor:
+def formula_loss(policy_model, reference_model, pairs, *, beta: float, loss: str,
+                 label_smoothing: float) -> torch.Tensor:
     """The pair losses straight from the papers' formulas, averaged over pairs."""
     total = 0.0
     for pair in pairs:
@@ -275,7 +276,8 @@ def test_log_probs_run_the_head_on_scored_positions_only(model_dir, monkeypatch)
     seen = []
     real = loss_module.FusedHeadLogprobs.forward
     monkeypatch.setattr(loss_module.FusedHeadLogprobs, "forward",
-                        staticmethod(lambda ctx, hidden, *rest: seen.append(hidden.shape[0]) or real(ctx, hidden, *rest)))
+                        staticmethod(lambda ctx, hidden, *rest:
+                                     seen.append(hidden.shape[0]) or real(ctx, hidden, *rest)))
     sequence_logps(model, batch, chosen).sum().backward()
     scored = sum(label != IGNORE_INDEX for p in pairs for side in (p.chosen, p.rejected) for label in side.labels)
     assert seen == [scored] and scored < batch.batch.input_ids.numel() / 3

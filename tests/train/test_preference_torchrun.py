@@ -7,13 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import test_dpo
+import test_kto
 import torch
+from test_distributed import dist_weights, launch
+from test_dpo import load_file_of, metrics, run
 
 from sftlab.config import load_config
 from sftlab.train.checkpoint import latest_checkpoint
-from test_distributed import dist_weights, launch
-from test_dpo import load_file_of, metrics, model_dir, pairs, run  # noqa: F401 - model_dir, pairs are fixtures
-from test_kto import feedback_file  # noqa: F401 - a fixture
+
+# Fixtures shared with their home modules: bound by assignment so that pytest finds them here by name.
+model_dir, pairs, feedback_file = test_dpo.model_dir, test_dpo.pairs, test_kto.feedback_file
 
 STAGE_METRICS = {"orpo": ("accuracy", "log_odds_ratio", "nll", "eval_accuracy"),
                  "simpo": ("accuracy", "margin", "eval_accuracy", "eval_margin"),

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import only_for, tiny_model_dir
 from rich.console import Console
 
+from conftest import only_for, tiny_model_dir
 from sftlab.config import load_config
 from sftlab.errors import ConfigError, DataError
+from sftlab.runs import prepare, train
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.forgetting import RunProbe, Watch
 from sftlab.train.probe import BUILTIN, read_prompts, tax_numbers, top_k_kl
-from sftlab.runs import prepare, train
 from sftlab.train.setup import pad_id
 
 QUIET = Console(quiet=True)

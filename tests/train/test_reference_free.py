@@ -9,17 +9,22 @@ import math
 from dataclasses import replace
 
 import pytest
+import test_dpo
+import test_preference
 import torch
 from rich.console import Console
+from test_dpo import config, held_while_training, metrics, run
+from test_preference import ROWS, encoded_pairs, load, policy
 
 from sftlab.config import load_config
 from sftlab.data.encode import IGNORE_INDEX
 from sftlab.data.preference import collate_pairs, with_chosen_context
 from sftlab.models.attention import packed_attention
-from sftlab.train.preference import ReferenceFreeForward
 from sftlab.runs import prepare
-from test_dpo import config, held_while_training, metrics, pairs, run  # noqa: F401 - pairs is a fixture
-from test_preference import ROWS, encoded_pairs, load, model_dir, policy  # noqa: F401 - model_dir is a fixture
+from sftlab.train.preference import ReferenceFreeForward
+
+# Fixtures shared with their home modules: bound by assignment so that pytest finds them here by name.
+pairs, model_dir = test_dpo.pairs, test_preference.model_dir
 
 
 def full_logprobs(model: torch.nn.Module, example) -> torch.Tensor:

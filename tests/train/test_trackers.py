@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_dir
 
+from conftest import tiny_model_dir
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError

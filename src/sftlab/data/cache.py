@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import sftlab
 from sftlab.errors import ConfigError
@@ -76,7 +77,7 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
         files = sorted(p for p in path.rglob("*") if p.is_file())
         digest = hashlib.blake2b(digest_size=20)
         for file in files:
-            digest.update(f"{file.relative_to(path)}\0{file_digest(file)}\0".encode("utf-8"))
+            digest.update(f"{file.relative_to(path)}\0{file_digest(file)}\0".encode())
         return {"path": str(path), "bytes": sum(f.stat().st_size for f in files), "files": len(files),
                 "modified": _when(max((f.stat().st_mtime for f in files), default=0.0)),
                 "blake2b": digest.hexdigest()}
@@ -176,7 +177,8 @@ def new_entry(root: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=".building-", dir=base))
     except PermissionError:
         raise ConfigError(f"the data cache dir {root} is not writable (permission denied in {base}). Set "
-                          "data.cache_dir (or $SFTLAB_CACHE) to a directory you can write, or data.cache=false.") from None
+                          "data.cache_dir (or $SFTLAB_CACHE) to a directory you can write, or data.cache=false."
+                          ) from None
 
 
 def seal(building: Path) -> None:

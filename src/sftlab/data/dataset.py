@@ -31,9 +31,9 @@ from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import FieldTally
 from sftlab.data.quality import WriterQuality
 from sftlab.data.reasoning import prepare
+from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.data.schema import Conversation
 from sftlab.data.sources import Source, encoder_for, read, resolve, source_settings
-from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.errors import DataError
 
 BATCH_ROWS = 512
@@ -112,7 +112,7 @@ class EncodedDataset:
             self._keep_alive.cleanup()
             self._keep_alive = None
 
-    def __enter__(self) -> "EncodedDataset":
+    def __enter__(self) -> EncodedDataset:
         return self
 
     def __exit__(self, *exc: object) -> None:

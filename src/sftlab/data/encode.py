@@ -20,9 +20,10 @@ token is where the tokenizer cuts anyway). `data.special_tokens_in_content` choo
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

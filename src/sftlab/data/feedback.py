@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 from sftlab.config import DataConfig
+from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.dataset import DatasetStats, EncodedDataset, Written, build_dataset, write_examples
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _require, _tools, items_from_rows
-from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.preference import _answer, _cut, _prompt_messages, _role_map
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, message_record, validate
 from sftlab.data.sources import Source, source_rows
-from sftlab.errors import ConfigError, DataError
+from sftlab.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class Feedback:
 
     def conversation(self) -> Conversation:
         """prompt + completion, only the completion trained whatever the row's own flags."""
-        return Conversation(tuple(replace(m, train=False) for m in self.prompt) + (replace(self.completion, train=True),),
-                            self.where, self.tools)
+        prompt = tuple(replace(m, train=False) for m in self.prompt)
+        return Conversation(prompt + (replace(self.completion, train=True),), self.where, self.tools)
 
 
 def is_feedback_row(value: Any) -> bool:

@@ -25,8 +25,8 @@ from sftlab.data.encode import NOTHING_TRAINED, SPECIAL_IN_CONTENT, TOO_LONG, Dr
 from sftlab.data.feedback import FeedbackDataset, FeedbackEncoder, feedback_row, read_feedback
 from sftlab.data.preference import _role_map
 from sftlab.data.quality import SPECIAL_TOKEN_ROWS, print_report
-from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
+from sftlab.data.sources import Source, path_of
 from sftlab.errors import DataError
 
 BALANCE = (1.0, 4 / 3)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, ToolCall, validate
@@ -94,8 +95,8 @@ def iter_rows(path: str | Path, *, max_row_bytes: int | None = None) -> Iterator
 def _too_large(where: str, size: int, limit: int) -> Row:
     return Row(where, None, error=DataError(
         f"the row is {size:,} bytes, more than the {limit:,}-byte row limit, so it was rejected before rendering "
-        f"(it could not fit data.max_seq_len tokens: the limit is data.max_row_bytes, or {BYTES_PER_TOKEN} bytes per token "
-        f"of data.max_seq_len + {ROW_SLACK_BYTES // 1024} KiB). Split or shorten the row, or raise "
+        f"(it could not fit data.max_seq_len tokens: the limit is data.max_row_bytes, or {BYTES_PER_TOKEN} bytes "
+        f"per token of data.max_seq_len + {ROW_SLACK_BYTES // 1024} KiB). Split or shorten the row, or raise "
         "data.max_row_bytes (or data.max_seq_len).", where=where, reason=ROW_TOO_LARGE))
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import html
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterable, Sequence
+from typing import IO, Any
 
 from sftlab.data.encode import IGNORE_INDEX, ROLE_CODES, Encoded, Example
 from sftlab.errors import DataError

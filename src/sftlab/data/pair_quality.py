@@ -30,8 +30,8 @@ from sftlab.data.dataset import BATCH_ROWS
 from sftlab.data.encode import IGNORE_INDEX, SPECIAL_IN_CONTENT, Dropped, Encoder
 from sftlab.data.preference import EncodedPair, Pair, PairEncoder, pair_row, pair_row_limit, read_pairs
 from sftlab.data.quality import REJECTED_SHARE_WARNING, SPECIAL_TOKEN_ROWS, digest, length_spread, print_report
-from sftlab.data.sources import Source, path_of
 from sftlab.data.rejects import RejectLog
+from sftlab.data.sources import Source, path_of
 from sftlab.errors import DataError
 
 LENGTH_BIAS_BOUNDS = (0.3, 0.7)
@@ -125,7 +125,7 @@ class PairReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def analyze_pairs(data_path: "str | Path | Source", data: DataConfig, encoder: Encoder, *,
+def analyze_pairs(data_path: str | Path | Source, data: DataConfig, encoder: Encoder, *,
                   rejects_path: str | Path | None = None) -> PairReport:
     """Read and encode every pair of `data_path` as `stage: dpo` training would, and report on it.
 

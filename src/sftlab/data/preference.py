@@ -35,9 +35,9 @@ from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.dataset import DatasetStats, EncodedDataset, Written, build_dataset, write_examples
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _message_list, _require, _tools, items_from_rows
-from sftlab.data.sources import Source, source_rows
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, message_record, validate
+from sftlab.data.sources import Source, source_rows
 from sftlab.errors import DataError
 
 PROMPTS_DIFFER = "prompts differ"
@@ -203,7 +203,8 @@ class PairEncoder:
         if pair.prompt_tokens >= limit:
             return Dropped(f"no token is trained after truncation to data.max_seq_len={limit}; dropped. Raise "
                            "max_seq_len or shorten the prompt.", where=pair.where, reason=NOTHING_TRAINED)
-        sides = [Example(side.input_ids[:limit], side.labels[:limit], side.where) for side in (pair.chosen, pair.rejected)]
+        sides = [Example(side.input_ids[:limit], side.labels[:limit], side.where)
+                 for side in (pair.chosen, pair.rejected)]
         return EncodedPair(*sides, pair.prompt_tokens, truncated=True,
                            special_tokens_in_content=pair.special_tokens_in_content)
 

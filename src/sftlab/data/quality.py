@@ -18,21 +18,21 @@ import json
 import sys
 from array import array
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import groupby, islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from sftlab.config import DataConfig
-from sftlab.data.encode import (NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped,
-                                Encoded, Encoder)
+from sftlab.data.encode import NOTHING_TRAINED, ROLE_CODES, SPECIAL_IN_CONTENT, TOO_LONG, Dropped, Encoded, Encoder
 from sftlab.data.formats import field_report, tool_names
 from sftlab.data.reasoning import prepare
-from sftlab.data.sources import Source, encoder_for, path_of, read, resolve, source_rows
 from sftlab.data.rejects import RejectLog, conversation_row
 from sftlab.data.schema import ROLES, Conversation
+from sftlab.data.sources import Source, encoder_for, path_of, read, resolve, source_rows
 from sftlab.data.templates import Segment
 from sftlab.errors import DataError
 

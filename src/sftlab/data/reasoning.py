@@ -10,8 +10,8 @@ first that reaches it), so no content is trained twice and no reasoning is lost.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from typing import Iterable, Iterator
 
 from sftlab.data.schema import Conversation
 from sftlab.data.templates import ChatTemplate

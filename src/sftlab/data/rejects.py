@@ -63,7 +63,7 @@ class RejectLog:
             self.path.unlink()
         self.path = None  # closed: a second close does nothing
 
-    def __enter__(self) -> "RejectLog":
+    def __enter__(self) -> RejectLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -105,7 +105,7 @@ def is_rejects_log(path: Path) -> bool:
 
 def _same(path: Path, other: Path) -> bool:
     try:
-        return path.exists() and os.path.samefile(path, other) or path.resolve() == other.resolve()
+        return (path.exists() and os.path.samefile(path, other)) or path.resolve() == other.resolve()
     except OSError:
         return False
 

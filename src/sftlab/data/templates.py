@@ -40,10 +40,11 @@ import json
 import re
 import secrets
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar
 
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError
@@ -109,7 +110,7 @@ class _GenerationTag(Extension):
     """Accepts `{% generation %}...{% endgeneration %}` blocks (TRL/transformers markers) and renders their
     body unchanged: sftlab finds assistant spans itself and needs no markers."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Any) -> list[nodes.Node]:
         next(parser.stream)
@@ -202,7 +203,8 @@ _HUGE_WIDTH = re.compile(r"[%:][^a-zA-Z%{}]*?\d{8,}")
 
 def _check_format_string(text: Any) -> None:
     if isinstance(text, str) and _HUGE_WIDTH.search(text):
-        raise SecurityError(f"the format string {text[:40]!r} asks for a field of more than {MAX_VALUE_SIZE} characters")
+        raise SecurityError(f"the format string {text[:40]!r} asks for a field of more than {MAX_VALUE_SIZE} "
+                            "characters")
 
 
 def _bounded_filter(function: Any) -> Any:
@@ -305,7 +307,7 @@ class ChatTemplate:
         except RecursionError:
             raise TemplateError(f"chat template {self.name!r} recursed too deeply (a macro or a recursive loop "
                                 "that does not end?). Fix the template's recursion.") from None
-        except Exception as exc:  # noqa: BLE001 - a template is user code: what it raises is reported, no traceback
+        except Exception as exc:  # broad on purpose: a template is user code: what it raises is reported, no traceback
             raise DataError(f"chat template {self.name!r} failed on the conversation with "
                             f"{type(exc).__name__}: {_brief(exc)}; expected it to render every valid conversation. Fix "
                             "the template or use data.template=chatml or llama3.",

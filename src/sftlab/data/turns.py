@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sftlab.data.schema import Conversation, Message
 from sftlab.errors import DataError

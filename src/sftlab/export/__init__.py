@@ -85,7 +85,7 @@ def check_adapter_weights(adapter: Path) -> None:
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMATS", "ExportFormat", "NonFiniteWeightsError",
-           "adapter_lora_settings", "adapter_settings", "adapter_token_ids", "chat_template_for", "check_adapter_weights",
-           "fidelity",
+           "adapter_lora_settings", "adapter_settings", "adapter_token_ids", "chat_template_for",
+           "check_adapter_weights", "fidelity",
            "load_adapter", "load_trained", "merge_to_dir", "refuse_merge_output", "save_adapter", "save_model",
            "save_tokenizer", "save_trained"]

@@ -252,7 +252,8 @@ def _tensors(model: nn.Module, arch: Architecture) -> Iterator[tuple[str, torch.
                               f"{', '.join(unmapped[:5])}; nothing was written.")
     reorder: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if arch.interleave_qk:
-        heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         reorder = {"attn_q.weight": lambda w: _interleave_heads(w, heads),
                    "attn_k.weight": lambda w: _interleave_heads(w, kv)}
     for hf, ours in names.items():

@@ -318,7 +318,8 @@ class ShardWriter:
         for name, (shape, dtype) in entries.items():
             size = math.prod(shape) * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else \
                 math.prod(shape) * torch.iinfo(dtype).bits // 8
-            header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)

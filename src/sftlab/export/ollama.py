@@ -43,7 +43,7 @@ def chat_pieces(template: Any) -> Pieces | None:
         opened = template.render_text([{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}],
                                       add_generation_prompt=True)
         bare = template.render_text([{"role": "user", "content": USER}], add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - a template that refuses these conversations simply gets no Pieces
+    except Exception:  # broad on purpose: a template that refuses these conversations simply gets no Pieces
         return None
     if not all(full.count(word) == 1 for word in (SYSTEM, USER, ASSISTANT)):
         return None

@@ -66,6 +66,7 @@ class Method(ABC):
         """Refuse settings that do not fit the model's layers (e.g. a rank wider than a layer). Called on a
         skeleton built on the meta device (no weights read) before the model loads, so a mistake costs
         seconds, not a model load."""
+        return  # an optional hook, not an abstract one: by default every layer fits
 
     @abstractmethod
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:

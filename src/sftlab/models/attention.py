@@ -20,6 +20,7 @@ without boundaries is an error, never attention across examples.
 from __future__ import annotations
 
 import inspect
+import itertools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,7 +106,7 @@ def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, expl
     bounds = cu.tolist()  # host values: free on the CPU, one sync on a GPU
     parts = [_example(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], explicit=explicit, scale=scale,
                       window=window, softcap=softcap, dropout=dropout)
-             for a, b in zip(bounds, bounds[1:])]
+             for a, b in itertools.pairwise(bounds)]
     return torch.cat(parts, dim=2).transpose(1, 2)  # (1, H, T, D) -> (1, T, H, D)
 
 

@@ -213,7 +213,7 @@ def _load_failure(what: str, name: str, exc: Exception) -> str:
     return f"cannot load {what} from {name!r}{offline}: {text}{local}"
 
 
-def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on a CUDA GPU that supports it, float32 otherwise."""
     import torch
 
@@ -224,14 +224,14 @@ def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def default_device() -> "torch.device":
+def default_device() -> torch.device:
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model: "ModelConfig", *, device: "torch.device | None" = None, nf4: "Nf4Spec | None" = None,
-               notes: "list[str] | None" = None) -> Any:
+def load_model(model: ModelConfig, *, device: torch.device | None = None, nf4: Nf4Spec | None = None,
+               notes: list[str] | None = None) -> Any:
     """A causal LM from a local HF dir, a hub id, or a .gguf file (dequantised by transformers), its
     weights read from safetensors only, streamed tensor by tensor onto `device` (models/stream.py): the
     whole model never passes through host memory at once. `nf4`: QLoRA's decoder linear layers are
@@ -280,7 +280,7 @@ def load_model(model: "ModelConfig", *, device: "torch.device | None" = None, nf
     return loaded.to(device)
 
 
-def model_source(model: "ModelConfig") -> tuple[Path | None, str | None]:
+def model_source(model: ModelConfig) -> tuple[Path | None, str | None]:
     """The checked local dir the model's weights stream from — a local dir, the dir a .gguf file converts
     to, or the hub snapshot of a hub id (downloaded, or from the cache) — or (None, why not)."""
     source = check_model(model.path, trust_remote_code=model.trust_remote_code)
@@ -295,8 +295,8 @@ def model_source(model: "ModelConfig") -> tuple[Path | None, str | None]:
     return source, None
 
 
-def _load_streaming(model: "ModelConfig", source: Path | None, *, dtype: "torch.dtype", device: "torch.device",
-                    nf4: "Nf4Spec | None") -> tuple[Any, str | None]:
+def _load_streaming(model: ModelConfig, source: Path | None, *, dtype: torch.dtype, device: torch.device,
+                    nf4: Nf4Spec | None) -> tuple[Any, str | None]:
     """(the streamed model, None), or (None, why it was not streamed)."""
     from sftlab.models import stream
     from sftlab.models.quant import quiet_loggers
@@ -314,7 +314,7 @@ def _load_streaming(model: "ModelConfig", source: Path | None, *, dtype: "torch.
         with quiet_loggers("torchao", "torch.utils._pytree"):
             skeleton = stream.skeleton(source, dtype=dtype, trust_remote_code=model.trust_remote_code,
                                        attn_implementation=model.attn_implementation)
-    except Exception as exc:  # noqa: BLE001 — from_pretrained reports any of these in sftlab's words (below)
+    except Exception as exc:  # broad on purpose: from_pretrained reports any of these in sftlab's words (below)
         return None, f"the model cannot be built from {source / 'config.json'} ({type(exc).__name__}: {exc})"
     why = stream.stream_plan(skeleton, tensors)
     if why is not None:
@@ -330,7 +330,7 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception:  # noqa: BLE001 — any failure: from_pretrained then reports it in its own words
+    except Exception:  # broad on purpose: any failure: from_pretrained then reports it in its own words
         return None
 
 
@@ -405,7 +405,7 @@ def _layer_hint(source: Path | None, missing: list[str]) -> str:
     held: set[int] = set()
     for file in check_model_dir(source):
         with safe_open(str(file), framework="pt") as handle:
-            held |= {int(m.group(1)) for key in handle.keys() if (m := _LAYER.search(key))}
+            held |= {int(m.group(1)) for key in handle.keys() if (m := _LAYER.search(key))}  # noqa: SIM118 - a safe_open handle is no mapping
     if not held or min(wanted) <= max(held):
         return ""
     return (f" The weights hold {max(held) + 1} layers (0-{max(held)}); the config describes "
@@ -423,7 +423,7 @@ def _from_pretrained(cls: Any, name: str, kwargs: dict[str, Any]) -> Any:
     return cls.from_pretrained(name, **kwargs)
 
 
-def skeleton(model: "ModelConfig") -> Any:
+def skeleton(model: ModelConfig) -> Any:
     """The model's modules with every weight on the meta device, built from config.json alone (no weights
     read, no memory): enough to check layer names and shapes before the real load. None for a .gguf file, a
     hub id, or an architecture that cannot be built this way (the checks then run on the loaded model)."""
@@ -437,5 +437,5 @@ def skeleton(model: "ModelConfig") -> Any:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=model.trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
-    except Exception:  # noqa: BLE001 - only an early check: the real load reports what is wrong
+    except Exception:  # broad on purpose: only an early check: the real load reports what is wrong
         return None

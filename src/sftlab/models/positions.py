@@ -15,9 +15,10 @@ attention mask is built, so:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from sftlab.config import Config
 from sftlab.errors import ConfigError
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-def with_max_seq_len(cfg: Config, console: "Console | None" = None) -> Config:
+def with_max_seq_len(cfg: Config, console: Console | None = None) -> Config:
     """cfg with data.max_seq_len checked against the model's position limit and null replaced by it; the
     number chosen for null is printed to `console`."""
     limit = position_limit(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -83,7 +84,7 @@ def _hub_config(name: str, *, trust_remote_code: bool) -> Mapping[str, Any] | No
 
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).to_dict()
-    except Exception:  # noqa: BLE001 - unreachable, unknown or remote-code: loading the model says why
+    except Exception:  # broad on purpose: unreachable, unknown or remote-code: loading the model says why
         return None
 
 

@@ -4,8 +4,8 @@
 (27 GB for a 7B model in fp32), and QLoRA would only quantise it afterwards. Here the skeleton's parameters
 live on the meta device (no memory), its buffers are built for real (rotary `inv_freq` is computed at
 init exactly as from_pretrained's model computes it), and each checkpoint tensor is read from its shard
-(plain reads into a buffer of its size: no file pages stay resident), cast to the dtype the skeleton gives that parameter, put on
-the target device and, for the layers QLoRA keeps in NF4 (`Nf4Spec`), quantised right there — the same
+(plain reads into a buffer of its size: no file pages stay resident), cast to the dtype the skeleton gives that
+parameter, put on the target device and, for the layers QLoRA keeps in NF4 (`Nf4Spec`), quantised right there — the same
 `to_nf4` call on the same tensor as quantising after a full load, so the weights are equal bit for bit.
 Peak host memory: what stays resident plus about one tensor as stored (and its cast).
 
@@ -129,7 +129,8 @@ def nf4_layers(model: nn.Module, spec: Nf4Spec) -> set[str]:
     from sftlab.models.targets import find_targets
 
     return {name for name in find_targets(model, "all-linear", key="qlora")
-            if isinstance(model.get_submodule(name), nn.Linear) and fits_nf4(model.get_submodule(name), spec.block_size)}
+            if isinstance(model.get_submodule(name), nn.Linear)
+            and fits_nf4(model.get_submodule(name), spec.block_size)}
 
 
 def stream_plan(model: nn.Module, tensors: dict[str, TensorInfo]) -> str | None:
@@ -154,8 +155,9 @@ def stream_plan(model: nn.Module, tensors: dict[str, TensorInfo]) -> str | None:
 
 def fill(model: nn.Module, tensors: dict[str, TensorInfo], *, device: torch.device,
          nf4: Nf4Spec | None = None) -> nn.Module:
-    """Read every tensor of `tensors` (checked by stream_plan) into the skeleton `model`, one at a time, each cast to its parameter's dtype and placed on `device` (NF4 for `nf4_layers`); then tie the
-    tied weights and move the buffers to `device`. Returns `model`."""
+    """Read every tensor of `tensors` (checked by stream_plan) into the skeleton `model`, one at a time, each cast
+    to its parameter's dtype and placed on `device` (NF4 for `nf4_layers`); then tie the tied weights and move the
+    buffers to `device`. Returns `model`."""
     quantized = nf4_layers(model, nf4) if nf4 is not None else set()
     by_file: dict[Path, list[str]] = {}
     for name, info in tensors.items():
@@ -252,5 +254,6 @@ def weight_files(source: Path) -> list[Path]:
     """The safetensors files of a checked model dir: the index's shards, or model.safetensors."""
     index = source / "model.safetensors.index.json"
     if index.is_file():
-        return [source / name for name in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [source / name for name in sorted(set(weight_map.values()))]
     return [source / "model.safetensors"]

@@ -23,7 +23,8 @@ def find_targets(model: nn.Module, spec: str | Sequence[str], *, key: str = "lor
     """Names of the linear modules `spec` selects; an error lists the model's linear layers if none match."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # Layers already inside an adapter (a LoRALinear's `base`) are not targets of their own.
-    wrapped = [name + "." for name, module in model.named_modules() if hasattr(module, "base") and is_linear(module.base)]
+    wrapped = [name + "." for name, module in model.named_modules()
+               if hasattr(module, "base") and is_linear(module.base)]
     linear = [name for name, module in model.named_modules()
               if is_linear(module) and module is not head and not name.startswith(tuple(wrapped))]
     if spec == "all-linear":

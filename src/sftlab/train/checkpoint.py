@@ -97,7 +97,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, *, trainable: dict[str, to
         if ctx.main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
-        kept = f"the last complete checkpoint, {previous.name}, is kept" if previous else "there is no earlier checkpoint"
+        kept = (f"the last complete checkpoint, {previous.name}, is kept" if previous
+                else "there is no earlier checkpoint")
         raise WriteError(f"writing checkpoint step-{state.step} into {directory} failed: {describe(exc)}. The "
                          f"partial write was removed and {kept}.") from None
     except BaseException:
@@ -126,7 +127,8 @@ def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler: 
 
             if not ctx.sharded:
                 raise SftlabError(f"checkpoint {path} holds FSDP shards; resume it with train.distributed=fsdp.")
-            state_dict = {"trainable": method.state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+            state_dict = {"trainable": method.state_dict(model),
+                          "optimizer": get_optimizer_state_dict(model, optimizer)}
             dcp.load(state_dict, checkpoint_id=path / "sharded")  # into the (sharded) parameters in place
             set_optimizer_state_dict(model, optimizer, optim_state_dict=state_dict["optimizer"])
         else:

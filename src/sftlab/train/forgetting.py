@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -46,7 +47,8 @@ class Watch:
             return None
         if eval_loss is not None and earlier and eval_loss < min(earlier):
             return None  # still improving on the task: the drift buys something
-        stalled = "" if eval_loss is None else f" while the eval loss stopped improving (best {min(earlier or [eval_loss]):.4f})"
+        stalled = ("" if eval_loss is None
+                   else f" while the eval loss stopped improving (best {min(earlier or [eval_loss]):.4f})")
         return (f"forgetting: probe_kl {kl:.3f} passed eval.probe_kl_threshold {self.threshold:g}{stalled}; "
                 "later steps trade general ability for no task gain. Lower train.lr or the steps, or use LoRA.")
 
@@ -128,7 +130,8 @@ class RunProbe:
 
     def wants_checkpoint(self, state: Any) -> bool:
         """Whether this step is now the recommended one (so it needs a checkpoint that is kept)."""
-        return self.watch.recommended() == state.step and bool(self.watch.history) and self.watch.history[-1][0] == state.step
+        return (self.watch.recommended() == state.step and bool(self.watch.history)
+                and self.watch.history[-1][0] == state.step)
 
     def should_stop(self) -> bool:
         return self.cfg.eval.probe_stop and self.flagged is not None
@@ -197,12 +200,15 @@ def forgetting_html(run_dir: Path) -> str:
     header = ["step", "eval loss", "probe_nll", "probe_kl", "distinct-2", "repetition", "length"]
     table = "<table>" + "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
-    verdict = html.escape(summary["flagged"] or f"probe_kl stayed under eval.probe_kl_threshold {summary['threshold']:g} "
+    verdict = html.escape(summary["flagged"]
+                          or f"probe_kl stayed under eval.probe_kl_threshold {summary['threshold']:g} "
                           "whenever the eval loss had stopped improving.")
     recommended = summary.get("recommended_step")
-    advice = f"<p>Recommended checkpoint: <code>checkpoints/step-{recommended}</code> (kept).</p>" if recommended else ""
+    advice = (f"<p>Recommended checkpoint: <code>checkpoints/step-{recommended}</code> (kept).</p>"
+              if recommended else "")
     samples = "".join(f"<tr><td><pre class=\"sample\">{html.escape(s['prompt'])}</pre></td><td><pre class=\"sample\">"
-                      f"{html.escape(s['base'])}</pre></td><td><pre class=\"sample\">{html.escape(s['tuned'])}</pre></td></tr>"
+                      f"{html.escape(s['base'])}</pre></td><td><pre class=\"sample\">"
+                      f"{html.escape(s['tuned'])}</pre></td></tr>"
                       for s in summary.get("samples", [])[:3])
     points = [(r["probe_kl"], r["eval_loss"], s) for s, r in sorted(probed.items()) if "eval_loss" in r]
     return (trajectory_svg(points, summary["threshold"]) + f"<p>{verdict}</p>{advice}{table}"
@@ -231,10 +237,12 @@ def trajectory_svg(points: list[tuple[float, float, int]], threshold: float) -> 
     tx = at(threshold, y_lo)[0]
     return (f'<svg id="forgetting-curve" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
             f'xmlns="http://www.w3.org/2000/svg"><polyline points="{line}" fill="none" stroke="#1f77b4"/>{marks}'
-            f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{top}" y2="{height - bottom}" stroke="#d62728" stroke-dasharray="4"/>'
+            f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{top}" y2="{height - bottom}" stroke="#d62728" '
+            'stroke-dasharray="4"/>'
             f'<text x="{tx + 4:.1f}" y="{top + 10}" font-size="10" fill="#d62728">threshold {threshold:g}</text>'
             f'<text x="{width / 2}" y="{height - 8}" font-size="11" text-anchor="middle">probe_kl (forgetting)</text>'
-            f'<text x="14" y="{height / 2}" font-size="11" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
+            f'<text x="14" y="{height / 2}" font-size="11" transform="rotate(-90 14 {height / 2})" '
+            'text-anchor="middle">'
             f'eval loss ({y_lo:.3f} – {y_hi:.3f})</text></svg>')
 
 

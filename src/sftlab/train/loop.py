@@ -20,13 +20,13 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from sftlab import files
 from sftlab.config import PAIR_STAGES, to_yaml
 from sftlab.data import packing
 from sftlab.data.batching import Batch
 from sftlab.data.dataset import EncodedDataset
 from sftlab.data.preference import PairDataset
 from sftlab.errors import SftlabError
-from sftlab import files
 from sftlab.files import write_text_atomic
 from sftlab.models.attention import packed_attention
 from sftlab.train import checkpoint, distributed, rundir

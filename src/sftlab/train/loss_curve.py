@@ -51,7 +51,8 @@ def loss_svg(train: Sequence[tuple[int, float]], evals: Sequence[tuple[int, floa
             f"{'; dots: eval loss' if evals else ''}.</p>")
 
 
-def _axes(x_ticks: list[float], y_ticks: list[float], x: Callable[[float], float], y: Callable[[float], float]) -> list[str]:
+def _axes(x_ticks: list[float], y_ticks: list[float], x: Callable[[float], float],
+          y: Callable[[float], float]) -> list[str]:
     bottom, right = HEIGHT - _BOTTOM, WIDTH - _RIGHT
     parts = [f'<rect class="plot" x="{_LEFT}" y="{_TOP}" width="{right - _LEFT}" height="{bottom - _TOP}"/>']
     for t in y_ticks:

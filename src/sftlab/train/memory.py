@@ -288,7 +288,7 @@ def plan_run(cfg: Any, data: Any, device: torch.device, console: Any) -> Any:
         return resolve_checkpointing(cfg, None, console)
     try:
         shape = model_shape(cfg, source, device)
-    except Exception as exc:  # noqa: BLE001 — a method that needs real weights to apply (e.g. a soft prompt
+    except Exception as exc:  # broad on purpose: a method that needs real weights to apply (e.g. a soft prompt
         # initialised from text) cannot be counted on meta; the plan is advice, the load reports real errors
         console.print(f"memory plan: not made ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
         return resolve_checkpointing(cfg, None, console)

@@ -25,12 +25,19 @@ from torch import nn
 from sftlab.config import Config
 from sftlab.data.batching import collate, collate_packed
 from sftlab.data.encode import IGNORE_INDEX, Example
+from sftlab.data.feedback import collate_feedback
 from sftlab.data.preference import PairBatch, collate_pairs, with_chosen_context
 from sftlab.methods import METHODS
 from sftlab.train.distributed import TrainingForward
-from sftlab.data.feedback import collate_feedback
-from sftlab.train.preference import (KTO_SUMS, METRICS, ORPO_METRICS, KTOForward, PreferenceForward,
-                                     ReferenceFreeForward, kto_metrics)
+from sftlab.train.preference import (
+    KTO_SUMS,
+    METRICS,
+    ORPO_METRICS,
+    KTOForward,
+    PreferenceForward,
+    ReferenceFreeForward,
+    kto_metrics,
+)
 
 
 class Objective(ABC):

@@ -143,7 +143,8 @@ class Prober:
 
     def encode(self, prompt: ProbePrompt) -> list[int]:
         segments = self.template.render_prompt(prompt.messages)
-        return prompt_token_ids(self.tokenizer, segments, special_tokens_in_content=self.cfg.data.special_tokens_in_content)
+        return prompt_token_ids(self.tokenizer, segments,
+                                special_tokens_in_content=self.cfg.data.special_tokens_in_content)
 
     def reference(self, prompts: list[ProbePrompt]) -> Reference:
         """The base's greedy answers (the method's parts disabled), then the model's own top-k along them: at

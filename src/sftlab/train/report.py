@@ -25,13 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftlab import __version__
+from sftlab import __version__, files
 from sftlab.config import PAIR_STAGES, sources_of
 from sftlab.data.inspect import TOKEN_CSS, example_record, tokens_html
 from sftlab.data.quality import QUALITY_MAX_ROWS
 from sftlab.data.sources import describe
 from sftlab.errors import SftlabError
-from sftlab import files
 from sftlab.files import write_text_atomic
 from sftlab.train.forgetting import SUMMARY_FILE, forgetting_html
 from sftlab.train.loss_curve import loss_svg
@@ -266,8 +265,8 @@ def _cards(facts: Mapping[str, Any], train: list[dict], evals: list[dict]) -> st
               ("supervised tokens/s", f"{speed['supervised_per_s']:,.0f}" if speed else "—"),
               ("trainable", f"{_share(method)} — {_count(method['trainable'])}"),
               ("peak RSS", _bytes(facts["memory"]["peak_rss_bytes"]))]
-    items = "".join(f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{html.escape(v)}</div></div>'
-                    for k, v in cards)
+    items = "".join(f'<div class="card"><div class="k">{html.escape(k)}</div>'
+                    f'<div class="v">{html.escape(v)}</div></div>' for k, v in cards)
     return f'<div class="cards" id="summary">{items}</div>'
 
 
@@ -297,8 +296,8 @@ def _data_html(facts: Mapping[str, Any]) -> str:
     if data["train"].get("sources"):
         parts.append(_sources_html(data["train"]["sources"]))
     if data["eval"] is not None and "held_out" in data["eval"]:
-        parts.append(f"<p>eval: {data['eval']['held_out']:,} {data.get('unit', 'examples')} held out of the training file "
-                     "(data.eval_fraction).</p>")
+        parts.append(f"<p>eval: {data['eval']['held_out']:,} {data.get('unit', 'examples')} held out of the "
+                     "training file (data.eval_fraction).</p>")
     if reasons:
         parts.append('<p>Every rejected row is listed with its reason in <code>rejects.jsonl</code>.</p>')
     parts.append(_quality_html(facts.get("quality"), facts.get("quality_text")))

@@ -53,8 +53,8 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "adapter
              "report.json", "rejects.jsonl", "eval_rejects.jsonl", "tensorboard", "wandb", "mlruns", "base", FINISHED)
 """What a run may write in its output dir (besides the lock and the manifest); what it did write, its
 manifest names, and only that is ever removed."""
-FREE_TO_CHANGE = ("output_dir", "model.gguf_dir", "data.cache", "data.cache_dir", "train.log_every_steps", "train.tensorboard",
-                  "train.report_to",
+FREE_TO_CHANGE = ("output_dir", "model.gguf_dir", "data.cache", "data.cache_dir", "train.log_every_steps",
+                  "train.tensorboard", "train.report_to",
                   "train.profile", "train.save_every_steps", "train.keep_checkpoints", "train.resume",
                   "train.on_nonfinite", "train.fused_ops", "train.compile", "train.resume_on_new_data",
                   "train.gradient_checkpointing")
@@ -241,7 +241,8 @@ def planned(cfg: Config) -> list[str]:
     if cfg.eval.probe != "none":
         names += ["probe_reference.safetensors", "probe.json"]  # train/forgetting.py
     names += trackers.run_entries(cfg)
-    if cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge" and not method_class(cfg.method).whole_model:
+    if (cfg.stage == "dpo" and cfg.dpo.init_from and cfg.dpo.init == "merge"
+            and not method_class(cfg.method).whole_model):
         names.append("base")
     return names
 
@@ -339,7 +340,7 @@ def data_fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
         elif prints:
             digest = hashlib.blake2b(digest_size=20)
             for one in prints:
-                digest.update(f"{one['path']}\0{one.get('blake2b', '')}\0".encode("utf-8"))
+                digest.update(f"{one['path']}\0{one.get('blake2b', '')}\0".encode())
             found[key] = {"path": ", ".join(p["path"] for p in prints), "sources": len(prints),
                           "blake2b": digest.hexdigest()}
     return found

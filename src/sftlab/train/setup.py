@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from sftlab import export
+from sftlab import export, files
 from sftlab.config import PAIR_STAGES, Config
 from sftlab.data.dataset import DatasetStats, EncodedDataset, build_dataset
 from sftlab.data.encode import Encoder
@@ -24,7 +24,6 @@ from sftlab.data.preference import PairBatch, PairDataset, build_pair_dataset
 from sftlab.data.sources import Source, describe, resolve_all
 from sftlab.data.templates import load_template
 from sftlab.errors import ConfigError, DataError
-from sftlab import files
 from sftlab.files import atomic_dir
 from sftlab.methods import method_class
 from sftlab.methods.base import Method
