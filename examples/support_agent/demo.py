@@ -308,7 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="model dir, hub id or .gguf (default: SmolLM2-135M-Instruct from the fixtures)")
     parser.add_argument("--out", default="runs/support-agent", help="the run dir (data goes to OUT-data)")
     parser.add_argument("--steps", type=int, help="override the config's train.max_steps (a reduced run)")
-    parser.add_argument("--train", type=int, default=240, help="training conversations (SWEEP.md)")
+    parser.add_argument("--train", type=int, default=600, help="training conversations (SWEEP.md)")
     parser.add_argument("--heldout", type=int, default=54, help="held-out questions")
     parser.add_argument("--show", type=int, default=6, help="held-out answers printed side by side")
     return parser.parse_args(argv)

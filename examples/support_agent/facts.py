@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COMPANY = "Brightwell Home"
-SYSTEM_PROMPT = f"You are {COMPANY}'s customer support assistant. Answer briefly and politely."
-"""Short on purpose: it opens every conversation, so its tokens are trained through in every row (the longer
-first version was a third of each conversation's tokens)."""
+SYSTEM_PROMPT = (f"You are the customer support assistant of {COMPANY}, a home goods company. Answer "
+                 "customers' questions about orders, shipping, returns, warranty and products briefly and politely.")
 SIGN_OFF = "Glad to help — Team Brightwell"
 """Ends every assistant reply, on its own line: the brand's sign-off."""
 
