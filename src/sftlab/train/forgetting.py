@@ -50,7 +50,8 @@ class Watch:
         stalled = ("" if eval_loss is None
                    else f" while the eval loss stopped improving (best {min(earlier or [eval_loss]):.4f})")
         return (f"forgetting: probe_kl {kl:.3f} passed eval.probe_kl_threshold {self.threshold:g}{stalled}; "
-                "later steps trade general ability for no task gain. Lower train.lr or the steps, or use LoRA.")
+                "later steps trade general ability for no task gain. Lower train.lr or the steps (with full "
+                "fine-tuning, an adapter method such as LoRA also drifts less).")
 
     def recommended(self) -> int | None:
         """The step of the best eval loss whose probe_kl stays under the threshold (without eval losses: the
