@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -204,9 +204,9 @@ class Answerer:
     BATCH is sized so that two cores stay busy without wasting steps on rows that have already stopped.
     Each batch stops at ANSWER_MARGIN tokens past its longest reference answer: a reply is scored on the
     facts it states, and the references are the longest replies the training data teaches. Prompts go
-    through the same chat template sftlab trains with and stop at its end-of-turn token. A LoRA run also
-    answers as its base model (`base=True`: the adapters' scaling set to 0 for the call), so the demo's
-    before/after comparison needs one model load, not two."""
+    through the same chat template sftlab trains with and stop at its end-of-turn token. An adapter run also
+    answers as its base model (`base=True`: the method's own `adapters_disabled`, what preference training's
+    reference uses), so the demo's before/after comparison needs one model load, not two."""
 
     def __init__(self, source: str) -> None:
         from sftlab.generate import stop_token_ids
@@ -232,7 +232,7 @@ class Answerer:
                   + ANSWER_MARGIN for row in rows]
         order = sorted(range(len(rows)), key=lambda i: (limits[i], len(prompts[i])))
         answers: list[list[int]] = [[] for _ in rows]
-        with self._base_only(base):
+        with self.method.adapters_disabled(self.model) if base else nullcontext():
             for start in range(0, len(order), batch):
                 chunk = order[start:start + batch]
                 for i, ids in zip(chunk, self._generate([prompts[i] for i in chunk], max(limits[i] for i in chunk))):
@@ -250,25 +250,6 @@ class Answerer:
                                       do_sample=False, eos_token_id=self.stops, pad_token_id=self.pad)
         rows = out[:, width:].tolist()
         return [row[:next((i for i, t in enumerate(row) if t in self.stops), len(row))] for row in rows]
-
-    @contextmanager
-    def _base_only(self, base: bool) -> Iterator[None]:
-        """With base=True, the LoRA updates switched off (scaling 0: each layer returns its base output)."""
-        from sftlab.methods.lora import DoRALinear, lora_modules
-
-        modules = list(lora_modules(self.model).values()) if base else []
-        if base and (not modules or any(isinstance(module, DoRALinear) for module in modules)):
-            raise SystemExit("the demo compares base and fine-tuned answers through the run's LoRA adapters; "
-                             "this run has none, or DoRA ones (set method: lora in examples/support_agent/config.yaml)")
-        scalings = [module.scaling for module in modules]
-        for module in modules:
-            module.scaling = 0.0
-        try:
-            yield
-        finally:
-            for module, scaling in zip(modules, scalings):
-                module.scaling = scaling
-
 
 def write_samples(out: Path, rows: list[dict], before: list[str], after: list[str]) -> None:
     """Before/after answers into the run's report.html, and (with their verdicts) into samples.jsonl."""

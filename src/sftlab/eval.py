@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,9 @@ def _config(run: Path | None, probe: str | None) -> Config:
     """The run's settings (so its probe numbers compare), else the defaults; --probe replaces eval.probe, and
     without it a model, or a run trained with eval.probe=none, gets the builtin probe (whatever SFTLAB_PROBE says:
     that variable sets training's default, and `sftlab eval` is asked for a probe)."""
-    cfg = load_config(run / "config.yaml", [f"eval.probe={probe}"] if probe else []) if run is not None else None
-    if cfg is None or (not probe and cfg.eval.probe == "none"):
-        cfg = load_config(run / "config.yaml" if run is not None else None, [f"eval.probe={probe or 'builtin'}"])
+    cfg = load_config(run / "config.yaml" if run is not None else None, [f"eval.probe={probe}"] if probe else [])
+    if cfg.eval.probe == "none" and not probe:
+        cfg = replace(cfg, eval=replace(cfg.eval, probe="builtin"))
     return cfg
 
 

@@ -38,6 +38,7 @@ from sftlab.data.batching import Batch, collate
 from sftlab.data.encode import IGNORE_INDEX, Example, prompt_token_ids
 from sftlab.data.formats import Row, conversations_from_rows, iter_rows
 from sftlab.data.schema import message_record
+from sftlab.data.stop_tokens import stop_token_ids
 from sftlab.data.templates import ChatTemplate, load_template
 from sftlab.errors import ConfigError, DataError
 from sftlab.methods.base import Method
@@ -139,7 +140,7 @@ class Prober:
         self.model, self.tokenizer, self.method, self.cfg = model, tokenizer, method, cfg
         self.device, self.pad_id = device, pad_id
         self.template: ChatTemplate = template or load_template(cfg.data.template, tokenizer)
-        self.stops = stop_ids(tokenizer, self.template)
+        self.stops = set(stop_token_ids(tokenizer, self.template))
 
     def encode(self, prompt: ProbePrompt) -> list[int]:
         segments = self.template.render_prompt(prompt.messages)
@@ -312,19 +313,6 @@ def pick(logits: torch.Tensor, *, sampled: bool, generator: torch.Generator | No
     sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= TOP_P, 0.0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
     return order.gather(1, choice)[:, 0].cpu()
-
-
-def stop_ids(tokenizer: Any, template: ChatTemplate) -> set[int]:
-    """The template's single-token end-of-turn markers and the eos (generate.py's rule, which this floor cannot
-    import)."""
-    found = set()
-    for marker in template.end_of_turn:
-        encoded = tokenizer.encode(marker, add_special_tokens=False)
-        if len(encoded) == 1 and tokenizer.convert_ids_to_tokens(encoded[0]) == marker:
-            found.add(int(encoded[0]))
-    if isinstance(getattr(tokenizer, "eos_token_id", None), int):
-        found.add(tokenizer.eos_token_id)
-    return found
 
 
 def plain_forward(method: Method | None) -> bool:
