@@ -58,6 +58,26 @@ def real_tokenizer(name: str):
     return copy.deepcopy(_load_real(name))
 
 
+SMOL_GGUF = ("gguf", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smol_converted(tmp_path_factory) -> dict:
+    """The real .gguf fixture (SmolLM2-135M-Instruct, Q4_1) converted once per session by sftlab's first use of
+    it, into a cache of its own: the conversion (dequantising 135M weights, rebuilding the tokenizer) costs tens
+    of CPU seconds. {"source", "cache", "converted", "tokenizer"}; tests only read the converted dir (copy it)."""
+    from sftlab.models import gguf
+    from sftlab.models.load import load_tokenizer
+
+    cache = tmp_path_factory.mktemp("gguf-cache")
+    source = fixture_path(*SMOL_GGUF)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SFTLAB_CACHE", str(cache))
+        tokenizer = load_tokenizer(str(source))  # the first use converts
+        converted = Path(gguf.model_dir_for(str(source)))
+    return {"source": source, "cache": cache, "converted": converted, "tokenizer": tokenizer}
+
+
 @functools.cache
 def _build_tiny():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

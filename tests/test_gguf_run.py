@@ -1,11 +1,14 @@
 """The demo path on a real model: a LoRA run on SmolLM2-135M-Instruct given as a .gguf file travels (PEFT loads
 its adapter from a moved run dir; the run loads when the .gguf file is gone) and exports to GGUF files that
 transformers' GGUF reader loads with the merged model's logits and <|im_end|> as the stop token.
-Slow on a busy CPU (the 135M model is converted, trained 2 steps, written and read back twice)."""
+Slow on a busy CPU (the 135M model is trained 2 steps, written and read back twice). The run's cache starts
+with the file's conversion in it, as a second use of the file finds it (tests/test_gguf.py tests the conversion
+itself; the session converts the file once, in conftest's smol_converted)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +17,8 @@ import torch
 import transformers
 import yaml
 
-from conftest import fixture_path
 from sftlab.cli import main
+from sftlab.models import gguf
 from sftlab.runs import load_for_inference
 from test_gguf_export import Q8_MEAN_KL, _mean_kl, _metadata, _rounded
 
@@ -24,12 +27,20 @@ ROWS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "con
                      ("Cancel my plan.", "Your plan is cancelled."), ("Thanks!", "You're welcome.")]]
 
 
+def _seed_cache(converted: Path, base: Path) -> None:
+    """Put the session's conversion of the fixture where the run's cache keeps `base`'s (a copy of that file):
+    hard links, as nothing writes into a converted dir."""
+    target = gguf.converted_dir(base)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(converted, target, copy_function=os.link)
+
+
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory) -> dict:
+def smol(tmp_path_factory, smol_converted) -> dict:
     root = tmp_path_factory.mktemp("smol")
     project = root / "project"
     (project / "base").mkdir(parents=True)
-    shutil.copy(fixture_path("gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"), project / "base" / "smol.gguf")
+    shutil.copy(smol_converted["source"], project / "base" / "smol.gguf")
     (project / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     (project / "config.yaml").write_text(
         "model: base/smol.gguf\nmethod: lora\noutput_dir: runs/smol\ndata:\n  train: train.jsonl\n  cache: false\n"
@@ -37,6 +48,7 @@ def smol(tmp_path_factory) -> dict:
         "  save_every_steps: 2\n", encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SFTLAB_CACHE", str(root / "cache"))
+        _seed_cache(smol_converted["converted"], project / "base" / "smol.gguf")
         patch.chdir(project)
         assert main(["train", "config.yaml"]) == 0
         yield {"root": root, "run": project / "runs" / "smol", "base": project / "base" / "smol.gguf"}

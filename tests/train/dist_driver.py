@@ -1,6 +1,10 @@
 """Run under torchrun by test_distributed.py: `sftlab`'s own prepare + train, plus what the tests inspect.
 
     torchrun --nproc-per-node 2 tests/train/dist_driver.py OUT_JSON [--kill-at N] [--step-sleep S] key=value ...
+    torchrun --nproc-per-node 2 tests/train/dist_driver.py OUT_JSON key=value ... --next OUT_JSON2 key=value ...
+
+Runs given with --next train one after another in the same launch (the same processes and process group):
+each launch pays seconds of process start and imports, so the tests that only read finished runs share one.
 
 Each rank records the source rows of each micro-batch it trained on (`seen-RANK.json` next to
 OUT_JSON); after training, every rank takes part in a forward of fixed token ids and rank 0 writes the
@@ -37,6 +41,22 @@ def main() -> None:
             step_sleep = float(args[1])
         args = args[2:]
     torch.set_num_threads(1)
+    while "--next" in args:  # this run's settings, then the next run's OUT_JSON and settings
+        at = args.index("--next")
+        run_one(out, args[:at], kill_at, step_sleep)
+        out, args = Path(args[at + 1]), args[at + 2:]
+    run_one(out, args, kill_at, step_sleep)
+
+
+def run_one(out: Path, args: list[str], kill_at: int | None, step_sleep: float) -> None:
+    real, real_wrap = loop.make_batch, loop.distributed.wrap
+    try:
+        train_and_record(out, args, kill_at, step_sleep)
+    finally:
+        loop.make_batch, loop.distributed.wrap = real, real_wrap
+
+
+def train_and_record(out: Path, args: list[str], kill_at: int | None, step_sleep: float) -> None:
     setup = prepare(load_config(overrides=args), console=Console(quiet=True))
     seen: list[list[str]] = []
     real = loop.make_batch

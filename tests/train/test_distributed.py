@@ -2,7 +2,8 @@
 
 Each distributed run is a real `torchrun --standalone --nproc-per-node 2` of tests/train/dist_driver.py,
 which calls sftlab's own prepare() and train(); the reference is the same config in this process with the
-same global batch (micro-batch × accumulation × processes) and seed.
+same global batch (micro-batch × accumulation × processes) and seed. Runs that tests only read are trained
+one after another in one launch (module fixtures), as each launch pays seconds of process start and imports.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sftlab.runs import prepare, train
 DRIVER = Path(__file__).resolve().parent / "dist_driver.py"
 QUIET = Console(quiet=True)
 QA = [(f"What is item {i} called?", f"Item {i} is called {'abcdefghijk'[i] * (1 + i % 3)}.") for i in range(11)]
-_RUNS: dict[tuple[str, ...], Path] = {}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,7 @@ def launch(out: Path, overrides: list[str], *, kill_at: int | None = None, expec
     """torchrun 2 processes of the driver; returns the run dir."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(DRIVER),
            str(out / "driver" / "out.json"), *(["--kill-at", str(kill_at)] if kill_at else []), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, check=False)
     if expect_ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     else:
@@ -62,13 +62,14 @@ def launch(out: Path, overrides: list[str], *, kill_at: int | None = None, expec
     return out
 
 
-def dist_run(tmp_root: Path, model_dir: Path, data: Path, *overrides: str) -> Path:
-    """A finished 2-process run, cached per settings for the tests that only read it."""
-    key = tuple(overrides)
-    if key not in _RUNS:
-        out = tmp_root / f"dist-{len(_RUNS)}"
-        _RUNS[key] = launch(out, common(model_dir, data, out, *overrides))
-    return _RUNS[key]
+def launch_many(runs: dict[object, tuple[Path, list[str]]]) -> dict[object, Path]:
+    """One torchrun launch of 2 processes that trains each run in turn ({key: (run dir, overrides)})."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(DRIVER)]
+    for index, (out, overrides) in enumerate(runs.values()):
+        cmd += [*(["--next"] if index else []), str(out / "driver" / "out.json"), *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return {key: out for key, (out, _) in runs.items()}
 
 
 def single_weights(model_dir: Path, data: Path, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
@@ -94,16 +95,32 @@ CASES = [("full", "ddp", "false"), ("lora", "ddp", "false"), ("full", "fsdp", "f
          ("ptuning", "ddp", "false")]
 
 
+def case_settings(method: str, packing: str) -> tuple[str, ...]:
+    return only_for(method, f"method={method}", "train.max_steps=3", "train.micro_batch_size=2",
+                    f"data.packing={packing}", "data.max_seq_len=120", "lora.rank=4", "prefix.num_virtual_tokens=4",
+                    "ptuning.num_virtual_tokens=4", "data.eval_fraction=0.25")
+
+
+@pytest.fixture(scope="module")
+def case_runs(model_dir, data, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
+    """Every CASES run, 2 processes, in one launch; the tests only read them."""
+    root = tmp_path_factory.mktemp("cases")
+    runs = {}
+    for index, (method, mode, packing) in enumerate(CASES):
+        out = root / f"dist-{index}"
+        runs[(method, mode, packing)] = (out, common(model_dir, data, out, *case_settings(method, packing),
+                                                     f"train.distributed={mode}"))
+    return launch_many(runs)
+
+
 @pytest.mark.parametrize("method, mode, packing", CASES)
-def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_path_factory, method, mode,
-                                                           packing) -> None:
+def test_two_processes_end_with_the_single_process_weights(model_dir, data, case_runs, tmp_path_factory, method,
+                                                           mode, packing) -> None:
     # 2 processes x micro-batch 2 x accumulation 1 = one process x micro-batch 2 x accumulation 2.
-    shared = only_for(method, f"method={method}", "train.max_steps=3", "train.micro_batch_size=2",
-                      f"data.packing={packing}", "data.max_seq_len=120", "lora.rank=4", "prefix.num_virtual_tokens=4",
-                      "ptuning.num_virtual_tokens=4", "data.eval_fraction=0.25")
+    shared = case_settings(method, packing)
     root = tmp_path_factory.mktemp("equal")
     reference = single_weights(model_dir, data, root / "single", *shared, "train.grad_accum_steps=2")
-    run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared, f"train.distributed={mode}")
+    run = case_runs[(method, mode, packing)]
     assert json.loads((run / "driver" / "out.json").read_text()) == {"mode": mode, "world": 2}
     got = dist_weights(run)
     assert got.keys() == reference.keys()
@@ -118,25 +135,45 @@ def test_two_processes_end_with_the_single_process_weights(model_dir, data, tmp_
     assert eval_losses(run) == pytest.approx(eval_losses(root / "single"), rel=1e-5) and eval_losses(run)
 
 
+@pytest.fixture(scope="module")
+def epoch_runs(model_dir, data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("epoch")
+    return launch_many({packing: (root / packing, common(model_dir, data, root / packing, "method=lora",
+                                                         "train.epochs=1", "train.micro_batch_size=4",
+                                                         f"data.packing={packing}", "data.max_seq_len=60",
+                                                         "train.distributed=ddp"))
+                        for packing in ("false", "true")})
+
+
 @pytest.mark.parametrize("packing", ["false", "true"])
-def test_an_epoch_is_split_between_the_ranks_without_repeats_or_gaps(model_dir, data, tmp_path, packing) -> None:
+def test_an_epoch_is_split_between_the_ranks_without_repeats_or_gaps(data, epoch_runs, packing) -> None:
     # 11 examples in micro-batches of 4 (or packed rows): train.epochs=1 trains exactly that epoch, each row once.
     # With an odd number of micro-batches the last round gives rank 1 a batch that adds nothing (not one of the
     # next epoch), so rank 0 has one more micro-batch of rows than rank 1.
-    out = tmp_path / "epoch"
-    launch(out, common(model_dir, data, out, "method=lora", "train.epochs=1", "train.micro_batch_size=4",
-                       f"data.packing={packing}", "data.max_seq_len=60", "train.distributed=ddp"))
+    out = epoch_runs[packing]
     seen = [json.loads((out / "driver" / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
     assert len(seen[0]) - len(seen[1]) in (0, 1) and all(seen[0] + seen[1])  # none empty among the real ones
     flat = [where for rows in seen[0] + seen[1] for where in rows]
     assert sorted(flat) == sorted(f"{data}:{i}" for i in range(1, 12))  # the epoch: each row once, no more
 
 
+RESUME = ("method=lora", "lora.dropout=0.1", "train.max_steps=6", "train.micro_batch_size=2", "lora.rank=4")
+"""The runs that are interrupted and resumed (dropout: the resumed run must also restore the random state)."""
+
+
+@pytest.fixture(scope="module")
+def whole_runs(model_dir, data, tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted RESUME runs (checkpoint every 2 steps, which changes nothing trained), per mode."""
+    root = tmp_path_factory.mktemp("whole")
+    return launch_many({mode: (root / mode, common(model_dir, data, root / mode, *RESUME, "train.save_every_steps=2",
+                                                   f"train.distributed={mode}")) for mode in ("fsdp", "ddp")})
+
+
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_a_two_process_checkpoint_resumes_to_the_uninterrupted_weights(model_dir, data, tmp_path, mode) -> None:
-    shared = ("method=lora", "lora.dropout=0.1", "train.max_steps=5", "train.save_every_steps=2",
-              "train.micro_batch_size=2", f"train.distributed={mode}", "lora.rank=4")
-    whole = launch(tmp_path / "whole", common(model_dir, data, tmp_path / "whole", *shared))
+def test_a_two_process_checkpoint_resumes_to_the_uninterrupted_weights(model_dir, data, whole_runs, tmp_path,
+                                                                       mode) -> None:
+    shared = (*RESUME, "train.save_every_steps=2", f"train.distributed={mode}")
+    whole = whole_runs[mode]
     killed = tmp_path / "killed"
     launch(killed, common(model_dir, data, killed, *shared), kill_at=3, expect_ok=False)
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-2"]
@@ -149,18 +186,17 @@ def test_a_two_process_checkpoint_resumes_to_the_uninterrupted_weights(model_dir
     assert losses(killed)[-3:] == losses(whole)[-3:]
 
 
-def test_sigterm_to_every_process_of_a_launch_saves_one_checkpoint_and_resumes(model_dir, data, tmp_path) -> None:
+def test_sigterm_to_every_process_of_a_launch_saves_one_checkpoint_and_resumes(model_dir, data, whole_runs,
+                                                                             tmp_path) -> None:
     """As a scheduler stops a job: SIGTERM to torchrun and its workers at once (torchrun may forward it again).
     Every rank finishes the step, they write one (FSDP-sharded) checkpoint together and stop; the resumed
     launch ends with the uninterrupted launch's weights."""
-    shared = ("method=lora", "lora.dropout=0.1", "train.max_steps=6", "train.micro_batch_size=2",
-              "train.distributed=fsdp", "lora.rank=4")  # no checkpoint period: only the signal saves
-    whole = launch(tmp_path / "whole", common(model_dir, data, tmp_path / "whole", *shared))
+    shared = (*RESUME, "train.distributed=fsdp")  # no checkpoint period: only the signal saves
+    whole = whole_runs["fsdp"]
     out = tmp_path / "signalled"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(DRIVER),
            str(out / "driver" / "out.json"), "--step-sleep", "1", *common(model_dir, data, out, *shared)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                start_new_session=True)
     deadline = time.time() + 120
     while (not (out / "metrics.jsonl").exists() or len(losses(out)) < 2) and time.time() < deadline:
@@ -181,13 +217,10 @@ def test_sigterm_to_every_process_of_a_launch_saves_one_checkpoint_and_resumes(m
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_the_export_of_an_fsdp_run_loads_in_one_process_with_the_same_logits(model_dir, data, tmp_path_factory,
-                                                                              method) -> None:
+def test_the_export_of_an_fsdp_run_loads_in_one_process_with_the_same_logits(case_runs, method) -> None:
     from sftlab.runs import load_for_inference
 
-    shared = only_for(method, f"method={method}", "train.max_steps=3", "train.micro_batch_size=2", "data.packing=false",
-                      "data.max_seq_len=120", "lora.rank=4", "train.distributed=fsdp")
-    run = dist_run(tmp_path_factory.getbasetemp(), model_dir, data, *shared)
+    run = case_runs[(method, "fsdp", "false")]
     distributed_logits = load_file(run / "driver" / "result.safetensors")["logits"]
     model, *_ = load_for_inference(str(run))
     ids = torch.arange(3, 40).reshape(1, -1) % model.config.vocab_size
