@@ -4,6 +4,7 @@ the stop token; an Ollama Modelfile whose template renders what the chat templat
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -108,9 +109,9 @@ def _rounded(model, kind: str):
         stored = quantize(data, GGMLQuantizationType.Q8_0)
         return torch.from_numpy(dequantize(stored, GGMLQuantizationType.Q8_0).reshape(data.shape).copy())
 
-    copy = type(model)(model.config).eval()
-    copy.load_state_dict({key: through(value) for key, value in model.state_dict().items()})
-    return copy
+    rounded = copy.deepcopy(model).eval()  # a copy, not a new model: random init of 135M weights costs seconds
+    rounded.load_state_dict({key: through(value) for key, value in model.state_dict().items()})
+    return rounded
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
