@@ -43,7 +43,8 @@ def conversations(draw: st.DrawFn) -> Conversation:
         messages.append(Message("user", draw(long_contents)))
         if draw(st.booleans()):
             call = ToolCall(draw(st.sampled_from(["get_weather", "search"])), {"city": draw(words)}, "call0")
-            messages += [Message("assistant", "", tool_calls=(call,)), Message("tool", draw(contents), tool_call_id="call0")]
+            messages += [Message("assistant", "", tool_calls=(call,)),
+                         Message("tool", draw(contents), tool_call_id="call0")]
         messages.append(Message("assistant", draw(long_contents), reasoning=draw(st.one_of(st.none(), contents))))
     return Conversation(tuple(messages), "gen:1", tools=TOOLS if draw(st.booleans()) else None)
 
@@ -117,7 +118,8 @@ def test_pieces_answer_as_the_whole_encoding(name: str) -> None:
              f"{cuts[0]}{cuts[0]}{SYSTEMS[0]}", ""]
     cache = PieceCache(backend, cuts, min_chars=1)
     for _ in range(3):
-        for (ids, pieces), want in zip(cache.encode_batch(texts), backend.encode_batch(texts, add_special_tokens=False)):
+        wanted = backend.encode_batch(texts, add_special_tokens=False)
+        for (ids, pieces), want in zip(cache.encode_batch(texts), wanted, strict=True):
             assert list(np.asarray(ids)) == want.ids
             assert np.asarray(pieces.offsets).reshape(-1, 2).tolist() == [list(o) for o in want.offsets]
             assert [pieces.char_to_token(p) for p in range(len(texts[0]) + 2)] == \

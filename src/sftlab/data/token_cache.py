@@ -25,7 +25,7 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, pairwise
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,7 @@ _NEW, _RUN = "new", "run"
 class CachedUnit:
     """One unit's tokens: ids and character offsets relative to the unit's start."""
 
-    __slots__ = ("ids", "starts", "ends", "monotone")
+    __slots__ = ("ends", "ids", "monotone", "starts")
 
     def __init__(self, encoding: Any) -> None:
         self.ids = np.asarray(encoding.ids, dtype=np.int64)
@@ -233,7 +233,7 @@ def _units(cuts: re.Pattern[str], text: str) -> list[tuple[int, int]]:
     if not bounds or bounds[0]:
         bounds.insert(0, 0)
     bounds.append(len(text))
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
+    return [(a, b) for a, b in pairwise(bounds) if a < b]
 
 
 def _cut_tokens(backend: Any) -> list[str]:
