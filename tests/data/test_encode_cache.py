@@ -100,7 +100,7 @@ def test_repeated_prompts_come_from_the_cache(name: str) -> None:
     tokenizer = _tokenizer(name)
     template = load_template("chatml" if name == "tiny" else "auto", tokenizer)
     whole, cached = Encoder(tokenizer, template, cache_tokens=False), Encoder(tokenizer, template)
-    shared = (Message("system", SYSTEMS[0]), Message("user", SYSTEMS[2] * 2), Message("assistant", SYSTEMS[1] * 2))
+    shared = (Message("system", SYSTEMS[0] * 4), Message("user", SYSTEMS[2] * 4), Message("assistant", SYSTEMS[1] * 4))
     rows = [Conversation((*shared, Message("user", f"Question {k}: what is {k} + 1?"),
                           Message("assistant", f"It is {k + 1}.")), f"gen:{k}") for k in range(30)]
     for batch in (rows[:15], rows[15:]):  # the first batch caches them (encoded once), the second reads them
@@ -131,14 +131,15 @@ def test_pieces_answer_as_the_whole_encoding(name: str) -> None:
 
 def test_the_cache_stays_within_its_bound() -> None:
     backend = Encoder(_tokenizer("qwen2_5"), load_template("auto", _tokenizer("qwen2_5")))._backend
-    cache = PieceCache(backend, _cut_tokens(backend), max_chars=2_000, min_chars=16)
+    cache = PieceCache(backend, _cut_tokens(backend), max_chars=2_000, max_tokens=400, min_chars=16)
     texts = [f"<|im_start|>system\nprompt number {k} " + "word " * (k % 50) for k in range(300)]
     for _ in range(3):
         for (ids, _), want in zip(cache.encode_batch(texts), backend.encode_batch(texts, add_special_tokens=False)):
             assert list(np.asarray(ids)) == want.ids
-        assert cache.chars <= 2_000
+        assert cache.chars <= 2_000 and cache.tokens <= 400
         assert cache.chars == sum(len(unit) for unit in cache._cache)
-    assert cache.chars > 1_500 and cache.hits > 0  # full, and still reused
+        assert cache.tokens == sum(len(unit.ids) for unit in cache._cache.values())
+    assert cache.tokens > 300 and cache.hits > 0  # full, and still reused
 
 
 def test_a_tokenizer_that_is_not_cut_wise_exact_is_refused() -> None:

@@ -31,9 +31,12 @@ from typing import Any
 import numpy as np
 
 CACHE_CHARS = 1 << 22
-"""Most characters of text whose tokens the cache holds (~4M: 16-100 MB at most, ~12 MB for English text)."""
-MIN_CACHED_CHARS = 64
-"""Shorter units are never cached: their tokens are cheap, and each cached unit splits a row's runs."""
+"""Most characters of text whose tokens the cache holds (4M: at most 16 MB of text)."""
+CACHE_TOKENS = 1 << 20
+"""Most tokens the cache holds (1M: 24 MB of ids and offsets; English text reaches CACHE_CHARS first)."""
+MIN_CACHED_CHARS = 256
+"""Shorter units are never cached: their tokens are cheap, and each cached unit splits a row's runs (measured:
+a 100-character system prompt's hits cost about what they save; tool schemas are thousands of characters)."""
 SEEN_CAP = 1 << 16
 """Hashes of units seen once that the admission filter remembers (cleared when full): a unit is cached the
 second time it is seen, so text that never repeats (most user turns) never enters the cache."""
@@ -114,15 +117,14 @@ class PieceCache:
     docstring). Touched by one thread at a time (the Encoder's tokenizer thread)."""
 
     def __init__(self, backend: Any, cut_tokens: Sequence[str], *, max_chars: int = CACHE_CHARS,
-                 min_chars: int = MIN_CACHED_CHARS) -> None:
+                 max_tokens: int = CACHE_TOKENS, min_chars: int = MIN_CACHED_CHARS) -> None:
         self._backend = backend
         self.cut_tokens = list(cut_tokens)
         self._cuts = re.compile("|".join(re.escape(t) for t in sorted(cut_tokens, key=len, reverse=True)))
-        self.max_chars = max_chars
-        self.min_chars = min_chars
+        self.max_chars, self.max_tokens, self.min_chars = max_chars, max_tokens, min_chars
         self._cache: OrderedDict[str, CachedUnit] = OrderedDict()
-        self.chars = 0
-        """Characters of the units cached now (at most max_chars)."""
+        self.chars = self.tokens = 0
+        """Characters and tokens of the units cached now (at most max_chars and max_tokens)."""
         self._seen: set[int] = set()
         self.hits = self.misses = 0
         self._lock = threading.Lock()
@@ -204,11 +206,14 @@ class PieceCache:
 
     def _store(self, unit: str, encoding: Any) -> CachedUnit:
         cached = self._cache.get(unit) or CachedUnit(encoding)
-        if unit not in self._cache and len(unit) <= self.max_chars // 4:
+        if unit not in self._cache and len(unit) <= self.max_chars // 4 and len(cached.ids) <= self.max_tokens // 4:
             self._cache[unit] = cached
             self.chars += len(unit)
-            while self.chars > self.max_chars:
-                self.chars -= len(self._cache.popitem(last=False)[0])
+            self.tokens += len(cached.ids)
+            while self.chars > self.max_chars or self.tokens > self.max_tokens:  # least recently used first
+                old, evicted = self._cache.popitem(last=False)
+                self.chars -= len(old)
+                self.tokens -= len(evicted.ids)
         return cached
 
     def self_test(self, count: int = 48) -> bool:
