@@ -5,7 +5,9 @@ template renders the same conversation at inference. Each token's label comes fr
 characters lie in, read from the tokenizer's character offsets. A token whose characters straddle a
 trained/untrained boundary (the tokenizer merged across it) is an error naming the row, never a silent
 shift. Tokenizers without offsets (slow, pure Python) are encoded segment by segment and the result must
-equal the whole-string encoding, or the row is refused.
+equal the whole-string encoding, or the row is refused. Text that repeats across rows (system prompts, tool
+schemas) is tokenised once and its tokens reused (data/token_cache.py): the same ids and offsets as the
+whole-string encoding, proven per tokenizer (or not used).
 
 A special-token string inside a message's content (`<|im_end|>` typed in a reply) is text, never the control
 token: read as the token, it would forge template markup — a turn end and a new user turn trained as the
