@@ -310,22 +310,24 @@ def run_build(spec: BuildSpec) -> dict[str, Any]:
     return result
 
 
-STAGES = ("read, convert, validate", "Jinja render (x2)", "spans, segments", "tokenizer (Rust, one thread)",
-          "tokenizer's thread pool: extra CPU", "tokenizer output to Python", "labels")
+STAGES = ("read, convert, validate", "Jinja render (x2)", "spans, segments",
+          "tokenizer (Rust, all threads, and the token cache)", "labels")
 
 
 def time_stages(spec: BuildSpec, encoder: Any, data: Any, build_cpu_ms: float) -> dict[str, Any]:
     """CPU milliseconds per conversation of each stage, over the first `spec.stages` rows in batches of
     512 as the build runs them. CPU time, not wall time, so that it holds still when other processes load
-    the machine. Each stage is timed on one thread; the tokenizer's work too (`encode`, one text at a time),
-    and what its thread pool burns beyond that (`encode_batch` as the build calls it, all threads) is a
-    stage of its own. `other` is the build's CPU per conversation (all threads) less the stages: writing
-    the arrays, freeing each batch, thread hand-offs.
+    the machine. Each stage is timed on one thread; the tokenizer's as the build calls it (all threads:
+    Rust's pool, and the token cache's lookups on the calling thread, from a fresh cache). `other` is the
+    build's CPU per conversation (all threads) less the stages: writing the arrays, freeing each batch,
+    thread hand-offs.
     Reaches into Encoder internals on purpose: a diagnostic, not an API; if they changed, it says so."""
     from sftlab.data.formats import read_conversations
 
     spent = dict.fromkeys(STAGES, 0.0)
     count = 0
+    if getattr(encoder, "_pieces", None) is not None:  # a fresh token cache, as the build started with
+        encoder._pieces = type(encoder._pieces).create(encoder._backend)
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as scratch:
         head = Path(scratch) / "head.jsonl"
         with open(spec.data_path, "rb") as source:
@@ -359,17 +361,10 @@ def _time_batch(encoder: Any, batch: list[Any], spent: dict[str, float]) -> None
     spent[STAGES[1]] += 2 * one_render[STAGES[1]]
     spent[STAGES[2]] -= 2 * one_render[STAGES[1]]
     texts = ["".join(segment.text for segment in segments) for segments in rendered]
-    started = time.thread_time()
-    for text in texts:
-        encoder._backend.encode(text, add_special_tokens=False)
-    one_thread = time.thread_time() - started
-    started = time.process_time()  # encode_batch as the build calls it, all threads
-    encoder._backend.encode_batch(texts, add_special_tokens=False)
-    spent[STAGES[3]] += one_thread
-    spent[STAGES[4]] += time.process_time() - started - one_thread
-    # The calling thread sleeps while the tokenizer's threads work: its CPU time is the conversion only.
-    tokenized = _timed(spent, STAGES[5], lambda: encoder._tokenize(texts))
-    _timed(spent, STAGES[6], lambda: [encoder._label(c.where, segments, *pair)
+    started = time.process_time()  # as the build calls it: all threads, the token cache's lookups included
+    tokenized = encoder._tokenize(texts)
+    spent[STAGES[3]] += time.process_time() - started
+    _timed(spent, STAGES[4], lambda: [encoder._label(c.where, segments, *pair)
                                       for c, segments, pair in zip(batch, rendered, tokenized, strict=True)])
 
 

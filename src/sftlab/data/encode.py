@@ -5,7 +5,9 @@ template renders the same conversation at inference. Each token's label comes fr
 characters lie in, read from the tokenizer's character offsets. A token whose characters straddle a
 trained/untrained boundary (the tokenizer merged across it) is an error naming the row, never a silent
 shift. Tokenizers without offsets (slow, pure Python) are encoded segment by segment and the result must
-equal the whole-string encoding, or the row is refused.
+equal the whole-string encoding, or the row is refused. Text that repeats across rows (system prompts, tool
+schemas) is tokenised once and its tokens reused (data/token_cache.py): the same ids and offsets as the
+whole-string encoding, proven per tokenizer (or not used).
 
 A special-token string inside a message's content (`<|im_end|>` typed in a reply) is text, never the control
 token: read as the token, it would forge template markup — a turn end and a new user turn trained as the
@@ -30,6 +32,7 @@ import numpy as np
 from sftlab.data.formats import row_byte_limit
 from sftlab.data.schema import Conversation
 from sftlab.data.templates import MAX_TEMPLATE_TEXT, ChatTemplate, Segment
+from sftlab.data.token_cache import PieceCache
 from sftlab.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -88,7 +91,8 @@ class Encoder:
 
     def __init__(self, tokenizer: Any, template: ChatTemplate, *, train_on: str = "assistant",
                  max_seq_len: int | None = None, truncation: str = "drop", add_special_tokens: bool = False,
-                 max_row_bytes: int | None = None, special_tokens_in_content: str = "text") -> None:
+                 max_row_bytes: int | None = None, special_tokens_in_content: str = "text",
+                 cache_tokens: bool = True) -> None:
         if truncation not in ("drop", "truncate"):
             raise ConfigError(f"data.truncation must be drop or truncate; found {truncation!r}")
         if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
@@ -108,6 +112,9 @@ class Encoder:
         self._backend = _plain_backend(getattr(tokenizer, "backend_tokenizer", None))
         self.special_tokens_in_content = special_tokens_in_content
         self._specials = SpecialTokensInContent(tokenizer, self._backend, special_tokens_in_content)
+        self._pieces = PieceCache.create(self._backend) if cache_tokens else None
+        """Reuses the tokens of repeated text (system prompts, tool schemas); None where not provably exact
+        for this tokenizer (or cache_tokens=False): whole texts are tokenised."""
 
     def encode(self, conversation: Conversation) -> Example:
         """Encode one conversation; raises DataError (bad row) or Dropped (policy)."""
@@ -168,6 +175,8 @@ class Encoder:
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], Any]]:
         if self._backend is not None:
             _match_special_tokens(self._backend)
+            if self._pieces is not None:
+                return self._pieces.encode_batch(texts)
             encodings = self._backend.encode_batch(texts, add_special_tokens=False)
             return [(e.ids, e) for e in encodings]
         return [(self.tokenizer.encode(text, add_special_tokens=False), None) for text in texts]
