@@ -5,13 +5,16 @@ model is written once as bf16 safetensors shards under $SFTLAB_BENCH_CACHE (defa
 git-ignored), one shard
 at a time — never the whole model in memory. Each (shape, method) then runs in a fresh process: `sftlab`'s
 prepare + train, 2 steps, rows of 256 tokens, micro-batch 1, gradient checkpointing on, on the CPU (fp32
-compute). Per run it reports the process's peak RSS (VmHWM), the memory plan's estimate (train/memory.py,
-the `memory plan:` line) and the ideal (the stored base + trainable weights + gradients + AdamW state, the
-plan's own terms without activations and runtime), and the ratio plan / measured.
+compute), the forgetting probe off (eval.probe=none: its base answers are a generation pass, not training
+memory, and on a 7B shape on a CPU they take longer than the steps). Per run it reports the process's peak
+RSS (VmHWM), the memory plan's estimate (train/memory.py, the `memory plan:` line) and the ideal (the stored
+base + trainable weights + gradients + AdamW state, the plan's own terms without activations and runtime), and
+the ratio plan / measured.
 
     python benchmarks/bench_memory.py                  # 135M and 1B (lora, qlora; full for 135M and 1B)
     python benchmarks/bench_memory.py --shapes 135M 1B 3B 7B --methods qlora
     python benchmarks/bench_memory.py --shapes 1B --merge lora qlora   # `sftlab merge`'s peak RSS
+    python benchmarks/bench_memory.py --shapes 135M --methods --peer   # TRL+PEFT's LoRA (bf16) only
 A run the plan refuses (exit 2 before any weight is read) is reported as refused, with the plan's numbers.
 """
 
@@ -188,7 +191,8 @@ model, data, out, method = sys.argv[1:5]
 cfg = load_config(overrides=[f"model={model}", f"data.train={data}", f"output_dir={out}", f"method={method}",
                              "data.cache=false", "data.max_seq_len=256", "data.truncation=truncate",
                              "data.template=chatml", "train.max_steps=2", "train.micro_batch_size=1",
-                             "train.gradient_checkpointing=true", "train.resume=never", *sys.argv[5:]])
+                             "train.gradient_checkpointing=true", "train.resume=never", "eval.probe=none",
+                             *sys.argv[5:]])
 console = Console(record=True, width=400, stderr=True)
 start = time.time()
 try:
@@ -224,6 +228,45 @@ def run(name: str, method: str, extra: list[str], repeat: int = 40) -> dict:
     return {"shape": name, "method": method, "status": result["status"][:400], "peak": result["peak"],
             "after_load": result["after_load"], "plan": _bytes(total.group(1)) if total else None, "ideal": ideal,
             "seconds": round(result["seconds"], 1), "plan_line": plan_line, "cuda_peak": result.get("cuda_peak")}
+
+
+PEER = r"""
+import json, sys, time, datasets, torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+from sftlab.train.memory import peak_rss
+model_dir, data, out, dtype = sys.argv[1:5]
+start = time.time()
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+with open(data, encoding="utf-8") as file:
+    rows = datasets.Dataset.from_list([json.loads(line) for line in file])
+lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+args = SFTConfig(output_dir=out, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                 max_length=256, gradient_checkpointing=True, bf16=dtype == "bfloat16", use_cpu=True,
+                 report_to=[], save_strategy="no", logging_steps=100_000, disable_tqdm=True,
+                 dataloader_num_workers=0)
+trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
+loaded = peak_rss()
+trainer.train()
+print(json.dumps({"peak": peak_rss(), "after_load": loaded, "seconds": time.time() - start, "status": "ok"}))
+"""
+
+
+def peer_row(name: str, dtype: str = "bfloat16") -> dict:
+    """TRL's SFTTrainer with PEFT's LoRA (rank 16, alpha 32, all-linear: sftlab's defaults) on the same model
+    dir and rows, `dtype` weights, 2 steps of one 256-token row, gradient checkpointing, CPU, in a fresh
+    process. bitsandbytes (PEFT's QLoRA path) has no CPU build here, so the peer is LoRA."""
+    out = RESULTS / "memory_runs" / f"{name}-trl-lora"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-c", PEER, str(write_model(name)), str(_data()), str(out), dtype],
+                          capture_output=True, text=True, env=env)
+    row = {"shape": name, "method": f"TRL+PEFT lora ({dtype})"}
+    if done.returncode != 0 or not done.stdout.strip():
+        return {**row, "status": f"failed: {done.stderr.strip()[-600:]}"}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**row, **result, "seconds": round(result["seconds"], 1)}
 
 
 LOAD = r"""
@@ -356,8 +399,10 @@ def _gib(count: int | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["135M", "1B"], choices=list(SHAPES))
-    parser.add_argument("--methods", nargs="+", default=["lora", "qlora", "full"])
+    parser.add_argument("--methods", nargs="*", default=["lora", "qlora", "full"])
     parser.add_argument("--preset", choices=list(PRESETS), help="the GPU rows (gpu), or their dry check on tiny shapes")
+    parser.add_argument("--peer", action="store_true",
+                        help="also TRL+PEFT's LoRA in bf16 on each shape (the peer row)")
     parser.add_argument("--merge", nargs="*", default=None, choices=("lora", "qlora"),
                         help="instead of training: `sftlab merge` of a random adapter of each shape (default lora)")
     args, extra = parser.parse_known_args()
@@ -385,6 +430,9 @@ def main() -> None:
             if method == "full" and name not in FULL_UP_TO:
                 continue
             rows.append(run(name, method, extra))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+        if args.peer:
+            rows.append(peer_row(name))
             print(json.dumps(rows[-1]), file=sys.stderr)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(rows, indent=1))
