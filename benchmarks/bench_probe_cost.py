@@ -11,6 +11,8 @@ shared with other jobs changes both sides of the ratio alike:
 - end: probe_nll / probe_kl of the fine-tuned model and its sampled answers, at the last step;
 - by phase: greedy decoding, sampled decoding, scoring (reference top-k / KL against it).
 
+On a machine shared with other jobs, --threads 1 shows what OpenMP's waiting for a descheduled second thread
+costs: decoding's many small matrix products pay it far more than training's large ones.
 Training is the CPU of the loop (train/loop.py's steps and eval) less the probe's. Prints one JSON line with
 both and `ratio` = probe / training (the issue's target: at most 0.15)."""
 
@@ -65,12 +67,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-probe-cost")
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the demo config's)")
     parser.add_argument("--train", type=int, default=600, help="training conversations (the demo's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("extra", nargs="*", help="config overrides, e.g. eval.probe_batch_size=32")
     args = parser.parse_args()
     data = args.out / "data"
     if not (data / "train.jsonl").is_file():
         subprocess.run([sys.executable, str(DEMO / "make_data.py"), "--out", str(data), "--train", str(args.train)],
                        check=True)
+    import torch
     from rich.console import Console
 
     from sftlab.config import load_config
@@ -80,6 +84,8 @@ def main() -> None:
                  f"output_dir={args.out / 'run'}", "eval.probe=builtin",
                  *([f"train.max_steps={args.steps}"] if args.steps else []), *args.extra]
     cfg = load_config(DEMO / "config.yaml", overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     instrument()
     started = time.process_time()
     train(prepare(cfg, console=Console(stderr=True), overwrite=True), console=Console(stderr=True))
@@ -87,7 +93,8 @@ def main() -> None:
     probe = SPENT["probe: reference"] + SPENT["probe: eval points and end"]
     training = SPENT["loop"] - probe
     metrics = [json.loads(line) for line in (args.out / "run" / "metrics.jsonl").read_text().splitlines()]
-    print(json.dumps({"steps": max(m["step"] for m in metrics), "cpu_seconds": {k: round(v, 2) for k, v in SPENT.items()},
+    print(json.dumps({"steps": max(m["step"] for m in metrics), "threads": torch.get_num_threads(),
+                      "cpu_seconds": {k: round(v, 2) for k, v in SPENT.items()},
                       "probe_cpu": round(probe, 2), "training_cpu": round(training, 2),
                       "ratio": round(probe / training, 4), "total_cpu": round(total, 2),
                       "probe": [{k: v for k, v in m.items() if k.startswith("probe_") or k == "step"}
