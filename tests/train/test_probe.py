@@ -20,7 +20,7 @@ from sftlab.errors import ConfigError, DataError
 from sftlab.runs import prepare, train
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.forgetting import RunProbe, Watch
-from sftlab.train.probe import BUILTIN, read_prompts, tax_numbers, top_k_kl
+from sftlab.train.probe import BUILTIN, TEMPERATURE, TOP_P, candidates, read_prompts, tax_numbers, top_k_kl
 from sftlab.train.setup import pad_id
 
 QUIET = Console(quiet=True)
@@ -202,3 +202,23 @@ def test_under_torchrun_only_rank_0_probes(model_dir, files, tmp_path) -> None:
     probed = [m for m in metrics(out) if "probe_kl" in m]
     assert [m["step"] for m in probed] == [2] and probed[0]["probe_kl"] > 0
     assert json.loads((out / "probe.json").read_text())["history"][-1][0] == 2
+
+
+def test_top_p_candidates_keep_what_a_full_sort_keeps() -> None:
+    """The sampled answers' partial sort: the tokens top-p keeps, and their probabilities, are a full sort's; a
+    flat row (top-p needs more than the candidates) falls back to the full sort."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5000) * 3
+    logits[:, :4] += 10  # peaked, as a chat model's next-token distributions are
+    probs = torch.softmax(logits / TEMPERATURE, dim=-1)
+    values, order = candidates(probs)
+    full, full_order = probs.sort(dim=-1, descending=True)
+
+    def kept(p):
+        return p.masked_fill(p.cumsum(-1) - p >= TOP_P, 0.0)
+
+    k = values.shape[1]
+    assert k < probs.shape[1] and not kept(full)[:, k:].any()
+    assert torch.allclose(kept(values), kept(full)[:, :k])
+    assert torch.equal(order[kept(values) > 0], full_order[:, :k][kept(values) > 0])
+    assert candidates(torch.full((2, 5000), 1 / 5000))[0].shape == (2, 5000)
