@@ -78,6 +78,16 @@ def test_a_base_model_is_its_own_reference(trained) -> None:
     assert "its own greedy answers" in found["reference"]
 
 
+def test_the_base_dir_gives_the_runs_step_0_numbers(trained) -> None:
+    """The base's weights are the LoRA run's at step 0: against the run's reference, the base dir measures the
+    reference's own probe_nll and a probe_kl of 0 (fp32 tolerance: a different load of the same weights)."""
+    base = evaluate(str(trained["root"] / "model"), reference=str(trained["lora"]))
+    assert base["probe_nll"] == pytest.approx(base["base"]["probe_nll"], rel=1e-5)
+    assert base["probe_kl"] == pytest.approx(0.0, abs=1e-6)
+    run = evaluate(str(trained["lora"]))
+    assert run["base"] == base["base"] and run["probe_kl"] > 1e-3  # the trained weights moved; the base did not
+
+
 def test_tasks_are_answered_and_checked(trained) -> None:
     found = evaluate(str(trained["lora"]), tasks=str(trained["tasks"]))
     assert found["tasks"]["total"] == 3 and len(found["tasks"]["rows"]) == 3

@@ -5,6 +5,9 @@ LoRA, and bad probe files fail with file:line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from sftlab.errors import ConfigError, DataError
 from sftlab.runs import prepare, train
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.forgetting import RunProbe, Watch
-from sftlab.train.probe import BUILTIN, read_prompts, tax_numbers, top_k_kl
+from sftlab.train.probe import BUILTIN, TEMPERATURE, TOP_P, candidates, read_prompts, tax_numbers, top_k_kl
 from sftlab.train.setup import pad_id
 
 QUIET = Console(quiet=True)
@@ -176,3 +179,46 @@ def test_probe_settings_are_checked() -> None:
         load_config(overrides=["eval.probe_kl_threshold=-1"])
     with pytest.raises(ConfigError, match="eval.probe: missing.jsonl is not builtin"):
         read_prompts("missing.jsonl")
+
+
+def test_under_torchrun_only_rank_0_probes(model_dir, files, tmp_path) -> None:
+    """2 processes (gloo, CPU): the reference is made once, by rank 0; rank 1 decodes and scores nothing; each
+    probe point is one metrics line."""
+    out = tmp_path / "run"
+    overrides = [f"model={model_dir}", f"data.train={files[0]}", f"output_dir={out}", "data.cache=false",
+                 f"eval.probe={files[1]}", "eval.probe_max_new_tokens=6", "method=lora", "train.max_steps=2",
+                 "train.micro_batch_size=2", "train.distributed=ddp"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(__file__).with_name("probe_driver.py")), str(tmp_path / "calls"), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    calls = [json.loads((tmp_path / "calls" / f"probe-calls-{rank}.json").read_text()) for rank in (0, 1)]
+    assert calls[0]["world"] == calls[1]["world"] == 2
+    # rank 0: the base's greedy answers, their scoring, the base's and the end's sampled answers, the end's scoring
+    assert calls[0]["decode"] == 3 and calls[0]["score"] == 2
+    assert "decode" not in calls[1] and "score" not in calls[1]
+    assert done.stdout.count("base answers saved in") == 1
+    probed = [m for m in metrics(out) if "probe_kl" in m]
+    assert [m["step"] for m in probed] == [2] and probed[0]["probe_kl"] > 0
+    assert json.loads((out / "probe.json").read_text())["history"][-1][0] == 2
+
+
+def test_top_p_candidates_keep_what_a_full_sort_keeps() -> None:
+    """The sampled answers' partial sort: the tokens top-p keeps, and their probabilities, are a full sort's; a
+    flat row (top-p needs more than the candidates) falls back to the full sort."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5000) * 3
+    logits[:, :4] += 10  # peaked, as a chat model's next-token distributions are
+    probs = torch.softmax(logits / TEMPERATURE, dim=-1)
+    values, order = candidates(probs)
+    full, full_order = probs.sort(dim=-1, descending=True)
+
+    def kept(p):
+        return p.masked_fill(p.cumsum(-1) - p >= TOP_P, 0.0)
+
+    k = values.shape[1]
+    assert k < probs.shape[1] and not kept(full)[:, k:].any()
+    assert torch.allclose(kept(values), kept(full)[:, :k])
+    assert torch.equal(order[kept(values) > 0], full_order[:, :k][kept(values) > 0])
+    assert candidates(torch.full((2, 5000), 1 / 5000))[0].shape == (2, 5000)
