@@ -10,8 +10,9 @@ Steps, each with the command a user would type where there is one:
 4. `sftlab train examples/support_agent/config.yaml` (LoRA, packed rows, progress bar), the held-out
    conversations as its eval split (their loss next to the training loss in report.html);
 5. held-out questions answered greedily by the base model and by the fine-tuned one (one model load, batched,
-   capped at the answers' length), side by side, and the share of answers that state the right facts
-   (check_answers.py), before and after; the answers go into the run's report.html;
+   capped at the answers' length; the adapters folded into the weights for the fine-tuned pass), side by
+   side, and the share of answers that state the right facts (check_answers.py), before and after; the
+   answers go into the run's report.html;
 6. `sftlab merge` to a plain HF dir, with its fidelity check;
 7. `sftlab chat` driven by a script with one held-out question;
 8. `sftlab export` to one GGUF file.
