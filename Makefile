@@ -31,7 +31,21 @@ test: $(STAMP) $(FIXTURES) chromium
 	$(PY) -m ruff check src tests benchmarks examples scripts
 	$(PY) -m pytest -q
 
-demo: $(STAMP) $(FIXTURES)
+# `make demo` on a fresh clone sets up only what it uses: sftlab with the gguf reader (not the test extras:
+# trackers, TRL, peft, ...) and, of the fixtures, only the GGUF model. After `make test` both are already there.
+DEMO_STAMP := $(VENV)/.demo-stamp
+GGUF_FIXTURE := .cache/fixtures/gguf/.stamp
+
+$(DEMO_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -f $(STAMP) -a $(STAMP) -nt pyproject.toml || $(PY) -m pip install -q --disable-pip-version-check $(TORCH) -e '.[gguf]'
+	@touch $(DEMO_STAMP)
+
+$(GGUF_FIXTURE): scripts/fetch_fixtures.sh | $(DEMO_STAMP)
+	@PYTHON=$(PY) bash scripts/fetch_fixtures.sh gguf
+	@touch $(GGUF_FIXTURE)
+
+demo: $(DEMO_STAMP) $(GGUF_FIXTURE)
 	@bash examples/demo.sh
 
 # TRL, datasets and PEFT for the side-by-side benchmark, in the same venv; torch named again so that pip keeps

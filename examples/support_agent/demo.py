@@ -10,8 +10,9 @@ Steps, each with the command a user would type where there is one:
 4. `sftlab train examples/support_agent/config.yaml` (LoRA, packed rows, progress bar), the held-out
    conversations as its eval split (their loss next to the training loss in report.html);
 5. held-out questions answered greedily by the base model and by the fine-tuned one (one model load, batched,
-   capped at the answers' length), side by side, and the share of answers that state the right facts
-   (check_answers.py), before and after; the answers go into the run's report.html;
+   capped at the answers' length; the adapters folded into the weights for the fine-tuned pass), side by
+   side, and the share of answers that state the right facts (check_answers.py), before and after; the
+   answers go into the run's report.html;
 6. `sftlab merge` to a plain HF dir, with its fidelity check;
 7. `sftlab chat` driven by a script with one held-out question;
 8. `sftlab export` to one GGUF file.
@@ -120,6 +121,7 @@ def evaluate(out: Path, heldout: list[dict], show: int, clock: PhaseClock) -> tu
     with clock.phase("evaluation: base model answers"):
         base_answers = answerer.answers(heldout, base=True)
     with clock.phase("evaluation: fine-tuned answers"):
+        answerer.fold()
         tuned_answers = answerer.answers(heldout)
     expects = [row["expect"] for row in heldout]
     before, after = accuracy(base_answers, expects), accuracy(tuned_answers, expects)
@@ -217,6 +219,14 @@ class Answerer:
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else self.stops[0]
 
+    def fold(self) -> None:
+        """Fold the adapters into the base weights for good (the method's merge, as `sftlab merge` does): the
+        later answers are the fine-tuned model's at the base model's cost per token, without the adapters'
+        extra matmuls at every layer of every decoding step. `base=True` is no longer possible afterwards."""
+        if self.method is not None:
+            self.model = self.method.merge(self.model)
+            self.method = None
+
     def answers(self, rows: list[dict], *, base: bool = False, batch: int = BATCH) -> list[str]:
         """Greedy answers to each row's conversation without its last (reference) turn, in row order."""
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -232,6 +242,9 @@ class Answerer:
                   + ANSWER_MARGIN for row in rows]
         order = sorted(range(len(rows)), key=lambda i: (limits[i], len(prompts[i])))
         answers: list[list[int]] = [[] for _ in rows]
+        if base and self.method is None:
+            raise ValueError("base=True answers as the base model under a run's adapters; this model has none "
+                             "(a plain model dir, or fold() merged them): answer before fold(), or load the base")
         with self.method.adapters_disabled(self.model) if base else nullcontext():
             for start in range(0, len(order), batch):
                 chunk = order[start:start + batch]
