@@ -15,6 +15,7 @@ whose attention is sdpa or eager; `usable` says whether a model qualifies.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -92,7 +93,7 @@ def _branch(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
     options = _options(module, kwargs)
     bounds = options["cu"].tolist()
     parts = []
-    for (a, b), (start, length) in zip(zip(bounds[:-1], bounds[1:]), prefixes.spans):
+    for (a, b), (start, length) in zip(itertools.pairwise(bounds), prefixes.spans):
         if b > a:
             keys = torch.cat([kept_key[:, :, start:start + length], key[:, :, a:b]], dim=2)
             values = torch.cat([kept_value[:, :, start:start + length], value[:, :, a:b]], dim=2)
