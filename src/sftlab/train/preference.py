@@ -293,7 +293,16 @@ def kto_reference_logps(model: nn.Module, batch: Any) -> torch.Tensor:
 def shares_prefixes(model: nn.Module, batch: Any) -> bool:
     """Whether the batch's KL sequences can run as continuations of its examples' prompts: a packed batch, and a
     model whose attention shared_prefix supports."""
-    return batch.continuations is not None and shared_prefix.usable(model)
+    return batch.continuations is not None and shared_prefix.usable(model) and not _sharded(model)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards `model` (its two passes per step are not verified under FSDP: the plain forwards run)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def shared_logps(model: nn.Module, batch: Any, method: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
