@@ -9,8 +9,10 @@ import json
 import math
 import random
 import signal
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_faults import assert_same_weights, drive, finish, logged_steps
@@ -102,7 +104,8 @@ def moved_policy(model_dir: Path, method: str, batch):
     optimizer = torch.optim.SGD(params, lr=0.05 if method == "lora" else 0.02)
     for _ in range(6):
         optimizer.zero_grad()
-        (-kto_reference_logps(model, batch).mean()).backward()  # all 2B sequences' log-probs, with gradients
+        whole = replace(batch, continuations=None)  # each sequence its own forward: all 2B with gradients
+        (-kto_reference_logps(model, whole).mean()).backward()
         optimizer.step()
     model.zero_grad(set_to_none=True)
     return model, chosen
@@ -136,6 +139,49 @@ def test_loss_equals_trl_kto_trainer(model_dir, tmp_path, method) -> None:
     assert trainer._metrics[mode]["kl"][-1] > 0  # a real KL estimate (clamped at 0 otherwise), and the same
     assert trainer._metrics[mode]["kl"][-1] == pytest.approx(sums[3].item() / len(examples), abs=1e-5)
     assert theirs.item() != pytest.approx((1.5 * 2 + 0.8 * 3) / 2 / len(ROWS), abs=1e-3)  # the policy moved
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_kl_sequences_continuing_the_prompts_equal_their_own_forwards(model_dir, method) -> None:
+    """The KL sequences run as continuations of the examples' prompts (models/shared_prefix.py): the same loss,
+    metrics, gradients and reference log-probs as running each of the 2B sequences whole; also when the KL
+    sequences are cut by max_seq_len, down to a single completion token (an empty continuation)."""
+    from sftlab.train.preference import batch_logps, kto_reference_logps, packed_rows, shared_logps
+
+    examples, labels, tokenizer = encoded(model_dir)
+    prompts = [next(t for t, label in enumerate(e.labels) if label != -100) for e in examples]
+    for limit in (None, max(prompts) + 1):
+        batch = collate_feedback(examples, labels, pad_id=tokenizer.pad_token_id, max_seq_len=limit)
+        assert batch.continuations is not None
+        if limit is not None:
+            assert min(np.diff(batch.continuations.row.cu_seqlens.numpy())) == 0  # some KL completion is 1 token
+        model, chosen = moved_policy(model_dir, method, batch)
+        engine = KTOForward(model, chosen, beta=0.3, desirable_weight=1.5, undesirable_weight=0.8,
+                            reference_model=load(model_dir) if method == "full" else None)
+        results = []
+        for variant in (batch, replace(batch, continuations=None)):
+            with torch.no_grad():
+                results.append((*engine(variant), kto_reference_logps(load(model_dir), variant)))
+        (loss, sums, reference), (loss2, sums2, reference2) = results
+        assert sums[3] > 0  # a real KL estimate
+        torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sums, sums2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reference, reference2, atol=1e-5, rtol=1e-5)
+        # The gradients through the examples' log-probs: the same. (The moved policy's loss itself is too ill-
+        # conditioned to compare its gradients: a 1e-6 change of the KL estimate moves some by 1e-3.)
+        weights = torch.linspace(-1.0, 2.0, len(examples))
+        grads = []
+        for shared in (True, False):
+            model.zero_grad(set_to_none=True)
+            if shared:
+                logps = shared_logps(model, batch, chosen)[0]
+            else:
+                with packed_rows(model, batch.examples):
+                    logps = batch_logps(model, batch.examples, batch.example_index, len(examples), chosen)
+            (logps * weights).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in chosen.trainable_parameters(model).items()})
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
 
 
 def test_feedback_rows_and_their_errors(tmp_path) -> None:

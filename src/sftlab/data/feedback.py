@@ -152,6 +152,8 @@ class FeedbackBatch:
     """(B,) bool: which examples are desirable."""
     padding: bool = False
     """A stand-in that counts for nothing (see PairBatch.padding)."""
+    continuations: KLContinuations | None = None
+    """Packed batches: the KL sequences as continuations of the examples' prompts (models/shared_prefix.py)."""
 
     @property
     def num_tokens(self) -> int:
@@ -171,7 +173,60 @@ class FeedbackBatch:
         rows = {name: getattr(self, name).to(device) for name in ("sequences", "examples", "mismatched")}
         index = {name: getattr(self, name).to(device, non_blocking=True)
                  for name in ("sequence_index", "example_index", "mismatched_index", "desirable")}
-        return replace(self, **rows, **index)
+        continuations = None if self.continuations is None else self.continuations.to(device)
+        return replace(self, **rows, **index, continuations=continuations)
+
+
+@dataclass(frozen=True)
+class KLContinuations:
+    """The KL sequences of a packed FeedbackBatch, each as its example's prompt continued by the other completion:
+    the prompt's tokens run once, in the examples' row. `row` holds each KL sequence's tokens after its prompt but
+    its last (whose hidden state predicts nothing), positions continuing the prompt's; a scored position is then
+    either a prompt's last token (in the examples' row) or a position of `row`."""
+    row: Batch
+    """(1, S) packed: segment i continues example i's prompt (a segment may be empty)."""
+    spans: tuple[tuple[int, int], ...]
+    """(start in the examples' row, length) of each example's prompt."""
+    index: torch.Tensor
+    """(M,) the scored positions, into [the examples' row (T positions), then `row` (S positions)]."""
+    targets: torch.Tensor
+    """(M,) the token each of them predicts."""
+    sequence: torch.Tensor
+    """(M,) which KL sequence each belongs to."""
+
+    def to(self, device: torch.device | str) -> KLContinuations:
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in ("index", "targets", "sequence")}
+        return replace(self, row=self.row.to(device), **moved)
+
+
+def kl_continuations(examples: Sequence[Example], kl: Sequence[Example], starts: Sequence[int],
+                     total: int) -> KLContinuations:
+    """KLContinuations of the KL sequences `kl`, example i starting at `starts[i]` of a packed row of `total`
+    tokens; each KL sequence shares its example's prompt (checked)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    bounds, spans, index, targets, sequence = [0], [], [], [], []
+    for i, (example, seq) in enumerate(zip(examples, kl)):
+        p = _prompt_length(seq)
+        if list(seq.input_ids[:p]) != list(example.input_ids[:p]):
+            raise ValueError(f"KL sequence {i} does not continue its example's prompt")
+        spans.append((int(starts[i]), p))
+        for t in range(p - 1, len(seq.input_ids) - 1):  # hidden state t predicts token t + 1
+            if seq.labels[t + 1] != IGNORE_INDEX:
+                index.append(starts[i] + t if t == p - 1 else total + len(ids) + t - p)
+                targets.append(seq.input_ids[t + 1])
+                sequence.append(i)
+        ids.extend(seq.input_ids[p:-1])
+        positions.extend(range(p, len(seq.input_ids) - 1))
+        bounds.append(len(ids))
+    lengths = np.diff(bounds)
+    empty = torch.zeros(0, dtype=torch.long)
+    row = Batch(torch.tensor(ids, dtype=torch.long).unsqueeze(0), torch.full((1, len(ids)), IGNORE_INDEX), None,
+                torch.tensor(positions, dtype=torch.long).unsqueeze(0), empty, empty,
+                tuple(e.where for e in kl), cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+                max_seqlen=int(lengths.max(initial=0)))
+    return KLContinuations(row, tuple(spans), torch.tensor(index, dtype=torch.long),
+                           torch.tensor(targets, dtype=torch.long), torch.tensor(sequence, dtype=torch.long))
 
 
 def collate_feedback(examples: Sequence[Example], desirable: Sequence[bool], *, pad_id: int,
@@ -183,13 +238,16 @@ def collate_feedback(examples: Sequence[Example], desirable: Sequence[bool], *, 
     kl = [mismatched(examples[i], examples[(i - 1) % count], max_seq_len) for i in range(count)]
     sequences = collate_packed([*examples, *kl])
     sequence_index = _sequence_of(sequences)
+    continuations = None
     if packed:
         halves = [_packed_part(sequences, sequence_index, part, count) for part in (0, 1)]
+        starts = sequences.cu_seqlens[:count].tolist()
+        continuations = kl_continuations(examples, kl, starts, int(sequences.cu_seqlens[count]))
     else:
         halves = [(b, torch.div(b.loss_index, b.input_ids.shape[1], rounding_mode="floor"))
                   for b in (collate(list(group), pad_id=pad_id) for group in (examples, kl))]
     return FeedbackBatch(sequences, sequence_index, halves[0][0], halves[1][0], count, halves[0][1], halves[1][1],
-                         torch.tensor([bool(d) for d in desirable], dtype=torch.bool))
+                         torch.tensor([bool(d) for d in desirable], dtype=torch.bool), continuations=continuations)
 
 
 def _sequence_of(row: Batch) -> torch.Tensor:

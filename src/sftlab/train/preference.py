@@ -36,6 +36,7 @@ from torch import nn
 
 from sftlab.data.preference import PairBatch, PairDataset
 from sftlab.errors import ConfigError
+from sftlab.models import shared_prefix
 from sftlab.models.attention import PACKED_EAGER, PACKED_SDPA, packed_attention
 from sftlab.train.loss import head_logprobs, hidden_states
 
@@ -280,10 +281,49 @@ def packed_rows(model: nn.Module, batch: Any) -> contextlib.AbstractContextManag
 
 
 def kto_reference_logps(model: nn.Module, batch: Any) -> torch.Tensor:
-    """A plain model's log-probs of a FeedbackBatch's examples and KL sequences, (2B,): one forward of the batch's
-    packed row of all 2B sequences, no padding."""
+    """A plain model's log-probs of a FeedbackBatch's examples and KL sequences, (2B,): the examples' packed row,
+    its prompts continued by the KL completions (`shared_logps`), or one forward of the packed row of all 2B."""
+    if shares_prefixes(model, batch):
+        examples, mismatched = shared_logps(model, batch)
+        return torch.cat([examples, mismatched])
     with packed_rows(model, batch.sequences):
         return batch_logps(model, batch.sequences, batch.sequence_index, 2 * batch.num_examples)
+
+
+def shares_prefixes(model: nn.Module, batch: Any) -> bool:
+    """Whether the batch's KL sequences can run as continuations of its examples' prompts: a packed batch, and a
+    model whose attention shared_prefix supports."""
+    return batch.continuations is not None and shared_prefix.usable(model) and not _sharded(model)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards `model` (its two passes per step are not verified under FSDP: the plain forwards run)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def shared_logps(model: nn.Module, batch: Any, method: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the B examples, with gradients where enabled; of the B KL sequences, without): one forward
+    of the examples' packed row keeping each layer's keys and values, then one of the KL completions continuing
+    its prompts (models/shared_prefix.py). Each prompt runs once for both of its sequences."""
+    rows, follow = batch.examples, batch.continuations
+    count = batch.num_examples
+    with shared_prefix.shared_prefixes(model, list(follow.spans)):
+        with shared_prefix.attention(model, shared_prefix.CAPTURE):
+            hidden = method.hidden_states(model, rows) if method is not None else hidden_states(model, rows)
+        tokens = head_logprobs(model, hidden, rows.loss_index, rows.loss_targets)
+        examples = tokens.new_zeros(count).index_add(0, batch.example_index, tokens)
+        with torch.no_grad():
+            flat = hidden.detach().reshape(-1, hidden.shape[-1])
+            if follow.row.input_ids.shape[1]:
+                with shared_prefix.attention(model, shared_prefix.BRANCH):
+                    more = hidden_states(model, follow.row)
+                flat = torch.cat([flat, more.reshape(-1, more.shape[-1])])
+            kl = head_logprobs(model, flat.unsqueeze(0), follow.index, follow.targets)
+    return examples, tokens.new_zeros(count).index_add(0, follow.sequence, kl.to(tokens.dtype))
 
 
 class KTOReferenceForward(nn.Module):
@@ -326,9 +366,12 @@ class KTOForward(nn.Module):
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         reference = self._reference(batch)  # first: prefix tuning's forward keeps its hooks armed until backward
-        with torch.no_grad():
-            mismatched = self._policy(batch.mismatched, batch.mismatched_index, batch.num_examples)
-        policy = torch.cat([self._policy(batch.examples, batch.example_index, batch.num_examples), mismatched])
+        if shares_prefixes(self.model, batch):
+            policy = torch.cat(shared_logps(self.model, batch, self.method))
+        else:
+            with torch.no_grad():
+                mismatched = self._policy(batch.mismatched, batch.mismatched_index, batch.num_examples)
+            policy = torch.cat([self._policy(batch.examples, batch.example_index, batch.num_examples), mismatched])
         losses, rewards, kl = kto_losses(policy, reference, batch.desirable, beta=self.beta,
                                          desirable_weight=self.desirable_weight,
                                          undesirable_weight=self.undesirable_weight)
