@@ -85,7 +85,7 @@ def collect(run_dir: Path, console: str) -> dict:
             "end": {k: end.get(k) for k in ("probe_nll", "probe_kl", "probe_distinct2", "probe_repetition",
                                             "probe_length")},
             "train_loss_end": steps[-1]["loss"], "threshold": summary["threshold"], "flagged": summary["flagged"],
-            "warned_at": [int(s) for s in WARNED.findall(console)],
+            "warned_at": sorted({int(s) for s in WARNED.findall(console)}),
             "recommended_step": summary["recommended_step"], "sample": (summary.get("samples") or [None])[0],
             "probe_seconds": summary["probe_seconds"], "run_seconds": summary["run_seconds"],
             "step_seconds": step_seconds,
