@@ -67,7 +67,7 @@ def train(out: Path, name: str, data: Path, steps: int, every: int, overrides: l
     if done.returncode != 0:
         raise SystemExit(f"{name} failed (exit {done.returncode}); its output is in {out / name}.log:\n"
                          + done.stderr[-3000:])
-    return done.stdout
+    return done.stdout + done.stderr  # the console's lines (the forgetting message among them) go to stderr
 
 
 def collect(run_dir: Path, console: str) -> dict:
@@ -100,6 +100,12 @@ def bench(out: Path, name: str, method: str, lr: float, data: Path, args: argpar
               "overrides": overrides, "demo": demo, **collect(out / name, console)}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
+
+
+def refreshed(out: Path, result: dict) -> dict:
+    """A finished run's numbers collected again from its dir and log (this script's reading may have changed)."""
+    log = out / f"{result['run']}.log"
+    return {**result, **collect(out / result["run"], log.read_text(encoding="utf-8"))} if log.is_file() else result
 
 
 def tables(results: list[dict]) -> str:
@@ -161,7 +167,7 @@ def main() -> None:
             if args.only in (None, key):
                 result = bench(args.out, f"{method}-lr{lr:g}-{args.steps}steps", method, lr, data, args, demo)
                 print(json.dumps({k: v for k, v in result.items() if k not in ("sample", "demo")}), flush=True)
-    finished = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(args.out.glob("*.json"))]
+    finished = [refreshed(args.out, json.loads(p.read_text(encoding="utf-8"))) for p in sorted(args.out.glob("*.json"))]
     finished.sort(key=lambda r: (r["method"] != "lora", r["lr"], r["steps"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(finished, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
