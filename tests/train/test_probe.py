@@ -137,6 +137,28 @@ def test_watch_flags_drift_only_once_the_eval_loss_stops_improving() -> None:
     assert "forgetting" in watch.observe(3, 1.6, 0.4)
     assert watch.recommended() == 1
     assert "forgetting" in Watch(0.2).observe(5, None, 0.3)  # no eval data: the threshold alone
+    first = Watch(0.2)
+    assert first.observe(5, 0.9, 0.7) is None  # a first eval point: nothing says the eval loss stopped improving
+    assert "best 0.9000" in first.observe(10, 0.95, 0.8)
+
+
+def test_the_end_of_a_run_says_what_the_watch_could_not_judge() -> None:
+    from rich.console import Console
+
+    from sftlab.train.forgetting import RunProbe
+
+    probe = RunProbe.__new__(RunProbe)
+    probe.console = Console(record=True, width=400)
+    probe.watch = Watch(0.25)
+    assert probe.watch.observe(45, 0.05, 1.45) is None  # the demo's shape: one eval point, at the end
+    probe._say_unjudged()
+    said = probe.console.export_text()
+    assert "probe_kl 1.450 at step 45 is above eval.probe_kl_threshold 0.25" in said
+    assert "train.eval_every_steps" in said
+    probe.watch = Watch(0.25)
+    probe.watch.observe(45, 0.05, 0.1)
+    probe._say_unjudged()
+    assert probe.console.export_text() == ""
 
 
 def test_top_k_kl_is_zero_for_the_same_distribution_and_a_lower_bound_otherwise() -> None:

@@ -45,8 +45,8 @@ class Watch:
         self.history = [h for h in self.history if h[0] < step] + [[step, eval_loss, kl]]
         if not kl > self.threshold:
             return None
-        if eval_loss is not None and earlier and eval_loss < min(earlier):
-            return None  # still improving on the task: the drift buys something
+        if eval_loss is not None and (not earlier or eval_loss < min(earlier)):
+            return None  # improving on the task (a first eval point has none to stall against): drift buys something
         stalled = ("" if eval_loss is None
                    else f" while the eval loss stopped improving (best {min(earlier or [eval_loss]):.4f})")
         return (f"forgetting: probe_kl {kl:.3f} passed eval.probe_kl_threshold {self.threshold:g}{stalled}; "
@@ -148,11 +148,27 @@ class RunProbe:
         write_text_atomic(files.owned(self.out, SUMMARY_FILE), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         if self.flagged:
             self.console.print(Text(self.flagged, style="yellow"))
+        else:
+            self._say_unjudged()
+        if recommended is None and self.watch.history:
+            self.console.print(Text(f"probe: no checkpoint kept probe_kl under {self.watch.threshold:g}, so none is "
+                                    "recommended; lower train.lr or the steps to find one.", style="yellow"))
         if recommended is not None:
             self.console.print(f"probe: recommended checkpoint step-{recommended} (best eval loss with probe_kl under "
                                f"{self.watch.threshold:g}); probe time {self.seconds:.1f}s of {train_seconds:.1f}s",
                                markup=False)
         return summary
+
+    def _say_unjudged(self) -> None:
+        """The end of a run whose drift passed the threshold without being flagged: with fewer than two eval
+        points nobody can tell whether the task still gained, so say what was measured and how to find out."""
+        evaluated = [e for _, e, _ in self.watch.history if e is not None]
+        step, _, kl = self.watch.history[-1] if self.watch.history else (0, None, 0.0)
+        if kl > self.watch.threshold and len(evaluated) < 2:
+            self.console.print(Text(f"probe: probe_kl {kl:.3f} at step {step} is above eval.probe_kl_threshold "
+                                    f"{self.watch.threshold:g}, but with {len(evaluated)} eval point(s) sftlab cannot "
+                                    "tell whether the task still gained from it: set train.eval_every_steps to see "
+                                    "the trade-off.", style="yellow"))
 
     def _samples(self) -> list[dict[str, str]]:
         """Open-ended prompts with the base's sampled answer and the fine-tuned one, side by side."""
