@@ -263,6 +263,8 @@ def test_the_shared_prefix_gives_the_numbers_of_whole_rows(model_dir, files, tmp
         again = whole.reference(reference.prompts)
         measured = whole.measure(reference, generate=True)
     assert again.answer_ids == reference.answer_ids and again.base["samples"] == reference.base["samples"]
+    greedy = [token for answer in reference.answer_ids for token in answer]
+    assert reference.top_ids[:, 0].tolist() == greedy  # scored out of order, put back in answer order
     torch.testing.assert_close(again.top_logps, reference.top_logps, rtol=1e-5, atol=1e-6)
     assert again.base["probe_nll"] == pytest.approx(reference.base["probe_nll"], rel=1e-5)
     assert measured["samples"] == found["samples"] and measured["probe_kl"] == pytest.approx(0.0, abs=1e-6)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -256,31 +257,36 @@ class Prober:
     def score(self, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, keep_top: int = 0,
               against: Reference | None = None) -> tuple[Any, ...]:
         """Mean NLL of the answers under the current model, and either its top-`keep_top` (ids, log-probs) per
-        answer token, or the mean KL from `against`'s stored top-k."""
+        answer token, or the mean KL from `against`'s stored top-k. Rows go through shortest first (each batch
+        padded only to its own longest row), their tokens' results put back in answer order."""
         size = self.cfg.eval.probe_batch_size
-        nll_sum, kl_sum, count, tops = 0.0, 0.0, 0, []
+        starts = [0, *itertools.accumulate(len(a) for a in answer_ids)]  # row i's tokens: starts[i]:starts[i + 1]
+        top_ids = torch.zeros((starts[-1], keep_top), dtype=torch.long)
+        top_logps = torch.zeros((starts[-1], keep_top), dtype=torch.float32)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(answer_ids[i]))
+        nll_sum, kl_sum = 0.0, 0.0
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 prefix = self.prefix(prompt_ids, plain=plain_forward(self.method))
-                for start in range(0, len(prompt_ids), size):
-                    batch = answer_batch([p[prefix.length:] for p in prompt_ids[start:start + size]],
-                                         answer_ids[start:start + size], self.pad_id)
+                for chosen in (order[start:start + size] for start in range(0, len(order), size)):
+                    batch = answer_batch([prompt_ids[i][prefix.length:] for i in chosen],
+                                         [answer_ids[i] for i in chosen], self.pad_id)
+                    tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in chosen])
+                    done = 0
                     for logps, targets in self._logps(batch.to(self.device), prefix):  # (n, V) fp32, (n,)
+                        rows, done = tokens[done:done + logps.shape[0]], done + logps.shape[0]
                         nll_sum += float(-logps.gather(1, targets[:, None]).sum())
                         if against is not None:
-                            rows = slice(count, count + logps.shape[0])
                             kl_sum += float(top_k_kl(against.top_ids[rows], against.top_logps[rows], logps).sum())
                         else:
                             values, indices = logps.topk(keep_top, dim=-1)
-                            tops.append((indices.cpu(), values.cpu()))
-                        count += logps.shape[0]
+                            top_ids[rows], top_logps[rows] = indices.cpu(), values.cpu()
         finally:
             self.model.train(was_training)
-        if against is not None:
-            return nll_sum / max(count, 1), kl_sum / max(count, 1)
-        return nll_sum / max(count, 1), torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
+        count = max(starts[-1], 1)
+        return (nll_sum / count, kl_sum / count) if against is not None else (nll_sum / count, top_ids, top_logps)
 
     def _logps(self, batch: Batch, prefix: SharedPrefix) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Log-probs (n, V) over the vocabulary at the batch's supervised positions, in answer order, CHUNK
