@@ -4,8 +4,10 @@ LoRA, and bad probe files fail with file:line."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +246,48 @@ def test_top_p_candidates_keep_what_a_full_sort_keeps() -> None:
     assert torch.allclose(kept(values), kept(full)[:, :k])
     assert torch.equal(order[kept(values) > 0], full_order[:, :k][kept(values) > 0])
     assert candidates(torch.full((2, 5000), 1 / 5000))[0].shape == (2, 5000)
+
+
+def smol_template() -> str:
+    """SmolLM2-Instruct's own chat template (the demo's model), read from the GGUF fixture: it puts a default
+    system prompt in front of every conversation that has none, so probe rows share a long prefix."""
+    from gguf import GGUFReader
+
+    from conftest import fixture_path
+
+    field = GGUFReader(str(fixture_path("gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"))).fields["tokenizer.chat_template"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_shared_prefix_gives_the_numbers_of_whole_rows(model_dir, files, tmp_path, method) -> None:
+    from transformers import AutoTokenizer
+
+    from sftlab.train.forgetting import plain_attention
+
+    smol = tmp_path / "smol"
+    shutil.copytree(model_dir, smol)
+    tokenizer = AutoTokenizer.from_pretrained(str(smol))
+    tokenizer.chat_template = smol_template()
+    tokenizer.save_pretrained(str(smol))
+    cfg = config(smol, files, tmp_path / "run", f"method={method}", "train.max_steps=1", "eval.probe_batch_size=4")
+    setup = prepare(cfg, console=QUIET)
+    probe = RunProbe.start(setup, tmp_path / "run", QUIET, TrainState(), pad_id=pad_id(setup.tokenizer))
+    shared, reference = probe.prober, probe.reference
+    prefix = shared.prefix(reference.prompt_ids, plain=True)
+    assert "SmolLM" in setup.tokenizer.decode(reference.prompt_ids[0][:prefix.length]) and prefix.length > 15
+    whole = copy.copy(shared)
+    whole.share_prefix = False
+    assert whole.prefix(reference.prompt_ids, plain=True).length == 0
+    with plain_attention(setup.model):
+        found = shared.measure(reference, generate=True)
+        assert found["probe_kl"] == 0.0 and found["probe_nll"] == reference.base["probe_nll"]
+        again = whole.reference(reference.prompts)
+        measured = whole.measure(reference, generate=True)
+    assert again.answer_ids == reference.answer_ids and again.base["samples"] == reference.base["samples"]
+    greedy = [token for answer in reference.answer_ids for token in answer]
+    assert reference.top_ids[:, 0].tolist() == greedy  # scored out of order, put back in answer order
+    torch.testing.assert_close(again.top_logps, reference.top_logps, rtol=1e-5, atol=1e-6)
+    assert again.base["probe_nll"] == pytest.approx(reference.base["probe_nll"], rel=1e-5)
+    assert measured["samples"] == found["samples"] and measured["probe_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert measured["probe_nll"] == pytest.approx(found["probe_nll"], rel=1e-5)

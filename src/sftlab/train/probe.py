@@ -17,11 +17,19 @@ the same file back: same prompts, same answers, same numbers). At every eval poi
 
 Decoding is a loop over the model's forward with a KV cache (as generate.py does), never HF generate(), which
 would skip prefix tuning's prefixes. Under torchrun only rank 0 probes.
+
+The prompts, once templated, share a long token prefix (a template's default system prompt and the user's header:
+most of a short prompt's tokens). Its keys and values are computed once per decoding or scoring pass and copied
+along each batch (SharedPrefix), so only each row's own tokens run through the model; the numbers are those of
+the unshared forward to float rounding, and the reference and every later measurement take the same path, so
+probe_kl at step 0 is still exactly 0.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -143,6 +151,9 @@ class Prober:
         self.device, self.pad_id = device, pad_id
         self.template: ChatTemplate = template or load_template(cfg.data.template, tokenizer)
         self.stops = set(stop_token_ids(tokenizer, self.template))
+        self.share_prefix = True
+        """Whether the prompts' shared prefix is computed once per pass (off: every row runs whole; the tests
+        compare the two)."""
 
     def encode(self, prompt: ProbePrompt) -> list[int]:
         segments = self.template.render_prompt(prompt.messages)
@@ -186,32 +197,45 @@ class Prober:
                generator: torch.Generator | None = None) -> list[list[int]]:
         """Answer ids (ending with the stop token when one came). A plain forward is the model itself unless the
         method prepends virtual tokens or prefixes (then one prompt at a time through its prefill)."""
-        size = self.cfg.eval.probe_batch_size if plain or plain_forward(self.method) else 1
+        plain = plain or plain_forward(self.method)
+        size = self.cfg.eval.probe_batch_size if plain else 1
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
+                prefix = self.prefix(prompt_ids, plain=plain)
                 return [answer for start in range(0, len(prompt_ids), size)
                         for answer in self._decode_batch(prompt_ids[start:start + size], sampled=sampled,
-                                                         plain=plain or size > 1, generator=generator)]
+                                                         plain=plain, generator=generator, prefix=prefix)]
         finally:
             self.model.train(was_training)
 
+    def prefix(self, rows: list[list[int]], *, plain: bool) -> SharedPrefix:
+        """The rows' shared prefix with its KV cache, computed once at batch 1 by the model as it is now (empty
+        when sharing is off, the forward is not the model's plain one, or the model's cache cannot be copied)."""
+        length = common_prefix(rows) if plain and self.share_prefix else 0
+        if length == 0:
+            return SharedPrefix(0, None, "")
+        name = "cache" if _accepts(self.model, "cache") else "past_key_values"
+        out = self.model.base_model(input_ids=torch.tensor([rows[0][:length]], device=self.device), use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return SharedPrefix(0, None, "")
+        return SharedPrefix(length, cache, name)
+
     def _decode_batch(self, prompts: list[list[int]], *, sampled: bool, plain: bool,
-                      generator: torch.Generator | None) -> list[list[int]]:
-        """Left-padded prompts (B, T) decoded together against a KV cache, one token a step."""
-        length = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, length - len(prompt):] = torch.tensor(prompt)
-            mask[row, length - len(prompt):] = 1
+                      generator: torch.Generator | None, prefix: SharedPrefix) -> list[list[int]]:
+        """Left-padded prompts (B, T) decoded together against a KV cache, one token a step; the shared prefix's
+        cache in front (its rows' padding sits between it and each row's own tokens, masked)."""
+        ids, mask = left_padded([p[prefix.length:] for p in prompts], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = prefix.length + (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = prefix.masked(mask)
         cache_name = "cache" if _accepts(self.model, "cache") else "past_key_values"
         keep = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}  # the prompt's last only
         if plain:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep,
+                             **prefix.copied(len(prompts)))
         else:
             out = self.method.prefill(self.model, ids, **keep)
         answers: list[list[int]] = [[] for _ in prompts]
@@ -233,35 +257,49 @@ class Prober:
     def score(self, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, keep_top: int = 0,
               against: Reference | None = None) -> tuple[Any, ...]:
         """Mean NLL of the answers under the current model, and either its top-`keep_top` (ids, log-probs) per
-        answer token, or the mean KL from `against`'s stored top-k."""
+        answer token, or the mean KL from `against`'s stored top-k. Rows go through shortest first (each batch
+        padded only to its own longest row), their tokens' results put back in answer order."""
         size = self.cfg.eval.probe_batch_size
-        nll_sum, kl_sum, count, tops = 0.0, 0.0, 0, []
+        starts = [0, *itertools.accumulate(len(a) for a in answer_ids)]  # row i's tokens: starts[i]:starts[i + 1]
+        top_ids = torch.zeros((starts[-1], keep_top), dtype=torch.long)
+        top_logps = torch.zeros((starts[-1], keep_top), dtype=torch.float32)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(answer_ids[i]))
+        nll_sum, kl_sum = 0.0, 0.0
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for start in range(0, len(prompt_ids), size):
-                    batch = answer_batch(prompt_ids[start:start + size], answer_ids[start:start + size], self.pad_id)
-                    for logps, targets in self._logps(batch.to(self.device)):  # (n, V) fp32, (n,)
+                prefix = self.prefix(prompt_ids, plain=plain_forward(self.method))
+                for chosen in (order[start:start + size] for start in range(0, len(order), size)):
+                    batch = answer_batch([prompt_ids[i][prefix.length:] for i in chosen],
+                                         [answer_ids[i] for i in chosen], self.pad_id)
+                    tokens = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in chosen])
+                    done = 0
+                    for logps, targets in self._logps(batch.to(self.device), prefix):  # (n, V) fp32, (n,)
+                        rows, done = tokens[done:done + logps.shape[0]], done + logps.shape[0]
                         nll_sum += float(-logps.gather(1, targets[:, None]).sum())
                         if against is not None:
-                            rows = slice(count, count + logps.shape[0])
                             kl_sum += float(top_k_kl(against.top_ids[rows], against.top_logps[rows], logps).sum())
                         else:
                             values, indices = logps.topk(keep_top, dim=-1)
-                            tops.append((indices.cpu(), values.cpu()))
-                        count += logps.shape[0]
+                            top_ids[rows], top_logps[rows] = indices.cpu(), values.cpu()
         finally:
             self.model.train(was_training)
-        if against is not None:
-            return nll_sum / max(count, 1), kl_sum / max(count, 1)
-        return nll_sum / max(count, 1), torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])
+        count = max(starts[-1], 1)
+        return (nll_sum / count, kl_sum / count) if against is not None else (nll_sum / count, top_ids, top_logps)
 
-    def _logps(self, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _logps(self, batch: Batch, prefix: SharedPrefix) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Log-probs (n, V) over the vocabulary at the batch's supervised positions, in answer order, CHUNK
-        positions at a time (the logits' memory bounded whatever the vocabulary), with their targets (n,)."""
-        hidden = (self.method.hidden_states(self.model, batch) if self.method is not None
-                  else self.model.base_model(**batch.model_inputs(), use_cache=False)[0])
+        positions at a time (the logits' memory bounded whatever the vocabulary), with their targets (n,). The
+        batch's rows continue the shared prefix (when it has one)."""
+        if prefix.length:
+            mask = prefix.masked(batch.attention_mask)
+            hidden = self.model.base_model(input_ids=batch.input_ids, attention_mask=mask, use_cache=True,
+                                           position_ids=batch.position_ids + prefix.length,
+                                           **prefix.copied(batch.input_ids.shape[0]))[0]
+        else:
+            hidden = (self.method.hidden_states(self.model, batch) if self.method is not None
+                      else self.model.base_model(**batch.model_inputs(), use_cache=False)[0])
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
@@ -270,6 +308,50 @@ class Prober:
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
             yield torch.log_softmax(logits, dim=-1), targets
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The token prefix every row of a pass starts with, and its KV cache at batch 1 (None when empty)."""
+    length: int
+    cache: Any
+    name: str
+    """The forward's keyword for a cache (transformers renamed past_key_values to cache)."""
+
+    def copied(self, rows: int) -> dict[str, Any]:
+        """The forward's cache keyword: a fresh copy of the prefix's cache for `rows` rows (a forward appends to
+        the cache it is given), or nothing without a prefix."""
+        if self.cache is None:
+            return {}
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return {self.name: cache}
+
+    def masked(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask (B, P + T) over the prefix and the rows' own tokens (B, T)."""
+        return torch.cat([mask.new_ones(mask.shape[0], self.length), mask], dim=1) if self.length else mask
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """The length of the token prefix all rows share, short of the shortest row's last token (every row keeps
+    one of its own: decoding starts from its last position); 0 for fewer than two rows (nothing to share)."""
+    if len(rows) < 2:
+        return 0
+    first, shortest, length = rows[0], min(len(r) for r in rows), 0
+    while length < shortest - 1 and all(r[length] == first[length] for r in rows):
+        length += 1
+    return length
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (B, T) padded on the left with pad_id, and their attention mask (0 at the padding)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(rows):
+        ids[row, length - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, length - len(tokens):] = 1
+    return ids, mask
 
 
 def answer_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Batch:
