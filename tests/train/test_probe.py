@@ -291,3 +291,20 @@ def test_the_shared_prefix_gives_the_numbers_of_whole_rows(model_dir, files, tmp
     assert again.base["probe_nll"] == pytest.approx(reference.base["probe_nll"], rel=1e-5)
     assert measured["samples"] == found["samples"] and measured["probe_kl"] == pytest.approx(0.0, abs=1e-6)
     assert measured["probe_nll"] == pytest.approx(found["probe_nll"], rel=1e-5)
+
+
+def test_the_builtin_prompts_share_the_templates_default_system_prompt(model_dir) -> None:
+    """No builtin prompt brings a system message of its own: one that did would cut the prefix every row shares
+    (and that the probe computes once) down to the template's first few tokens."""
+    from transformers import AutoTokenizer
+
+    from sftlab.train.probe import common_prefix
+
+    prompts = read_prompts("builtin")
+    assert all(m["role"] != "system" for p in prompts for m in p.messages)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = smol_template()
+    rows = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True) for p in prompts]
+    rows = [list(r["input_ids"]) if isinstance(r, dict) or hasattr(r, "keys") else list(r) for r in rows]
+    shared = common_prefix(rows)
+    assert shared >= 15 and "SmolLM" in tokenizer.decode(rows[0][:shared])
