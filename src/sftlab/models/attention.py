@@ -111,31 +111,35 @@ def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, expl
 
 
 def _example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, explicit: bool, scale: float | None,
-             window: int | None, softcap: float | None, dropout: float) -> torch.Tensor:
-    """Causal attention of one example: q (1, H, L, D), k/v (1, Hkv, L, D) -> (1, H, L, D)."""
+             window: int | None, softcap: float | None, dropout: float, offset: int = 0) -> torch.Tensor:
+    """Causal attention of one example: q (1, H, L, D), k/v (1, Hkv, offset + L, D) -> (1, H, L, D). Query i
+    stands at position offset + i: with offset > 0 the keys begin with a prompt run earlier, which these
+    queries continue (models/shared_prefix.py)."""
     length, groups = q.shape[2], q.shape[1] // k.shape[1]
-    banded = window is not None and length > window
+    banded = window is not None and offset + length > window
     if explicit or softcap is not None:
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (1, H, L, L)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~_allowed(length, window, q.device), torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~_allowed(length, window, q.device, offset), torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = F.dropout(probs, p=dropout, training=dropout > 0)
         return torch.matmul(probs, v)
-    mask = _allowed(length, window, q.device) if banded else None
+    mask = _allowed(length, window, q.device, offset) if banded or offset else None  # is_causal: square only
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                           scale=scale, enable_gqa=groups > 1)
 
 
-def _allowed(length: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """(L, L) bool: query i sees key j when j <= i (and i - j < window for sliding-window layers)."""
-    i = torch.arange(length, device=device)
-    allowed = i[None, :] <= i[:, None]
+def _allowed(length: int, window: int | None, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """(L, offset + L) bool: query i, at position offset + i, sees key j when j <= offset + i (and
+    offset + i - j < window for sliding-window layers)."""
+    queries = torch.arange(offset, offset + length, device=device)
+    keys = torch.arange(offset + length, device=device)
+    allowed = keys[None, :] <= queries[:, None]
     if window is not None:
-        allowed &= (i[:, None] - i[None, :]) < window
+        allowed &= (queries[:, None] - keys[None, :]) < window
     return allowed
 
 

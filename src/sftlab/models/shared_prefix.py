@@ -22,10 +22,9 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sftlab.models.attention import _options, packed_eager, packed_sdpa
+from sftlab.models.attention import _example, _options, packed_eager, packed_sdpa
 
 CAPTURE, BRANCH = "sftlab_prefix_capture", "sftlab_prefix_branch"
 _PACKED = {"sdpa": packed_sdpa, "eager": packed_eager}
@@ -97,29 +96,10 @@ def _branch(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
         if b > a:
             keys = torch.cat([kept_key[:, :, start:start + length], key[:, :, a:b]], dim=2)
             values = torch.cat([kept_value[:, :, start:start + length], value[:, :, a:b]], dim=2)
-            parts.append(_continued(query[:, :, a:b], keys, values, length, options))
+            parts.append(_example(query[:, :, a:b], keys, values, explicit=False, scale=options["scale"],
+                                  window=options["window"], softcap=options["softcap"],
+                                  dropout=options["dropout"], offset=length))
     return torch.cat(parts, dim=2).transpose(1, 2), None
-
-
-def _continued(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt: int, options: dict[str, Any]) -> torch.Tensor:
-    """Attention of L continuing queries (positions prompt…prompt+L−1) over the prompt's keys and their own:
-    q (1, H, L, D), k/v (1, Hkv, prompt + L, D) -> (1, H, L, D)."""
-    scale, window, softcap, dropout = (options[name] for name in ("scale", "window", "softcap", "dropout"))
-    queries = torch.arange(prompt, prompt + q.shape[2], device=q.device)
-    keys = torch.arange(k.shape[2], device=q.device)
-    allowed = keys[None, :] <= queries[:, None]
-    if window is not None:
-        allowed &= (queries[:, None] - keys[None, :]) < window
-    groups = q.shape[1] // k.shape[1]
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale,
-                                              enable_gqa=groups > 1)
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout, training=dropout > 0)
-    return torch.matmul(probs, v)
 
 
 def _current() -> _Prefixes:
