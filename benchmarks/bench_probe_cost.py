@@ -1,6 +1,6 @@
 """What the forgetting probe costs the demo's run: its CPU seconds by phase against the same run's training.
 
-    python benchmarks/bench_probe_cost.py [--out runs/bench-probe-cost] [--steps N] [--train 600] [override ...]
+    python benchmarks/bench_probe_cost.py [--out runs/bench-probe-cost] [--steps N] [--train N] [override ...]
 
 One in-process run of the demo's LoRA config (examples/support_agent/config.yaml, SmolLM2-135M-Instruct from the
 fixture GGUF, the held-out split as its eval data: one eval point, at the end) with the builtin probe on. The
@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "examples" / "support_agent"
-MODEL = ROOT / ".cache" / "fixtures" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from bench_probe import DEMO, MODEL, ROOT, demo_settings, make_data
+
 SPENT: dict[str, float] = defaultdict(float)
 """CPU seconds by label, summed over the run."""
 
@@ -66,14 +63,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-probe-cost")
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the demo config's)")
-    parser.add_argument("--train", type=int, default=600, help="training conversations (the demo's)")
+    parser.add_argument("--train", type=int, default=None, help="training conversations (default: the demo's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("extra", nargs="*", help="config overrides, e.g. eval.probe_batch_size=32")
     args = parser.parse_args()
-    data = args.out / "data"
-    if not (data / "train.jsonl").is_file():
-        subprocess.run([sys.executable, str(DEMO / "make_data.py"), "--out", str(data), "--train", str(args.train)],
-                       check=True)
+    demo = demo_settings()
+    data = make_data(args.out, {**demo, "train": args.train or demo["train"]})
     import torch
     from rich.console import Console
 
