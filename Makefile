@@ -33,12 +33,14 @@ test: $(STAMP) $(FIXTURES) chromium
 
 # `make demo` on a fresh clone sets up only what it uses: sftlab with the gguf reader (not the test extras:
 # trackers, TRL, peft, ...) and, of the fixtures, only the GGUF model. After `make test` both are already there.
+# --no-compile: pip would byte-compile every module of every package (torch alone: ~35 of its ~55 s on a
+# loaded 2-core machine); demo.sh lets Python compile just the modules the demo imports, once, on first use.
 DEMO_STAMP := $(VENV)/.demo-stamp
 GGUF_FIXTURE := .cache/fixtures/gguf/.stamp
 
 $(DEMO_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@test -f $(STAMP) -a $(STAMP) -nt pyproject.toml || $(PY) -m pip install -q --disable-pip-version-check $(TORCH) -e '.[gguf]'
+	@test -f $(STAMP) -a $(STAMP) -nt pyproject.toml || $(PY) -m pip install -q --disable-pip-version-check --no-compile $(TORCH) -e '.[gguf]'
 	@touch $(DEMO_STAMP)
 
 $(GGUF_FIXTURE): scripts/fetch_fixtures.sh | $(DEMO_STAMP)
