@@ -29,6 +29,7 @@ from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import FieldTally
+from sftlab.data.parallel import EncodePool, encoding_ranks, worker_count
 from sftlab.data.quality import WriterQuality
 from sftlab.data.reasoning import prepare
 from sftlab.data.rejects import RejectLog, conversation_row
@@ -138,7 +139,8 @@ def build_dataset(data_path: str | Path | Source, data: DataConfig, encoder: Enc
     write = write or _write
     source = data_path if isinstance(data_path, Source) else resolve(data_path)
     encoder = encoder_for(source, encoder)
-    settings = {k: v for k, v in asdict(data).items() if k not in ("train", "eval", "cache_dir", "cache")}
+    settings = {k: v for k, v in asdict(data).items()
+                if k not in ("train", "eval", "cache_dir", "cache", "num_workers")}  # num_workers: same result
     settings["added_tokens"] = encoder.added_tokens
     settings["source"] = source_settings(source, encoder)
     if rows is not None:
@@ -297,7 +299,14 @@ class Conversations:
                        reasoning_turns=data.reasoning_turns)
 
     def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
-        for batch, results in self.encoder.encode_stream(batches):
+        workers = worker_count(self.data.num_workers, _input_bytes(self.source),
+                               ranks=encoding_ranks(self.data.cache))
+        if workers > 1:
+            # Results come back without their segments once the quality report stops tallying (only it reads them).
+            stream = EncodePool(self.encoder, workers).encode_stream(batches, lambda: self.quality.active)
+        else:
+            stream = self.encoder.encode_stream(batches)
+        for batch, results in stream:
             self.quality.batch(batch, results)
             yield batch, results
 
@@ -317,6 +326,15 @@ def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Pat
            settings: dict[str, Any]) -> None:
     kind = Conversations(data_path, data, encoder)
     write_examples(kind, data, directory, settings, encoder.added_tokens, fields=kind.fields)
+
+
+def _input_bytes(source: Source) -> int | None:
+    """The size of a source's data files (None for a Hub dataset: not known before it is read)."""
+    if source.hub is not None:
+        return None
+    if source.directory is not None:
+        return sum(p.stat().st_size for p in source.directory.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in source.files if p.is_file())
 
 
 def _format_of(data_path: Source | str | Path, data: DataConfig) -> str:

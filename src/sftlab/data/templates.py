@@ -253,10 +253,12 @@ class ChatTemplate:
     special-token variables (bos_token, eos_token, ...) the template may use."""
 
     def __init__(self, source: str, *, name: str, end_of_turn: Sequence[str],
-                 variables: Mapping[str, Any] | None = None, special_tokens: Sequence[str] = ()) -> None:
+                 variables: Mapping[str, Any] | None = None, special_tokens: Sequence[str] = (),
+                 clock: datetime | None = None) -> None:
         env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
         env.filters["tojson"] = _tojson
-        now = datetime.now()  # one clock per template: renders of one dataset agree on "today"
+        now = clock or datetime.now()  # one clock per template: renders of one dataset agree on "today"
+        self._clock = now
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = now.strftime
         try:
@@ -277,6 +279,11 @@ class ChatTemplate:
         self.reasons = "reasoning_content" in source or "</think>" in source
         """Whether the template renders reasoning (reads `reasoning_content` or splits `<think>` blocks)."""
         self._header: str | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as what compiles it again, its clock included (an encoding worker renders the same dates)."""
+        return (_rebuild_template, (self.source, self.name, self.end_of_turn, self.variables, self.special_tokens,
+                                    self._clock))
 
     def render_text(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
                     where: str = "", max_chars: int | None = None, tools: Sequence[Any] | None = None) -> str:
@@ -444,6 +451,12 @@ class ChatTemplate:
             if gap >= limit or not text[gap].isspace():
                 return None
             gap += 1
+
+
+def _rebuild_template(source: str, name: str, end_of_turn: Sequence[str], variables: Mapping[str, Any],
+                      special_tokens: Sequence[str], clock: datetime) -> ChatTemplate:
+    return ChatTemplate(source, name=name, end_of_turn=end_of_turn, variables=variables,
+                        special_tokens=special_tokens, clock=clock)
 
 
 class _RenderTooLong(Exception):
