@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -208,8 +209,16 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
         for _ in kind.read("error", None, None):
             pass
     with _Sink(directory) as sink:
-        items = kind.read(data.on_bad_row, sink.log, fields)
-        for batch, results in kind.encode_stream(iter(lambda: list(islice(items, BATCH_ROWS)), [])):
+        held = _HeldRejects(sink.log)
+        items = kind.read(data.on_bad_row, held, fields)  # type: ignore[arg-type]
+
+        def batches() -> Iterator[list[Any]]:
+            while batch := list(islice(items, BATCH_ROWS)):
+                yield batch
+                held.batch += 1
+
+        for number, (batch, results) in enumerate(kind.encode_stream(batches())):
+            held.release(number + 1)
             sink.count_rows(batch)
             kept = []
             for item, result in zip(batch, results):
@@ -220,6 +229,7 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
                 else:
                     sink.reject(result, kind.reject_row(item))
             sink.add(kept)
+        held.release(None)
     stats = sink.stats
     stats.ignored_fields = {} if fields is None else {name: n["rows"] for name, n in fields.report().items()
                                                         if not n["used"]}
@@ -228,6 +238,26 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
     stats.tokens = sink.offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": added_tokens, **extra}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+class _HeldRejects:
+    """The reader's rejects, each written where a one-batch-ahead pipeline writes it, whatever the encoder's
+    depth (data.num_workers keeps several batches in flight): the rows rejected while reading batch k + 1
+    come before the encoding rejects of batch k, so rejects.jsonl is the same for any number of workers."""
+
+    def __init__(self, log: RejectLog) -> None:
+        self.log = log
+        self.batch = 0
+        """The batch being read now."""
+        self._held: deque[tuple[int, dict[str, Any]]] = deque()
+
+    def add(self, **reject: Any) -> None:
+        self._held.append((self.batch, reject))
+
+    def release(self, upto: int | None) -> None:
+        """Write the rejects read while reading batches up to `upto` (None: all)."""
+        while self._held and (upto is None or self._held[0][0] <= upto):
+            self.log.add(**self._held.popleft()[1])
 
 
 class _Sink:
