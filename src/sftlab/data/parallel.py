@@ -28,10 +28,14 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import groupby
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from sftlab.data.templates import Segment
 from sftlab.errors import ConfigError, DataError
 
 MAX_WORKERS = 8
@@ -127,7 +131,8 @@ def _worker(tasks: Connection, results: Connection, parent: int) -> None:
             continue
         try:
             batch, keep_segments = pickle.loads(message)
-            reply = pickle.dumps(("ok", [_pack(r, keep_segments) for r in encoder.encode_batch(batch)]),
+            reply = pickle.dumps(("ok", [_pack(r, keep_segments, encoder.template.end_of_turn)
+                                         for r in encoder.encode_batch(batch)]),
                                  protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:  # a template's TemplateError, a bug: the parent raises it
             reply = _failure(exc)
@@ -143,23 +148,37 @@ def _failure(exc: BaseException) -> bytes:
         return pickle.dumps(("error", None, text), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _pack(result: Any, keep_segments: bool) -> Any:
-    """A result as it crosses the pipe: an Encoded (its segments only while the parent's report needs them), or
-    a DataError / Dropped as its fields (their constructors take keyword arguments pickle does not pass)."""
+def _pack(result: Any, keep_segments: bool, end_of_turn: Sequence[str]) -> tuple[Any, ...]:
+    """A result as it crosses the pipe: a DataError / Dropped as its fields (their constructors take keyword
+    arguments pickle does not pass); an Encoded's arrays in their smallest exact dtypes, and its segments (only
+    while the parent's quality report reads them) as `_light_segments`."""
     if isinstance(result, DataError):
-        return (type(result).__name__, result.detail, result.where, result.reason)
-    if not keep_segments:
-        result.__dict__["segments"] = []  # frozen dataclass; a private copy of this worker's
-    return result
+        return ("error", type(result).__name__, result.detail, result.where, result.reason)
+    segments = _light_segments(result.segments, max(map(len, end_of_turn), default=0)) if keep_segments else []
+    return ("ok", result.where, result.role_codes.astype(np.int8), result.truncated, segments,
+            result.ids.astype(np.int32), result.trained, result.special_tokens_in_content)
 
 
-def _unpack(result: Any) -> Any:
-    if isinstance(result, tuple):
-        from sftlab.data.encode import Dropped
+def _light_segments(segments: Sequence[Segment], tail: int) -> list[tuple[str, bool, str]]:
+    """What the quality report reads of a row's segments (data/quality.py: runs of trained segments of one
+    role; the end of a trained run's text, to find its end-of-turn marker), as a few plain tuples: each run
+    of trained segments of one role as one, holding the last `tail` characters of its text, and each stretch
+    of untrained segments as one empty placeholder (it still separates the trained runs around it)."""
+    light: list[tuple[str, bool, str]] = []
+    for (role, trained), run in groupby(segments, key=lambda s: (s.role if s.trainable else "", s.trainable)):
+        light.append(("".join(s.text for s in run)[-tail:] if trained and tail else "", trained, role))
+    return light
 
-        kind, detail, where, reason = result
+
+def _unpack(result: tuple[Any, ...]) -> Any:
+    from sftlab.data.encode import Dropped, Encoded
+
+    if result[0] == "error":
+        _, kind, detail, where, reason = result
         return (Dropped if kind == "Dropped" else DataError)(detail, where=where, reason=reason)
-    return result
+    _, where, roles, truncated, light, ids, trained, special = result
+    segments = [Segment(text, flag, role) for text, flag, role in light]
+    return Encoded(where, roles.astype(np.int64), truncated, segments, ids.astype(np.int64), trained, special)
 
 
 class WorkerError(RuntimeError):
