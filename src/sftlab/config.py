@@ -150,7 +150,8 @@ class DataConfig:
     num_workers: int | Literal["auto"] = "auto"
     """Processes that encode conversations (render, tokenise, mask); the result is the same for any number.
     `auto`: the CPU cores this process may use (at most 8; shared among local ranks that each encode), or 1
-    for an input under 16 MiB. Preference and feedback rows are encoded in one process."""
+    (in-process, tokenising on a second thread) for an input under 16 MiB or on fewer than 3 cores.
+    Preference and feedback rows are encoded in one process."""
 
     def __post_init__(self) -> None:
         if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)

@@ -40,6 +40,11 @@ from sftlab.errors import ConfigError, DataError
 
 MAX_WORKERS = 8
 """`auto` uses at most this many workers (the parent reads and writes on one core: more rarely pay)."""
+MIN_AUTO_CORES = 3
+"""`auto` starts workers only with this many usable cores: in one process, tokenising on a second thread already
+keeps ~1.5 cores busy, and workers cost CPU of their own (each batch pickled both ways, a tokenizer and token
+cache per worker): on 2 cores shared with other work they were measured slower (336 vs 468 tool-calling
+conversations per CPU-second, and lower conversations/s at load average ~8)."""
 MIN_PARALLEL_BYTES = 16 << 20
 """`auto` encodes inputs smaller than this in-process: starting workers (a fresh interpreter each, the tokenizer
 loaded) costs about what they save on ~5k conversations."""
@@ -69,10 +74,10 @@ def encoding_ranks(shared_cache: bool) -> int:
 def worker_count(setting: int | str, input_bytes: int | None, *, ranks: int = 1) -> int:
     """Worker processes for data.num_workers: an int as given; `auto` the usable cores (at most MAX_WORKERS;
     shared among `ranks` processes encoding at once), or 1 (in-process) for an input under MIN_PARALLEL_BYTES
-    or on one core. `input_bytes` None: unknown (a Hub dataset), taken as large."""
+    or with fewer than MIN_AUTO_CORES cores. `input_bytes` None: unknown (a Hub dataset), taken as large."""
     if setting == "auto":
         cores = min(usable_cores() // max(ranks, 1), MAX_WORKERS)
-        if cores < 2 or (input_bytes is not None and input_bytes < MIN_PARALLEL_BYTES):
+        if cores < MIN_AUTO_CORES or (input_bytes is not None and input_bytes < MIN_PARALLEL_BYTES):
             return 1
         return cores
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
