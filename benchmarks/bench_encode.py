@@ -14,6 +14,7 @@ across runs, and wall rates only between runs made at a similar load.
     python benchmarks/bench_encode.py --size-gb 1       # a ~1 GB file: peak RSS must not grow with size
     python benchmarks/bench_encode.py --stages 20000    # also time each stage on the first 20k rows
     python benchmarks/bench_encode.py --kind tools -n 20000   # tool-calling conversations (issue 15)
+    python benchmarks/bench_encode.py --workers 4       # data.num_workers (CPU and RSS include the workers)
     git archive main src | tar -x -C /tmp/main          # then, old vs new alternately on one file:
     python benchmarks/bench_encode.py --baseline /tmp/main/src --rounds 3
 
