@@ -14,6 +14,7 @@ across runs, and wall rates only between runs made at a similar load.
     python benchmarks/bench_encode.py --size-gb 1       # a ~1 GB file: peak RSS must not grow with size
     python benchmarks/bench_encode.py --stages 20000    # also time each stage on the first 20k rows
     python benchmarks/bench_encode.py --kind tools -n 20000   # tool-calling conversations (issue 15)
+    python benchmarks/bench_encode.py --workers 4       # data.num_workers (CPU and RSS include the workers)
     git archive main src | tar -x -C /tmp/main          # then, old vs new alternately on one file:
     python benchmarks/bench_encode.py --baseline /tmp/main/src --rounds 3
 
@@ -26,6 +27,7 @@ a third of the answers with reasoning).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -210,6 +212,8 @@ class BuildSpec:
     profile: str | None
     src: str | None = None
     """Another sftlab source tree (its `src` dir) to time instead of this checkout's (--baseline)."""
+    workers: int | str | None = None
+    """data.num_workers (None: DataConfig's default, auto)."""
 
 
 def _memory_mib() -> dict[str, float]:
@@ -223,9 +227,27 @@ def _memory_mib() -> dict[str, float]:
     return {"rss": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024}
 
 
+def _children_rss_mib() -> float:
+    """RSS of this process's child processes (the encoding workers of data.num_workers), in MiB."""
+    total = 0.0
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue  # it just ended
+            total += next((int(line.split()[1]) / 1024 for line in status.splitlines()
+                           if line.startswith("VmRSS:")), 0.0)
+    return total
+
+
 class RssSampler:
-    """Samples this process's RSS every `interval` seconds on a thread, to show whether memory grows
-    during the build (it must not, whatever the file size) rather than only its peak."""
+    """Samples the RSS of this process and its workers every `interval` seconds on a thread, to show whether
+    memory grows during the build (it must not, whatever the file size) rather than only its peak."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
@@ -235,7 +257,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.samples.append(_memory_mib()["rss"])
+            self.samples.append(_memory_mib()["rss"] + _children_rss_mib())
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -252,9 +274,10 @@ class RssSampler:
 
 
 def _cpu_s() -> float:
-    """CPU seconds of this process so far, all threads (the tokenizer's Rust threads included)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of this process so far, all threads (the tokenizer's Rust threads included), and of its
+    child processes that ended (the encoding workers, which end with the build)."""
+    usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_build(spec: BuildSpec) -> dict[str, Any]:
@@ -273,8 +296,11 @@ def run_build(spec: BuildSpec) -> dict[str, Any]:
     baseline = _memory_mib()["rss"]
     template = load_template(spec.template, tokenizer)
     length = {} if spec.max_seq_len == "default" else {"max_seq_len": spec.max_seq_len}
+    workers = {} if spec.workers is None else {"num_workers": spec.workers}
+    if workers and "num_workers" not in {f.name for f in dataclasses.fields(DataConfig)}:
+        workers = {}  # an older tree (--baseline): it encodes in one process
     data = DataConfig(template=spec.template, cache=spec.cache_dir is not None, cache_dir=spec.cache_dir,
-                      **length)
+                      **length, **workers)
     encoder = Encoder(tokenizer, template, train_on=data.train_on, max_seq_len=data.max_seq_len,
                       truncation=data.truncation, add_special_tokens=data.add_special_tokens,
                       special_tokens_in_content=data.special_tokens_in_content)
@@ -303,7 +329,8 @@ def run_build(spec: BuildSpec) -> dict[str, Any]:
         "rows": stats.rows, "examples": stats.examples, "rejected": stats.rejected,
         "tokens": stats.tokens, "trained_tokens": stats.trained_tokens,
         "rss_tokenizer_mib": baseline, "rss_encoder_mib": with_encoder, "rss_end_mib": memory["rss"],
-        "peak_rss_mib": memory["peak"], "rss_by_tenth_mib": rss.by_tenth(),
+        "peak_rss_mib": max([memory["peak"], *rss.samples]), "peak_rss_parent_mib": memory["peak"],
+        "rss_by_tenth_mib": rss.by_tenth(), "num_workers": data.__dict__.get("num_workers", 1),
     }
     if spec.stages:
         result["stages_cpu_ms"] = time_stages(spec, encoder, data, cpu_s * 1000 / stats.rows)
@@ -451,7 +478,9 @@ def print_table(label: str, result: dict[str, Any]) -> None:
         ("MB/s of JSONL", f"{result['mb_per_s']:,.2f}"),
         ("RSS, tokenizer loaded", (f"{result['rss_tokenizer_mib']:,.0f} MiB "
                                    f"({result['rss_encoder_mib']:,.0f} MiB with template and Encoder)")),
-        ("peak RSS of the build", f"{result['peak_rss_mib']:,.0f} MiB"),
+        ("peak RSS of the build", (f"{result['peak_rss_mib']:,.0f} MiB (all processes, sampled; the parent's "
+                                   f"own peak {result.get('peak_rss_parent_mib', result['peak_rss_mib']):,.0f} MiB; "
+                                   f"data.num_workers={result.get('num_workers', 1)})")),
         ("RSS by tenth of the build", " ".join(f"{mib:,.0f}" for mib in result["rss_by_tenth_mib"]) + " MiB"),
         ("machine", ("{nproc} CPUs ({cpu}), Python {python}, tokenizers {tokenizers}, "
                      "transformers {transformers}").format(**result["machine"])),
@@ -501,6 +530,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="data.max_seq_len: a number, none, or default (DataConfig's default)")
     parser.add_argument("--cache", action="store_true",
                         help="build through a fresh temporary cache (times hashing the file too)")
+    parser.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default=None,
+                        help="data.num_workers: auto (the default) or a number of encoding processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the generated file goes (deleted afterwards unless --keep)")
@@ -603,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory(prefix="bench-encode-cache-") as cache_dir:
                 spec = BuildSpec(str(data["path"]), tokenizer, args.template, args.max_seq_len,
                                  cache_dir if args.cache else None, args.stages,
-                                 str(args.profile) if args.profile else None, src)
+                                 str(args.profile) if args.profile else None, src, args.workers)
                 result = summarize(args, data, build_in_fresh_process(spec))
             name = label if args.baseline is None else f"{label} / {'baseline' if src else 'this'} {number // 2 + 1}"
             print_table(name, result)

@@ -28,7 +28,8 @@ def test_defaults() -> None:
         "train": None, "eval": None, "eval_fraction": 0.0, "format": "auto", "role_map": {}, "on_bad_row": "error",
         "template": "auto", "train_on": "assistant", "reasoning": "keep", "reasoning_turns": "rendered",
         "max_seq_len": None, "max_row_bytes": None, "truncation": "drop", "packing": False,
-        "add_special_tokens": False, "special_tokens_in_content": "text", "cache_dir": None, "cache": True}
+        "add_special_tokens": False, "special_tokens_in_content": "text", "cache_dir": None, "cache": True,
+        "num_workers": "auto"}
 
 
 def test_formats_match_the_literal_and_the_readers() -> None:

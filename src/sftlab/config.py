@@ -147,8 +147,17 @@ class DataConfig:
     """Where encoded datasets are cached; None means $SFTLAB_CACHE or ~/.cache/sftlab."""
     cache: bool = True
     """Reuse an encoded dataset when data, tokenizer, template and settings are unchanged."""
+    num_workers: int | Literal["auto"] = "auto"
+    """Processes that encode conversations (render, tokenise, mask); the result is the same for any number.
+    `auto`: the CPU cores this process may use (at most 8; shared among local ranks that each encode), or 1
+    (in-process, tokenising on a second thread) for an input under 16 MiB or on fewer than 3 cores.
+    Preference and feedback rows are encoded in one process."""
 
     def __post_init__(self) -> None:
+        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                           or self.num_workers < 1):
+            raise ConfigError(f"data.num_workers must be auto or a number of processes (1 or more), got "
+                              f"{shown(self.num_workers)}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {shown(self.eval_fraction)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:

@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -29,6 +30,7 @@ from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import FieldTally
+from sftlab.data.parallel import EncodePool, encoding_ranks, worker_count
 from sftlab.data.quality import WriterQuality
 from sftlab.data.reasoning import prepare
 from sftlab.data.rejects import RejectLog, conversation_row
@@ -138,7 +140,8 @@ def build_dataset(data_path: str | Path | Source, data: DataConfig, encoder: Enc
     write = write or _write
     source = data_path if isinstance(data_path, Source) else resolve(data_path)
     encoder = encoder_for(source, encoder)
-    settings = {k: v for k, v in asdict(data).items() if k not in ("train", "eval", "cache_dir", "cache")}
+    settings = {k: v for k, v in asdict(data).items()
+                if k not in ("train", "eval", "cache_dir", "cache", "num_workers")}  # num_workers: same result
     settings["added_tokens"] = encoder.added_tokens
     settings["source"] = source_settings(source, encoder)
     if rows is not None:
@@ -206,8 +209,16 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
         for _ in kind.read("error", None, None):
             pass
     with _Sink(directory) as sink:
-        items = kind.read(data.on_bad_row, sink.log, fields)
-        for batch, results in kind.encode_stream(iter(lambda: list(islice(items, BATCH_ROWS)), [])):
+        held = _HeldRejects(sink.log)
+        items = kind.read(data.on_bad_row, held, fields)  # type: ignore[arg-type]
+
+        def batches() -> Iterator[list[Any]]:
+            while batch := list(islice(items, BATCH_ROWS)):
+                yield batch
+                held.batch += 1
+
+        for number, (batch, results) in enumerate(kind.encode_stream(batches())):
+            held.release(number + 1)
             sink.count_rows(batch)
             kept = []
             for item, result in zip(batch, results):
@@ -218,6 +229,7 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
                 else:
                     sink.reject(result, kind.reject_row(item))
             sink.add(kept)
+        held.release(None)
     stats = sink.stats
     stats.ignored_fields = {} if fields is None else {name: n["rows"] for name, n in fields.report().items()
                                                         if not n["used"]}
@@ -226,6 +238,26 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
     stats.tokens = sink.offsets[-1]
     meta = {"stats": asdict(stats), "settings": settings, "added_tokens": added_tokens, **extra}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+class _HeldRejects:
+    """The reader's rejects, each written where a one-batch-ahead pipeline writes it, whatever the encoder's
+    depth (data.num_workers keeps several batches in flight): the rows rejected while reading batch k + 1
+    come before the encoding rejects of batch k, so rejects.jsonl is the same for any number of workers."""
+
+    def __init__(self, log: RejectLog) -> None:
+        self.log = log
+        self.batch = 0
+        """The batch being read now."""
+        self._held: deque[tuple[int, dict[str, Any]]] = deque()
+
+    def add(self, **reject: Any) -> None:
+        self._held.append((self.batch, reject))
+
+    def release(self, upto: int | None) -> None:
+        """Write the rejects read while reading batches up to `upto` (None: all)."""
+        while self._held and (upto is None or self._held[0][0] <= upto):
+            self.log.add(**self._held.popleft()[1])
 
 
 class _Sink:
@@ -297,7 +329,14 @@ class Conversations:
                        reasoning_turns=data.reasoning_turns)
 
     def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
-        for batch, results in self.encoder.encode_stream(batches):
+        workers = worker_count(self.data.num_workers, _input_bytes(self.source),
+                               ranks=encoding_ranks(self.data.cache))
+        if workers > 1:
+            # Results come back without their segments once the quality report stops tallying (only it reads them).
+            stream = EncodePool(self.encoder, workers).encode_stream(batches, lambda: self.quality.active)
+        else:
+            stream = self.encoder.encode_stream(batches)
+        for batch, results in stream:
             self.quality.batch(batch, results)
             yield batch, results
 
@@ -317,6 +356,15 @@ def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Pat
            settings: dict[str, Any]) -> None:
     kind = Conversations(data_path, data, encoder)
     write_examples(kind, data, directory, settings, encoder.added_tokens, fields=kind.fields)
+
+
+def _input_bytes(source: Source) -> int | None:
+    """The size of a source's data files (None for a Hub dataset: not known before it is read)."""
+    if source.hub is not None:
+        return None
+    if source.directory is not None:
+        return sum(p.stat().st_size for p in source.directory.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in source.files if p.is_file())
 
 
 def _format_of(data_path: Source | str | Path, data: DataConfig) -> str:

@@ -112,9 +112,28 @@ class Encoder:
         self._backend = _plain_backend(getattr(tokenizer, "backend_tokenizer", None))
         self.special_tokens_in_content = special_tokens_in_content
         self._specials = SpecialTokensInContent(tokenizer, self._backend, special_tokens_in_content)
+        self._cache_tokens = cache_tokens
         self._pieces = PieceCache.create(self._backend) if cache_tokens else None
         """Reuses the tokens of repeated text (system prompts, tool schemas); None where not provably exact
         for this tokenizer (or cache_tokens=False): whole texts are tokenised."""
+
+    def recipe(self) -> dict[str, Any]:
+        """What rebuilds this Encoder in another process (`from_recipe`; data/parallel.py's workers): the
+        tokenizer as it is now (with any tokens added), the template (with its clock), the settings."""
+        tokenizer = self.tokenizer if self._backend is None else TokenizerView(self.tokenizer)
+        return {"tokenizer": tokenizer, "template": self.template, "train_on": self.train_on,
+                "max_seq_len": self.max_seq_len, "truncation": self.truncation, "row_limit": self.row_limit,
+                "render_limit": self.render_limit, "special_tokens_in_content": self.special_tokens_in_content,
+                "cache_tokens": self._cache_tokens}
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any]) -> Encoder:
+        encoder = cls(recipe["tokenizer"], recipe["template"], train_on=recipe["train_on"],
+                      max_seq_len=recipe["max_seq_len"], truncation=recipe["truncation"],
+                      special_tokens_in_content=recipe["special_tokens_in_content"],
+                      cache_tokens=recipe["cache_tokens"])
+        encoder.row_limit, encoder.render_limit = recipe["row_limit"], recipe["render_limit"]
+        return encoder
 
     def encode(self, conversation: Conversation) -> Example:
         """Encode one conversation; raises DataError (bad row) or Dropped (policy)."""
@@ -226,6 +245,40 @@ class Encoder:
                             where=where, reason=STRADDLE)
         return (np.asarray(labels, dtype=np.int64) != IGNORE_INDEX, np.asarray(roles, dtype=np.int64),
                 np.asarray(content, dtype=bool))
+
+
+@dataclass(frozen=True)
+class _AddedToken:
+    content: str
+    special: bool
+
+    def __str__(self) -> str:
+        return self.content
+
+
+class TokenizerView:
+    """What an Encoder reads of a fast tokenizer, without transformers: the Rust backend and the added tokens.
+    Encoding workers (data/parallel.py) get this instead of the tokenizer, so they start without importing
+    transformers (seconds of CPU each)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.backend_tokenizer = tokenizer.backend_tokenizer
+        self.name_or_path = getattr(tokenizer, "name_or_path", "")
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.added_tokens_decoder = {int(i): _AddedToken(str(t), bool(getattr(t, "special", False)))
+                                     for i, t in decoder.items()}
+        self.all_special_ids = [int(i) for i in getattr(tokenizer, "all_special_ids", []) or []]
+        self._length = len(tokenizer)
+        self._added_vocab = dict(tokenizer.get_added_vocab())
+
+    def __len__(self) -> int:
+        return self._length
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return self._added_vocab
+
+    def convert_ids_to_tokens(self, index: int) -> str | None:
+        return self.backend_tokenizer.id_to_token(index)
 
 
 class SpecialTokensInContent:

@@ -248,15 +248,49 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                       sort_keys=sort_keys)
 
 
+JSON_MEMO = 256
+"""Most values `_JsonMemo` remembers (then it starts again): a few conversations' tools and tool arguments."""
+
+
+class _JsonMemo:
+    """`tojson` of the same object again (a row's tool schemas and call arguments: each conversation is rendered
+    twice, as itself and with sentinels) from a memo keyed by the object's identity. It holds each object, so
+    an id is never reused while remembered; rows and the values templates see are never changed in place (the
+    sandbox is immutable), so an object's JSON cannot change either."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[int, Any], tuple[Any, str]] = {}
+
+    def __call__(self, value: Any, ensure_ascii: bool = False, indent: int | None = None,
+                 separators: Any = None, sort_keys: bool = False) -> str:
+        if not isinstance(value, (dict, list, tuple)):
+            return _tojson(value, ensure_ascii, indent, separators, sort_keys)
+        try:
+            key = (id(value), (ensure_ascii, indent, separators, sort_keys))
+            hash(key)
+        except TypeError:  # unhashable separators: not remembered
+            return _tojson(value, ensure_ascii, indent, separators, sort_keys)
+        found = self._memo.get(key)
+        if found is not None and found[0] is value:
+            return found[1]
+        text = _tojson(value, ensure_ascii, indent, separators, sort_keys)
+        if len(self._memo) >= JSON_MEMO:
+            self._memo.clear()
+        self._memo[key] = (value, text)
+        return text
+
+
 class ChatTemplate:
     """A compiled Jinja chat template plus what sftlab needs to mask it: end-of-turn markers and the
     special-token variables (bos_token, eos_token, ...) the template may use."""
 
     def __init__(self, source: str, *, name: str, end_of_turn: Sequence[str],
-                 variables: Mapping[str, Any] | None = None, special_tokens: Sequence[str] = ()) -> None:
+                 variables: Mapping[str, Any] | None = None, special_tokens: Sequence[str] = (),
+                 clock: datetime | None = None) -> None:
         env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
-        env.filters["tojson"] = _tojson
-        now = datetime.now()  # one clock per template: renders of one dataset agree on "today"
+        env.filters["tojson"] = _JsonMemo()
+        now = clock or datetime.now()  # one clock per template: renders of one dataset agree on "today"
+        self._clock = now
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = now.strftime
         try:
@@ -277,6 +311,11 @@ class ChatTemplate:
         self.reasons = "reasoning_content" in source or "</think>" in source
         """Whether the template renders reasoning (reads `reasoning_content` or splits `<think>` blocks)."""
         self._header: str | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as what compiles it again, its clock included (an encoding worker renders the same dates)."""
+        return (_rebuild_template, (self.source, self.name, self.end_of_turn, self.variables, self.special_tokens,
+                                    self._clock))
 
     def render_text(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False,
                     where: str = "", max_chars: int | None = None, tools: Sequence[Any] | None = None) -> str:
@@ -446,6 +485,12 @@ class ChatTemplate:
             gap += 1
 
 
+def _rebuild_template(source: str, name: str, end_of_turn: Sequence[str], variables: Mapping[str, Any],
+                      special_tokens: Sequence[str], clock: datetime) -> ChatTemplate:
+    return ChatTemplate(source, name=name, end_of_turn=end_of_turn, variables=variables,
+                        special_tokens=special_tokens, clock=clock)
+
+
 class _RenderTooLong(Exception):
     """A render passed its cap (an Exception of ours, so the template's own error handling cannot catch it)."""
 
@@ -612,11 +657,25 @@ def _end_of_turn_candidates(tokenizer: Any | None) -> tuple[str, ...]:
 def _input_chars(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None) -> int:
     """How many characters a render's inputs hold (contents, reasoning, tool calls, tool schemas): the part of
     a render's length the row itself brings; the template may add MAX_TEMPLATE_TEXT on top."""
-    size = len(json.dumps(list(tools), ensure_ascii=False, default=str)) if tools else 0
+    size = _tools_chars(tools) if tools else 0
     for message in messages:
         for key in ("content", "reasoning_content"):
             if isinstance(message.get(key), str):
                 size += len(message[key])
         if message.get("tool_calls"):
             size += len(json.dumps(message["tool_calls"], ensure_ascii=False, default=str))
+    return size
+
+
+_last_tools: tuple[Any, int] = (None, 0)
+"""The last tools list measured and its size: a conversation's two renders (itself, with sentinels) pass the
+same object. Holding it keeps its id from being reused; rows are never changed in place."""
+
+
+def _tools_chars(tools: Sequence[Any]) -> int:
+    global _last_tools
+    last, size = _last_tools
+    if last is not tools:
+        size = len(json.dumps(list(tools), ensure_ascii=False, default=str))
+        _last_tools = (tools, size)
     return size

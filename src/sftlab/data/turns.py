@@ -16,11 +16,11 @@ marker that closes the turn is trained with it.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
 from sftlab.data.schema import Conversation, Message
@@ -276,8 +276,8 @@ def _strings(value: Any) -> list[str]:
 
 def _forms(value: str) -> tuple[str, ...]:
     """A string as a template may write it: as given, JSON-escaped (tojson), ASCII-escaped."""
-    return tuple(dict.fromkeys((value, json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(value)[1:-1],
-                                value.strip())))
+    return tuple(dict.fromkeys((value, encode_basestring(value)[1:-1], encode_basestring_ascii(value)[1:-1],
+                                value.strip())))  # what json.dumps(value, ensure_ascii=False / True) gives
 
 
 def _find_written(text: str, forms: Sequence[str], start: int, end: int) -> tuple[int, int] | None:
