@@ -12,8 +12,8 @@ writes, in the messages format with the fixed system prompt:
                  file also serves as data.eval.
 
 Kinds of conversation: `single` (one question, one fact), `combo` (one message asking about two facts),
-`follow_up` (two turns, one fact each). Every reply is the facts' sentences plus the sign-off. No two rows
-share their user messages. Deterministic for a seed; stdlib only.
+`follow_up` (two turns, one fact each). Every reply names the topics asked, then the facts' sentences, then the
+sign-off (facts.reply). No two rows share their user messages. Deterministic for a seed; stdlib only.
 """
 
 from __future__ import annotations
