@@ -16,6 +16,9 @@ Steps, each with the command a user would type where there is one:
 6. `sftlab merge` to a plain HF dir, with its fidelity check;
 7. `sftlab chat` driven by a script with one held-out question;
 8. `sftlab export` to one GGUF file.
+`sftlab train` runs as its own process (as a user runs it); check, merge, chat and export run in this process
+through sftlab's own command-line entry point (`sftlab.cli.main`), so that each does not pay a fresh
+interpreter's imports of torch and transformers again.
 Then the wall and CPU seconds of each phase, and the tokens/s training ran at: on a shared or slow machine
 the CPU seconds say what the demo cost, the wall seconds what it took. Steps, learning rate and data size
 come from a measured sweep (SWEEP.md, sweep.py).
@@ -24,13 +27,14 @@ come from a measured sweep (SWEEP.md, sweep.py).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -61,20 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         heldout = prepare_data(data, args)
     with clock.phase("sftlab check"):
         banner("3. sftlab check")
-        run([*SFTLAB, "check", str(data / "train.jsonl"), "--model", model])
+        sftlab("check", str(data / "train.jsonl"), "--model", model)
     with clock.phase("sftlab train"):
         train(model, out, data, args)
     clock.note("sftlab train", training_speed(out))
     before, after = evaluate(out, heldout, args.show, clock)
     with clock.phase("sftlab merge"):
         banner("6. sftlab merge")
-        run([*SFTLAB, "merge", str(out), "--output", str(out / "merged")])
+        sftlab("merge", str(out), "--output", str(out / "merged"))
     with clock.phase("sftlab chat"):
         chat(out, heldout[0])
     with clock.phase("sftlab export (GGUF)"):
         banner("8. sftlab export: one GGUF file for llama.cpp / Ollama / LM Studio")
-        run([*SFTLAB, "export", str(out), "--format", "gguf", "--quant", "q8_0", "--output",
-             str(out / "model.gguf"), "--overwrite"])
+        sftlab("export", str(out), "--format", "gguf", "--quant", "q8_0", "--output", str(out / "model.gguf"),
+               "--overwrite")
     clock.report()
     print(f"\ndone in {clock.total() / 60:.1f} min. The run: {out}/ (report.html, adapter/, merged/, model.gguf)")
     print(f"talk to it:  .venv/bin/sftlab chat {out}")
@@ -138,10 +142,9 @@ def evaluate(out: Path, heldout: list[dict], show: int, clock: PhaseClock) -> tu
 def chat(out: Path, row: dict) -> None:
     banner("7. sftlab chat, driven by a script")
     question = row["messages"][-2]["content"]
-    done = subprocess.run([*SFTLAB, "chat", str(out)], input=f"{question}\n/exit\n", capture_output=True, text=True,
-                          timeout=300)
-    print(f"> {question}\n{done.stdout.strip()}")
-    print(f"  (states the right fact: {'yes' if score(done.stdout, row['expect']) else 'no'})")
+    said = sftlab("chat", str(out), stdin=f"{question}\n/exit\n")
+    print(f"> {question}\n{said.strip()}")
+    print(f"  (states the right fact: {'yes' if score(said, row['expect']) else 'no'})")
 
 
 class PhaseClock:
@@ -276,6 +279,27 @@ def write_samples(out: Path, rows: list[dict], before: list[str], after: list[st
                         "after_ok": score(sample["after"], row["expect"])}
             file.write(json.dumps({**sample, **verdicts}, ensure_ascii=False) + "\n")
     write_report(out, samples=samples)
+
+
+def sftlab(*args: str, stdin: str | None = None) -> str:
+    """`sftlab ARGS` run in this process (sftlab.cli.main, the command's own code), so that the commands after
+    training do not each pay a new interpreter's imports of torch and transformers (~4 CPU-s each). With
+    `stdin`, the command reads it as its input and what it prints is returned instead of shown."""
+    from sftlab.cli import main as cli
+
+    print(f"$ sftlab {' '.join(args)}", flush=True)
+    printed = io.StringIO()
+    given = sys.stdin
+    try:
+        if stdin is not None:
+            sys.stdin = io.StringIO(stdin)
+        with redirect_stdout(printed) if stdin is not None else nullcontext():
+            code = cli(list(args))
+    finally:
+        sys.stdin = given
+    if code != 0:
+        raise SystemExit(f"sftlab {args[0]} failed (exit status {code}); its message is above")
+    return printed.getvalue()
 
 
 def run(cmd: list[str]) -> None:

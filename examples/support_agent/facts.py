@@ -23,6 +23,9 @@ SIGN_OFF = "Glad to help — Team Brightwell"
 @dataclass(frozen=True)
 class Fact:
     name: str
+    topic: str
+    """What the fact is about, in a customer's words ("returns", "support hours"): a reply names the topics
+    it answers before it answers them (`reply`). States no value."""
     answer: str
     """The one sentence, in the brand voice, that states the fact; replies are built from these."""
     expect: tuple[str, ...]
@@ -47,7 +50,7 @@ JOINERS = ("{a} {b}", "Two questions: {a} {b}", "{a} Also, one more thing: {b}",
 
 FACTS: tuple[Fact, ...] = (
     Fact(
-        "returns",
+        "returns", "returns",
         "You can return any Brightwell item within 45 days of delivery for a full refund.",
         ("45 days",),
         train=("How long do I have to return my {item}?", "What's your return window?",
@@ -66,7 +69,7 @@ FACTS: tuple[Fact, ...] = (
                  "For how long after it arrives will you take a product back?"),
     ),
     Fact(
-        "shipping_time",
+        "shipping_time", "shipping time",
         "Standard shipping takes 4 business days.",
         ("4 business days",),
         train=("How long does shipping take?", "When will my order arrive?", "How long does standard delivery take?",
@@ -83,7 +86,7 @@ FACTS: tuple[Fact, ...] = (
                  "After I pay, how many working days pass before the parcel shows up?"),
     ),
     Fact(
-        "free_shipping",
+        "free_shipping", "free shipping",
         "Standard shipping is free on every order over $65.",
         ("$65",),
         train=("Is shipping free?", "Do you offer free shipping?", "How much do I need to spend for free shipping?",
@@ -99,7 +102,7 @@ FACTS: tuple[Fact, ...] = (
                  "Do I have to hit a certain amount so the postage is on you?"),
     ),
     Fact(
-        "warranty",
+        "warranty", "the warranty",
         "Every Brightwell product comes with a 3-year warranty against manufacturing defects.",
         ("3 years",),
         train=("How long is the warranty on the {item}?", "What warranty do your products have?",
@@ -117,7 +120,7 @@ FACTS: tuple[Fact, ...] = (
                  "For what stretch of time do you stand behind your products if they fail?"),
     ),
     Fact(
-        "lamp_reset",
+        "lamp_reset", "resetting your lamp",
         "To reset your Lumio desk lamp, hold the dimmer for 10 seconds until the light blinks twice.",
         ("dimmer", "10 seconds"),
         train=("How do I reset my {lamp}?", "My {lamp} is stuck. How do I reset it?",
@@ -135,7 +138,7 @@ FACTS: tuple[Fact, ...] = (
                  "Is there a button trick that puts the {lamp} back to how it came out of the box?"),
     ),
     Fact(
-        "purifier_filter",
+        "purifier_filter", "the purifier filter",
         "Replace the filter in your Nimbus air purifier every 6 months to keep the air clean.",
         ("6 months",),
         train=("How often should I change the filter in my {purifier}?", "When do I replace the {purifier} filter?",
@@ -156,7 +159,7 @@ FACTS: tuple[Fact, ...] = (
                  "What replacement cycle would you suggest for the {purifier}'s filter?"),
     ),
     Fact(
-        "hours",
+        "hours", "support hours",
         "Our support team is here from 8am to 6pm Central Time, Monday to Saturday.",
         ("8am to 6pm", "Monday to Saturday"),
         train=("What are your support hours?", "When is customer support open?", "What time can I call support?",
@@ -173,7 +176,7 @@ FACTS: tuple[Fact, ...] = (
                  "Could I catch someone on the phone on a weekday evening, and which days are covered?"),
     ),
     Fact(
-        "email",
+        "email", "our email",
         "You can email our support team at care@brightwellhome.com.",
         ("care@brightwellhome.com",),
         train=("What's your support email?", "How can I email customer support?", "What email address can I write to?",
@@ -190,7 +193,7 @@ FACTS: tuple[Fact, ...] = (
                  "Is there somewhere I can drop you a written message instead of phoning?"),
     ),
     Fact(
-        "loyalty",
+        "loyalty", "our loyalty program",
         "Join Brightwell Circle, our free loyalty program, and get 10% off every order.",
         ("Brightwell Circle", "10%"),
         train=("Do you have a loyalty program?", "Is there a rewards program?", "How can I get a discount?",
@@ -199,7 +202,12 @@ FACTS: tuple[Fact, ...] = (
                "Do you offer a membership discount?", "Is there a way to save on every order?",
                "Do you have a membership program?", "How do loyalty members save?",
                "Is there a discount for regulars?", "What do I get if I join your rewards club?",
-               "Do you reward loyal customers?"),
+               "Do you reward loyal customers?", "Do you give anything back to people who order a lot?",
+               "Can I get a percentage off every time I order?", "What perks come with Brightwell Circle?",
+               "I order from you every month. Do you have any deals for that?", "Is there a points or rewards card?",
+               "Do loyal shoppers get a better price?", "How do I become a member and save?",
+               "Is there a membership that lowers my prices?", "Do you do anything for customers who keep coming back?",
+               "Can I save on my orders if I buy from you regularly?"),
         heldout=("I shop with you a lot. Is there some kind of club that gives me money off?",
                  "What do frequent buyers get for sticking with Brightwell?",
                  "Any scheme that knocks a bit off each purchase for returning shoppers?",
@@ -215,5 +223,7 @@ neighbour in FACTS, so every fact is in two held-out pairs (returns + shipping t
 
 
 def reply(facts: tuple[Fact, ...]) -> str:
-    """The agent's reply to a message asking about `facts`: their sentences in order, then the sign-off."""
-    return " ".join(fact.answer for fact in facts) + "\n" + SIGN_OFF
+    """The agent's reply to a message asking about `facts`: the topics asked about, then their sentences in
+    order, then the sign-off. Naming every topic first makes the model decide what a message asks while it reads
+    the message: without it, a message asking two things mostly got one answer and the sign-off (SWEEP.md)."""
+    return f"About {' and '.join(f.topic for f in facts)}: " + " ".join(f.answer for f in facts) + "\n" + SIGN_OFF
