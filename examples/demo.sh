@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The venv was installed without byte-compiling (Makefile): let the demo's first process write the .pyc files of
-# the modules it imports (into .venv and src/, both ours), so the next six processes do not compile them again.
+# the modules it imports (into .venv and src/, both ours), so `sftlab train`, its second process, reads them.
 unset PYTHONDONTWRITEBYTECODE
 exec .venv/bin/python examples/support_agent/demo.py "$@"
