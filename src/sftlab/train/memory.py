@@ -15,7 +15,7 @@ weights are read — printed as one line, and a refusal (with the change that ma
   loss's head chunk (fp32 logits, train/loss.py) and one dequantised NF4 weight in flight (with its
   decoding chunk: models/quant.py's dequant).
 - runtime: what the process holds already (Python, torch, the tokenizer, the data index) on the host, plus
-  SETTLING; the load adds its staging buffer (the largest tensor as stored) and, under QLoRA, the
+  SETTLING; the load adds its staging buffer (16 MiB at most) and, under QLoRA, the
   quantiser's working set for the largest layer (QUANTIZE_COPIES) before the training state exists.
 
 The constants are fitted on benchmarks/bench_memory.py's CPU rows (Llama shapes, 135M and 1B): the plan is
@@ -36,6 +36,7 @@ from sftlab.config import PAIR_STAGES
 from sftlab.errors import ConfigError
 from sftlab.methods.registry import METHODS
 from sftlab.models.quant import DEQUANT_CHUNK
+from sftlab.models.stream import STAGING_BYTES
 
 GIB = 2**30
 ACT_HIDDEN = 18
@@ -74,7 +75,8 @@ class ModelShape:
     element: int
     """Bytes per value in the compute dtype."""
     largest_tensor: int
-    """Bytes of the largest checkpoint tensor as stored: the load's staging buffer (models/stream.py)."""
+    """Bytes of the largest checkpoint tensor as stored (the load's staging buffer is the smaller of this and
+    models/stream.py's STAGING_BYTES)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
     # One NF4 weight dequantised at a time (models/quant.py: dequant), plus its decoding chunk's temporaries.
     chunk = min(DEQUANT_CHUNK, shape.largest_linear)
     dequantized = shape.largest_linear * shape.element + chunk * (4 + shape.element) if qlora else 0
-    load_extra = shape.largest_tensor + (int(QUANTIZE_COPIES * shape.largest_linear * shape.element) if qlora else 0)
+    load_extra = min(STAGING_BYTES, shape.largest_tensor) + \
+        (int(QUANTIZE_COPIES * shape.largest_linear * shape.element) if qlora else 0)
     return MemoryPlan(cfg.method, shape.nf4_bytes if qlora else shape.dense_bytes,
                       "nf4" if qlora else str(_dtype_name(shape.element)), trainable, trainable, 2 * trainable,
                       layers + head + dequantized, runtime + SETTLING, load_extra, checkpointing, available, where)
