@@ -195,18 +195,26 @@ cfg = load_config(overrides=[f"model={model}", f"data.train={data}", f"output_di
                              *sys.argv[5:]])
 console = Console(record=True, width=400, stderr=True)
 start = time.time()
+marks = []
+def mark(name):  # the peak so far, and what is resident now (anonymous / file-backed pages), in bytes
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    now = {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile") if k in fields}
+    marks.append({"at": name, "seconds": round(time.time() - start, 1), "peak": peak_rss(), **now})
+    print(json.dumps(marks[-1]), file=sys.stderr, flush=True)
 try:
     setup = prepare(cfg, console=console, overwrite=True)
     loaded = peak_rss()
-    train(setup, console=Console(quiet=True))
+    mark("loaded")
+    train(setup, console=Console(quiet=True), on_step=lambda step: mark(f"step {step}"))
     status = "ok"
 except SftlabError as exc:
     loaded, status = None, "refused: " + str(exc)
+mark("end")  # after the export, the report and finished.json
 text = console.export_text()
 import torch
 cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 print(json.dumps({"peak": peak_rss(), "after_load": loaded, "status": status, "seconds": time.time() - start,
-                  "cuda_peak": cuda,
+                  "cuda_peak": cuda, "marks": marks,
                   "plan": [l for l in text.splitlines() if l.startswith("memory plan")]}))
 """
 
@@ -215,8 +223,12 @@ def run(name: str, method: str, extra: list[str], repeat: int = 40) -> dict:
     model = write_model(name)
     out = RESULTS / "memory_runs" / f"{name}-{method}"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-c", RUN, str(model), str(_data(repeat)), str(out), method, *extra],
-                          capture_output=True, text=True, env=env)
+    log = RESULTS / "memory_runs" / f"{name}-{method}.log"  # each mark as it is taken (a long run can be followed)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as stderr:
+        done = subprocess.run([sys.executable, "-c", RUN, str(model), str(_data(repeat)), str(out), method, *extra],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    done.stderr = log.read_text(encoding="utf-8")
     if done.returncode != 0 or not done.stdout.strip():
         return {"shape": name, "method": method, "status": f"failed: {done.stderr.strip()[-600:]}"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -227,7 +239,8 @@ def run(name: str, method: str, extra: list[str], repeat: int = 40) -> dict:
     ideal = sum(_bytes(terms[k]) for k in ("base", "trainable", "gradients", "optimizer") if k in terms)
     return {"shape": name, "method": method, "status": result["status"][:400], "peak": result["peak"],
             "after_load": result["after_load"], "plan": _bytes(total.group(1)) if total else None, "ideal": ideal,
-            "seconds": round(result["seconds"], 1), "plan_line": plan_line, "cuda_peak": result.get("cuda_peak")}
+            "seconds": round(result["seconds"], 1), "plan_line": plan_line, "cuda_peak": result.get("cuda_peak"),
+            "marks": result.get("marks")}
 
 
 PEER = r"""
@@ -405,6 +418,7 @@ def main() -> None:
                         help="also TRL+PEFT's LoRA in bf16 on each shape (the peer row)")
     parser.add_argument("--merge", nargs="*", default=None, choices=("lora", "qlora"),
                         help="instead of training: `sftlab merge` of a random adapter of each shape (default lora)")
+    parser.add_argument("--out", help="results file name under benchmarks/results/ (default memory.json)")
     args, extra = parser.parse_known_args()
     rows = []
     if args.preset is not None:
@@ -435,7 +449,8 @@ def main() -> None:
             rows.append(peer_row(name))
             print(json.dumps(rows[-1]), file=sys.stderr)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(rows, indent=1))
+    name = "memory.json" if args.out is None else args.out
+    (RESULTS / name).write_text(json.dumps(rows, indent=1))
     print(table(rows))
 
 

@@ -62,6 +62,29 @@ def test_streamed_model_equals_from_pretrained(tmp_path: Path, tied: bool, shard
     assert torch.equal(logits(ours, 320), logits(theirs, 320))
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_tensors_cast_as_read_in_small_pieces_equal_whole_reads(tmp_path: Path, monkeypatch, method: str) -> None:
+    """A bf16 checkpoint loaded in fp32 through a staging buffer of 1001 bytes (500 values a piece, the last
+    piece of each tensor partial) gives the model from_pretrained gives, and QLoRA's NF4 codes of that model."""
+    from sftlab.models import stream
+
+    path = llama_dir(tmp_path / "m", tied=False)
+    cfg = load_config(overrides=[f"model={path}", "model.dtype=float32", f"method={method}", "lora.rank=4"])
+    spec = method_class(method).nf4(cfg) if method == "qlora" else None
+    whole = load_model(cfg.model, device=torch.device("cpu"), nf4=spec)
+    monkeypatch.setattr(stream, "STAGING_BYTES", 1001)
+    pieces = load_model(cfg.model, device=torch.device("cpu"), nf4=spec)
+    mine, other = pieces.state_dict(), whole.state_dict()
+    assert mine.keys() == other.keys()
+    for key in mine:
+        a, b = mine[key], other[key]
+        inner = a.__tensor_flatten__()[0] if type(a).__name__ == "NF4Tensor" else None
+        assert (all(torch.equal(getattr(a, n), getattr(b, n)) for n in inner) if inner else torch.equal(a, b)), key
+    reference = _from_pretrained(transformers.AutoModelForCausalLM, str(path), {"dtype": torch.float32})
+    if method == "lora":
+        assert all(torch.equal(mine[k], reference.state_dict()[k]) for k in mine)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_qlora_weights_quantised_as_read_equal_quantise_after_load(tmp_path: Path, arch: str) -> None:
     path = tiny_model_dir(tmp_path / arch, arch=arch, hidden=64)

@@ -12,9 +12,11 @@ weights are read — printed as one line, and a refusal (with the change that ma
 - activations: what backward keeps per token of the largest micro-batch (train.micro_batch_size × the
   longest row): per decoder layer about ACT_HIDDEN values per hidden unit and ACT_INTERMEDIATE per MLP unit
   without gradient checkpointing; with it, one hidden state per layer plus one layer recomputed. Plus the
-  loss's head chunk (fp32 logits, train/loss.py) and one dequantised NF4 weight in flight.
-- runtime: what the process holds already (Python, torch, the tokenizer, the data index) on the host; the
-  load adds its staging buffer (the largest tensor as stored) before the training state exists.
+  loss's head chunk (fp32 logits, train/loss.py) and one dequantised NF4 weight in flight (with its
+  decoding chunk: models/quant.py's dequant).
+- runtime: what the process holds already (Python, torch, the tokenizer, the data index) on the host, plus
+  SETTLING; the load adds its staging buffer (16 MiB at most) and, under QLoRA, the
+  quantiser's working set for the largest layer (QUANTIZE_COPIES) before the training state exists.
 
 The constants are fitted on benchmarks/bench_memory.py's CPU rows (Llama shapes, 135M and 1B): the plan is
 meant to be within 25% of the measured peak RSS there; it is an estimate, not a bound.
@@ -33,6 +35,8 @@ from torch import nn
 from sftlab.config import PAIR_STAGES
 from sftlab.errors import ConfigError
 from sftlab.methods.registry import METHODS
+from sftlab.models.quant import DEQUANT_CHUNK
+from sftlab.models.stream import STAGING_BYTES
 
 GIB = 2**30
 ACT_HIDDEN = 18
@@ -42,6 +46,13 @@ ACT_INTERMEDIATE = 6
 """Values kept per MLP unit per token per decoder layer (gate, up, activation, product, their grads)."""
 HEAD_COPIES = 3
 """fp32 copies of one head chunk alive at once (logits, softmax, gradient)."""
+QUANTIZE_COPIES = 2.6
+"""The streaming load's working set for one NF4 layer, in copies of that layer in the compute dtype: the cast
+of the read weight (1) plus torchao's quantiser on it (measured: 1.6, e.g. +272 MiB for a 172 MiB
+11008x4096 fp32 weight; models/quant.py: to_nf4)."""
+SETTLING = 48 * 2**20
+"""What the process adds to its planning-time size whatever the model (the modules imported by the load
+and the training loop, autograd's and the optimizer's first allocations): measured at the tiny shape."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,8 @@ class ModelShape:
     element: int
     """Bytes per value in the compute dtype."""
     largest_tensor: int
-    """Bytes of the largest checkpoint tensor as stored: the load's staging buffer (models/stream.py)."""
+    """Bytes of the largest checkpoint tensor as stored (the load's staging buffer is the smaller of this and
+    models/stream.py's STAGING_BYTES)."""
 
 
 @dataclass(frozen=True)
@@ -161,10 +173,14 @@ def plan(cfg: Any, shape: ModelShape, *, row_tokens: int, runtime: int, availabl
     else:
         layers = per_layer * shape.layers
     head = min(tokens, 2048) * shape.vocab * 4 * HEAD_COPIES
-    dequantized = 2 * shape.largest_linear * shape.element if qlora else 0
+    # One NF4 weight dequantised at a time (models/quant.py: dequant), plus its decoding chunk's temporaries.
+    chunk = min(DEQUANT_CHUNK, shape.largest_linear)
+    dequantized = shape.largest_linear * shape.element + chunk * (4 + shape.element) if qlora else 0
+    load_extra = min(STAGING_BYTES, shape.largest_tensor) + \
+        (int(QUANTIZE_COPIES * shape.largest_linear * shape.element) if qlora else 0)
     return MemoryPlan(cfg.method, shape.nf4_bytes if qlora else shape.dense_bytes,
                       "nf4" if qlora else str(_dtype_name(shape.element)), trainable, trainable, 2 * trainable,
-                      layers + head + dequantized, runtime, shape.largest_tensor, checkpointing, available, where)
+                      layers + head + dequantized, runtime + SETTLING, load_extra, checkpointing, available, where)
 
 
 def fixes(cfg: Any, shape: ModelShape, current: MemoryPlan, row_tokens: int) -> list[str]:
