@@ -344,9 +344,22 @@ def test_the_scanner_passes_safe_calls() -> None:
     assert unsafe_calls(SAFE_SOURCE) == []
 
 
+OWN_PIPES = {"data/parallel.py": 3}
+"""Modules allowed `pickle.loads`, and how many calls: data.num_workers' parent and worker processes exchange
+batches over anonymous pipes between sftlab's own processes (the worker is started by the parent, with sftlab's
+code); no byte read from a file, the network or a user's input is ever unpickled. A new call is a failure here."""
+
+
 def test_no_module_runs_a_shell_evaluates_strings_or_unpickles() -> None:
     modules = sorted(SRC.rglob("*.py"))
     assert len(modules) > 30
-    problems = [f"{path.relative_to(SRC)} {problem}" for path in modules
-                for problem in unsafe_calls(path.read_text(encoding="utf-8"))]
+    problems, pipes = [], {}
+    for path in modules:
+        name = path.relative_to(SRC).as_posix()
+        for problem in unsafe_calls(path.read_text(encoding="utf-8")):
+            if name in OWN_PIPES and problem.endswith(": pickle.loads"):
+                pipes[name] = pipes.get(name, 0) + 1
+            else:
+                problems.append(f"{name} {problem}")
     assert not problems, "\n".join(problems)
+    assert pipes == OWN_PIPES

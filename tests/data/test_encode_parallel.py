@@ -220,7 +220,8 @@ def test_workers_die_with_their_parent(tmp_path: Path, how: signal.Signals) -> N
             time.sleep(0.2)
             workers = _workers_of(process.pid) if _alive(process.pid) else []
         assert len(workers) == 2, process.stderr.read() if process.poll() is not None else "no workers started"
-        time.sleep(2)  # encoding under way
+        time.sleep(0.5)  # workers started (on a loaded machine 2 s was once enough for 30,000 rows to finish)
+        assert process.poll() is None, "the build ended before the signal: give the script more rows"
         process.send_signal(how)
         process.wait(timeout=60)  # no hang: Ctrl-C and SIGTERM end the build, and the process exits
         deadline = time.monotonic() + 30
