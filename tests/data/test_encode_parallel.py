@@ -173,7 +173,9 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path: Path, qwen: Encoder
 
 SCRIPT = textwrap.dedent("""
     # no `if __name__ == "__main__"` guard, on purpose: workers must not run this script again
+    import signal
     import sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a background job inherits SIG_IGN)
     from sftlab.config import DataConfig
     from sftlab.data.dataset import build_dataset
     from sftlab.data.encode import Encoder
