@@ -85,6 +85,12 @@ SOURCE_FIELDS = ("messages", "conversations", "prompt", "completion", "instructi
 Sources = str | SourceConfig | tuple[SourceConfig, ...]
 
 
+def check_num_workers(value: Any) -> None:
+    """data.num_workers: `auto` or a number of processes, 1 or more (a bool is not a number here)."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"data.num_workers must be auto or a number of processes (1 or more), got {shown(value)}")
+
+
 def sources_of(value: Sources | None) -> tuple[SourceConfig, ...]:
     """data.train / data.eval as a tuple of sources (a string is one source's path)."""
     if value is None or value == "" or value == ():
@@ -154,10 +160,7 @@ class DataConfig:
     Preference and feedback rows are encoded in one process."""
 
     def __post_init__(self) -> None:
-        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
-                                           or self.num_workers < 1):
-            raise ConfigError(f"data.num_workers must be auto or a number of processes (1 or more), got "
-                              f"{shown(self.num_workers)}")
+        check_num_workers(self.num_workers)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {shown(self.eval_fraction)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:

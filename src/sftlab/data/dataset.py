@@ -329,7 +329,7 @@ class Conversations:
                        reasoning_turns=data.reasoning_turns)
 
     def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
-        workers = worker_count(self.data.num_workers, _input_bytes(self.source),
+        workers = worker_count(self.data.num_workers, self.source.data_bytes(),
                                ranks=encoding_ranks(self.data.cache))
         if workers > 1:
             # Results come back without their segments once the quality report stops tallying (only it reads them).
@@ -356,15 +356,6 @@ def _write(data_path: Source, data: DataConfig, encoder: Encoder, directory: Pat
            settings: dict[str, Any]) -> None:
     kind = Conversations(data_path, data, encoder)
     write_examples(kind, data, directory, settings, encoder.added_tokens, fields=kind.fields)
-
-
-def _input_bytes(source: Source) -> int | None:
-    """The size of a source's data files (None for a Hub dataset: not known before it is read)."""
-    if source.hub is not None:
-        return None
-    if source.directory is not None:
-        return sum(p.stat().st_size for p in source.directory.rglob("*") if p.is_file())
-    return sum(p.stat().st_size for p in source.files if p.is_file())
 
 
 def _format_of(data_path: Source | str | Path, data: DataConfig) -> str:

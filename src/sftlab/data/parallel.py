@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from sftlab.config import check_num_workers
 from sftlab.data.templates import Segment
 from sftlab.errors import ConfigError, DataError
 
@@ -80,8 +81,7 @@ def worker_count(setting: int | str, input_bytes: int | None, *, ranks: int = 1)
         if cores < MIN_AUTO_CORES or (input_bytes is not None and input_bytes < MIN_PARALLEL_BYTES):
             return 1
         return cores
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ConfigError(f"data.num_workers must be auto or a number of processes (1 or more); found {setting!r}")
+    check_num_workers(setting)
     return setting
 
 

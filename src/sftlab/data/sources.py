@@ -62,13 +62,25 @@ class Source:
         from sftlab.data.cache import file_digest
 
         root = self.directory
-        files = self.files if root is None else sorted(p for p in root.rglob("*") if p.is_file() and
-                                                       not any(part.startswith(".") for part in
-                                                               p.relative_to(root).parts))
-        for path in files:
+        for path in self.data_files():
             digest.update(str(path.relative_to(root) if root else path.name).encode())
             digest.update(file_digest(path).encode())
         return digest.hexdigest()
+
+    def data_files(self) -> list[Path]:
+        """The local files the rows come from: the source's files, or a directory's files outside hidden
+        folders (.git, .cache); none for a Hub dataset."""
+        root = self.directory
+        if root is None:
+            return list(self.files)
+        return sorted(p for p in root.rglob("*") if p.is_file() and
+                      not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+    def data_bytes(self) -> int | None:
+        """The size of data_files() (None for a Hub dataset: not known before it is read)."""
+        if self.hub is not None:
+            return None
+        return sum(p.stat().st_size for p in self.data_files() if p.is_file())
 
 
 def resolve_all(value: Any) -> list[Source]:

@@ -179,7 +179,7 @@ def nearest_level(value: torch.Tensor, levels: torch.Tensor) -> torch.Tensor | N
     value), computed as the bucket between midpoints and the same |value - level| differences for that
     bucket and its two neighbours only. In floating point |v - l_i| is unimodal in i and rounding moves the
     minimum by at most one place from the bucket, so the three candidates always hold it: the indices are
-    equal (tests/methods/test_qlora.py checks them on every level, midpoint and its float neighbours). None
+    equal (tests/methods/test_nf4_kernels.py checks them on every level, midpoint and its float neighbours). None
     when a value is NaN (an all-zero block divides 0/0): torchao's own search handles those."""
     if torch.isnan(value).any():
         return None
