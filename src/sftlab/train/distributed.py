@@ -180,8 +180,40 @@ def gradient_sync(engine: nn.Module, ctx: Dist, *, last: bool) -> Iterator[None]
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (collective: every rank calls it); other tensors as they are."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    """A DTensor's whole value (collective: every rank calls it); other tensors as they are.
+
+    A shard that is a tensor subclass with FSDP's all-gather extension (torchao's NF4 weights:
+    `fsdp_pre_all_gather` names its inner tensors, `fsdp_post_all_gather` rebuilds the whole) is gathered
+    through that extension, as FSDP gathers it for every forward, with one blocking all-gather per inner
+    tensor into a buffer of the right size. DTensor's own route hands the subclass to torchao's
+    asynchronous functional collectives, which corrupted the heap of a CPU (gloo) process now and then
+    (`malloc(): unaligned tcache chunk detected` while consolidating a QLoRA run)."""
+    if not hasattr(tensor, "full_tensor"):
+        return tensor
+    whole = _gather_by_extension(tensor)
+    return whole if whole is not None else tensor.full_tensor()
+
+
+def _gather_by_extension(tensor: Any) -> torch.Tensor | None:
+    local = tensor.to_local()
+    if not hasattr(local, "fsdp_pre_all_gather") or tensor.device_mesh.ndim != 1:
+        return None
+    group = tensor.device_mesh.get_group()
+    size = dist.get_world_size(group)
+    if tuple(map(str, tensor.placements)) != ("S(0)",) or local.shape[0] * size != tensor.shape[0]:
+        return None  # replicated, or sharded unevenly (padded): DTensor's own route
+    try:
+        inner, meta = local.fsdp_pre_all_gather(tensor.device_mesh)
+    except TypeError:  # a newer extension signature (module, mixed precision): not this one
+        return None
+    gathered = []
+    for part in inner:
+        part = part.contiguous()
+        out = part.new_empty((part.shape[0] * size, *part.shape[1:]))
+        dist.all_gather_into_tensor(out, part, group=group)
+        gathered.append(out)
+    result = local.fsdp_post_all_gather(tuple(gathered), meta, local.dtype)
+    return result[0] if isinstance(result, tuple) else result
 
 
 def reshard(engine: nn.Module, ctx: Dist) -> None:
