@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "src" / "sftlab"
 
 FLOORS: dict[str, int] = {
-    "sftlab": 0, "sftlab.errors": 0, "sftlab.files": 0, "sftlab.config": 0,
+    "sftlab": 0, "sftlab.errors": 0, "sftlab.files": 0, "sftlab.config": 0, "sftlab.libc": 0,
     "sftlab.data": 1, "sftlab.models": 1,
     "sftlab.methods": 2,
     "sftlab.export": 3,

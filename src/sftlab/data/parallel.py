@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from sftlab import libc
 from sftlab.config import check_num_workers
 from sftlab.data.templates import Segment
 from sftlab.errors import ConfigError, DataError
@@ -89,13 +90,9 @@ def _die_with_parent() -> None:
     """Linux: the kernel sends this process SIGKILL when its parent dies."""
     if not sys.platform.startswith("linux"):
         return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # the closed task pipe still ends the worker
+    prctl = libc.function("prctl")
+    if prctl:  # otherwise the closed task pipe still ends the worker
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _worker_main() -> None:

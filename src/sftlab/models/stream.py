@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sftlab import libc
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -236,25 +238,13 @@ def map_large_blocks() -> None:
     global _MAPPED
     if _MAPPED or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
-    libc = _libc()
-    if libc:
-        libc.mallopt(-3, LARGE_BLOCK)  # M_MMAP_THRESHOLD
+    mallopt = libc.function("mallopt")
+    if mallopt:
+        mallopt(-3, LARGE_BLOCK)  # M_MMAP_THRESHOLD
     _MAPPED = True
 
 
 _MAPPED = False
-
-
-def _libc() -> Any:
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    return _LIBC
 
 
 def _release_freed_heap() -> None:
@@ -262,12 +252,9 @@ def _release_freed_heap() -> None:
     fp32 and in chunks of 1M values × 16 levels) back to the OS. glibc keeps freed blocks of these sizes in
     its heap, where the next layers' differently sized temporaries cannot reuse them: without this, peak RSS
     grows by several times the quantiser's working set over a model's layers. A no-op off glibc."""
-    libc = _libc()
-    if libc:
-        libc.malloc_trim(0)
-
-
-_LIBC: Any = None
+    malloc_trim = libc.function("malloc_trim")
+    if malloc_trim:
+        malloc_trim(0)
 
 
 def _needs_copy(current: torch.Tensor, info: TensorInfo, device: torch.device) -> bool:
