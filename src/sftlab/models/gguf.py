@@ -1,7 +1,8 @@
 """A .gguf file becomes a plain Hugging Face model dir once, in the cache, and every later run reads that.
 
 transformers reads GGUF (with the `gguf` package): it dequantises the weights and rebuilds the tokenizer
-with its chat template, which takes seconds to a minute. sftlab does that once per file and saves the
+with its chat template. Left to itself it parses the file three times (`parsed_once` makes that once: SmolLM2-135M
+Q4_1 converts in ~10 CPU-s instead of ~29, most of the rest imports). sftlab does that once per file and saves the
 result (fp32 weights as safetensors, tokenizer files, chat template) under
 `$SFTLAB_CACHE/models/<name>-<key>/` (default ~/.cache/sftlab), keyed by the file's path, size and
 modification time. The conversion is written to a scratch dir and renamed into place, so a killed
@@ -60,7 +61,7 @@ def _convert(source: Path, target: Path, *, trust_remote_code: bool) -> None:
     scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        with _parsed_once():
+        with parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name,
                                                       trust_remote_code=trust_remote_code)
             loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
@@ -87,7 +88,7 @@ def _convert(source: Path, target: Path, *, trust_remote_code: bool) -> None:
 
 
 @contextmanager
-def _parsed_once() -> Iterator[None]:
+def parsed_once() -> Iterator[None]:
     """transformers' GGUF reader (modeling_gguf_pytorch_utils) parses the whole file with gguf.GGUFReader once for
     the config, once for the tokenizer's config and once for the weights, every metadata string each time (the
     vocabulary and merges: ~100k of them, each read through numpy.memmap's slow slicing); and it builds gguf's
@@ -95,7 +96,8 @@ def _parsed_once() -> Iterator[None]:
     seconds. Inside this block transformers gets, through the gguf module it imports them from at each call,
     a reader that parses each file once (from a plain array view of the memory map: the same bytes, without
     memmap's per-slice cost) and a name map built once per architecture and depth. Callers only read both, so
-    the conversion is the same, byte for byte (tests/test_gguf.py); the gguf module is restored on exit."""
+    the conversion is the same, byte for byte (tests/test_gguf.py); the gguf module is restored on exit. (The
+    reader stands in as a function, not a class: nothing in transformers' GGUF path checks isinstance against it.)"""
     import gguf
     import numpy as np
 
