@@ -2,7 +2,7 @@
 
 transformers reads GGUF (with the `gguf` package): it dequantises the weights and rebuilds the tokenizer
 with its chat template. Left to itself it parses the file three times (`parsed_once` makes that once: SmolLM2-135M
-Q4_1 converts in ~10 CPU-s instead of ~29, most of the rest imports). sftlab does that once per file and saves the
+Q4_1 converts in ~9.5 CPU-s instead of ~26.5, half of the rest imports). sftlab does that once per file and saves the
 result (fp32 weights as safetensors, tokenizer files, chat template) under
 `$SFTLAB_CACHE/models/<name>-<key>/` (default ~/.cache/sftlab), keyed by the file's path, size and
 modification time. The conversion is written to a scratch dir and renamed into place, so a killed
@@ -92,7 +92,7 @@ def parsed_once() -> Iterator[None]:
     """transformers' GGUF reader (modeling_gguf_pytorch_utils) parses the whole file with gguf.GGUFReader once for
     the config, once for the tokenizer's config and once for the weights, every metadata string each time (the
     vocabulary and merges: ~100k of them, each read through numpy.memmap's slow slicing); and it builds gguf's
-    tensor-name map once per submodule (~400 times for a 30-layer model). That was ~60% of a conversion's CPU
+    tensor-name map once per submodule (~400 times for a 30-layer model). That was about half of a conversion's CPU
     seconds. Inside this block transformers gets, through the gguf module it imports them from at each call,
     a reader that parses each file once (from a plain array view of the memory map: the same bytes, without
     memmap's per-slice cost) and a name map built once per architecture and depth. Callers only read both, so
