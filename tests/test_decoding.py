@@ -75,6 +75,35 @@ def test_batched_greedy_answers_equal_a_plain_loop_without_a_cache(model, share)
     assert any(len(a) == max_new_tokens and a[-1] not in stops for a in expected)  # and one runs to the cap
 
 
+@pytest.mark.parametrize("join", [True, False], ids=["one-decoding-batch", "group-by-group"])
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prefix", "whole-rows"])
+def test_many_rows_with_their_own_caps_equal_a_plain_loop(model, monkeypatch, share, join) -> None:
+    """decode_rows: prompts prefilled in groups (shortest first), their caches joined into one decoding batch
+    (or, where they cannot be joined, decoded group by group), every row to its own cap or stop token."""
+    prompts = [PREFIX + own for own in OWN] + [PREFIX + [36, 2], PREFIX + [38, 13, 13, 29, 1, 17, 23]]
+    caps = [12, 3, 9, 6, 1, 12]
+    stops = stops_for(model, prompts, 12)
+    expected = [plain_greedy(model, p, stops=stops, max_new_tokens=cap) for p, cap in zip(prompts, caps)]
+    if not join:
+        monkeypatch.setattr(decoding, "_joined", lambda groups: None)
+    with torch.no_grad():
+        prefix = decoding.shared_prefix(model, prompts, device=torch.device("cpu")) if share else decoding.NO_PREFIX
+        found = decoding.decode_rows(model, prompts, caps=caps, stops=stops, pad_id=0, device=torch.device("cpu"),
+                                     pick=decoding.greedy, prefix=prefix, prefill_rows=2)
+    assert found == expected
+    assert all(len(a) == cap for a, cap in zip(expected, caps) if a[-1] not in stops)  # the rest ran to their cap
+    assert any(a[-1] in stops for a in expected) and any(a[-1] not in stops and len(a) > 1 for a in expected)
+
+
+def test_decode_rows_of_no_prompts_and_zero_caps(model) -> None:
+    with torch.no_grad():
+        assert decoding.decode_rows(model, [], caps=[], stops=set(), pad_id=0, device=torch.device("cpu"),
+                                    pick=decoding.greedy) == []
+        found = decoding.decode_rows(model, [PREFIX, PREFIX + [3]], caps=[0, 2], stops=set(), pad_id=0,
+                                     device=torch.device("cpu"), pick=decoding.greedy)
+    assert found == [[], plain_greedy(model, PREFIX + [3], stops=set(), max_new_tokens=2)]
+
+
 def test_prompts_without_a_common_prefix_decode_as_whole_rows(model) -> None:
     """Ragged prompts that share nothing: no prefix, and still the plain loop's answers."""
     prompts = [[12, *own] for own in OWN[:2]] + [[13, 4, 4], [14]]
@@ -121,7 +150,7 @@ def test_top_p_draws_are_reproducible_and_stay_in_the_nucleus() -> None:
     assert set(draw(3).tolist()) == {0, 1}
 
 
-def test_the_demo_forms_batches_of_like_prompts_each_row_once() -> None:
+def test_the_demo_caps_each_answer_at_its_group_of_like_references() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "support_agent"))
@@ -129,6 +158,5 @@ def test_the_demo_forms_batches_of_like_prompts_each_row_once() -> None:
 
     prompts = [[1] * n for n in (30, 5, 17, 5, 90, 12, 40)]
     limits = [10, 50, 20, 40, 30, 20, 10]
-    found = demo.batches(prompts, limits, 3)
-    assert sorted(i for chunk in found for i in chunk) == list(range(7)) and all(len(c) <= 3 for c in found)
-    assert found == [[3, 1, 5], [2, 0, 6], [4]]  # shortest own prompt first, the smaller cap first on a tie
+    # sorted by (limit, prompt length): rows 0, 6, 5 | 2, 4, 3 | 1, each group capped at its largest limit
+    assert demo.caps(prompts, limits, 3) == [20, 50, 40, 40, 40, 20, 20]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,18 @@ Pick = Callable[[torch.Tensor], torch.Tensor]
 """Next tokens (B,) on the CPU from the last position's logits (B, V)."""
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Rows being decoded: their last position's logits (B, V), the KV cache, the attention mask over it (B, L)
+    and each row's last position (B, 1) (both None after a method's prefill: its steps take neither), and the
+    index of the prompt each row answers."""
+    logits: torch.Tensor
+    cache: Any
+    mask: torch.Tensor | None
+    positions: torch.Tensor | None
+    rows: list[int]
+
+
 def decode_batch(model: Any, prompts: list[list[int]], *, stops: Collection[int], max_new_tokens: int, pad_id: int,
                  device: torch.device, pick: Pick, prefix: SharedPrefix = NO_PREFIX,
                  prefill: Callable[..., Any] | None = None) -> list[list[int]]:
@@ -101,32 +113,108 @@ def decode_batch(model: Any, prompts: list[list[int]], *, stops: Collection[int]
     step; a row that has stopped is kept (its tokens ignored) until every row has. With `prefill` (a method's
     first forward that prepends virtual tokens or prefixes: one prompt, no prefix) the prompt goes through it and
     the steps through the model as it comes. Call under torch.no_grad() with the model in eval mode."""
+    rows = _prefilled(model, prompts, range(len(prompts)), pad_id=pad_id, device=device, prefix=prefix,
+                      prefill=prefill)
+    answers = _steps(model, rows, caps=[max_new_tokens] * len(prompts), stops=stops, pick=pick, device=device,
+                     prune=False)
+    return [answers[i] for i in range(len(prompts))]
+
+
+def decode_rows(model: Any, prompts: list[list[int]], *, caps: list[int], stops: Collection[int], pad_id: int,
+                device: torch.device, pick: Pick, prefix: SharedPrefix = NO_PREFIX,
+                prefill_rows: int = 16) -> list[list[int]]:
+    """Each prompt's answer ids (ending with its stop token when one came within its own cap), in prompt order,
+    for many prompts at once at the least work: the prompts run shortest first in left-padded groups of
+    `prefill_rows` (each padded only to its own longest), then all decode as ONE batch, so that each step (whose
+    cost on a CPU is mostly per step, not per row) serves every row; a row leaves the batch when it stops or
+    reaches its cap. The groups' caches are joined by left-padding them to one length (masked); a cache that
+    cannot be joined (other than plain per-layer keys and values: sliding windows, quantised caches) decodes
+    group by group instead. Memory: every prompt's cache at once. Call under torch.no_grad(), model in eval."""
+    if not prompts:
+        return []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups = [_prefilled(model, [prompts[i] for i in chosen], chosen, pad_id=pad_id, device=device, prefix=prefix)
+              for chosen in (order[start:start + prefill_rows] for start in range(0, len(order), prefill_rows))]
+    joined = _joined(groups)
+    answers: dict[int, list[int]] = {}
+    for rows in [joined] if joined is not None else groups:
+        answers.update(_steps(model, rows, caps=caps, stops=stops, pick=pick, device=device, prune=True))
+    return [answers[i] for i in range(len(prompts))]
+
+
+def _prefilled(model: Any, prompts: list[list[int]], rows: Sequence[int], *, pad_id: int, device: torch.device,
+               prefix: SharedPrefix, prefill: Callable[..., Any] | None = None) -> _Rows:
+    """The prompts' first forward: left-padded behind a copy of the prefix's cache (or through `prefill`)."""
     ids, mask = left_padded([p[prefix.length:] for p in prompts], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = prefix.length + (mask.cumsum(-1) - 1).clamp(min=0)
     mask = prefix.masked(mask)
-    cache_name = cache_keyword(model)
     keep = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # the prompt's last position only
-    if prefill is None:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep,
-                    **prefix.copied(len(prompts)))
-    else:
+    if prefill is not None:
         out = prefill(model, ids, **keep)
-    answers: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in range(max_new_tokens):
-        tokens = pick(out.logits[:, -1])  # (B,)
-        for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                answers[row].append(token)
-                done[row] = token in stops
-        if all(done) or step == max_new_tokens - 1:  # no forward for a token nobody will read
+        return _Rows(out.logits[:, -1], returned_cache(out), None, None, list(rows))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep,
+                **prefix.copied(len(prompts)))
+    return _Rows(out.logits[:, -1], returned_cache(out), mask, positions[:, -1:], list(rows))
+
+
+def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], pick: Pick, device: torch.device,
+           prune: bool) -> dict[int, list[int]]:
+    """The rows decoded one token a step until each has stopped or reached its cap (prompt index -> answer).
+    `prune`: a finished row leaves the batch (its cache rows dropped); else it stays, its tokens ignored."""
+    answers: dict[int, list[int]] = {i: [] for i in rows.rows}
+    done = {i: caps[i] <= 0 for i in rows.rows}
+    cache_name = cache_keyword(model)
+    while not all(done[i] for i in rows.rows):
+        tokens = pick(rows.logits)  # (B,)
+        for i, token in zip(rows.rows, tokens.tolist()):
+            if not done[i]:
+                answers[i].append(token)
+                done[i] = token in stops or len(answers[i]) >= caps[i]
+        live = [r for r, i in enumerate(rows.rows) if not done[i]]
+        if not live:  # no forward for a token nobody will read
             break
-        cache = returned_cache(out)
-        plain = {"attention_mask": (mask := torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)),
-                 "position_ids": (positions := positions[:, -1:] + 1)} if prefill is None else {}
-        out = model(input_ids=tokens[:, None].to(device), use_cache=True, **{cache_name: cache}, **plain)
+        if prune and len(live) < len(rows.rows):
+            rows, tokens = _selected(rows, live, device), tokens[live]
+        mask = positions = None
+        if rows.mask is not None:
+            mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.rows), 1)], dim=1)
+            positions = rows.positions + 1
+        plain = {"attention_mask": mask, "position_ids": positions} if mask is not None else {}
+        out = model(input_ids=tokens[:, None].to(device), use_cache=True, **{cache_name: rows.cache}, **plain)
+        rows = _Rows(out.logits[:, -1], returned_cache(out), mask, positions, rows.rows)
     return answers
+
+
+def _selected(rows: _Rows, live: list[int], device: torch.device) -> _Rows:
+    """The rows at batch positions `live` (the cache's rows selected in place)."""
+    index = torch.tensor(live, device=device)
+    rows.cache.batch_select_indices(index)
+    return _Rows(rows.logits[index], rows.cache, None if rows.mask is None else rows.mask[index],
+                 None if rows.positions is None else rows.positions[index], [rows.rows[r] for r in live])
+
+
+def _joined(groups: list[_Rows]) -> _Rows | None:
+    """The groups as one batch: each layer's keys and values (B, H, L, D) and the masks (B, L) left-padded to the
+    longest group's L (the padding masked) and stacked; None when a cache holds anything else than plain
+    per-layer keys and values."""
+    from transformers.cache_utils import DynamicLayer
+
+    if len(groups) == 1:
+        return groups[0]
+    if any(g.mask is None or not all(type(layer) is DynamicLayer and layer.get_seq_length() == g.mask.shape[1]
+                                     for layer in getattr(g.cache, "layers", [None])) for g in groups):
+        return None
+    width = max(g.mask.shape[1] for g in groups)
+    cache = groups[0].cache
+    for j, layer in enumerate(cache.layers):
+        for name in ("keys", "values"):
+            setattr(layer, name, torch.cat([torch.nn.functional.pad(getattr(g.cache.layers[j], name),
+                                                                    (0, 0, width - g.mask.shape[1], 0))
+                                            for g in groups]))
+    mask = torch.cat([torch.nn.functional.pad(g.mask, (width - g.mask.shape[1], 0)) for g in groups])
+    return _Rows(torch.cat([g.logits for g in groups]), cache, mask, torch.cat([g.positions for g in groups]),
+                 [i for g in groups for i in g.rows])
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
