@@ -51,11 +51,11 @@ BATCH = 16
 """Prompts run through the model together (left-padded, shortest first); also the size of the groups of like
 reference length whose longest reference caps their answers."""
 DECODE_ROWS = 64
-"""Questions decoded as one batch after their prompts ran. A decoding step costs a CPU mostly per step (reading
-every weight, ~30 layers of small products), little per row: one batch for all 54 held-out questions is ~4x
-fewer steps than four batches of 16; its KV cache is about 0.6 GB for SmolLM2-135M."""
+"""Questions decoded as one batch after their prompts ran. A decoding step has a cost whatever its batch (~80 ms
+of one core for SmolLM2-135M: every weight read, ~30 layers of small products) besides ~4 ms per row: one batch
+for all 54 held-out questions takes 73 steps where four batches of 16 took 219. Its KV cache is about 0.6 GB."""
 ANSWER_MARGIN = 8
-"""Tokens a generated answer may run past its batch's longest reference answer."""
+"""Tokens a generated answer may run past the longest reference answer of its group (`caps`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +211,8 @@ class Answerer:
     prefix every prompt shares (the template's header and the system prompt) runs once per pass and its keys
     and values are copied along; the prompts' own tokens run shortest first in groups of BATCH (little left
     padding); then all the questions decode as one batch, each row leaving it at its end-of-turn token or its
-    cap. On a CPU a decoding step costs mostly per step, little per row, so one batch of 54 costs far fewer
-    step-seconds than four of 16. Each answer stops at ANSWER_MARGIN tokens past the longest reference of its
+    cap. On a CPU a decoding step has a cost whatever its batch (DECODE_ROWS), so one batch of 54 costs less
+    than four of 16. Each answer stops at ANSWER_MARGIN tokens past the longest reference of its
     group of like reference length (`caps`): a reply is scored on the facts it states, and the references are
     the longest replies the training data teaches. Prompts go through the same chat template sftlab trains
     with. An adapter run also answers as its base model (`base=True`: the method's own `adapters_disabled`,

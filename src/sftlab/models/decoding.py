@@ -1,5 +1,6 @@
-"""Batched decoding against a KV cache: the forgetting probe's answers (train/probe.py), `sftlab eval`'s, and any
-caller's many prompts at once (the support-agent demo's held-out answers).
+"""Batched decoding against a KV cache, sftlab's one decoder: the forgetting probe's answers (train/probe.py) and
+`sftlab eval`'s (decode_batch), `sftlab chat` / `generate` (generate.py: a batch of one), and many prompts at once
+at the least work (decode_rows: the support-agent demo's held-out answers).
 
     prompts ──common_prefix──▶ shared prefix, run once at batch 1 (its KV cache copied along each batch)
       ──left_padded (each row's own tokens)──▶ prefill (B, T) ──pick (greedy | top-p)──▶ (B,) tokens
