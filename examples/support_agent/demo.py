@@ -48,12 +48,14 @@ SFTLAB = [sys.executable, "-m", "sftlab"]
 
 
 BATCH = 16
-"""Questions decoded together. A decoding step reads all the weights whatever the batch, so on a CPU a batch
-costs little more than one question until the matrix products become compute-bound; 16 keeps two cores busy,
-and the 54 held-out questions, sorted by reference length, make four batches of like-length answers (a row
-that has stopped still costs its batch's steps)."""
+"""Prompts run through the model together (left-padded, shortest first); also the size of the groups of like
+reference length whose longest reference caps their answers."""
+DECODE_ROWS = 64
+"""Questions decoded as one batch after their prompts ran. A decoding step has a cost whatever its batch (~80 ms
+of one core for SmolLM2-135M: every weight read, ~30 layers of small products) besides ~4 ms per row: one batch
+for all 54 held-out questions takes 73 steps where four batches of 16 took 219. Its KV cache is about 0.6 GB."""
 ANSWER_MARGIN = 8
-"""Tokens a generated answer may run past its batch's longest reference answer."""
+"""Tokens a generated answer may run past the longest reference answer of its group (`caps`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,15 +205,18 @@ def final_loss(out: Path) -> float | None:
 
 
 class Answerer:
-    """One model (or run dir) loaded once, answering held-out questions greedily in batches.
+    """One model (or run dir) loaded once, answering held-out questions greedily, all at once.
 
-    Decoding on a CPU is bound by reading the weights, so a batch of questions costs little more than one;
-    BATCH is sized so that two cores stay busy without wasting steps on rows that have already stopped.
-    Each batch stops at ANSWER_MARGIN tokens past its longest reference answer: a reply is scored on the
-    facts it states, and the references are the longest replies the training data teaches. Prompts go
-    through the same chat template sftlab trains with and stop at its end-of-turn token. An adapter run also
-    answers as its base model (`base=True`: the method's own `adapters_disabled`, what preference training's
-    reference uses), so the demo's before/after comparison needs one model load, not two."""
+    Decoding goes through sftlab's own batched decoder (sftlab.models.decoding, the forgetting probe's): the
+    prefix every prompt shares (the template's header and the system prompt) runs once per pass and its keys
+    and values are copied along; the prompts' own tokens run shortest first in groups of BATCH (little left
+    padding); then all the questions decode as one batch, each row leaving it at its end-of-turn token or its
+    cap. On a CPU a decoding step has a cost whatever its batch (DECODE_ROWS), so one batch of 54 costs less
+    than four of 16. Each answer stops at ANSWER_MARGIN tokens past the longest reference of its
+    group of like reference length (`caps`): a reply is scored on the facts it states, and the references are
+    the longest replies the training data teaches. Prompts go through the same chat template sftlab trains
+    with. An adapter run also answers as its base model (`base=True`: the method's own `adapters_disabled`,
+    what preference training's reference uses), so the demo's before/after comparison needs one model load."""
 
     def __init__(self, source: str) -> None:
         from sftlab.generate import stop_token_ids
@@ -236,36 +241,58 @@ class Answerer:
                 for ids in self.token_answers(rows, base=base, batch=batch)]
 
     def token_answers(self, rows: list[dict], *, base: bool = False, batch: int = BATCH) -> list[list[int]]:
-        """The answers' token ids (without the stop token), in row order. Rows are decoded in batches of
-        like reference length, each batch capped at its longest reference plus ANSWER_MARGIN."""
+        """The answers' token ids (without the stop token), in row order. The caps are today's: rows sorted by
+        reference length in groups of `batch`, each row capped at its group's longest reference plus
+        ANSWER_MARGIN (`caps`)."""
         from sftlab.generate import prompt_ids
 
         prompts = [prompt_ids(self.tokenizer, self.template, row["messages"][:-1]) for row in rows]
         limits = [len(self.tokenizer.encode(row["messages"][-1]["content"], add_special_tokens=False))
                   + ANSWER_MARGIN for row in rows]
-        order = sorted(range(len(rows)), key=lambda i: (limits[i], len(prompts[i])))
-        answers: list[list[int]] = [[] for _ in rows]
         if base and self.method is None:
             raise ValueError("base=True answers as the base model under a run's adapters; this model has none "
                              "(a plain model dir, or fold() merged them): answer before fold(), or load the base")
         with self.method.adapters_disabled(self.model) if base else nullcontext():
-            for start in range(0, len(order), batch):
-                chunk = order[start:start + batch]
-                for i, ids in zip(chunk, self._generate([prompts[i] for i in chunk], max(limits[i] for i in chunk))):
-                    answers[i] = ids
-        return answers
+            return self._decode(prompts, caps(prompts, limits, batch), batch=batch, plain=base)
 
-    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def _decode(self, prompts: list[list[int]], limits: list[int], *, batch: int, plain: bool) -> list[list[int]]:
+        """Greedy answers without their stop token, in prompt order, each at most its limit. `plain`: the model's
+        plain forward is the model to answer as (else it is unless the method prepends virtual tokens or
+        prefixes, which then go through the method's own prefill, one prompt at a time, no shared prefix)."""
         import torch
 
-        width = max(map(len, prompts))
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=self.stops, pad_token_id=self.pad)
-        rows = out[:, width:].tolist()
-        return [row[:next((i for i, t in enumerate(row) if t in self.stops), len(row))] for row in rows]
+        from sftlab.models import decoding
+        from sftlab.train.probe import plain_forward
+
+        plain = plain or plain_forward(self.method)
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            if plain:
+                prefix = decoding.shared_prefix(self.model, prompts, device=device)
+                found = [answer for start in range(0, len(prompts), DECODE_ROWS) for answer in decoding.decode_rows(
+                    self.model, prompts[start:start + DECODE_ROWS], caps=limits[start:start + DECODE_ROWS],
+                    stops=self.stops, pad_id=self.pad, device=device, pick=decoding.greedy, prefix=prefix,
+                    prefill_rows=batch)]
+            else:
+                found = [decoding.decode_batch(self.model, [prompt], stops=self.stops, max_new_tokens=limit,
+                                               pad_id=self.pad, device=device, pick=decoding.greedy,
+                                               prefill=self.method.prefill)[0]
+                         for prompt, limit in zip(prompts, limits)]
+        return [ids[:-1] if ids and ids[-1] in self.stops else ids for ids in found]
+
+
+def caps(prompts: list[list[int]], limits: list[int], size: int) -> list[int]:
+    """Each row's answer cap: the rows sorted by reference length (then prompt length) in groups of `size`, each
+    row capped at the largest limit of its group (the demo's batches before the shared decoder: the same caps,
+    so the same answers)."""
+    order = sorted(range(len(prompts)), key=lambda i: (limits[i], len(prompts[i])))
+    found = [0] * len(prompts)
+    for start in range(0, len(order), size):
+        group = order[start:start + size]
+        for i in group:
+            found[i] = max(limits[j] for j in group)
+    return found
+
 
 def write_samples(out: Path, rows: list[dict], before: list[str], after: list[str]) -> None:
     """Before/after answers into the run's report.html, and (with their verdicts) into samples.jsonl."""

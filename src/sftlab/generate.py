@@ -2,8 +2,9 @@
 
 The prompt is the same template render the model was trained on, with the generation prompt appended,
 tokenised without the tokenizer's own special tokens (the template already puts BOS where it wants it).
-Decoding is a plain loop over `model(input_ids, past_key_values=..., use_cache=True)` (newer transformers
-name the cache argument `cache`): the prompt is run once, then one token per step against the KV cache.
+Decoding is the shared batched decoder (models/decoding.py, also the forgetting probe's and the demo's) with
+a batch of one: a loop over `model(input_ids, past_key_values=..., use_cache=True)` (newer transformers name
+the cache argument `cache`): the prompt is run once, then one token per step against the KV cache.
 It does not use HF `generate()`, so methods that hook the forward or the cache (prefix tuning) decode
 through exactly the path they train through.
 
@@ -13,7 +14,6 @@ through exactly the path they train through.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -29,6 +29,7 @@ from sftlab.data.encode import prompt_token_ids
 from sftlab.data.stop_tokens import stop_token_ids
 from sftlab.data.templates import ChatTemplate
 from sftlab.errors import ConfigError, shown
+from sftlab.models import decoding
 
 Messages = Sequence[Mapping[str, str]]
 """Chat messages as the template renders them: `{"role": ..., "content": ...}`."""
@@ -80,28 +81,21 @@ def sample(model: Any, input_ids: Sequence[int], *, stop_ids: Sequence[int], max
 def _decode_loop(model: Any, input_ids: list[int], stops: set[int], max_new_tokens: int,
                  temperature: float, top_p: float, generator: torch.Generator | None,
                  method: Any = None) -> list[int]:
-    device = _device(model)
-    step_input = torch.tensor([input_ids], dtype=torch.long, device=device)  # (1, T) prefill, then (1, 1)
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    # transformers renamed `past_key_values` to `cache` (the old name is deprecated, to be removed in 5.40);
-    # pass the cache under the name this model's forward declares.
-    cache_name = "cache" if _accepts(model, "cache") else "past_key_values"
-    cache: Any = None
-    new: list[int] = []
-    while True:
-        if cache is None and method is not None:  # the method's prefill holds its virtual tokens / prefixes
-            out = method.prefill(model, step_input, **extra)
-        else:
-            out = model(input_ids=step_input, use_cache=True, **{cache_name: cache}, **extra)
-        cache = _returned_cache(out)
-        token = pick_token(out.logits[0, -1], temperature=temperature, top_p=top_p, generator=generator)
-        if token in stops:
-            break
-        new.append(token)
-        if len(new) == max_new_tokens:
-            break
-        step_input = torch.tensor([[token]], dtype=torch.long, device=device)
-    return new
+    """One prompt through the shared decoder (models/decoding.py) as a batch of one: the prompt through the
+    method's prefill (its virtual tokens / prefixes; the plain forward without a method), then one token a step
+    against the cache, each drawn by pick_token."""
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # (1, V) -> (1,)
+        return torch.tensor([pick_token(logits[0], temperature=temperature, top_p=top_p, generator=generator)])
+
+    prefill = method.prefill if method is not None else _plain_prefill
+    [answer] = decoding.decode_batch(model, [input_ids], stops=stops, max_new_tokens=max_new_tokens, pad_id=0,
+                                     device=_device(model), pick=pick, prefill=prefill)
+    return answer[:-1] if answer and answer[-1] in stops else answer
+
+
+def _plain_prefill(model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+    """The prompt's forward without a method: the model's own, with no mask (one unpadded row)."""
+    return model(input_ids=input_ids, use_cache=True, **kwargs)
 
 
 def pick_token(logits: torch.Tensor, *, temperature: float, top_p: float,
@@ -213,20 +207,6 @@ def _generator(model: Any, seed: int | None) -> torch.Generator | None:
 def _device(model: Any) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)  # newer transformers name it `cache`; older ones `past_key_values`
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def _accepts(model: Any, name: str) -> bool:
-    """Whether the model's forward names `name` (HF causal LMs take `logits_to_keep` to skip computing
-    the prompt's logits; wrappers that only pass **kwargs are not sent it)."""
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 _QWEN_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)

@@ -15,8 +15,8 @@ the same file back: same prompts, same answers, same numbers). At every eval poi
   (fixed seed) to the open-ended prompts give probe_distinct2 (distinct bigrams / bigrams, over all answers),
   probe_repetition (share of repeated 4-grams within an answer) and probe_length (mean tokens).
 
-Decoding is a loop over the model's forward with a KV cache (as generate.py does), never HF generate(), which
-would skip prefix tuning's prefixes. Under torchrun only rank 0 probes.
+Decoding is models/decoding.py's batched loop over the model's forward with a KV cache, never HF generate(),
+which would skip prefix tuning's prefixes. Under torchrun only rank 0 probes.
 
 The prompts, once templated, share a long token prefix (a template's default system prompt and the user's header:
 most of a short prompt's tokens). Its keys and values are computed once per decoding or scoring pass and copied
@@ -27,8 +27,6 @@ probe_kl at step 0 is still exactly 0.
 
 from __future__ import annotations
 
-import copy
-import inspect
 import itertools
 import json
 import math
@@ -50,6 +48,8 @@ from sftlab.data.stop_tokens import stop_token_ids
 from sftlab.data.templates import ChatTemplate, load_template
 from sftlab.errors import ConfigError, DataError
 from sftlab.methods.base import Method
+from sftlab.models import decoding
+from sftlab.models.decoding import SharedPrefix, common_prefix  # noqa: F401  (common_prefix: the probe's tests)
 
 BUILTIN = Path(__file__).with_name("probe_prompts.jsonl")
 """The built-in probe set: one JSON object a line, {"id", "kind", "open", "messages"}; `kind` is one of fact,
@@ -61,8 +61,6 @@ TEMPERATURE, TOP_P = 0.7, 0.9
 """The sampled (instruction-tax) answers: generate.py's defaults."""
 CHUNK = 512
 """Answer positions whose logits are computed at once."""
-CANDIDATES = 256
-"""Tokens kept for a top-p draw when they hold TOP_P of the mass (else the whole vocabulary is sorted)."""
 
 
 @dataclass(frozen=True)
@@ -213,46 +211,19 @@ class Prober:
     def prefix(self, rows: list[list[int]], *, plain: bool) -> SharedPrefix:
         """The rows' shared prefix with its KV cache, computed once at batch 1 by the model as it is now (empty
         when sharing is off, the forward is not the model's plain one, or the model's cache cannot be copied)."""
-        length = common_prefix(rows) if plain and self.share_prefix else 0
-        if length == 0:
-            return SharedPrefix(0, None, "")
-        name = "cache" if _accepts(self.model, "cache") else "past_key_values"
-        out = self.model.base_model(input_ids=torch.tensor([rows[0][:length]], device=self.device), use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if not hasattr(cache, "batch_repeat_interleave"):
-            return SharedPrefix(0, None, "")
-        return SharedPrefix(length, cache, name)
+        if not (plain and self.share_prefix):
+            return decoding.NO_PREFIX
+        return decoding.shared_prefix(self.model, rows, device=self.device)
 
     def _decode_batch(self, prompts: list[list[int]], *, sampled: bool, plain: bool,
                       generator: torch.Generator | None, prefix: SharedPrefix) -> list[list[int]]:
-        """Left-padded prompts (B, T) decoded together against a KV cache, one token a step; the shared prefix's
-        cache in front (its rows' padding sits between it and each row's own tokens, masked)."""
-        ids, mask = left_padded([p[prefix.length:] for p in prompts], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = prefix.length + (mask.cumsum(-1) - 1).clamp(min=0)
-        mask = prefix.masked(mask)
-        cache_name = "cache" if _accepts(self.model, "cache") else "past_key_values"
-        keep = {"logits_to_keep": 1} if _accepts(self.model, "logits_to_keep") else {}  # the prompt's last only
-        if plain:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep,
-                             **prefix.copied(len(prompts)))
-        else:
-            out = self.method.prefill(self.model, ids, **keep)
-        answers: list[list[int]] = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-        for _ in range(self.cfg.eval.probe_max_new_tokens):
-            tokens = pick(out.logits[:, -1], sampled=sampled, generator=generator)  # (B,)
-            for row, token in enumerate(tokens.tolist()):
-                if not done[row]:
-                    answers[row].append(token)
-                    done[row] = token in self.stops
-            if bool(done.all()):
-                break
-            cache = getattr(out, "cache", None) or out.past_key_values
-            step = {"attention_mask": (mask := torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)),
-                    "position_ids": (positions := positions[:, -1:] + 1)} if plain else {}
-            out = self.model(input_ids=tokens[:, None].to(self.device), use_cache=True, **{cache_name: cache}, **step)
-        return answers
+        """Left-padded prompts (B, T) decoded together against a KV cache (models/decoding.py), the shared
+        prefix's cache in front; greedy, or top-p at TEMPERATURE with `generator`."""
+        pick = (decoding.top_p_sampler(temperature=TEMPERATURE, top_p=TOP_P, generator=generator) if sampled
+                else decoding.greedy)
+        return decoding.decode_batch(self.model, prompts, stops=self.stops, pad_id=self.pad_id, device=self.device,
+                                     max_new_tokens=self.cfg.eval.probe_max_new_tokens, pick=pick, prefix=prefix,
+                                     prefill=None if plain else self.method.prefill)
 
     def score(self, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, keep_top: int = 0,
               against: Reference | None = None) -> tuple[Any, ...]:
@@ -310,50 +281,6 @@ class Prober:
             yield torch.log_softmax(logits, dim=-1), targets
 
 
-@dataclass(frozen=True)
-class SharedPrefix:
-    """The token prefix every row of a pass starts with, and its KV cache at batch 1 (None when empty)."""
-    length: int
-    cache: Any
-    name: str
-    """The forward's keyword for a cache (transformers renamed past_key_values to cache)."""
-
-    def copied(self, rows: int) -> dict[str, Any]:
-        """The forward's cache keyword: a fresh copy of the prefix's cache for `rows` rows (a forward appends to
-        the cache it is given), or nothing without a prefix."""
-        if self.cache is None:
-            return {}
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(rows)
-        return {self.name: cache}
-
-    def masked(self, mask: torch.Tensor) -> torch.Tensor:
-        """The attention mask (B, P + T) over the prefix and the rows' own tokens (B, T)."""
-        return torch.cat([mask.new_ones(mask.shape[0], self.length), mask], dim=1) if self.length else mask
-
-
-def common_prefix(rows: list[list[int]]) -> int:
-    """The length of the token prefix all rows share, short of the shortest row's last token (every row keeps
-    one of its own: decoding starts from its last position); 0 for fewer than two rows (nothing to share)."""
-    if len(rows) < 2:
-        return 0
-    first, shortest, length = rows[0], min(len(r) for r in rows), 0
-    while length < shortest - 1 and all(r[length] == first[length] for r in rows):
-        length += 1
-    return length
-
-
-def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (B, T) padded on the left with pad_id, and their attention mask (0 at the padding)."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, tokens in enumerate(rows):
-        ids[row, length - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, length - len(tokens):] = 1
-    return ids, mask
-
-
 def answer_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Batch:
     """Right-padded prompt + answer rows, only the answer's tokens supervised (row-major = answer order)."""
     examples = [Example(p + a, [IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers)]
@@ -387,28 +314,9 @@ def tax_numbers(answers: list[list[int]]) -> dict[str, float]:
             "probe_length": sum(len(a) for a in answers) / max(len(answers), 1)}
 
 
-def pick(logits: torch.Tensor, *, sampled: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, V): argmax, or a top-p draw at temperature TEMPERATURE."""
-    logits = logits.float()
-    if not sampled:
-        return logits.argmax(-1).cpu()
-    probs = torch.softmax(logits / TEMPERATURE, dim=-1)
-    sorted_probs, order = candidates(probs)
-    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= TOP_P, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
-    return order.gather(1, choice)[:, 0].cpu()
-
-
 def candidates(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's most likely tokens in order (probs, ids), enough of them to hold TOP_P of every row's mass: the
-    top CANDIDATES when they do (the usual case; a partial sort, several times cheaper than sorting the whole
-    vocabulary at every decoding step), else the whole vocabulary sorted. Either way every token that top-p keeps
-    is among them, so the draw is from the same distribution."""
-    if probs.shape[-1] > CANDIDATES:
-        values, order = probs.topk(CANDIDATES, dim=-1)
-        if bool((values.sum(-1) >= TOP_P).all()):  # every token past them comes after TOP_P of the mass
-            return values, order
-    return probs.sort(dim=-1, descending=True)
+    """The sampled answers' candidate tokens at TOP_P (models/decoding.py's candidates)."""
+    return decoding.candidates(probs, top_p=TOP_P)
 
 
 def plain_forward(method: Method | None) -> bool:
@@ -425,13 +333,6 @@ def base_view(method: Method | None, model: torch.nn.Module) -> Any:
     if method is None or type(method).whole_model:
         return contextlib.nullcontext()
     return method.adapters_disabled(model)
-
-
-def _accepts(model: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def finite(value: float) -> bool:
