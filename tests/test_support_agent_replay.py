@@ -1,12 +1,13 @@
 """The support-agent demo's replay source (examples/support_agent/replay.jsonl, written by make_replay.py):
 general prompts none of which is the forgetting probe's (so the probe still measures drift on prompts never
-trained on), answered by the base model, and valid sftlab data."""
+trained on), answered by the base model, valid sftlab data, and mixed into the demo's training data."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+from pathlib import Path
 
 from conftest import ROOT, shared_real_tokenizer
 
@@ -14,7 +15,7 @@ sys.path.insert(0, str(ROOT / "examples" / "support_agent"))
 
 import make_replay
 
-from sftlab.config import DataConfig
+from sftlab.config import DataConfig, load_config
 from sftlab.data import quality
 from sftlab.data.encode import Encoder
 from sftlab.data.formats import read_conversations
@@ -93,3 +94,22 @@ def test_replay_is_valid_sftlab_data() -> None:
     assert report.ok and not report.warnings, report.warnings
     assert (report.examples, report.rejected, report.dropped) == (rows, {}, {})
     assert (report.duplicates, report.conflicting_prompts, report.turns_missing_end_of_turn) == (0, 0, 0)
+
+
+def test_the_demo_config_mixes_the_replay_source_in() -> None:
+    """config.yaml's data.train is the support data and the committed replay source, the replay the smaller
+    share; demo.py (and sweep.py) pass that list with the support path pointed at make_data.py's output."""
+    import demo
+
+    cfg = load_config(ROOT / "examples" / "support_agent" / "config.yaml", overrides=["model=x"])
+    support, replay = cfg.data.train
+    assert Path(support.path).name == "train.jsonl"
+    assert (ROOT / replay.path).resolve() == REPLAY.resolve()
+    assert replay.weight < support.weight and abs(support.weight + replay.weight - 1) < 1e-9
+    sources = demo.training_sources(Path("/data/run-data"))
+    assert sources == [{"path": "/data/run-data/train.jsonl", "weight": support.weight},
+                       {"path": str(REPLAY), "weight": replay.weight}]
+    # what demo.py passes as its override reads back as the same mixture
+    passed = load_config(ROOT / "examples" / "support_agent" / "config.yaml",
+                         overrides=["model=x", f"data.train={json.dumps(sources)}"]).data.train
+    assert [(s.path, s.weight) for s in passed] == [(s["path"], s["weight"]) for s in sources]
