@@ -111,11 +111,24 @@ def prepare_data(data: Path, args: argparse.Namespace) -> list[dict]:
 
 def train(model: str, out: Path, data: Path, args: argparse.Namespace) -> None:
     banner("4. sftlab train")
-    overrides = [f"model={model}", f"output_dir={out}", f"data.train={data / 'train.jsonl'}",
+    overrides = [f"model={model}", f"output_dir={out}", f"data.train={json.dumps(training_sources(data))}",
                  f"data.eval={data / 'heldout.jsonl'}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     run([*SFTLAB, "train", str(HERE / "config.yaml"), *overrides, "--overwrite"])
+
+
+def training_sources(data: Path) -> list[dict]:
+    """config.yaml's data.train (the support conversations and the replay source, with their weights), the
+    support source's path pointed at DATA/train.jsonl (make_data.py's output here) and the others made
+    absolute: an override replaces the whole list, so the weights stay written in config.yaml only."""
+    import yaml
+
+    sources = yaml.safe_load((HERE / "config.yaml").read_text(encoding="utf-8"))["data"]["train"]
+    sources = [sources] if isinstance(sources, (str, dict)) else sources
+    sources = [{"path": s} if isinstance(s, str) else dict(s) for s in sources]
+    return [{**s, "path": str(data / "train.jsonl") if Path(s["path"]).name == "train.jsonl" else str(REPO / s["path"])}
+            for s in sources]
 
 
 def evaluate(out: Path, heldout: list[dict], show: int, clock: PhaseClock) -> tuple[float, float]:

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from check_answers import score  # noqa: E402
-from demo import GGUF, SFTLAB, Answerer, one_line, prepare_model, run  # noqa: E402
+from demo import GGUF, SFTLAB, Answerer, one_line, prepare_model, run, training_sources  # noqa: E402
 
 KINDS = ("single", "combo", "follow_up")
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     heldout = [json.loads(line) for line in (data / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
     if not args.score_only:
         run([*SFTLAB, "train", str(HERE / "config.yaml"), f"model={model}", f"output_dir={out}",
-             f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'heldout.jsonl'}",
+             f"data.train={json.dumps(training_sources(data))}", f"data.eval={data / 'heldout.jsonl'}",
              f"train.save_every_steps={args.every}", "train.keep_checkpoints=1000", *args.overrides, "--overwrite"])
     rows, misses = score_checkpoints(out, heldout, base=args.base)
     print(table(rows, metrics(out), args.every))
