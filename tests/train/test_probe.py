@@ -19,10 +19,11 @@ from rich.console import Console
 from conftest import only_for, tiny_model_dir
 from sftlab.config import load_config
 from sftlab.errors import ConfigError, DataError
+from sftlab.models.decoding import candidates, common_prefix
 from sftlab.runs import prepare, train
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.forgetting import RunProbe, Watch
-from sftlab.train.probe import BUILTIN, TEMPERATURE, TOP_P, candidates, read_prompts, tax_numbers, top_k_kl
+from sftlab.train.probe import BUILTIN, TEMPERATURE, TOP_P, read_prompts, tax_numbers, top_k_kl
 from sftlab.train.setup import pad_id
 
 QUIET = Console(quiet=True)
@@ -235,7 +236,7 @@ def test_top_p_candidates_keep_what_a_full_sort_keeps() -> None:
     logits = torch.randn(6, 5000) * 3
     logits[:, :4] += 10  # peaked, as a chat model's next-token distributions are
     probs = torch.softmax(logits / TEMPERATURE, dim=-1)
-    values, order = candidates(probs)
+    values, order = candidates(probs, top_p=TOP_P)
     full, full_order = probs.sort(dim=-1, descending=True)
 
     def kept(p):
@@ -245,7 +246,7 @@ def test_top_p_candidates_keep_what_a_full_sort_keeps() -> None:
     assert k < probs.shape[1] and not kept(full)[:, k:].any()
     assert torch.allclose(kept(values), kept(full)[:, :k])
     assert torch.equal(order[kept(values) > 0], full_order[:, :k][kept(values) > 0])
-    assert candidates(torch.full((2, 5000), 1 / 5000))[0].shape == (2, 5000)
+    assert candidates(torch.full((2, 5000), 1 / 5000), top_p=TOP_P)[0].shape == (2, 5000)
 
 
 def smol_template() -> str:
@@ -298,7 +299,6 @@ def test_the_builtin_prompts_share_the_templates_default_system_prompt(model_dir
     (and that the probe computes once) down to the template's first few tokens."""
     from transformers import AutoTokenizer
 
-    from sftlab.train.probe import common_prefix
 
     prompts = read_prompts("builtin")
     assert all(m["role"] != "system" for p in prompts for m in p.messages)

@@ -195,12 +195,14 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_by_extension(tensor: Any) -> torch.Tensor | None:
+    from torch.distributed.tensor import Shard
+
     local = tensor.to_local()
     if not hasattr(local, "fsdp_pre_all_gather") or tensor.device_mesh.ndim != 1:
         return None
     group = tensor.device_mesh.get_group()
     size = dist.get_world_size(group)
-    if tuple(map(str, tensor.placements)) != ("S(0)",) or local.shape[0] * size != tensor.shape[0]:
+    if tuple(tensor.placements) != (Shard(0),) or local.shape[0] * size != tensor.shape[0]:
         return None  # replicated, or sharded unevenly (padded): DTensor's own route
     try:
         inner, meta = local.fsdp_pre_all_gather(tensor.device_mesh)

@@ -49,7 +49,7 @@ from sftlab.data.templates import ChatTemplate, load_template
 from sftlab.errors import ConfigError, DataError
 from sftlab.methods.base import Method
 from sftlab.models import decoding
-from sftlab.models.decoding import SharedPrefix, common_prefix  # noqa: F401  (common_prefix: the probe's tests)
+from sftlab.models.decoding import SharedPrefix
 
 BUILTIN = Path(__file__).with_name("probe_prompts.jsonl")
 """The built-in probe set: one JSON object a line, {"id", "kind", "open", "messages"}; `kind` is one of fact,
@@ -312,11 +312,6 @@ def tax_numbers(answers: list[list[int]]) -> dict[str, float]:
     return {"probe_distinct2": len(set(bigrams)) / max(len(bigrams), 1),
             "probe_repetition": sum(shares) / max(len(shares), 1),
             "probe_length": sum(len(a) for a in answers) / max(len(answers), 1)}
-
-
-def candidates(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampled answers' candidate tokens at TOP_P (models/decoding.py's candidates)."""
-    return decoding.candidates(probs, top_p=TOP_P)
 
 
 def plain_forward(method: Method | None) -> bool:
