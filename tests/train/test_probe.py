@@ -133,6 +133,21 @@ def test_the_recommended_checkpoint_is_kept(model_dir, files, tmp_path) -> None:
     assert "fine-tuned" in report and summary["samples"] and summary["samples"][0]["base"] in report
 
 
+def test_the_probes_share_of_the_run_counts_its_base_answers(model_dir, files, tmp_path) -> None:
+    """The end's line compares the probe's seconds with the run's over the same span: the base's answers before
+    step 1 count in both (they once counted in the probe's only, so the share could pass 100%)."""
+    from rich.console import Console
+
+    out = tmp_path / "run"
+    console = Console(record=True, width=400)
+    train(prepare(config(model_dir, files, out, "method=lora", "train.max_steps=2"), console=QUIET), console=console)
+    summary = json.loads((out / "probe.json").read_text())
+    assert 0 < summary["probe_seconds"] < summary["run_seconds"]
+    share = summary["probe_seconds"] / summary["run_seconds"]
+    assert (f"probe: {summary['probe_seconds']:.1f}s of the run's {summary['run_seconds']:.1f}s ({share:.0%}"
+            in console.export_text())
+
+
 def test_watch_flags_drift_only_once_the_eval_loss_stops_improving() -> None:
     watch = Watch(0.2)
     assert watch.observe(1, 2.0, 0.1) is None

@@ -430,12 +430,16 @@ def skeleton(model: ModelConfig) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sftlab.models.quant import quiet_loggers
+
     source = local_dir(model.path) if model.path and not is_gguf(model.path) else None
     if source is None:
         return None
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=model.trust_remote_code)
-        with torch.device("meta"):
+        # the first model built imports transformers' quantizers, and with them torchao (when installed), which
+        # logs its CUDA-only kernels on a CPU machine: noise before the run's first line
+        with torch.device("meta"), quiet_loggers("torchao", "torch.utils._pytree"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
     except Exception:  # broad on purpose: only an early check: the real load reports what is wrong
         return None

@@ -155,8 +155,10 @@ class RunProbe:
                                     "recommended; lower train.lr or the steps to find one.", style="yellow"))
         if recommended is not None:
             self.console.print(f"probe: recommended checkpoint step-{recommended} (best eval loss with probe_kl under "
-                               f"{self.watch.threshold:g}); probe time {self.seconds:.1f}s of {train_seconds:.1f}s",
-                               markup=False)
+                               f"{self.watch.threshold:g})", markup=False)
+        share = self.seconds / train_seconds if train_seconds > 0 else 0.0
+        self.console.print(f"probe: {self.seconds:.1f}s of the run's {train_seconds:.1f}s ({share:.0%}: the base's "
+                           f"answers before step 1, the measurements at eval points and at the end)", markup=False)
         return summary
 
     def _say_unjudged(self) -> None:

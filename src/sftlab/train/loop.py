@@ -302,10 +302,11 @@ def _start(setup: Setup, console: Console | None, stop: StopRequest) -> Loop:
     log = MetricsLog(out, total_steps=steps, start_step=state.step, console=console,
                      trackers=open_trackers(cfg, out)) if ctx.main else None
     pad = pad_id(setup.tokenizer)
+    started = time.perf_counter()  # the probe's base answers count in the run's time (its share is of the whole)
     probe = RunProbe.start(setup, out, console, state, pad_id=pad)  # the base's answers, before any step
     return Loop(setup, out, console, objective, engine, params, optimizer, scheduler, state,
                 MicroBatches(setup, state, pad), log, StepTimer(enabled=cfg.train.profile, device=setup.device),
-                steps, accum, pad, stop, probe, time.perf_counter())
+                steps, accum, pad, stop, probe, started)
 
 
 def _step(run: Loop, batches: list[Batch]) -> tuple[float, float]:

@@ -217,13 +217,18 @@ class Prober:
 
     def _decode_batch(self, prompts: list[list[int]], *, sampled: bool, plain: bool,
                       generator: torch.Generator | None, prefix: SharedPrefix) -> list[list[int]]:
-        """Left-padded prompts (B, T) decoded together against a KV cache (models/decoding.py), the shared
-        prefix's cache in front; greedy, or top-p at TEMPERATURE with `generator`."""
+        """The prompts decoded together against a KV cache (models/decoding.py), the shared prefix's cache in
+        front; greedy, or top-p at TEMPERATURE with `generator`. A plain forward prefills them shortest first in
+        left-padded groups and decodes one batch that each row leaves at its stop token (decode_rows); a method's
+        prefill takes one prompt (decode_batch)."""
         pick = (decoding.top_p_sampler(temperature=TEMPERATURE, top_p=TOP_P, generator=generator) if sampled
                 else decoding.greedy)
+        limit = self.cfg.eval.probe_max_new_tokens
+        if plain:  # prompts prefilled shortest first in groups (little padding), decoded as one batch that rows leave
+            return decoding.decode_rows(self.model, prompts, caps=[limit] * len(prompts), stops=self.stops,
+                                        pad_id=self.pad_id, device=self.device, pick=pick, prefix=prefix)
         return decoding.decode_batch(self.model, prompts, stops=self.stops, pad_id=self.pad_id, device=self.device,
-                                     max_new_tokens=self.cfg.eval.probe_max_new_tokens, pick=pick, prefix=prefix,
-                                     prefill=None if plain else self.method.prefill)
+                                     max_new_tokens=limit, pick=pick, prefix=prefix, prefill=self.method.prefill)
 
     def score(self, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, keep_top: int = 0,
               against: Reference | None = None) -> tuple[Any, ...]:
