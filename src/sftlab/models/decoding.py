@@ -1,6 +1,7 @@
 """Batched decoding against a KV cache, sftlab's one decoder: the forgetting probe's answers (train/probe.py) and
-`sftlab eval`'s (decode_batch), `sftlab chat` / `generate` (generate.py: a batch of one), and many prompts at once
-at the least work (decode_rows: the support-agent demo's held-out answers).
+`sftlab eval`'s, `sftlab chat` / `generate` (generate.py: a batch of one), and many prompts at once at the least
+work (decode_rows: the probe's plain-forward answers, the support-agent demo's held-out answers; decode_batch where
+a method's prefill takes one prompt at a time).
 
     prompts ──common_prefix──▶ shared prefix, run once at batch 1 (its KV cache copied along each batch)
       ──left_padded (each row's own tokens)──▶ prefill (B, T) ──pick (greedy | top-p)──▶ (B,) tokens
