@@ -164,7 +164,7 @@ def write_merged(job: MergeJob, out: Path, *, dtype: torch.dtype, onto: str, sou
 
 def _stream(job: MergeJob, source: Path, out: Path, *, dtype: torch.dtype, onto: str) -> Written:
     """Read every base tensor, fold the adapter's delta into the weights it wraps, write it in `dtype`."""
-    from sftlab.models.quant import quiet_loggers
+    from sftlab.models.quant import TORCHAO_LOGGERS, quiet_loggers
 
     model = _skeleton(job, source)
     nf4 = _nf4_layers(job, model) if job.method.quantized_base else set()
@@ -174,7 +174,7 @@ def _stream(job: MergeJob, source: Path, out: Path, *, dtype: torch.dtype, onto:
     tensors = stream.checkpoint_tensors(stream.weight_files(source))
     written = Written(layers=layers)
     compute = compute_dtype(job)
-    with quiet_loggers("torchao", "torch.utils._pytree"), torch.no_grad():
+    with quiet_loggers(*TORCHAO_LOGGERS), torch.no_grad():
         for file in stream.weight_files(source):
             names = sorted((n for n, info in tensors.items() if info.file == file), key=lambda n: tensors[n].start)
             entries = {n: (tensors[n].shape, _out_dtype(tensors[n], dtype)) for n in names}
@@ -197,10 +197,10 @@ def _stream(job: MergeJob, source: Path, out: Path, *, dtype: torch.dtype, onto:
 
 
 def _skeleton(job: MergeJob, source: Path) -> nn.Module:
-    from sftlab.models.quant import quiet_loggers
+    from sftlab.models.quant import TORCHAO_LOGGERS, quiet_loggers
 
     model = job.config.model
-    with quiet_loggers("torchao", "torch.utils._pytree"):
+    with quiet_loggers(*TORCHAO_LOGGERS):
         return stream.skeleton(source, dtype=compute_dtype(job), trust_remote_code=model.trust_remote_code,
                                attn_implementation=model.attn_implementation)
 

@@ -52,7 +52,7 @@ def _convert(source: Path, target: Path, *, trust_remote_code: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftlab.models.quant import quiet_loggers
+    from sftlab.models.quant import TORCHAO_LOGGERS, quiet_loggers
 
     try:
         import gguf  # noqa: F401  (transformers needs it; say so here rather than deep inside)
@@ -63,7 +63,7 @@ def _convert(source: Path, target: Path, *, trust_remote_code: bool) -> None:
     scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        with parsed_once(), quiet_loggers("torchao", "torch.utils._pytree"):  # torchao's CUDA-kernel notes on a CPU
+        with parsed_once(), quiet_loggers(*TORCHAO_LOGGERS):  # torchao's CUDA-kernel notes on a CPU
             tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name,
                                                       trust_remote_code=trust_remote_code)
             loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,

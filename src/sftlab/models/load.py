@@ -258,7 +258,7 @@ def load_model(model: ModelConfig, *, device: torch.device | None = None, nf4: N
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
-    from sftlab.models.quant import quiet_loggers
+    from sftlab.models.quant import TORCHAO_LOGGERS, quiet_loggers
 
     # Mismatched shapes are reported (not raised deep inside transformers) and refused below, with the
     # tensors that are missing: transformers would start those at random and train on.
@@ -267,7 +267,7 @@ def load_model(model: ModelConfig, *, device: torch.device | None = None, nf4: N
         # transformers imports torchao (when installed) on load; on CPU it logs missing CUDA kernels.
         # Its load report (missing / mismatched tensors) is refused below in sftlab's words; quieting it also
         # switches on a tensor-parallel plan check that logs, so that one is quieted too.
-        with quiet_loggers("torchao", "torch.utils._pytree", "transformers.modeling_utils",
+        with quiet_loggers(*TORCHAO_LOGGERS, "transformers.modeling_utils",
                            "transformers.distributed.tensor_parallel"):
             loaded, loading = _from_pretrained(AutoModelForCausalLM, str(source) if source else model.path, kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
@@ -299,7 +299,7 @@ def _load_streaming(model: ModelConfig, source: Path | None, *, dtype: torch.dty
                     nf4: Nf4Spec | None) -> tuple[Any, str | None]:
     """(the streamed model, None), or (None, why it was not streamed)."""
     from sftlab.models import stream
-    from sftlab.models.quant import quiet_loggers
+    from sftlab.models.quant import TORCHAO_LOGGERS, quiet_loggers
 
     if source is None:
         source, why = model_source(model)
@@ -311,7 +311,7 @@ def _load_streaming(model: ModelConfig, source: Path | None, *, dtype: torch.dty
         return None, f"{', '.join(missing)} not found in {source}"
     tensors = stream.checkpoint_tensors(files)
     try:
-        with quiet_loggers("torchao", "torch.utils._pytree"):
+        with quiet_loggers(*TORCHAO_LOGGERS):
             skeleton = stream.skeleton(source, dtype=dtype, trust_remote_code=model.trust_remote_code,
                                        attn_implementation=model.attn_implementation)
     except Exception as exc:  # broad on purpose: from_pretrained reports any of these in sftlab's words (below)
@@ -319,7 +319,7 @@ def _load_streaming(model: ModelConfig, source: Path | None, *, dtype: torch.dty
     why = stream.stream_plan(skeleton, tensors)
     if why is not None:
         return None, why
-    with quiet_loggers("torchao", "torch.utils._pytree"):  # torchao's import logs its CUDA-only kernels
+    with quiet_loggers(*TORCHAO_LOGGERS):  # torchao's import logs its CUDA-only kernels
         return stream.fill(skeleton, tensors, device=device, nf4=nf4), None
 
 
@@ -430,7 +430,7 @@ def skeleton(model: ModelConfig) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sftlab.models.quant import quiet_loggers
+    from sftlab.models.quant import TORCHAO_LOGGERS, quiet_loggers
 
     source = local_dir(model.path) if model.path and not is_gguf(model.path) else None
     if source is None:
@@ -439,7 +439,7 @@ def skeleton(model: ModelConfig) -> Any:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=model.trust_remote_code)
         # the first model built imports transformers' quantizers, and with them torchao (when installed), which
         # logs its CUDA-only kernels on a CPU machine: noise before the run's first line
-        with torch.device("meta"), quiet_loggers("torchao", "torch.utils._pytree"):
+        with torch.device("meta"), quiet_loggers(*TORCHAO_LOGGERS):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
     except Exception:  # broad on purpose: only an early check: the real load reports what is wrong
         return None

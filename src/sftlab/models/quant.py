@@ -328,11 +328,17 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     swap_module(model, name, module)
 
 
+TORCHAO_LOGGERS = ("torchao", "torch.utils._pytree")
+"""What importing torchao logs on a CPU machine (its CUDA-only extensions that fail to load, and enum
+registrations torch deprecates): noise that says nothing about the run. torchao is imported by sftlab's NF4 code
+and by transformers when it builds its first model, so every place that may be first quiets these."""
+
+
 def _torchao_nf4() -> Any:
     """torchao's NF4Tensor class. Importing torchao logs warnings about its CUDA-only extensions on a CPU
     machine; they say nothing about NF4 (pure PyTorch), so they are silenced for the import."""
     try:
-        with quiet_loggers("torchao", "torch.utils._pytree"):
+        with quiet_loggers(*TORCHAO_LOGGERS):
             from torchao.quantization import NF4Tensor
     except ImportError as exc:
         from sftlab.errors import ConfigError

@@ -117,11 +117,11 @@ def model_shape(cfg: Any, source: Path, device: torch.device) -> ModelShape:
     from sftlab.methods.lora import LoRA
     from sftlab.models import stream
     from sftlab.models.load import resolve_dtype
-    from sftlab.models.quant import fits_nf4, quiet_loggers
+    from sftlab.models.quant import TORCHAO_LOGGERS, fits_nf4, quiet_loggers
     from sftlab.models.targets import find_targets
 
     dtype = resolve_dtype(cfg.model.dtype, device)
-    with quiet_loggers("torchao", "torch.utils._pytree"):
+    with quiet_loggers(*TORCHAO_LOGGERS):
         model = stream.skeleton(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                                 attn_implementation=cfg.model.attn_implementation)
     linear = {name: model.get_submodule(name) for name in find_targets(model, "all-linear", key="qlora")}
