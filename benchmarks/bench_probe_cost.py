@@ -7,9 +7,10 @@ fixture GGUF, the held-out split as its eval data: one eval point, at the end) w
 probe's work is timed where it happens, in CPU seconds of this process (all its threads), so that a machine
 shared with other jobs changes both sides of the ratio alike:
 
-- reference: the base's greedy answers and their top-k scoring (plus the base's sampled answers), before step 1;
+- reference: the base's greedy answers with their top-k (plus the base's sampled answers), before step 1;
 - end: probe_nll / probe_kl of the fine-tuned model and its sampled answers, at the last step;
-- by phase: greedy decoding, sampled decoding, scoring (reference top-k / KL against it).
+- by phase: greedy decoding (the top-k taken along it), sampled decoding, the measure's forced decoding of the
+  base's answers, and scoring forwards (methods whose step 0 is not the base: soft prompts, prefixes).
 
 On a machine shared with other jobs, --threads 1 shows what OpenMP's waiting for a descheduled second thread
 costs: decoding's many small matrix products pay it far more than training's large ones.
@@ -50,7 +51,8 @@ def instrument() -> None:
     from sftlab.train.forgetting import RunProbe
     from sftlab.train.probe import Prober
 
-    Prober.decode = timed(lambda *a, sampled, **k: "decode sampled" if sampled else "decode greedy", Prober.decode)
+    Prober.decode = timed(lambda *a, sampled, forced=None, **k: "decode sampled" if sampled else
+                          "decode greedy" if forced is None else "decode forced (measure)", Prober.decode)
     Prober.score = timed(lambda *a, against=None, **k: "score (KL)" if against is not None else "score (top-k)",
                          Prober.score)
     RunProbe.start = classmethod(timed(lambda *a, **k: "probe: reference", RunProbe.start.__func__))

@@ -95,6 +95,60 @@ def test_many_rows_with_their_own_caps_equal_a_plain_loop(model, monkeypatch, sh
     assert any(a[-1] in stops for a in expected) and any(a[-1] not in stops and len(a) > 1 for a in expected)
 
 
+def plain_logps(model: torch.nn.Module, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """The log-probs (len(answer), V) of each answer token's position, from one whole forward of prompt + answer."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
+    return torch.log_softmax(logits[len(prompt) - 1:len(prompt) + len(answer) - 1], dim=-1)
+
+
+@pytest.mark.parametrize("rows", ["decode_rows", "decode_batch"])
+def test_forced_answers_are_watched_step_by_step_as_they_were_picked(model, rows) -> None:
+    """`forced` + `watch`: a decode of given answers sees, at every answer token, the logits a greedy decode saw
+    when it picked them — bit for bit (same rows, batches and steps) — and those are a whole forward's (float64,
+    independent reference); rows leave where their answers end, a stop token inside one included."""
+    prompts = [PREFIX + own for own in OWN] + [PREFIX + [36, 2]]
+    caps = [7, 3, 5, 6, 1]
+    stops = stops_for(model, prompts, 12)
+
+    def run(forced: list[list[int]] | None) -> tuple[list[list[int]], dict[tuple[int, int], torch.Tensor]]:
+        seen: dict[tuple[int, int], torch.Tensor] = {}
+
+        def watch(indices: list[int], positions: list[int], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+            assert logits.shape[0] == len(indices) == len(positions) == tokens.shape[0]
+            for i, at, row, token in zip(indices, positions, logits, tokens.tolist()):
+                assert (i, at) not in seen
+                seen[(i, at)] = torch.log_softmax(row, dim=-1)
+                assert forced is None or token == forced[i][at]
+
+        with torch.no_grad():
+            prefix = decoding.shared_prefix(model, prompts, device=torch.device("cpu"))
+            if rows == "decode_rows":
+                found = decoding.decode_rows(model, prompts, caps=caps, stops=stops, pad_id=0, prefill_rows=2,
+                                             device=torch.device("cpu"), pick=decoding.greedy, prefix=prefix,
+                                             forced=forced, watch=watch)
+            else:
+                found = decoding.decode_batch(model, prompts, stops=stops, max_new_tokens=max(caps), pad_id=0,
+                                              device=torch.device("cpu"), pick=decoding.greedy, prefix=prefix,
+                                              forced=forced, watch=watch)
+        return found, seen
+
+    picked, at_pick = run(None)
+    forced, at_force = run(picked)
+    assert forced == picked and set(at_force) == set(at_pick) == {(i, at) for i, a in enumerate(picked)
+                                                                   for at in range(len(a))}
+    assert all(torch.equal(at_force[key], at_pick[key]) for key in at_pick)
+    for i, (prompt, answer) in enumerate(zip(prompts, picked)):
+        expected = plain_logps(model, prompt, answer)
+        torch.testing.assert_close(torch.stack([at_pick[(i, at)] for at in range(len(answer))]), expected)
+    # an answer that is not the model's own is followed to its end, through a stop token in its middle
+    other = [[next(iter(stops)), 3, 4], [5], [6, 7], [8], [9, 10, 11, 12]]
+    followed, at_other = run(other)
+    assert followed == other and len(at_other) == sum(len(a) for a in other)
+    torch.testing.assert_close(torch.stack([at_other[(0, at)] for at in range(3)]), plain_logps(model, prompts[0],
+                                                                                                 other[0]))
+
+
 def test_decode_rows_of_no_prompts_and_zero_caps(model) -> None:
     with torch.no_grad():
         assert decoding.decode_rows(model, [], caps=[], stops=set(), pad_id=0, device=torch.device("cpu"),

@@ -69,18 +69,70 @@ def test_the_builtin_set_has_about_a_hundred_varied_prompts_ending_with_the_user
     assert all(p.messages[-1]["role"] == "user" for p in prompts)
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "prompt", "prefix", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "dora", "full", "prompt", "prefix", "adapter"])
 def test_probe_kl_is_exactly_zero_at_step_0(model_dir, files, tmp_path, method) -> None:
-    cfg = config(model_dir, files, tmp_path / method, *only_for(method, f"method={method}", "train.max_steps=1",
+    name, extra = ("lora", ["lora.dora=true"]) if method == "dora" else (method, [])
+    cfg = config(model_dir, files, tmp_path / method, *only_for(name, f"method={name}", "train.max_steps=1",
                                                                  "prompt.num_virtual_tokens=4",
-                                                                 "prefix.num_virtual_tokens=4"))
+                                                                 "prefix.num_virtual_tokens=4", *extra))
     setup = prepare(cfg, console=QUIET)
     probe = RunProbe.start(setup, tmp_path / method, QUIET, TrainState(), pad_id=pad_id(setup.tokenizer))
+    # adapters that start as the identity take the top-k while decoding; soft prompts (random at step 0) score
+    assert probe.reference.scored_by == ("score" if method in ("prompt", "prefix") else "decode")
     found = probe.prober.measure(probe.reference, generate=True)  # soft prompts decode through their prefill
     assert found["probe_kl"] == 0.0
     assert len(found["samples"]) == 3 and 0 < found["probe_length"] <= 10
     assert found["probe_nll"] == probe.reference.base["probe_nll"]
     assert len(probe.reference.answer_ids) == len(PROMPTS) and all(probe.reference.answer_ids)
+    unsampled = probe.prober.measure(probe.reference, generate=False)  # an eval point's measure: the same numbers
+    assert unsampled["probe_kl"] == 0.0 and unsampled["probe_nll"] == found["probe_nll"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_top_k_taken_while_decoding_are_a_scoring_forwards(model_dir, files, tmp_path, method) -> None:
+    """The reference's top-k, taken at each greedy decoding step against a KV cache, against an independent
+    forward over prompt + answer (Prober.score): the same log-probs to float rounding, the greedy token first."""
+    setup = prepare(config(model_dir, files, tmp_path / method, f"method={method}", "train.max_steps=1"),
+                    console=QUIET)
+    probe = RunProbe.start(setup, tmp_path / method, QUIET, TrainState(), pad_id=pad_id(setup.tokenizer))
+    reference, prober = probe.reference, probe.prober
+    assert reference.scored_by == "decode"
+    nll, top_ids, top_logps = prober.score(reference.prompt_ids, reference.answer_ids,
+                                           keep_top=setup.config.eval.probe_top_k)
+    greedy = [token for answer in reference.answer_ids for token in answer]
+    assert reference.top_ids[:, 0].tolist() == greedy and len(greedy) == reference.top_ids.shape[0]
+    # the scoring forward's log-probs of the tokens the decode kept, position by position
+    _, kl = prober.score(reference.prompt_ids, reference.answer_ids, against=reference)
+    torch.testing.assert_close(top_logps[:, 0], reference.top_logps[:, 0], rtol=1e-4, atol=1e-5)
+    assert nll == pytest.approx(reference.base["probe_nll"], rel=1e-5) and kl == pytest.approx(0.0, abs=1e-5)
+    same = (top_ids == reference.top_ids).float().mean()
+    assert same > 0.95  # the same ids, but for near-ties that rounding may order either way
+
+
+def test_a_reference_scored_by_a_forward_is_measured_by_one(model_dir, files, tmp_path, monkeypatch) -> None:
+    """A reference written before the top-k were taken while decoding (no scored_by in its file, as a run
+    resumed from one has) is measured the way it was made, by a scoring forward: exactly 0 at step 0."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sftlab.train.probe import Prober, load_reference
+
+    setup = prepare(config(model_dir, files, tmp_path / "run", "method=lora", "train.max_steps=1"), console=QUIET)
+    probe = RunProbe.start(setup, tmp_path / "run", QUIET, TrainState(), pad_id=pad_id(setup.tokenizer))
+    prober, made = probe.prober, probe.reference
+    nll, top_ids, top_logps = prober.score(made.prompt_ids, made.answer_ids, keep_top=setup.config.eval.probe_top_k)
+    path = tmp_path / "run" / "probe_reference.safetensors"
+    with safe_open(str(path), framework="pt") as opened:
+        record = json.loads(opened.metadata()["sftlab_probe"])
+    del record["scored_by"]
+    record["base"]["probe_nll"] = nll
+    save_file({"top_ids": top_ids, "top_logps": top_logps}, str(path), metadata={"sftlab_probe": json.dumps(record)})
+    old = load_reference(path)
+    assert old.scored_by == "score"
+    original, scored = Prober.score, []
+    monkeypatch.setattr(Prober, "score", lambda self, *a, **k: scored.append(1) or original(self, *a, **k))
+    found = prober.measure(old, generate=False)
+    assert scored == [1] and found["probe_kl"] == 0.0 and found["probe_nll"] == nll
 
 
 def test_resume_reads_the_same_reference_back(model_dir, files, tmp_path) -> None:
@@ -235,8 +287,9 @@ def test_under_torchrun_only_rank_0_probes(model_dir, files, tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     calls = [json.loads((tmp_path / "calls" / f"probe-calls-{rank}.json").read_text()) for rank in (0, 1)]
     assert calls[0]["world"] == calls[1]["world"] == 2
-    # rank 0: the base's greedy answers, their scoring, the base's and the end's sampled answers, the end's scoring
-    assert calls[0]["decode"] == 3 and calls[0]["score"] == 2
+    # rank 0: the base's greedy answers (scored as they are picked), the base's and the end's sampled answers, the
+    # end's measure (the base's answers decoded again, forced); LoRA's forward is plain: no separate scoring pass
+    assert calls[0]["decode"] == 4 and calls[0].get("score", 0) == 0
     assert "decode" not in calls[1] and "score" not in calls[1]
     assert done.stdout.count("base answers saved in") == 1
     probed = [m for m in metrics(out) if "probe_kl" in m]

@@ -93,6 +93,10 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 Pick = Callable[[torch.Tensor], torch.Tensor]
 """Next tokens (B,) on the CPU from the last position's logits (B, V)."""
+Watch = Callable[[list[int], list[int], torch.Tensor, torch.Tensor], None]
+"""Called at every step with the rows still answering: their prompts' indices, the position in its answer of the
+token each row is about to take, their logits (n, V) and the tokens taken (n,) — what a decode of known answers
+(`forced`) measures along them (the forgetting probe's log-probs)."""
 
 
 @dataclass(frozen=True)
@@ -109,29 +113,36 @@ class _Rows:
 
 def decode_batch(model: Any, prompts: list[list[int]], *, stops: Collection[int], max_new_tokens: int, pad_id: int,
                  device: torch.device, pick: Pick, prefix: SharedPrefix = NO_PREFIX,
-                 prefill: Callable[..., Any] | None = None) -> list[list[int]]:
+                 prefill: Callable[..., Any] | None = None, forced: Sequence[Sequence[int]] | None = None,
+                 watch: Watch | None = None) -> list[list[int]]:
     """Each prompt's answer ids, ending with its stop token when one came within max_new_tokens. The prompts (all
     starting with `prefix`'s tokens) run left-padded (B, T) behind a copy of the prefix's cache, then one token a
     step; a row that has stopped is kept (its tokens ignored) until every row has. With `prefill` (a method's
     first forward that prepends virtual tokens or prefixes: one prompt, no prefix) the prompt goes through it and
-    the steps through the model as it comes. Call under torch.no_grad() with the model in eval mode."""
+    the steps through the model as it comes. `forced` and `watch`: as decode_rows. Call under torch.no_grad() with
+    the model in eval mode."""
     rows = _prefilled(model, prompts, range(len(prompts)), pad_id=pad_id, device=device, prefix=prefix,
                       prefill=prefill)
-    answers = _steps(model, rows, caps=[max_new_tokens] * len(prompts), stops=stops, pick=pick, device=device,
-                     prune=False)
+    answers = _steps(model, rows, caps=_caps([max_new_tokens] * len(prompts), forced), stops=stops, pick=pick,
+                     device=device, prune=False, forced=forced, watch=watch)
     return [answers[i] for i in range(len(prompts))]
 
 
 def decode_rows(model: Any, prompts: list[list[int]], *, caps: list[int], stops: Collection[int], pad_id: int,
-                device: torch.device, pick: Pick, prefix: SharedPrefix = NO_PREFIX,
-                prefill_rows: int = 16) -> list[list[int]]:
+                device: torch.device, pick: Pick, prefix: SharedPrefix = NO_PREFIX, prefill_rows: int = 16,
+                forced: Sequence[Sequence[int]] | None = None, watch: Watch | None = None) -> list[list[int]]:
     """Each prompt's answer ids (ending with its stop token when one came within its own cap), in prompt order,
     for many prompts at once at the least work: the prompts run shortest first in left-padded groups of
     `prefill_rows` (each padded only to its own longest), then all decode as ONE batch, so that each step (whose
     cost on a CPU is mostly per step, not per row) serves every row; a row leaves the batch when it stops or
     reaches its cap. The groups' caches are joined by left-padding them to one length (masked); a cache that
     cannot be joined (other than plain per-layer keys and values: sliding windows, quantised caches) decodes
-    group by group instead. Memory: every prompt's cache at once. Call under torch.no_grad(), model in eval."""
+    group by group instead. Memory: every prompt's cache at once. Call under torch.no_grad(), model in eval.
+
+    `forced`: each prompt's answer given (a row takes its tokens instead of picking, and leaves where it ends),
+    so that `watch` sees the model's logits along known answers. Given the answers this decoder picked, the same
+    model computes the very same numbers: same rows, same batches, same steps, so a measure taken along them at
+    the start of training is exactly the one taken while picking them."""
     if not prompts:
         return []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -140,8 +151,18 @@ def decode_rows(model: Any, prompts: list[list[int]], *, caps: list[int], stops:
     joined = _joined(groups)
     answers: dict[int, list[int]] = {}
     for rows in [joined] if joined is not None else groups:
-        answers.update(_steps(model, rows, caps=caps, stops=stops, pick=pick, device=device, prune=True))
+        answers.update(_steps(model, rows, caps=_caps(caps, forced), stops=stops, pick=pick, device=device,
+                              prune=True, forced=forced, watch=watch))
     return [answers[i] for i in range(len(prompts))]
+
+
+def _caps(caps: list[int], forced: Sequence[Sequence[int]] | None) -> list[int]:
+    """Each row's cap: its forced answer's length when answers are given."""
+    if forced is None:
+        return caps
+    if len(forced) != len(caps):
+        raise ValueError(f"{len(forced)} forced answers for {len(caps)} prompts")
+    return [len(answer) for answer in forced]
 
 
 def _prefilled(model: Any, prompts: list[list[int]], rows: Sequence[int], *, pad_id: int, device: torch.device,
@@ -161,18 +182,29 @@ def _prefilled(model: Any, prompts: list[list[int]], rows: Sequence[int], *, pad
 
 
 def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], pick: Pick, device: torch.device,
-           prune: bool) -> dict[int, list[int]]:
+           prune: bool, forced: Sequence[Sequence[int]] | None = None,
+           watch: Watch | None = None) -> dict[int, list[int]]:
     """The rows decoded one token a step until each has stopped or reached its cap (prompt index -> answer).
-    `prune`: a finished row leaves the batch (its cache rows dropped); else it stays, its tokens ignored."""
+    `prune`: a finished row leaves the batch (its cache rows dropped); else it stays, its tokens ignored.
+    `forced`: the rows take these answers' tokens instead of picking; `watch`: sees each step's answering rows."""
     answers: dict[int, list[int]] = {i: [] for i in rows.rows}
     done = {i: caps[i] <= 0 for i in rows.rows}
     cache_name = cache_keyword(model)
     while not all(done[i] for i in rows.rows):
-        tokens = pick(rows.logits)  # (B,)
+        if forced is None:
+            tokens = pick(rows.logits)  # (B,)
+        else:  # a finished row (kept when not pruned) takes its last token again: nobody reads it
+            tokens = torch.tensor([forced[i][min(len(answers[i]), len(forced[i]) - 1)] if forced[i] else 0
+                                   for i in rows.rows], dtype=torch.long)
+        if watch is not None:
+            answering = [r for r, i in enumerate(rows.rows) if not done[i]]
+            index = torch.tensor(answering, device=rows.logits.device)
+            watch([rows.rows[r] for r in answering], [len(answers[rows.rows[r]]) for r in answering],
+                  rows.logits.index_select(0, index), tokens[answering])
         for i, token in zip(rows.rows, tokens.tolist()):
             if not done[i]:
                 answers[i].append(token)
-                done[i] = token in stops or len(answers[i]) >= caps[i]
+                done[i] = (forced is None and token in stops) or len(answers[i]) >= caps[i]
         live = [r for r, i in enumerate(rows.rows) if not done[i]]
         if not live:  # no forward for a token nobody will read
             break

@@ -18,6 +18,14 @@ the same file back: same prompts, same answers, same numbers). At every eval poi
 Decoding is models/decoding.py's batched loop over the model's forward with a KV cache, never HF generate(),
 which would skip prefix tuning's prefixes. Under torchrun only rank 0 probes.
 
+One pass over the answers, not two: when the model at step 0 is the base (full fine-tuning; adapters that start
+as the identity), the top-k are taken at each step of the greedy decode itself (`Along`), and every later measure
+decodes the same answers again, forced, in the same batches and steps — so the model at step 0 measures exactly
+what it stored, and the probe costs one decode at the start where it cost a decode and a scoring forward (the
+demo's probe: ~34% less). Soft prompts and prefixes start random, not as the base: the base answers with them
+disabled and a forward of the model as it is scores the answers (`score`), as references written before this
+choice existed are also measured (Reference.scored_by).
+
 The prompts, once templated, share a long token prefix (a template's default system prompt and the user's header:
 most of a short prompt's tokens). Its keys and values are computed once per decoding or scoring pass and copied
 along each batch (SharedPrefix), so only each row's own tokens run through the model; the numbers are those of
@@ -121,12 +129,16 @@ class Reference:
     """(N, k) float32: their log-probs."""
     base: dict[str, Any] = field(default_factory=dict)
     """The base's own numbers: probe_nll at step 0, its instruction-tax values, its sampled answers."""
+    scored_by: str = "score"
+    """How the top-k were taken, and so how every measure against them is: "decode" (along the greedy decode
+    itself; measures decode the answers again, forced) or "score" (a forward over prompt + answer; references
+    written before there was a choice are this)."""
 
 
 def save_reference(reference: Reference, path: Path) -> None:
     record = {"prompts": [{"id": p.id, "open": p.open, "messages": list(p.messages)} for p in reference.prompts],
               "prompt_ids": reference.prompt_ids, "answer_ids": reference.answer_ids, "answers": reference.answers,
-              "base": reference.base}
+              "base": reference.base, "scored_by": reference.scored_by}
     save_file({"top_ids": reference.top_ids.contiguous(), "top_logps": reference.top_logps.contiguous()}, str(path),
               metadata={"sftlab_probe": json.dumps(record, ensure_ascii=False)})
 
@@ -137,7 +149,7 @@ def load_reference(path: Path) -> Reference:
         top_ids, top_logps = opened.get_tensor("top_ids"), opened.get_tensor("top_logps")
     prompts = [ProbePrompt(tuple(p["messages"]), p["open"], p["id"]) for p in record["prompts"]]
     return Reference(prompts, record["prompt_ids"], record["answer_ids"], record["answers"], top_ids, top_logps,
-                     record["base"])
+                     record["base"], record.get("scored_by", "score"))
 
 
 class Prober:
@@ -159,21 +171,39 @@ class Prober:
                                 special_tokens_in_content=self.cfg.data.special_tokens_in_content)
 
     def reference(self, prompts: list[ProbePrompt]) -> Reference:
-        """The base's greedy answers (the method's parts disabled), then the model's own top-k along them: at
-        step 0 the model as the run starts, so probe_kl starts at exactly 0."""
+        """The base's greedy answers and the model's own top-k along them, at step 0 (the model as the run
+        starts), so that probe_kl starts at exactly 0.
+
+        When the model's forward at step 0 is the base's (plain_forward: full fine-tuning, and adapters that
+        start as the identity — LoRA's B = 0, a bottleneck's zero up-projection), the model as it is answers,
+        and the top-k are taken along the way, at each decoding step: one pass over the answers instead of a
+        decode and a second forward to score them. Otherwise (virtual tokens or prefixes, which start random)
+        the base answers with the method's parts disabled, and a forward of the model as it is scores them."""
         prompt_ids = [self.encode(p) for p in prompts]
-        with base_view(self.method, self.model):
-            answer_ids = self.decode(prompt_ids, sampled=False, plain=True)
-        nll, top_ids, top_logps = self.score(prompt_ids, answer_ids, keep_top=self.cfg.eval.probe_top_k)
+        if plain_forward(self.method):
+            along = Along(keep_top=self.cfg.eval.probe_top_k)
+            answer_ids = self.decode(prompt_ids, sampled=False, plain=True, watch=along)
+            nll, (top_ids, top_logps), scored_by = along.nll(), along.top(answer_ids), "decode"
+        else:
+            with base_view(self.method, self.model):
+                answer_ids = self.decode(prompt_ids, sampled=False, plain=True)
+            nll, top_ids, top_logps = self.score(prompt_ids, answer_ids, keep_top=self.cfg.eval.probe_top_k)
+            scored_by = "score"
         answers = [self.text(a) for a in answer_ids]
-        reference = Reference(prompts, prompt_ids, answer_ids, answers, top_ids, top_logps)
+        reference = Reference(prompts, prompt_ids, answer_ids, answers, top_ids, top_logps, scored_by=scored_by)
         with base_view(self.method, self.model):
             reference.base = {"probe_nll": nll, **self.tax(reference, plain=True)}
         return reference
 
     def measure(self, reference: Reference, *, generate: bool) -> dict[str, Any]:
-        """probe_nll and probe_kl of the current model (and its instruction tax with `generate`)."""
-        nll, kl = self.score(reference.prompt_ids, reference.answer_ids, against=reference)
+        """probe_nll and probe_kl of the current model (and its instruction tax with `generate`): taken the way
+        the reference's top-k were (Reference.scored_by), so that the model at step 0 gives exactly 0."""
+        if reference.scored_by == "decode" and plain_forward(self.method):
+            along = Along(against=reference)
+            self.decode(reference.prompt_ids, sampled=False, plain=True, forced=reference.answer_ids, watch=along)
+            nll, kl = along.nll(), along.kl()
+        else:
+            nll, kl = self.score(reference.prompt_ids, reference.answer_ids, against=reference)
         found: dict[str, Any] = {"probe_nll": nll, "probe_kl": kl}
         if generate:
             found.update(self.tax(reference))
@@ -192,9 +222,11 @@ class Prober:
         return self.tokenizer.decode([i for i in ids if i not in self.stops], skip_special_tokens=True)
 
     def decode(self, prompt_ids: list[list[int]], *, sampled: bool, plain: bool,
-               generator: torch.Generator | None = None) -> list[list[int]]:
+               generator: torch.Generator | None = None, forced: list[list[int]] | None = None,
+               watch: decoding.Watch | None = None) -> list[list[int]]:
         """Answer ids (ending with the stop token when one came). A plain forward is the model itself unless the
-        method prepends virtual tokens or prefixes (then one prompt at a time through its prefill)."""
+        method prepends virtual tokens or prefixes (then one prompt at a time through its prefill). `forced`:
+        the answers are given (decoding.decode_rows), `watch` sees the logits along them."""
         plain = plain or plain_forward(self.method)
         size = self.cfg.eval.probe_batch_size if plain else 1
         was_training = self.model.training
@@ -204,7 +236,9 @@ class Prober:
                 prefix = self.prefix(prompt_ids, plain=plain)
                 return [answer for start in range(0, len(prompt_ids), size)
                         for answer in self._decode_batch(prompt_ids[start:start + size], sampled=sampled,
-                                                         plain=plain, generator=generator, prefix=prefix)]
+                                                         plain=plain, generator=generator, prefix=prefix,
+                                                         forced=None if forced is None else forced[start:start + size],
+                                                         watch=None if watch is None else _offset(watch, start))]
         finally:
             self.model.train(was_training)
 
@@ -216,7 +250,8 @@ class Prober:
         return decoding.shared_prefix(self.model, rows, device=self.device)
 
     def _decode_batch(self, prompts: list[list[int]], *, sampled: bool, plain: bool,
-                      generator: torch.Generator | None, prefix: SharedPrefix) -> list[list[int]]:
+                      generator: torch.Generator | None, prefix: SharedPrefix, forced: list[list[int]] | None = None,
+                      watch: decoding.Watch | None = None) -> list[list[int]]:
         """The prompts decoded together against a KV cache (models/decoding.py), the shared prefix's cache in
         front; greedy, or top-p at TEMPERATURE with `generator`. A plain forward prefills them shortest first in
         left-padded groups and decodes one batch that each row leaves at its stop token (decode_rows); a method's
@@ -226,9 +261,11 @@ class Prober:
         limit = self.cfg.eval.probe_max_new_tokens
         if plain:  # prompts prefilled shortest first in groups (little padding), decoded as one batch that rows leave
             return decoding.decode_rows(self.model, prompts, caps=[limit] * len(prompts), stops=self.stops,
-                                        pad_id=self.pad_id, device=self.device, pick=pick, prefix=prefix)
+                                        pad_id=self.pad_id, device=self.device, pick=pick, prefix=prefix,
+                                        forced=forced, watch=watch)
         return decoding.decode_batch(self.model, prompts, stops=self.stops, pad_id=self.pad_id, device=self.device,
-                                     max_new_tokens=limit, pick=pick, prefix=prefix, prefill=self.method.prefill)
+                                     max_new_tokens=limit, pick=pick, prefix=prefix, prefill=self.method.prefill,
+                                     forced=forced, watch=watch)
 
     def score(self, prompt_ids: list[list[int]], answer_ids: list[list[int]], *, keep_top: int = 0,
               against: Reference | None = None) -> tuple[Any, ...]:
@@ -284,6 +321,53 @@ class Prober:
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
             yield torch.log_softmax(logits, dim=-1), targets
+
+
+class Along:
+    """What a decode measures along the answers it takes (a decoding.Watch): the mean NLL of the tokens taken,
+    and either the top-`keep_top` (ids, log-probs) at each answer token (the reference, while the greedy answers
+    are picked) or the mean KL from `against`'s top-k (a measure, the reference's answers forced). Its sums run
+    in the decoder's order, the same in both, so the model at step 0 measures exactly what it stored."""
+
+    def __init__(self, *, keep_top: int = 0, against: Reference | None = None) -> None:
+        self.keep_top, self.against = keep_top, against
+        self.nll_sum, self.kl_sum, self.count = 0.0, 0.0, 0
+        self.kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.starts: list[int] = []
+        if against is not None:
+            self.starts = [0, *itertools.accumulate(len(a) for a in against.answer_ids)]
+
+    def __call__(self, rows: list[int], positions: list[int], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        self.nll_sum += float(-logps.gather(1, tokens.to(logps.device)[:, None]).sum())
+        self.count += len(rows)
+        if self.against is not None:
+            index = torch.tensor([self.starts[i] + at for i, at in zip(rows, positions)])
+            self.kl_sum += float(top_k_kl(self.against.top_ids[index], self.against.top_logps[index], logps).sum())
+        else:
+            values, indices = logps.topk(self.keep_top, dim=-1)
+            for r, (i, at) in enumerate(zip(rows, positions)):
+                self.kept[(i, at)] = (indices[r].cpu(), values[r].cpu())
+
+    def nll(self) -> float:
+        return self.nll_sum / max(self.count, 1)
+
+    def kl(self) -> float:
+        return self.kl_sum / max(self.count, 1)
+
+    def top(self, answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept top-k (N, k) in answer order."""
+        if not any(answers):
+            return (torch.zeros((0, self.keep_top), dtype=torch.long), torch.zeros((0, self.keep_top)))
+        pairs = [self.kept[(i, at)] for i, answer in enumerate(answers) for at in range(len(answer))]
+        return torch.stack([ids for ids, _ in pairs]), torch.stack([logps for _, logps in pairs])
+
+
+def _offset(watch: decoding.Watch, start: int) -> decoding.Watch:
+    """`watch` for a batch of prompts that starts at `start` in the whole list (the decoder numbers them from 0)."""
+    if start == 0:
+        return watch
+    return lambda rows, positions, logits, tokens: watch([start + i for i in rows], positions, logits, tokens)
 
 
 def answer_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> Batch:
