@@ -149,6 +149,26 @@ def test_forced_answers_are_watched_step_by_step_as_they_were_picked(model, rows
                                                                                                  other[0]))
 
 
+def test_the_cache_written_in_place_and_rows_leaving_late_keep_the_plain_loops_answers(model, monkeypatch) -> None:
+    """A step writes its keys and values into room made after the prefill (no concatenation of the whole cache),
+    falling back to concatenation once out of room; finished rows stay in the batch until they are an eighth of
+    it (dropping rows copies the cache). Neither changes an answer: 18 rows, caps 1-9, room for only 3 steps."""
+    prompts = [PREFIX + [20 + i, 3 + i % 5] + [7] * (i % 4) for i in range(18)]
+    caps = [1 + i % 9 for i in range(18)]
+    expected = [plain_greedy(model, p, stops=set(), max_new_tokens=cap) for p, cap in zip(prompts, caps)]
+    made, pruned = [], []
+    real_room, real_selected = decoding._make_room, decoding._selected
+    monkeypatch.setattr(decoding, "_make_room", lambda cache, steps: made.append(steps) or real_room(cache, 3))
+    monkeypatch.setattr(decoding, "_selected", lambda rows, live, device: pruned.append((len(rows.rows), len(live)))
+                        or real_selected(rows, live, device))
+    with torch.no_grad():
+        found = decoding.decode_rows(model, prompts, caps=caps, stops=set(), pad_id=0, device=torch.device("cpu"),
+                                     pick=decoding.greedy, prefill_rows=5)
+    assert found == expected and made == [9]
+    assert pruned and all((batch - live) * decoding.PRUNE_SHARE >= batch for batch, live in pruned)
+    assert len(pruned) < 8  # fewer cache copies than the 8 steps at which rows finish before the last
+
+
 def test_decode_rows_of_no_prompts_and_zero_caps(model) -> None:
     with torch.no_grad():
         assert decoding.decode_rows(model, [], caps=[], stops=set(), pad_id=0, device=torch.device("cpu"),

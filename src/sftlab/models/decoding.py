@@ -28,6 +28,9 @@ import torch
 
 CANDIDATES = 256
 """Tokens kept for a top-p draw when they hold top_p of the mass (else the whole vocabulary is sorted)."""
+PRUNE_SHARE = 8
+"""Finished rows leave the batch once they are 1/PRUNE_SHARE of it (or all of it): dropping rows copies the
+whole cache, and until then each only costs its share of a step."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], 
     answers: dict[int, list[int]] = {i: [] for i in rows.rows}
     done = {i: caps[i] <= 0 for i in rows.rows}
     cache_name = cache_keyword(model)
+    _make_room(rows.cache, max((caps[i] for i in rows.rows), default=0))
     while not all(done[i] for i in rows.rows):
         if forced is None:
             tokens = pick(rows.logits)  # (B,)
@@ -208,7 +212,7 @@ def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], 
         live = [r for r, i in enumerate(rows.rows) if not done[i]]
         if not live:  # no forward for a token nobody will read
             break
-        if prune and len(live) < len(rows.rows):
+        if prune and (len(rows.rows) - len(live)) * PRUNE_SHARE >= len(rows.rows):
             rows, tokens = _selected(rows, live, device), tokens[live]
         mask = positions = None
         if rows.mask is not None:
@@ -218,6 +222,62 @@ def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], 
         out = model(input_ids=tokens[:, None].to(device), use_cache=True, **{cache_name: rows.cache}, **plain)
         rows = _Rows(out.logits[:, -1], returned_cache(out), mask, positions, rows.rows)
     return answers
+
+
+def _make_room(cache: Any, steps: int) -> None:
+    """Each plain layer of the cache (DynamicLayer: keys and values grown by concatenation, the whole cache copied
+    at every step) turned into a _RoomyLayer with room for `steps` more positions, written in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer and layer.get_seq_length() > 0 and steps > 0:
+            layer.__class__ = _roomy_layer()
+            layer.make_room(steps)
+
+
+_ROOMY: list[type] = []
+
+
+def _roomy_layer() -> type:
+    """The _RoomyLayer class (made once, on first use: transformers is imported lazily)."""
+    if _ROOMY:
+        return _ROOMY[0]
+    from transformers.cache_utils import DynamicLayer
+
+    class _RoomyLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values are views of longer buffers: a step's token is written in place
+        (the numbers are a DynamicLayer's; only the copying is saved); past the room it concatenates again."""
+
+        def make_room(self, steps: int) -> None:
+            self._length = self.keys.shape[-2]
+            self._buffers = [torch.nn.functional.pad(t, (0, 0, 0, steps)) for t in (self.keys, self.values)]
+            self._view()
+
+        def _view(self) -> None:
+            self.keys, self.values = (b[..., :self._length, :] for b in self._buffers)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            end = self._length + key_states.shape[-2]
+            if end > self._buffers[0].shape[-2] or self.keys.shape[-2] != self._length:  # out of room, or cropped
+                self.__class__ = DynamicLayer
+                return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
+            for buffer, states in zip(self._buffers, (key_states, value_states)):
+                buffer[..., self._length:end, :] = states
+            self._length = end
+            self._view()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._buffers = [b[indices, ...] for b in self._buffers]
+            self._view()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._buffers = [b.repeat_interleave(repeats, dim=0) for b in self._buffers]
+            self._view()
+
+    _ROOMY.append(_RoomyLayer)
+    return _RoomyLayer
 
 
 def _selected(rows: _Rows, live: list[int], device: torch.device) -> _Rows:
