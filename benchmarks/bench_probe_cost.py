@@ -9,8 +9,9 @@ shared with other jobs changes both sides of the ratio alike:
 
 - reference: the base's greedy answers with their top-k (plus the base's sampled answers), before step 1;
 - end: probe_nll / probe_kl of the fine-tuned model and its sampled answers, at the last step;
-- by phase: greedy decoding (the top-k taken along it), sampled decoding, the measure's forced decoding of the
-  base's answers, and scoring forwards (methods whose step 0 is not the base: soft prompts, prefixes).
+- by phase: the greedy decode (the top-k taken along it, the sampled answers forked beside it), the measure's
+  forced decode of the base's answers (the sampled ones beside it at the end), and, for methods whose step 0 is
+  not the base (soft prompts, prefixes), separate sampling and scoring forwards.
 
 On a machine shared with other jobs, --threads 1 shows what OpenMP's waiting for a descheduled second thread
 costs: decoding's many small matrix products pay it far more than training's large ones.

@@ -169,6 +169,28 @@ def test_the_cache_written_in_place_and_rows_leaving_late_keep_the_plain_loops_a
     assert len(pruned) < 8  # fewer cache copies than the 8 steps at which rows finish before the last
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["picked", "forced"])
+def test_forks_answer_their_prompts_again_in_the_same_batch(model, forced) -> None:
+    """decode_rows' forks: prompts answered a second time from their own prefill (its cache rows copied), with
+    their own pick and cap, in the batch of the others: the forks' answers are the plain loop's for their pick
+    (greedy here, so checkable), the prompts' own answers unchanged, `watch` sees only the prompts' rows."""
+    prompts = [PREFIX + own for own in OWN] + [PREFIX + [36, 2], PREFIX + [38, 13, 13, 29, 1, 17, 23]]
+    caps = [6, 3, 5, 6, 1, 4]
+    expected = [plain_greedy(model, p, stops=set(), max_new_tokens=cap) for p, cap in zip(prompts, caps)]
+    of = [4, 1, 5]
+    seen = set()
+    with torch.no_grad():
+        prefix = decoding.shared_prefix(model, prompts, device=torch.device("cpu"))
+        found = decoding.decode_rows(model, prompts, caps=caps, stops=set(), pad_id=0, device=torch.device("cpu"),
+                                     pick=decoding.greedy, prefix=prefix, prefill_rows=2,
+                                     forced=expected if forced else None,
+                                     watch=lambda rows, at, logits, tokens: seen.update(zip(rows, at)),
+                                     forks=decoding.Forks(of, decoding.greedy, 7))
+    assert found[:len(prompts)] == expected
+    assert found[len(prompts):] == [plain_greedy(model, prompts[i], stops=set(), max_new_tokens=7) for i in of]
+    assert seen == {(i, at) for i, answer in enumerate(expected) for at in range(len(answer))}
+
+
 def test_decode_rows_of_no_prompts_and_zero_caps(model) -> None:
     with torch.no_grad():
         assert decoding.decode_rows(model, [], caps=[], stops=set(), pad_id=0, device=torch.device("cpu"),

@@ -84,8 +84,11 @@ def test_probe_kl_is_exactly_zero_at_step_0(model_dir, files, tmp_path, method) 
     assert len(found["samples"]) == 3 and 0 < found["probe_length"] <= 10
     assert found["probe_nll"] == probe.reference.base["probe_nll"]
     assert len(probe.reference.answer_ids) == len(PROMPTS) and all(probe.reference.answer_ids)
-    unsampled = probe.prober.measure(probe.reference, generate=False)  # an eval point's measure: the same numbers
-    assert unsampled["probe_kl"] == 0.0 and unsampled["probe_nll"] == found["probe_nll"]
+    # an eval point's measure runs the greedy rows without the sampled ones beside them: the same numbers, but a
+    # batch of other rows may round a step differently, so only to float rounding
+    unsampled = probe.prober.measure(probe.reference, generate=False)
+    assert unsampled["probe_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert unsampled["probe_nll"] == pytest.approx(found["probe_nll"], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -287,9 +290,10 @@ def test_under_torchrun_only_rank_0_probes(model_dir, files, tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     calls = [json.loads((tmp_path / "calls" / f"probe-calls-{rank}.json").read_text()) for rank in (0, 1)]
     assert calls[0]["world"] == calls[1]["world"] == 2
-    # rank 0: the base's greedy answers (scored as they are picked), the base's and the end's sampled answers, the
-    # end's measure (the base's answers decoded again, forced); LoRA's forward is plain: no separate scoring pass
-    assert calls[0]["decode"] == 4 and calls[0].get("score", 0) == 0
+    # rank 0: one decoding pass before step 1 (the base's greedy answers, scored as they are picked, and its sampled
+    # answers beside them) and one at the end (the base's answers forced, the sampled ones beside); LoRA's forward
+    # is plain: no separate scoring pass
+    assert calls[0]["decode"] == 2 and calls[0].get("score", 0) == 0
     assert "decode" not in calls[1] and "score" not in calls[1]
     assert done.stdout.count("base answers saved in") == 1
     probed = [m for m in metrics(out) if "probe_kl" in m]

@@ -19,6 +19,7 @@ between the prefix and each row (the padding masked). The answers are those of w
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -131,9 +132,20 @@ def decode_batch(model: Any, prompts: list[list[int]], *, stops: Collection[int]
     return [answers[i] for i in range(len(prompts))]
 
 
+@dataclass(frozen=True)
+class Forks:
+    """More rows in decode_rows' batch: prompt `of[j]` answered once more, from its own prefill (its cache rows
+    copied, not run again), picked by `pick`, up to `cap` tokens or a stop token — the probe's sampled answers
+    beside its greedy ones. Their answers follow the prompts' in the list returned, in `of` order."""
+    of: Sequence[int]
+    pick: Pick
+    cap: int
+
+
 def decode_rows(model: Any, prompts: list[list[int]], *, caps: list[int], stops: Collection[int], pad_id: int,
                 device: torch.device, pick: Pick, prefix: SharedPrefix = NO_PREFIX, prefill_rows: int = 16,
-                forced: Sequence[Sequence[int]] | None = None, watch: Watch | None = None) -> list[list[int]]:
+                forced: Sequence[Sequence[int]] | None = None, watch: Watch | None = None,
+                forks: Forks | None = None) -> list[list[int]]:
     """Each prompt's answer ids (ending with its stop token when one came within its own cap), in prompt order,
     for many prompts at once at the least work: the prompts run shortest first in left-padded groups of
     `prefill_rows` (each padded only to its own longest), then all decode as ONE batch, so that each step (whose
@@ -145,18 +157,36 @@ def decode_rows(model: Any, prompts: list[list[int]], *, caps: list[int], stops:
     `forced`: each prompt's answer given (a row takes its tokens instead of picking, and leaves where it ends),
     so that `watch` sees the model's logits along known answers. Given the answers this decoder picked, the same
     model computes the very same numbers: same rows, same batches, same steps, so a measure taken along them at
-    the start of training is exactly the one taken while picking them."""
+    the start of training is exactly the one taken while picking them (given the same `forks`: other rows in a
+    batch may change a step's rounding). `forks`: more rows, see Forks; `watch` does not see them."""
     if not prompts:
         return []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     groups = [_prefilled(model, [prompts[i] for i in chosen], chosen, pad_id=pad_id, device=device, prefix=prefix)
               for chosen in (order[start:start + prefill_rows] for start in range(0, len(order), prefill_rows))]
+    caps = _caps(caps, forced)
+    if forks is not None:
+        groups += [g for g in (_forked(group, forks, len(prompts)) for group in groups) if g is not None]
+        caps = caps + [forks.cap] * len(forks.of)
     joined = _joined(groups)
     answers: dict[int, list[int]] = {}
     for rows in [joined] if joined is not None else groups:
-        answers.update(_steps(model, rows, caps=_caps(caps, forced), stops=stops, pick=pick, device=device,
-                              prune=True, forced=forced, watch=watch))
-    return [answers[i] for i in range(len(prompts))]
+        answers.update(_steps(model, rows, caps=caps, stops=stops, pick=pick, device=device, prune=True,
+                              forced=forced, watch=watch, forks=None if forks is None else (len(prompts), forks.pick)))
+    return [answers[i] for i in range(len(caps))]
+
+
+def _forked(group: _Rows, forks: Forks, first: int) -> _Rows | None:
+    """The forks of this group's prompts as rows of their own (indices first + j): a copy of the group's cache
+    rows, last logits, mask and positions; None when none of its prompts is forked."""
+    chosen = [(group.rows.index(i), first + j) for j, i in enumerate(forks.of) if i in group.rows]
+    if not chosen:
+        return None
+    index = torch.tensor([at for at, _ in chosen], device=group.logits.device)
+    cache = copy.deepcopy(group.cache)
+    cache.batch_select_indices(index)
+    return _Rows(group.logits[index], cache, None if group.mask is None else group.mask[index],
+                 None if group.positions is None else group.positions[index], [j for _, j in chosen])
 
 
 def _caps(caps: list[int], forced: Sequence[Sequence[int]] | None) -> list[int]:
@@ -185,30 +215,30 @@ def _prefilled(model: Any, prompts: list[list[int]], rows: Sequence[int], *, pad
 
 
 def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], pick: Pick, device: torch.device,
-           prune: bool, forced: Sequence[Sequence[int]] | None = None,
-           watch: Watch | None = None) -> dict[int, list[int]]:
+           prune: bool, forced: Sequence[Sequence[int]] | None = None, watch: Watch | None = None,
+           forks: tuple[int, Pick] | None = None) -> dict[int, list[int]]:
     """The rows decoded one token a step until each has stopped or reached its cap (prompt index -> answer).
     `prune`: a finished row leaves the batch (its cache rows dropped); else it stays, its tokens ignored.
-    `forced`: the rows take these answers' tokens instead of picking; `watch`: sees each step's answering rows."""
+    `forced`: the rows take these answers' tokens instead of picking; `watch`: sees each step's answering rows.
+    `forks` (first, pick): rows numbered from `first` on are forks, picked by their own pick, never forced or
+    watched."""
+    first = forks[0] if forks is not None else None
     answers: dict[int, list[int]] = {i: [] for i in rows.rows}
     done = {i: caps[i] <= 0 for i in rows.rows}
     cache_name = cache_keyword(model)
     _make_room(rows.cache, max((caps[i] for i in rows.rows), default=0))
     while not all(done[i] for i in rows.rows):
-        if forced is None:
-            tokens = pick(rows.logits)  # (B,)
-        else:  # a finished row (kept when not pruned) takes its last token again: nobody reads it
-            tokens = torch.tensor([forced[i][min(len(answers[i]), len(forced[i]) - 1)] if forced[i] else 0
-                                   for i in rows.rows], dtype=torch.long)
-        if watch is not None:
-            answering = [r for r, i in enumerate(rows.rows) if not done[i]]
-            index = torch.tensor(answering, device=rows.logits.device)
+        tokens = _picked(rows, answers, pick, forced, forks)  # (B,)
+        answering = [r for r, i in enumerate(rows.rows) if not done[i] and (first is None or i < first)]
+        if watch is not None and answering:
+            index = torch.tensor(answering, dtype=torch.long, device=rows.logits.device)
             watch([rows.rows[r] for r in answering], [len(answers[rows.rows[r]]) for r in answering],
                   rows.logits.index_select(0, index), tokens[answering])
         for i, token in zip(rows.rows, tokens.tolist()):
             if not done[i]:
                 answers[i].append(token)
-                done[i] = (forced is None and token in stops) or len(answers[i]) >= caps[i]
+                picked = forced is None or (first is not None and i >= first)
+                done[i] = (picked and token in stops) or len(answers[i]) >= caps[i]
         live = [r for r, i in enumerate(rows.rows) if not done[i]]
         if not live:  # no forward for a token nobody will read
             break
@@ -224,6 +254,29 @@ def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], 
     return answers
 
 
+def _picked(rows: _Rows, answers: dict[int, list[int]], pick: Pick, forced: Sequence[Sequence[int]] | None,
+            forks: tuple[int, Pick] | None) -> torch.Tensor:
+    """Each row's next token (B,): picked from its logits, or its forced answer's next token (a finished row, kept
+    when not pruned, takes its last token again: nobody reads it); forks by their own pick."""
+    def given(i: int) -> int:
+        return forced[i][min(len(answers[i]), len(forced[i]) - 1)] if forced[i] else 0
+
+    if forks is None:
+        if forced is None:
+            return pick(rows.logits)
+        return torch.tensor([given(i) for i in rows.rows], dtype=torch.long)
+    first, fork_pick = forks
+    tokens = torch.zeros(len(rows.rows), dtype=torch.long)
+    main = [r for r, i in enumerate(rows.rows) if i < first]
+    side = [r for r, i in enumerate(rows.rows) if i >= first]
+    if main:
+        tokens[main] = (pick(rows.logits[main]) if forced is None
+                        else torch.tensor([given(rows.rows[r]) for r in main], dtype=torch.long))
+    if side:
+        tokens[side] = fork_pick(rows.logits[side])
+    return tokens
+
+
 def _make_room(cache: Any, steps: int) -> None:
     """Each plain layer of the cache (DynamicLayer: keys and values grown by concatenation, the whole cache copied
     at every step) turned into a _RoomyLayer with room for `steps` more positions, written in place."""
@@ -235,13 +288,9 @@ def _make_room(cache: Any, steps: int) -> None:
             layer.make_room(steps)
 
 
-_ROOMY: list[type] = []
-
-
+@functools.cache
 def _roomy_layer() -> type:
     """The _RoomyLayer class (made once, on first use: transformers is imported lazily)."""
-    if _ROOMY:
-        return _ROOMY[0]
     from transformers.cache_utils import DynamicLayer
 
     class _RoomyLayer(DynamicLayer):
@@ -276,7 +325,6 @@ def _roomy_layer() -> type:
             self._buffers = [b.repeat_interleave(repeats, dim=0) for b in self._buffers]
             self._view()
 
-    _ROOMY.append(_RoomyLayer)
     return _RoomyLayer
 
 

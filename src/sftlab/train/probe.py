@@ -18,13 +18,15 @@ the same file back: same prompts, same answers, same numbers). At every eval poi
 Decoding is models/decoding.py's batched loop over the model's forward with a KV cache, never HF generate(),
 which would skip prefix tuning's prefixes. Under torchrun only rank 0 probes.
 
-One pass over the answers, not two: when the model at step 0 is the base (full fine-tuning; adapters that start
-as the identity), the top-k are taken at each step of the greedy decode itself (`Along`), and every later measure
+One decoding pass at the start and one at the end: when the model at step 0 is the base (full fine-tuning;
+adapters that start as the identity), the top-k are taken at each step of the greedy decode itself (`Along`), the
+instruction tax's sampled answers decode in the same batch (forks of their prompts' prefill), and a measure
 decodes the same answers again, forced, in the same batches and steps — so the model at step 0 measures exactly
-what it stored, and the probe costs one decode at the start where it cost a decode and a scoring forward (the
-demo's probe: ~34% less). Soft prompts and prefixes start random, not as the base: the base answers with them
-disabled and a forward of the model as it is scores the answers (`score`), as references written before this
-choice existed are also measured (Reference.scored_by).
+what it stored (a measure without the tax, at an eval point, runs the greedy rows alone: the same numbers to
+float rounding). Before, the probe decoded greedily, scored the answers in a second forward and sampled in a
+third pass; on the demo its time fell from 64 s to ~40 s. Soft prompts and prefixes start random, not as the
+base: the base answers with them disabled and a forward of the model as it is scores the answers (`score`), as
+references written before this choice existed are also measured (Reference.scored_by).
 
 The prompts, once templated, share a long token prefix (a template's default system prompt and the user's header:
 most of a short prompt's tokens). Its keys and values are computed once per decoding or scoring pass and copied
@@ -180,17 +182,19 @@ class Prober:
         decode and a second forward to score them. Otherwise (virtual tokens or prefixes, which start random)
         the base answers with the method's parts disabled, and a forward of the model as it is scores them."""
         prompt_ids = [self.encode(p) for p in prompts]
-        if plain_forward(self.method):
+        if plain_forward(self.method):  # the instruction tax's sampled answers in the same batch, forked
             along = Along(keep_top=self.cfg.eval.probe_top_k)
-            answer_ids = self.decode(prompt_ids, sampled=False, plain=True, watch=along)
-            nll, (top_ids, top_logps), scored_by = along.nll(), along.top(answer_ids), "decode"
-        else:
-            with base_view(self.method, self.model):
-                answer_ids = self.decode(prompt_ids, sampled=False, plain=True)
-            nll, top_ids, top_logps = self.score(prompt_ids, answer_ids, keep_top=self.cfg.eval.probe_top_k)
-            scored_by = "score"
-        answers = [self.text(a) for a in answer_ids]
-        reference = Reference(prompts, prompt_ids, answer_ids, answers, top_ids, top_logps, scored_by=scored_by)
+            answer_ids, samples = self._along(prompt_ids, open_rows(prompts), watch=along)
+            nll, (top_ids, top_logps) = along.nll(), along.top(answer_ids)
+            reference = Reference(prompts, prompt_ids, answer_ids, [self.text(a) for a in answer_ids], top_ids,
+                                  top_logps, scored_by="decode")
+            reference.base = {"probe_nll": nll, **self._tax_of(samples)}
+            return reference
+        with base_view(self.method, self.model):
+            answer_ids = self.decode(prompt_ids, sampled=False, plain=True)
+        nll, top_ids, top_logps = self.score(prompt_ids, answer_ids, keep_top=self.cfg.eval.probe_top_k)
+        reference = Reference(prompts, prompt_ids, answer_ids, [self.text(a) for a in answer_ids], top_ids,
+                              top_logps, scored_by="score")
         with base_view(self.method, self.model):
             reference.base = {"probe_nll": nll, **self.tax(reference, plain=True)}
         return reference
@@ -200,45 +204,71 @@ class Prober:
         the reference's top-k were (Reference.scored_by), so that the model at step 0 gives exactly 0."""
         if reference.scored_by == "decode" and plain_forward(self.method):
             along = Along(against=reference)
-            self.decode(reference.prompt_ids, sampled=False, plain=True, forced=reference.answer_ids, watch=along)
-            nll, kl = along.nll(), along.kl()
-        else:
-            nll, kl = self.score(reference.prompt_ids, reference.answer_ids, against=reference)
+            _, samples = self._along(reference.prompt_ids, open_rows(reference.prompts) if generate else [],
+                                     watch=along, forced=reference.answer_ids)
+            return {"probe_nll": along.nll(), "probe_kl": along.kl(), **(self._tax_of(samples) if generate else {})}
+        nll, kl = self.score(reference.prompt_ids, reference.answer_ids, against=reference)
         found: dict[str, Any] = {"probe_nll": nll, "probe_kl": kl}
         if generate:
             found.update(self.tax(reference))
         return found
 
+    def _along(self, prompt_ids: list[list[int]], sampled: list[int], *, watch: Along,
+               forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+        """The greedy answers (or `forced` ones) with `watch` along them, and in the same batches the sampled
+        answers to the prompts `sampled` (forks of their prefill): one decoding pass where there were two. The
+        reference and every measure with the instruction tax take the same batches, so the model at step 0
+        measures exactly what it stored; a measure without it (an eval point) runs the greedy rows alone."""
+        found = self.decode(prompt_ids, sampled=False, plain=True, watch=watch, forced=forced, also_sampled=sampled,
+                            generator=self._generator())
+        return found[:len(prompt_ids)], found[len(prompt_ids):]
+
     def tax(self, reference: Reference, *, plain: bool = False) -> dict[str, Any]:
         """Sampled answers (seed train.seed) to the open-ended prompts and their diversity numbers."""
-        chosen = [i for i, p in enumerate(reference.prompts) if p.open]
+        chosen = open_rows(reference.prompts)
         if not chosen:
             return {}
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        answers = self.decode([reference.prompt_ids[i] for i in chosen], sampled=True, plain=plain, generator=generator)
-        return {**tax_numbers(answers), "samples": [self.text(a) for a in answers]}
+        answers = self.decode([reference.prompt_ids[i] for i in chosen], sampled=True, plain=plain,
+                              generator=self._generator())
+        return self._tax_of(answers)
+
+    def _tax_of(self, answers: list[list[int]]) -> dict[str, Any]:
+        return {**tax_numbers(answers), "samples": [self.text(a) for a in answers]} if answers else {}
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
 
     def text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.stops], skip_special_tokens=True)
 
     def decode(self, prompt_ids: list[list[int]], *, sampled: bool, plain: bool,
                generator: torch.Generator | None = None, forced: list[list[int]] | None = None,
-               watch: decoding.Watch | None = None) -> list[list[int]]:
+               watch: decoding.Watch | None = None, also_sampled: Sequence[int] = ()) -> list[list[int]]:
         """Answer ids (ending with the stop token when one came). A plain forward is the model itself unless the
         method prepends virtual tokens or prefixes (then one prompt at a time through its prefill). `forced`:
-        the answers are given (decoding.decode_rows), `watch` sees the logits along them."""
+        the answers are given (decoding.decode_rows), `watch` sees the logits along them. `also_sampled`: these
+        prompts are also answered by sampling (with `generator`) in the same batches, from the same prefill;
+        their answers follow, in that order (a plain forward only)."""
         plain = plain or plain_forward(self.method)
+        if also_sampled and not plain:
+            raise ValueError("also_sampled needs the model's plain forward")
         size = self.cfg.eval.probe_batch_size if plain else 1
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 prefix = self.prefix(prompt_ids, plain=plain)
-                return [answer for start in range(0, len(prompt_ids), size)
-                        for answer in self._decode_batch(prompt_ids[start:start + size], sampled=sampled,
-                                                         plain=plain, generator=generator, prefix=prefix,
-                                                         forced=None if forced is None else forced[start:start + size],
-                                                         watch=None if watch is None else _offset(watch, start))]
+                answers: list[list[int]] = []
+                forked: dict[int, list[int]] = {}
+                for start in range(0, len(prompt_ids), size):
+                    chunk = prompt_ids[start:start + size]
+                    forks = [i - start for i in also_sampled if start <= i < start + size]
+                    found = self._decode_batch(chunk, sampled=sampled, plain=plain, generator=generator, prefix=prefix,
+                                               forced=None if forced is None else forced[start:start + size],
+                                               watch=None if watch is None else _offset(watch, start), forks=forks)
+                    answers += found[:len(chunk)]
+                    forked.update({start + i: answer for i, answer in zip(forks, found[len(chunk):])})
+                return answers + [forked[i] for i in also_sampled]
         finally:
             self.model.train(was_training)
 
@@ -251,18 +281,19 @@ class Prober:
 
     def _decode_batch(self, prompts: list[list[int]], *, sampled: bool, plain: bool,
                       generator: torch.Generator | None, prefix: SharedPrefix, forced: list[list[int]] | None = None,
-                      watch: decoding.Watch | None = None) -> list[list[int]]:
+                      watch: decoding.Watch | None = None, forks: list[int] | None = None) -> list[list[int]]:
         """The prompts decoded together against a KV cache (models/decoding.py), the shared prefix's cache in
         front; greedy, or top-p at TEMPERATURE with `generator`. A plain forward prefills them shortest first in
         left-padded groups and decodes one batch that each row leaves at its stop token (decode_rows); a method's
         prefill takes one prompt (decode_batch)."""
-        pick = (decoding.top_p_sampler(temperature=TEMPERATURE, top_p=TOP_P, generator=generator) if sampled
-                else decoding.greedy)
+        sampler = decoding.top_p_sampler(temperature=TEMPERATURE, top_p=TOP_P, generator=generator)
+        pick = sampler if sampled else decoding.greedy
         limit = self.cfg.eval.probe_max_new_tokens
         if plain:  # prompts prefilled shortest first in groups (little padding), decoded as one batch that rows leave
             return decoding.decode_rows(self.model, prompts, caps=[limit] * len(prompts), stops=self.stops,
                                         pad_id=self.pad_id, device=self.device, pick=pick, prefix=prefix,
-                                        forced=forced, watch=watch)
+                                        forced=forced, watch=watch,
+                                        forks=decoding.Forks(forks, sampler, limit) if forks else None)
         return decoding.decode_batch(self.model, prompts, stops=self.stops, pad_id=self.pad_id, device=self.device,
                                      max_new_tokens=limit, pick=pick, prefix=prefix, prefill=self.method.prefill,
                                      forced=forced, watch=watch)
@@ -401,6 +432,11 @@ def tax_numbers(answers: list[list[int]]) -> dict[str, float]:
     return {"probe_distinct2": len(set(bigrams)) / max(len(bigrams), 1),
             "probe_repetition": sum(shares) / max(len(shares), 1),
             "probe_length": sum(len(a) for a in answers) / max(len(answers), 1)}
+
+
+def open_rows(prompts: Sequence[ProbePrompt]) -> list[int]:
+    """The indices of the open-ended prompts (the instruction tax's)."""
+    return [i for i, p in enumerate(prompts) if p.open]
 
 
 def plain_forward(method: Method | None) -> bool:
