@@ -14,6 +14,11 @@ Model-level (floor 1), so that train/ (the probe) and everything above it share 
 Chat-template prompts share a long token prefix (a template's default system prompt and the user's header):
 its keys and values are computed once per pass, and each batch runs only its rows' own tokens, left-padded
 between the prefix and each row (the padding masked). The answers are those of whole rows to float rounding.
+
+For the forgetting probe, decode_rows also follows given answers (`forced`) while a `watch` sees the logits
+along them, and answers some prompts a second time in the same batch with another pick (`Forks`: the sampled
+answers beside the greedy ones). A step writes its keys and values in place, into room made after the prefill,
+and finished rows leave once they are an eighth of the batch: both spare copying the whole cache.
 """
 
 from __future__ import annotations
