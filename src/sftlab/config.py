@@ -374,7 +374,9 @@ class EvalConfig:
     """Probe prompts decoded together (bounds the probe's memory: a KV cache of this many rows of prompt +
     probe_max_new_tokens tokens). A decoding step has a cost of its own whatever its rows (it reads every
     weight): SmolLM2-135M on 2 CPU cores, a step of 1 row 97 ms, 38 rows 255 ms, 64 rows 308 ms, 102 rows
-    449 ms; so the built-in ~100 prompts decode as one batch (64: two, and the probe cost ~12% more)."""
+    449 ms; so the built-in ~100 prompts decode as one batch (at 64, in two: the probe's greedy pass took 22 s
+    instead of 19 s on the demo, before the in-place cache). The instruction tax's sampled answers join their
+    prompts' batch."""
     probe_kl_threshold: float = 0.25
     """Forgetting is flagged when probe_kl (nats per answer token) passes this while the eval loss has stopped
     improving; the recommended checkpoint is the best eval loss whose probe_kl stays under it."""
