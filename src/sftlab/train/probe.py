@@ -376,9 +376,9 @@ class Along:
             index = torch.tensor([self.starts[i] + at for i, at in zip(rows, positions)])
             self.kl_sum += float(top_k_kl(self.against.top_ids[index], self.against.top_logps[index], logps).sum())
         else:
-            values, indices = logps.topk(self.keep_top, dim=-1)
+            values, indices = (t.cpu() for t in logps.topk(self.keep_top, dim=-1))  # one copy a step, not a row
             for r, (i, at) in enumerate(zip(rows, positions)):
-                self.kept[(i, at)] = (indices[r].cpu(), values[r].cpu())
+                self.kept[(i, at)] = (indices[r], values[r])
 
     def nll(self) -> float:
         return self.nll_sum / max(self.count, 1)
