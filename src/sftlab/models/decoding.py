@@ -234,11 +234,8 @@ def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], 
     _make_room(rows.cache, max((caps[i] for i in rows.rows), default=0))
     while not all(done[i] for i in rows.rows):
         tokens = _picked(rows, answers, pick, forced, forks)  # (B,)
-        answering = [r for r, i in enumerate(rows.rows) if not done[i] and (first is None or i < first)]
-        if watch is not None and answering:
-            index = torch.tensor(answering, dtype=torch.long, device=rows.logits.device)
-            watch([rows.rows[r] for r in answering], [len(answers[rows.rows[r]]) for r in answering],
-                  rows.logits.index_select(0, index), tokens[answering])
+        if watch is not None:
+            _watched(watch, rows, answers, done, first, tokens)
         for i, token in zip(rows.rows, tokens.tolist()):
             if not done[i]:
                 answers[i].append(token)
@@ -257,6 +254,16 @@ def _steps(model: Any, rows: _Rows, *, caps: list[int], stops: Collection[int], 
         out = model(input_ids=tokens[:, None].to(device), use_cache=True, **{cache_name: rows.cache}, **plain)
         rows = _Rows(out.logits[:, -1], returned_cache(out), mask, positions, rows.rows)
     return answers
+
+
+def _watched(watch: Watch, rows: _Rows, answers: dict[int, list[int]], done: dict[int, bool], first: int | None,
+             tokens: torch.Tensor) -> None:
+    """`watch` called with the rows still answering (forks, numbered from `first` on, left out)."""
+    answering = [r for r, i in enumerate(rows.rows) if not done[i] and (first is None or i < first)]
+    if answering:
+        index = torch.tensor(answering, dtype=torch.long, device=rows.logits.device)
+        watch([rows.rows[r] for r in answering], [len(answers[rows.rows[r]]) for r in answering],
+              rows.logits.index_select(0, index), tokens[answering])
 
 
 def _picked(rows: _Rows, answers: dict[int, list[int]], pick: Pick, forced: Sequence[Sequence[int]] | None,
