@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from sftlab.data.fast_bpe import FastBPE, fast_bpe_for
 from sftlab.data.formats import row_byte_limit
 from sftlab.data.schema import Conversation
 from sftlab.data.templates import MAX_TEMPLATE_TEXT, ChatTemplate, Segment
-from sftlab.data.token_cache import PieceCache
+from sftlab.data.token_cache import PieceCache, Spans
 from sftlab.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -40,6 +41,10 @@ IGNORE_INDEX = -100
 
 ROLE_CODES = {"": 0, "system": 1, "user": 2, "assistant": 3, "tool": 4, "reasoning": 5, "tool_call": 6}
 """Per-token role codes reported by `encode_detailed`: 0 is template text."""
+
+FAST_BPE_AFTER = 2048
+"""Texts an Encoder tokenises with the tokenizer itself before it sets up the tiktoken path (data/fast_bpe.py;
+~1.5 s once, won back after ~1,500 tool-calling conversations); smaller builds never pay for it."""
 
 SPECIAL_TOKENS_IN_CONTENT = ("text", "error", "allow")
 """data.special_tokens_in_content: how a special-token string inside a message's content is tokenised."""
@@ -92,7 +97,7 @@ class Encoder:
     def __init__(self, tokenizer: Any, template: ChatTemplate, *, train_on: str = "assistant",
                  max_seq_len: int | None = None, truncation: str = "drop", add_special_tokens: bool = False,
                  max_row_bytes: int | None = None, special_tokens_in_content: str = "text",
-                 cache_tokens: bool = True) -> None:
+                 cache_tokens: bool = True, fast_bpe: bool | None = None) -> None:
         if truncation not in ("drop", "truncate"):
             raise ConfigError(f"data.truncation must be drop or truncate; found {truncation!r}")
         if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
@@ -116,6 +121,10 @@ class Encoder:
         self._pieces = PieceCache.create(self._backend) if cache_tokens else None
         """Reuses the tokens of repeated text (system prompts, tool schemas); None where not provably exact
         for this tokenizer (or cache_tokens=False): whole texts are tokenised."""
+        self._fast_setting = fast_bpe
+        self._fast: FastBPE | bool | None = None if fast_bpe is not False else False
+        """data/fast_bpe.py's tiktoken path once made (False: not for this tokenizer, or not wanted)."""
+        self._texts_tokenized = 0
 
     def recipe(self) -> dict[str, Any]:
         """What rebuilds this Encoder in another process (`from_recipe`; data/parallel.py's workers): the
@@ -124,14 +133,14 @@ class Encoder:
         return {"tokenizer": tokenizer, "template": self.template, "train_on": self.train_on,
                 "max_seq_len": self.max_seq_len, "truncation": self.truncation, "row_limit": self.row_limit,
                 "render_limit": self.render_limit, "special_tokens_in_content": self.special_tokens_in_content,
-                "cache_tokens": self._cache_tokens}
+                "cache_tokens": self._cache_tokens, "fast_bpe": self._fast_setting}
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any]) -> Encoder:
         encoder = cls(recipe["tokenizer"], recipe["template"], train_on=recipe["train_on"],
                       max_seq_len=recipe["max_seq_len"], truncation=recipe["truncation"],
                       special_tokens_in_content=recipe["special_tokens_in_content"],
-                      cache_tokens=recipe["cache_tokens"])
+                      cache_tokens=recipe["cache_tokens"], fast_bpe=recipe.get("fast_bpe"))
         encoder.row_limit, encoder.render_limit = recipe["row_limit"], recipe["render_limit"]
         return encoder
 
@@ -194,11 +203,22 @@ class Encoder:
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], Any]]:
         if self._backend is not None:
             _match_special_tokens(self._backend)
+            fast = self._fast_bpe(len(texts))
+            if fast is not None:
+                return [(e.ids, e) for e in fast.encode_batch(texts)]
             if self._pieces is not None:
                 return self._pieces.encode_batch(texts)
             encodings = self._backend.encode_batch(texts, add_special_tokens=False)
             return [(e.ids, e) for e in encodings]
         return [(self.tokenizer.encode(text, add_special_tokens=False), None) for text in texts]
+
+    def _fast_bpe(self, count: int) -> FastBPE | None:
+        """The tiktoken path, made once this Encoder has tokenised FAST_BPE_AFTER texts (or at once with
+        fast_bpe=True): its set-up (~1.5 s) pays off only on a build of thousands of rows."""
+        self._texts_tokenized += count
+        if self._fast is None and (self._fast_setting or self._texts_tokenized >= FAST_BPE_AFTER):
+            self._fast = fast_bpe_for(self._backend) or False
+        return self._fast or None
 
     def _label(self, where: str, segments: list[Segment], ids: list[int], encoding: Any) -> Encoded:
         if encoding is None:
@@ -438,6 +458,8 @@ def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
     straddles the boundary: harmless between two segments both trained or both not (the token goes to
     the earlier one), an error where training switches on or off.
     """
+    if isinstance(encoding, Spans) and encoding.monotone:
+        return _label_by_spans(where, segments, ids, encoding)
     first_token: list[int | None] = []  # per segment: index of its first token (None: an empty segment)
     position = 0
     for k, segment in enumerate(segments):
@@ -462,6 +484,35 @@ def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
     roles = np.repeat(np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64), counts)
     content = np.repeat(np.array([s.content for s in segments], dtype=bool), counts)
     return trained, roles, content
+
+
+def _label_by_spans(where: str, segments: list[Segment], ids: Sequence[int],
+                    encoding: Spans) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_label_by_offsets` at once for all segments, where the offsets are arrays in order (data/fast_bpe.py's
+    encodings): the same answers, the same errors."""
+    lengths = np.fromiter((len(s.text) for s in segments), dtype=np.int64, count=len(segments))
+    positions = np.cumsum(lengths) - lengths  # each segment's first character
+    starts, ends = np.frombuffer(encoding.starts, dtype=np.int64), np.frombuffer(encoding.ends, dtype=np.int64)
+    holding = np.searchsorted(ends, positions, side="right")  # the first token ending after each first character
+    clipped = np.minimum(holding, max(len(ends) - 1, 0))
+    filled = lengths > 0
+    if len(ends) == 0 or (filled & ((holding >= len(ends)) | (starts[clipped] > positions))).any():
+        # a character no token covers (a normaliser removed it)
+        return _label_by_all_offsets(where, segments, ids, np.asarray(encoding.offsets, dtype=np.int64))
+    trainable = np.array([s.trainable for s in segments], dtype=bool)
+    straddles = filled & (starts[clipped] < positions)
+    switching = straddles.copy()
+    switching[1:] &= trainable[1:] != trainable[:-1]
+    switching[0] = False
+    if switching.any():
+        k = int(np.argmax(switching))
+        _straddle(where, segments, int(clipped[k]), (int(starts[clipped[k]]), int(ends[clipped[k]])))
+    first = np.where(filled, clipped + straddles, len(ids))
+    first = np.minimum.accumulate(first[::-1])[::-1]  # an empty segment starts where the next filled one does
+    counts = np.maximum(np.diff(np.append(first, len(ids))), 0)
+    roles = np.repeat(np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64), counts)
+    content = np.repeat(np.array([s.content for s in segments], dtype=bool), counts)
+    return np.repeat(trainable, counts), roles, content
 
 
 def _straddle(where: str, segments: list[Segment], index: int, span: tuple[int, int]) -> None:

@@ -83,7 +83,12 @@ def message_record(message: Message) -> dict[str, Any]:
 
 
 def validate(conversation: Conversation) -> Conversation:
-    """Return the conversation unchanged if it is valid, else raise DataError naming where and why."""
+    """Return the conversation unchanged if it is valid, else raise DataError naming where and why. A
+    conversation found valid is marked so, and not checked again (the reader validates each row, and the
+    template validates what it renders, since a hand-built conversation may hold anything): its fields
+    are frozen."""
+    if conversation.__dict__.get("_valid"):
+        return conversation
     where, messages = conversation.where, conversation.messages
     if not messages:
         raise DataError("the conversation has no messages; expected at least a user and an assistant "
@@ -112,6 +117,7 @@ def validate(conversation: Conversation) -> Conversation:
         raise DataError(f"the last message (message {len(messages)}) has role {messages[-1].role!r}; expected "
                         "the conversation to end with an assistant reply. Add the reply or drop the "
                         "trailing user turn.", where=where, reason="trailing user turn")
+    object.__setattr__(conversation, "_valid", True)
     return conversation
 
 

@@ -40,7 +40,7 @@ import json
 import re
 import secrets
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -293,6 +293,7 @@ class ChatTemplate:
         self._clock = now
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = now.strftime
+        self._globals: dict[str, Any] | None = None  # the compiled template's globals, copied on first render
         try:
             self._compiled = env.from_string(source)
         except JinjaTemplateError as exc:
@@ -356,12 +357,26 @@ class ChatTemplate:
         """The render, streamed and stopped as soon as it passes `max_chars` characters."""
         pieces: list[str] = []
         size = 0
-        for piece in self._compiled.generate(**context):
+        for piece in self._generate(context):
             size += len(piece)
             if size > max_chars:
                 raise _RenderTooLong(where)
             pieces.append(piece)
         return "".join(pieces)
+
+    def _generate(self, context: dict[str, Any]) -> Iterator[str]:
+        """jinja2's `Template.generate`, with the globals copied once per template instead of once per render
+        (jinja2 copies its ChainMap of globals into every render's context, twice: a tenth of a render)."""
+        compiled = self._compiled
+        if self._globals is None:
+            self._globals = dict(compiled.globals)
+        environment = compiled.environment
+        ctx = environment.context_class(environment, {**self._globals, **context}, compiled.name, compiled.blocks,
+                                        globals=self._globals)
+        try:
+            yield from compiled.root_render_func(ctx)
+        except Exception:
+            yield environment.handle_exception()  # raises, with the template's lines in the traceback
 
     def render(self, conversation: Conversation, train_on: str = "assistant", *,
                max_chars: int | None = None) -> list[Segment]:

@@ -48,17 +48,26 @@ _NEW, _RUN = "new", "run"
 """Plan states of a part to encode: a unit to cache, or a run of units not cached."""
 
 
-class CachedUnit:
-    """One unit's tokens: ids and character offsets relative to the unit's start."""
+class Spans:
+    """Token ids and character offsets as arrays, answering what the labelling reads of a
+    `tokenizers.Encoding` (`char_to_token`, `token_to_chars`, `offsets`): a cached unit's tokens (offsets
+    relative to the unit's start), or a whole text's from data/fast_bpe.py."""
 
     __slots__ = ("ends", "ids", "monotone", "starts")
 
-    def __init__(self, encoding: Any) -> None:
-        self.ids = np.asarray(encoding.ids, dtype=np.int64)
+    def __init__(self, ids: np.ndarray, starts: array, ends: array, monotone: bool | None = None) -> None:
+        self.ids, self.starts, self.ends = ids, starts, ends
+        if monotone is None:
+            pairs = np.stack([np.frombuffer(starts, dtype=np.int64), np.frombuffer(ends, dtype=np.int64)], 1)
+            monotone = bool((np.diff(pairs, axis=0) >= 0).all())
+        self.monotone = monotone
+
+    @classmethod
+    def from_encoding(cls, encoding: Any) -> Spans:
+        if isinstance(encoding, Spans):
+            return encoding
         flat = array("q", chain.from_iterable(encoding.offsets))
-        self.starts, self.ends = flat[0::2], flat[1::2]
-        pairs = np.frombuffer(flat, dtype=np.int64).reshape(-1, 2)
-        self.monotone = bool((np.diff(pairs, axis=0) >= 0).all())
+        return cls(np.asarray(encoding.ids, dtype=np.int64), flat[0::2], flat[1::2])
 
     def char_to_token(self, position: int) -> int | None:
         """The first token whose span holds `position`, as `tokenizers.Encoding.char_to_token` answers."""
@@ -67,7 +76,12 @@ class CachedUnit:
             return k if k < len(self.ends) and self.starts[k] <= position else None
         return next((k for k, (a, b) in enumerate(zip(self.starts, self.ends)) if a <= position < b), None)
 
+    def token_to_chars(self, token: int) -> tuple[int, int]:
+        return self.starts[token], self.ends[token]
+
+    @property
     def offsets(self) -> np.ndarray:
+        """(T, 2) character offsets."""
         return np.stack([np.frombuffer(self.starts, dtype=np.int64), np.frombuffer(self.ends, dtype=np.int64)], 1)
 
 
@@ -94,22 +108,19 @@ class Pieces:
     def token_to_chars(self, token: int) -> tuple[int, int]:
         k = bisect.bisect_right(self._tokens, token) - 1
         part, local = self._parts[k], token - self._tokens[k]
-        if isinstance(part, CachedUnit):
-            start, end = part.starts[local], part.ends[local]
-        else:
-            start, end = part.token_to_chars(local)
+        start, end = part.token_to_chars(local)
         return start + self._chars[k], end + self._chars[k]
 
     @property
     def offsets(self) -> np.ndarray:
         """(T, 2) character offsets in the row's text (the rare paths read them all)."""
-        chunks = [(part.offsets() if isinstance(part, CachedUnit) else np.asarray(part.offsets, dtype=np.int64)
-                   .reshape(-1, 2)) + start for start, part in zip(self._chars, self._parts)]
+        chunks = [np.asarray(part.offsets, dtype=np.int64).reshape(-1, 2) + start
+                  for start, part in zip(self._chars, self._parts)]
         return np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.int64)
 
 
 def _ids(part: Any) -> np.ndarray:
-    return part.ids if isinstance(part, CachedUnit) else np.asarray(part.ids, dtype=np.int64)
+    return part.ids if isinstance(part, Spans) else np.asarray(part.ids, dtype=np.int64)
 
 
 class PieceCache:
@@ -122,7 +133,7 @@ class PieceCache:
         self.cut_tokens = list(cut_tokens)
         self._cuts = re.compile("|".join(re.escape(t) for t in sorted(cut_tokens, key=len, reverse=True)))
         self.max_chars, self.max_tokens, self.min_chars = max_chars, max_tokens, min_chars
-        self._cache: OrderedDict[str, CachedUnit] = OrderedDict()
+        self._cache: OrderedDict[str, Spans] = OrderedDict()
         self.chars = self.tokens = 0
         """Characters and tokens of the units cached now (at most max_chars and max_tokens)."""
         self._seen: set[int] = set()
@@ -150,7 +161,7 @@ class PieceCache:
         jobs: dict[str, int] = {}  # text to encode -> its index in the batch (a unit new twice is encoded once)
         for text, plan in zip(texts, plans):
             for start, end, state in plan:
-                if not isinstance(state, CachedUnit):
+                if not isinstance(state, Spans):
                     jobs.setdefault(text[start:end], len(jobs))
         encodings = self._backend.encode_batch(list(jobs), add_special_tokens=False) if jobs else []
         results = []
@@ -158,12 +169,12 @@ class PieceCache:
             parts = []
             for start, end, state in plan:
                 part = state
-                if not isinstance(state, CachedUnit):
+                if not isinstance(state, Spans):
                     part = encodings[jobs[text[start:end]]]
                     if state is _NEW:
                         part = self._store(text[start:end], part)
                 parts.append((start, part))
-            if len(parts) == 1 and not isinstance(parts[0][1], CachedUnit):
+            if len(plan) == 1 and plan[0][2] is _RUN:
                 results.append((parts[0][1].ids, parts[0][1]))  # the whole text, encoded as ever
             else:
                 pieces = Pieces(parts)
@@ -204,8 +215,8 @@ class PieceCache:
         self._seen.add(key)
         return False
 
-    def _store(self, unit: str, encoding: Any) -> CachedUnit:
-        cached = self._cache.get(unit) or CachedUnit(encoding)
+    def _store(self, unit: str, encoding: Any) -> Spans:
+        cached = self._cache.get(unit) or Spans.from_encoding(encoding)
         if unit not in self._cache and len(unit) <= self.max_chars // 4 and len(cached.ids) <= self.max_tokens // 4:
             self._cache[unit] = cached
             self.chars += len(unit)
