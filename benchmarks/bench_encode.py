@@ -338,7 +338,7 @@ def run_build(spec: BuildSpec) -> dict[str, Any]:
 
 
 STAGES = ("read, convert, validate", "Jinja render (x2)", "spans, segments",
-          "tokenizer (Rust, all threads, and the token cache)", "labels")
+          "tokenizer (tiktoken or Rust, all threads)", "labels")
 
 
 def time_stages(spec: BuildSpec, encoder: Any, data: Any, build_cpu_ms: float) -> dict[str, Any]:
@@ -556,6 +556,8 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
         return {"path": args.data, "rows": rows, "bytes": args.data.stat().st_size, "generate_s": 0.0}
     size_bytes = int(args.size_gb * 1e9) if args.size_gb else None
     conversations = None if size_bytes else args.conversations
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     # A unique name: runs of this benchmark by other people on the same machine must not share a file.
     handle, name = tempfile.mkstemp(prefix=f"bench-encode-{args.size_gb or conversations}-seed{args.seed}-",
                                     suffix=".jsonl", dir=args.workdir)

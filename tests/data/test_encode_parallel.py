@@ -221,7 +221,8 @@ def test_workers_die_with_their_parent(tmp_path: Path, how: signal.Signals) -> N
         while len(workers) < 2 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.2)
             workers = _workers_of(process.pid) if _alive(process.pid) else []
-        assert len(workers) == 2, process.stderr.read() if process.poll() is not None else "no workers started"
+        # Two encoding workers, and (the input is over 16 MiB) the validating process while it reads.
+        assert len(workers) >= 2, process.stderr.read() if process.poll() is not None else "no workers started"
         time.sleep(0.5)  # workers started (on a loaded machine 2 s was once enough for 30,000 rows to finish)
         assert process.poll() is None, "the build ended before the signal: give the script more rows"
         process.send_signal(how)
@@ -266,3 +267,66 @@ def test_num_workers_config_key() -> None:
     for bad in (0, "many", 1.5):
         with pytest.raises(ConfigError, match="num_workers"):
             build(Data, {"num_workers": bad}, prefix="data.")
+
+
+def _boom_encoder(tmp_path: Path) -> Encoder:
+    """An Encoder whose template refuses a row whose content is BOOM: an error only encoding finds."""
+    tokenizer = real_tokenizer("qwen2_5")
+    template = tmp_path / "boom.jinja"
+    template.write_text("{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no boom') }}"
+                        "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+                        encoding="utf-8")
+    return Encoder(tokenizer, load_template(str(template), tokenizer))
+
+
+@pytest.mark.parametrize("errors", ["read", "encode then read", "encode", "none"])
+def test_the_validation_pass_apart_fails_and_writes_as_in_this_process(tmp_path: Path, monkeypatch,
+                                                                        errors: str) -> None:
+    """For a large input the validation pass runs in a process of its own beside the encoding: the same first
+    error (a bad row found by reading comes before an encoding error on an earlier row, as when the whole file
+    was validated first), the same dataset when there is none, and the process is gone afterwards."""
+    encoder = _boom_encoder(tmp_path)
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"q{i} é"},
+                                     {"role": "assistant", "content": f"a{i}"}]}) for i in range(400)]
+    if "encode" in errors:
+        rows[3] = rows[3].replace('"a3"', '"BOOM"')
+    if "read" in errors:
+        rows[350] = rows[350].replace('"user"', '"usr"')
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    monkeypatch.setattr(dataset, "BATCH_ROWS", 8)
+    outcomes = []
+    for apart in (False, True):
+        monkeypatch.setattr(parallel, "MIN_APART_BYTES", 0 if apart else 1 << 40)
+        started = []
+        monkeypatch.setattr(parallel.Validator, "__init__", _recording(parallel.Validator.__init__, started))
+        before = _children()
+        if errors == "none":
+            outcomes.append(_build(path, encoder, 1))
+        else:
+            with pytest.raises(DataError) as caught:
+                dataset.build_dataset(path, DataConfig(cache=False), encoder)
+            outcomes.append((str(caught.value), caught.value.where, caught.value.reason))
+        assert bool(started) == apart
+        assert not [pid for pid in _children() - before if _alive(pid)]  # the validating process is gone
+    assert outcomes[0] == outcomes[1]
+    if errors != "none":
+        assert outcomes[0][1].endswith("rows.jsonl:351" if "read" in errors else "rows.jsonl:4")
+
+
+def _recording(init, calls: list):
+    def wrapped(self, *args, **kwargs):
+        calls.append(args)
+        init(self, *args, **kwargs)
+    return wrapped
+
+
+def test_the_validation_pass_stays_in_this_process_when_it_would_not_pay(monkeypatch) -> None:
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    assert parallel.Validator.wanted("error", 64 << 20)
+    assert not parallel.Validator.wanted("skip", 64 << 20)  # no validation pass at all
+    assert not parallel.Validator.wanted("error", 1 << 20)  # small: starting a process costs more
+    assert not parallel.Validator.wanted("error", None)  # a Hub dataset: read once more over the network, here
+    assert not parallel.Validator.wanted("error", 64 << 20, ranks=2)  # two ranks encoding at once: no core spare
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 1)
+    assert not parallel.Validator.wanted("error", 64 << 20)

@@ -30,7 +30,7 @@ from sftlab.config import DataConfig
 from sftlab.data import cache
 from sftlab.data.encode import IGNORE_INDEX, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import FieldTally
-from sftlab.data.parallel import EncodePool, encoding_ranks, worker_count
+from sftlab.data.parallel import EncodePool, RowReader, Validator, encoding_ranks, worker_count
 from sftlab.data.quality import WriterQuality
 from sftlab.data.reasoning import prepare
 from sftlab.data.rejects import RejectLog, conversation_row
@@ -203,11 +203,40 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
     """Fill `directory` (the layout above) from a kind's items in one encoding pass: examples, rejects, stats,
     the fields the rows hold (counted as they stream by), the kind's own files (conversations: the quality
     report a run's report shows, so it never encodes the data again), meta.json."""
+    validator = None
     if data.on_bad_row == "error":
-        # Every row read and validated first (no tokenising: ~1 s per 100k rows), so a bad row deep in the
-        # file fails at once instead of after encoding all the rows before it.
-        for _ in kind.read("error", None, None):
-            pass
+        # Every row read and validated first (no tokenising), so a bad row deep in the file fails at once
+        # instead of after encoding all the rows before it; beside the encoding, for a large input.
+        reader = getattr(kind, "validating_reader", lambda: None)()
+        if reader is not None and Validator.wanted(data.on_bad_row, reader.input_bytes,
+                                                   ranks=encoding_ranks(data.cache)):
+            validator = Validator(reader)
+        else:
+            for _ in kind.read("error", None, None):
+                pass
+    try:
+        stats, offsets = _encode_into(kind, data, directory, fields, validator)
+        if validator is not None:
+            validator.finish()
+    except DataError:
+        if validator is not None:
+            validator.finish()  # a bad row found by reading comes first, as if validated before encoding
+        raise
+    finally:
+        if validator is not None:
+            validator.stop()
+    stats.ignored_fields = {} if fields is None else {name: n["rows"] for name, n in fields.report().items()
+                                                        if not n["used"]}
+    extra = kind.finish(directory, stats)
+    np.frombuffer(offsets, dtype=np.int64).tofile(directory / "offsets.bin")
+    stats.tokens = offsets[-1]
+    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": added_tokens, **extra}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+
+def _encode_into(kind: RowKind, data: DataConfig, directory: Path, fields: FieldTally | None,
+                 validator: Validator | None) -> tuple[DatasetStats, array]:
+    """The encoding pass: examples and rejects written, the stats and example offsets returned."""
     with _Sink(directory) as sink:
         held = _HeldRejects(sink.log)
         items = kind.read(data.on_bad_row, held, fields)  # type: ignore[arg-type]
@@ -218,6 +247,8 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
                 held.batch += 1
 
         for number, (batch, results) in enumerate(kind.encode_stream(batches())):
+            if validator is not None:
+                validator.check()
             held.release(number + 1)
             sink.count_rows(batch)
             kept = []
@@ -230,14 +261,7 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
                     sink.reject(result, kind.reject_row(item))
             sink.add(kept)
         held.release(None)
-    stats = sink.stats
-    stats.ignored_fields = {} if fields is None else {name: n["rows"] for name, n in fields.report().items()
-                                                        if not n["used"]}
-    extra = kind.finish(directory, stats)
-    np.frombuffer(sink.offsets, dtype=np.int64).tofile(directory / "offsets.bin")
-    stats.tokens = sink.offsets[-1]
-    meta = {"stats": asdict(stats), "settings": settings, "added_tokens": added_tokens, **extra}
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    return sink.stats, sink.offsets
 
 
 class _HeldRejects:
@@ -327,6 +351,12 @@ class Conversations:
             return conversations
         return prepare(self.quality.conversations(conversations), self.encoder.template, reasoning=data.reasoning,
                        reasoning_turns=data.reasoning_turns)
+
+    def validating_reader(self) -> RowReader:
+        """`read("error", None, None)` as a RowReader (the validation pass)."""
+        return RowReader(read, (self.source, self.data), {"on_bad_row": "error", "rejects": None,
+                                                          "max_row_bytes": self.encoder.row_limit, "fields": None},
+                         self.source.data_bytes())
 
     def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
         workers = worker_count(self.data.num_workers, self.source.data_bytes(),

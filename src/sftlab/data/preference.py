@@ -35,9 +35,10 @@ from sftlab.data.batching import Batch, collate, collate_packed
 from sftlab.data.dataset import DatasetStats, EncodedDataset, Written, build_dataset, write_examples
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _message_list, _require, _tools, items_from_rows
+from sftlab.data.parallel import RowReader
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, message_record, validate
-from sftlab.data.sources import Source, source_rows
+from sftlab.data.sources import Source, resolve, source_rows
 from sftlab.errors import DataError
 
 PROMPTS_DIFFER = "prompts differ"
@@ -388,6 +389,13 @@ class _Pairs:
     def read(self, on_bad_row: str, rejects: RejectLog | None, fields: Any = None) -> Iterator[Pair]:
         return read_pairs(self.data_path, role_map=_role_map(self.data_path, self.data), on_bad_row=on_bad_row,
                           rejects=rejects, max_row_bytes=self.row_limit)
+
+    def validating_reader(self) -> RowReader:
+        """`read("error", None)` as a RowReader (the validation pass)."""
+        source = self.data_path if isinstance(self.data_path, Source) else resolve(self.data_path)
+        settings = {"role_map": _role_map(self.data_path, self.data), "on_bad_row": "error", "rejects": None,
+                    "max_row_bytes": self.row_limit}
+        return RowReader(read_pairs, (self.data_path,), settings, source.data_bytes())
 
     def encode_stream(self, batches: Iterable[Sequence[Pair]]) -> Iterator[tuple[Sequence[Pair], list[Any]]]:
         return self.encoder.encode_stream(batches)
