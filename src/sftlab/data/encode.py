@@ -217,7 +217,7 @@ class Encoder:
         fast_bpe=True): its set-up (~1.5 s) pays off only on a build of thousands of rows."""
         self._texts_tokenized += count
         if self._fast is None and (self._fast_setting or self._texts_tokenized >= FAST_BPE_AFTER):
-            self._fast = fast_bpe_for(self._backend) or False
+            self._fast = fast_bpe_for(self._backend, getattr(self.tokenizer, "backend_tokenizer", None)) or False
         return self._fast or None
 
     def _label(self, where: str, segments: list[Segment], ids: list[int], encoding: Any) -> Encoded:

@@ -170,19 +170,22 @@ class FastBPE:
 
 
 _MADE: dict[int, tuple[Any, int, FastBPE | None]] = {}
-"""FastBPE.create's answers in this process, by backend (kept alive here) and its vocabulary's size."""
+"""FastBPE.create's answers in this process, by tokenizer backend (kept alive here) and its vocabulary's size."""
 
 
-def fast_bpe_for(backend: Any) -> FastBPE | None:
-    """FastBPE.create(backend), once per backend and process (Encoders of one run share a tokenizer)."""
+def fast_bpe_for(backend: Any, owner: Any = None) -> FastBPE | None:
+    """FastBPE.create(backend), once per tokenizer and process (Encoders of one run share a tokenizer, each with
+    its own plain copy of the backend, data/encode.py's `_plain_backend`): `owner`, the tokenizer's own backend,
+    is the key where given."""
     if backend is None:
         return None
-    size = backend.get_vocab_size(with_added_tokens=True)
-    made = _MADE.get(id(backend))
-    if made is None or made[0] is not backend or made[1] != size:
+    key = owner if owner is not None else backend
+    size = key.get_vocab_size(with_added_tokens=True)
+    made = _MADE.get(id(key))
+    if made is None or made[0] is not key or made[1] != size:
         if len(_MADE) >= 4:
             _MADE.clear()
-        made = _MADE[id(backend)] = (backend, size, FastBPE.create(backend))
+        made = _MADE[id(key)] = (key, size, FastBPE.create(backend))
     return made[2]
 
 
