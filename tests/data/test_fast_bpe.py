@@ -150,3 +150,20 @@ def test_merges_out_of_id_order_are_refused() -> None:
     assert FastBPE.create(backwards) is None
     assert backwards.encode("abc").tokens == ["ab", "c"]  # tiktoken would give a, bc
     assert FastBPE.create(_byte_level_bpe([("a", "b")], {"ab": 256, "abc": 257})) is None  # abc made by no merge
+
+
+def test_copies_of_one_tokenizers_backend_share_one_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Encoder may hold its own plain copy of the backend (data/encode.py's `_plain_backend`, where the
+    post-processor trims offsets); the set-up, about a second, is made once per tokenizer all the same."""
+    import copy
+
+    owner = real_tokenizer("llama3_2").backend_tokenizer
+    made = []
+    real_create = FastBPE.create.__func__
+    monkeypatch.setattr(FastBPE, "create", classmethod(lambda cls, backend: made.append(backend) or
+                                                       real_create(cls, backend)))
+    first = fast_bpe_for(copy.deepcopy(owner), owner)
+    assert first is not None and fast_bpe_for(copy.deepcopy(owner), owner) is first
+    assert len(made) == 1
+    owner.add_tokens(["<|new|>"])  # the tokenizer changed: made again
+    assert fast_bpe_for(copy.deepcopy(owner), owner) is not first and len(made) == 2

@@ -33,7 +33,7 @@ from sftlab.data.fast_bpe import FastBPE, fast_bpe_for
 from sftlab.data.formats import row_byte_limit
 from sftlab.data.schema import Conversation
 from sftlab.data.templates import MAX_TEMPLATE_TEXT, ChatTemplate, Segment
-from sftlab.data.token_cache import PieceCache, Spans
+from sftlab.data.token_cache import PieceCache
 from sftlab.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -458,8 +458,6 @@ def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
     straddles the boundary: harmless between two segments both trained or both not (the token goes to
     the earlier one), an error where training switches on or off.
     """
-    if isinstance(encoding, Spans) and encoding.monotone:
-        return _label_by_spans(where, segments, ids, encoding)
     first_token: list[int | None] = []  # per segment: index of its first token (None: an empty segment)
     position = 0
     for k, segment in enumerate(segments):
@@ -484,35 +482,6 @@ def _label_by_offsets(where: str, segments: list[Segment], ids: list[int],
     roles = np.repeat(np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64), counts)
     content = np.repeat(np.array([s.content for s in segments], dtype=bool), counts)
     return trained, roles, content
-
-
-def _label_by_spans(where: str, segments: list[Segment], ids: Sequence[int],
-                    encoding: Spans) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_label_by_offsets` at once for all segments, where the offsets are arrays in order (data/fast_bpe.py's
-    encodings): the same answers, the same errors."""
-    lengths = np.fromiter((len(s.text) for s in segments), dtype=np.int64, count=len(segments))
-    positions = np.cumsum(lengths) - lengths  # each segment's first character
-    starts, ends = np.frombuffer(encoding.starts, dtype=np.int64), np.frombuffer(encoding.ends, dtype=np.int64)
-    holding = np.searchsorted(ends, positions, side="right")  # the first token ending after each first character
-    clipped = np.minimum(holding, max(len(ends) - 1, 0))
-    filled = lengths > 0
-    if len(ends) == 0 or (filled & ((holding >= len(ends)) | (starts[clipped] > positions))).any():
-        # a character no token covers (a normaliser removed it)
-        return _label_by_all_offsets(where, segments, ids, np.asarray(encoding.offsets, dtype=np.int64))
-    trainable = np.array([s.trainable for s in segments], dtype=bool)
-    straddles = filled & (starts[clipped] < positions)
-    switching = straddles.copy()
-    switching[1:] &= trainable[1:] != trainable[:-1]
-    switching[0] = False
-    if switching.any():
-        k = int(np.argmax(switching))
-        _straddle(where, segments, int(clipped[k]), (int(starts[clipped[k]]), int(ends[clipped[k]])))
-    first = np.where(filled, clipped + straddles, len(ids))
-    first = np.minimum.accumulate(first[::-1])[::-1]  # an empty segment starts where the next filled one does
-    counts = np.maximum(np.diff(np.append(first, len(ids))), 0)
-    roles = np.repeat(np.array([ROLE_CODES[s.role] for s in segments], dtype=np.int64), counts)
-    content = np.repeat(np.array([s.content for s in segments], dtype=bool), counts)
-    return np.repeat(trainable, counts), roles, content
 
 
 def _straddle(where: str, segments: list[Segment], index: int, span: tuple[int, int]) -> None:
