@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -330,3 +331,23 @@ def test_the_validation_pass_stays_in_this_process_when_it_would_not_pay(monkeyp
     assert not parallel.Validator.wanted("error", 64 << 20, ranks=2)  # two ranks encoding at once: no core spare
     monkeypatch.setattr(parallel, "usable_cores", lambda: 1)
     assert not parallel.Validator.wanted("error", 64 << 20)
+
+
+def test_a_validating_process_that_cannot_start_leaves_the_pass_here(tmp_path: Path, monkeypatch) -> None:
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+            for i in range(30)]
+    rows[20] = rows[20].replace('"user"', '"usr"')
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    monkeypatch.setattr(parallel, "MIN_APART_BYTES", 0)
+
+    def refuse(self, reader):
+        raise pickle.PicklingError("a reader that does not pickle")
+
+    monkeypatch.setattr(parallel.Validator, "__init__", refuse)
+    monkeypatch.setattr(dataset, "BATCH_ROWS", 4)
+    encoded = []
+    monkeypatch.setattr(Encoder, "encode_stream", lambda self, batches: encoded.append(1) or iter(()))
+    with pytest.raises(DataError, match="rows.jsonl:21"):
+        dataset.build_dataset(path, DataConfig(cache=False), _boom_encoder(tmp_path))
+    assert not encoded  # validated here, before any encoding, as for a small input

@@ -13,6 +13,7 @@ arrays are memory-mapped when read back. Layout of a built dataset directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -210,8 +211,9 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
         reader = getattr(kind, "validating_reader", lambda: None)()
         if reader is not None and Validator.wanted(data.on_bad_row, reader.input_bytes,
                                                    ranks=encoding_ranks(data.cache)):
-            validator = Validator(reader)
-        else:
+            with contextlib.suppress(Exception):  # a reader that does not pickle, no process to start: here
+                validator = Validator(reader)
+        if validator is None:
             for _ in kind.read("error", None, None):
                 pass
     try:
