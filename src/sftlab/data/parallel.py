@@ -184,10 +184,10 @@ def _unpack(result: tuple[Any, ...]) -> Any:
     return Encoded(where, roles.astype(np.int64), truncated, segments, ids.astype(np.int64), trained, special)
 
 
-def _start_process(entry: str) -> tuple[subprocess.Popen[bytes], Connection, Connection]:
+def _start_process(entry: str, *, quiet: bool = False) -> tuple[subprocess.Popen[bytes], Connection, Connection]:
     """A fresh interpreter running this module's `entry` (not multiprocessing's spawn, which runs the parent's
     main script again in the child: a user's script without a __main__ guard would recurse), with a task pipe
-    to it and a result pipe from it."""
+    to it and a result pipe from it; `quiet`: its output discarded (what it has to say comes back by pipe)."""
     task_read, task_write = os.pipe()
     result_read, result_write = os.pipe()
     package_root = str(Path(__file__).resolve().parents[2])  # the directory holding sftlab/
@@ -197,7 +197,8 @@ def _start_process(entry: str) -> tuple[subprocess.Popen[bytes], Connection, Con
         process = subprocess.Popen(
             [sys.executable, "-c", f"from sftlab.data.parallel import {entry}; {entry}()",
              str(task_read), str(result_write), str(os.getpid())],
-            pass_fds=(task_read, result_write), stdin=subprocess.DEVNULL, env=env, close_fds=True)
+            pass_fds=(task_read, result_write), stdin=subprocess.DEVNULL, env=env, close_fds=True,
+            **({"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}))
     except BaseException:
         for fd in (task_read, task_write, result_read, result_write):
             os.close(fd)
@@ -258,7 +259,8 @@ class Validator:
 
     def __init__(self, reader: Any) -> None:
         message = pickle.dumps(reader, protocol=pickle.HIGHEST_PROTOCOL)
-        self._process, tasks, self._results = _start_process("_validator_main")
+        # Quiet: whatever the reading warns, the encoding's own reading of the same rows warns once.
+        self._process, tasks, self._results = _start_process("_validator_main", quiet=True)
         self._verdict: tuple[Any, ...] | None = None
         try:
             tasks.send_bytes(message)
