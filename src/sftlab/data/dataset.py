@@ -178,6 +178,9 @@ class RowKind(Protocol):
     def read(self, on_bad_row: str, rejects: RejectLog | None, fields: FieldTally | None) -> Iterator[Any]:
         """The valid items, in order; `fields` (when given, and the kind reports fields) counts each row's."""
 
+    def validating_reader(self) -> RowReader:
+        """`read("error", None, None)` as something that pickles, for a validating process (parallel.Validator)."""
+
     def encode_stream(self, batches: Iterable[Sequence[Any]]) -> Iterator[tuple[Sequence[Any], list[Any]]]:
         """Each batch with its results (an encoded item, or the DataError / Dropped of that item)."""
 
@@ -208,9 +211,8 @@ def write_examples(kind: RowKind, data: DataConfig, directory: Path, settings: d
     if data.on_bad_row == "error":
         # Every row read and validated first (no tokenising), so a bad row deep in the file fails at once
         # instead of after encoding all the rows before it; beside the encoding, for a large input.
-        reader = getattr(kind, "validating_reader", lambda: None)()
-        if reader is not None and Validator.wanted(data.on_bad_row, reader.input_bytes,
-                                                   ranks=encoding_ranks(data.cache)):
+        reader = kind.validating_reader()
+        if Validator.wanted(data.on_bad_row, reader.input_bytes, ranks=encoding_ranks(data.cache)):
             with contextlib.suppress(Exception):  # a reader that does not pickle, no process to start: here
                 validator = Validator(reader)
         if validator is None:

@@ -8,10 +8,10 @@ per 2,600-character tool-calling conversation). The two agree where the tokenize
 ids are, so `FastBPE.create` takes a tokenizer only where that can be checked:
 
 - the model is byte-level BPE with nothing else (no dropout, byte fallback, unknown token, word prefix or
-  suffix); the normaliser is none or NFC; the pre-tokenizer is one regex `Split` (isolated) followed by a
-  plain `ByteLevel`, or a `ByteLevel` with its own regex; every added token is matched on the raw text with
-  no stripping or word rule, and none is a prefix of another (tiktoken takes the first alternative, the
-  tokenizer the longest);
+  suffix); the normaliser is none or NFC; the pre-tokenizer is one regex `Split` (whose pieces are its
+  matches) followed by a plain `ByteLevel`, or a `ByteLevel` with its own regex; every added token is matched
+  on the raw text with no stripping or word rule, and none is a prefix of another (tiktoken takes the first
+  alternative, the tokenizer the longest);
 - every merge makes a token of the vocabulary and the merges' order is the order of the ids they make
   (tiktoken merges by id), and, where the tokenizer does not take a whole word found in the vocabulary as
   it is (`ignore_merges`), merging each token's own bytes gives that token (tiktoken always takes it);
@@ -78,7 +78,6 @@ class FastBPE:
         self._encoding = encoding
         self._specials = set(encoding.special_tokens_set)
         self._lengths = lengths  # bytes of each token id (added tokens: their UTF-8)
-        self._separator = SEPARATOR
         self._separator_id = encoding.encode_single_token(SEPARATOR)
         self._nfc = nfc
         self.fallbacks = 0
@@ -127,7 +126,7 @@ class FastBPE:
         two is split and merged on its own, so each text's tokens are those of the text alone — checked: the
         separator must come out as its own token right where each text ends (else that text goes to the
         tokenizer). Offsets come from the tokens' byte lengths."""
-        joined = self._separator.join(texts) + self._separator
+        joined = SEPARATOR.join(texts) + SEPARATOR
         try:
             data = joined.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: the tokenizer's business
@@ -143,7 +142,7 @@ class FastBPE:
         else:
             char_of_byte = np.cumsum((np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80) - 1
             starts, ends = char_of_byte[byte_starts], char_of_byte[byte_ends - 1] + 1
-        text_starts = np.cumsum([0] + [len(t) + len(self._separator) for t in texts])[:-1]
+        text_starts = np.cumsum([0] + [len(t) + len(SEPARATOR) for t in texts])[:-1]
         first = np.searchsorted(starts, text_starts)  # each text's first token
         after = np.searchsorted(starts, text_starts + [len(t) for t in texts])  # its separator's token
         whole = (after < len(ids)) & (ids[np.minimum(after, len(ids) - 1)] == self._separator_id)

@@ -31,10 +31,10 @@ from sftlab.data.dataset import DatasetStats, EncodedDataset, Written, build_dat
 from sftlab.data.encode import IGNORE_INDEX, NOTHING_TRAINED, TOO_LONG, Dropped, Encoded, Encoder, Example
 from sftlab.data.formats import _require, _tools, items_from_rows
 from sftlab.data.parallel import RowReader
-from sftlab.data.preference import _answer, _cut, _prompt_messages, _role_map
+from sftlab.data.preference import _answer, _cut, _prompt_messages, _role_map, validating_reader
 from sftlab.data.rejects import RejectLog
 from sftlab.data.schema import Conversation, Message, message_record, validate
-from sftlab.data.sources import Source, resolve, source_rows
+from sftlab.data.sources import Source, source_rows
 from sftlab.errors import DataError
 
 
@@ -346,11 +346,7 @@ class _FeedbackRows:
                              rejects=rejects, max_row_bytes=self.row_limit)
 
     def validating_reader(self) -> RowReader:
-        """`read("error", None)` as a RowReader (the validation pass)."""
-        source = self.data_path if isinstance(self.data_path, Source) else resolve(self.data_path)
-        settings = {"role_map": _role_map(self.data_path, self.data), "on_bad_row": "error", "rejects": None,
-                    "max_row_bytes": self.row_limit}
-        return RowReader(read_feedback, (self.data_path,), settings, source.data_bytes())
+        return validating_reader(read_feedback, self.data_path, self.data, self.row_limit)
 
     def encode_stream(self, batches: Iterable[Sequence[Feedback]]) -> Iterator[tuple[Sequence[Feedback], list[Any]]]:
         return ((batch, self.encoder.encode_batch(batch)) for batch in batches)

@@ -391,11 +391,7 @@ class _Pairs:
                           rejects=rejects, max_row_bytes=self.row_limit)
 
     def validating_reader(self) -> RowReader:
-        """`read("error", None)` as a RowReader (the validation pass)."""
-        source = self.data_path if isinstance(self.data_path, Source) else resolve(self.data_path)
-        settings = {"role_map": _role_map(self.data_path, self.data), "on_bad_row": "error", "rejects": None,
-                    "max_row_bytes": self.row_limit}
-        return RowReader(read_pairs, (self.data_path,), settings, source.data_bytes())
+        return validating_reader(read_pairs, self.data_path, self.data, self.row_limit)
 
     def encode_stream(self, batches: Iterable[Sequence[Pair]]) -> Iterator[tuple[Sequence[Pair], list[Any]]]:
         return self.encoder.encode_stream(batches)
@@ -419,6 +415,16 @@ def pair_row(pair: Pair) -> str:
     if pair.tools is not None:
         row["tools"] = list(pair.tools)
     return json.dumps(row, ensure_ascii=False)
+
+
+def validating_reader(read: Any, data_path: str | Path | Source, data: DataConfig,
+                      row_limit: int | None) -> RowReader:
+    """A row kind's `read("error", None)` as a RowReader (the validation pass), for readers of the shape of
+    read_pairs and read_feedback."""
+    source = data_path if isinstance(data_path, Source) else resolve(data_path)
+    settings = {"role_map": _role_map(data_path, data), "on_bad_row": "error", "rejects": None,
+                "max_row_bytes": row_limit}
+    return RowReader(read, (data_path,), settings, source.data_bytes())
 
 
 def _role_map(data_path: str | Path | Source, data: DataConfig) -> Mapping[str, str]:

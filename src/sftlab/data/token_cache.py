@@ -64,8 +64,7 @@ class Spans:
 
     @classmethod
     def from_encoding(cls, encoding: Any) -> Spans:
-        if isinstance(encoding, Spans):
-            return encoding
+        """A `tokenizers.Encoding`'s ids and offsets."""
         flat = array("q", chain.from_iterable(encoding.offsets))
         return cls(np.asarray(encoding.ids, dtype=np.int64), flat[0::2], flat[1::2])
 
