@@ -27,7 +27,7 @@ def test_defaults() -> None:
     assert to_dict(cfg.data) == {
         "train": None, "eval": None, "eval_fraction": 0.0, "format": "auto", "role_map": {}, "on_bad_row": "error",
         "template": "auto", "train_on": "assistant", "reasoning": "keep", "reasoning_turns": "rendered",
-        "max_seq_len": None, "max_row_bytes": None, "truncation": "drop", "packing": False,
+        "max_seq_len": None, "max_row_bytes": None, "truncation": "drop", "packing": False, "share_prefixes": True,
         "add_special_tokens": False, "special_tokens_in_content": "text", "cache_dir": None, "cache": True,
         "num_workers": "auto"}
 

@@ -143,6 +143,11 @@ class DataConfig:
     """Pack examples into rows of max_seq_len tokens, run without padding; each example keeps its own
     positions and attention (exact: the loss equals unpacked). With false, batches group examples of
     similar length so they pad little. Not available for the soft-prompt methods."""
+    share_prefixes: bool = True
+    """With packing (stage sft): a conversation that begins with the same untrained tokens as another in its
+    packed row (the same system prompt, the template's header) reads that one's copy instead of running its
+    own: the same loss and gradients, fewer tokens through the model. Not with flash-attention kernels or
+    half precision on a GPU (there the one-call varlen kernel is faster than what sharing saves)."""
     add_special_tokens: bool = False
     """Add a template's special tokens that the tokenizer lacks (e.g. ChatML on a base model)."""
     special_tokens_in_content: Literal["text", "error", "allow"] = "text"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def test_a_packed_step_equals_an_unpacked_step(model_dir, data, tmp_path, method
         assert len(plan) == 1 and sorted(plan[0]) == list(range(6))
         batch = loop.make_batch(setup, setup.train_data, plan[0], setup.tokenizer.pad_token_id)
         assert batch.packed == (name == "packed")
+        assert bool(batch.shared_tokens) == (name == "packed")  # the system prompt runs once (data.share_prefixes)
         with packed_attention(setup.model) if batch.packed else contextlib.nullcontext():
             (loss_sum(setup.model, batch, setup.method) / batch.num_supervised).backward()
         grads[name] = {k: p.grad.clone() for k, p in setup.method.trainable_parameters(setup.model).items()}
@@ -179,6 +181,29 @@ def test_a_packed_step_equals_an_unpacked_step(model_dir, data, tmp_path, method
     assert logged["packed"]["supervised_tokens"] == logged["unpacked"]["supervised_tokens"]
     assert logged["packed"]["tokens"] == logged["unpacked"]["tokens"] == sum(setups["packed"].train_data.lengths)
     assert setups["packed"].model.config._attn_implementation == "sdpa"  # restored after training
+
+
+def test_shared_prefixes_train_as_unshared_rows_do(model_dir, data, tmp_path) -> None:
+    # data.share_prefixes (on by default) against off, three LoRA steps over packed rows whose conversations all
+    # begin with the same system prompt: the same losses and weights up to fp32 rounding, fewer tokens run.
+    common = ("method=lora", "train.max_steps=3", "train.micro_batch_size=1", "data.packing=true",
+              "data.max_seq_len=160", "train.lr=1e-3")
+    outputs = {}
+    for share in ("true", "false"):
+        setup = prepare(config(model_dir, data, tmp_path / share, *common, f"data.share_prefixes={share}"),
+                        console=QUIET)
+        console = Console(file=io.StringIO(), width=200)
+        train(setup, console=console)
+        weights = {k: v.detach().clone() for k, v in setup.method.state_dict(setup.model).items()}
+        logged = [json.loads(line) for line in (tmp_path / share / "metrics.jsonl").read_text().splitlines()]
+        outputs[share] = (weights, [r for r in logged if "loss" in r], console.file.getvalue())
+    (shared_w, shared_log, shared_out), (plain_w, plain_log, plain_out) = outputs["true"], outputs["false"]
+    assert [r["loss"] for r in shared_log] == pytest.approx([r["loss"] for r in plain_log], rel=1e-5)
+    assert [r["tokens"] for r in shared_log] == [r["tokens"] for r in plain_log]
+    assert all(r["tokens_shared"] > 0 for r in shared_log) and "tokens_shared" not in plain_log[0]
+    for key, value in plain_w.items():
+        torch.testing.assert_close(shared_w[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert "shared prefixes:" in shared_out and "shared prefixes:" not in plain_out
 
 
 def test_profile_splits_each_step_into_phases(model_dir, data, tmp_path) -> None:

@@ -173,3 +173,86 @@ def test_flash_attention_keeps_its_own_varlen_path_and_gets_the_boundaries() -> 
     assert set(inputs) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
                            "max_length_q", "max_length_k"}
     assert inputs["cu_seq_lens_q"].dtype == torch.int32 and isinstance(inputs["max_length_q"], int)
+
+
+# --- shared prefixes: examples that begin alike read one copy of the beginning (data.share_prefixes) ---
+
+def sharing_examples(vocab: int) -> list[Example]:
+    """Conversations with a common 12-token untrained beginning (a system prompt), of which each shares what
+    it may: all of it, part of it (its trained tokens start inside it, or it differs early), or nothing."""
+    generator = torch.Generator().manual_seed(2)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=generator).tolist()
+
+    system = tokens(12)
+    out = []
+    for n, (tail, untrained) in enumerate(((7, 4), (5, 2), (9, 6), (3, 0), (6, 3))):
+        ids = system + tokens(tail)
+        out.append(Example(ids, [X] * (12 + untrained) + ids[12 + untrained:], f"s:{n}"))
+    early = system[:9] + tokens(6)  # differs from token 9 on: shares 9
+    out.append(Example(early, [X] * 11 + early[11:], "s:early"))
+    trained_inside = system + tokens(4)  # trains from token 6 on: may share 5 tokens only (< 8: runs whole)
+    out.append(Example(trained_inside, [X] * 6 + trained_inside[6:], "s:inside"))
+    out.append(examples(vocab)[2])  # an unrelated example
+    return out
+
+
+def test_shared_prefixes_cover_exactly_the_untrained_common_beginning() -> None:
+    data = sharing_examples(64)
+    batch = collate_packed(data, share_prefixes=True)
+    lengths = [length for _, length in batch.shared]
+    # The first runs whole; the full-prompt ones share 12 (the 4th trains its first tail token, so 12 - 1 = 11);
+    # the early one 9; the one trained inside the prompt and the unrelated one none.
+    assert lengths == [0, 12, 12, 11, 12, 9, 0, 0]
+    assert all(start == 0 for start, length in batch.shared if length)  # the copy is the first example's
+    assert batch.input_ids.shape[1] == sum(len(e.input_ids) for e in data) - sum(lengths)
+    assert batch.num_tokens == sum(len(e.input_ids) for e in data) and batch.shared_tokens == sum(lengths)
+    assert batch.num_supervised == collate_packed(data).num_supervised  # every trained token still trained
+    # An example keeps its positions: the 2nd's first token in the row stands at position 12.
+    second = int(batch.cu_seqlens[1])
+    assert batch.position_ids[0, second].item() == 12
+    assert collate_packed(data).shared == ()  # off unless asked for
+
+
+@pytest.mark.parametrize("arch, attn", CASES)
+def test_shared_prefixes_give_the_per_token_loss_and_gradients_of_one_by_one(arch: str, attn: str) -> None:
+    net = model(arch, attn)
+    data = sharing_examples(64)
+    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    sum(alone).backward()
+    reference = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+
+    batch = collate_packed(data, share_prefixes=True)
+    assert batch.shared_tokens > 50
+    with packed_attention(net):
+        shared = token_losses(net, batch)
+        sum(shared).backward()
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+    for name, param in net.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_check_catches_a_shared_prefix_read_from_the_wrong_place() -> None:
+    # Pointing the shared examples at the wrong copy (one token late) must change their losses: the
+    # comparison above can fail.
+    net = model("llama", "sdpa")
+    data = sharing_examples(64)
+    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    batch = collate_packed(data, share_prefixes=True)
+    moved = Batch(**{**batch.__dict__, "shared": tuple((start + 1 if n else 0, n) for start, n in batch.shared)})
+    with packed_attention(net), torch.no_grad():
+        wrong = token_losses(net, moved)
+    assert (wrong - alone).abs().max() > 1e-3
+
+
+def test_prefix_sharing_only_where_the_packed_attention_reads_it() -> None:
+    from sftlab.models.attention import prefix_sharing
+
+    net = model("llama", "sdpa")
+    assert prefix_sharing(net)
+    with packed_attention(net):
+        assert prefix_sharing(net)
+    net.config._attn_implementation = "flash_attention_2"  # its kernel would ignore the shared prefixes
+    assert not prefix_sharing(net)

@@ -15,6 +15,12 @@ boundaries travel to every attention layer as transformers' varlen keyword argum
 
 Every path honours the layer's scaling, grouped-query heads, sliding window and soft-cap. A packed call
 without boundaries is an error, never attention across examples.
+
+A row may share prefixes (data/batching.py, `Batch.shared`): an example that left out its first L tokens,
+identical to another example's [start, start + L), attends to that example's keys and values there and then
+causally to its own (positions from L on). Only the per-example paths read it (`prefix_sharing` says where they
+run); the gradient of the shared keys and values is then the sum over every example that reads them, as it is
+over their copies in an unshared row.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sftlab.data.batching import SHARED_PREFIXES
 from sftlab.errors import ConfigError, SftlabError
 
 PACKED_SDPA = "sftlab_packed_sdpa"
@@ -91,23 +98,47 @@ def _options(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
                           "Set data.packing=false for this model.")
     return {"cu": cu, "max_len": int(kwargs.get("max_length_q") or 0), "scale": kwargs.get("scaling"),
             "window": kwargs.get("sliding_window"), "softcap": kwargs.get("softcap"),
-            "dropout": float(kwargs.get("dropout") or 0.0)}
+            "dropout": float(kwargs.get("dropout") or 0.0), "shared": kwargs.get(SHARED_PREFIXES) or ()}
+
+
+def prefix_sharing(model: nn.Module) -> bool:
+    """Whether packed rows of `model` may share prefixes: its packed attention runs per example (sdpa or eager
+    attention, and not the one-call varlen kernel that sdpa uses for half precision on a GPU, which is faster
+    there than what sharing saves); flash-attention kernels read no shared prefixes."""
+    implementation = model.config._attn_implementation or "eager"
+    if implementation not in (*_REPLACEMENT, *_REPLACEMENT.values()):
+        return False
+    parameter = next(model.parameters(), None)
+    on_gpu = parameter is not None and parameter.device.type == "cuda"
+    return not (on_gpu and parameter.dtype in (torch.float16, torch.bfloat16) and implementation != "eager"
+                and implementation != PACKED_EAGER)
 
 
 def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, explicit: bool, cu: torch.Tensor,
             max_len: int, scale: float | None, window: int | None, softcap: float | None,
-            dropout: float) -> torch.Tensor:
+            dropout: float, shared: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
     if query.shape[0] != 1:
         raise SftlabError(f"a packed batch is one row; attention got {query.shape[0]} rows")
-    if not explicit and softcap is None and dropout == 0.0 and _varlen_usable(query):
+    if not shared and not explicit and softcap is None and dropout == 0.0 and _varlen_usable(query):
         out = _varlen(query, key, value, cu, max_len, scale, window)
         if out is not None:
             return out
     bounds = cu.tolist()  # host values: free on the CPU, one sync on a GPU
-    parts = [_example(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], explicit=explicit, scale=scale,
-                      window=window, softcap=softcap, dropout=dropout)
-             for a, b in itertools.pairwise(bounds)]
-    return torch.cat(parts, dim=2).transpose(1, 2)  # (1, H, T, D) -> (1, T, H, D)
+    options = {"explicit": explicit, "scale": scale, "window": window, "softcap": softcap, "dropout": dropout}
+    if not shared:
+        parts = [_example(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], **options)
+                 for a, b in itertools.pairwise(bounds)]
+        return torch.cat(parts, dim=2).transpose(1, 2)  # (1, H, T, D) -> (1, T, H, D)
+    if len(shared) != len(bounds) - 1:
+        raise SftlabError(f"a packed row of {len(bounds) - 1} examples came with {len(shared)} shared prefixes")
+    parts = []
+    for (a, b), (start, length) in zip(itertools.pairwise(bounds), shared):
+        keys, values = key[:, :, a:b], value[:, :, a:b]
+        if length:
+            keys = torch.cat([key[:, :, start:start + length], keys], dim=2)
+            values = torch.cat([value[:, :, start:start + length], values], dim=2)
+        parts.append(_example(query[:, :, a:b], keys, values, offset=length, **options))
+    return torch.cat(parts, dim=2).transpose(1, 2)
 
 
 def _example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, explicit: bool, scale: float | None,

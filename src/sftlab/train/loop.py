@@ -28,7 +28,7 @@ from sftlab.data.dataset import EncodedDataset
 from sftlab.data.preference import PairDataset
 from sftlab.errors import SftlabError
 from sftlab.files import write_text_atomic
-from sftlab.models.attention import packed_attention
+from sftlab.models.attention import packed_attention, prefix_sharing
 from sftlab.train import checkpoint, distributed, rundir
 from sftlab.train.checkpoint import TrainState
 from sftlab.train.forgetting import RunProbe
@@ -117,7 +117,12 @@ def epoch_limits(setup: Setup) -> list[int]:
 
 
 def make_batch(setup: Setup, data: EncodedDataset | PairDataset, chosen: np.ndarray, pad_id: int) -> Batch:
-    return objective_for(setup.config).batch(data, chosen, pad_id)
+    return objective_of(setup).batch(data, chosen, pad_id)
+
+
+def objective_of(setup: Setup) -> Objective:
+    """The run's objective, its packed rows sharing prefixes where the config and the model's attention allow."""
+    return objective_for(setup.config, share_prefixes=prefix_sharing(setup.model))
 
 
 class MicroBatches:
@@ -173,7 +178,7 @@ def evaluate(setup: Setup, pad_id: int, engine: torch.nn.Module | None = None,
     its metrics per unit; batched as training batches them; with several ranks, each runs every world-th batch
     and the sums are added up."""
     cfg, model, ctx = setup.config, setup.model, setup.dist
-    objective = objective_for(cfg)
+    objective = objective_of(setup)
     engine = engine or objective.engine(model, setup.method, reference_model=setup.reference_model)
     lengths = setup.eval_data.lengths
     indices = setup.eval_indices if indices is None else indices
@@ -229,6 +234,9 @@ class Loop:
     started: float = 0.0
     streak: int = 0
     """Non-finite steps in a row."""
+    tokens: int = 0
+    shared_tokens: int = 0
+    """This process's training tokens so far, and those of them read from a shared prefix (data.share_prefixes)."""
 
     def save(self) -> Path:
         cfg, model = self.setup.config, self.setup.model
@@ -265,6 +273,10 @@ def train(setup: Setup, *, console: Console | None = None, on_step: Callable[[in
                 if run.log is not None:
                     run.log.close()
     progress.steps = run.state.step
+    if run.shared_tokens:
+        run.console.print(f"shared prefixes: {run.shared_tokens:,} of the {run.tokens:,} tokens trained on "
+                          f"({run.shared_tokens / run.tokens:.0%}) were read from an identical beginning in their "
+                          "packed row, not run again (data.share_prefixes)", markup=False)
     if run.probe is not None:
         run.probe.finish(time.perf_counter() - run.started)
     return progress
@@ -283,7 +295,7 @@ def _start(setup: Setup, console: Console | None, stop: StopRequest) -> Loop:
         _enable_recompute(model)
     if cfg.train.compile:
         model.base_model.compile()
-    objective = objective_for(cfg)
+    objective = objective_of(setup)
     forward = objective.engine(model, method, reference_model=setup.reference_model)
     engine = distributed.wrap(model, method, ctx, forward=forward)  # FSDP replaces the parameters: collect them after
     params = method.trainable_parameters(model)
@@ -316,9 +328,12 @@ def _step(run: Loop, batches: list[Batch]) -> tuple[float, float]:
     started = time.perf_counter()
     timer.start()
     # Counted on the host before the move, then over all ranks.
-    units, supervised, tokens = (int(n) for n in ctx.sum([sum(objective.count(b) for b in batches),
-                                                          sum(b.num_supervised for b in batches),
-                                                          sum(b.num_tokens for b in batches)]))
+    units, supervised, tokens, shared = (int(n) for n in ctx.sum([sum(objective.count(b) for b in batches),
+                                                                  sum(b.num_supervised for b in batches),
+                                                                  sum(b.num_tokens for b in batches),
+                                                                  sum(b.shared_tokens for b in batches)
+                                                                  if objective.share_prefixes else 0]))
+    run.tokens, run.shared_tokens = run.tokens + tokens, run.shared_tokens + shared
     timer.mark("data")
     step_loss = torch.zeros((), device=setup.device)
     step_sums = torch.zeros(len(objective.metrics), device=setup.device)
@@ -341,6 +356,7 @@ def _step(run: Loop, batches: list[Batch]) -> tuple[float, float]:
                                             or run.state.step == run.steps):
         run.log.log({"step": run.state.step, "epoch": round(run.batches.epochs_done(), 4), "loss": loss, "lr": lr,
                      "grad_norm": norm, "tokens": tokens, "supervised_tokens": supervised,
+                     **({"tokens_shared": shared} if objective.share_prefixes else {}),
                      **_per_unit(objective, units, metric_sums),
                      "seconds": time.perf_counter() - started, **timer.seconds()})
     return loss, stops

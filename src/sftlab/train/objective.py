@@ -49,8 +49,11 @@ class Objective(ABC):
     sequences_per_item: ClassVar[int] = 1
     """Sequences per dataset item: a pair is two, so a packed row of pairs holds 2 x data.max_seq_len tokens."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, share_prefixes: bool = False) -> None:
         self.config = config
+        self.share_prefixes = share_prefixes
+        """Packed SFT rows share their examples' identical untrained beginnings (data/batching.py); the caller
+        says whether the model's attention reads them (models/attention.py prefix_sharing)."""
 
     @property
     def capacity(self) -> int | None:
@@ -94,7 +97,9 @@ class SFT(Objective):
 
     def batch(self, data: Any, indices: Sequence[int], pad_id: int) -> Any:
         examples = [data[int(i)] for i in indices]
-        return collate_packed(examples) if self.config.data.packing else collate(examples, pad_id=pad_id)
+        if self.config.data.packing:
+            return collate_packed(examples, share_prefixes=self.share_prefixes)
+        return collate(examples, pad_id=pad_id)
 
     def empty_batch(self, pad_id: int) -> Any:
         example = Example([pad_id, pad_id], [IGNORE_INDEX, IGNORE_INDEX], "")  # two untrained pad tokens
@@ -202,5 +207,7 @@ def stand_in(pad_id: int) -> Example:
 OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
 
 
-def objective_for(config: Config) -> Objective:
-    return OBJECTIVES[config.stage](config)
+def objective_for(config: Config, *, share_prefixes: bool = False) -> Objective:
+    """The stage's objective; `share_prefixes` (stage sft with packing only) where the model can read them."""
+    sharing = share_prefixes and config.stage == "sft" and config.data.packing and config.data.share_prefixes
+    return OBJECTIVES[config.stage](config, share_prefixes=sharing)
