@@ -209,7 +209,8 @@ def test_watch_flags_drift_only_once_the_eval_loss_stops_improving() -> None:
     assert watch.observe(2, 1.5, 0.3) is None  # still improving on the task
     assert "forgetting" in watch.observe(3, 1.6, 0.4)
     assert watch.recommended() == 1
-    assert "forgetting" in Watch(0.2).observe(5, None, 0.3)  # no eval data: the threshold alone
+    unjudged = Watch(0.2).observe(5, None, 0.3)  # no eval data: the threshold alone, no claim about the task
+    assert "forgetting" in unjudged and "no task gain" not in unjudged and "data.eval" in unjudged
     first = Watch(0.2)
     assert first.observe(5, 0.9, 0.7) is None  # a first eval point: nothing says the eval loss stopped improving
     assert "best 0.9000" in first.observe(10, 0.95, 0.8)

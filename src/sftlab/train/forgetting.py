@@ -47,11 +47,15 @@ class Watch:
             return None
         if eval_loss is not None and (not earlier or eval_loss < min(earlier)):
             return None  # improving on the task (a first eval point has none to stall against): drift buys something
-        stalled = ("" if eval_loss is None
-                   else f" while the eval loss stopped improving (best {min(earlier or [eval_loss]):.4f})")
-        return (f"forgetting: probe_kl {kl:.3f} passed eval.probe_kl_threshold {self.threshold:g}{stalled}; "
-                "later steps trade general ability for no task gain. Lower train.lr or the steps (with full "
-                "fine-tuning, an adapter method such as LoRA also drifts less).")
+        fix = ("Lower train.lr or the steps (with full fine-tuning, an adapter method such as LoRA also drifts "
+               "less).")
+        if eval_loss is None:  # no eval data: the threshold alone, and nothing to say about the task
+            return (f"forgetting: probe_kl {kl:.3f} passed eval.probe_kl_threshold {self.threshold:g}; without eval "
+                    "data sftlab cannot tell whether the task still gains from it (set data.eval or "
+                    f"data.eval_fraction to weigh the two). {fix}")
+        return (f"forgetting: probe_kl {kl:.3f} passed eval.probe_kl_threshold {self.threshold:g} while the eval "
+                f"loss stopped improving (best {min(earlier or [eval_loss]):.4f}); later steps trade general ability "
+                f"for no task gain. {fix}")
 
     def recommended(self) -> int | None:
         """The step of the best eval loss whose probe_kl stays under the threshold (without eval losses: the
