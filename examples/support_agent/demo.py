@@ -8,11 +8,9 @@ Steps, each with the command a user would type where there is one:
 2. the data: examples/support_agent/make_data.py (train + held-out questions never seen in training);
 3. `sftlab check` on the training data;
 4. `sftlab train examples/support_agent/config.yaml` (LoRA, packed rows sharing their system prompt, progress
-   bar). Two of a run's measurements are left to the sweep that chose the recipe (sweep.py, SWEEP.md), to keep
-   the demo within its 6 minutes: the eval split (step 5 scores the held-out questions themselves; their loss
-   cost ~13 s of forward passes for a number that says little here, every reply being one of nine sentences)
-   and the forgetting probe (~40 s: the base's answers to ~100 general prompts before step 1, the tuned
-   model's at the end; `--probe` turns it on, as it is for any `sftlab train` with this config);
+   bar, the forgetting probe at the end). No eval split: step 5 scores the held-out questions themselves, and
+   their loss cost ~13 s of forward passes for a number that says little here (every reply is one of nine
+   sentences); sweep.py, which chose the recipe, passes them as its eval split;
 5. held-out questions answered greedily by the base model and by the fine-tuned one (one model load, batched,
    capped at the answers' length; the adapters folded into the weights for the fine-tuned pass), side by
    side, and the share of answers that state the right facts (check_answers.py), before and after; the
@@ -118,8 +116,6 @@ def train(model: str, out: Path, data: Path, args: argparse.Namespace) -> None:
     overrides = [f"model={model}", f"output_dir={out}", f"data.train={json.dumps(training_sources(data))}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
-    if not args.probe:
-        overrides.append("eval.probe=none")
     run([*SFTLAB, "train", str(HERE / "config.yaml"), *overrides, "--overwrite"])
 
 
@@ -374,8 +370,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train", type=int, default=600, help="training conversations (SWEEP.md)")
     parser.add_argument("--heldout", type=int, default=54, help="held-out questions")
     parser.add_argument("--show", type=int, default=6, help="held-out answers printed side by side")
-    parser.add_argument("--probe", action="store_true", help="run the forgetting probe too (~40 s on two cores; "
-                        "SWEEP.md's sixth round measured this recipe with it)")
     return parser.parse_args(argv)
 
 

@@ -90,6 +90,9 @@ class MetricsLog:
             if "probe_kl" in record:  # the forgetting probe (train/forgetting.py)
                 extra += f", probe_nll {record['probe_nll']:.3f}, probe_kl {record['probe_kl']:.3f}"
             self._progress.console.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, {extra}")
+        elif "probe_kl" in record:  # the probe at the end of a run without eval data
+            self._progress.console.print(f"step {record['step']}: probe_nll {record['probe_nll']:.3f}, "
+                                         f"probe_kl {record['probe_kl']:.3f}")
 
     def close(self) -> None:
         self._progress.stop()
