@@ -146,8 +146,9 @@ class DataConfig:
     share_prefixes: bool = True
     """With packing (stage sft): a conversation that begins with the same untrained tokens as another in its
     packed row (the same system prompt, the template's header) reads that one's copy instead of running its
-    own: the same loss and gradients, fewer tokens through the model. Not with flash-attention kernels or
-    half precision on a GPU (there the one-call varlen kernel is faster than what sharing saves)."""
+    own: the same loss and gradients, fewer tokens through the model. Not with flash-attention kernels, with
+    half precision on a GPU (there the one-call varlen kernel is faster than what sharing saves), or with
+    train.compile (each row's prefixes would recompile the layers)."""
     add_special_tokens: bool = False
     """Add a template's special tokens that the tokenizer lacks (e.g. ChatML on a base model)."""
     special_tokens_in_content: Literal["text", "error", "allow"] = "text"

@@ -204,6 +204,11 @@ def test_shared_prefixes_train_as_unshared_rows_do(model_dir, data, tmp_path) ->
     for key, value in plain_w.items():
         torch.testing.assert_close(shared_w[key], value, rtol=1e-4, atol=1e-6, msg=key)
     assert "shared prefixes:" in shared_out and "shared prefixes:" not in plain_out
+    # train.compile: no sharing (each row's prefixes would specialise the compiled layers anew)
+    import sftlab.train.loop as loop
+
+    compiled = prepare(config(model_dir, data, tmp_path / "compiled", *common, "train.compile=true"), console=QUIET)
+    assert not loop.objective_of(compiled).share_prefixes
 
 
 def test_profile_splits_each_step_into_phases(model_dir, data, tmp_path) -> None:

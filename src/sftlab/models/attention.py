@@ -109,9 +109,9 @@ def prefix_sharing(model: nn.Module) -> bool:
     if implementation not in (*_REPLACEMENT, *_REPLACEMENT.values()):
         return False
     parameter = next(model.parameters(), None)
-    on_gpu = parameter is not None and parameter.device.type == "cuda"
-    return not (on_gpu and parameter.dtype in (torch.float16, torch.bfloat16) and implementation != "eager"
-                and implementation != PACKED_EAGER)
+    one_kernel = (implementation in ("sdpa", PACKED_SDPA) and parameter is not None
+                  and parameter.device.type == "cuda" and parameter.dtype in (torch.float16, torch.bfloat16))
+    return not one_kernel
 
 
 def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, explicit: bool, cu: torch.Tensor,

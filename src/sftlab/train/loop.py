@@ -121,8 +121,10 @@ def make_batch(setup: Setup, data: EncodedDataset | PairDataset, chosen: np.ndar
 
 
 def objective_of(setup: Setup) -> Objective:
-    """The run's objective, its packed rows sharing prefixes where the config and the model's attention allow."""
-    return objective_for(setup.config, share_prefixes=prefix_sharing(setup.model))
+    """The run's objective, its packed rows sharing prefixes where the config and the model's attention allow. Not
+    under train.compile: the compiled layers would be specialised (and recompiled) for every row's prefixes."""
+    sharing = prefix_sharing(setup.model) and not setup.config.train.compile
+    return objective_for(setup.config, share_prefixes=sharing)
 
 
 class MicroBatches:
