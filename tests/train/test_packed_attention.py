@@ -61,6 +61,28 @@ def token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits, batch.loss_targets, reduction="none")
 
 
+def losses_one_by_one(model: torch.nn.Module, data: list[Example]) -> torch.Tensor:
+    """The reference: each example run by itself, unpadded, through the model's own attention."""
+    return torch.cat([token_losses(model, collate([e], pad_id=0)) for e in data])
+
+
+def one_by_one(model: torch.nn.Module, data: list[Example]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reference's per-token losses and the gradients of their sum (the model's gradients left zeroed)."""
+    alone = losses_one_by_one(model, data)
+    sum(alone).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return alone, reference
+
+
+def assert_same(model: torch.nn.Module, losses: torch.Tensor, alone: torch.Tensor,
+                reference: dict[str, torch.Tensor]) -> None:
+    """The packed losses (their sum's gradients in the model) equal the reference's."""
+    torch.testing.assert_close(losses, alone, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 CASES = [("llama", "eager"), ("llama", "sdpa"), ("qwen2-window", "eager"), ("qwen2-window", "sdpa"),
          ("gemma2", "eager"), ("gpt2", "eager"), ("gpt2", "sdpa")]
 
@@ -69,26 +91,21 @@ CASES = [("llama", "eager"), ("llama", "sdpa"), ("qwen2-window", "eager"), ("qwe
 def test_packed_per_token_loss_and_gradients_equal_one_by_one(arch: str, attn: str) -> None:
     net = model(arch, attn)
     data = examples(64)
-    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
-    sum(alone).backward()
-    reference = {n: p.grad.clone() for n, p in net.named_parameters()}
-    net.zero_grad()
+    alone, reference = one_by_one(net, data)
 
     with packed_attention(net) as used:
         assert used == {"eager": PACKED_EAGER, "sdpa": PACKED_SDPA}[attn]
         packed = token_losses(net, collate_packed(data))
         sum(packed).backward()
     assert net.config._attn_implementation == attn  # restored for export and generation
-    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
-    for name, param in net.named_parameters():
-        torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same(net, packed, alone, reference)
 
 
 def test_the_check_catches_attention_across_examples() -> None:
     # The same comparison with the boundaries removed (one long sequence) must fail: the test can fail.
     net = model("llama", "sdpa")
     data = examples(64)
-    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    alone = losses_one_by_one(net, data)
     batch = collate_packed(data)
     leaky = Batch(**{**batch.__dict__, "cu_seqlens": torch.tensor([0, batch.input_ids.shape[1]], dtype=torch.int32)})
     with packed_attention(net), torch.no_grad():
@@ -148,7 +165,7 @@ def test_the_one_kernel_path_is_checked_once_against_per_example_attention(monke
                         or attention._varlen_state["ok"])
     net = model("llama", "sdpa")
     data = examples(64)
-    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    alone = losses_one_by_one(net, data)
     with packed_attention(net):
         if wrong:
             with pytest.warns(UserWarning, match="disagreed with per-example attention"):
@@ -219,19 +236,14 @@ def test_shared_prefixes_cover_exactly_the_untrained_common_beginning() -> None:
 def test_shared_prefixes_give_the_per_token_loss_and_gradients_of_one_by_one(arch: str, attn: str) -> None:
     net = model(arch, attn)
     data = sharing_examples(64)
-    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
-    sum(alone).backward()
-    reference = {n: p.grad.clone() for n, p in net.named_parameters()}
-    net.zero_grad()
+    alone, reference = one_by_one(net, data)
 
     batch = collate_packed(data, share_prefixes=True)
     assert batch.shared_tokens > 50
     with packed_attention(net):
         shared = token_losses(net, batch)
         sum(shared).backward()
-    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
-    for name, param in net.named_parameters():
-        torch.testing.assert_close(param.grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same(net, shared, alone, reference)
 
 
 def test_the_check_catches_a_shared_prefix_read_from_the_wrong_place() -> None:
@@ -239,7 +251,7 @@ def test_the_check_catches_a_shared_prefix_read_from_the_wrong_place() -> None:
     # comparison above can fail.
     net = model("llama", "sdpa")
     data = sharing_examples(64)
-    alone = torch.cat([token_losses(net, collate([e], pad_id=0)) for e in data])
+    alone = losses_one_by_one(net, data)
     batch = collate_packed(data, share_prefixes=True)
     moved = Batch(**{**batch.__dict__, "shared": tuple((start + 1 if n else 0, n) for start, n in batch.shared)})
     with packed_attention(net), torch.no_grad():

@@ -124,21 +124,17 @@ def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, expl
         if out is not None:
             return out
     bounds = cu.tolist()  # host values: free on the CPU, one sync on a GPU
-    options = {"explicit": explicit, "scale": scale, "window": window, "softcap": softcap, "dropout": dropout}
-    if not shared:
-        parts = [_example(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], **options)
-                 for a, b in itertools.pairwise(bounds)]
-        return torch.cat(parts, dim=2).transpose(1, 2)  # (1, H, T, D) -> (1, T, H, D)
-    if len(shared) != len(bounds) - 1:
+    if shared and len(shared) != len(bounds) - 1:
         raise SftlabError(f"a packed row of {len(bounds) - 1} examples came with {len(shared)} shared prefixes")
     parts = []
-    for (a, b), (start, length) in zip(itertools.pairwise(bounds), shared):
+    for (a, b), (start, length) in zip(itertools.pairwise(bounds), shared or itertools.repeat((0, 0))):
         keys, values = key[:, :, a:b], value[:, :, a:b]
-        if length:
+        if length:  # the shared beginning's keys and values in front; the queries continue it from position length
             keys = torch.cat([key[:, :, start:start + length], keys], dim=2)
             values = torch.cat([value[:, :, start:start + length], values], dim=2)
-        parts.append(_example(query[:, :, a:b], keys, values, offset=length, **options))
-    return torch.cat(parts, dim=2).transpose(1, 2)
+        parts.append(_example(query[:, :, a:b], keys, values, explicit=explicit, scale=scale, window=window,
+                              softcap=softcap, dropout=dropout, offset=length))
+    return torch.cat(parts, dim=2).transpose(1, 2)  # (1, H, T, D) -> (1, T, H, D)
 
 
 def _example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, explicit: bool, scale: float | None,
