@@ -155,3 +155,41 @@ def test_a_tokenizer_that_is_not_cut_wise_exact_is_refused() -> None:
     assert not PieceCache(backend, ["<|sep|>"]).self_test()
     tokenizer.add_tokens([AddedToken("x<|im_end|", special=False, normalized=False)])  # overlaps <|im_end|>'s start
     assert "<|im_end|>" not in _cut_tokens(tokenizer.backend_tokenizer)
+
+
+def test_an_encoding_pass_settles_the_heap_only_while_it_runs() -> None:
+    """Encoder.encode_stream freezes what was alive before it (the collector's full passes skip it) and unfreezes
+    it when the outermost pass ends, however it ends; cyclic garbage made during the pass is still collected."""
+    import gc
+    import weakref
+
+    from sftlab.data.encode import settled_heap
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with settled_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with settled_heap():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen  # the inner pass ends, the outer holds on
+        cycle = Node()
+        cycle.self = cycle  # type: ignore[attr-defined]
+        gone = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert gone() is None
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), settled_heap():
+        raise RuntimeError
+    assert gc.get_freeze_count() == 0
+    tokenizer = tiny_chat_tokenizer()
+    encoder = Encoder(tokenizer, load_template("chatml", tokenizer))
+    row = Conversation((Message("user", "Hi"), Message("assistant", "Hello")))
+    stream = encoder.encode_stream(iter([[row], [row], [row]]))
+    next(stream)
+    assert gc.get_freeze_count() > 0
+    stream.close()  # a consumer that stops early (an error in a later row) unfreezes too
+    assert gc.get_freeze_count() == 0

@@ -93,13 +93,40 @@ def test_escaping_or_runaway_templates_fail_with_a_template_error(tmp_path: Path
     body, refused, is_escape = REFUSED[case]
     canary = tmp_path / "CANARY"
     template, tokenizer, name = _load(how, tmp_path, body.replace("CANARY", str(canary)))
-    with pytest.raises(TemplateError) as info:  # not a DataError: every row would hit it, so the run stops
-        _render(render_path, template, tokenizer)
-    message = str(info.value)
-    assert repr(name) in message and refused in message, message
-    if is_escape:
-        assert "sandbox" in message and "Remove that expression" in message
-    assert not canary.exists(), "the template ran code"
+    for _ in range(2):  # the second time, the sandbox's remembered answers for each (type, attribute) serve
+        with pytest.raises(TemplateError) as info:  # not a DataError: every row would hit it, so the run stops
+            _render(render_path, template, tokenizer)
+        message = str(info.value)
+        assert repr(name) in message and refused in message, message
+        if is_escape:
+            assert "sandbox" in message and "Remove that expression" in message
+        assert not canary.exists(), "the template ran code"
+
+
+LOOKUPS = ("{% for m in messages %}{{ loop.index }}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.length }}"
+           "{{ loop.revindex }}{{ loop.previtem is defined }}{{ loop.cycle('a', 'b') }}|"
+           "{{ m.content.strip().upper() }}{{ m.content.startswith(' ') }}{{ m.content.split('i') | list }}"
+           "{{ m.content.replace('H', 'J') }}{{ m.role.title() }}{{ '{}-{}'.format(m.role, 1) }}"
+           "{{ '%s!' | format(m.role) }}{{ m.get('name', 'none') }}{{ m.keys() | list }}{{ m.missing is defined }}"
+           "{{ messages.index(m) }}{{ messages.count(m) }}{{ m['content'].find('i') }}{{ (1.5).is_integer() }}"
+           "{{ loop.changed(m.role) }}{% endfor %}")
+
+
+def test_attribute_lookups_match_jinja2s_own_sandbox() -> None:
+    """sftlab's sandbox takes shortcuts for the lookups chat templates make most (dict keys, loop variables,
+    str methods: jinja2's answer remembered per type and name); every answer stays jinja2's, the first time and
+    once remembered."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from sftlab.data.templates import ChatTemplate
+
+    messages = [{"role": "user", "content": " Hi there "}, {"role": "assistant", "content": "Hello"}]
+    reference = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(LOOKUPS)
+    ours = ChatTemplate(LOOKUPS, name="lookups", end_of_turn=("<|im_end|>",))
+    expected = reference.render(messages=messages)
+    assert "True" in expected and "J" in expected and "user-1" in expected
+    assert ours.render_text(messages) == expected
+    assert ours.render_text(messages) == expected
 
 
 def test_the_loop_budget_is_per_render(tmp_path: Path) -> None:

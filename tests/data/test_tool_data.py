@@ -119,3 +119,39 @@ def test_a_preference_pair_may_answer_with_a_tool_call() -> None:
                        '</tool_call><|im_end|>' for order in ("A-1", "B-2")]
     assert "order_status" in "".join(s.text for s in chosen if not s.trainable)  # the schema, untrained
     assert json.loads(pair_row(pair))["tools"] == tools  # a rejected pair is written back whole
+
+
+def test_equal_tool_schemas_across_rows_are_one_object_and_render_as_each_rows_own(tmp_path: Path) -> None:
+    """The readers hand out one object for equal schemas (what the template's `tojson` memo and the render cap
+    key on), and only for equal ones: 1, 1.0 and true, or another key order, stay apart."""
+    from sftlab.data.templates import _tools_chars
+
+    def tool(name: str, default: object, order: bool = True) -> dict:
+        schema = {"type": "object", "properties": {"n": {"type": "number", "default": default}}}
+        function = {"name": name, "parameters": schema} if order else {"parameters": schema, "name": name}
+        return {"type": "function", "function": function}
+
+    variants = [tool("f", 1), tool("f", 1.0), tool("f", True), tool("f", 1, order=False), tool("g", "é\u2028")]
+    rows = [{"tools": [v, tool("f", 1)], "messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "a"}]} for v in variants]
+    conversations = read(tmp_path, *rows, *rows)
+    firsts = [c.tools[0] for c in conversations]
+    assert all(a is b for a, b in zip(firsts[:5], firsts[5:]))  # the same schema again: the same object
+    assert len({id(t) for t in firsts[:5]}) == 5  # equal under ==, but not the same JSON: never merged
+    assert [c.tools[0] for c in conversations[:5]] == variants and conversations[0].tools[1] is firsts[0]
+    assert [json.dumps(list(c.tools)) for c in conversations[:5]] == [json.dumps([v, tool("f", 1)]) for v in variants]
+    for c in conversations:  # the render cap's size from the pool equals the JSON's
+        assert _tools_chars(c.tools) == len(json.dumps(list(c.tools), ensure_ascii=False))
+
+
+def test_the_tool_pool_is_bounded_and_skips_what_it_cannot_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sftlab.data import schema
+
+    pool = schema.ToolPool()
+    monkeypatch.setattr(schema, "TOOL_POOL_ITEMS", 3)
+    made = [{"name": str(i)} for i in range(7)]
+    assert [pool.pooled(t) for t in made] == made
+    assert len(pool._by_bytes) <= 3 and pool.json_size(made[-1]) == len(json.dumps(made[-1]))
+    assert pool.json_size({"name": "6"}) is None  # not the pooled object itself
+    odd = {"name": "f", "default": object()}  # not plain JSON: handed back as it is, never pooled
+    assert pool.pooled(odd) is odd and pool.json_size(odd) is None

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sftlab.data.rejects import RejectLog
-from sftlab.data.schema import Conversation, Message, ToolCall, validate
+from sftlab.data.schema import TOOL_POOL, Conversation, Message, ToolCall, validate
 from sftlab.errors import ConfigError, DataError, shown
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
@@ -466,7 +466,7 @@ def _tools(row: Mapping[str, Any], where: str) -> tuple[Any, ...] | None:
         raise DataError(f"field 'tools' is {shown(value)}; expected a list of function definitions, e.g. "
                         "[{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": {...}}}].",
                         where=where, reason="tools not a list")
-    return tuple(value)
+    return tuple(map(TOOL_POOL.pooled, value))
 
 
 def tool_names(tools: tuple[Any, ...] | None) -> set[str]:

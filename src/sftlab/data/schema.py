@@ -10,6 +10,8 @@ an assistant message with tool calls, in place of the user's turn. An assistant 
 from __future__ import annotations
 
 import difflib
+import json
+import marshal
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +68,58 @@ class Conversation:
         """Whether it uses tool calling or reasoning, which the template renders beyond the contents."""
         return self.tools is not None or any(m.tool_calls or m.reasoning is not None or m.role == "tool"
                                              for m in self.messages)
+
+
+TOOL_POOL_ITEMS = 4096
+TOOL_POOL_BYTES = 16_000_000
+"""Most tool schemas, and their bytes (marshalled), `ToolPool` holds (then it starts again)."""
+
+
+class ToolPool:
+    """One object for every equal tool schema the rows bring: a dataset's rows mostly draw their `tools` from a
+    few schemas, each parsed anew from every row. Handing out the first-seen copy of each lets what is keyed by
+    identity hit across rows: a template's `tojson` of each tool (`templates._JsonMemo`) and the size a render
+    is capped by. Equal means equal `marshal` bytes (format 2, which has no back-references): the same types
+    (1, 1.0 and true differ), values and key order, so a template cannot tell the copies apart; marshal is a
+    fifth of `json.dumps`'s time. The pooled objects are never changed in place (nothing changes a row;
+    templates run in an immutable sandbox). Bounded by constants; a schema marshal cannot write (not plain
+    JSON values) is not pooled."""
+
+    def __init__(self) -> None:
+        self._by_bytes: dict[bytes, Any] = {}
+        self._sizes: dict[int, tuple[Any, int]] = {}
+        self._bytes = 0
+
+    def pooled(self, tool: Any) -> Any:
+        """The pool's copy of `tool` (it becomes that copy if it is the first)."""
+        try:
+            key = marshal.dumps(tool, 2)
+        except ValueError:  # an object marshal cannot write: not pooled
+            return tool
+        found = self._by_bytes.get(key)
+        if found is not None:
+            return found
+        try:
+            size = len(json.dumps(tool, ensure_ascii=False))
+        except (TypeError, ValueError, RecursionError):
+            return tool
+        if len(self._by_bytes) >= TOOL_POOL_ITEMS or self._bytes + len(key) > TOOL_POOL_BYTES:
+            self._by_bytes.clear()
+            self._sizes.clear()
+            self._bytes = 0
+        self._by_bytes[key] = tool
+        self._sizes[id(tool)] = (tool, size)
+        self._bytes += len(key)
+        return tool
+
+    def json_size(self, tool: Any) -> int | None:
+        """len(json.dumps(tool, ensure_ascii=False)) of a pooled tool, None for one not in the pool."""
+        found = self._sizes.get(id(tool))
+        return found[1] if found is not None and found[0] is tool else None
+
+
+TOOL_POOL = ToolPool()
+"""The process's pool: rows are read on one thread per process."""
 
 
 def message_record(message: Message) -> dict[str, Any]:

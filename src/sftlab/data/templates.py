@@ -44,7 +44,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError
@@ -53,7 +53,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sftlab.data.schema import Conversation, Message, validate
+from sftlab.data.schema import TOOL_POOL, Conversation, Message, validate
 from sftlab.errors import DataError, TemplateError
 
 CHATML = (
@@ -94,8 +94,9 @@ END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "
 TRAIN_ON = ("assistant", "last_assistant", "all")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
+    """A piece of a render. A named tuple, not a frozen dataclass: a tool-calling row makes ~30 of them and a
+    frozen dataclass took twice as long to make."""
     text: str
     trainable: bool
     role: str = ""
@@ -156,8 +157,16 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         """jinja2's lookup, with a shortcut for `message.role` on a plain dict (the commonest lookup of a chat
         template): a name that is no attribute of dict is the key or undefined, exactly as jinja2 ends up after
         raising and catching AttributeError."""
-        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+        kind = type(obj)
+        if kind is dict and attribute not in _DICT_ATTRIBUTES:
             return obj[attribute] if attribute in obj else self.undefined(obj=obj, name=attribute)
+        safe = _SAFE_ATTRIBUTES.get((kind, attribute)) if attribute not in _FORMAT_METHODS else None
+        if safe is not None:  # `loop.last`, `content.strip`: jinja2's answer known for this type and name
+            try:
+                value = getattr(obj, attribute)
+            except AttributeError:
+                return super().getattr(obj, attribute)
+            return value if safe else self.unsafe_undefined(obj, attribute)
         return super().getattr(obj, attribute)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
@@ -194,7 +203,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 _PLAIN_TYPES = frozenset({str, dict, list, tuple, int, float, bool, type(None), LoopContext})
 _SAFE_ATTRIBUTES: dict[tuple[type, str], bool] = {}
-"""_Sandbox.is_safe_attribute's answers for _PLAIN_TYPES."""
+"""_Sandbox.is_safe_attribute's answers for _PLAIN_TYPES; once known, getattr skips jinja2's checks for that type
+and name (its str.format wrapping applies to `format` and `format_map` only, which never take the shortcut)."""
+_FORMAT_METHODS = frozenset({"format", "format_map"})
 SIZED_FILTERS = ("center", "indent", "wordwrap", "batch", "slice", "format")
 """Filters whose arguments say how big a result to build (a width, a line or slice count, a format string)."""
 _HUGE_WIDTH = re.compile(r"[%:][^a-zA-Z%{}]*?\d{8,}")
@@ -688,9 +699,15 @@ same object. Holding it keeps its id from being reused; rows are never changed i
 
 
 def _tools_chars(tools: Sequence[Any]) -> int:
+    """len(json.dumps(list(tools), ensure_ascii=False)): from the tool pool's sizes where every tool is pooled
+    (the readers pool them), else measured."""
     global _last_tools
     last, size = _last_tools
     if last is not tools:
-        size = len(json.dumps(list(tools), ensure_ascii=False, default=str))
+        sizes = [TOOL_POOL.json_size(tool) for tool in tools]
+        if None in sizes:
+            size = len(json.dumps(list(tools), ensure_ascii=False, default=str))
+        else:
+            size = sum(sizes) + 2 * len(sizes)  # "[" and "]", and ", " between items  # type: ignore[arg-type]
         _last_tools = (tools, size)
     return size

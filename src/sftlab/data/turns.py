@@ -66,6 +66,14 @@ def locate_spans(template: ChatTemplate, conversation: Conversation, dicts: list
     return _with_untrained(text, messages, turns)
 
 
+def _variant_cap(text: str) -> int:
+    """The cap of a render with sentinels: the real render's length plus the slack any render has (the variant
+    holds less of the row, sentinels in place of turns); cheaper than measuring the variant's inputs again."""
+    from sftlab.data.templates import MAX_TEMPLATE_TEXT
+
+    return len(text) + MAX_TEMPLATE_TEXT
+
+
 def _with_untrained(text: str, messages: Sequence[Message], turns: dict[int, list[Span]]) -> list[Span]:
     """The trained turns plus, between them, the untrained messages' contents where they are found."""
     spans: list[Span] = []
@@ -116,7 +124,8 @@ def _regions_at_once(template: ChatTemplate, conversation: Conversation, dicts: 
         variant[index] = {"role": "assistant", "content": f"{_MARK}C{index}.{_TOKEN}{_MARK}"}
         if conversation.messages[index].reasoning is not None:
             variant[index]["reasoning_content"] = f"{_MARK}R{index}.{_TOKEN}{_MARK}"
-    other = template.render_text(variant, where=conversation.where, tools=conversation.tools)
+    other = template.render_text(variant, where=conversation.where, tools=conversation.tools,
+                                 max_chars=_variant_cap(text))
     pieces = _SENTINEL.split(other)  # literal, kind, index, literal, ...
     literals, marks = pieces[0::3], list(zip(pieces[1::3], (int(i) for i in pieces[2::3])))
     expected = [m for i in trained for m in ([("R", i)] if ("R", i) in marks else []) + [("C", i)]]
@@ -152,7 +161,7 @@ def _region_alone(template: ChatTemplate, conversation: Conversation, dicts: lis
     if message.reasoning is not None:
         variant["reasoning_content"] = reasoning_mark
     other = template.render_text(dicts[:index] + [variant] + dicts[index + 1:], where=where,
-                                 tools=conversation.tools)
+                                 tools=conversation.tools, max_chars=_variant_cap(text))
     first, last = other.find(_MARK), other.rfind(_MARK) + 1
     head = first if text.startswith(other[:first]) else _common_prefix(text, other)
     tail = len(other) - last if text.endswith(other[last:]) and len(other) - last <= len(text) - head \
