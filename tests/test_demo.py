@@ -45,7 +45,11 @@ def test_the_demo_pipeline_runs_end_to_end_on_a_tiny_model(ran) -> None:
     result = json.loads((out / "demo.json").read_text())
     assert result["heldout"] == 9 and 0 <= result["accuracy_before"] <= 1 and 0 <= result["accuracy_after"] <= 1
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 9 and {"prompt", "reference", "before", "after"} <= set(samples[0])
+    assert len(samples) == 9 and all({"prompt", "reference", "before", "after"} <= set(s) for s in samples)
+    asked = [s for s in samples if s["before"] is not None]  # the base answers one question per fact
+    assert len(asked) == result["base_asked"] and 0 < len(asked) < 9
+    assert all(isinstance(s["before_ok"], bool) for s in asked)
+    assert f"of the {len(asked)} it was asked (one question per fact" in stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "config.json").is_file()
     assert (out / "report.html").is_file()
@@ -65,6 +69,14 @@ def test_the_demo_prints_and_keeps_its_timing_per_phase(ran) -> None:
     table = stdout[stdout.index("=== timing"):]
     assert all(name in table for name in phases) and "total" in table and "CPU-s" in table
     assert json.loads((out / "demo.json").read_text())["final_loss"] > 0
+
+
+def test_the_base_model_answers_one_single_question_per_fact() -> None:
+    rows = [{"kind": "combo", "facts": ["a", "b"]}, {"kind": "single", "facts": ["b"]},
+            {"kind": "single", "facts": ["a"]}, {"kind": "single", "facts": ["b"]},
+            {"kind": "follow_up", "facts": ["c"]}]
+    assert demo.base_sample(rows) == [1, 2]
+    assert demo.base_sample([{"kind": "combo", "facts": ["a", "b"]}] * 12) == list(range(demo.BASE_SAMPLE))
 
 
 def test_base_answers_are_the_base_models_and_answers_stop_at_the_cap(ran) -> None:
