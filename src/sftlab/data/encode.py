@@ -450,9 +450,9 @@ def settled_heap() -> Iterator[None]:
     """Python's cyclic garbage collector told to leave alone what was alive before (gc.freeze), until the
     outermost of these ends (gc.unfreeze). An encoding pass allocates objects by the million (parsed rows,
     renders, segments); each of the collector's full passes walked every object the process holds (modules, the
-    tokenizer, the template), ~14% of a tool-calling build's time. Objects made during the pass are collected
-    as usual, and every object is still freed when its last reference goes: only cycles that were already
-    garbage at the start wait for the end of the pass."""
+    tokenizer, the template): 14-19% of a tool-calling build's time (gc.callbacks, 30,000 rows). Objects made
+    during the pass are collected as usual, and every object is still freed when its last reference goes: only
+    cycles that were already garbage at the start wait for the end of the pass."""
     global _settled_depth
     with _settled:
         if _settled_depth == 0:

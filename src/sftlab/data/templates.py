@@ -708,6 +708,6 @@ def _tools_chars(tools: Sequence[Any]) -> int:
         if None in sizes:
             size = len(json.dumps(list(tools), ensure_ascii=False, default=str))
         else:
-            size = sum(sizes) + 2 * len(sizes)  # "[" and "]", and ", " between items  # type: ignore[arg-type]
+            size = sum(sizes) + 2 * len(sizes)  # type: ignore[arg-type]  # "[", "]" and ", " between items
         _last_tools = (tools, size)
     return size
