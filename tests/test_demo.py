@@ -49,7 +49,7 @@ def test_the_demo_pipeline_runs_end_to_end_on_a_tiny_model(ran) -> None:
     asked = [s for s in samples if s["before"] is not None]  # the base answers one question per fact
     assert len(asked) == result["base_asked"] and 0 < len(asked) < 9
     assert all(isinstance(s["before_ok"], bool) for s in asked)
-    assert f"of the {len(asked)} it was asked (one question per fact" in stdout
+    assert f"(asked {len(asked)}, one per fact; --base-all: all) -> fine-tuned" in stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "config.json").is_file()
     assert (out / "report.html").is_file()

@@ -160,8 +160,7 @@ def evaluate(out: Path, heldout: list[dict], show: int, clock: PhaseClock, *,
         print(f"  base       [{mark(base_of[i], row['expect'])}] {one_line(base_of[i])}")
         print(f"  fine-tuned [{mark(tuned_answers[i], row['expect'])}] {one_line(tuned_answers[i])}")
     base_part = (f"base {before:.0%}" if len(asked) == len(heldout) else
-                 f"base {before:.0%} of the {len(asked)} it was asked (one question per fact: a base model cannot "
-                 "know made-up facts; --base-all asks it all)")
+                 f"base {before:.0%} (asked {len(asked)}, one per fact; --base-all: all)")
     print(f"\nheld-out accuracy ({len(heldout)} questions never seen in training; an answer counts when it states "
           f"every fact asked): {base_part} -> fine-tuned {after:.0%}")
     write_samples(out, heldout, [base_of.get(i) for i in range(len(heldout))], tuned_answers)
