@@ -449,7 +449,8 @@ class ChatTemplate:
         dicts = [_as_dict(m) for m in messages]
         text = self.render_text(dicts, where=conversation.where, tools=conversation.tools, max_chars=max_chars)
         flags = trainable_flags(messages, train_on)
-        spans = locate_spans(self, conversation, dicts, text, flags)
+        # the renders with sentinels hold less of the row than this one: capped by its length and the usual slack
+        spans = locate_spans(self, conversation, dicts, text, flags, max_chars=len(text) + MAX_TEMPLATE_TEXT)
         return _span_segments(text, spans, train_on == "all")
 
     def _marked(self, roles: tuple[str, ...], where: str, add_generation_prompt: bool = False) -> str:

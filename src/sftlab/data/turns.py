@@ -42,9 +42,10 @@ _SENTINEL = re.compile(f"{_MARK}([CR])(\\d+)\\.{_TOKEN}{_MARK}")
 
 
 def locate_spans(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
-                 flags: Sequence[bool]) -> list[Span]:
+                 flags: Sequence[bool], *, max_chars: int | None = None) -> list[Span]:
     """Spans of every trained assistant turn (split into reasoning / content / tool calls / marker) and,
-    for the report only, of the other messages' contents found between them."""
+    for the report only, of the other messages' contents found between them. `max_chars` caps each render
+    with sentinels (default: as render_text measures its inputs)."""
     messages, where = conversation.messages, conversation.where
     if _MARK in text:
         raise DataError("the row holds the private-use character U+E000, which sftlab uses to locate turns; "
@@ -56,22 +57,14 @@ def locate_spans(template: ChatTemplate, conversation: Conversation, dicts: list
                             "and prompts never). Remove its \"train\": true or use data.train_on=all.",
                             where=where, reason="trained message not assistant")
     trained = [i for i, flag in enumerate(flags) if flag]
-    regions = _regions_at_once(template, conversation, dicts, text, trained) if trained else {}
+    regions = _regions_at_once(template, conversation, dicts, text, trained, max_chars) if trained else {}
     turns: dict[int, list[Span]] = {}
     pos = 0
     for index in trained:
-        region = regions[index] if regions else _region_alone(template, conversation, dicts, text, index)
+        region = regions[index] if regions else _region_alone(template, conversation, dicts, text, index, max_chars)
         turns[index] = _turn(template, conversation, text, index, region, pos)
         pos = turns[index][-1][1]
     return _with_untrained(text, messages, turns)
-
-
-def _variant_cap(text: str) -> int:
-    """The cap of a render with sentinels: the real render's length plus the slack any render has (the variant
-    holds less of the row, sentinels in place of turns); cheaper than measuring the variant's inputs again."""
-    from sftlab.data.templates import MAX_TEMPLATE_TEXT
-
-    return len(text) + MAX_TEMPLATE_TEXT
 
 
 def _with_untrained(text: str, messages: Sequence[Message], turns: dict[int, list[Span]]) -> list[Span]:
@@ -112,7 +105,7 @@ class _Region:
 
 
 def _regions_at_once(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
-                     trained: list[int]) -> dict[int, _Region] | None:
+                     trained: list[int], max_chars: int | None) -> dict[int, _Region] | None:
     """All trained turns from one render with every trained turn replaced by sentinels, or None when the
     two renders do not line up unambiguously (then each turn is located by its own render).
 
@@ -125,7 +118,7 @@ def _regions_at_once(template: ChatTemplate, conversation: Conversation, dicts: 
         if conversation.messages[index].reasoning is not None:
             variant[index]["reasoning_content"] = f"{_MARK}R{index}.{_TOKEN}{_MARK}"
     other = template.render_text(variant, where=conversation.where, tools=conversation.tools,
-                                 max_chars=_variant_cap(text))
+                                 max_chars=max_chars)
     pieces = _SENTINEL.split(other)  # literal, kind, index, literal, ...
     literals, marks = pieces[0::3], list(zip(pieces[1::3], (int(i) for i in pieces[2::3])))
     expected = [m for i in trained for m in ([("R", i)] if ("R", i) in marks else []) + [("C", i)]]
@@ -153,7 +146,7 @@ def _regions_at_once(template: ChatTemplate, conversation: Conversation, dicts: 
 
 
 def _region_alone(template: ChatTemplate, conversation: Conversation, dicts: list[dict[str, Any]], text: str,
-                  index: int) -> _Region:
+                  index: int, max_chars: int | None) -> _Region:
     """One turn by difference: its fields replaced by sentinels, the rest of the render must not change."""
     message, where = conversation.messages[index], conversation.where
     content_mark, reasoning_mark = f"{_MARK}C{_TOKEN}{_MARK}", f"{_MARK}R{_TOKEN}{_MARK}"
@@ -161,7 +154,7 @@ def _region_alone(template: ChatTemplate, conversation: Conversation, dicts: lis
     if message.reasoning is not None:
         variant["reasoning_content"] = reasoning_mark
     other = template.render_text(dicts[:index] + [variant] + dicts[index + 1:], where=where,
-                                 tools=conversation.tools, max_chars=_variant_cap(text))
+                                 tools=conversation.tools, max_chars=max_chars)
     first, last = other.find(_MARK), other.rfind(_MARK) + 1
     head = first if text.startswith(other[:first]) else _common_prefix(text, other)
     tail = len(other) - last if text.endswith(other[last:]) and len(other) - last <= len(text) - head \
