@@ -161,7 +161,7 @@ def write_model(name: str) -> Path:
 
 
 def _tokenizer():
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]  # a checkout without `pip install -e .` runs too
     from conftest import tiny_chat_tokenizer  # a small byte-level BPE with ChatML tokens, built locally
 
     return tiny_chat_tokenizer()
