@@ -87,3 +87,38 @@ def assert_merge_round_trip(model, method, modules, ids, adapter, w0) -> None:
     plain = method.merge(model)
     assert not any(isinstance(m, LoRALinear) for m in plain.modules())
     torch.testing.assert_close(logits(plain, ids), adapter, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_runs_the_update_in_its_dtype_and_matches_fp64(half: torch.dtype) -> None:
+    """Over a bf16/fp16 base the thin products run in the base's dtype (the fp32 adapter cast down), so no
+    fp32 copy of the (tokens, in) input is made or kept for the backward; output and gradients still agree
+    with the same computation in fp64 to the half dtype's rounding, and A, B keep fp32 values and gradients."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=True).to(half)
+    layer = LoRALinear(base, rank=8, alpha=16)
+    torch.nn.init.normal_(layer.B, std=0.05)  # B = 0 at init would hide the update
+    x = torch.randn(3, 5, 64).to(half).requires_grad_()
+    saved: list[tuple[torch.dtype, torch.Size]] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append((tensor.dtype, tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = layer(x)
+    assert out.dtype == half
+    assert not any(dtype == torch.float32 and shape[-1] in (64, 48) for dtype, shape in saved), saved
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * weight).sum().backward()
+    assert layer.A.grad.dtype == layer.B.grad.dtype == torch.float32
+
+    x64 = x.detach().double().requires_grad_()
+    A, B = layer.A.detach().double().requires_grad_(), layer.B.detach().double().requires_grad_()
+    ref = torch.nn.functional.linear(x64, base.weight.double(), base.bias.double())
+    ref = ref + layer.scaling * (x64 @ A.t()) @ B.t()
+    (ref * weight.double()).sum().backward()
+    tolerance = 2e-2 if half == torch.bfloat16 else 3e-3
+    for got, want in ((out.double(), ref), (x.grad.double(), x64.grad), (layer.A.grad.double(), A.grad),
+                      (layer.B.grad.double(), B.grad)):
+        assert (got - want).abs().max() <= tolerance * want.abs().max(), (got - want).abs().max()

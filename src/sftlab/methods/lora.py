@@ -21,6 +21,8 @@ from sftlab.methods.token_rows import add_token_rows, merge_token_rows, token_ro
 from sftlab.models.swap import swap_module
 from sftlab.models.targets import find_targets
 
+_HALF = (torch.bfloat16, torch.float16)
+
 
 class LoRALinear(nn.Module):
     """merge()/unmerge() add and subtract s·B·A in the base weight's dtype: exact to fp32 rounding on an
@@ -50,6 +52,15 @@ class LoRALinear(nn.Module):
         # x (..., in) -> (..., rank) -> (..., out): two thin matmuls, never the (out, in) product. The
         # scaling multiplies the thin (..., rank) tensor, and the second matmul accumulates straight into the
         # base output (addmm): no extra pass over the wide (..., out) tensor, forward or backward.
+        if x.dtype == out.dtype and out.dtype in _HALF and self.A.dtype != out.dtype:
+            # A bf16/fp16 base (a GPU's, or QLoRA's compute dtype there): both products run in the base's dtype
+            # from the fp32 adapter cast down, as autocast's mixed precision does (fp32 accumulation inside the
+            # matmuls; A and B keep fp32 values and gradients). Casting x up instead copies every (tokens, in)
+            # input to fp32, keeps the copy for the backward and sends the (tokens, out) update through fp32:
+            # on an H200 that made a LoRA step slower than a full fine-tuning step (README, GPU rows).
+            low = F.linear(self.dropout(x), self.A.to(x.dtype)) * self.scaling
+            return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]),
+                               self.B.to(out.dtype).t()).view(out.shape)
         low = F.linear(self.dropout(x).to(self.A.dtype), self.A) * self.scaling  # (..., rank)
         if out.dtype != low.dtype:  # a bf16/NF4 base: the fp32 update is added in the base's dtype
             return out + F.linear(low, self.B).to(out.dtype)
