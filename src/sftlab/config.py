@@ -311,6 +311,9 @@ class TrainConfig:
     profile: bool = False
     """Record each step's seconds in data / forward / backward / optimizer in metrics.jsonl (on a GPU this
     synchronises at each phase, which costs a little speed)."""
+    neftune_alpha: float | None = None
+    """NEFTune: uniform noise of scale alpha / sqrt(row length × hidden size) added to the input embeddings at
+    each training forward (train/neftune.py; the paper's alpha is 5 to 15); null: none. SFT only."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss or gradient norm is NaN/inf: `stop` the run (nothing of that step is applied; the last
     checkpoint stays), or `skip` the step (no update; the run stops anyway after 10 such steps in a row).
@@ -328,6 +331,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be at least 1, got {shown(getattr(self, key))}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be 0 or more, got {shown(self.warmup_steps)}")
+        if self.neftune_alpha is not None and not (math.isfinite(self.neftune_alpha) and self.neftune_alpha > 0):
+            raise ConfigError(f"train.neftune_alpha must be a positive number (the paper uses 5 to 15), got "
+                              f"{shown(self.neftune_alpha)}; set null for no embedding noise.")
         # Floats are checked with isfinite first: every comparison with NaN is False, so `lr <= 0` lets it by.
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"train.weight_decay must be 0 or more and finite, got {shown(self.weight_decay)}")
@@ -626,6 +632,10 @@ def _check_stage(cfg: Config) -> None:
                               "remove it.")
     if cfg.stage == "sft":
         return
+    if cfg.train.neftune_alpha is not None:
+        raise ConfigError(f"train.neftune_alpha is set, but stage is {cfg.stage}: embedding noise is for SFT (the "
+                          "preference losses compare the policy with a reference on the same clean inputs); "
+                          "remove it.")
     rows = ("preference pairs ({prompt, chosen, rejected} or {chosen, rejected} rows)" if cfg.stage in PAIR_STAGES
             else "feedback rows ({prompt, completion, label})")
     if cfg.data.format != "auto":

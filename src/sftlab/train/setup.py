@@ -34,6 +34,7 @@ from sftlab.models.quant import base_memory_line
 from sftlab.train import rundir
 from sftlab.train.distributed import SINGLE, Dist, choose_mode
 from sftlab.train.memory import plan_run
+from sftlab.train.neftune import add_embedding_noise
 from sftlab.train.preference import precompute_reference, reference_logps, sequence_logps
 
 
@@ -164,6 +165,9 @@ def build_model(cfg: Config, *, ctx: Dist, console: Console, device: torch.devic
     if continued is not None:
         export.load_trained(model, method, continued)
         console.print(f"dpo: training on the SFT adapter {continued}", markup=False)
+    if cfg.train.neftune_alpha is not None:
+        add_embedding_noise(model, cfg.train.neftune_alpha)
+        console.print(f"neftune: input embeddings noised while training, alpha {cfg.train.neftune_alpha:g}")
     if entry.quantized_base:
         console.print(base_memory_line(model))
     trainable = sum(p.numel() for p in method.trainable_parameters(model).values())
