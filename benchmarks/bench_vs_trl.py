@@ -51,8 +51,9 @@ the table marks runs where others kept more than 0.1 CPUs busy; the 1-minute loa
     python benchmarks/bench_vs_trl.py --methods dpo              # the DPO row alone
     python benchmarks/bench_vs_trl.py --methods orpo,kto         # ORPO (TRL's ORPOTrainer) and KTO (KTOTrainer),
                                                                  # LoRA, on the same pairs / unpaired rows
-    python benchmarks/bench_vs_trl.py --preset gpu --wheels DIR   # a GPU machine without internet (sized
-                                                                   # for < 8 min); DIR: fetch_bench_wheels.sh
+    python benchmarks/bench_vs_trl.py --preset gpu --wheels DIR   # a GPU machine without internet (4.1 min
+                                                                   # on an H200); DIR: fetch_bench_wheels.sh
+                                                                   # (benchmarks/gpu_lease.sh: both GPU presets)
     python benchmarks/bench_vs_trl.py --preset gpu --device cpu --smoke   # the GPU code path, tiny, on CPU
 
 Targets (issue): LoRA >= 1.5x TRL+PEFT supervised tokens/s at <= 0.7x its peak RSS; full fine-tuning
