@@ -122,3 +122,47 @@ def test_a_half_precision_base_runs_the_update_in_its_dtype_and_matches_fp64(hal
     for got, want in ((out.double(), ref), (x.grad.double(), x64.grad), (layer.A.grad.double(), A.grad),
                       (layer.B.grad.double(), B.grad)):
         assert (got - want).abs().max() <= tolerance * want.abs().max(), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_dora_over_a_half_precision_base_matches_fp64_without_fp32_activations(half: torch.dtype) -> None:
+    """DoRA's forward over a bf16/fp16 base keeps its activations in the base's dtype (m/n − 1 and (m/n)·s
+    formed in fp32, then cast) and agrees with out = W0·x + b + (m/n − 1)·W0·x + (m/n)·s·B·A·x in fp64, n
+    detached, for the output and the gradients of x, A, B and m."""
+    from sftlab.methods.lora import DoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=True).to(half)
+    layer = DoRALinear(base, rank=8, alpha=16)
+    torch.nn.init.normal_(layer.B, std=0.05)
+    with torch.no_grad():
+        layer.magnitude.mul_(1 + 0.1 * torch.randn(48))
+    x = torch.randn(3, 5, 64).to(half).requires_grad_()
+    saved: list[tuple[torch.dtype, torch.Size]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
+        out = layer(x)
+    assert out.dtype == half
+    assert not any(dtype == torch.float32 and len(shape) > 1 and shape[0] == 3 for dtype, shape in saved), saved
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * weight).sum().backward()
+
+    x64 = x.detach().double().requires_grad_()
+    A, B = layer.A.detach().double().requires_grad_(), layer.B.detach().double().requires_grad_()
+    m = layer.magnitude.detach().double().requires_grad_()
+    w0, bias = base.weight.double(), base.bias.double()
+    norm = torch.linalg.vector_norm(w0 + layer.scaling * (B @ A), dim=1).detach()
+    plain = torch.nn.functional.linear(x64, w0)
+    ref = plain + bias + (m / norm - 1) * plain + (m / norm) * layer.scaling * ((x64 @ A.t()) @ B.t())
+    (ref * weight.double()).sum().backward()
+    tolerance = 2e-2 if half == torch.bfloat16 else 3e-3
+    for got, want in ((out.double(), ref), (x.grad.double(), x64.grad), (layer.A.grad.double(), A.grad),
+                      (layer.B.grad.double(), B.grad), (layer.magnitude.grad.double(), m.grad)):
+        assert (got - want).abs().max() <= tolerance * want.abs().max(), (got - want).abs().max()
+
+    dropped = DoRALinear(torch.nn.Linear(64, 48).to(half), rank=8, alpha=16, dropout=0.1).train()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
+        out = dropped(x.detach())
+    out.float().sum().backward()  # W0·x' from the dropped input, in the base's dtype
+    assert out.dtype == half and dropped.magnitude.grad.dtype == torch.float32
+    assert not any(dtype == torch.float32 and len(shape) > 1 and shape[0] == 3 for dtype, shape in saved), saved

@@ -126,6 +126,8 @@ class DoRALinear(LoRALinear):
         out = self.base(x)
         if self.merged:
             return out
+        if x.dtype == out.dtype and out.dtype in _HALF and self.A.dtype != out.dtype:
+            return self._half_forward(x, out)
         x = x.to(self.A.dtype)
         scale = self.magnitude / self.weight_norm()  # (out,) broadcasts over (..., out)
         if self.training and isinstance(self.dropout, nn.Dropout):
@@ -137,6 +139,22 @@ class DoRALinear(LoRALinear):
         lora_out = F.linear(F.linear(x, self.A), self.B)  # (..., out)
         update = (scale - 1) * base_out + scale * lora_out * self.scaling
         return out + update.to(out.dtype)
+
+    def _half_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The same forward over a bf16/fp16 base, its activations in the base's dtype (as LoRALinear's): the
+        (out,) factors m/n − 1 and (m/n)·s are formed in fp32 (m/n is close to 1: its difference from 1 would
+        not survive bf16) and cast down with A and B; no activation-sized fp32 tensor is made or kept."""
+        scale = self.magnitude / self.weight_norm()
+        shift, gain = (scale - 1).to(out.dtype), (scale * self.scaling).to(out.dtype)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            x = self.dropout(x)
+            weight = self.base.weight
+            base_out = F.linear(x, (weight.t() if self._base_is_conv1d() else weight).to(x.dtype))
+        else:
+            bias = self.base.bias
+            base_out = out if bias is None else out - bias.to(out.dtype)
+        lora_out = F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+        return out + shift * base_out + gain * lora_out
 
     @torch.no_grad()
     def merge(self) -> None:
