@@ -52,7 +52,7 @@ class LoRALinear(nn.Module):
         # x (..., in) -> (..., rank) -> (..., out): two thin matmuls, never the (out, in) product. The
         # scaling multiplies the thin (..., rank) tensor, and the second matmul accumulates straight into the
         # base output (addmm): no extra pass over the wide (..., out) tensor, forward or backward.
-        if x.dtype == out.dtype and out.dtype in _HALF and self.A.dtype != out.dtype:
+        if self._in_base_dtype(x, out):
             # A bf16/fp16 base (a GPU's, or QLoRA's compute dtype there): both products run in the base's dtype
             # from the fp32 adapter cast down, as autocast's mixed precision does (fp32 accumulation inside the
             # matmuls; A and B keep fp32 values and gradients). Casting x up instead copies every (tokens, in)
@@ -65,6 +65,10 @@ class LoRALinear(nn.Module):
         if out.dtype != low.dtype:  # a bf16/NF4 base: the fp32 update is added in the base's dtype
             return out + F.linear(low, self.B).to(out.dtype)
         return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), self.B.t()).view(out.shape)
+
+    def _in_base_dtype(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether the update runs in the base's half dtype (a bf16/fp16 base under fp32 adapters)."""
+        return x.dtype == out.dtype and out.dtype in _HALF and self.A.dtype != out.dtype
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A in the base weight's layout."""
@@ -112,10 +116,11 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(self.weight_norm())  # (out,) = ‖W0‖ per row, as B = 0
         self.register_buffer("merge_factor", None, persistent=False)  # m/n while merged, (out,)
 
-    def base_weight(self) -> torch.Tensor:
-        """W0 (or the merged weight) as (out, in), in the adapter's dtype; dequantised under QLoRA (QDoRA)."""
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 (or the merged weight) as (out, in), in `dtype` (default: the adapter's); dequantised under QLoRA
+        (QDoRA)."""
         weight = self.base.weight
-        return (weight.t() if self._base_is_conv1d() else weight).to(self.A.dtype)
+        return (weight.t() if self._base_is_conv1d() else weight).to(dtype or self.A.dtype)
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
@@ -126,7 +131,7 @@ class DoRALinear(LoRALinear):
         out = self.base(x)
         if self.merged:
             return out
-        if x.dtype == out.dtype and out.dtype in _HALF and self.A.dtype != out.dtype:
+        if self._in_base_dtype(x, out):
             return self._half_forward(x, out)
         x = x.to(self.A.dtype)
         scale = self.magnitude / self.weight_norm()  # (out,) broadcasts over (..., out)
@@ -148,8 +153,7 @@ class DoRALinear(LoRALinear):
         shift, gain = (scale - 1).to(out.dtype), (scale * self.scaling).to(out.dtype)
         if self.training and isinstance(self.dropout, nn.Dropout):
             x = self.dropout(x)
-            weight = self.base.weight
-            base_out = F.linear(x, (weight.t() if self._base_is_conv1d() else weight).to(x.dtype))
+            base_out = F.linear(x, self.base_weight(x.dtype))
         else:
             bias = self.base.bias
             base_out = out if bias is None else out - bias.to(out.dtype)
