@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -139,6 +140,16 @@ def tiny_model_dir(path: Path, *, arch: str = "llama", seed: int = 0, hidden: in
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def write_qa_chats(path: Path, pairs, *, system: str | None = None) -> Path:
+    """A messages-format JSONL file at `path`: one conversation per (question, answer) pair, after a system
+    message when `system` is given."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    path.write_text("".join(json.dumps({"messages": [*head, {"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in pairs), encoding="utf-8")
     return path
 
 

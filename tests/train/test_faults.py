@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import only_for, tiny_model_dir
+from conftest import only_for, tiny_model_dir, write_qa_chats
 from sftlab.cli import main
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
@@ -40,11 +40,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(12)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_qa_chats(tmp_path_factory.mktemp("data") / "qa.jsonl",
+                          [(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(12)])
 
 
 def overrides(model_dir: Path, data: Path, out: Path, method: str = "lora", *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import only_for, tiny_model_dir
+from conftest import only_for, tiny_model_dir, write_qa_chats
 from sftlab.config import load_config
 from sftlab.data.templates import load_template
 from sftlab.generate import generate
@@ -33,11 +33,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    rows = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q},
-                          {"role": "assistant", "content": a}]} for q, a in QA]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_qa_chats(tmp_path_factory.mktemp("data") / "qa.jsonl", QA, system="Answer briefly.")
 
 
 def config(model_dir: Path, data: Path, out: Path, *overrides: str):

@@ -3,7 +3,6 @@ mode only; a run with it resumes to the uninterrupted weights; preference stages
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import tiny_model_dir
+from conftest import tiny_model_dir, write_qa_chats
 from sftlab.config import load_config
 from sftlab.errors import ConfigError
 from sftlab.models.load import load_model
@@ -29,13 +28,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
     pairs = [("What is the capital of France?", "Paris."), ("What is 2+2?", "Four."), ("Say hi.", "Hi there!"),
              ("Who wrote Hamlet?", "Shakespeare wrote it."), ("Name a prime number.", "Seven.")]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n"
-                            for q, a in pairs), encoding="utf-8")
-    return path
+    return write_qa_chats(tmp_path_factory.mktemp("data") / "qa.jsonl", pairs)
 
 
 def test_noise_is_uniform_of_the_papers_scale_in_training_mode_only(model_dir) -> None:
