@@ -102,3 +102,26 @@ def test_base_answers_are_the_base_models_and_answers_stop_at_the_cap(ran) -> No
     assert answerer.answers(rows, batch=4) == tuned
     with pytest.raises(ValueError, match="answer before fold"):
         answerer.answers(rows, base=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # an output head of its own, and one tied to the embedding
+def test_the_sweep_scores_full_fine_tuning_checkpoints(tmp_path, arch) -> None:
+    """sweep.py's checkpoint loader: a full fine-tuning checkpoint (every weight under the model's names, a tied
+    head left out) goes into the loaded model as is; one from another model is refused by name."""
+    import sweep
+    from safetensors.torch import save_file
+
+    answerer = demo.Answerer(str(tiny_model_dir(tmp_path / "model", arch=arch)))
+    assert answerer.method is None
+    tied = answerer.model.config.tie_word_embeddings  # a tied head is the embedding: sftlab saves it once
+    state = {name: tensor + 1.0 for name, tensor in answerer.model.state_dict().items()
+             if not (tied and name == "lm_head.weight")}
+    (tmp_path / "step-1").mkdir()
+    save_file(state, tmp_path / "step-1" / "trainable.safetensors")
+    sweep.load_checkpoint(answerer, tmp_path / "step-1")
+    now = answerer.model.state_dict()
+    assert all(torch.equal(now[name], tensor) for name, tensor in state.items())
+    (tmp_path / "step-2").mkdir()
+    save_file({"model.not_a_layer.weight": torch.zeros(2)}, tmp_path / "step-2" / "trainable.safetensors")
+    with pytest.raises(ValueError, match="does not fit the run's model: missing"):
+        sweep.load_checkpoint(answerer, tmp_path / "step-2")

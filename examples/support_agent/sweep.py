@@ -2,13 +2,13 @@
 
     python examples/support_agent/sweep.py --out runs/sweep --every 3 train.max_steps=30 [more overrides]
 
-Writes the data (make_data.py, --train/--heldout), trains examples/support_agent/config.yaml with a checkpoint
-every --every steps (all kept) and the held-out conversations as its eval split (eval loss at the end: an
-evaluation per checkpoint would cost about two training steps each on a CPU), then loads the run's
-model once and scores every checkpoint's adapter on the held-out questions (check_answers.py). Prints a
-markdown table: step, tokens seen, training loss (the step's and the mean of the last --every steps), eval
-loss, accuracy, overall and by kind (single | combo | follow_up), and the missed questions of the best and
-last checkpoints. The table and the misses also go to OUT/sweep.json. SWEEP.md holds the measured tables.
+Writes the data (make_data.py, --train/--heldout), trains examples/support_agent/config.yaml (or --config) with a
+checkpoint every --every steps (all kept) and the held-out conversations as its eval split (eval loss at the end:
+an evaluation per checkpoint would cost about two training steps each on a CPU), then loads the run's model once
+and scores every checkpoint (its adapter, or every weight of a full fine-tuning run) on the held-out questions
+(check_answers.py). Prints a markdown table: step, tokens seen, training loss (the step's and the mean of the last
+--every steps), eval loss, accuracy, overall and by kind (single | combo | follow_up), and the missed questions of
+the best and last checkpoints. The table and the misses also go to OUT/sweep.json. SWEEP.md holds the measured tables.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
          "--heldout", str(args.heldout), "--seed", str(args.seed)])
     heldout = [json.loads(line) for line in (data / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
     if not args.score_only:
-        run([*SFTLAB, "train", str(HERE / "config.yaml"), f"model={model}", f"output_dir={out}",
+        run([*SFTLAB, "train", str(args.config), f"model={model}", f"output_dir={out}",
              f"data.train={json.dumps(training_sources(data))}", f"data.eval={data / 'heldout.jsonl'}",
              f"train.save_every_steps={args.every}", "train.keep_checkpoints=1000", *args.overrides, "--overwrite"])
     rows, misses = score_checkpoints(out, heldout, base=args.base)
@@ -47,15 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 def score_checkpoints(out: Path, heldout: list[dict], *, base: bool) -> tuple[list[dict], dict[int, list[str]]]:
     """Accuracy (overall and by kind) of each checkpoint (and with `base`, of the base model as step 0),
     and its misses."""
-    from safetensors.torch import load_file
-
     answerer = Answerer(str(out))
     checkpoints = sorted((int(p.name.split("-")[-1]), p) for p in (out / "checkpoints").iterdir()
                          if (p / "trainable.safetensors").is_file())
     rows, misses = [], {}
     for step, path in [(0, None)] * base + checkpoints:
         if path is not None:
-            answerer.method.load_state_dict(answerer.model, load_file(path / "trainable.safetensors"))
+            load_checkpoint(answerer, path)
         answers = answerer.answers(heldout, base=path is None)
         right = [score(answer, row["expect"]) for answer, row in zip(answers, heldout)]
         row = {"step": step, "accuracy": sum(right) / len(right)}
@@ -74,6 +72,24 @@ def score_checkpoints(out: Path, heldout: list[dict], *, base: bool) -> tuple[li
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def load_checkpoint(answerer: Answerer, path: Path) -> None:
+    """Put a checkpoint's trained weights into the loaded run's model: the adapter's, through the method's own
+    loader, or, for full fine-tuning, every weight (the checkpoint holds them all under the model's names; a
+    tied output head is the input embedding, so it is the one name the checkpoint may lack)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path / "trainable.safetensors")
+    if answerer.method is not None:
+        answerer.method.load_state_dict(answerer.model, state)
+        return
+    missing, unexpected = answerer.model.load_state_dict(state, strict=False)
+    tied = getattr(answerer.model.config, "tie_word_embeddings", False)
+    missing = [name for name in missing if not (tied and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path / 'trainable.safetensors'} does not fit the run's model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}; score checkpoints of the run they came from")
 
 
 def table(rows: list[dict], records: list[dict], every: int) -> str:
@@ -98,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides for the run, e.g. train.max_steps=30")
     parser.add_argument("--model", help="model dir, hub id or .gguf (default: SmolLM2-135M-Instruct from the fixtures)")
+    parser.add_argument("--config", default=str(HERE / "config.yaml"),
+                        help="the config to train (default: the demo's; e.g. a copy with method: full)")
     parser.add_argument("--out", default="runs/sweep", help="the run dir (data goes to OUT-data)")
     parser.add_argument("--every", type=int, default=3, help="steps between checkpoints (each is scored)")
     parser.add_argument("--train", type=int, default=600, help="training conversations")
