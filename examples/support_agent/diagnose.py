@@ -12,7 +12,7 @@ pairings would score lower.
 `topics`: before any training, the model's log-probability of each fact's topic name (facts.Fact.topic) right
 after `About` in its reply to each TRAINING question (the held-out wordings take no part). It prints how often
 the right name ranks first, by the sum and by the mean over the name's tokens; `--names FILE` compares other
-sets of names (one set a line: `label|name 1|…|name 9`, in FACTS order).
+sets of names (one set a line: `label|name 1|…|name 9`, in FACTS order). About 4 minutes a set on 2 cores.
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def topics(args: argparse.Namespace) -> None:
                 rows = [prompt + c for c in candidates]
                 width = max(map(len, rows))
                 ids = torch.tensor([row + [answerer.pad] * (width - len(row)) for row in rows])
-                logp = model(input_ids=ids).logits.float().log_softmax(-1)
-                sums = [sum(logp[k, len(prompt) - 1 + j, token].item() for j, token in enumerate(c))
-                        for k, c in enumerate(candidates)]
+                keep = width - len(prompt) + 1  # the output head only where a name's tokens are predicted
+                logp = model(input_ids=ids, logits_to_keep=keep).logits.float().log_softmax(-1)
+                sums = [sum(logp[k, j, token].item() for j, token in enumerate(c)) for k, c in enumerate(candidates)]
                 by_sum += max(range(len(sums)), key=sums.__getitem__) == right
                 means = [total / len(c) for total, c in zip(sums, candidates)]
                 by_mean += max(range(len(means)), key=means.__getitem__) == right
