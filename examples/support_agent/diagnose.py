@@ -12,7 +12,7 @@ pairings would score lower.
 `topics`: before any training, the model's log-probability of each fact's topic name (facts.Fact.topic) right
 after `About` in its reply to each TRAINING question (the held-out wordings take no part). It prints how often
 the right name ranks first, by the sum and by the mean over the name's tokens; `--names FILE` compares other
-sets of names (one set a line: `label|name 1|…|name 9`, in FACTS order). About 4 minutes a set on 2 cores.
+sets of names (one set a line: `label|name 1|…|name 9`, in FACTS order). About 4 minutes a set (one thread).
 """
 
 from __future__ import annotations
