@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from check_answers import score  # noqa: E402
-from facts import BY_NAME, FACTS, HELDOUT_PAIRS, JOINERS, SLOTS, SYSTEM_PROMPT, reply  # noqa: E402
+from facts import BY_NAME, FACTS, HELDOUT_PAIRS, JOINERS, SLOTS  # noqa: E402
+from make_data import Sample  # noqa: E402
 
 
 def pair_rows(per_pair: int = 2, seed: int = 0) -> list[dict]:
@@ -42,9 +43,7 @@ def pair_rows(per_pair: int = 2, seed: int = 0) -> list[dict]:
         for y in FACTS:
             for _ in range(per_pair if x is not y else 0):
                 message = rng.choice(JOINERS).format(a=ask(x), b=ask(y))
-                rows.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                          {"role": "user", "content": message},
-                                          {"role": "assistant", "content": reply((x, y))}],
+                rows.append({"messages": Sample("combo", ((message, (x.name, y.name)),)).messages,
                              "x": x.name, "y": y.name, "unseen": frozenset((x.name, y.name)) in HELDOUT_PAIRS})
     return rows
 
@@ -90,16 +89,18 @@ def topics(args: argparse.Namespace) -> None:
             sets[label] = names
     answerer = Answerer(args.model)
     tokenizer, model = answerer.tokenizer, answerer.model
-    questions = [(i, template.format(**{slot: values[0] for slot, values in SLOTS.items()}))
-                 for i, fact in enumerate(FACTS) for template in fact.train]
     about = tokenizer.encode("About", add_special_tokens=False)
+    prompts = []  # (the right name's index, the conversation without its reply, then the reply's first word)
+    for i, fact in enumerate(FACTS):
+        for template in fact.train:
+            question = template.format(**{slot: values[0] for slot, values in SLOTS.items()})
+            messages = Sample("single", ((question, (fact.name,)),)).messages[:-1]
+            prompts.append((i, prompt_ids(tokenizer, answerer.template, messages) + about))
     with torch.no_grad():
         for label, names in sets.items():
             candidates = [tokenizer.encode(f" {name}:", add_special_tokens=False) for name in names]
             by_sum = by_mean = 0
-            for right, question in questions:
-                prompt = prompt_ids(tokenizer, answerer.template, [{"role": "system", "content": SYSTEM_PROMPT},
-                                                                  {"role": "user", "content": question}]) + about
+            for right, prompt in prompts:
                 rows = [prompt + c for c in candidates]
                 width = max(map(len, rows))
                 ids = torch.tensor([row + [answerer.pad] * (width - len(row)) for row in rows])
@@ -109,7 +110,7 @@ def topics(args: argparse.Namespace) -> None:
                 by_sum += max(range(len(sums)), key=sums.__getitem__) == right
                 means = [total / len(c) for total, c in zip(sums, candidates)]
                 by_mean += max(range(len(means)), key=means.__getitem__) == right
-            print(f"{label:12s} right name first: {by_sum}/{len(questions)} by sum, {by_mean}/{len(questions)} by mean")
+            print(f"{label:12s} right name first: {by_sum}/{len(prompts)} by sum, {by_mean}/{len(prompts)} by mean")
 
 
 def main(argv: list[str] | None = None) -> int:
