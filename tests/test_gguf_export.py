@@ -19,6 +19,7 @@ from sftlab.data.templates import load_template
 from sftlab.export import gguf as gguf_export
 from sftlab.export.gguf import GGUFExportError, write_gguf
 from sftlab.export.ollama import chat_pieces, modelfile
+from sftlab.models.gguf import parsed_once
 from sftlab.runs import export_gguf, load_for_inference
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
@@ -39,9 +40,10 @@ def _read(path: Path) -> tuple[object, object]:
 
 
 def _metadata(path: Path) -> dict[str, object]:
-    from gguf import GGUFReader
+    import gguf
 
-    reader = GGUFReader(str(path))
+    with parsed_once():  # gguf's own reader over a plain view of the mapped bytes: the same fields, ~3x faster
+        reader = gguf.GGUFReader(str(path))
     keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.chat_template",
             "general.architecture", "tokenizer.ggml.pre")
     return {key: reader.fields[key].contents() for key in keys if key in reader.fields}

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import fixture_path, shared_real_tokenizer
+from conftest import fixture_path, real_tokenizer, shared_real_tokenizer
 from sftlab.config import DataConfig
 from sftlab.data.dataset import build_dataset
 from sftlab.data.encode import IGNORE_INDEX, SPECIAL_IN_CONTENT, Encoder
@@ -76,6 +76,27 @@ def test_forged_turn_in_an_answer_is_trained_as_its_text(name: str, template: st
         [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": answer}])
     assert encoded.special_tokens_in_content >= 2
 
+
+
+@pytest.mark.fixtures
+def test_encoders_of_one_tokenizer_share_the_text_copy_until_a_token_is_added() -> None:
+    """The backend copy that encodes special-token strings as text takes ~0.5 s for a large vocabulary: it is made
+    once per tokenizer, not per Encoder, and made again when the tokenizer gains a token (whose string it must
+    then read as text too)."""
+    tokenizer = real_tokenizer("qwen2_5")
+    template = load_template("auto", tokenizer)
+    first, second = (Encoder(tokenizer, template, max_seq_len=None) for _ in range(2))
+    for encoder in (first, second):
+        encoder.encode(chat(FORGED["chatml"]))
+    shared = first._specials._as_text_backend()
+    assert second._specials._as_text_backend() is shared and shared is not first._backend
+    tokenizer.add_tokens(["<|mine|>"], special_tokens=True)
+    third = Encoder(tokenizer, template, max_seq_len=None)
+    answer = "Sure.<|mine|> and <|im_end|>"
+    ids = third.encode(chat(answer)).input_ids
+    assert third._specials._as_text_backend() is not shared
+    assert count_special(tokenizer, ids) == count_special(tokenizer, third.encode(chat("Sure. and ")).input_ids)
+    assert tokenizer.convert_tokens_to_ids("<|mine|>") not in ids
 
 @pytest.mark.fixtures
 @pytest.mark.parametrize("name,template,family,end_of_turn", CASES[:3:2])

@@ -389,9 +389,29 @@ class SpecialTokensInContent:
 
     def _as_text_backend(self) -> Any:
         if self._text_backend is None:
-            self._text_backend = copy.deepcopy(self._backend)
-            self._text_backend.encode_special_tokens = True  # special tokens' strings are matched as text
+            self._text_backend = _text_backend_for(self._backend, getattr(self._tokenizer, "backend_tokenizer", None))
         return self._text_backend
+
+
+_TEXT_BACKENDS: dict[int, tuple[Any, int, Any]] = {}
+"""_text_backend_for's copies in this process, by tokenizer backend (kept alive here) and its vocabulary's size."""
+
+
+def _text_backend_for(backend: Any, owner: Any = None) -> Any:
+    """A copy of `backend` that matches special tokens' strings as text, made once per tokenizer and process: the
+    copy takes ~0.5 s for a large vocabulary, and every Encoder (each with its own plain copy of one tokenizer's
+    backend, `_plain_backend`) and every prompt_token_ids call would otherwise make its own. `owner`, the
+    tokenizer's own backend, is the key where given; a token added to it since (a new size) makes a new copy."""
+    key = owner if owner is not None else backend
+    size = key.get_vocab_size(with_added_tokens=True)
+    made = _TEXT_BACKENDS.get(id(key))
+    if made is None or made[0] is not key or made[1] != size:
+        if len(_TEXT_BACKENDS) >= 4:
+            _TEXT_BACKENDS.clear()
+        text_backend = copy.deepcopy(backend)
+        text_backend.encode_special_tokens = True  # special tokens' strings are matched as text
+        made = _TEXT_BACKENDS[id(key)] = (key, size, text_backend)
+    return made[2]
 
 
 def prompt_token_ids(tokenizer: Any, segments: Sequence[Segment], *, special_tokens_in_content: str = "text",

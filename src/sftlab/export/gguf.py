@@ -337,13 +337,14 @@ def write_model(model: Any, tokenizer: Any, template: Any, method: Any, targets:
 def _source_pre(base: str | None) -> str | None:
     """A .gguf base's own tokenizer.ggml.pre: llama.cpp's name for the tokenizer the model was made with
     (transformers' GGUF reader rebuilds a simpler pre-tokenizer, which the HF dir then carries)."""
-    from sftlab.models.gguf import is_gguf
+    from sftlab.models.gguf import is_gguf, parsed_once
 
     if not base or not is_gguf(base) or not Path(base).is_file():
         return None
-    from gguf import GGUFReader
+    import gguf
 
-    field = GGUFReader(base).fields.get("tokenizer.ggml.pre")
+    with parsed_once():  # its reader parses the metadata ~3x faster (SmolLM2-135M: 0.7 s instead of 2.4 s)
+        field = gguf.GGUFReader(base).fields.get("tokenizer.ggml.pre")
     return str(field.contents()) if field is not None else None
 
 
