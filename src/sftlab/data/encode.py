@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sftlab.data.fast_bpe import FastBPE, fast_bpe_for
+from sftlab.data.fast_bpe import FastBPE, fast_bpe_for, once_per_tokenizer
 from sftlab.data.formats import row_byte_limit
 from sftlab.data.schema import Conversation
 from sftlab.data.templates import MAX_TEMPLATE_TEXT, ChatTemplate, Segment
@@ -401,17 +401,14 @@ def _text_backend_for(backend: Any, owner: Any = None) -> Any:
     """A copy of `backend` that matches special tokens' strings as text, made once per tokenizer and process: the
     copy takes ~0.5 s for a large vocabulary, and every Encoder (each with its own plain copy of one tokenizer's
     backend, `_plain_backend`) and every prompt_token_ids call would otherwise make its own. `owner`, the
-    tokenizer's own backend, is the key where given; a token added to it since (a new size) makes a new copy."""
-    key = owner if owner is not None else backend
-    size = key.get_vocab_size(with_added_tokens=True)
-    made = _TEXT_BACKENDS.get(id(key))
-    if made is None or made[0] is not key or made[1] != size:
-        if len(_TEXT_BACKENDS) >= 4:
-            _TEXT_BACKENDS.clear()
-        text_backend = copy.deepcopy(backend)
-        text_backend.encode_special_tokens = True  # special tokens' strings are matched as text
-        made = _TEXT_BACKENDS[id(key)] = (key, size, text_backend)
-    return made[2]
+    tokenizer's own backend, is the key where given; a token added to it since makes a new copy."""
+    return once_per_tokenizer(_TEXT_BACKENDS, backend, owner, _as_text_copy)
+
+
+def _as_text_copy(backend: Any) -> Any:
+    copied = copy.deepcopy(backend)
+    copied.encode_special_tokens = True  # special tokens' strings are matched as text
+    return copied
 
 
 def prompt_token_ids(tokenizer: Any, segments: Sequence[Segment], *, special_tokens_in_content: str = "text",

@@ -30,14 +30,16 @@ import json
 import random
 import unicodedata
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from sftlab.data.token_cache import Spans
+
+T = TypeVar("T")
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The regex of a `ByteLevel` pre-tokenizer with use_regex=true (GPT-2's)."""
@@ -168,7 +170,7 @@ class FastBPE:
                    np.asarray(g.offsets).tolist() == [list(o) for o in w.offsets] for g, w in zip(got, expected))
 
 
-_MADE: dict[int, tuple[Any, int, FastBPE | None]] = {}
+_MADE: dict[int, tuple[Any, int, Any]] = {}
 """FastBPE.create's answers in this process, by tokenizer backend (kept alive here) and its vocabulary's size."""
 
 
@@ -178,14 +180,21 @@ def fast_bpe_for(backend: Any, owner: Any = None) -> FastBPE | None:
     is the key where given."""
     if backend is None:
         return None
+    return once_per_tokenizer(_MADE, backend, owner, FastBPE.create)
+
+
+def once_per_tokenizer(made: dict[int, tuple[Any, int, T]], backend: Any, owner: Any, make: Callable[[Any], T]) -> T:
+    """make(backend), kept in `made` by tokenizer: `owner` (the tokenizer's own backend) where given, else
+    `backend`, held alive there, with its vocabulary's size, so a token added since makes it again. At most four
+    tokenizers are kept."""
     key = owner if owner is not None else backend
     size = key.get_vocab_size(with_added_tokens=True)
-    made = _MADE.get(id(key))
-    if made is None or made[0] is not key or made[1] != size:
-        if len(_MADE) >= 4:
-            _MADE.clear()
-        made = _MADE[id(key)] = (key, size, FastBPE.create(backend))
-    return made[2]
+    entry = made.get(id(key))
+    if entry is None or entry[0] is not key or entry[1] != size:
+        if len(made) >= 4:
+            made.clear()
+        entry = made[id(key)] = (key, size, make(backend))
+    return entry[2]
 
 
 def _build(tiktoken: Any, backend: Any) -> tuple[Any, np.ndarray, bool] | None:
