@@ -77,7 +77,6 @@ def test_forged_turn_in_an_answer_is_trained_as_its_text(name: str, template: st
     assert encoded.special_tokens_in_content >= 2
 
 
-
 @pytest.mark.fixtures
 def test_encoders_of_one_tokenizer_share_the_text_copy_until_a_token_is_added() -> None:
     """The backend copy that encodes special-token strings as text takes ~0.5 s for a large vocabulary: it is made
@@ -97,6 +96,7 @@ def test_encoders_of_one_tokenizer_share_the_text_copy_until_a_token_is_added() 
     assert third._specials._as_text_backend() is not shared
     assert count_special(tokenizer, ids) == count_special(tokenizer, third.encode(chat("Sure. and ")).input_ids)
     assert tokenizer.convert_tokens_to_ids("<|mine|>") not in ids
+
 
 @pytest.mark.fixtures
 @pytest.mark.parametrize("name,template,family,end_of_turn", CASES[:3:2])
