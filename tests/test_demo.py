@@ -105,23 +105,32 @@ def test_base_answers_are_the_base_models_and_answers_stop_at_the_cap(ran) -> No
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # an output head of its own, and one tied to the embedding
-def test_the_sweep_scores_full_fine_tuning_checkpoints(tmp_path, arch) -> None:
-    """sweep.py's checkpoint loader: a full fine-tuning checkpoint (every weight under the model's names, a tied
-    head left out) goes into the loaded model as is; one from another model is refused by name."""
+@pytest.mark.parametrize("freeze", [False, True])  # full.freeze_embeddings: the embedding is not in the checkpoint
+def test_the_sweep_scores_full_fine_tuning_checkpoints(tmp_path, arch, freeze) -> None:
+    """sweep.py's checkpoint loader: a full fine-tuning checkpoint (the weights the run trained, under the model's
+    names: a tied head saved once, a frozen embedding not at all) goes into the loaded model as is, through the
+    run's own method as `sftlab eval --checkpoint` loads it; one from another model is refused by name."""
     import sweep
     from safetensors.torch import save_file
 
-    answerer = demo.Answerer(str(tiny_model_dir(tmp_path / "model", arch=arch)))
+    from sftlab.errors import SftlabError
+
+    model_dir = tiny_model_dir(tmp_path / "model", arch=arch)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: {model_dir}\nmethod: full\n"
+                                     f"full: {{freeze_embeddings: {str(freeze).lower()}}}\n")
+    answerer = demo.Answerer(str(model_dir))
     assert answerer.method is None
-    tied = answerer.model.config.tie_word_embeddings  # a tied head is the embedding: sftlab saves it once
-    state = {name: tensor + 1.0 for name, tensor in answerer.model.state_dict().items()
-             if not (tied and name == "lm_head.weight")}
-    (tmp_path / "step-1").mkdir()
-    save_file(state, tmp_path / "step-1" / "trainable.safetensors")
-    sweep.load_checkpoint(answerer, tmp_path / "step-1")
+    embedding = "model.embed_tokens.weight" if arch == "llama" else "transformer.wte.weight"
+    left_out = {"lm_head.weight"} if answerer.model.config.tie_word_embeddings else set()
+    left_out |= {embedding} if freeze else set()
+    state = {name: tensor + 1.0 for name, tensor in answerer.model.state_dict().items() if name not in left_out}
+    save_file(state, run / "checkpoints" / "step-1" / "trainable.safetensors")
+    sweep.load_checkpoint(answerer, run / "checkpoints" / "step-1")
     now = answerer.model.state_dict()
     assert all(torch.equal(now[name], tensor) for name, tensor in state.items())
-    (tmp_path / "step-2").mkdir()
-    save_file({"model.not_a_layer.weight": torch.zeros(2)}, tmp_path / "step-2" / "trainable.safetensors")
-    with pytest.raises(ValueError, match="does not fit the run's model: missing"):
-        sweep.load_checkpoint(answerer, tmp_path / "step-2")
+    (run / "checkpoints" / "step-2").mkdir()
+    save_file({"model.not_a_layer.weight": torch.zeros(2)}, run / "checkpoints" / "step-2" / "trainable.safetensors")
+    with pytest.raises(SftlabError, match="do not fit the model: missing"):
+        sweep.load_checkpoint(answerer, run / "checkpoints" / "step-2")

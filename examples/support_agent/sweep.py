@@ -75,21 +75,12 @@ def metrics(out: Path) -> list[dict]:
 
 
 def load_checkpoint(answerer: Answerer, path: Path) -> None:
-    """Put a checkpoint's trained weights into the loaded run's model: the adapter's, through the method's own
-    loader, or, for full fine-tuning, every weight (the checkpoint holds them all under the model's names; a
-    tied output head is the input embedding, so it is the one name the checkpoint may lack)."""
-    from safetensors.torch import load_file
+    """Put checkpoint `path` (RUN/checkpoints/step-N) into the loaded run's model, as `sftlab eval --checkpoint`
+    does: through the run's method, which for full fine-tuning is built from the run's config (so a frozen or tied
+    embedding is the one weight the checkpoint lacks, and anything else that does not fit is refused)."""
+    from sftlab.eval import load_checkpoint as load_weights
 
-    state = load_file(path / "trainable.safetensors")
-    if answerer.method is not None:
-        answerer.method.load_state_dict(answerer.model, state)
-        return
-    missing, unexpected = answerer.model.load_state_dict(state, strict=False)
-    tied = getattr(answerer.model.config, "tie_word_embeddings", False)
-    missing = [name for name in missing if not (tied and name == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{path / 'trainable.safetensors'} does not fit the run's model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}; score checkpoints of the run they came from")
+    answerer.method = load_weights(path.parent.parent, path / "trainable.safetensors", answerer.model, answerer.method)
 
 
 def table(rows: list[dict], records: list[dict], every: int) -> str:

@@ -47,7 +47,7 @@ def evaluate(source: str, *, checkpoint: str | None = None, probe: str | None = 
     weights = _checkpoint_file(run, source, checkpoint) if checkpoint else None  # before the model loads
     model, tokenizer, template, method = load_for_inference(source, base=base)
     if weights is not None:
-        method = _load_checkpoint(run, weights, model, method)
+        method = load_checkpoint(run, weights, model, method)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else (tokenizer.eos_token_id or 0)
     prober = Prober(model, tokenizer, method, cfg, device=device, pad_id=pad, template=template)
@@ -107,8 +107,9 @@ def _checkpoint_file(run: Path | None, source: str, name: str) -> Path:
     return weights
 
 
-def _load_checkpoint(run: Path, weights: Path, model: torch.nn.Module, method: Any) -> Any:
-    """A checkpoint's trainable weights loaded over the model (a full run's method is applied first)."""
+def load_checkpoint(run: Path, weights: Path, model: torch.nn.Module, method: Any) -> Any:
+    """A checkpoint's trainable weights loaded over the model (a full run's method, from the run's config, is
+    applied first, so its trainable weights are the ones the checkpoint holds); returns the method."""
     from safetensors.torch import load_file
 
     if method is None:  # full fine-tuning: every trained weight is in the checkpoint
