@@ -124,10 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("model", help="the base model: dir, hub id or .gguf")
     t.add_argument("--names", help="a file of other name sets, one a line: label|name 1|...|name 9")
     args = parser.parse_args(argv)
-    if args.check == "topics" and args.model.endswith(".gguf"):
-        from sftlab.models.gguf import model_dir_for
-
-        args.model = model_dir_for(args.model)
     (pairs if args.check == "pairs" else topics)(args)
     return 0
 
