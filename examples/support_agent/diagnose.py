@@ -1,7 +1,8 @@
-"""Two checks of why held-out questions are missed (SWEEP.md, eleventh round).
+"""Three checks of why held-out questions are missed (SWEEP.md, eleventh and thirteenth rounds).
 
     python examples/support_agent/diagnose.py pairs RUN [--step N]   # unseen pairings against trained ones
     python examples/support_agent/diagnose.py topics MODEL           # the base model's own choice of topic names
+    python examples/support_agent/diagnose.py soup RUN RUN ... --heldout FILE   # the mean of several runs' weights
 
 `pairs`: every ordered pair of facts asked in one message, each fact in a held-out wording, `--per-pair` messages a
 pair, answered greedily by the run (its final adapter, or checkpoint step-N), as the demo answers. It prints how
@@ -13,11 +14,20 @@ pairings would score lower.
 after `About` in its reply to each TRAINING question (the held-out wordings take no part). It prints how often
 the right name ranks first, by the sum and by the mean over the name's tokens; `--names FILE` compares other
 sets of names (one set a line: `label|name 1|…|name 9`, in FACTS order). About 4 minutes a set (one thread).
+`--heldout FILE` ranks the names for the single questions of a held-out file instead, and prints each question's
+rank of the right name and its log-probability margin to the chosen one; MODEL may then be a run (its final adapter).
+
+`soup`: a uniform model soup (Wortsman et al. 2022) of adapter runs of one base model, e.g. one recipe trained at
+several seeds: each run's last checkpoint (or step-N) folded into the base weights, the mean of those weights, and
+each run's and the soup's accuracy on the held-out file (a make_data.py heldout.jsonl), with the soup's misses. If the
+misses of single runs were their seeds' noise, the mean would answer more; the wordings every run misses stay missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import random
 import sys
 from pathlib import Path
@@ -90,17 +100,21 @@ def topics(args: argparse.Namespace) -> None:
     answerer = Answerer(args.model)
     tokenizer, model = answerer.tokenizer, answerer.model
     about = tokenizer.encode("About", add_special_tokens=False)
-    prompts = []  # (the right name's index, the conversation without its reply, then the reply's first word)
-    for i, fact in enumerate(FACTS):
-        for template in fact.train:
-            question = template.format(**{slot: values[0] for slot, values in SLOTS.items()})
-            messages = Sample("single", ((question, (fact.name,)),)).messages[:-1]
-            prompts.append((i, prompt_ids(tokenizer, answerer.template, messages) + about))
+    if args.heldout:  # the single questions of a held-out file, each reported with its ranking
+        index = {fact.name: i for i, fact in enumerate(FACTS)}
+        heldout = [json.loads(line) for line in Path(args.heldout).read_text(encoding="utf-8").splitlines() if line]
+        asked = [(index[row["facts"][0]], row["messages"][:-1]) for row in heldout if row["kind"] == "single"]
+    else:
+        asked = [(i, Sample("single", ((template.format(**{slot: values[0] for slot, values in SLOTS.items()}),
+                                        (fact.name,)),)).messages[:-1])
+                 for i, fact in enumerate(FACTS) for template in fact.train]
+    # (the right name's index, the conversation without its reply, then the reply's first word)
+    prompts = [(i, prompt_ids(tokenizer, answerer.template, messages) + about) for i, messages in asked]
     with torch.no_grad():
         for label, names in sets.items():
             candidates = [tokenizer.encode(f" {name}:", add_special_tokens=False) for name in names]
             by_sum = by_mean = 0
-            for right, prompt in prompts:
+            for (right, prompt), (_, messages) in zip(prompts, asked):
                 rows = [prompt + c for c in candidates]
                 width = max(map(len, rows))
                 ids = torch.tensor([row + [answerer.pad] * (width - len(row)) for row in rows])
@@ -110,7 +124,70 @@ def topics(args: argparse.Namespace) -> None:
                 by_sum += max(range(len(sums)), key=sums.__getitem__) == right
                 means = [total / len(c) for total, c in zip(sums, candidates)]
                 by_mean += max(range(len(means)), key=means.__getitem__) == right
+                if args.heldout and label == "facts.py":
+                    order = sorted(range(len(sums)), key=sums.__getitem__, reverse=True)
+                    print(f"rank {order.index(right) + 1}  margin {sums[right] - sums[order[0]]:6.2f}  "
+                          f"{FACTS[right].name:15s} chosen {FACTS[order[0]].name:15s} "
+                          f"{messages[-1]['content'][:70]}")
             print(f"{label:12s} right name first: {by_sum}/{len(prompts)} by sum, {by_mean}/{len(prompts)} by mean")
+
+
+def soup(args: argparse.Namespace) -> None:
+    from demo import one_line
+
+    heldout = [json.loads(line) for line in Path(args.heldout).read_text(encoding="utf-8").splitlines() if line]
+    mean, each = soup_of(args.runs, heldout, args.step)
+    for run, answers in zip(args.runs, each):
+        print(f"{run}: {_right(heldout, answers)}")
+    answers = mean.answers(heldout)
+    print(f"soup of {len(args.runs)}: {_right(heldout, answers)}")
+    for row, answer in zip(heldout, answers):
+        if not score(answer, row["expect"]):
+            print(f"  missed: {one_line(row['messages'][-2]['content'], 90)} -> {one_line(answer, 100)}")
+
+
+def soup_of(runs: list[str], rows: list[dict], step: int | None) -> tuple[object, list[list[str]]]:
+    """An Answerer whose model is the mean of the runs' folded weights (each run's last checkpoint, or step-N), and
+    each run's own answers to `rows` (folded, one at a time: two models in memory besides the sum). The runs must
+    share the base model and the method."""
+    import yaml
+    from demo import Answerer
+    from sweep import load_checkpoint
+
+    configs = [yaml.safe_load((Path(run) / "config.yaml").read_text(encoding="utf-8")) for run in runs]
+    for run, config in zip(runs[1:], configs[1:]):
+        for key in ("model", "method"):
+            if config.get(key) != configs[0].get(key):
+                raise SystemExit(f"{run}: its {key} is {config.get(key)!r}, not {configs[0].get(key)!r} as in "
+                                 f"{runs[0]}: a soup averages runs of one base model and method")
+    answerer = Answerer(runs[0])
+    if answerer.method is None:
+        raise SystemExit(f"{runs[0]}: not an adapter run; a soup here averages adapter runs folded into their base")
+    total, each, single = None, [], copy.copy(answerer)
+    for run in runs:
+        load_checkpoint(answerer, _checkpoint(Path(run), step))
+        single.model, single.method = answerer.method.merge(copy.deepcopy(answerer.model)), None
+        weights = single.model.state_dict()
+        total = {k: v.detach().clone() for k, v in weights.items()} if total is None else {
+            k: total[k] + weights[k] for k in total}
+        each.append(single.answers(rows))
+    single.model.load_state_dict({k: v / len(runs) for k, v in total.items()})
+    return single, each
+
+
+def _checkpoint(run: Path, step: int | None) -> Path:
+    if step is not None:
+        return run / "checkpoints" / f"step-{step}"
+    steps = sorted(int(p.name.split("-")[-1]) for p in (run / "checkpoints").glob("step-*")
+                   if (p / "trainable.safetensors").is_file()) if (run / "checkpoints").is_dir() else []
+    if not steps:
+        raise SystemExit(f"{run}: no checkpoints/step-N/trainable.safetensors (train with train.save_every_steps)")
+    return run / "checkpoints" / f"step-{steps[-1]}"
+
+
+def _right(rows: list[dict], answers: list[str]) -> str:
+    right = sum(score(answer, row["expect"]) for row, answer in zip(rows, answers))
+    return f"{right}/{len(rows)} ({right / len(rows):.0%})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,10 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, help="score checkpoint step-N instead of the final adapter")
     p.add_argument("--per-pair", type=int, default=2, help="messages per ordered pair (default 2)")
     t = sub.add_parser("topics", help="the base model's ranking of the topic names")
-    t.add_argument("model", help="the base model: dir, hub id or .gguf")
+    t.add_argument("model", help="the base model: dir, hub id or .gguf (or a run dir, with its adapter)")
+    t.add_argument("--heldout", help="rank the names for the single questions of this held-out file instead, each "
+                                     "question reported (a make_data.py heldout.jsonl)")
     t.add_argument("--names", help="a file of other name sets, one a line: label|name 1|...|name 9")
+    s = sub.add_parser("soup", help="the mean of several adapter runs' weights, scored on held-out questions")
+    s.add_argument("runs", nargs="+", help="run dirs of the demo or of sweep.py (one base model and method)")
+    s.add_argument("--heldout", required=True, help="the questions: a make_data.py heldout.jsonl")
+    s.add_argument("--step", type=int, help="every run's checkpoint step-N instead of its last")
     args = parser.parse_args(argv)
-    (pairs if args.check == "pairs" else topics)(args)
+    {"pairs": pairs, "topics": topics, "soup": soup}[args.check](args)
     return 0
 
 
