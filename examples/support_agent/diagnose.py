@@ -2,6 +2,7 @@
 
     python examples/support_agent/diagnose.py pairs RUN [--step N]   # unseen pairings against trained ones
     python examples/support_agent/diagnose.py topics MODEL           # the base model's own choice of topic names
+    python examples/support_agent/diagnose.py topics RUN --heldout FILE       # a run's, for each held-out question
     python examples/support_agent/diagnose.py soup RUN RUN ... --heldout FILE   # the mean of several runs' weights
 
 `pairs`: every ordered pair of facts asked in one message, each fact in a held-out wording, `--per-pair` messages a
@@ -102,8 +103,8 @@ def topics(args: argparse.Namespace) -> None:
     about = tokenizer.encode("About", add_special_tokens=False)
     if args.heldout:  # the single questions of a held-out file, each reported with its ranking
         index = {fact.name: i for i, fact in enumerate(FACTS)}
-        heldout = [json.loads(line) for line in Path(args.heldout).read_text(encoding="utf-8").splitlines() if line]
-        asked = [(index[row["facts"][0]], row["messages"][:-1]) for row in heldout if row["kind"] == "single"]
+        asked = [(index[row["facts"][0]], row["messages"][:-1]) for row in read_rows(args.heldout)
+                 if row["kind"] == "single"]
     else:
         asked = [(i, Sample("single", ((template.format(**{slot: values[0] for slot, values in SLOTS.items()}),
                                         (fact.name,)),)).messages[:-1])
@@ -135,7 +136,7 @@ def topics(args: argparse.Namespace) -> None:
 def soup(args: argparse.Namespace) -> None:
     from demo import one_line
 
-    heldout = [json.loads(line) for line in Path(args.heldout).read_text(encoding="utf-8").splitlines() if line]
+    heldout = read_rows(args.heldout)
     mean, each = soup_of(args.runs, heldout, args.step)
     for run, answers in zip(args.runs, each):
         print(f"{run}: {_right(heldout, answers)}")
@@ -183,6 +184,11 @@ def _checkpoint(run: Path, step: int | None) -> Path:
     if not steps:
         raise SystemExit(f"{run}: no checkpoints/step-N/trainable.safetensors (train with train.save_every_steps)")
     return run / "checkpoints" / f"step-{steps[-1]}"
+
+
+def read_rows(path: str) -> list[dict]:
+    """The conversations of a JSONL file (a make_data.py heldout.jsonl)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _right(rows: list[dict], answers: list[str]) -> str:
