@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 
 import diagnose  # noqa: E402
 from facts import BY_NAME, FACTS, HELDOUT_PAIRS  # noqa: E402
-from make_data import build  # noqa: E402
+from make_data import build, read_jsonl  # noqa: E402
 
 
 def test_every_ordered_pair_is_asked_in_held_out_wordings() -> None:
@@ -92,7 +92,7 @@ def test_a_soup_is_the_mean_of_the_runs_folded_weights(tmp_path, capsys) -> None
         assert main(["merge", str(run), "--output", str(tmp_path / f"merged{seed}")]) == 0
         runs.append(str(run))
     capsys.readouterr()
-    rows = [json.loads(line) for line in heldout.read_text().splitlines()]
+    rows = read_jsonl(heldout)
     mean, each = diagnose.soup_of(runs, rows, None)
     assert len(each) == 2 and all(len(answers) == 3 for answers in each)
     merged = [load_file(tmp_path / f"merged{seed}" / "model.safetensors") for seed in (1, 2)]

@@ -45,6 +45,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 from check_answers import accuracy, score  # noqa: E402
+from make_data import read_jsonl  # noqa: E402
 
 GGUF = REPO / ".cache" / "fixtures" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SFTLAB = [sys.executable, "-m", "sftlab"]
@@ -111,7 +112,7 @@ def prepare_data(data: Path, args: argparse.Namespace) -> list[dict]:
     banner("2. the data")
     run([sys.executable, str(HERE / "make_data.py"), "--out", str(data), "--train", str(args.train),
          "--heldout", str(args.heldout)])
-    return [json.loads(line) for line in (data / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    return read_jsonl(data / "heldout.jsonl")
 
 
 def train(model: str, out: Path, data: Path, args: argparse.Namespace) -> None:
@@ -225,8 +226,7 @@ def cpu_seconds() -> float:
 
 
 def train_records(out: Path) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [record for record in map(json.loads, lines) if "loss" in record and "seconds" in record]
+    return [record for record in read_jsonl(out / "metrics.jsonl") if "loss" in record and "seconds" in record]
 
 
 def training_speed(out: Path) -> str:

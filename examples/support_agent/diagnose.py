@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 from check_answers import score  # noqa: E402
 from facts import BY_NAME, FACTS, HELDOUT_PAIRS, JOINERS, SLOTS  # noqa: E402
-from make_data import Sample  # noqa: E402
+from make_data import Sample, read_jsonl  # noqa: E402
 
 
 def pair_rows(per_pair: int = 2, seed: int = 0) -> list[dict]:
@@ -103,7 +102,7 @@ def topics(args: argparse.Namespace) -> None:
     about = tokenizer.encode("About", add_special_tokens=False)
     if args.heldout:  # the single questions of a held-out file, each reported with its ranking
         index = {fact.name: i for i, fact in enumerate(FACTS)}
-        asked = [(index[row["facts"][0]], row["messages"][:-1]) for row in read_rows(args.heldout)
+        asked = [(index[row["facts"][0]], row["messages"][:-1]) for row in read_jsonl(args.heldout)
                  if row["kind"] == "single"]
     else:
         asked = [(i, Sample("single", ((template.format(**{slot: values[0] for slot, values in SLOTS.items()}),
@@ -136,7 +135,7 @@ def topics(args: argparse.Namespace) -> None:
 def soup(args: argparse.Namespace) -> None:
     from demo import one_line
 
-    heldout = read_rows(args.heldout)
+    heldout = read_jsonl(args.heldout)
     mean, each = soup_of(args.runs, heldout, args.step)
     for run, answers in zip(args.runs, each):
         print(f"{run}: {_right(heldout, answers)}")
@@ -177,18 +176,12 @@ def soup_of(runs: list[str], rows: list[dict], step: int | None) -> tuple[object
 
 
 def _checkpoint(run: Path, step: int | None) -> Path:
-    if step is not None:
-        return run / "checkpoints" / f"step-{step}"
-    steps = sorted(int(p.name.split("-")[-1]) for p in (run / "checkpoints").glob("step-*")
-                   if (p / "trainable.safetensors").is_file()) if (run / "checkpoints").is_dir() else []
-    if not steps:
-        raise SystemExit(f"{run}: no checkpoints/step-N/trainable.safetensors (train with train.save_every_steps)")
-    return run / "checkpoints" / f"step-{steps[-1]}"
+    from sftlab.train.checkpoint import checkpoint_dir, latest_checkpoint
 
-
-def read_rows(path: str) -> list[dict]:
-    """The conversations of a JSONL file (a make_data.py heldout.jsonl)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    found = checkpoint_dir(run) / f"step-{step}" if step is not None else latest_checkpoint(run)
+    if found is None:
+        raise SystemExit(f"{run}: no checkpoints/step-N (train with train.save_every_steps)")
+    return found
 
 
 def _right(rows: list[dict], answers: list[str]) -> str:

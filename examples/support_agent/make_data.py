@@ -154,6 +154,11 @@ def _first(question: str, rng: random.Random) -> str:
     return rng.choice(GREETINGS) + question + rng.choice(CLOSINGS)
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file (what write_jsonl writes; blank lines are not rows)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def write_jsonl(path: Path, rows: Sequence[dict[str, object]]) -> None:
     with path.open("w", encoding="utf-8") as file:
         for row in rows:

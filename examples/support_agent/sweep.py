@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from check_answers import score  # noqa: E402
 from demo import GGUF, SFTLAB, Answerer, one_line, prepare_model, run, training_sources  # noqa: E402
+from make_data import read_jsonl  # noqa: E402
 
 KINDS = ("single", "combo", "follow_up")
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     model = prepare_model(args.model or str(GGUF))
     run([sys.executable, str(HERE / "make_data.py"), "--out", str(data), "--train", str(args.train),
          "--heldout", str(args.heldout), "--seed", str(args.seed)])
-    heldout = [json.loads(line) for line in (data / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    heldout = read_jsonl(data / "heldout.jsonl")
     if not args.score_only:
         run([*SFTLAB, "train", str(args.config), f"model={model}", f"output_dir={out}",
              f"data.train={json.dumps(training_sources(data))}", f"data.eval={data / 'heldout.jsonl'}",
@@ -71,7 +72,7 @@ def score_checkpoints(out: Path, heldout: list[dict], *, base: bool) -> tuple[li
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def load_checkpoint(answerer: Answerer, path: Path) -> None:
